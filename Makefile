@@ -1,0 +1,25 @@
+# `make search` and `make test` create .venv and install everything on first use.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+ARGS    ?=
+
+.PHONY: search test bench clean-venv
+
+# torch/torchvision are pinned to the versions this machine image carries; any torch>=2.4 works.
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+	touch $(STAMP)
+
+search: $(STAMP)
+	$(PY) run_search.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(ARGS)
+
+clean-venv:
+	rm -rf .venv

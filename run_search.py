@@ -1,0 +1,28 @@
+"""python run_search.py --gpus 4 --num-samples 64: search how best to fine-tune on CIFAR-100."""
+from __future__ import annotations
+
+import sys
+
+from trainable.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search.settings import parse_settings
+    try:
+        s = parse_settings(argv)
+        from search.run import list_spaces, run_search
+        if s.list_spaces:
+            print(list_spaces())
+            return 0
+        run_search(s)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: results so far are kept; continue with --resume --name NAME", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

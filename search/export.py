@@ -1,0 +1,161 @@
+"""Read an experiment's trials back from disk, pick the best, and export its config.
+
+Reads Tune's own per-trial files (params.json, result.json), so analyze.py needs no Ray.
+The best trial is the one whose *best* epoch scored highest, not its last; diverged trials never win.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.searcher import METRIC
+from trainable.config import TrialConfig
+from trainable.errors import UserError
+
+SETTINGS_FILE = "search_settings.yaml"
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    path: Path
+    config: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""  # first line of Tune's error.txt, when the trial failed
+
+    @property
+    def planned_epochs(self) -> int:
+        return TrialConfig.from_dict(self.config).total_epochs
+
+    @property
+    def epochs_run(self) -> int:
+        return max((int(r.get("epoch", 0)) for r in self.results), default=0)
+
+    @property
+    def diverged(self) -> bool:
+        return any(r.get("diverged") for r in self.results)
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The result row of the best epoch (highest val_acc), None if there is none."""
+        rows = [r for r in self.results if not r.get("diverged") and _finite(r.get(METRIC))]
+        return max(rows, key=lambda r: r[METRIC]) if rows else None
+
+    @property
+    def status(self) -> str:
+        if self.diverged:
+            return "diverged"
+        if self.error:
+            return "failed"
+        if self.epochs_run >= self.planned_epochs:
+            return "completed"
+        return "stopped early" if self.results else "not started"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def load_trials(exp_dir: Path) -> list[TrialRecord]:
+    """Every trial folder of the experiment (those with a params.json)."""
+    records = []
+    for params in sorted(Path(exp_dir).glob("*/params.json")):
+        d = params.parent
+        rec = TrialRecord(trial_id=d.name, path=d, config=json.loads(params.read_text()))
+        res = d / "result.json"
+        if res.exists():
+            for line in res.read_text().splitlines():
+                try:
+                    rec.results.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a killed driver
+                    continue
+        if rec.results:
+            rec.trial_id = str(rec.results[-1].get("trial_id", d.name))
+        err = d / "error.txt"
+        if err.exists():
+            lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
+            rec.error = lines[-1][:200] if lines else "error"
+        records.append(rec)
+    return records
+
+
+def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials with a usable best epoch, best first."""
+    usable = [t for t in trials if t.best is not None and not t.diverged]
+    return sorted(usable, key=lambda t: t.best[METRIC], reverse=True)
+
+
+def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
+    """Write best_config.yaml and best_config.json; returns what was written."""
+    ranked = rank(trials)
+    if not ranked:
+        raise UserError(f"{exp_dir} holds no trial with a finished epoch: run or resume the search first")
+    best = ranked[0]
+    exp_dir = Path(exp_dir)
+    settings = read_settings(exp_dir)
+    cmd = ["python", "analyze.py", str(exp_dir), "--config", str(exp_dir / "best_config.yaml")]
+    if settings.get("data_dir"):
+        cmd += ["--data-dir", str(settings["data_dir"])]
+    out = {
+        "trial_id": best.trial_id,
+        "best_val_acc": float(best.best[METRIC]),
+        "best_epoch": int(best.best["epoch"]),
+        "epochs_run": best.epochs_run,
+        "retrain_command": shlex.join(cmd),
+        "config": best.config,
+    }
+    (exp_dir / "best_config.yaml").write_text(yaml.safe_dump(out, sort_keys=False))
+    (exp_dir / "best_config.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def read_best_config(path: Path) -> dict[str, Any]:
+    """The `config` of a best_config.yaml/json (or a plain mapping of hyper-parameters)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read config {path} ({type(e).__name__}): pass a best_config.yaml") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} is not a mapping: pass a best_config.yaml")
+    cfg = data.get("config", data)
+    TrialConfig.from_dict(cfg)  # validates
+    return cfg
+
+
+def write_settings(exp_dir: Path, settings: dict[str, Any]) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / SETTINGS_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def read_settings(exp_dir: Path) -> dict[str, Any]:
+    p = Path(exp_dir) / SETTINGS_FILE
+    return yaml.safe_load(p.read_text()) or {} if p.exists() else {}
+
+
+def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
+    """A plain-text table of the top trials and their key parameters."""
+    keys = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_size", "aug_strength",
+            "stage1_lr", "stage2_lr"]
+    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + keys
+    rows = []
+    for i, t in enumerate(rank(trials)[:top], start=1):
+        rows.append([str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]),
+                     f"{t.epochs_run}/{t.planned_epochs}", t.status] + [_fmt(t.config.get(k)) for k in keys])
+    others = [t for t in trials if t.best is None or t.diverged]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows]
+    for t in others:
+        lines.append(f"   {t.trial_id}: {t.status}" + (f" ({t.error})" if t.error else ""))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)

@@ -1,0 +1,53 @@
+"""Where trials run: the local Ray (or a cluster) and what each trial is given."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from search.settings import SearchSettings
+from trainable.errors import UserError
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int  # total GPUs for a local Ray
+    cpus: int  # total CPUs for a local Ray
+    trial: dict[str, float]  # {"cpu": c, "gpu": g} per trial
+
+
+def visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_resources(s: SearchSettings, gpus_visible: int | None = None) -> Resources:
+    """Validate the resource flags and fill in their defaults."""
+    gpus = (visible_gpus() if gpus_visible is None else gpus_visible) if s.gpus is None else s.gpus
+    if gpus < 0:
+        raise UserError(f"--gpus {gpus} is negative: pass 0 for CPU only, or the number of GPUs to use")
+    if s.gpus_per_trial is not None and s.gpus_per_trial <= 0:
+        raise UserError(f"--gpus-per-trial {s.gpus_per_trial} must be > 0 (e.g. 0.5 puts two trials on a GPU)")
+    if s.gpus_per_trial is not None and s.gpus_per_trial > max(gpus, 0) and not s.address:
+        raise UserError(f"--gpus-per-trial {s.gpus_per_trial} is more than --gpus {gpus}: "
+                        f"lower it or raise --gpus")
+    gpt = s.gpus_per_trial if s.gpus_per_trial is not None else (1.0 if gpus > 0 else 0.0)
+    cpt = s.cpus_per_trial if s.cpus_per_trial is not None else (2 if gpus > 0 else 1)
+    cpus = os.cpu_count() or 1
+    if cpt < 1:
+        raise UserError(f"--cpus-per-trial {cpt} must be >= 1")
+    if cpt > cpus and not s.address:
+        raise UserError(f"--cpus-per-trial {cpt} is more than this machine's {cpus} CPUs: lower it")
+    return Resources(gpus=gpus, cpus=cpus, trial={"cpu": cpt, "gpu": gpt})
+
+
+def start_ray(s: SearchSettings, res: Resources) -> None:
+    """A local Ray with `res.gpus` GPUs (logical ones where there is no CUDA), or join --address."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # one copy of a warning repeated by every trial
+    if s.address:
+        ray.init(address=s.address, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    ray.init(num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
+             dashboard_host=s.dashboard_host, logging_level=logging.WARNING, log_to_driver=False)

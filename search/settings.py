@@ -1,0 +1,118 @@
+"""SearchSettings: every run_search.py knob, defined once.
+
+The argparse CLI and the `--config` YAML loader are derived from this dataclass (timm train.py
+style: YAML values become the parser's defaults, explicit flags still win).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainable.errors import UserError
+
+
+def _opt(default: Any, help: str, type: Any = None, group: str = "search") -> Any:
+    return field(default=default, metadata={"help": help, "type": type, "group": group})
+
+
+@dataclass
+class SearchSettings:
+    # resources
+    gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", int, "resources")
+    gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", float, "resources")
+    cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources")
+    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources")
+    address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", str, "resources")
+    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources")
+    # the search
+    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; tiny with no GPU)", str)
+    backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
+    num_samples: int = _opt(16, "trials to run", int)
+    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int)
+    grace_period: int = _opt(1, "ASHA: epochs every trial gets before it can be stopped", int)
+    reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int)
+    max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int)
+    seed: int = _opt(0, "seed of the searcher, the data split and the trials", int)
+    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
+    # data and weights
+    data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", str, "data")
+    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data")
+    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data")
+    weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
+    no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
+    # output
+    storage_path: str = _opt("./runs", "where experiments are written", str, "output")
+    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output")
+    resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
+    config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
+    list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
+
+    def fixed_params(self) -> dict[str, str]:
+        """The --set KEY=VALUE pairs as a dict (values are coerced later by TrialConfig)."""
+        out = {}
+        for item in self.set or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--set {item!r} is not KEY=VALUE: write e.g. --set batch_size=256")
+            out[key.strip()] = value.strip()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(SearchSettings):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "set":
+            group.add_argument(flag, action="append", metavar="KEY=VALUE", help=meta["help"])
+        elif meta["type"] is None:  # booleans are switches
+            group.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            group.add_argument(flag, type=meta["type"], default=f.default, help=meta["help"])
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> SearchSettings:
+    """Flags, with defaults taken from `--config FILE` when given."""
+    parser = build_parser("Search for the best way to fine-tune a pretrained network on CIFAR-100.")
+    argv = sys.argv[1:] if argv is None else argv
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_settings(pre.config))
+    return SearchSettings(**vars(parser.parse_args(argv)))
+
+
+def load_yaml_settings(path: str) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror}; check the path") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"--config {path} is not valid YAML{at}: fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must be a mapping of option: value, not {type(data).__name__}")
+    known = {f.name for f in fields(SearchSettings)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known or name == "config":
+            raise UserError(f"--config {path}: {key!r} is not a setting; see run_search.py --help")
+        out[name] = value
+    return out

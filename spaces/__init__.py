@@ -1,0 +1,70 @@
+"""Search spaces and fixed recipes, one file each, registered here by name.
+
+A space is a define-by-run function over TrialConfig's field names: it asks a `Suggest` for values
+(Optuna samples them, or `--set KEY=VALUE` fixes them) and returns the values it chose. Fields it
+does not mention keep TrialConfig's defaults. Conditional parameters (stage 3's) are asked only when
+they exist, so Optuna's TPE never sees a meaningless value.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from trainable.errors import UserError
+
+NAMES = ("default", "tiny", "mobilenetv2_71", "resnet50_84")
+
+
+class Suggest:
+    """Optuna's suggest_* with --set overrides: a fixed name is returned as given, not sampled."""
+
+    def __init__(self, trial: Any, fixed: dict[str, Any] | None = None):
+        self.trial, self.fixed = trial, dict(fixed or {})
+
+    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        if name in self.fixed:
+            return float(self.fixed[name])
+        return low if low == high else self.trial.suggest_float(name, low, high, log=log)
+
+    def int(self, name: str, low: int, high: int) -> int:
+        if name in self.fixed:
+            return int(self.fixed[name])
+        return low if low >= high else self.trial.suggest_int(name, low, high)
+
+    def cat(self, name: str, choices: Sequence[Any]) -> Any:
+        if name in self.fixed:
+            return self.fixed[name]
+        return choices[0] if len(choices) == 1 else self.trial.suggest_categorical(name, list(choices))
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user narrowed: the backbones to choose from and the epoch budget per trial."""
+    backbones: tuple[str, ...]
+    max_epochs: int
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    description: str
+    backbones: tuple[str, ...]
+    max_epochs: int  # default epoch budget per trial (all stages)
+    min_epochs: int  # the fewest epochs a trial of this space can have
+    sample: Callable[[Suggest, Options], dict[str, Any]]
+    recipe: bool = False  # a fixed recipe: its epochs are part of it, not a budget to fill
+
+
+def get_space(name: str) -> Space:
+    if name not in NAMES:
+        raise UserError(f"unknown space {name!r}: choose one of {', '.join(NAMES)} (--list-spaces)")
+    return importlib.import_module(f"spaces.{name}").SPACE
+
+
+def split_budget(s: Suggest, o: Options, stages: int, stage1_max: int) -> dict[str, int]:
+    """Share the epoch budget among stages: every trial runs exactly o.max_epochs epochs, so ASHA
+    compares trials on one time axis. Stage 2 gets what stages 1 and 3 leave."""
+    e1 = s.int("stage1_epochs", 1, max(1, min(stage1_max, o.max_epochs - stages + 1)))
+    e3 = s.int("stage3_epochs", 1, max(1, (o.max_epochs - e1) // 2)) if stages == 3 else 0
+    return {"stage1_epochs": e1, "stage2_epochs": o.max_epochs - e1 - e3, "stage3_epochs": e3}

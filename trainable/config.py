@@ -1,0 +1,105 @@
+"""TrialConfig: every hyper-parameter of one fine-tune, defined once.
+
+The search spaces (spaces/), the exported best config and analyze.py's retrain all speak in these
+field names; nothing else lists them. A field's docstring-style comment is its documentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from trainable.errors import UserError
+
+
+@dataclass
+class TrialConfig:
+    # --- model
+    backbone: str = "tf_efficientnet_lite0"  # timm model name
+    pretrained: bool = True  # ImageNet weights (hub, or weights_dir/<backbone>.pth)
+    weights_dir: str = ""  # offline weights folder; "" = the hub
+    coarse_head: bool = False  # a 20-superclass head whose logits feed the 100-class head
+    coarse_loss_weight: float = 0.3  # weight of the coarse head's loss (when coarse_head)
+    # --- stage plan (see trainable/stages.py)
+    stages: int = 2  # 2: head, then top blocks; 3: adds the whole network with layer-wise lr decay
+    unfreeze_depth: int = 2  # stage 2 trains the top `unfreeze_depth` backbone blocks + head
+    stage1_epochs: int = 1
+    stage1_lr: float = 1e-2
+    stage2_epochs: int = 2
+    stage2_lr: float = 3e-3
+    stage3_epochs: int = 0
+    stage3_lr: float = 1e-3
+    layer_decay: float = 0.75  # stage 3: lr of block i from the top = stage3_lr * layer_decay**i
+    schedule: str = "cosine"  # per stage: "cosine" (linear warmup + cosine) or "onecycle"
+    warmup_frac: float = 0.1  # fraction of each stage spent warming up
+    # --- optimiser and loss
+    optimizer: str = "sgd"  # "sgd" (Nesterov, momentum 0.9) or "adamw"
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # timm Mixup; 0 = off
+    cutmix_alpha: float = 0.0  # timm Mixup; 0 = off
+    # --- input
+    input_size: int = 32  # images are upsampled from 32 px to this on the device
+    aug_strength: float = 0.5  # 0: flip only .. 1: flip, translate, rotate, zoom, jitter, erasing
+    # --- run
+    seed: int = 0
+    compile: bool = False  # torch.compile the model (worth it for long GPU trials only)
+    eval_batch_size: int = 512
+    fail_at_epoch: int = 0  # fault injection for tests: the worker process dies once at this epoch
+
+    @property
+    def total_epochs(self) -> int:
+        return self.stage1_epochs + self.stage2_epochs + (self.stage3_epochs if self.stages == 3 else 0)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+        """Build from a (possibly partial) dict; unknown keys are an error, values are coerced."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UserError(f"unknown hyper-parameter(s) {', '.join(unknown)}: "
+                            f"valid ones are the fields of TrialConfig in trainable/config.py")
+        kw = {}
+        for k, v in d.items():
+            typ = type(getattr(cls(), k))
+            try:
+                kw[k] = typ(v) if typ is not bool else _to_bool(v)
+            except (TypeError, ValueError):
+                raise UserError(f"hyper-parameter {k}={v!r} is not a valid {typ.__name__}") from None
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        checks = [
+            (self.stages in (2, 3), "stages must be 2 or 3"),
+            (self.unfreeze_depth >= 1, "unfreeze_depth must be >= 1"),
+            (self.stage1_epochs >= 1 and self.stage2_epochs >= 1, "stage1/2 epochs must be >= 1"),
+            (self.stages == 2 or self.stage3_epochs >= 1, "a 3-stage plan needs stage3_epochs >= 1"),
+            (min(self.stage1_lr, self.stage2_lr, self.stage3_lr) > 0, "learning rates must be > 0"),
+            (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
+            (self.schedule in ("cosine", "onecycle"), "schedule must be cosine or onecycle"),
+            (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (16 <= self.input_size <= 512, "input_size must be in [16, 512]"),
+            (0.0 <= self.aug_strength <= 1.0, "aug_strength must be in [0, 1]"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"bad trial config: {msg}")
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        if v.lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(v)
+    return bool(v)

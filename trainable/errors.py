@@ -1,0 +1,9 @@
+"""The one exception type for problems the user can fix (bad input, missing files, bad flags).
+
+The CLIs catch it once at the top and print its message as one line, exit code 2, no traceback.
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the problem and the fix, on one line."""

@@ -1,0 +1,51 @@
+"""The final step: retrain one config on train+val for its full schedule, then test it once."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainable.augment import normalisation_of
+from trainable.config import TrialConfig
+from trainable.data import Split
+from trainable.loop import Precision, evaluate
+from trainable.trial import pick_device, run_trial, to_device
+
+
+def retrain_and_test(config: dict[str, Any], train: Split, test: Split, out_dir: Path, *,
+                     fine_names: list[str], coarse_names: list[str],
+                     on_epoch: Callable[[dict[str, Any]], None] = lambda m: None) -> dict[str, Any]:
+    """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics."""
+    cfg = TrialConfig.from_dict(config)
+    t0 = time.perf_counter()
+    net, _ = run_trial(cfg.to_dict(), train, None, lambda m, _ckpt: on_epoch(m), checkpoint=False)
+    train_seconds = time.perf_counter() - t0
+    device = pick_device()
+    mean, std = normalisation_of(net.backbone)
+    ev = evaluate(net, *to_device(test, device), input_size=cfg.input_size, mean=mean, std=std,
+                  batch_size=cfg.eval_batch_size, prec=Precision.for_device(device),
+                  return_predictions=True)
+    metrics = {"test_acc": ev["acc"], "test_top5": ev["top5"], "test_coarse_acc": ev["coarse_acc"],
+               "test_loss": ev["loss"], "epochs": cfg.total_epochs, "train_seconds": train_seconds,
+               "train_images": len(train), "test_images": len(test)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                "config": cfg.to_dict(), "fine_names": fine_names, "coarse_names": coarse_names,
+                "mean": list(mean), "std": list(std)}, out_dir / "model.pt")
+    torch.save({"predictions": ev["predictions"], "labels": torch.from_numpy(test.fine.copy()),
+                "coarse_labels": torch.from_numpy(test.coarse.copy())}, out_dir / "test_predictions.pt")
+    return metrics
+
+
+def load_trained(path: Path, device: torch.device | str = "cpu"):
+    """(net, checkpoint dict) from a model.pt written above; no pretrained download needed."""
+    from trainable.model import create_model
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = TrialConfig.from_dict(ckpt["config"])
+    net = create_model(cfg.backbone, pretrained=False, coarse=cfg.coarse_head)
+    net.load_state_dict(ckpt["state_dict"])
+    return net.to(device).eval(), ckpt

@@ -1,0 +1,57 @@
+"""Optimiser and learning-rate schedule for one stage, built from the stage plan."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainable.config import TrialConfig
+from trainable.model import Net, set_trainable
+from trainable.stages import Stage, block_lr_scales, lr_factor
+
+
+def param_groups(net: Net, stage: Stage, weight_decay: float) -> list[dict]:
+    """One group per (block, decay/no-decay) with its lr; frozen blocks are left out entirely.
+
+    Biases and norm weights (1-D tensors) get no weight decay, as in timm and most recipes.
+    """
+    set_trainable(net, stage.top_blocks)
+    blocks = net.blocks()
+    scaled = [(p_list, s * stage.lr) for p_list, s in zip(blocks, block_lr_scales(stage, len(blocks)))]
+    scaled.append((net.head_parameters(), stage.lr))
+    groups = []
+    for params, lr in scaled:
+        if lr == 0.0:
+            continue
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": ps, "lr": lr, "weight_decay": wd}
+                   for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    return groups
+
+
+def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device: torch.device
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser over this stage's trainable parameters, and its per-step schedule."""
+    groups = param_groups(net, stage, cfg.weight_decay)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=stage.lr, momentum=0.9, nesterov=True, **fused)
+    else:
+        opt = torch.optim.AdamW(groups, lr=stage.lr, **fused)
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in groups], total_steps=max(1, steps),
+            pct_start=max(cfg.warmup_frac, 0.01), cycle_momentum=cfg.optimizer == "sgd")
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, max(1, steps), cfg.warmup_frac))
+    return opt, sched
+
+
+def head_lr(opt: torch.optim.Optimizer) -> float:
+    """The current lr of the head (the last group added), for reporting."""
+    return float(opt.param_groups[-1]["lr"])
+
+
+def count_trainable(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)

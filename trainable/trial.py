@@ -1,0 +1,126 @@
+"""One trial: a multi-stage fine-tune as a plain function of (config, data, reporter).
+
+Ray Tune calls it in a search (search/trainable.py adapts it), analyze.py calls it to retrain the
+best config on train+val, and tests call it with a list as the reporter.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from trainable.augment import DeviceAugment, aug_policy, normalisation_of
+from trainable.config import TrialConfig
+from trainable.data import Split
+from trainable.loop import Precision, evaluate, make_mixup, train_epoch
+from trainable.model import Net, create_model
+from trainable.optim import build_optimizer, count_trainable, head_lr
+from trainable.stages import Stage, plan_stages, stage_at
+
+# reporter(metrics, checkpoint_dir or None); the directory is only valid during the call
+Reporter = Callable[[dict[str, Any], Path | None], None]
+CHECKPOINT_FILE = "state.pt"
+
+
+def pick_device() -> torch.device:
+    """The trial's GPU when Ray gave it one (CUDA_VISIBLE_DEVICES is set per trial), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images and int64 labels on the device, once per trial.
+
+    On the CPU this is a zero-copy view of the (read-only, shared) object-store arrays.
+    """
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in
+                     (split.images, split.fine.astype(np.int64, copy=False),
+                      split.coarse.astype(np.int64, copy=False)))
+
+
+def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
+              restore: Path | None = None, checkpoint: bool = True) -> tuple[Net, dict[str, Any]]:
+    """Fine-tune through every stage, reporting once per epoch; returns the model and last metrics.
+
+    `restore` is a checkpoint directory written by an earlier call: training continues at the
+    epoch after it. With `val` None (the final retrain) only training metrics are reported.
+    """
+    cfg = TrialConfig.from_dict(config)
+    torch.manual_seed(cfg.seed)
+    device = pick_device()
+    prec = Precision.for_device(device)
+    net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
+                       coarse=cfg.coarse_head)
+    mean, std = normalisation_of(net.backbone)
+    net.to(device, memory_format=torch.channels_last if prec.channels_last else torch.preserve_format)
+    model = torch.compile(net) if cfg.compile else net
+    x, fine, coarse = to_device(train, device)
+    val_t = to_device(val, device) if val is not None else None
+
+    plan = plan_stages(cfg)
+    total_epochs = plan[-1].first_epoch + plan[-1].epochs
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    aug = DeviceAugment(aug_policy(cfg.aug_strength), cfg.input_size, mean, std)
+    mix = make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda") if prec.amp_dtype == torch.float16 else None
+    steps_per_epoch = max(1, len(train) // min(cfg.batch_size, len(train) - len(train) % 2))
+
+    state = _load(restore, device) if restore is not None else None
+    start = state["epoch"] if state else 0
+    best = state["best"] if state else {"val_acc": -1.0, "epoch": 0}
+    if state:
+        net.load_state_dict(state["net"])
+        gen.set_state(state["generator"].cpu())
+    stage: Stage | None = None
+    opt = sched = None
+    metrics: dict[str, Any] = {}
+    for epoch in range(start, total_epochs):
+        s = stage_at(plan, epoch)
+        if s is not stage:
+            stage = s
+            opt, sched = build_optimizer(net, s, cfg, s.epochs * steps_per_epoch, device)
+            if state and state["stage"] == s.number:  # resuming inside this stage
+                opt.load_state_dict(state["opt"])
+                sched.load_state_dict(state["sched"])
+        if cfg.fail_at_epoch == epoch + 1 and restore is None:
+            os._exit(17)  # fault injection for the crash-recovery test: die like an OOM-killed worker
+        tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
+                         sched=sched, prec=prec, scaler=scaler, mix=mix,
+                         smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
+                         generator=gen)
+        metrics = {"epoch": epoch + 1, "stage": s.number, "lr": head_lr(opt),
+                   "trainable_params": count_trainable(net), **tr}
+        if not math.isfinite(tr["train_loss"]):
+            # a diverged trial stops at once and is never a candidate for best
+            report({**metrics, "val_acc": 0.0, "diverged": True, "status": "diverged"}, None)
+            return net, metrics
+        if val_t is not None:
+            ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
+                          batch_size=cfg.eval_batch_size, prec=prec)
+            if ev["acc"] > best["val_acc"]:
+                best = {"val_acc": ev["acc"], "epoch": epoch + 1}
+            metrics.update(val_acc=ev["acc"], val_loss=ev["loss"], val_top5=ev["top5"],
+                           val_coarse_acc=ev["coarse_acc"], best_val_acc=best["val_acc"],
+                           best_epoch=best["epoch"])
+        metrics.update(diverged=False, status="ok")
+        if not checkpoint:
+            report(metrics, None)
+            continue
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "epoch": epoch + 1, "stage": s.number, "best": best,
+                        "generator": gen.get_state(), "config": cfg.to_dict()},
+                       Path(tmp) / CHECKPOINT_FILE)
+            report(metrics, Path(tmp))
+    return net, metrics
+
+
+def _load(directory: Path, device: torch.device) -> dict:
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
