@@ -40,6 +40,8 @@ def validate(s: SearchSettings) -> None:
         raise UserError(f"--num-samples {s.num_samples} must be >= 1")
     if s.grace_period < 1 or s.reduction_factor < 2:
         raise UserError("--grace-period must be >= 1 and --reduction-factor >= 2")
+    if s.scheduler not in ("asha", "fifo"):
+        raise UserError(f"--scheduler {s.scheduler!r} is not asha or fifo")
     if s.max_failures < 0:
         raise UserError("--max-failures must be >= 0")
 
@@ -87,7 +89,8 @@ def run_search(s: SearchSettings) -> Path:
         fixed = s.fixed_params()
     data_dir = str(Path(s.data_dir).expanduser().resolve())
     weights_dir = str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else ""
-    base = {"pretrained": not s.no_pretrained, "weights_dir": weights_dir, "seed": s.seed}
+    base = {"pretrained": not s.no_pretrained, "weights_dir": weights_dir, "seed": s.seed,
+            "compile": s.compile}
     from trainable.config import TrialConfig
     TrialConfig.from_dict(fixed)  # unknown --set keys fail here, before anything starts
     data = prepare_search_data(data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
@@ -132,8 +135,7 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
         failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1)
     tune_config = tune.TuneConfig(
         search_alg=make_searcher(space, opts, fixed, base, s.seed),
-        scheduler=make_scheduler(opts.max_epochs, s.grace_period,
-                                 s.reduction_factor),
+        scheduler=make_scheduler(s.scheduler, opts.max_epochs, s.grace_period, s.reduction_factor),
         num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
         trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)

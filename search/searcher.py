@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from spaces import Options, Space, Suggest
@@ -34,6 +34,9 @@ def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict
                         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True))
 
 
-def make_scheduler(max_t: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:
+def make_scheduler(kind: str, max_t: int, grace_period: int, reduction_factor: int
+                   ) -> ASHAScheduler | FIFOScheduler:
+    if kind == "fifo":  # every trial runs its whole schedule: the baseline ASHA is measured against
+        return FIFOScheduler()
     return ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_t,
                          grace_period=min(grace_period, max_t), reduction_factor=reduction_factor)

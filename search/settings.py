@@ -37,6 +37,8 @@ class SearchSettings:
     max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int)
     grace_period: int = _opt(1, "ASHA: epochs every trial gets before it can be stopped", int)
     reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int)
+    scheduler: str = _opt("asha", "asha (stop weak trials early) or fifo (run every trial to the end)", str)
+    compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)", None)
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int)
     seed: int = _opt(0, "seed of the searcher, the data split and the trials", int)
     set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
