@@ -51,10 +51,10 @@ class TrialRecord:
     def status(self) -> str:
         if self.diverged:
             return "diverged"
+        if self.epochs_run >= self.planned_epochs:  # Tune leaves error.txt after a recovered crash too
+            return "completed"
         if self.error:
             return "failed"
-        if self.epochs_run >= self.planned_epochs:
-            return "completed"
         return "stopped early" if self.results else "not started"
 
 

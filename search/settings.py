@@ -110,11 +110,37 @@ def load_yaml_settings(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path} must be a mapping of option: value, not {type(data).__name__}")
-    known = {f.name for f in fields(SearchSettings)}
+    known = {f.name: f for f in fields(SearchSettings)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known or name == "config":
             raise UserError(f"--config {path}: {key!r} is not a setting; see run_search.py --help")
-        out[name] = value
+        out[name] = _yaml_value(known[name], value, f"--config {path}: {key!r}")
     return out
+
+
+def _yaml_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A YAML value as the flag would have parsed it (argparse leaves non-string defaults alone)."""
+    if value is None and f.default is None:
+        return None
+    if f.name == "set":  # a list of KEY=VALUE, one KEY=VALUE, or a mapping of them
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, dict):
+            items = [f"{k}={v}" for k, v in items.items()]
+        if isinstance(items, list) and all(isinstance(i, str) for i in items):
+            return items
+        raise UserError(f"{where} must be a list of KEY=VALUE strings or a mapping, not {value!r}")
+    typ = f.metadata["type"]
+    if typ is None:  # a switch
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be true or false, not {value!r}")
+    if not isinstance(value, (bool, list, dict, type(None))):
+        try:
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return typ(value)
+        except ValueError:
+            pass
+    raise UserError(f"{where} must be {'an' if typ is int else 'a'} {typ.__name__}, not {value!r}")

@@ -11,16 +11,18 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from trainable.config import coerce
 from trainable.errors import UserError
 
 NAMES = ("default", "tiny", "mobilenetv2_71", "resnet50_84")
 
 
 class Suggest:
-    """Optuna's suggest_* with --set overrides: a fixed name is returned as given, not sampled."""
+    """Optuna's suggest_* with --set overrides: a fixed name is returned (typed), not sampled."""
 
     def __init__(self, trial: Any, fixed: dict[str, Any] | None = None):
-        self.trial, self.fixed = trial, dict(fixed or {})
+        # typed like TrialConfig's fields: a space compares them ("--set stages=3" is 3, not "3")
+        self.trial, self.fixed = trial, coerce(fixed or {})
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
         if name in self.fixed:

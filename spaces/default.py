@@ -3,7 +3,7 @@ from spaces import Options, Space, Suggest, split_budget
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    stages = s.cat("stages", [2, 3])
+    stages = s.cat("stages", [2, 3]) if o.max_epochs >= 3 else 2  # 3 stages need 3 epochs
     v = {"backbone": s.cat("backbone", o.backbones), "stages": stages,
          **split_budget(s, o, stages, stage1_max=max(1, o.max_epochs // 4)),
          "unfreeze_depth": s.int("unfreeze_depth", 1, 4),

@@ -55,19 +55,7 @@ class TrialConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
         """Build from a (possibly partial) dict; unknown keys are an error, values are coerced."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UserError(f"unknown hyper-parameter(s) {', '.join(unknown)}: "
-                            f"valid ones are the fields of TrialConfig in trainable/config.py")
-        kw = {}
-        for k, v in d.items():
-            typ = type(getattr(cls(), k))
-            try:
-                kw[k] = typ(v) if typ is not bool else _to_bool(v)
-            except (TypeError, ValueError):
-                raise UserError(f"hyper-parameter {k}={v!r} is not a valid {typ.__name__}") from None
-        cfg = cls(**kw)
+        cfg = cls(**coerce(d))
         cfg.validate()
         return cfg
 
@@ -80,11 +68,13 @@ class TrialConfig:
             (self.unfreeze_depth >= 1, "unfreeze_depth must be >= 1"),
             (self.stage1_epochs >= 1 and self.stage2_epochs >= 1, "stage1/2 epochs must be >= 1"),
             (self.stages == 2 or self.stage3_epochs >= 1, "a 3-stage plan needs stage3_epochs >= 1"),
-            (min(self.stage1_lr, self.stage2_lr, self.stage3_lr) > 0, "learning rates must be > 0"),
+            (all(lr > 0 for lr in (self.stage1_lr, self.stage2_lr, self.stage3_lr)), "learning rates must be > 0"),
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
             (self.schedule in ("cosine", "onecycle"), "schedule must be cosine or onecycle"),
             (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.weight_decay >= 0 and self.coarse_loss_weight >= 0, "weight_decay and coarse_loss_weight must be >= 0"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
             (16 <= self.input_size <= 512, "input_size must be in [16, 512]"),
             (0.0 <= self.aug_strength <= 1.0, "aug_strength must be in [0, 1]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
@@ -93,6 +83,34 @@ class TrialConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
+
+
+def coerce(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with each value converted to its TrialConfig field's type (no range checks).
+
+    "256" -> 256, "true" -> True, 3.0 -> 3; unknown keys, None, 2.5 for an int field and the like
+    are a UserError.
+    """
+    types = {f.name: type(f.default) for f in fields(TrialConfig)}
+    unknown = sorted(set(d) - set(types))
+    if unknown:
+        raise UserError(f"unknown hyper-parameter(s) {', '.join(unknown)}: "
+                        f"valid ones are the fields of TrialConfig in trainable/config.py")
+    out = {}
+    for k, v in d.items():
+        typ = types[k]
+        try:
+            if v is None:
+                raise TypeError(k)
+            if typ is bool:
+                out[k] = _to_bool(v)
+            elif typ is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError(v)  # int(2.5) would silently be 2
+            else:
+                out[k] = typ(v)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"hyper-parameter {k}={v!r} is not a valid {typ.__name__}") from None
+    return out
 
 
 def _to_bool(v: Any) -> bool:

@@ -1,6 +1,8 @@
 """Optimiser and learning-rate schedule for one stage, built from the stage plan."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -39,9 +41,13 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
     else:
         opt = torch.optim.AdamW(groups, lr=stage.lr, **fused)
     if cfg.schedule == "onecycle":
+        total = max(1, steps)
+        pct = max(cfg.warmup_frac, 0.01)
+        if math.isclose(pct * total, 1.0):  # OneCycleLR divides 0 by 0 when its peak is step 0
+            pct /= 2  # peak "at step -0.5": the same no-warmup start as any pct * total < 1
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in groups], total_steps=max(1, steps),
-            pct_start=max(cfg.warmup_frac, 0.01), cycle_momentum=cfg.optimizer == "sgd")
+            opt, max_lr=[g["lr"] for g in groups], total_steps=total,
+            pct_start=pct, cycle_momentum=cfg.optimizer == "sgd")
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, max(1, steps), cfg.warmup_frac))

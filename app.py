@@ -1,0 +1,129 @@
+"""python app.py [--root runs] [--port 8501]: try a trained model on your own images, in a browser.
+
+Starts Streamlit on 127.0.0.1 only. The page lists every STORAGE/NAME/analysis/model.pt under the
+root (default $CIFAR_TUNE_RUNS, else ./runs), takes an uploaded image and shows the predicted class
+and the probability of every class. The prediction is predict.py's, so page and CLI agree.
+Also runnable as `streamlit run app.py -- --root runs` (then the Streamlit flags are yours to set).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT_ENV = "CIFAR_TUNE_RUNS"
+IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=os.environ.get(ROOT_ENV, "runs"),
+                   help=f"folder holding experiments (default: ${ROOT_ENV} or ./runs)")
+    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1")
+    return p.parse_args(argv)
+
+
+def find_models(root: Path) -> list[Path]:
+    """Every analysis/model.pt of an experiment under root (root itself may be an experiment)."""
+    root = Path(root).expanduser()
+    found = set(root.glob("*/analysis/model.pt")) | set(root.glob("analysis/model.pt"))
+    found |= set(root.glob("*/*/analysis/model.pt"))  # a storage folder of storage folders
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run this file under Streamlit, bound to 127.0.0.1, headless, no usage statistics."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
+           "--server.address", "127.0.0.1", "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--", "--root", str(args.root)]
+    print(f"open http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
+def page(args: argparse.Namespace) -> None:
+    import altair as alt
+    import pandas as pd
+    import streamlit as st
+
+    from predict import load_image, load_model, probabilities
+    from trainable.errors import UserError
+
+    @st.cache_resource(max_entries=4, show_spinner="loading the model ...")
+    def cached_model(path: str, mtime: float):  # mtime: a retrained model.pt is reloaded
+        return load_model(path)
+
+    st.set_page_config(page_title="cifar-tune: predict", layout="centered")
+    st.title("What does the model see?")
+    root = Path(args.root).expanduser().resolve()
+    models = find_models(root)
+    labels = {str(p.relative_to(root)) if p.is_relative_to(root) else str(p): p for p in models}
+    if models:
+        choice = st.selectbox(f"Trained model (found under {root})", list(labels))
+    else:
+        choice = None
+        st.info(f"No analysis/model.pt under {root}: run analyze.py on an experiment, start the app "
+                f"with --root pointing at the runs folder, or type a path below.")
+    typed = st.text_input("…or the path of a model.pt", value="", placeholder="runs/NAME/analysis/model.pt")
+    path = Path(typed).expanduser() if typed.strip() else labels.get(choice) if choice else None
+    if path is None:
+        return
+    try:
+        model = cached_model(str(path), path.stat().st_mtime if path.exists() else 0.0)
+    except UserError as e:
+        st.error(str(e))
+        return
+    cfg = f"{len(model.names)} classes, input {model.input_size} px"
+    st.caption(f"model: {path} ({cfg})")
+
+    upload = st.file_uploader("Image (any size: it is shrunk to 32×32 like the training images)",
+                              type=IMAGE_TYPES)
+    if upload is None:
+        return
+    try:
+        image = load_image(upload, name=upload.name)
+    except UserError as e:
+        st.error(str(e))
+        return
+    probs = probabilities(model, [image])[0]
+    order = probs.argsort(descending=True).tolist()
+    best = order[0]
+    left, right = st.columns([1, 2])
+    left.image(upload, caption=upload.name, use_container_width=True)
+    right.metric("Predicted class", model.names[best])
+    right.metric("Probability", f"{float(probs[best]):.1%}")
+    right.caption("Next: " + ", ".join(f"{model.names[i]} {float(probs[i]):.1%}" for i in order[1:5]))
+
+    df = pd.DataFrame({"class": [model.names[i] for i in order],
+                       "probability": [float(probs[i]) for i in order]})
+    df["predicted"] = df["class"] == model.names[best]
+    chart = (alt.Chart(df, title=f"Probability of each of the {len(df)} classes")
+             .mark_bar()
+             .encode(x=alt.X("probability:Q", title="probability", axis=alt.Axis(format="%")),
+                     y=alt.Y("class:N", sort="-x", title="class (most likely first)",
+                             axis=alt.Axis(labelLimit=200)),
+                     color=alt.Color("predicted:N", title="predicted class",
+                                     scale=alt.Scale(domain=[True, False], range=["#d62728", "#1f77b4"])),
+                     tooltip=["class", alt.Tooltip("probability:Q", format=".2%")])
+             .properties(height=14 * len(df)))
+    st.altair_chart(chart, width="stretch")
+
+
+def running_under_streamlit() -> bool:
+    try:
+        from streamlit import runtime
+    except ImportError:
+        return False
+    return runtime.exists()
+
+
+if __name__ == "__main__":
+    if running_under_streamlit():
+        page(parse(sys.argv[1:]))
+    else:
+        sys.exit(launch(parse()))

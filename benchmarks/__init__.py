@@ -1,0 +1,1 @@
+"""Benchmarks of the search: python benchmarks/bench.py [--quick]."""

@@ -1,0 +1,593 @@
+"""python benchmarks/bench.py [--quick] [--out BENCHMARKS.md]: is the search spending its compute
+on the model? One run measures, side by side, and prints one table of ratios:
+
+  1. trial overhead      a real trial through Ray Tune vs a bare PyTorch loop, same work
+  2. pipeline headroom   on-device augmentation alone vs the model's training step, 32/96/224 px
+  3. vs the usual way    our pipeline vs a torchvision DataLoader over PIL images (workers = cores)
+  4. memory              whole-search PSS with 1 vs 2 concurrent trials on the full training file
+  5. search efficiency   the same 12 configs under ASHA and FIFO: epochs, wall, best val_acc
+  6. stage cost          step time of stage 1 (head only) vs stage 2 vs all layers
+
+Runs on the CPU here (and on the GPU where there is one). --quick shrinks every part (~3 min).
+The full run writes BENCHMARKS.md (the generated block only: text outside the
+<!-- bench:begin/end --> markers is kept). Absolute numbers vary between runs on a shared
+machine; ratios of contenders timed in alternation are the figures to read.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import searches  # noqa: E402
+from benchmarks.searches import MiB  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SECTIONS = ("1", "2", "3", "4", "5", "6")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Every size the benchmark uses; FULL for the record, QUICK to check it runs."""
+    # 1. trial overhead
+    overhead_subset: int  # images per class (the split leaves 90 % for training)
+    overhead_input: int
+    overhead_batch: int
+    overhead_stage2_epochs: int  # epochs timed (all layers trainable); stage 1 runs before
+    bare_epochs_each_side: int  # bare-loop epochs before and after the Tune trial
+    # 2/3. pipelines
+    sizes: tuple[int, ...]
+    batch: int
+    headroom_rounds: dict  # input size -> rounds
+    pipe_batches: int  # batches per pipeline call
+    dl_batches: int  # batches per DataLoader call (a fresh iterator each)
+    dl_rounds: int
+    # 4. memory
+    mem_input: int
+    mem_batch: int
+    mem_timebox: float  # s each trial worker lives before the search is stopped
+    mem_control_subset: int | None  # None: skip the control runs
+    # 5. ASHA vs FIFO
+    search_samples: int
+    search_subset: int
+    search_val_fraction: float
+    search_max_epochs: int | None  # None: the tiny space's own budget (4)
+    search_sets: dict
+    # 6. stage cost
+    stage_input: int
+    stage_batch: int
+    stage_rounds: int
+
+
+FULL = Scale(overhead_subset=20, overhead_input=32, overhead_batch=64, overhead_stage2_epochs=3,
+             bare_epochs_each_side=2,
+             sizes=(32, 96, 224), batch=64, headroom_rounds={32: 3, 96: 3, 224: 2}, pipe_batches=10,
+             dl_batches=10, dl_rounds=2,
+             mem_input=16, mem_batch=256, mem_timebox=40.0, mem_control_subset=50,
+             search_samples=12, search_subset=10, search_val_fraction=0.2, search_max_epochs=None,
+             search_sets={},
+             stage_input=96, stage_batch=64, stage_rounds=3)
+QUICK = Scale(overhead_subset=5, overhead_input=32, overhead_batch=32, overhead_stage2_epochs=1,
+              bare_epochs_each_side=1,
+              sizes=(32, 96, 224), batch=16, headroom_rounds={32: 2, 96: 2, 224: 1}, pipe_batches=4,
+              dl_batches=4, dl_rounds=1,
+              mem_input=16, mem_batch=256, mem_timebox=8.0, mem_control_subset=None,
+              search_samples=4, search_subset=2, search_val_fraction=0.5, search_max_epochs=2,
+              search_sets={"input_size": 32, "batch_size": 32},
+              stage_input=96, stage_batch=16, stage_rounds=2)
+
+
+@dataclass
+class Row:
+    section: str
+    what: str
+    ours: str
+    baseline: str
+    ratio: str
+    target: str = "—"
+    met: str = "—"
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    details: dict[str, list[str]] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+    def add(self, *a, **k) -> None:
+        self.rows.append(Row(*a, **k))
+
+    def note(self, section: str, text: str) -> None:
+        self.details.setdefault(section, []).append(text)
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def rate(v: float) -> str:
+    return f"{v:,.0f} img/s" if v >= 100 else f"{v:.1f} img/s"
+
+
+# ----------------------------------------------------------------------------- the sections
+
+
+class Context:
+    def __init__(self, args, scale: Scale, work: Path):
+        import torch
+        self.args, self.scale, self.work = args, scale, work
+        self.cores = os.cpu_count() or 1
+        self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self.data_dir = str(Path(args.data_dir).resolve())
+        self.weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else ""
+        self._bench = None
+        self._data = None
+
+    def data(self):
+        """The overhead run's train/val split, also the images of the in-process measurements."""
+        if self._data is None:
+            from trainable.data import prepare_search_data
+            self._data = prepare_search_data(self.data_dir, subset=self.scale.overhead_subset,
+                                             val_fraction=0.1, seed=self.args.seed, download=False)
+        return self._data
+
+    def bench(self):
+        if self._bench is None:
+            from benchmarks.micro import make_bench
+            self._bench = make_bench(self.data().train, self.weights_dir)
+        return self._bench
+
+    def search(self, name: str, *, samples: int, concurrent: int, scheduler: str = "fifo",
+               subset: int | None, max_epochs: int | None, sets: dict, extra: list[str] = (),
+               total: int | None = None, **kw) -> searches.SearchRun:
+        from tqdm import tqdm
+        args = searches.search_args(
+            data_dir=self.data_dir, weights_dir=self.weights_dir, storage=self.work / "runs",
+            name=name, samples=samples, concurrent=concurrent, cpus_per_trial=self.args.threads,
+            scheduler=scheduler, seed=self.args.seed, subset=subset, max_epochs=max_epochs,
+            sets=sets, gpus=self.gpus) + list(extra)
+        with tqdm(total=total, desc=f"  search {name}", unit="result", leave=False,
+                  disable=not sys.stdout.isatty()) as bar:
+            run = searches.run_search(args, exp=self.work / "runs" / name,
+                                      log=self.work / "logs" / f"{name}.log", progress=bar, **kw)
+        if run.returncode != 0 and not run.interrupted:
+            tail = run.log.read_text()[-2000:]
+            raise RuntimeError(f"search {name} failed (exit {run.returncode}); log {run.log}:\n{tail}")
+        return run
+
+    def ticker(self, total: int, desc: str):
+        from tqdm import tqdm
+        return tqdm(total=total, desc=f"  {desc}", leave=False, disable=not sys.stdout.isatty())
+
+
+def section_overhead(ctx: Context, rep: Report) -> None:
+    from benchmarks.micro import bare_epochs, threads
+    from search.export import load_trials
+    sc = ctx.scale
+    data = ctx.data()
+    b = ctx.bench()
+    e2 = sc.overhead_stage2_epochs
+    kw = dict(input_size=sc.overhead_input, batch_size=sc.overhead_batch,
+              epochs=sc.bare_epochs_each_side, val=data.val, seed=ctx.args.seed)
+    with threads(ctx.args.threads):
+        before = bare_epochs(b, **kw)
+    sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99,
+            "input_size": sc.overhead_input, "batch_size": sc.overhead_batch, "aug_strength": 1.0}
+    run = ctx.search("overhead", samples=1, concurrent=1, subset=sc.overhead_subset,
+                     max_epochs=1 + e2, sets=sets, total=1 + e2)
+    with threads(ctx.args.threads):
+        after = bare_epochs(b, **kw)
+    (trial,) = load_trials(run.exp)
+    rows = [r for r in trial.results if r["epoch"] >= 2]  # stage 2: every layer trainable
+    if len(rows) != e2:
+        raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {run.log}")
+    imgs = [r["images_per_sec"] * r["train_seconds"] for r in rows]
+    t_wall = sum(r["time_this_iter_s"] for r in rows)
+    t_train = sum(r["train_seconds"] for r in rows)
+    bare = before["epochs"] + after["epochs"]
+    b_imgs = sum(e["images"] for e in bare)
+    b_train = sum(e["train_seconds"] for e in bare)
+    b_wall = b_train + sum(e["eval_seconds"] for e in bare)
+    trial_rate, bare_rate = sum(imgs) / t_wall, b_imgs / b_wall
+    ratio = trial_rate / bare_rate
+    loop_ratio = (sum(imgs) / t_train) / (b_imgs / b_train)
+    before_rate = sum(e["images"] for e in before["epochs"]) / sum(e["train_seconds"] + e["eval_seconds"] for e in before["epochs"])
+    after_rate = sum(e["images"] for e in after["epochs"]) / sum(e["train_seconds"] + e["eval_seconds"] for e in after["epochs"])
+    what = f"Trial overhead: whole epoch, Tune trial / bare loop ({sc.overhead_input} px, batch {sc.overhead_batch})"
+    rep.add("1", what, rate(trial_rate), rate(bare_rate), f"{ratio:.3f}", "≥ 0.95", verdict(ratio >= 0.95))
+    rep.add("1", "  of which the training steps alone (in-loop clock / bare train clock)",
+            rate(sum(imgs) / t_train), rate(b_imgs / b_train), f"{loop_ratio:.3f}")
+    other_trial = (t_wall - t_train) / len(rows)
+    other_bare = sum(e["eval_seconds"] for e in bare) / len(bare)
+    fixed = run.wall - sum(r["time_this_iter_s"] for r in trial.results)
+    n_train, n_val = len(data.train), len(data.val)
+    rep.note("1", f"Data: `--subset {sc.overhead_subset}` of the stand-in: {n_train} training images "
+                  f"({rows[0]['images_per_sec'] * rows[0]['train_seconds']:.0f} per epoch after the ragged "
+                  f"last batch is dropped), {n_val} validation images; tf_efficientnet_lite0, "
+                  f"{ctx.args.threads} torch thread(s) on each side (`--cpus-per-trial {ctx.args.threads}`).")
+    rep.note("1", f"Tune trial: `run_search.py --num-samples 1 --scheduler fifo` with every hyper-parameter "
+                  f"fixed by `--set` (stage 1: 1 epoch head only, then {e2} stage-2 epochs with "
+                  f"`unfreeze_depth=99` = every layer trainable, aug_strength 1, no mixup). Timed: the "
+                  f"{e2} stage-2 epochs, by Tune's `time_this_iter_s` = the trial worker's wall clock from "
+                  f"one `tune.report` call to the next, so each epoch's figure holds the training steps "
+                  f"(DeviceAugment, forward, backward, SGD, lr schedule), the evaluation pass, the "
+                  f"`torch.save` checkpoint, Tune persisting it to the experiment folder and the "
+                  f"hand-shake with the driver. Not in it: the search's fixed cost (Ray start, the "
+                  f"worker's start, reading the data, building the model, shutdown): {fixed:.0f} s of the "
+                  f"{run.wall:.0f} s the whole search took.")
+    rep.note("1", f"Bare loop (benchmarks/micro.py `bare_epochs`, in the benchmark process, no Ray): the same "
+                  f"model, images, batch and input size, every layer trainable, SGD; per batch only "
+                  f"slice, float, resize, normalise (no augmentation, no lr schedule), then the same "
+                  f"evaluation pass over the {n_val} validation images; no report, no checkpoint. "
+                  f"{sc.bare_epochs_each_side} epoch(s) right before the Tune search and "
+                  f"{sc.bare_epochs_each_side} right after it, so machine load drifting during the run "
+                  f"hits both sides (before: {rate(before_rate)}, after: {rate(after_rate)}).")
+    rep.note("1", f"Per epoch besides the training steps: Tune trial {other_trial:.2f} s (evaluation + "
+                  f"checkpoint + report), bare loop {other_bare:.2f} s (evaluation only).")
+    rep.raw["overhead"] = {"trial_rows": rows, "bare": bare, "search_wall": run.wall, "ratio": ratio,
+                           "loop_ratio": loop_ratio}
+
+
+def section_headroom(ctx: Context, rep: Report) -> None:
+    from benchmarks.micro import headroom, threads
+    sc = ctx.scale
+    b = ctx.bench()
+    out = []
+    for size in sc.sizes:
+        rounds = sc.headroom_rounds[size]
+        with ctx.ticker(2 * rounds, f"headroom {size} px") as t, threads(ctx.args.threads):
+            r = headroom(b, size, sc.batch, rounds, sc.pipe_batches, tick=t.update)
+        out.append(r)
+        rep.add("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step",
+                rate(r["pipeline"]["rate"]), rate(r["model"]["rate"]), f"{r['ratio']:.1f}",
+                "≥ 5", verdict(r["ratio"] >= 5))
+    dev = b.dev.type
+    rep.note("2", f"Batch {sc.batch}, {ctx.args.threads} torch thread(s), device {dev}; the two contenders "
+                  f"alternate ({', '.join(f'{s} px: {sc.headroom_rounds[s]}' for s in sc.sizes)} rounds "
+                  f"after an untimed warm-up call each).")
+    rep.note("2", f"Pipeline = what the trial's loop does per batch before the forward pass: a random index "
+                  f"slice of the uint8 images already on the device, DeviceAugment at aug_strength 1 (one "
+                  f"affine_grid/grid_sample pass for resize+flip+rotate+translate+zoom, colour jitter, "
+                  f"erasing, normalisation) and timm Mixup/CutMix (alpha 0.8/1.0); {sc.pipe_batches} "
+                  f"batches per timed call. Model = forward + label-smoothed CE + backward + SGD step of "
+                  f"tf_efficientnet_lite0 with every layer trainable, on one fixed pre-augmented batch.")
+    rep.raw["headroom"] = out
+
+
+def section_dataloader(ctx: Context, rep: Report) -> None:
+    from benchmarks.micro import threads, vs_dataloader
+    sc = ctx.scale
+    b = ctx.bench()
+    workers = ctx.cores
+    out = []
+    for size in sc.sizes:
+        with ctx.ticker(2 * sc.dl_rounds, f"DataLoader {size} px") as t, threads(ctx.args.threads):
+            r = vs_dataloader(b, ctx.data().train, size, sc.batch, sc.dl_rounds, sc.dl_batches,
+                              workers, tick=t.update)
+        out.append(r)
+        target = size == max(sc.sizes)
+        rep.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
+                rate(r["ours"]["rate"]), rate(r["dataloader"]["rate"]), f"{r['ratio']:.2f}×",
+                "≥ 10× at 224" if target else "(info)", verdict(r["ratio"] >= 10) if target else "—")
+    rep.note("3", f"The DataLoader gets num_workers = {workers} (the cores) worker processes; our pipeline "
+                  f"runs in the one process on {ctx.args.threads} torch thread(s), a trial's share with "
+                  f"`--cpus-per-trial {ctx.args.threads}`. That favours the DataLoader; it is also the "
+                  f"robust choice on a shared machine, where two OpenMP threads on two busy cores stall at "
+                  f"every parallel region. Batch {sc.batch}, "
+                  f"{sc.dl_batches} batches per timed call, {sc.dl_rounds} alternating round(s).")
+    rep.note("3", "DataLoader baseline: torchvision's CIFAR pattern (HWC uint8 rows, `Image.fromarray` per "
+                  "item) with RandomHorizontalFlip, RandomAffine(15°, translate 0.125, scale 0.8-1.2), "
+                  "ColorJitter(0.4, 0.4, 0.4), Resize(size), ToTensor, Normalize, RandomErasing(p 0.25, "
+                  "area 0.02-0.2), default collate, then the same timm Mixup on each batch in the main "
+                  "process. Geometry and colour run on the 32 px image before the one Resize, the cheapest "
+                  "order for PIL. Each timed call starts a fresh iterator, so worker start-up is included "
+                  "(as at every epoch without persistent_workers) and no worker prefetches in the "
+                  "background while our side is being timed.")
+    rep.raw["dataloader"] = out
+
+
+def _dataset_mib(data_dir: str, seed: int) -> tuple[float, int]:
+    from trainable.data import prepare_search_data
+    d = prepare_search_data(data_dir, subset=None, val_fraction=0.1, seed=seed, download=False)
+    nbytes = sum(a.nbytes for s in (d.train, d.val) for a in (s.images, s.fine, s.coarse))
+    return nbytes / MiB, len(d.train) + len(d.val)
+
+
+def section_memory(ctx: Context, rep: Report) -> None:
+    sc = ctx.scale
+    data_mib, n_images = _dataset_mib(ctx.data_dir, ctx.args.seed)
+    sets = {"input_size": sc.mem_input, "batch_size": sc.mem_batch}
+    runs = {}
+    variants = [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else [])
+    for label, subset in variants:
+        for conc in (1, 2):
+            name = f"memory-{label}-{conc}"
+            runs[(label, conc)] = ctx.search(
+                name, samples=conc, concurrent=conc, subset=subset,
+                max_epochs=2 if label == "full" else 4, sets=sets, memory=True,
+                timebox=sc.mem_timebox, expect_workers=conc, timeout=600)
+    m = {k: r.memory for k, r in runs.items()}
+    for (label, conc), mm in m.items():
+        if mm.max_concurrent_workers < conc:
+            rep.note("4", f"WARNING: run {label}/{conc} never had {conc} trial workers alive at once "
+                          f"(saw {mm.max_concurrent_workers}); its figure is not a concurrent one.")
+    extra = (m[("full", 2)].pss - m[("full", 1)].pss) / MiB
+    rep.add("4", "Memory: peak PSS of the whole search, 2 concurrent trials vs 1",
+            f"{m[('full', 2)].pss / MiB:,.0f} MiB", f"{m[('full', 1)].pss / MiB:,.0f} MiB",
+            f"+{extra:,.0f} MiB = {extra / data_mib:.2f} × dataset", "< 0.33 × dataset",
+            verdict(extra < data_mib / 3))
+    if ("control", 2) in m:
+        c_extra = (m[("control", 2)].pss - m[("control", 1)].pss) / MiB
+        data_part = extra - c_extra
+        rep.add("4", f"  of which due to the data (minus the same pair on a {sc.mem_control_subset}/class subset)",
+                f"{data_part:+,.0f} MiB", f"dataset {data_mib:,.0f} MiB",
+                f"{data_part / data_mib:.2f} × dataset", "< 0.33 × dataset", verdict(data_part < data_mib / 3))
+    rss_extra = (m[("full", 2)].rss - m[("full", 1)].rss) / MiB
+    rep.add("4", "  peak RSS sum, 2 vs 1 (counts shared pages once per process)",
+            f"{m[('full', 2)].rss / MiB:,.0f} MiB", f"{m[('full', 1)].rss / MiB:,.0f} MiB",
+            f"+{rss_extra:,.0f} MiB")
+    f2 = m[("full", 2)]
+    rep.note("4", f"Dataset: the full stand-in training file split into train+val, {n_images} images: "
+                  f"uint8 images + int64 fine/coarse labels = {data_mib:.1f} MiB. Searches: "
+                  f"`run_search.py --num-samples N --max-concurrent N --cpus-per-trial {ctx.args.threads}` "
+                  f"(N = 1, 2), no --subset, `--set input_size={sc.mem_input} --set batch_size={sc.mem_batch}`.")
+    rep.note("4", f"Memory is the sum over the search's whole process tree (driver, GCS, raylet, dashboard "
+                  f"and agents, every trial worker), sampled every second with psutil "
+                  f"`memory_full_info()`. PSS (proportional set size) counts a page shared by n processes "
+                  f"1/n in each, so the sum counts Ray's shared-memory object store (where the one copy of "
+                  f"the dataset lives) once; the RSS sum counts it again in every process that touched it "
+                  f"and overstates the total.")
+    rep.note("4", f"An epoch over 45,000 images is minutes long on this CPU, so each search is stopped like a "
+                  f"user's Ctrl-C once every trial worker has lived {sc.mem_timebox:.0f} s (start-up, the "
+                  f"data from the object store, the model, then training steps). A trial that copied the "
+                  f"dataset would show the whole copy at once; pages of the shared store count as they "
+                  f"are touched: one trial worker had up to {f2.worker_plasma_rss / MiB:.0f} MiB of the "
+                  f"object store resident (its PSS share {f2.worker_plasma_pss / MiB:.0f} MiB).")
+    for (label, conc), mm in m.items():
+        parts = ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in mm.at_pss_peak.items())
+        rep.note("4", f"{label}, {conc} trial(s): peak PSS {mm.pss / MiB:,.0f} MiB ({parts} MiB), "
+                      f"peak RSS sum {mm.rss / MiB:,.0f} MiB, peak USS sum {mm.uss / MiB:,.0f} MiB, "
+                      f"{mm.samples} samples.")
+    if ("control", 2) in m:
+        rep.note("4", f"The second trial's own process (Python, torch, timm, the model, its activations "
+                      f"and optimiser state) costs memory however the data is shared; the control pair "
+                      f"(the same searches on `--subset {sc.mem_control_subset}`, "
+                      f"{sc.mem_control_subset * 100} images) measures that cost, "
+                      f"+{c_extra:,.0f} MiB, and the difference is what the data adds.")
+    rep.raw["memory"] = {f"{k[0]}-{k[1]}": v.__dict__ for k, v in m.items()} | {"dataset_mib": data_mib}
+
+
+def section_search(ctx: Context, rep: Report) -> None:
+    from search.export import load_trials
+    from search.searcher import METRIC
+    sc = ctx.scale
+    res = {}
+    extra = ["--val-fraction", str(sc.search_val_fraction)]
+    for sched in ("asha", "fifo"):
+        run = ctx.search(f"search-{sched}", samples=sc.search_samples, concurrent=2, scheduler=sched,
+                         subset=sc.search_subset, max_epochs=sc.search_max_epochs,
+                         sets=sc.search_sets, extra=extra, same_configs=True)
+        trials = load_trials(run.exp)
+        best = max((t.best[METRIC] for t in trials if t.best is not None and not t.diverged), default=float("nan"))
+        res[sched] = {"run": run, "trials": trials, "epochs": sum(t.epochs_run for t in trials),
+                      "best": best, "configs": searches.configs_of(run.exp)}
+    a, f = res["asha"], res["fifo"]
+    same = a["configs"] == f["configs"]
+    ratio = a["epochs"] / f["epochs"]
+    rep.add("5", f"Search: epochs spent, ASHA / FIFO ({sc.search_samples} identical configs)",
+            f"{a['epochs']} epochs", f"{f['epochs']} epochs", f"{ratio:.2f}", "≤ 0.40", verdict(ratio <= 0.40))
+    diff = 100 * (a["best"] - f["best"])
+    rep.add("5", "  best val_acc found", f"{100 * a['best']:.1f} %", f"{100 * f['best']:.1f} %",
+            f"{diff:+.1f} points", "within 1 point", verdict(diff >= -1.0))
+    rep.add("5", "  wall time of the whole search", f"{a['run'].wall:.0f} s", f"{f['run'].wall:.0f} s",
+            f"{a['run'].wall / f['run'].wall:.2f}")
+    n_val = round(sc.search_val_fraction * sc.search_subset) * 100
+    status = {}
+    for t in a["trials"]:
+        status[t.epochs_run] = status.get(t.epochs_run, 0) + 1
+    rep.note("5", f"`run_search.py --space tiny --backbones tf_efficientnet_lite0 --num-samples "
+                  f"{sc.search_samples} --max-concurrent 2 --cpus-per-trial {ctx.args.threads} --subset "
+                  f"{sc.search_subset} --val-fraction {sc.search_val_fraction} --seed {ctx.args.seed}"
+                  + "".join(f" --set {k}={v}" for k, v in sc.search_sets.items())
+                  + (f" --max-epochs {sc.search_max_epochs}" if sc.search_max_epochs else "")
+                  + f"` with `--scheduler asha` (grace period 1, reduction factor 3) and with "
+                  f"`--scheduler fifo`. Validation: {n_val} images, so one image is "
+                  f"{100 / n_val:.1f} points of val_acc. Best val_acc = the best epoch of the best trial.")
+    rep.note("5", f"Identical configs: {'yes' if same else 'NO'} ({sum(x == y for x, y in zip(a['configs'], f['configs']))}"
+                  f"/{len(f['configs'])} params.json equal). Optuna's TPE adapts to the results it sees, so "
+                  f"left alone the two searches would share only TPE's 10 random start-up configs; "
+                  f"benchmarks/_search_entry.py `--same-configs` stretches TPE's seeded random start-up "
+                  f"phase over all {sc.search_samples} trials, which makes the draws independent of results.")
+    rep.note("5", "ASHA trials by epochs run: " + ", ".join(f"{n} trial(s) {e} epoch(s)" for e, n in sorted(status.items()))
+                  + f"; FIFO ran every trial to the end ({f['epochs']} epochs). Wall times include each "
+                  f"search's fixed cost (Ray start and shutdown, a worker start and model build per trial).")
+    rep.raw["search"] = {k: {"epochs": v["epochs"], "best": v["best"], "wall": v["run"].wall,
+                             "per_trial": [(t.trial_id, t.epochs_run, t.best[METRIC] if t.best else None)
+                                           for t in v["trials"]]} for k, v in res.items()}
+    rep.raw["search"]["same_configs"] = same
+
+
+def section_stages(ctx: Context, rep: Report) -> None:
+    from benchmarks.micro import stage_cost, threads
+    sc = ctx.scale
+    b = ctx.bench()
+    with ctx.ticker(3 * sc.stage_rounds, "stage cost") as t, threads(ctx.args.threads):
+        r = stage_cost(b, sc.stage_input, sc.stage_batch, sc.stage_rounds, 1, tick=t.update)
+    n1, n2, n3 = r["names"]
+    ms = r["step_ms"]
+    rep.add("6", f"Stage cost at {sc.stage_input} px: step time, {n1} / {n2}",
+            f"{ms[n1]:,.0f} ms", f"{ms[n2]:,.0f} ms", f"{r['stage1_over_stage2']:.2f}")
+    rep.add("6", f"  {n1} / {n3}", f"{ms[n1]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{r['stage1_over_all']:.2f}")
+    rep.add("6", f"  {n2} / {n3}", f"{ms[n2]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{r['stage2_over_all']:.2f}")
+    ok = r["stage1_backbone_params_with_grad"] == 0 and not r["stage1_bn_stats_moved"]
+    rep.note("6", f"Batch {sc.stage_batch}, {ctx.args.threads} thread(s), {sc.stage_rounds} alternating rounds; "
+                  f"a step = forward + loss + backward + optimiser + lr-schedule step on one fixed "
+                  f"pre-augmented batch (data work excluded: it is the same in every stage), with the "
+                  f"trial's own `build_optimizer` param groups and `train_mode`.")
+    rep.note("6", f"Stage 1 stops at the head: {'yes' if ok else 'NO'}: after a stage-1 step "
+                  f"{r['stage1_backbone_params_with_grad']} of {r['backbone_params']} backbone parameters "
+                  f"had a gradient ({r['stage1_head_params_with_grad']} head parameters did) and the frozen "
+                  f"BatchNorm running statistics {'moved' if r['stage1_bn_stats_moved'] else 'did not move'}.")
+    rep.raw["stages"] = r
+
+
+RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader,
+           "4": section_memory, "5": section_search, "6": section_stages}
+TITLES = {"1": "Trial overhead", "2": "Pipeline headroom", "3": "Against the usual DataLoader",
+          "4": "Memory", "5": "Search efficiency (ASHA vs FIFO)", "6": "Stage cost"}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def machine() -> dict:
+    import ray
+    import timm
+    import torch
+    import torchvision
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
+        if torch.cuda.is_available() else "none"
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        mem = float("nan")
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "ram_gib": mem,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "ray": ray.__version__}
+
+
+def table(rows: list[Row]) -> str:
+    head = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([r.section, r.what, r.ours, r.baseline, r.ratio, r.target, r.met]) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rep: Report, info: dict) -> str:
+    m = info["machine"]
+    out = [BEGIN, "## Results", "",
+           f"- Command: `{info['command']}`",
+           f"- Date: {info['date']} (took {info['minutes']:.1f} min)",
+           f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM, GPU: {m['gpu']}",
+           f"- Versions: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
+           f"timm {m['timm']}, ray {m['ray']}",
+           f"- Load average (1 min) at start {info['load_start']:.2f}, at end {info['load_end']:.2f}: "
+           f"other work shared the machine, so absolute rates vary; contenders were timed in alternation.",
+           f"- Data: `{info['data_dir']}`, a real-image stand-in in the cifar-100-python format "
+           f"(not CIFAR-100: its accuracies are not CIFAR-100 accuracies); weights: "
+           f"`{info['weights_dir'] or 'random init'}`.",
+           f"- Mode: {'--quick (shrunk sizes: a smoke run, not a record)' if info['quick'] else 'full'}; "
+           f"sections run: {', '.join(info['sections'])}", "",
+           table(rep.rows), ""]
+    for s in SECTIONS:
+        if s in rep.details:
+            out += [f"### {s}. {TITLES[s]}", ""] + [f"- {d}" for d in rep.details[s]] + [""]
+    out.append(END)
+    return "\n".join(out)
+
+
+def write_markdown(path: Path, block: str) -> None:
+    """Replace the generated block, keeping any hand-written text around it."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        pre, rest = old.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        text = pre + block + post
+    else:
+        text = (old.rstrip() + "\n\n" if old.strip() else "# Benchmarks\n\n") + block + "\n"
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None):
+    default_data = SHARED / "data" / "tinyimagenet100-32"
+    default_weights = SHARED / "weights"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shrink every part (a ~3 min smoke run)")
+    p.add_argument("--out", default=None,
+                   help="markdown file for the table (default: BENCHMARKS.md for a full run, none with --quick)")
+    p.add_argument("--data-dir", default=str(default_data if default_data.is_dir() else REPO / "data"),
+                   help="folder holding cifar-100-python/")
+    p.add_argument("--weights-dir", default=str(default_weights) if (default_weights / "tf_efficientnet_lite0.pth").is_file() else "",
+                   help="offline weights folder ('' = random init; speed is the same)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of one trial and of sections 1, 2 and 6 (= --cpus-per-trial)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of 1-6")
+    p.add_argument("--work-dir", default="", help="where searches and logs go (default: a new temp folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="also dump the raw measurements to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from tqdm import tqdm
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        print(f"error: unknown section(s) {bad}: choose from {','.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if not (Path(args.data_dir) / "cifar-100-python").is_dir():
+        print(f"error: no cifar-100-python/ in --data-dir {args.data_dir}", file=sys.stderr)
+        return 2
+    scale = QUICK if args.quick else FULL
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="cifar-tune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else (None if args.quick else REPO / "BENCHMARKS.md")
+    cmd = shlex.join(["python", "benchmarks/bench.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    print(f"bench: {'quick' if args.quick else 'full'} run of sections {','.join(sections)}; "
+          f"searches and logs in {work}", flush=True)
+    ctx = Context(args, scale, work)
+    rep = Report()
+    t0, load0 = time.time(), os.getloadavg()[0]
+    with tqdm(total=len(sections), desc="bench", unit="section", disable=not sys.stdout.isatty()) as bar:
+        for s in sections:
+            bar.set_postfix_str(TITLES[s])
+            ts = time.time()
+            RUNNERS[s](ctx, rep)
+            rep.note(s, f"Section time: {time.time() - ts:.0f} s.")
+            bar.update(1)
+    info = {"command": cmd, "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "minutes": (time.time() - t0) / 60, "machine": machine(), "load_start": load0,
+            "load_end": os.getloadavg()[0], "data_dir": str(Path(args.data_dir).resolve()),
+            "weights_dir": str(Path(args.weights_dir).resolve()) if args.weights_dir else "",
+            "quick": args.quick, "sections": sections}
+    print()
+    print(table(rep.rows))
+    m = info["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; torch {m['torch']}, ray {m['ray']}; "
+          f"{info['date']}, {info['minutes']:.1f} min; load {load0:.1f} -> {info['load_end']:.1f}")
+    if out is not None:
+        write_markdown(out, markdown(rep, info))
+        print(f"wrote {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "raw": rep.raw}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""How much each hyper-parameter mattered: Optuna's importance evaluator over the finished trials.
+
+The trials are rebuilt as an in-memory Optuna study (one completed trial per Tune trial, its value
+the trial's best val_acc; diverged trials count as 0.0). Distributions are inferred from the values
+seen: strings and booleans are categorical, ints an int range, floats a float range (log-scaled
+for learning rates and weight decay, or any positive
+range spanning a factor of 100). Parameters that never varied are left out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.ticker import NullFormatter
+
+from report.plots import COLOURS, figure, save
+from search.export import TrialRecord
+from search.searcher import METRIC
+
+LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
+IGNORED = {"seed", "weights_dir", "eval_batch_size", "fail_at_epoch", "compile", "pretrained"}
+
+
+@dataclass
+class Importance:
+    evaluator: str  # "" when none could be computed
+    values: dict[str, float]  # parameter -> importance, most important first
+    note: str  # why there is no plot, or a caveat
+    study: Any = None  # the optuna Study (None when fewer than 2 trials)
+
+
+def scored(trials: list[TrialRecord]) -> list[tuple[TrialRecord, float]]:
+    """(trial, value) for every trial that finished an epoch: best val_acc, 0.0 when diverged."""
+    out = []
+    for t in trials:
+        if t.diverged:
+            out.append((t, 0.0))
+        elif t.best is not None:
+            out.append((t, float(t.best[METRIC])))
+    return out
+
+
+def infer_distributions(configs: list[dict[str, Any]]):
+    """{name: optuna distribution} for the parameters that take more than one value."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    dists = {}
+    for name in sorted(set().union(*configs) - IGNORED) if configs else []:
+        vals = [c[name] for c in configs if name in c]
+        if len(vals) < len(configs) or len({repr(v) for v in vals}) < 2:
+            continue
+        if all(isinstance(v, bool) for v in vals) or all(isinstance(v, str) for v in vals):
+            dists[name] = CategoricalDistribution(sorted(set(vals), key=repr))
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            dists[name] = IntDistribution(min(vals), max(vals))
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            lo, hi = float(min(vals)), float(max(vals))
+            log = lo > 0 and (hi / lo >= 100 or name.endswith(LOG_HINTS))
+            dists[name] = FloatDistribution(lo, hi, log=log)
+        else:  # mixed or unhashable: compare as text
+            dists[name] = CategoricalDistribution(sorted({repr(v) for v in vals}))
+    return dists
+
+
+def _value(v: Any, dist) -> Any:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    if isinstance(dist, CategoricalDistribution) and v not in dist.choices:
+        return repr(v)
+    return float(v) if isinstance(dist, FloatDistribution) else v
+
+
+def build_study(trials: list[TrialRecord]):
+    """An in-memory Optuna study holding the scored trials, or None with fewer than 2."""
+    import optuna
+    pairs = scored(trials)
+    if len(pairs) < 2:
+        return None
+    dists = infer_distributions([t.config for t, _ in pairs])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", study_name="report")
+    for t, value in pairs:
+        params = {k: _value(t.config[k], d) for k, d in dists.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
+                                                  user_attrs={"trial_id": t.trial_id, "status": t.status}))
+    return study
+
+
+def compute_importance(trials: list[TrialRecord]) -> Importance:
+    import optuna
+    study = build_study(trials)
+    if study is None:
+        return Importance("", {}, f"{len(scored(trials))} finished trial(s): importance needs at least 2.")
+    if not study.trials[0].distributions:
+        return Importance("", {}, "no hyper-parameter varied between the trials.", study)
+    if len({t.value for t in study.trials}) < 2:
+        return Importance("", {}, "every trial scored the same val_acc: nothing to attribute.", study)
+    try:
+        evaluator, name = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except ImportError:  # fANOVA needs scikit-learn; PED-ANOVA needs nothing extra
+        evaluator, name = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    n = len(study.trials)
+    note = (f"only {n} trials: treat these importances as rough." if n < 10 else "")
+    return Importance(name, dict(values), note, study)
+
+
+def plot_importance(imp: Importance, path: Path) -> Path:
+    names = list(imp.values)[::-1]  # most important at the top
+    fig, ax = figure(8, max(2.5, 0.45 * len(names) + 1.4))
+    bars = ax.barh(names, [imp.values[n] for n in names], color=COLOURS[0], label=f"{imp.evaluator} importance")
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
+    ax.set_xlim(0, max(1.0, max(imp.values.values()) * 1.15))
+    ax.set_xlabel("importance (share of val_acc variance explained; sums to 1)")
+    ax.set_ylabel("hyper-parameter")
+    ax.set_title(f"Hyper-parameter importance ({imp.evaluator}, {len(imp.study.trials)} trials, "
+                 f"target: best val_acc)")
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return save(fig, path)
+
+
+def plot_top_two(imp: Importance, path: Path) -> Path:
+    """Best val_acc of each trial against the two most important parameters."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    top = list(imp.values)[:2]
+    fig, axes = figure(5.2 * len(top), 4.4, ncols=len(top), squeeze=False)
+    statuses = sorted({t.user_attrs["status"] for t in imp.study.trials})
+    for ax, name in zip(axes[0], top):
+        dist = imp.study.trials[0].distributions[name]
+        for i, status in enumerate(statuses):
+            pts = [(t.params[name], t.value) for t in imp.study.trials if t.user_attrs["status"] == status]
+            xs = [p[0] for p in pts]
+            if isinstance(dist, CategoricalDistribution):
+                xs = [dist.choices.index(x) for x in xs]
+            ax.scatter(xs, [p[1] for p in pts], s=45, color=COLOURS[i % len(COLOURS)],
+                       edgecolors="black", linewidths=0.5, label=status, zorder=3)
+        if isinstance(dist, CategoricalDistribution):
+            ax.set_xticks(range(len(dist.choices)), [str(c) for c in dist.choices])
+            ax.set_xlim(-0.5, len(dist.choices) - 0.5)
+        elif isinstance(dist, FloatDistribution) and dist.log:
+            ax.set_xscale("log")
+            ticks = np.geomspace(dist.low, dist.high, 4)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(ticks, [f"{v:.2g}" for v in ticks])
+            ax.set_xlim(dist.low / 1.3, dist.high * 1.3)
+        ax.set_xlabel(f"{name}{' (log scale)' if getattr(dist, 'log', False) else ''}")
+        ax.set_ylabel("best val_acc of the trial")
+        ax.set_title(f"val_acc vs {name} (importance {imp.values[name]:.2f})")
+        ax.grid(alpha=0.3)
+        ax.legend(title="trial status", fontsize=8)
+    return save(fig, path)

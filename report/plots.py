@@ -1,0 +1,27 @@
+"""Shared figure plumbing: an Agg figure without pyplot (no global backend state), saved as PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 110
+# tab10 without its grey, so grey can mean "the other trials"
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#bcbd22", "#17becf"]
+OTHER = "#b0b0b0"
+
+
+def figure(width: float = 9.0, height: float = 5.0, **subplots) -> tuple[Figure, object]:
+    """(figure, axes) like plt.subplots, on an Agg canvas."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(**subplots)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)
+    return path
+

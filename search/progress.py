@@ -1,0 +1,266 @@
+"""The search's console: a trial table with the parameters that matter, and one overall progress line.
+
+- `ProgressLine` (a tune.Callback) prints one line when a trial ends or fails, and otherwise at most
+  every 30 s: trials finished / running / stopped early / failed, best val_acc so far, elapsed
+  time and an estimate of the time left (mean trial time x trials left / trials running at once).
+- `TrialTable` is the live trial table for Ray's default console engine (the "new output" one,
+  on unless RAY_AIR_NEW_OUTPUT=0). That engine takes its columns from the Tuner's param_space,
+  which is empty here (Optuna's define-by-run space), and ignores `progress_reporter`; so the table
+  is a reporter of that engine with fixed columns, printed every 30 s and at the end, and the
+  per-trial config dumps and per-epoch result tables are left out.
+- `cli_reporter()` is the same table for the legacy engine (RAY_AIR_NEW_OUTPUT=0).
+- `console()` returns the RunConfig arguments for whichever engine is active.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ray import tune
+from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter, get_air_verbosity
+
+from search.searcher import METRIC, MODE
+from trainable.config import TrialConfig
+
+PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "aug_strength",
+                 "stage1_lr", "stage2_lr", "stage3_lr"]
+METRIC_COLUMNS = ["stage", "epoch", "val_acc", "best_val_acc"]
+SHORT = {"unfreeze_depth": "unfreeze", "input_size": "input", "aug_strength": "aug",
+         "stage1_lr": "s1_lr", "stage2_lr": "s2_lr", "stage3_lr": "s3_lr", "best_val_acc": "best"}
+EVERY_S = 30.0
+MAX_ROWS = 20
+RUNNING, TERMINATED, ERROR = "RUNNING", "TERMINATED", "ERROR"  # ray.tune.experiment.Trial statuses
+
+
+# ---------------------------------------------------------------- shared: reading trials
+
+def planned_epochs(config: dict[str, Any]) -> int | None:
+    try:
+        return TrialConfig.from_dict(config).total_epochs
+    except Exception:  # not this project's config: no epoch plan to compare with
+        return None
+
+
+def stopped_early(trial) -> bool:
+    """Ended normally before its last planned epoch: the scheduler (ASHA) stopped it."""
+    planned = planned_epochs(trial.config)
+    epoch = (trial.last_result or {}).get("epoch", 0)
+    return planned is not None and not (trial.last_result or {}).get("diverged") and epoch < planned
+
+
+def best_score(trial) -> float | None:
+    r = trial.last_result or {}
+    v = r.get(f"best_{METRIC}", r.get(METRIC))
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not r.get("diverged") else None
+
+
+def duration(s: float) -> str:
+    s = int(round(s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:.3g}"
+    return str(v)
+
+
+# ---------------------------------------------------------------- the progress line
+
+@dataclass
+class Progress:
+    total: int | None  # trials the search will run (None: unbounded)
+    done: int = 0  # ended normally, stopped early included
+    stopped_early: int = 0
+    failed: int = 0
+    running: int = 0
+    best: float | None = None
+    best_trial: str = ""
+    trial_seconds: list[float] = field(default_factory=list)
+
+    def eta(self, parallel: int) -> float | None:
+        """Seconds left: trials not yet ended x mean trial time / trials run at once."""
+        if self.total is None or not self.trial_seconds:
+            return None
+        left = max(0, self.total - self.done - self.failed)
+        return left * (sum(self.trial_seconds) / len(self.trial_seconds)) / max(1, parallel)
+
+
+def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None) -> Progress:
+    """Counts over the trials; `ended`/`failed` is a trial Tune is reporting as such right now
+    (its status still says RUNNING during the callback)."""
+    p = Progress(total)
+    for t in trials:
+        status = ERROR if t is failed else TERMINATED if t is ended else t.status
+        if status == ERROR:
+            p.failed += 1
+        elif status == TERMINATED:
+            p.done += 1
+            p.stopped_early += stopped_early(t)
+            secs = (t.last_result or {}).get("time_total_s")
+            if isinstance(secs, (int, float)):
+                p.trial_seconds.append(float(secs))
+        elif status == RUNNING:
+            p.running += 1
+        score = best_score(t)
+        if score is not None and (p.best is None or score > p.best):
+            p.best, p.best_trial = score, str(t.trial_id)
+    return p
+
+
+def progress_line(p: Progress, elapsed: float, parallel: int) -> str:
+    total = "?" if p.total is None else str(p.total)
+    parts = [f"{p.done + p.failed}/{total} trials finished",
+             f"{p.running} running", f"{p.stopped_early} stopped early", f"{p.failed} failed",
+             f"best {METRIC} " + (f"{p.best:.4f} ({p.best_trial})" if p.best is not None else "-"),
+             f"elapsed {duration(elapsed)}"]
+    eta = p.eta(parallel)
+    if p.total is not None and p.done + p.failed >= p.total:
+        parts.append("done")
+    else:
+        parts.append(f"about {duration(eta)} left" if eta is not None else "time left: known after the first trial ends")
+    return "[search] " + " | ".join(parts)
+
+
+class ProgressLine(tune.Callback):
+    """One overall progress line per trial end or failure, and at most every `every_s` seconds."""
+
+    def __init__(self, every_s: float = EVERY_S, out: Callable[[str], None] = print):
+        self.every_s, self.out = every_s, out
+        self.total: int | None = None
+        self.start = time.monotonic()
+        self.last_print = self.start
+        self.parallel = 1  # most trials seen running at once
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
+        return {"every_s": self.every_s}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self.total = total_num_samples if total_num_samples and total_num_samples < 10**9 else None
+        self.start = self.last_print = time.monotonic()
+
+    def _print(self, trials, **which) -> None:
+        p = progress_of(trials, self.total, **which)
+        self.parallel = max(self.parallel, p.running + bool(which))
+        self.out(progress_line(p, time.monotonic() - self.start, self.parallel))
+        self.last_print = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info):
+        running = sum(t.status == RUNNING for t in trials)
+        self.parallel = max(self.parallel, running)
+        if running and time.monotonic() - self.last_print >= self.every_s:
+            self._print(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info):
+        self._print(trials, ended=trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info):
+        self._print(trials, failed=trial)
+
+
+# ---------------------------------------------------------------- the trial table
+
+def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: int = MAX_ROWS
+               ) -> tuple[list[str], list[list[str]], int]:
+    """(header, rows, trials left out): running trials first, then by best val_acc."""
+    head = ["trial", "status"] + [SHORT.get(k, k) for k in params + metrics]
+    order = {RUNNING: 0, TERMINATED: 1, "PAUSED": 2, "PENDING": 3, ERROR: 4}
+
+    def key(t):
+        score = best_score(t)
+        return order.get(t.status, 5), -(score if score is not None else -1.0)
+    rows = []
+    for t in sorted(trials, key=key):
+        status = t.status.lower()
+        if t.status == TERMINATED and stopped_early(t):
+            status = "stopped early"
+        cfg, res = t.config or {}, t.last_result or {}
+        rows.append([str(t.trial_id), status]
+                    + [fmt(cfg.get(k)) if k != "stage3_lr" or cfg.get("stages") == 3 else "-" for k in params]
+                    + [fmt(res.get(k)) for k in metrics])
+    return head, rows[:max_rows], max(0, len(rows) - max_rows)
+
+
+def render_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+class TrialTable(TuneTerminalReporter):
+    """Ray's default console reporter with fixed columns; quiet between tables.
+
+    Pass it in RunConfig(callbacks=[...]) with RunConfig(verbose=0): Tune then uses it as the
+    console (it is the first reporter in the list) and its own default reporter stays silent.
+    """
+
+    def __init__(self, params: list[str] | None = None, metrics: list[str] | None = None,
+                 every_s: float = EVERY_S, max_rows: int = MAX_ROWS):
+        super().__init__(AirVerbosity.DEFAULT, metric=METRIC, mode=MODE)
+        self.params, self.metrics = list(params or PARAM_COLUMNS), list(metrics or METRIC_COLUMNS)
+        self.max_rows = max_rows
+        self._heartbeat_freq = every_s
+
+    def experiment_started(self, experiment_name: str, experiment_path: str, *args, **kwargs):
+        # Ray names its driver staging folder here; the event files are in the experiment folder
+        if kwargs.get("tensorboard_path"):
+            kwargs["tensorboard_path"] = experiment_path
+        super().experiment_started(experiment_name, experiment_path, *args, **kwargs)
+
+    def _print_heartbeat(self, trials, *sys_args, force: bool = False):
+        head, rows, more = table_rows(trials, self.params, self.metrics,
+                                      max_rows=len(trials) if force else self.max_rows)
+        self._start_block("heartbeat")
+        print(self._get_overall_trial_progress_str(trials) + " | " + self._time_heartbeat_str)
+        for s in sys_args:
+            print(s)
+        print(render_table(head, rows))
+        if more:
+            print(f"... and {more} more trials")
+
+    # the table and ProgressLine say it all: no per-trial config dumps, result tables or messages
+    def on_trial_start(self, *args, **kwargs):
+        pass
+
+    def on_trial_result(self, *args, **kwargs):
+        pass
+
+    def on_trial_complete(self, *args, **kwargs):
+        pass
+
+    def on_trial_error(self, *args, **kwargs):  # Tune's own reporter still prints the error file
+        pass
+
+    def on_checkpoint(self, *args, **kwargs):
+        pass
+
+
+# ---------------------------------------------------------------- wiring
+
+def cli_reporter(every_s: float = EVERY_S):
+    """The same table for the legacy console engine (RAY_AIR_NEW_OUTPUT=0)."""
+    return tune.CLIReporter(parameter_columns=PARAM_COLUMNS, metric_columns=METRIC_COLUMNS,
+                            max_report_frequency=int(every_s), metric=METRIC, mode=MODE,
+                            sort_by_metric=True, max_progress_rows=MAX_ROWS)
+
+
+@dataclass
+class Console:
+    callbacks: list
+    verbose: int
+    progress_reporter: Any
+
+
+def console(every_s: float = EVERY_S) -> Console:
+    """What RunConfig needs for this console, for the engine Ray will use."""
+    if get_air_verbosity(1) is not None:  # the default, new engine
+        return Console([TrialTable(every_s=every_s), ProgressLine(every_s)], verbose=0, progress_reporter=None)
+    return Console([ProgressLine(every_s)], verbose=1, progress_reporter=cli_reporter(every_s))

@@ -1,0 +1,132 @@
+"""TensorBoard for a search: per trial, the epoch metrics against the global epoch, and the HParams view.
+
+Tune's own TBXLoggerCallback logs every result key as `ray/tune/<key>` against
+`training_iteration`, and its HParams entry (written only at the trial's end) carries the last
+result, not the trial's best. `EpochTensorBoard` replaces it (it subclasses TBXLoggerCallback, so
+Tune adds no second one) and writes, into each trial's folder:
+
+- scalars `val_acc`, `val_loss`, `train_loss`, `lr`, `stage`, `best_val_acc`, with step = the
+  result's `epoch` (the global epoch across all stages, as trainable/trial.py reports it);
+- an HParams session when the trial ends (TensorBoard keeps only a run's first session info, so
+  it is written once, with the outcome): the trial's hyper-parameters (TrialConfig's tunable
+  fields) plus `status` (completed / stopped early / failed); the view's metric columns are the
+  scalars above, so `best_val_acc` shows each trial's best.
+
+`tensorboard --logdir STORAGE/NAME` then shows one run per trial folder.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import fields
+from typing import Any
+
+from ray.tune.logger import TBXLoggerCallback
+
+from trainable.config import TrialConfig
+
+SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc")
+STEP = "epoch"
+# TrialConfig fields that are plumbing, not hyper-parameters
+NOT_HPARAMS = {"weights_dir", "seed", "compile", "eval_batch_size", "fail_at_epoch"}
+HPARAMS = tuple(f.name for f in fields(TrialConfig) if f.name not in NOT_HPARAMS)
+
+
+def hparam_values(config: dict[str, Any]) -> dict[str, bool | float | str]:
+    """The trial's hyper-parameters as HParams values (bool, number or string)."""
+    out = {}
+    for k in HPARAMS:
+        v = config.get(k)
+        if v is None:
+            continue
+        out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def _hparams_summary(tag: str, **plugin_data):
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **plugin_data)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def session_start(hparams: dict[str, bool | float | str], group: str):
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    info = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
+    for k, v in hparams.items():
+        if isinstance(v, bool):
+            info.hparams[k].bool_value = v
+        elif isinstance(v, (int, float)):
+            info.hparams[k].number_value = float(v)
+        else:
+            info.hparams[k].string_value = v
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=info)
+
+
+def session_end(failed: bool):
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    status = api_pb2.Status.STATUS_FAILURE if failed else api_pb2.Status.STATUS_SUCCESS
+    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)
+
+
+def trial_status(config: dict[str, Any], last_epoch: int, failed: bool) -> str:
+    if failed:
+        return "failed"
+    try:
+        planned = TrialConfig.from_dict(config).total_epochs
+    except Exception:  # a config this code can't read still gets logged
+        return "ended"
+    return "completed" if last_epoch >= planned else "stopped early"
+
+
+class EpochTensorBoard(TBXLoggerCallback):
+    """Per-trial TensorBoard scalars against the global epoch, and HParams sessions."""
+
+    def __init__(self, scalars: tuple[str, ...] = SCALARS, flush_secs: int = 30):
+        # no super().__init__(): it imports tensorboardX, which this class doesn't use
+        self.scalars, self.flush_secs = tuple(scalars), flush_secs
+        self._trial_writer: dict[Any, Any] = {}
+        self._last_epoch: dict[Any, int] = {}
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment; writers don't pickle
+        return {"scalars": self.scalars, "flush_secs": self.flush_secs}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def log_trial_start(self, trial) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        if trial in self._trial_writer:
+            self._trial_writer[trial].close()
+        trial.init_local_path()
+        writer = SummaryWriter(log_dir=str(trial.local_path), flush_secs=self.flush_secs)
+        self._trial_writer[trial] = writer
+        self._last_epoch.setdefault(trial, 0)
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if trial not in self._trial_writer:
+            self.log_trial_start(trial)
+        step = result.get(STEP)
+        if not isinstance(step, (int, float)):
+            return  # not an epoch result (e.g. Tune's own bookkeeping rows)
+        writer = self._trial_writer[trial]
+        for key in self.scalars:
+            v = result.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                writer.add_scalar(key, float(v), global_step=int(step))
+        self._last_epoch[trial] = max(self._last_epoch.get(trial, 0), int(step))
+        writer.flush()
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        writer = self._trial_writer.pop(trial, None)
+        if writer is None:
+            return
+        status = trial_status(trial.config, self._last_epoch.pop(trial, 0), failed)
+        # TensorBoard keeps the first session info of a run, so it is written once, at the end
+        writer.file_writer.add_summary(session_start({**hparam_values(trial.config), "status": status},
+                                                     group=str(trial.trial_id)))
+        writer.file_writer.add_summary(session_end(failed))
+        writer.close()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the dataset the tests train on, and the offline weights when present."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_cifar import stand_in_dir, write_fake_cifar
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO.parent / "shared" / "weights"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real-image stand-in when present, else a small generated set in the same format."""
+    real = stand_in_dir()
+    if real is not None:
+        return real
+    return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar"), train_per_class=60, test_per_class=10)
+
+
+@pytest.fixture(scope="session")
+def weights_args() -> list[str]:
+    """CLI flags for pretrained weights: the offline folder when present, else random init."""
+    if (WEIGHTS / "tf_efficientnet_lite0.pth").is_file():
+        return ["--weights-dir", str(WEIGHTS), "--backbones", "tf_efficientnet_lite0"]
+    return ["--no-pretrained"]
+
+
+def run_cli(script: str, *args: str, timeout: float = 900, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run one of the project's CLIs the way a user would, from the repo root."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,233 @@
+"""Tests for trainable/config.py (TrialConfig) and search/settings.py (flags and --config YAML)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from search.settings import SearchSettings, build_parser, load_yaml_settings, parse_settings
+from trainable.config import TrialConfig, coerce
+from trainable.errors import UserError
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+# --- TrialConfig.from_dict -----------------------------------------------------------------------
+
+def test_defaults():
+    cfg = TrialConfig.from_dict({})
+    assert cfg == TrialConfig()
+    assert cfg.backbone == "tf_efficientnet_lite0" and cfg.stages == 2 and cfg.total_epochs == 3
+
+
+def test_coerces_strings():
+    cfg = TrialConfig.from_dict({"batch_size": "256", "coarse_head": "true", "pretrained": "off",
+                                 "stage1_lr": "3e-2", "stages": "3", "stage3_epochs": "4",
+                                 "compile": "Yes", "backbone": "resnet18", "unfreeze_depth": 3.0})
+    assert cfg.batch_size == 256 and isinstance(cfg.batch_size, int)
+    assert cfg.coarse_head is True and cfg.pretrained is False and cfg.compile is True
+    assert cfg.stage1_lr == 0.03 and isinstance(cfg.stage1_lr, float)
+    assert cfg.stages == 3 and cfg.stage3_epochs == 4 and cfg.unfreeze_depth == 3
+    assert isinstance(cfg.unfreeze_depth, int)
+
+
+def test_int_for_float_field():
+    cfg = TrialConfig.from_dict({"layer_decay": 1, "weight_decay": 0})
+    assert cfg.layer_decay == 1.0 and isinstance(cfg.layer_decay, float)
+
+
+def test_unknown_keys():
+    with pytest.raises(UserError) as e:
+        TrialConfig.from_dict({"batch_size": 64, "lr": 0.1, "bogus": 1})
+    msg = _one_line(e)
+    assert "unknown hyper-parameter(s) bogus, lr" in msg
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("batch_size", "big", "batch_size='big' is not a valid int"),
+    ("batch_size", 2.5, "batch_size=2.5 is not a valid int"),  # not silently 2
+    ("stage1_epochs", "1.5", "stage1_epochs='1.5' is not a valid int"),
+    ("coarse_head", "maybe", "coarse_head='maybe' is not a valid bool"),
+    ("stage1_lr", "fast", "stage1_lr='fast' is not a valid float"),
+    ("stage1_lr", None, "stage1_lr=None is not a valid float"),
+    ("weights_dir", None, "weights_dir=None is not a valid str"),  # not the folder "None"
+    ("stage1_epochs", float("inf"), "stage1_epochs=inf is not a valid int"),
+])
+def test_uncoercible_values(key, value, fragment):
+    with pytest.raises(UserError) as e:
+        TrialConfig.from_dict({key: value})
+    assert fragment in _one_line(e)
+
+
+@pytest.mark.parametrize("d, fragment", [
+    ({"stages": 4}, "stages must be 2 or 3"),
+    ({"stages": 3}, "a 3-stage plan needs stage3_epochs >= 1"),
+    ({"unfreeze_depth": 0}, "unfreeze_depth must be >= 1"),
+    ({"stage1_epochs": 0}, "stage1/2 epochs must be >= 1"),
+    ({"stage2_lr": 0}, "learning rates must be > 0"),
+    ({"stage2_lr": "nan"}, "learning rates must be > 0"),
+    ({"layer_decay": 0}, "layer_decay must be in (0, 1]"),
+    ({"layer_decay": 1.5}, "layer_decay must be in (0, 1]"),
+    ({"schedule": "step"}, "schedule must be cosine or onecycle"),
+    ({"optimizer": "adam"}, "optimizer must be sgd or adamw"),
+    ({"batch_size": 0}, "batch sizes must be >= 1"),
+    ({"eval_batch_size": 0}, "batch sizes must be >= 1"),
+    ({"weight_decay": -1e-4}, "weight_decay and coarse_loss_weight must be >= 0"),
+    ({"coarse_loss_weight": "nan"}, "weight_decay and coarse_loss_weight must be >= 0"),
+    ({"mixup_alpha": -0.2}, "mixup_alpha and cutmix_alpha must be >= 0"),
+    ({"input_size": 8}, "input_size must be in [16, 512]"),
+    ({"input_size": 1024}, "input_size must be in [16, 512]"),
+    ({"aug_strength": 1.5}, "aug_strength must be in [0, 1]"),
+    ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)"),
+    ({"warmup_frac": 1.0}, "warmup_frac must be in [0, 1)"),
+])
+def test_invalid_values(d, fragment):
+    with pytest.raises(UserError) as e:
+        TrialConfig.from_dict(d)
+    assert _one_line(e) == f"bad trial config: {fragment}"
+
+
+def test_round_trip():
+    d = {"backbone": "resnet18", "stages": 3, "stage3_epochs": 2, "stage3_lr": 2e-4,
+         "layer_decay": 0.6, "coarse_head": True, "input_size": 64, "schedule": "onecycle"}
+    cfg = TrialConfig.from_dict(d)
+    out = cfg.to_dict()
+    assert set(out) == {f.name for f in dataclasses.fields(TrialConfig)}
+    assert {k: out[k] for k in d} == d
+    assert TrialConfig.from_dict(out) == cfg
+    # a string-typed dict (as from --set or a hand-written YAML) gives the same config
+    assert TrialConfig.from_dict({k: str(v) for k, v in out.items()}) == cfg
+
+
+@pytest.mark.parametrize("d, total", [
+    ({}, 3),
+    ({"stage1_epochs": 2, "stage2_epochs": 5}, 7),
+    ({"stage3_epochs": 9}, 3),  # ignored with 2 stages
+    ({"stages": 3, "stage1_epochs": 2, "stage2_epochs": 5, "stage3_epochs": 4}, 11),
+])
+def test_total_epochs(d, total):
+    assert TrialConfig.from_dict(d).total_epochs == total
+
+
+def test_coerce_is_typing_only():
+    # no range checks: a partial --set dict can name a field another one must agree with
+    assert coerce({"stages": "3", "coarse_head": "0"}) == {"stages": 3, "coarse_head": False}
+    with pytest.raises(UserError):
+        coerce({"nope": 1})
+
+
+# --- SearchSettings flags ------------------------------------------------------------------------
+
+def test_every_field_is_a_flag():
+    parser = build_parser("x")
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for f in dataclasses.fields(SearchSettings):
+        assert "--" + f.name.replace("_", "-") in flags
+
+
+def test_defaults_match_the_dataclass():
+    s = parse_settings([])
+    assert s == SearchSettings()
+    assert s.num_samples == 16 and s.gpus is None and s.scheduler == "asha" and s.set is None
+    assert s.fixed_params() == {}
+
+
+def test_flags_parse_to_typed_fields():
+    s = parse_settings(["--gpus-per-trial", "0.5", "--gpus", "2", "--cpus-per-trial", "3",
+                        "--num-samples", "8", "--max-epochs", "4", "--space", "tiny",
+                        "--backbones", "resnet18,mobilenetv2_100", "--compile", "--no-pretrained",
+                        "--set", "batch_size=256", "--set", "coarse_head = true",
+                        "--subset", "50", "--val-fraction", "0.2", "--scheduler", "fifo",
+                        "--storage-path", "/tmp/r", "--name", "exp1", "--resume"])
+    assert s.gpus_per_trial == 0.5 and isinstance(s.gpus_per_trial, float)
+    assert s.gpus == 2 and s.cpus_per_trial == 3 and s.num_samples == 8 and s.max_epochs == 4
+    assert s.space == "tiny" and s.backbones == "resnet18,mobilenetv2_100"
+    assert s.compile is True and s.no_pretrained is True and s.resume is True
+    assert s.list_spaces is False
+    assert s.set == ["batch_size=256", "coarse_head = true"]
+    assert s.fixed_params() == {"batch_size": "256", "coarse_head": "true"}
+    assert s.subset == 50 and s.val_fraction == 0.2 and s.scheduler == "fifo"
+    assert s.storage_path == "/tmp/r" and s.name == "exp1"
+
+
+def test_bad_flag_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_settings(["--num-samples", "many"])
+    assert e.value.code == 2
+    assert "--num-samples: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_fixed_params():
+    s = SearchSettings(set=["a=b", "lr=1e-3", "x=y=z", "empty="])
+    assert s.fixed_params() == {"a": "b", "lr": "1e-3", "x": "y=z", "empty": ""}
+    for bad in ("novalue", "=5"):
+        with pytest.raises(UserError) as e:
+            SearchSettings(set=[bad]).fixed_params()
+        assert f"--set {bad!r} is not KEY=VALUE" in _one_line(e)
+
+
+# --- --config YAML -------------------------------------------------------------------------------
+
+def _yaml(tmp_path, text: str):
+    p = tmp_path / "settings.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_yaml_sets_defaults_and_flags_win(tmp_path):
+    cfg = _yaml(tmp_path, "num-samples: 5\nspace: tiny\ngpus_per_trial: 1\ncompile: true\n"
+                          "max_epochs: 3\nset: [batch_size=32, stage1_lr=0.01]\n")
+    s = parse_settings(["--config", cfg])
+    assert s.num_samples == 5 and s.space == "tiny" and s.compile is True and s.max_epochs == 3
+    assert s.gpus_per_trial == 1.0 and isinstance(s.gpus_per_trial, float)
+    assert s.fixed_params() == {"batch_size": "32", "stage1_lr": "0.01"}
+    s = parse_settings(["--num-samples", "9", "--config", cfg, "--space", "default",
+                        "--set", "batch_size=64"])
+    assert s.num_samples == 9 and s.space == "default" and s.max_epochs == 3
+    assert s.fixed_params() == {"batch_size": "64", "stage1_lr": "0.01"}  # the flag's value wins
+    assert s.config == cfg
+
+
+def test_yaml_set_as_one_string_or_a_mapping(tmp_path):
+    s = parse_settings(["--config", _yaml(tmp_path, "set: batch_size=32\n")])
+    assert s.fixed_params() == {"batch_size": "32"}
+    s = parse_settings(["--config", _yaml(tmp_path, "set: {batch_size: 32, coarse_head: true}\n")])
+    assert TrialConfig.from_dict(s.fixed_params()).coarse_head is True
+    assert s.fixed_params()["batch_size"] == "32"
+
+
+def test_empty_yaml_changes_nothing(tmp_path):
+    assert load_yaml_settings(_yaml(tmp_path, "# nothing\n")) == {}
+    assert parse_settings(["--config", _yaml(tmp_path, "")]).num_samples == 16
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("num_samples: 4\nbogus_key: 1\n", "'bogus_key' is not a setting"),
+    ("config: other.yaml\n", "'config' is not a setting"),
+    ("num_samples: [4\n", "is not valid YAML at line"),
+    ("- num_samples\n- 4\n", "must be a mapping of option: value, not list"),
+    ("just a string\n", "must be a mapping of option: value, not str"),
+    ("num_samples: many\n", "'num_samples' must be an int, not 'many'"),
+    ("num_samples: [1, 2]\n", "'num_samples' must be an int, not [1, 2]"),
+    ("num_samples: 2.5\n", "'num_samples' must be an int, not 2.5"),
+    ("compile: 'false'\n", "'compile' must be true or false, not 'false'"),  # not a truthy string
+    ("set: [{batch_size: 3}]\n", "'set' must be a list of KEY=VALUE strings or a mapping"),
+    ("val_fraction: high\n", "'val_fraction' must be a float, not 'high'"),
+])
+def test_bad_yaml(tmp_path, text, fragment):
+    path = _yaml(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        parse_settings(["--config", path])
+    msg = _one_line(e)
+    assert msg.startswith(f"--config {path}") and fragment in msg
+
+
+def test_missing_yaml(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(UserError) as e:
+        parse_settings(["--config", path])
+    assert _one_line(e).startswith(f"cannot read --config {path}: No such file or directory")

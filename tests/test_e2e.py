@@ -1,0 +1,77 @@
+"""The whole job through the CLIs, as a user runs it: search (tiny space, 2 logical GPUs), then analyze."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+import yaml
+
+from search.export import load_trials
+from tests.conftest import run_cli
+from trainable.config import TrialConfig
+
+SAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, data_dir, weights_args):
+    storage = tmp_path_factory.mktemp("runs")
+    proc = run_cli("run_search.py", "--space", "tiny", "--gpus", "2", "--cpus-per-trial", "1",
+                   "--num-samples", SAMPLES, "--subset", 50, "--data-dir", data_dir,
+                   "--storage-path", storage, "--name", "e2e", "--seed", 0, *weights_args, check=True)
+    return storage / "e2e", proc
+
+
+def test_search_completes_with_every_trial(experiment):
+    exp, proc = experiment
+    trials = load_trials(exp)
+    assert len(trials) == SAMPLES
+    assert all(t.status in ("completed", "stopped early") for t in trials), [t.status for t in trials]
+    assert "best: trial" in proc.stdout
+
+
+def test_asha_stopped_a_trial_early(experiment):
+    trials = load_trials(experiment[0])
+    assert any(t.status == "stopped early" for t in trials)
+    assert any(t.status == "completed" for t in trials)
+
+
+def test_params_json_is_complete_and_rerunnable(experiment):
+    for t in load_trials(experiment[0]):
+        assert set(t.config) == {f.name for f in fields(TrialConfig)}
+        cfg = TrialConfig.from_dict(t.config)
+        assert cfg.backbone in ("tf_efficientnet_lite0", "resnet18", "mobilenetv2_100")
+        assert 32 <= cfg.input_size <= 64 and cfg.total_epochs <= 4
+
+
+def test_trials_report_every_epoch(experiment):
+    for t in load_trials(experiment[0]):
+        epochs = [r["epoch"] for r in t.results]
+        assert epochs == list(range(1, len(epochs) + 1))
+        for r in t.results:
+            assert {"val_acc", "val_loss", "train_loss", "stage", "lr", "images_per_sec"} <= set(r)
+            assert r["images_per_sec"] > 0
+
+
+def test_best_config_round_trips(experiment):
+    exp = experiment[0]
+    best = yaml.safe_load((exp / "best_config.yaml").read_text())
+    assert best == json.loads((exp / "best_config.json").read_text())
+    trials = {t.trial_id: t for t in load_trials(exp)}
+    winner = trials[best["trial_id"]]
+    assert best["config"] == winner.config
+    assert TrialConfig.from_dict(best["config"]).to_dict() == winner.config
+    assert best["best_val_acc"] == max(t.best["val_acc"] for t in trials.values() if t.best)
+    assert "analyze.py" in best["retrain_command"]
+
+
+def test_analyze_retrains_and_tests_above_chance(experiment):
+    exp = experiment[0]
+    run_cli("analyze.py", exp, check=True)
+    metrics = json.loads((exp / "analysis" / "test_metrics.json").read_text())
+    assert set(metrics) >= {"test_acc", "test_top5", "test_coarse_acc", "test_loss", "epochs", "train_seconds"}
+    assert metrics["test_acc"] > 3 * 0.01  # chance is 1 %
+    ckpt = torch.load(exp / "analysis" / "model.pt", weights_only=True)
+    assert ckpt["config"]["backbone"] and len(ckpt["fine_names"]) == 100

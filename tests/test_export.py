@@ -1,0 +1,201 @@
+"""Tests for search/export.py on a hand-built experiment folder in Tune's on-disk layout."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.export import (SETTINGS_FILE, export_best, leaderboard, load_trials, rank,
+                           read_best_config, read_settings, write_settings)
+from trainable.config import TrialConfig
+from trainable.errors import UserError
+
+NAN = float("nan")
+
+
+def _config(**kw) -> dict:
+    return TrialConfig.from_dict({"stage1_epochs": 1, "stage2_epochs": 3, **kw}).to_dict()  # 4 epochs
+
+
+def _row(trial_id: str, epoch: int, acc: float, **kw) -> str:
+    return json.dumps({"trial_id": trial_id, "epoch": epoch, "val_acc": acc, "diverged": False,
+                       "training_iteration": epoch, **kw})
+
+
+def _trial(exp: Path, name: str, config: dict, accs: list[float] | None = None, *,
+           extra_lines: list[str] = (), error: str | None = None) -> Path:
+    d = exp / name
+    d.mkdir(parents=True)
+    (d / "params.json").write_text(json.dumps(config))
+    if accs is not None:
+        tid = name.removeprefix("trial_")
+        lines = [_row(tid, e, a) for e, a in enumerate(accs, start=1)] + list(extra_lines)
+        (d / "result.json").write_text("".join(line + "\n" for line in lines))
+    if error is not None:
+        (d / "error.txt").write_text(error)
+    return d
+
+
+TRACEBACK = ("Failure # 1 (occurred at 2025-01-01_00-00-00)\n"
+             "ray.exceptions.RayTaskError(RuntimeError): ray::tune_trial() (pid=1)\n"
+             "  File \"trial.py\", line 3, in run_trial\n"
+             "RuntimeError: CUDA out of memory\n\n")
+
+
+@pytest.fixture
+def exp(tmp_path) -> Path:
+    e = tmp_path / "my exp"  # a space in the path: the retrain command must quote it
+    # peaks at 0.9 in epoch 2, ends at 0.5: the best trial by its best epoch
+    _trial(e, "trial_peak", _config(backbone="resnet18"), [0.3, 0.9, 0.6, 0.5])
+    # steady climber, last epoch 0.8 (higher than the peak's last), one NaN epoch
+    _trial(e, "trial_steady", _config(backbone="mobilenetv2_100"), [0.4, NAN, 0.7, 0.8])
+    # scored 0.95 and then diverged: never a candidate
+    _trial(e, "trial_diverged", _config(stage1_lr=1.0), [0.95],
+           extra_lines=[_row("diverged", 2, 0.0, diverged=True, status="diverged")])
+    # crashed for good after one epoch
+    _trial(e, "trial_failed", _config(), [0.2], error=TRACEBACK)
+    # crashed once, recovered from its checkpoint and finished: Tune still leaves an error.txt
+    _trial(e, "trial_recovered", _config(), [0.1, 0.2, 0.3, 0.4], error=TRACEBACK)
+    # ASHA stopped it after 1 of 4 epochs
+    _trial(e, "trial_stopped", _config(), [0.15])
+    # never reported
+    _trial(e, "trial_pending", _config())
+    # the driver was killed mid-write: the last line is cut short
+    _trial(e, "trial_truncated", _config(), [0.05, 0.25], extra_lines=['{"trial_id": "truncated", "epo'])
+    (e / "not_a_trial").mkdir()  # no params.json: ignored
+    write_settings(e, {"data_dir": "/data/cifar dir", "space": "tiny"})
+    return e
+
+
+def _by_id(trials):
+    return {t.trial_id: t for t in trials}
+
+
+def test_load_trials(exp):
+    trials = _by_id(load_trials(exp))
+    assert set(trials) == {"peak", "steady", "diverged", "failed", "recovered", "stopped",
+                           "trial_pending", "truncated"}  # no result row: named after its folder
+    assert trials["peak"].config["backbone"] == "resnet18"
+    assert [r["val_acc"] for r in trials["peak"].results] == [0.3, 0.9, 0.6, 0.5]
+    assert trials["trial_pending"].results == []
+    assert trials["failed"].error == "RuntimeError: CUDA out of memory"
+
+
+def test_best_epoch_not_last(exp):
+    trials = _by_id(load_trials(exp))
+    assert trials["peak"].best["val_acc"] == 0.9 and trials["peak"].best["epoch"] == 2
+    assert trials["steady"].best["val_acc"] == 0.8 and trials["steady"].best["epoch"] == 4
+    ranked = [t.trial_id for t in rank(list(trials.values()))]
+    assert ranked[:2] == ["peak", "steady"]
+
+
+def test_diverged_never_wins(exp):
+    trials = _by_id(load_trials(exp))
+    d = trials["diverged"]
+    assert d.diverged and d.status == "diverged"
+    assert d.best["val_acc"] == 0.95  # its pre-divergence epoch is still the highest number ...
+    assert "diverged" not in [t.trial_id for t in rank(list(trials.values()))]  # ... yet it is out
+
+
+def test_statuses(exp):
+    status = {t.trial_id: t.status for t in load_trials(exp)}
+    assert status == {"peak": "completed", "steady": "completed", "diverged": "diverged",
+                      "failed": "failed", "recovered": "completed", "stopped": "stopped early",
+                      "trial_pending": "not started", "truncated": "stopped early"}
+
+
+def test_epochs(exp):
+    trials = _by_id(load_trials(exp))
+    assert trials["peak"].planned_epochs == 4 and trials["peak"].epochs_run == 4
+    assert trials["stopped"].epochs_run == 1 and trials["trial_pending"].epochs_run == 0
+
+
+def test_truncated_line_tolerated(exp):
+    t = _by_id(load_trials(exp))["truncated"]
+    assert [r["epoch"] for r in t.results] == [1, 2]
+    assert t.best["val_acc"] == 0.25 and t.epochs_run == 2
+
+
+def test_export_best(exp):
+    out = export_best(exp, load_trials(exp))
+    assert out["trial_id"] == "peak"
+    assert out["best_val_acc"] == 0.9 and out["best_epoch"] == 2 and out["epochs_run"] == 4
+    assert out["config"] == _config(backbone="resnet18")
+    assert shlex.split(out["retrain_command"]) == [
+        "python", "analyze.py", str(exp), "--config", str(exp / "best_config.yaml"),
+        "--data-dir", "/data/cifar dir"]
+    from_yaml = yaml.safe_load((exp / "best_config.yaml").read_text())
+    from_json = json.loads((exp / "best_config.json").read_text())
+    assert from_yaml == from_json == out
+    assert list(from_yaml) == ["trial_id", "best_val_acc", "best_epoch", "epochs_run",
+                               "retrain_command", "config"]
+
+
+def test_best_config_round_trip(exp):
+    export_best(exp, load_trials(exp))
+    want = _config(backbone="resnet18")
+    for name in ("best_config.yaml", "best_config.json"):
+        cfg = read_best_config(exp / name)
+        assert cfg == want
+        assert TrialConfig.from_dict(cfg) == TrialConfig.from_dict(want)
+
+
+def test_export_without_settings_file(exp):
+    (exp / SETTINGS_FILE).unlink()
+    assert read_settings(exp) == {}
+    out = export_best(exp, load_trials(exp))
+    assert "--data-dir" not in out["retrain_command"]
+
+
+def test_export_with_no_usable_trial(tmp_path):
+    e = tmp_path / "exp"
+    _trial(e, "trial_pending", _config())
+    _trial(e, "trial_diverged", _config(), [0.5], extra_lines=[_row("diverged", 2, 0.0, diverged=True)])
+    _trial(e, "trial_nan", _config(), [NAN])
+    with pytest.raises(UserError) as err:
+        export_best(e, load_trials(e))
+    msg = str(err.value)
+    assert "\n" not in msg and "holds no trial with a finished epoch" in msg
+    assert not (e / "best_config.yaml").exists()
+
+
+def test_empty_experiment_folder(tmp_path):
+    assert load_trials(tmp_path) == []
+    with pytest.raises(UserError):
+        export_best(tmp_path, [])
+
+
+def test_leaderboard(exp):
+    lines = leaderboard(load_trials(exp)).splitlines()
+    assert lines[0].split()[:6] == ["#", "trial", "val_acc", "@epoch", "epochs", "status"]
+    first, second = lines[1].split(), lines[2].split()
+    assert first[:6] == ["1", "peak", "0.9000", "2", "4/4", "completed"] and first[6] == "resnet18"
+    assert second[:3] == ["2", "steady", "0.8000"]
+    tail = "\n".join(lines)
+    assert "diverged: diverged" in tail and "trial_pending: not started" in tail
+    assert leaderboard(load_trials(exp), top=1).count("completed") == 1
+
+
+def test_read_best_config_plain_mapping(tmp_path):
+    p = tmp_path / "hp.yaml"
+    p.write_text("backbone: resnet18\nbatch_size: '64'\n")
+    assert read_best_config(p) == {"backbone": "resnet18", "batch_size": "64"}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("config: [1, 2\n", "cannot read config"),
+    ("- a\n- b\n", "is not a mapping"),
+    ("config: {stages: 7}\n", "bad trial config: stages must be 2 or 3"),
+    ("config: {learning_rate: 0.1}\n", "unknown hyper-parameter(s) learning_rate"),
+])
+def test_read_best_config_errors(tmp_path, text, fragment):
+    p = tmp_path / "best_config.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as err:
+        read_best_config(p)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="cannot read config"):
+        read_best_config(tmp_path / "missing.yaml")

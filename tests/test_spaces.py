@@ -1,0 +1,235 @@
+"""Tests for spaces/ and search/searcher.py's DefineByRun, with real Optuna trials (no Ray run)."""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import random
+import warnings
+
+import optuna
+import pytest
+from optuna.samplers import TPESampler
+
+from search.searcher import DefineByRun, make_searcher
+from spaces import NAMES, Options, Suggest, get_space, split_budget
+from trainable.config import TrialConfig
+from trainable.errors import UserError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+N_TRIALS = 40  # beyond TPE's 10 random start-up trials, so the model-based sampler runs too
+BASE = {"pretrained": False, "weights_dir": "", "seed": 0, "compile": False}
+FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
+STAGE3_ONLY = {"stage3_lr", "layer_decay", "stage3_epochs"}
+
+
+def _study(multivariate: bool = False) -> optuna.Study:
+    with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
+        warnings.simplefilter("ignore")
+        sampler = (TPESampler(seed=0, multivariate=True, group=True) if multivariate
+                   else TPESampler(seed=0))
+    return optuna.create_study(direction="maximize", sampler=sampler)
+
+
+def _run(space_name: str, opts: Options | None = None, fixed: dict | None = None,
+         n: int = N_TRIALS, multivariate: bool = False) -> list[tuple[dict, dict]]:
+    """(config, trial.params) of n asked-and-told trials."""
+    space = get_space(space_name)
+    opts = opts or Options(space.backbones, space.max_epochs)
+    dbr = DefineByRun(space, opts, dict(fixed or {}), BASE)
+    study, rng, out = _study(multivariate), random.Random(0), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n):
+            trial = study.ask()
+            cfg = dbr(trial)
+            out.append((cfg, dict(trial.params)))
+            study.tell(trial, rng.random())
+    return out
+
+
+def _check_complete(cfg: dict, params: dict) -> TrialConfig:
+    assert set(cfg) == FIELDS
+    tc = TrialConfig.from_dict(cfg)  # validates
+    assert tc.to_dict() == cfg  # already fully typed and resolved
+    for k, v in params.items():  # every sampled value reaches the config unchanged
+        assert cfg[k] == v, k
+    for k, v in BASE.items():
+        assert cfg[k] == v
+    return tc
+
+
+# --- every space ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_space_gives_complete_valid_configs(name):
+    space = get_space(name)
+    assert space.name == name and space.min_epochs <= space.max_epochs
+    results = _run(name, multivariate=name == "default")
+    for cfg, params in results:
+        tc = _check_complete(cfg, params)
+        assert cfg["backbone"] in space.backbones
+        if not space.recipe:
+            assert tc.total_epochs == space.max_epochs
+        if tc.stages == 2:
+            assert not STAGE3_ONLY & set(params), params  # TPE never sees a meaningless value
+            assert cfg["stage3_epochs"] == 0
+        assert set(params) <= FIELDS
+    if space.recipe:  # a fixed point: nothing sampled, the same config every time
+        assert all(params == {} for _, params in results)
+        assert all(cfg == results[0][0] for cfg, _ in results)
+        assert TrialConfig.from_dict(results[0][0]).total_epochs == space.max_epochs
+    else:  # both plans are explored, and the search really varies things
+        assert {cfg["stages"] for cfg, _ in results} == {2, 3}
+        assert len({cfg["stage1_lr"] for cfg, _ in results}) > N_TRIALS // 2
+
+
+def test_default_space_stage3_params_sampled_only_with_3_stages():
+    seen3 = False
+    for cfg, params in _run("default"):
+        if cfg["stages"] == 3:
+            seen3 = True
+            assert {"stage3_lr", "layer_decay", "stage3_epochs"} <= set(params)
+            assert 1e-5 <= cfg["stage3_lr"] <= 1e-2 and 0.5 <= cfg["layer_decay"] <= 0.95
+            assert cfg["stage3_epochs"] >= 1 and cfg["stage2_epochs"] >= 1
+    assert seen3
+
+
+def test_default_space_ranges():
+    for cfg, _ in _run("default"):
+        assert cfg["input_size"] in (96, 128, 160, 224) and cfg["batch_size"] in (64, 128, 256)
+        assert 1 <= cfg["unfreeze_depth"] <= 4 and 1 <= cfg["stage1_epochs"] <= 30 // 4
+        assert 1e-4 <= cfg["stage1_lr"] <= 1e-1 and 1e-5 <= cfg["stage2_lr"] <= 3e-2
+
+
+def test_tiny_space_is_cpu_sized():
+    for cfg, params in _run("tiny"):
+        assert 32 <= cfg["input_size"] <= 64 and cfg["input_size"] in (32, 48, 64)
+        assert TrialConfig.from_dict(cfg).total_epochs <= 4
+        assert cfg["batch_size"] in (32, 64)
+        assert cfg["stage1_epochs"] == 1 and "stage1_epochs" not in params  # a one-value range
+        if cfg["stages"] == 3:
+            assert (cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["stage3_epochs"]) == (1, 2, 1)
+            assert "stage3_lr" in params and "layer_decay" not in params  # tiny keeps the default
+
+
+@pytest.mark.parametrize("name, max_epochs", [("default", 2), ("default", 3), ("default", 10),
+                                              ("tiny", 2), ("tiny", 3)])
+def test_narrowed_epoch_budget_is_filled_exactly(name, max_epochs):
+    space = get_space(name)
+    stages = set()
+    for cfg, params in _run(name, Options(space.backbones, max_epochs), n=25):
+        tc = _check_complete(cfg, params)
+        assert tc.total_epochs == max_epochs
+        stages.add(tc.stages)
+    assert stages == ({2} if max_epochs < 3 else {2, 3})  # 3 stages need 3 epochs
+
+
+def test_narrowed_backbones():
+    opts = Options(("resnet18", "mobilenetv2_100"), 30)
+    backbones = {cfg["backbone"] for cfg, _ in _run("default", opts, n=25)}
+    assert backbones == {"resnet18", "mobilenetv2_100"}
+    one = _run("default", Options(("resnet50",), 30), n=5)
+    assert {cfg["backbone"] for cfg, _ in one} == {"resnet50"}
+    assert all("backbone" not in params for _, params in one)  # a one-choice list is not sampled
+
+
+# --- --set overrides -----------------------------------------------------------------------------
+
+def test_fixed_values_win_and_are_not_sampled():
+    fixed = {"batch_size": "256", "backbone": "resnet18", "stage1_lr": "0.05", "coarse_head": "true"}
+    for cfg, params in _run("default", fixed=fixed, n=20):
+        _check_complete(cfg, params)
+        assert (cfg["batch_size"], cfg["backbone"], cfg["stage1_lr"], cfg["coarse_head"]) == \
+               (256, "resnet18", 0.05, True)
+        assert not set(fixed) & set(params)
+
+
+def test_fixed_three_stages_samples_the_stage3_params():
+    results = _run("default", fixed={"stages": "3"}, n=20)
+    for cfg, params in results:
+        tc = _check_complete(cfg, params)
+        assert tc.stages == 3 and tc.stage3_epochs >= 1 and tc.total_epochs == 30
+        assert "stages" not in params and {"stage3_lr", "layer_decay"} <= set(params)
+
+
+def test_fixed_two_stages_never_samples_stage3():
+    for cfg, params in _run("tiny", fixed={"stages": 2}, n=15):
+        assert cfg["stages"] == 2 and not STAGE3_ONLY & set(params)
+
+
+def test_fixed_epochs_in_the_budget_split():
+    for cfg, params in _run("tiny", fixed={"stages": "3", "stage3_epochs": "1"}, n=10):
+        assert (cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["stage3_epochs"]) == (1, 2, 1)
+        assert "stage3_epochs" not in params
+
+
+def test_fixed_overrides_a_recipe():
+    for cfg, params in _run("mobilenetv2_71", fixed={"batch_size": "64", "stage2_epochs": "3"}, n=3):
+        assert cfg["batch_size"] == 64 and cfg["stage2_epochs"] == 3 and cfg["input_size"] == 128
+        assert params == {}
+
+
+def test_fixed_unknown_or_bad_value_is_a_user_error():
+    space = get_space("tiny")
+    for fixed, fragment in (({"nope": "1"}, "unknown hyper-parameter(s) nope"),
+                            ({"stage1_epochs": "two"}, "stage1_epochs='two' is not a valid int")):
+        dbr = DefineByRun(space, Options(space.backbones, 4), fixed, BASE)
+        with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            dbr(_study().ask())
+
+
+# --- Suggest and split_budget --------------------------------------------------------------------
+
+class _NoTrial:
+    """A trial that must not be asked anything."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"sampled {name}")
+
+
+def test_suggest_returns_fixed_values_typed():
+    s = Suggest(_NoTrial(), {"stages": "3", "stage1_lr": "1e-3", "coarse_head": "no", "backbone": "resnet18"})
+    assert s.cat("stages", [2, 3]) == 3
+    assert s.float("stage1_lr", 1e-4, 1e-1, log=True) == 1e-3
+    assert s.cat("coarse_head", [False, True]) is False
+    assert s.cat("backbone", ["resnet18", "resnet50"]) == "resnet18"
+    # degenerate ranges are not sampled either
+    assert s.int("unfreeze_depth", 2, 2) == 2 and s.float("aug_strength", 0.5, 0.5) == 0.5
+    assert s.cat("optimizer", ["sgd"]) == "sgd"
+
+
+def test_split_budget():
+    s = Suggest(_NoTrial(), {"stage1_epochs": 2, "stage3_epochs": 3})
+    assert split_budget(s, Options(("x",), 10), 3, stage1_max=4) == \
+           {"stage1_epochs": 2, "stage2_epochs": 5, "stage3_epochs": 3}
+    assert split_budget(Suggest(_NoTrial()), Options(("x",), 2), 2, stage1_max=1) == \
+           {"stage1_epochs": 1, "stage2_epochs": 1, "stage3_epochs": 0}
+
+
+def test_get_space_unknown():
+    with pytest.raises(UserError) as e:
+        get_space("huge")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown space 'huge'" in msg and all(n in msg for n in NAMES)
+
+
+# --- pickling (Tune pickles the searcher to resume it) -------------------------------------------
+
+def test_define_by_run_pickles():
+    space = get_space("default")
+    dbr = DefineByRun(space, Options(("resnet18", "resnet50"), 12), {"batch_size": "64"}, BASE)
+    clone = pickle.loads(pickle.dumps(dbr))
+    assert clone.space == dbr.space and clone.opts == dbr.opts and clone.fixed == dbr.fixed
+    a, b = dbr(_study().ask()), clone(_study().ask())  # same seed, same sample
+    assert a == b and a["batch_size"] == 64
+    assert a["stage1_epochs"] + a["stage2_epochs"] + a["stage3_epochs"] == 12
+
+
+def test_searcher_builds_with_define_by_run():
+    space = get_space("tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        searcher = make_searcher(space, Options(space.backbones, 4), {}, BASE, seed=0)
+    assert isinstance(searcher._space, DefineByRun)
+    pickle.loads(pickle.dumps(searcher._space))

@@ -1,0 +1,123 @@
+"""Tests for trainable/stages.py: the stage plan, per-block lr scales and the per-step lr factor."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainable.config import TrialConfig
+from trainable.stages import Stage, block_lr_scales, lr_factor, plan_stages, stage_at
+
+
+def _cfg(**kw) -> TrialConfig:
+    return TrialConfig.from_dict(kw)
+
+
+TWO = dict(stages=2, unfreeze_depth=3, stage1_epochs=2, stage1_lr=0.01, stage2_epochs=5, stage2_lr=0.002)
+THREE = dict(TWO, stages=3, stage3_epochs=4, stage3_lr=0.0005, layer_decay=0.5)
+
+
+# --- plan_stages ---------------------------------------------------------------------------------
+
+def test_plan_two_stages():
+    plan = plan_stages(_cfg(**TWO))
+    assert plan == [Stage(1, 0, 2, 0.01, 0, 1.0), Stage(2, 2, 5, 0.002, 3, 1.0)]
+
+
+def test_plan_two_stages_ignores_stage3_fields():
+    plan = plan_stages(_cfg(**TWO, stage3_epochs=9, stage3_lr=0.5, layer_decay=0.3))
+    assert len(plan) == 2 and plan[-1].first_epoch + plan[-1].epochs == 7
+
+
+def test_plan_three_stages():
+    plan = plan_stages(_cfg(**THREE))
+    assert [s.number for s in plan] == [1, 2, 3]
+    assert [s.first_epoch for s in plan] == [0, 2, 7]
+    assert [s.epochs for s in plan] == [2, 5, 4]
+    assert [s.lr for s in plan] == [0.01, 0.002, 0.0005]
+    assert [s.top_blocks for s in plan] == [0, 3, None]  # head only, top 3, everything
+    assert [s.layer_decay for s in plan] == [1.0, 1.0, 0.5]  # decay applies to stage 3 only
+    assert plan[-1].first_epoch + plan[-1].epochs == _cfg(**THREE).total_epochs == 11
+
+
+# --- stage_at ------------------------------------------------------------------------------------
+
+def test_stage_at_boundaries():
+    plan = plan_stages(_cfg(**THREE))  # epochs 0-1: stage 1, 2-6: stage 2, 7-10: stage 3
+    expected = {0: 1, 1: 1, 2: 2, 6: 2, 7: 3, 10: 3}
+    assert {e: stage_at(plan, e).number for e in expected} == expected
+    assert stage_at(plan, 2) is plan[1]
+
+
+def test_stage_at_past_the_end():
+    plan = plan_stages(_cfg(**TWO))  # 7 epochs: 0..6
+    assert stage_at(plan, 6).number == 2
+    with pytest.raises(IndexError, match="epoch 7 is past the plan's 7 epochs"):
+        stage_at(plan, 7)
+    with pytest.raises(IndexError):
+        stage_at(plan, 100)
+
+
+# --- block_lr_scales -----------------------------------------------------------------------------
+
+def test_head_only_stage_freezes_every_block():
+    assert block_lr_scales(Stage(1, 0, 1, 0.1, 0), 5) == [0.0] * 5
+
+
+@pytest.mark.parametrize("depth, expected", [
+    (1, [0.0, 0.0, 0.0, 0.0, 1.0]),
+    (2, [0.0, 0.0, 0.0, 1.0, 1.0]),
+    (4, [0.0, 1.0, 1.0, 1.0, 1.0]),
+    (5, [1.0] * 5),
+    (9, [1.0] * 5),  # deeper than the network: clipped to all blocks
+])
+def test_stage2_trains_top_k_blocks(depth, expected):
+    assert block_lr_scales(Stage(2, 1, 1, 0.1, depth), 5) == expected
+
+
+def test_stage3_geometric_decay_from_the_top():
+    scales = block_lr_scales(Stage(3, 3, 1, 0.1, None, layer_decay=0.5), 4)
+    assert scales == pytest.approx([0.125, 0.25, 0.5, 1.0])  # bottom block first
+
+
+def test_stage3_without_decay_is_uniform():
+    assert block_lr_scales(Stage(3, 3, 1, 0.1, None, layer_decay=1.0), 3) == [1.0, 1.0, 1.0]
+
+
+def test_block_scales_from_a_real_plan():
+    plan = plan_stages(_cfg(**dict(THREE, unfreeze_depth=2, layer_decay=0.75)))
+    assert [block_lr_scales(s, 4) for s in plan[:2]] == [[0.0] * 4, [0.0, 0.0, 1.0, 1.0]]
+    assert block_lr_scales(plan[2], 4) == pytest.approx([0.75 ** 3, 0.75 ** 2, 0.75, 1.0])
+
+
+# --- lr_factor -----------------------------------------------------------------------------------
+
+def test_warmup_ramps_linearly_to_peak():
+    # 100 steps, 10 % warmup: steps 0..9 ramp 0.1, 0.2, .. 1.0
+    ramp = [lr_factor(s, 100, 0.1) for s in range(10)]
+    assert ramp == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_factor(10, 100, 0.1) == pytest.approx(1.0)  # cosine starts at the peak
+
+
+def test_cosine_decays_monotonically_to_about_zero():
+    f = [lr_factor(s, 100, 0.1) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(f, f[1:]))
+    assert f[-1] < 1e-3  # the last step is ~0
+    assert lr_factor(55, 100, 0.1) == pytest.approx(0.5)  # half way through the cosine part
+    assert lr_factor(100, 100, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(150, 100, 0.1) == pytest.approx(0.0, abs=1e-12)  # clamped, never rises again
+
+
+def test_no_warmup_starts_at_peak():
+    assert lr_factor(0, 50, 0.0) == pytest.approx(1.0)
+    assert lr_factor(25, 50, 0.0) == pytest.approx(0.5)
+    assert lr_factor(49, 50, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 49 / 50)))
+
+
+def test_warmup_shorter_than_a_step_is_no_warmup():
+    # int(5 * 0.1) == 0 warmup steps: no division by zero, the first step is at the peak
+    assert lr_factor(0, 5, 0.1) == pytest.approx(1.0)
+
+
+def test_single_step_stage():
+    assert lr_factor(0, 1, 0.0) == pytest.approx(1.0)
