@@ -30,7 +30,7 @@ def analyze(args: argparse.Namespace) -> Path:
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
     if args.no_retrain:
-        return out
+        return _report(exp)
     config = read_best_config(Path(args.config)) if args.config else best["config"]
     if args.weights_dir is not None:
         config = {**config, "weights_dir": str(Path(args.weights_dir).resolve()) if args.weights_dir else ""}
@@ -46,7 +46,13 @@ def analyze(args: argparse.Namespace) -> Path:
                                                         f"{m['images_per_sec']:.0f} img/s"))
     print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
           f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
-    return out
+    return _report(exp)
+
+
+def _report(exp: Path) -> Path:
+    from report import write_report
+    print(f"report: {write_report(exp)}")
+    return exp / "analysis"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,17 +32,15 @@ def find_models(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(args: argparse.Namespace) -> None:
     """Run this file under Streamlit, bound to 127.0.0.1, headless, no usage statistics."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
            "--server.address", "127.0.0.1", "--server.port", str(args.port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+           "--server.fileWatcherType", "none",
            "--", "--root", str(args.root)]
     print(f"open http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+    os.execv(sys.executable, cmd)  # becomes the server: Ctrl-C and kill reach Streamlit itself
 
 
 def page(args: argparse.Namespace) -> None:
@@ -94,23 +91,24 @@ def page(args: argparse.Namespace) -> None:
     order = probs.argsort(descending=True).tolist()
     best = order[0]
     left, right = st.columns([1, 2])
-    left.image(upload, caption=upload.name, use_container_width=True)
+    left.image(upload, caption=upload.name, width="stretch")
     right.metric("Predicted class", model.names[best])
     right.metric("Probability", f"{float(probs[best]):.1%}")
     right.caption("Next: " + ", ".join(f"{model.names[i]} {float(probs[i]):.1%}" for i in order[1:5]))
 
     df = pd.DataFrame({"class": [model.names[i] for i in order],
                        "probability": [float(probs[i]) for i in order]})
-    df["predicted"] = df["class"] == model.names[best]
+    df["shown as"] = ["predicted class"] + ["other classes"] * (len(df) - 1)
     chart = (alt.Chart(df, title=f"Probability of each of the {len(df)} classes")
              .mark_bar()
              .encode(x=alt.X("probability:Q", title="probability", axis=alt.Axis(format="%")),
                      y=alt.Y("class:N", sort="-x", title="class (most likely first)",
-                             axis=alt.Axis(labelLimit=200)),
-                     color=alt.Color("predicted:N", title="predicted class",
-                                     scale=alt.Scale(domain=[True, False], range=["#d62728", "#1f77b4"])),
+                             axis=alt.Axis(labelLimit=200, labelOverlap=False)),
+                     color=alt.Color("shown as:N", title=None, legend=alt.Legend(orient="bottom"),
+                                     scale=alt.Scale(domain=["predicted class", "other classes"],
+                                                     range=["#d62728", "#1f77b4"])),
                      tooltip=["class", alt.Tooltip("probability:Q", format=".2%")])
-             .properties(height=14 * len(df)))
+             .properties(height=17 * len(df)))  # room for every class name
     st.altair_chart(chart, width="stretch")
 
 
@@ -126,4 +124,4 @@ if __name__ == "__main__":
     if running_under_streamlit():
         page(parse(sys.argv[1:]))
     else:
-        sys.exit(launch(parse()))
+        launch(parse())

@@ -40,6 +40,8 @@ def load_model(path: str | Path) -> Model:
         raise UserError(f"model {p} not found: pass the analysis/model.pt that analyze.py wrote")
     try:
         net, ckpt = load_trained(p)
+    except UserError as e:  # a config this code no longer reads
+        raise UserError(f"{p} was written by another version of the project: {e}") from None
     except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{p} is not a model.pt written by analyze.py ({type(e).__name__}): "
                         f"pass EXPERIMENT/analysis/model.pt") from None
@@ -82,8 +84,9 @@ def top_k(probs, names: list[str], k: int = 5) -> list[tuple[str, float]]:
     return [(names[int(i)], float(v)) for v, i in zip(values, idx)]
 
 
-def predict_files(model: Model, paths: list[str], k: int = 5) -> list[dict[str, Any]]:
-    images = [load_image(p) for p in paths]  # all read first: a bad path fails before any output
+def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[dict[str, Any]]:
+    images = [load_image(p) for p in paths]  # every image first: a bad one fails before the model loads
+    model = load_model(model_path)
     probs = probabilities(model, images)
     return [{"image": str(p), "top": [{"class": c, "probability": round(v, 6)} for c, v in top_k(row, model.names, k)]}
             for p, row in zip(paths, probs)]
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top < 1:
             raise UserError(f"--top {args.top} must be >= 1")
-        results = predict_files(load_model(args.model), args.images, args.top)
+        results = predict_files(args.model, args.images, args.top)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

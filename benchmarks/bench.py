@@ -23,6 +23,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,72 +173,137 @@ class Context:
         return tqdm(total=total, desc=f"  {desc}", leave=False, disable=not sys.stdout.isatty())
 
 
+class ResultWatch(threading.Thread):
+    """Notes when an experiment's result rows appear: seen[k] = time.time() the k-th row was seen."""
+
+    def __init__(self, exp: Path, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.exp, self.interval, self.seen = exp, interval, {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            n = searches.count_results(self.exp) if self.exp.exists() else 0
+            for k in range(len(self.seen) + 1, n + 1):
+                self.seen[k] = time.time()
+            self.done.wait(self.interval)
+
+
 def section_overhead(ctx: Context, rep: Report) -> None:
-    from benchmarks.micro import bare_epochs, threads
+    import subprocess
     from search.export import load_trials
     sc = ctx.scale
     data = ctx.data()
-    b = ctx.bench()
     e2 = sc.overhead_stage2_epochs
-    kw = dict(input_size=sc.overhead_input, batch_size=sc.overhead_batch,
-              epochs=sc.bare_epochs_each_side, val=data.val, seed=ctx.args.seed)
-    with threads(ctx.args.threads):
-        before = bare_epochs(b, **kw)
     sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99,
             "input_size": sc.overhead_input, "batch_size": sc.overhead_batch, "aug_strength": 1.0}
-    run = ctx.search("overhead", samples=1, concurrent=1, subset=sc.overhead_subset,
-                     max_epochs=1 + e2, sets=sets, total=1 + e2)
-    with threads(ctx.args.threads):
-        after = bare_epochs(b, **kw)
+    holder: dict = {}
+
+    def search() -> None:
+        try:
+            holder["run"] = ctx.search("overhead", samples=1, concurrent=1, subset=sc.overhead_subset,
+                                       max_epochs=1 + e2, sets=sets, total=1 + e2)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            holder["error"] = e
+
+    # The bare loop runs in a process of its own, started like a trial worker (own session,
+    # OMP_NUM_THREADS before torch loads), during the trial's stage 2: from its first report to
+    # its last. Both then share the machine, and whatever else runs on it, at the same moments.
+    sig = ctx.work / "bare-signals"
+    sig.mkdir(parents=True, exist_ok=True)
+    for f in sig.iterdir():
+        f.unlink()
+    cmd = [sys.executable, str(REPO / "benchmarks" / "micro.py"), "--data-dir", ctx.data_dir,
+           "--weights-dir", ctx.weights_dir, "--signals", str(sig), "--subset", str(sc.overhead_subset),
+           "--input-size", str(sc.overhead_input), "--batch-size", str(sc.overhead_batch),
+           "--seed", str(ctx.args.seed)]
+    with open(ctx.work / "logs" / "bare.log", "w") as log:
+        bare_proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": str(ctx.args.threads)})
+    try:
+        while not (sig / "ready").exists():
+            if bare_proc.poll() is not None:
+                raise RuntimeError(f"the bare loop exited early; see {ctx.work / 'logs' / 'bare.log'}")
+            time.sleep(0.2)
+        watch = ResultWatch(ctx.work / "runs" / "overhead")
+        runner = threading.Thread(target=search, daemon=True)
+        watch.start()
+        runner.start()
+        while runner.is_alive() and 1 not in watch.seen:
+            time.sleep(0.1)
+        (sig / "go").touch()
+        while runner.is_alive() and (1 + e2) not in watch.seen:
+            time.sleep(0.1)
+        (sig / "stop").touch()
+        runner.join()
+        bare_proc.wait(timeout=600)
+    finally:
+        (sig / "stop").touch()
+        if bare_proc.poll() is None:
+            bare_proc.terminate()
+            bare_proc.wait()
+    watch.done.set()
+    watch.join()
+    if "error" in holder:
+        raise holder["error"]
+    bare = json.loads((sig / "bare.json").read_text())
+    run = holder["run"]
     (trial,) = load_trials(run.exp)
     rows = [r for r in trial.results if r["epoch"] >= 2]  # stage 2: every layer trainable
-    if len(rows) != e2:
+    if len(rows) != e2 or (1 + e2) not in watch.seen:
         raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {run.log}")
+    w0, w1 = watch.seen[1], watch.seen[1 + e2]
+    inside = [e for e in bare if e["start"] >= w0 and e["end"] <= w1]
+    partial = not inside
+    if partial:  # a quick run's stage 2 can be shorter than one bare epoch
+        inside = [e for e in bare if e["start"] < w1 and e["end"] > w0]
+    if not inside:
+        raise RuntimeError("no bare-loop epoch ran while the trial was in stage 2")
     imgs = [r["images_per_sec"] * r["train_seconds"] for r in rows]
     t_wall = sum(r["time_this_iter_s"] for r in rows)
     t_train = sum(r["train_seconds"] for r in rows)
-    bare = before["epochs"] + after["epochs"]
-    b_imgs = sum(e["images"] for e in bare)
-    b_train = sum(e["train_seconds"] for e in bare)
-    b_wall = b_train + sum(e["eval_seconds"] for e in bare)
+    b_imgs = sum(e["images"] for e in inside)
+    b_train = sum(e["train_seconds"] for e in inside)
+    b_wall = b_train + sum(e["eval_seconds"] for e in inside)
     trial_rate, bare_rate = sum(imgs) / t_wall, b_imgs / b_wall
     ratio = trial_rate / bare_rate
     loop_ratio = (sum(imgs) / t_train) / (b_imgs / b_train)
-    before_rate = sum(e["images"] for e in before["epochs"]) / sum(e["train_seconds"] + e["eval_seconds"] for e in before["epochs"])
-    after_rate = sum(e["images"] for e in after["epochs"]) / sum(e["train_seconds"] + e["eval_seconds"] for e in after["epochs"])
     what = f"Trial overhead: whole epoch, Tune trial / bare loop ({sc.overhead_input} px, batch {sc.overhead_batch})"
     rep.add("1", what, rate(trial_rate), rate(bare_rate), f"{ratio:.3f}", "≥ 0.95", verdict(ratio >= 0.95))
     rep.add("1", "  of which the training steps alone (in-loop clock / bare train clock)",
             rate(sum(imgs) / t_train), rate(b_imgs / b_train), f"{loop_ratio:.3f}")
     other_trial = (t_wall - t_train) / len(rows)
-    other_bare = sum(e["eval_seconds"] for e in bare) / len(bare)
+    other_bare = sum(e["eval_seconds"] for e in inside) / len(inside)
     fixed = run.wall - sum(r["time_this_iter_s"] for r in trial.results)
     n_train, n_val = len(data.train), len(data.val)
     rep.note("1", f"Data: `--subset {sc.overhead_subset}` of the stand-in: {n_train} training images "
-                  f"({rows[0]['images_per_sec'] * rows[0]['train_seconds']:.0f} per epoch after the ragged "
-                  f"last batch is dropped), {n_val} validation images; tf_efficientnet_lite0, "
-                  f"{ctx.args.threads} torch thread(s) on each side (`--cpus-per-trial {ctx.args.threads}`).")
+                  f"({imgs[0]:.0f} per epoch after the ragged last batch is dropped), {n_val} validation "
+                  f"images; tf_efficientnet_lite0, {ctx.args.threads} torch thread(s) on each side "
+                  f"(`--cpus-per-trial {ctx.args.threads}`).")
     rep.note("1", f"Tune trial: `run_search.py --num-samples 1 --scheduler fifo` with every hyper-parameter "
-                  f"fixed by `--set` (stage 1: 1 epoch head only, then {e2} stage-2 epochs with "
+                  f"fixed by `--set` (stage 1: 1 epoch head only, then {e2} stage-2 epoch(s) with "
                   f"`unfreeze_depth=99` = every layer trainable, aug_strength 1, no mixup). Timed: the "
-                  f"{e2} stage-2 epochs, by Tune's `time_this_iter_s` = the trial worker's wall clock from "
+                  f"stage-2 epochs, by Tune's `time_this_iter_s` = the trial worker's wall clock from "
                   f"one `tune.report` call to the next, so each epoch's figure holds the training steps "
                   f"(DeviceAugment, forward, backward, SGD, lr schedule), the evaluation pass, the "
                   f"`torch.save` checkpoint, Tune persisting it to the experiment folder and the "
                   f"hand-shake with the driver. Not in it: the search's fixed cost (Ray start, the "
                   f"worker's start, reading the data, building the model, shutdown): {fixed:.0f} s of the "
                   f"{run.wall:.0f} s the whole search took.")
-    rep.note("1", f"Bare loop (benchmarks/micro.py `bare_epochs`, in the benchmark process, no Ray): the same "
+    rep.note("1", f"Bare loop (benchmarks/micro.py `BareLoop`, in the benchmark process, no Ray): the same "
                   f"model, images, batch and input size, every layer trainable, SGD; per batch only "
                   f"slice, float, resize, normalise (no augmentation, no lr schedule), then the same "
-                  f"evaluation pass over the {n_val} validation images; no report, no checkpoint. "
-                  f"{sc.bare_epochs_each_side} epoch(s) right before the Tune search and "
-                  f"{sc.bare_epochs_each_side} right after it, so machine load drifting during the run "
-                  f"hits both sides (before: {rate(before_rate)}, after: {rate(after_rate)}).")
+                  f"evaluation pass over the {n_val} validation images; no report, no checkpoint; 10 "
+                  f"untimed warm-up steps. It runs at the same time as the trial's stage 2, one process "
+                  f"each on the machine's {ctx.cores} cores, so load from other work hits both alike; "
+                  f"{len(inside)} bare epoch(s) "
+                  + ("overlapped the trial's stage 2 only in part (a --quick run)" if partial else
+                     "fell wholly inside the trial's stage 2 and are counted") + ".")
     rep.note("1", f"Per epoch besides the training steps: Tune trial {other_trial:.2f} s (evaluation + "
                   f"checkpoint + report), bare loop {other_bare:.2f} s (evaluation only).")
-    rep.raw["overhead"] = {"trial_rows": rows, "bare": bare, "search_wall": run.wall, "ratio": ratio,
-                           "loop_ratio": loop_ratio}
+    rep.raw["overhead"] = {"trial_rows": rows, "bare": bare, "counted": inside, "window": [w0, w1],
+                           "search_wall": run.wall, "ratio": ratio, "loop_ratio": loop_ratio}
 
 
 def section_headroom(ctx: Context, rep: Report) -> None:

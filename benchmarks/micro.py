@@ -133,57 +133,73 @@ def _fixed_batch(b: Bench, size: int, bs: int, seed: int = 0) -> tuple[torch.Ten
 # ----------------------------------------------------------------------------- 1. bare loop
 
 
-def bare_epochs(b: Bench, *, input_size: int, batch_size: int, epochs: int, val: Split,
-                eval_batch_size: int = 512, lr: float = 3e-3, seed: int = 0) -> dict:
+class BareLoop:
     """A bare PyTorch loop: the same network, images, batch and input size as the trial, all
     layers trainable, SGD (Nesterov, momentum 0.9, wd 5e-4), label-smoothed CE; per batch only
     slice -> float -> resize -> normalise (no augmentation, no mixup, no lr schedule), then an
     evaluation pass over the same validation images under inference_mode. No Ray, no reporting,
-    no checkpoint. Returns per-epoch train and eval seconds (the first, warm-up, step excluded).
+    no checkpoint.
     """
-    net, dev = b.net, b.dev
-    set_trainable(net, None)
-    train_mode(net)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    n = b.x.shape[0]
-    bs = min(batch_size, n - n % 2)
-    steps = n // bs
-    xv = torch.from_numpy(np.ascontiguousarray(val.images)).to(dev)
 
-    def batch(idx):
-        xb = b.x[idx].float().div_(255)
-        if input_size != xb.shape[-1]:
-            xb = F.interpolate(xb, size=(input_size, input_size), mode="bilinear", align_corners=False)
-        m = torch.tensor(b.mean, device=dev).view(1, 3, 1, 1)
-        s = torch.tensor(b.std, device=dev).view(1, 3, 1, 1)
-        return b.prec.prepare((xb - m) / s)
+    def __init__(self, b: Bench, *, input_size: int, batch_size: int, val: Split,
+                 eval_batch_size: int = 512, lr: float = 3e-3, seed: int = 0):
+        self.b, self.input_size, self.eval_batch_size, self.val = b, input_size, eval_batch_size, val
+        set_trainable(b.net, None)
+        train_mode(b.net)
+        self.opt = torch.optim.SGD(b.net.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                   weight_decay=5e-4)
+        self.g = torch.Generator(device=b.dev).manual_seed(seed)
+        n = b.x.shape[0]
+        self.bs = min(batch_size, n - n % 2)
+        self.steps = n // self.bs
+        self.xv = torch.from_numpy(np.ascontiguousarray(val.images)).to(b.dev)
+        self.m = torch.tensor(b.mean, device=b.dev).view(1, 3, 1, 1)
+        self.s = torch.tensor(b.std, device=b.dev).view(1, 3, 1, 1)
 
-    perm = torch.randperm(n, device=dev, generator=g)
-    _model_step(b, opt, batch(perm[:bs]), b.fine[perm[:bs]])  # warm-up, untimed
-    rows = []
-    for _ in range(epochs):
-        net.train()
-        perm = torch.randperm(n, device=dev, generator=g)
-        sync(dev)
-        t0 = time.perf_counter()
+    def _batch(self, idx: torch.Tensor) -> torch.Tensor:
+        xb = self.b.x[idx].float().div_(255)
+        if self.input_size != xb.shape[-1]:
+            xb = F.interpolate(xb, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
+        return self.b.prec.prepare((xb - self.m) / self.s)
+
+    def warmup(self, steps: int = 10) -> None:
+        """Untimed steps: the allocator settles over the first few (the trial's timed stage-2
+        epochs likewise follow a whole stage-1 epoch)."""
+        n = self.b.x.shape[0]
+        perm = torch.randperm(n, device=self.b.dev, generator=self.g)
         for i in range(steps):
-            idx = perm[i * bs:(i + 1) * bs]
-            _model_step(b, opt, batch(idx), b.fine[idx])
+            idx = perm[(i * self.bs) % (n - self.bs + 1):][:self.bs]
+            _model_step(self.b, self.opt, self._batch(idx), self.b.fine[idx])
+
+    def epoch(self) -> dict:
+        """One timed epoch; `start`/`end` are time.time() stamps, to line it up with other work."""
+        b, dev = self.b, self.b.dev
+        b.net.train()
+        perm = torch.randperm(b.x.shape[0], device=dev, generator=self.g)
+        sync(dev)
+        start, t0 = time.time(), time.perf_counter()
+        for i in range(self.steps):
+            idx = perm[i * self.bs:(i + 1) * self.bs]
+            _model_step(b, self.opt, self._batch(idx), b.fine[idx])
         sync(dev)
         t1 = time.perf_counter()
-        net.eval()
-        correct = 0
+        b.net.eval()
         with torch.inference_mode():
-            for i in range(0, xv.shape[0], eval_batch_size):
-                xb = b.prec.prepare(eval_transform(xv[i:i + eval_batch_size], input_size, b.mean, b.std))
+            for i in range(0, self.xv.shape[0], self.eval_batch_size):
+                xb = b.prec.prepare(eval_transform(self.xv[i:i + self.eval_batch_size],
+                                                   self.input_size, b.mean, b.std))
                 with b.prec.autocast():
-                    correct += int((b.net(xb).argmax(1).cpu() == torch.from_numpy(
-                        val.fine[i:i + eval_batch_size])).sum())
+                    b.net(xb).argmax(1)
         sync(dev)
         t2 = time.perf_counter()
-        rows.append({"images": steps * bs, "train_seconds": t1 - t0, "eval_seconds": t2 - t1})
-    return {"epochs": rows, "images_per_epoch": steps * bs, "steps": steps, "batch_size": bs}
+        return {"images": self.steps * self.bs, "train_seconds": t1 - t0, "eval_seconds": t2 - t1,
+                "start": start, "end": start + (t2 - t0)}
+
+
+def bare_epochs(b: Bench, *, epochs: int, warmup_steps: int = 10, **kw) -> list[dict]:
+    loop = BareLoop(b, **kw)
+    loop.warmup(warmup_steps)
+    return [loop.epoch() for _ in range(epochs)]
 
 
 # ----------------------------------------------------------------------------- 2 + 3. pipelines
@@ -358,3 +374,48 @@ def stage_cost(b: Bench, size: int, bs: int, rounds: int, steps: int, tick=lambd
             "stage1_bn_stats_moved": bn_moved,
             "backbone_params": sum(1 for _ in b.net.backbone.parameters())}
 
+
+
+# ----------------------------------------------------------------------------- the bare loop as a process
+
+
+def bare_process_main(argv: list[str] | None = None) -> int:
+    """`python benchmarks/micro.py --data-dir D --subset K ... --signals DIR`: the bare loop as a
+    process of its own (like a trial worker: own session, OMP_NUM_THREADS set before torch loads).
+    Loads, warms up, writes DIR/ready, waits for DIR/go, runs epochs until DIR/stop appears, then
+    writes DIR/bare.json (one row per epoch)."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    from trainable.data import prepare_search_data
+    p = argparse.ArgumentParser()
+    for a in ("--data-dir", "--weights-dir", "--signals"):
+        p.add_argument(a, default="")
+    for a in ("--subset", "--input-size", "--batch-size", "--seed"):
+        p.add_argument(a, type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    sig = Path(a.signals)
+    data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=0.1, seed=a.seed, download=False)
+    loop = BareLoop(make_bench(data.train, a.weights_dir), input_size=a.input_size,
+                    batch_size=a.batch_size, val=data.val, seed=a.seed)
+    loop.warmup()
+    (sig / "ready").touch()
+    while not (sig / "go").exists():
+        if (sig / "stop").exists():
+            break
+        time.sleep(0.1)
+    rows = []
+    while not (sig / "stop").exists():
+        rows.append(loop.epoch())
+    (sig / "bare.json").write_text(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(bare_process_main())

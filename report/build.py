@@ -78,7 +78,7 @@ def _importance(trials, out: Path) -> str:
     parts.append(h.img(plot_top_two(imp, out / "val_acc_vs_top_params.png"),
                        "best val_acc against the two most important parameters"))
     parts.append(h.note(f"Optuna's {imp.evaluator} evaluator over {len(imp.study.trials)} trials "
-                        f"(target: each trial's best val_acc; diverged trials count as 0)."
+                        f"(target: each trial's best val_acc; diverged or out-of-memory trials count as 0)."
                         + (f" Caveat: {imp.note}" if imp.note else "")))
     return h.section(title, *parts)
 

@@ -6,15 +6,20 @@ from pathlib import Path
 from matplotlib.lines import Line2D
 
 from report.plots import COLOURS, OTHER, figure, save
+from report.leaderboard import outcome
 from search.export import TrialRecord, rank
 from search.searcher import METRIC
 from trainable.config import TrialConfig
 from trainable.stages import plan_stages
 
 STAGE_MARKERS = {1: "o", 2: "s", 3: "^"}
-STYLE = {"completed": "-", "stopped early": "--", "failed": ":", "diverged": ":"}
-END_MARKER = {"stopped early": "X", "failed": "x", "diverged": "x"}
+STYLE = {"completed": "-", "stopped early": "--"}  # anything else (failed, diverged, oom): dotted
+END_MARKER = {"stopped early": "X"}  # anything else not completed: x
 NAMED = len(COLOURS)  # the top trials get a colour and a legend entry; the rest are grey
+
+
+def _end_marker(status: str) -> str:
+    return "" if status == "completed" else END_MARKER.get(status, "x")
 
 
 def stage_boundaries(config: dict) -> list[tuple[float, int]]:
@@ -34,18 +39,19 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
         xs = [int(r["epoch"]) for r in rows]
         ys = [float(r.get(METRIC) or 0.0) for r in rows]
         max_epoch = max(max_epoch, *xs)
-        ax.plot(xs, ys, STYLE.get(t.status, "-"), color=colour, lw=2.0 if pos == 0 else 1.4,
+        status = outcome(t)
+        ax.plot(xs, ys, STYLE.get(status, ":"), color=colour, lw=2.0 if pos == 0 else 1.4,
                 alpha=1.0 if pos < NAMED else 0.7, zorder=3 if pos < NAMED else 2)
         if pos < NAMED:
-            handles[pos] = Line2D([], [], color=colour, ls=STYLE.get(t.status, "-"),
-                                  marker=END_MARKER.get(t.status, ""), markersize=8, markeredgecolor="black",
-                                  label=f"#{pos + 1} {t.trial_id} ({t.status}, {t.epochs_run}/{t.planned_epochs} ep)")
+            handles[pos] = Line2D([], [], color=colour, ls=STYLE.get(status, ":"),
+                                  marker=_end_marker(status), markersize=8, markeredgecolor="black",
+                                  label=f"#{pos + 1} {t.trial_id} ({status}, {t.epochs_run}/{t.planned_epochs} ep)")
         for stage, marker in STAGE_MARKERS.items():
             pts = [(x, y) for x, y, r in zip(xs, ys, rows) if int(r.get("stage", 1)) == stage]
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, s=28, color=colour, zorder=4)
-        if t.status in END_MARKER:
-            ax.scatter([xs[-1]], [ys[-1]], marker=END_MARKER[t.status], s=140, color=colour,
+        if _end_marker(status):
+            ax.scatter([xs[-1]], [ys[-1]], marker=_end_marker(status), s=140, color=colour,
                        edgecolors="black", linewidths=0.8, zorder=5)
     if ranked:  # the best trial's stage plan as vertical lines (other trials' stages: marker shape)
         for x, number in stage_boundaries(ranked[0].config):
@@ -65,7 +71,7 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
                fontsize=8, title_fontsize=9)
     styles = [Line2D([], [], color="black", ls="-", label="ran every epoch"),
               Line2D([], [], color="black", ls="--", marker="X", markersize=9, label="stopped early by ASHA"),
-              Line2D([], [], color="black", ls=":", marker="x", markersize=9, label="failed / diverged")]
+              Line2D([], [], color="black", ls=":", marker="x", markersize=9, label="failed / diverged / out of memory")]
     styles += [Line2D([], [], color="black", ls="", marker=m, label=f"stage {s} epoch")
                for s, m in STAGE_MARKERS.items()]
     fig.legend(handles=styles, title="how to read", loc="outside right lower", fontsize=8, title_fontsize=9)

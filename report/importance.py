@@ -1,10 +1,10 @@
 """How much each hyper-parameter mattered: Optuna's importance evaluator over the finished trials.
 
 The trials are rebuilt as an in-memory Optuna study (one completed trial per Tune trial, its value
-the trial's best val_acc; diverged trials count as 0.0). Distributions are inferred from the values
-seen: strings and booleans are categorical, ints an int range, floats a float range (log-scaled
-for learning rates and weight decay, or any positive
-range spanning a factor of 100). Parameters that never varied are left out.
+the trial's best val_acc; diverged and out-of-memory trials count as 0.0, as the searcher was
+told). Distributions are inferred from the values seen: strings and booleans are categorical, ints
+an int range, floats a float range (log-scaled for learning rates and weight decay, or any
+positive range spanning a factor of 100). Parameters that never varied are left out.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 from report.plots import COLOURS, figure, save
+from report.leaderboard import outcome
 from search.export import TrialRecord
 from search.searcher import METRIC
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
-IGNORED = {"seed", "weights_dir", "eval_batch_size", "fail_at_epoch", "compile", "pretrained"}
+IGNORED = {"seed", "weights_dir", "eval_batch_size", "fail_at_epoch", "fault", "fault_epoch", "compile", "pretrained"}
 
 
 @dataclass
@@ -33,10 +34,11 @@ class Importance:
 
 
 def scored(trials: list[TrialRecord]) -> list[tuple[TrialRecord, float]]:
-    """(trial, value) for every trial that finished an epoch: best val_acc, 0.0 when diverged."""
+    """(trial, value) for every trial that finished an epoch: best val_acc; 0.0 when it diverged
+    or ran out of memory (as the searcher was told)."""
     out = []
     for t in trials:
-        if t.diverged:
+        if t.diverged or getattr(t, "failure", None) is not None:
             out.append((t, 0.0))
         elif t.best is not None:
             out.append((t, float(t.best[METRIC])))
@@ -83,7 +85,7 @@ def build_study(trials: list[TrialRecord]):
     for t, value in pairs:
         params = {k: _value(t.config[k], d) for k, d in dists.items()}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
-                                                  user_attrs={"trial_id": t.trial_id, "status": t.status}))
+                                                  user_attrs={"trial_id": t.trial_id, "status": outcome(t)}))
     return study
 
 
@@ -150,5 +152,6 @@ def plot_top_two(imp: Importance, path: Path) -> Path:
         ax.set_ylabel("best val_acc of the trial")
         ax.set_title(f"val_acc vs {name} (importance {imp.values[name]:.2f})")
         ax.grid(alpha=0.3)
-        ax.legend(title="trial status", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="trial status", loc="outside lower center", ncols=len(labels), fontsize=9)
     return save(fig, path)

@@ -42,15 +42,22 @@ class TrialRecord:
         return any(r.get("diverged") for r in self.results)
 
     @property
+    def failure(self) -> dict[str, Any] | None:
+        """The result row that ended the trial with a failure (diverged, oom), if any."""
+        return next((r for r in self.results if r.get("status", "ok") != "ok"), None)
+
+    @property
     def best(self) -> dict[str, Any] | None:
         """The result row of the best epoch (highest val_acc), None if there is none."""
-        rows = [r for r in self.results if not r.get("diverged") and _finite(r.get(METRIC))]
+        if self.failure is not None:
+            return None  # a diverged or out-of-memory trial is never a candidate
+        rows = [r for r in self.results if _finite(r.get(METRIC))]
         return max(rows, key=lambda r: r[METRIC]) if rows else None
 
     @property
     def status(self) -> str:
-        if self.diverged:
-            return "diverged"
+        if self.failure is not None:  # diverged, oom
+            return str(self.failure["status"])
         if self.epochs_run >= self.planned_epochs:  # Tune leaves error.txt after a recovered crash too
             return "completed"
         if self.error:
@@ -87,7 +94,7 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
     """Trials with a usable best epoch, best first."""
-    usable = [t for t in trials if t.best is not None and not t.diverged]
+    usable = [t for t in trials if t.best is not None]
     return sorted(usable, key=lambda t: t.best[METRIC], reverse=True)
 
 
@@ -147,11 +154,14 @@ def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
     for i, t in enumerate(rank(trials)[:top], start=1):
         rows.append([str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]),
                      f"{t.epochs_run}/{t.planned_epochs}", t.status] + [_fmt(t.config.get(k)) for k in keys])
-    others = [t for t in trials if t.best is None or t.diverged]
+    others = [t for t in trials if t.best is None]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows]
+    if others:
+        lines.append(f"\n{len(others)} trial(s) without a usable result:")
     for t in others:
-        lines.append(f"   {t.trial_id}: {t.status}" + (f" ({t.error})" if t.error else ""))
+        reason = t.failure.get("error", "") if t.failure else t.error
+        lines.append(f"   {t.trial_id}: {t.status}" + (f" ({reason})" if reason else ""))
     return "\n".join(lines)
 
 

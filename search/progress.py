@@ -1,8 +1,9 @@
 """The search's console: a trial table with the parameters that matter, and one overall progress line.
 
 - `ProgressLine` (a tune.Callback) prints one line when a trial ends or fails, and otherwise at most
-  every 30 s: trials finished / running / stopped early / failed, best val_acc so far, elapsed
-  time and an estimate of the time left (mean trial time x trials left / trials running at once).
+  every 30 s: trials finished / running / stopped early / failed (crashed, diverged or out of
+  memory), best val_acc so far, elapsed time and an estimate of the time left (mean trial time x
+  trials left / trials running at once).
 - `TrialTable` is the live trial table for Ray's default console engine (the "new output" one,
   on unless RAY_AIR_NEW_OUTPUT=0). That engine takes its columns from the Tuner's param_space,
   which is empty here (Optuna's define-by-run space), and ignores `progress_reporter`; so the table
@@ -47,13 +48,19 @@ def stopped_early(trial) -> bool:
     """Ended normally before its last planned epoch: the scheduler (ASHA) stopped it."""
     planned = planned_epochs(trial.config)
     epoch = (trial.last_result or {}).get("epoch", 0)
-    return planned is not None and not (trial.last_result or {}).get("diverged") and epoch < planned
+    return planned is not None and not unrecoverable(trial) and epoch < planned
+
+
+def unrecoverable(trial) -> bool:
+    """The trial reported a failure a retry can't fix (status diverged / oom in its last result)."""
+    r = trial.last_result or {}
+    return bool(r.get("diverged")) or r.get("status", "ok") != "ok"
 
 
 def best_score(trial) -> float | None:
     r = trial.last_result or {}
     v = r.get(f"best_{METRIC}", r.get(METRIC))
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not r.get("diverged") else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not unrecoverable(trial) else None
 
 
 def duration(s: float) -> str:
@@ -97,7 +104,7 @@ def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any 
     p = Progress(total)
     for t in trials:
         status = ERROR if t is failed else TERMINATED if t is ended else t.status
-        if status == ERROR:
+        if status == ERROR or (status == TERMINATED and unrecoverable(t)):  # crashed, diverged, oom
             p.failed += 1
         elif status == TERMINATED:
             p.done += 1

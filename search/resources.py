@@ -9,6 +9,9 @@ from search.settings import SearchSettings
 from trainable.errors import UserError
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 @dataclass(frozen=True)
 class Resources:
     gpus: int  # total GPUs for a local Ray
@@ -49,5 +52,10 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
     if s.address:
         ray.init(address=s.address, logging_level=logging.WARNING, log_to_driver=False)
         return
-    ray.init(num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
-             dashboard_host=s.dashboard_host, logging_level=logging.WARNING, log_to_driver=False)
+    if s.dashboard_host not in LOCAL_HOSTS:
+        print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "
+              f"address and has the token can submit code to this cluster")
+    ctx = ray.init(num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
+                   dashboard_host=s.dashboard_host, logging_level=logging.WARNING, log_to_driver=False)
+    if ctx.dashboard_url:
+        print(f"Ray dashboard: http://{ctx.dashboard_url}  (login token: `ray get-auth-token`)")

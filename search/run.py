@@ -66,13 +66,18 @@ def experiment_dir(s: SearchSettings, space: Space) -> Path:
     return exp
 
 
-def check_weights(space: Space, opts: Options, base: dict[str, Any]) -> None:
-    """Fail before Ray starts when pretrained weights are needed and can't be had."""
-    if not base["pretrained"]:
-        return
+def check_backbones(opts: Options, fixed: dict[str, Any], base: dict[str, Any]) -> None:
+    """Unknown backbones, and pretrained weights that can't be had, fail before Ray starts."""
+    import timm
+
     from trainable.model import create_model
-    for b in opts.backbones:
-        create_model(b, pretrained=True, weights_dir=base["weights_dir"])  # also fills the hub cache once
+    names = [fixed["backbone"]] if "backbone" in fixed else list(opts.backbones)
+    for b in names:
+        if not timm.is_model(b):
+            raise UserError(f"unknown backbone {b!r}: use a timm model name (see timm.list_models())")
+    if base["pretrained"]:
+        for b in names:  # also fills the hub cache once, instead of once per trial
+            create_model(b, pretrained=True, weights_dir=base["weights_dir"])
 
 
 def run_search(s: SearchSettings) -> Path:
@@ -96,7 +101,7 @@ def run_search(s: SearchSettings) -> Path:
     data = prepare_search_data(data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")
-    check_weights(space, opts, base)
+    check_backbones(opts, fixed, base)
     if not s.resume:
         write_settings(exp, {**s.to_dict(), "space": space.name, "data_dir": data_dir,
                              "weights_dir": weights_dir, "name": exp.name,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 from trainable.config import coerce
 from trainable.errors import UserError
 
-NAMES = ("default", "tiny", "mobilenetv2_71", "resnet50_84")
+NAMES = ("default", "tiny", "mobilenetv2_71", "resnet50_84", "faults")
 
 
 class Suggest:

@@ -46,7 +46,11 @@ class TrialConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the model (worth it for long GPU trials only)
     eval_batch_size: int = 512
-    fail_at_epoch: int = 0  # fault injection for tests: the worker process dies once at this epoch
+    # fault injection, for the tests that cause faults for real: at the start of `fault_epoch`
+    # "crash" kills the worker process (once: not again after a restart), "oom" makes an allocation
+    # the machine cannot satisfy
+    fault: str = ""
+    fault_epoch: int = 0
 
     @property
     def total_epochs(self) -> int:
@@ -79,6 +83,7 @@ class TrialConfig:
             (0.0 <= self.aug_strength <= 1.0, "aug_strength must be in [0, 1]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
+            (self.fault in ("", "crash", "oom"), "fault must be '', crash or oom"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -11,6 +11,7 @@ import torch
 from trainable.augment import normalisation_of
 from trainable.config import TrialConfig
 from trainable.data import Split
+from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
 from trainable.trial import pick_device, run_trial, to_device
 
@@ -21,7 +22,10 @@ def retrain_and_test(config: dict[str, Any], train: Split, test: Split, out_dir:
     """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics."""
     cfg = TrialConfig.from_dict(config)
     t0 = time.perf_counter()
-    net, _ = run_trial(cfg.to_dict(), train, None, lambda m, _ckpt: on_epoch(m), checkpoint=False)
+    net, last = run_trial(cfg.to_dict(), train, None, lambda m, _ckpt: on_epoch(m), checkpoint=False)
+    if last.get("status", "ok") != "ok":
+        raise UserError(f"the retrain failed: {last['status']} in epoch {last['epoch']}: "
+                        f"lower the learning rates, batch_size or input_size in the config")
     train_seconds = time.perf_counter() - t0
     device = pick_device()
     mean, std = normalisation_of(net.backbone)

@@ -89,18 +89,27 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
             if state and state["stage"] == s.number:  # resuming inside this stage
                 opt.load_state_dict(state["opt"])
                 sched.load_state_dict(state["sched"])
-        if cfg.fail_at_epoch == epoch + 1 and restore is None:
-            os._exit(17)  # fault injection for the crash-recovery test: die like an OOM-killed worker
-        tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
-                         sched=sched, prec=prec, scaler=scaler, mix=mix,
-                         smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                         generator=gen)
+        try:
+            if cfg.fault and cfg.fault_epoch == epoch + 1:
+                _inject(cfg.fault, first_run=restore is None)
+            tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
+                             sched=sched, prec=prec, scaler=scaler, mix=mix,
+                             smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
+                             generator=gen)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            # retrying cannot help: end this trial with its reason; the search goes on
+            metrics = {"epoch": epoch + 1, "stage": s.number}
+            report(failure_result(metrics, "oom", f"out of memory in epoch {epoch + 1} (batch_size "
+                                  f"{cfg.batch_size}, input_size {cfg.input_size})"), None)
+            return net, {**metrics, "status": "oom"}
         metrics = {"epoch": epoch + 1, "stage": s.number, "lr": head_lr(opt),
                    "trainable_params": count_trainable(net), **tr}
         if not math.isfinite(tr["train_loss"]):
             # a diverged trial stops at once and is never a candidate for best
-            report({**metrics, "val_acc": 0.0, "diverged": True, "status": "diverged"}, None)
-            return net, metrics
+            report(failure_result(metrics, "diverged", f"non-finite training loss in epoch {epoch + 1}"), None)
+            return net, {**metrics, "status": "diverged"}
         if val_t is not None:
             ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
                           batch_size=cfg.eval_batch_size, prec=prec)
@@ -120,6 +129,28 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
                        Path(tmp) / CHECKPOINT_FILE)
             report(metrics, Path(tmp))
     return net, metrics
+
+
+def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    """The last result of a trial that failed in a way a retry cannot fix (divergence, OOM).
+
+    It scores 0 for ASHA and the searcher, so TPE learns to avoid that region; export never
+    picks it (search/export.py skips non-"ok" rows)."""
+    return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "diverged": status == "diverged",
+            "status": status, "error": reason}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM (a RuntimeError subclass), MemoryError, or the CPU allocator's failure."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _inject(fault: str, first_run: bool) -> None:
+    if fault == "crash" and first_run:
+        os._exit(17)  # die like an OOM-killed worker: no exception, no cleanup
+    if fault == "oom":
+        torch.empty(1 << 60, dtype=torch.uint8)  # a real allocator failure (1 EiB)
 
 
 def _load(directory: Path, device: torch.device) -> dict:

@@ -1,0 +1,18 @@
+"""A tiny space in which some trials fail for real: for testing that a search survives them.
+
+A trial samples either a sane stage-1 learning rate or one so large that its loss overflows
+(diverges), and either no fault or an allocation the machine cannot satisfy (out of memory).
+"""
+from spaces import Options, Space, Suggest
+
+
+def sample(s: Suggest, o: Options) -> dict:
+    return {"backbone": s.cat("backbone", o.backbones), "stages": 2,
+            "stage1_epochs": 1, "stage2_epochs": o.max_epochs - 1, "unfreeze_depth": 1,
+            "input_size": 32, "batch_size": 32, "stage2_lr": 1e-3,
+            "stage1_lr": s.cat("stage1_lr", [0.01, 1e12]),
+            "fault": s.cat("fault", ["", "oom"]), "fault_epoch": 2}
+
+
+SPACE = Space(name="faults", description="test space: some trials diverge or run out of memory",
+              backbones=("tf_efficientnet_lite0", "resnet18"), max_epochs=2, min_epochs=2, sample=sample)

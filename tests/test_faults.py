@@ -1,0 +1,86 @@
+"""Faults caused for real: a killed driver, a crashed trial worker, diverging and out-of-memory trials."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.export import load_trials
+from tests.conftest import REPO, run_cli
+
+QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained"]
+
+
+def _results(exp: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in exp.glob("*/result.json")}
+
+
+def test_faulty_trials_do_not_stop_the_search(tmp_path, data_dir):
+    proc = run_cli("run_search.py", "--space", "faults", "--num-samples", 6, "--data-dir", data_dir,
+                   "--storage-path", tmp_path, "--name", "faults", "--seed", 0, *QUICK, check=True)
+    trials = load_trials(tmp_path / "faults")
+    by_status = {}
+    for t in trials:
+        by_status.setdefault(t.status, []).append(t)
+    assert set(by_status) >= {"diverged", "oom", "completed"}, {s: len(v) for s, v in by_status.items()}
+    for t in by_status["diverged"]:  # stopped at once: the diverging epoch is the last one reported
+        assert t.results[-1]["status"] == "diverged" and "non-finite" in t.results[-1]["error"]
+        assert t.epochs_run == t.results[-1]["epoch"]
+    for t in by_status["oom"]:
+        assert "out of memory" in t.results[-1]["error"] and t.epochs_run == 2
+    best = yaml.safe_load((tmp_path / "faults" / "best_config.yaml").read_text())
+    assert best["trial_id"] in {t.trial_id for t in by_status["completed"]}
+    assert "diverged (non-finite training loss" in proc.stdout
+    assert "oom (out of memory in epoch 2" in proc.stdout
+
+
+def test_crashed_worker_restarts_from_its_checkpoint(tmp_path, data_dir):
+    run_cli("run_search.py", "--space", "tiny", "--num-samples", 1, "--max-epochs", 3, "--scheduler", "fifo",
+            "--set", "fault=crash", "--set", "fault_epoch=2", "--set", "input_size=32",
+            "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "crash", *QUICK, check=True)
+    [trial] = load_trials(tmp_path / "crash")
+    assert trial.status == "completed"
+    rows = trial.results
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # continued at epoch 2, epoch 1 not rerun
+    assert rows[0]["pid"] != rows[1]["pid"] == rows[2]["pid"]  # a new worker process took over
+    assert rows[1]["iterations_since_restore"] == 1  # Tune restored it from the epoch-1 checkpoint
+
+
+def test_resume_after_driver_killed_finishes_without_rerunning(tmp_path, data_dir):
+    args = ["--space", "tiny", "--num-samples", 3, "--max-concurrent", 1, "--scheduler", "fifo",
+            "--max-epochs", 3, "--set", "input_size=32", "--data-dir", data_dir,
+            "--storage-path", tmp_path, "--name", "killed", *QUICK]
+    exp = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "run_search.py", *map(str, args)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r.count("\n") >= 2 for r in _results(exp).values()):
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, like a lost machine
+    driver.wait()
+    before = _results(exp)
+    assert before, "no result was written before the kill"
+    assert not (exp / "best_config.yaml").exists()
+
+    proc = run_cli("run_search.py", "--resume", "--name", "killed", "--storage-path", tmp_path, check=True)
+    trials = load_trials(exp)
+    assert len(trials) == 3  # the restored searcher did not propose extra trials
+    assert all(t.status == "completed" for t in trials), [t.status for t in trials]
+    after = _results(exp)
+    for name, text in before.items():  # earlier results kept as they were
+        assert after[name].startswith(text)
+    for t in trials:
+        assert [r["epoch"] for r in t.results] == [1, 2, 3]  # nothing was run twice
+    assert (exp / "best_config.yaml").exists() and "best: trial" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", ["--resume"])
+def test_resume_of_missing_experiment_is_a_clear_error(tmp_path, bad):
+    proc = run_cli("run_search.py", bad, "--name", "nope", "--storage-path", tmp_path)
+    assert proc.returncode == 2 and "no experiment" in proc.stderr

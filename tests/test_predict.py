@@ -1,0 +1,95 @@
+"""predict.py: top-k of any image file, the same answer evaluate() gave on the test set, clean errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from tests.conftest import run_cli
+from tests.fake_cifar import write_fake_cifar
+
+# a model that trains in seconds: random init, 1 epoch per stage, 32 px
+TINY_CONFIG = {"backbone": "resnet18", "pretrained": False, "stages": 2, "stage1_epochs": 1,
+               "stage2_epochs": 1, "input_size": 32, "batch_size": 64, "aug_strength": 0.0}
+
+
+def make_tiny_model(root: Path) -> tuple[Path, object]:
+    """root/tiny/analysis/model.pt trained on fake CIFAR; returns (model path, test Split)."""
+    from trainable.data import prepare_final_data
+    from trainable.final import retrain_and_test
+    data = write_fake_cifar(root / "data", train_per_class=5, test_per_class=2)
+    train, test, fine, coarse = prepare_final_data(data, subset=None, seed=0, download=False)
+    out = root / "runs" / "tiny" / "analysis"
+    retrain_and_test(TINY_CONFIG, train, test, out, fine_names=fine, coarse_names=coarse)
+    return out / "model.pt", test
+
+
+def save_png(array_chw: np.ndarray, path: Path, size: int | None = None) -> Path:
+    im = Image.fromarray(np.ascontiguousarray(array_chw.transpose(1, 2, 0)))
+    (im.resize((size, size), Image.Resampling.NEAREST) if size else im).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model, test = make_tiny_model(root)
+    images = [save_png(test.images[i], root / f"test_{i}.png") for i in range(6)]
+    big = save_png(test.images[0], root / "big.jpg", size=200)  # any size, any format
+    return model, test, images, big, root
+
+
+def test_prediction_matches_the_test_evaluation(tiny):
+    """A 32x32 test image saved as PNG gets the class evaluate() predicted for it."""
+    model_path, test, images, _, _ = tiny
+    expected = torch.load(model_path.parent / "test_predictions.pt", weights_only=True)["predictions"]
+    model = predict.load_model(model_path)
+    probs = predict.probabilities(model, [predict.load_image(p) for p in images])
+    assert probs.shape == (len(images), len(model.names))
+    assert torch.allclose(probs.sum(1), torch.ones(len(images)), atol=1e-4)
+    assert probs.argmax(1).tolist() == expected[:len(images)].tolist()
+
+
+def test_cli_prints_top5_per_image(tiny):
+    model_path, _, images, big, _ = tiny
+    proc = run_cli("predict.py", model_path, images[0], big, timeout=300, check=True)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 * 6 and lines[0] == str(images[0]) and lines[6] == str(big)
+    for block in (lines[1:6], lines[7:12]):
+        probs = [float(line.split()[-1].rstrip("%")) / 100 for line in block]
+        assert [line.split()[0] for line in block] == ["1.", "2.", "3.", "4.", "5."]
+        assert probs == sorted(probs, reverse=True)
+        assert 0 < sum(probs) <= 1 + 1e-3
+
+
+def test_cli_json(tiny):
+    model_path, _, images, _, _ = tiny
+    proc = run_cli("predict.py", model_path, *images[:2], "--json", timeout=300, check=True)
+    out = json.loads(proc.stdout)
+    names = torch.load(model_path, weights_only=True)["fine_names"]
+    assert [r["image"] for r in out] == [str(p) for p in images[:2]]
+    for r in out:
+        assert len(r["top"]) == 5
+        assert all(t["class"] in names for t in r["top"])
+        assert sum(t["probability"] for t in r["top"]) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("case", ["missing image", "not an image", "missing model", "not a model"])
+def test_bad_input_is_one_line_exit_2(tiny, case):
+    model_path, _, images, _, root = tiny
+    junk = root / "junk.png"
+    junk.write_text("not a picture")
+    model, image = {"missing image": (model_path, root / "nope.png"),
+                    "not an image": (model_path, junk),
+                    "missing model": (root / "nope.pt", images[0]),
+                    "not a model": (junk, images[0])}[case]
+    proc = run_cli("predict.py", model, image, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr
