@@ -217,6 +217,7 @@ def section_overhead(ctx: Context, rep: Report) -> None:
            "--weights-dir", ctx.weights_dir, "--signals", str(sig), "--subset", str(sc.overhead_subset),
            "--input-size", str(sc.overhead_input), "--batch-size", str(sc.overhead_batch),
            "--seed", str(ctx.args.seed)]
+    (ctx.work / "logs").mkdir(parents=True, exist_ok=True)
     with open(ctx.work / "logs" / "bare.log", "w") as log:
         bare_proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True,
@@ -291,13 +292,13 @@ def section_overhead(ctx: Context, rep: Report) -> None:
                   f"hand-shake with the driver. Not in it: the search's fixed cost (Ray start, the "
                   f"worker's start, reading the data, building the model, shutdown): {fixed:.0f} s of the "
                   f"{run.wall:.0f} s the whole search took.")
-    rep.note("1", f"Bare loop (benchmarks/micro.py `BareLoop`, in the benchmark process, no Ray): the same "
-                  f"model, images, batch and input size, every layer trainable, SGD; per batch only "
-                  f"slice, float, resize, normalise (no augmentation, no lr schedule), then the same "
-                  f"evaluation pass over the {n_val} validation images; no report, no checkpoint; 10 "
-                  f"untimed warm-up steps. It runs at the same time as the trial's stage 2, one process "
-                  f"each on the machine's {ctx.cores} cores, so load from other work hits both alike; "
-                  f"{len(inside)} bare epoch(s) "
+    rep.note("1", f"Bare loop (benchmarks/micro.py `BareLoop`, no Ray): the same model, images, batch "
+                  f"and input size, every layer trainable, SGD; per batch only slice, float, resize, "
+                  f"normalise (no augmentation, no lr schedule), then the same evaluation pass over the "
+                  f"{n_val} validation images; no report, no checkpoint; 10 untimed warm-up steps. It "
+                  f"runs in a process of its own started like the trial's worker (own session, "
+                  f"OMP_NUM_THREADS={ctx.args.threads}) at the same time as the trial's stage 2, so "
+                  f"load from other work on the machine hits both alike; {len(inside)} bare epoch(s) "
                   + ("overlapped the trial's stage 2 only in part (a --quick run)" if partial else
                      "fell wholly inside the trial's stage 2 and are counted") + ".")
     rep.note("1", f"Per epoch besides the training steps: Tune trial {other_trial:.2f} s (evaluation + "

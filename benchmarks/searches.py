@@ -16,6 +16,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = Path(__file__).resolve().parent / "_search_entry.py"
 MiB = 2 ** 20
+# Without an address, ray.init() joins the cluster named in /tmp/ray/ray_current_cluster (left by
+# any `ray start` on this machine) and then refuses run_search's num_cpus: each benchmark search
+# gets a Ray of its own, as on a machine nobody else uses.
+ISOLATE = {"RAY_ADDRESS": "local"}
 
 
 def import_psutil():
@@ -59,19 +63,19 @@ class TreeSampler(threading.Thread):
         self.interval = interval
         self.peak = MemoryPeak()
         self.first_seen: dict[int, float] = {}  # trial worker pid -> when first seen
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.sample()
             except self.psutil.NoSuchProcess:
                 return
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def sample(self) -> None:
         ps = self.psutil
@@ -152,7 +156,7 @@ def run_search(args: list[str], *, exp: Path, log: Path, same_configs: bool = Fa
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, env={**os.environ, **ISOLATE, **(env or {})})
         sampler = TreeSampler(proc.pid) if memory else None
         if sampler:
             sampler.start()

@@ -56,6 +56,7 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
         print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "
               f"address and has the token can submit code to this cluster")
     ctx = ray.init(num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
-                   dashboard_host=s.dashboard_host, logging_level=logging.WARNING, log_to_driver=False)
+                   dashboard_host=s.dashboard_host, dashboard_port=s.dashboard_port,
+                   logging_level=logging.WARNING, log_to_driver=False)
     if ctx.dashboard_url:
         print(f"Ray dashboard: http://{ctx.dashboard_url}  (login token: `ray get-auth-token`)")

@@ -22,7 +22,7 @@ def _config(**kw) -> dict:
 
 def _row(trial_id: str, epoch: int, acc: float, **kw) -> str:
     return json.dumps({"trial_id": trial_id, "epoch": epoch, "val_acc": acc, "diverged": False,
-                       "training_iteration": epoch, **kw})
+                       "status": "ok", "training_iteration": epoch, **kw})
 
 
 def _trial(exp: Path, name: str, config: dict, accs: list[float] | None = None, *,
@@ -54,7 +54,11 @@ def exp(tmp_path) -> Path:
     _trial(e, "trial_steady", _config(backbone="mobilenetv2_100"), [0.4, NAN, 0.7, 0.8])
     # scored 0.95 and then diverged: never a candidate
     _trial(e, "trial_diverged", _config(stage1_lr=1.0), [0.95],
-           extra_lines=[_row("diverged", 2, 0.0, diverged=True, status="diverged")])
+           extra_lines=[_row("diverged", 2, 0.0, diverged=True, status="diverged",
+                             error="non-finite training loss in epoch 2")])
+    # ran out of memory in epoch 2 (trainable.trial's failure row): never a candidate either
+    _trial(e, "trial_oom", _config(batch_size=4096), [0.97],
+           extra_lines=[_row("oom", 2, 0.0, status="oom", error="out of memory in epoch 2")])
     # crashed for good after one epoch
     _trial(e, "trial_failed", _config(), [0.2], error=TRACEBACK)
     # crashed once, recovered from its checkpoint and finished: Tune still leaves an error.txt
@@ -77,7 +81,7 @@ def _by_id(trials):
 def test_load_trials(exp):
     trials = _by_id(load_trials(exp))
     assert set(trials) == {"peak", "steady", "diverged", "failed", "recovered", "stopped",
-                           "trial_pending", "truncated"}  # no result row: named after its folder
+                           "trial_pending", "truncated", "oom"}  # no result row: named after its folder
     assert trials["peak"].config["backbone"] == "resnet18"
     assert [r["val_acc"] for r in trials["peak"].results] == [0.3, 0.9, 0.6, 0.5]
     assert trials["trial_pending"].results == []
@@ -94,17 +98,18 @@ def test_best_epoch_not_last(exp):
 
 def test_diverged_never_wins(exp):
     trials = _by_id(load_trials(exp))
-    d = trials["diverged"]
-    assert d.diverged and d.status == "diverged"
-    assert d.best["val_acc"] == 0.95  # its pre-divergence epoch is still the highest number ...
-    assert "diverged" not in [t.trial_id for t in rank(list(trials.values()))]  # ... yet it is out
+    d, oom = trials["diverged"], trials["oom"]
+    assert d.diverged and d.status == "diverged" and d.best is None  # though it once scored 0.95
+    assert oom.status == "oom" and oom.best is None and not oom.diverged  # though it once scored 0.97
+    ranked = [t.trial_id for t in rank(list(trials.values()))]
+    assert ranked == ["peak", "steady", "recovered", "truncated", "failed", "stopped"]
 
 
 def test_statuses(exp):
     status = {t.trial_id: t.status for t in load_trials(exp)}
     assert status == {"peak": "completed", "steady": "completed", "diverged": "diverged",
                       "failed": "failed", "recovered": "completed", "stopped": "stopped early",
-                      "trial_pending": "not started", "truncated": "stopped early"}
+                      "trial_pending": "not started", "truncated": "stopped early", "oom": "oom"}
 
 
 def test_epochs(exp):
@@ -153,7 +158,8 @@ def test_export_without_settings_file(exp):
 def test_export_with_no_usable_trial(tmp_path):
     e = tmp_path / "exp"
     _trial(e, "trial_pending", _config())
-    _trial(e, "trial_diverged", _config(), [0.5], extra_lines=[_row("diverged", 2, 0.0, diverged=True)])
+    _trial(e, "trial_diverged", _config(), [0.5],
+           extra_lines=[_row("diverged", 2, 0.0, diverged=True, status="diverged")])
     _trial(e, "trial_nan", _config(), [NAN])
     with pytest.raises(UserError) as err:
         export_best(e, load_trials(e))
@@ -175,7 +181,9 @@ def test_leaderboard(exp):
     assert first[:6] == ["1", "peak", "0.9000", "2", "4/4", "completed"] and first[6] == "resnet18"
     assert second[:3] == ["2", "steady", "0.8000"]
     tail = "\n".join(lines)
-    assert "diverged: diverged" in tail and "trial_pending: not started" in tail
+    assert "diverged: diverged (non-finite training loss in epoch 2)" in tail
+    assert "oom: oom (out of memory in epoch 2)" in tail and "trial_pending: not started" in tail
+    assert "3 trial(s) without a usable result" in tail
     assert leaderboard(load_trials(exp), top=1).count("completed") == 1
 
 

@@ -8,13 +8,19 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from search.export import load_trials
 from tests.conftest import REPO, run_cli
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _results(exp: Path) -> dict[str, str]:
@@ -80,7 +86,42 @@ def test_resume_after_driver_killed_finishes_without_rerunning(tmp_path, data_di
     assert (exp / "best_config.yaml").exists() and "best: trial" in proc.stdout
 
 
-@pytest.mark.parametrize("bad", ["--resume"])
-def test_resume_of_missing_experiment_is_a_clear_error(tmp_path, bad):
-    proc = run_cli("run_search.py", bad, "--name", "nope", "--storage-path", tmp_path)
-    assert proc.returncode == 2 and "no experiment" in proc.stderr
+def test_node_lost_search_finishes_on_the_other_node(tmp_path, data_dir):
+    """Two worker nodes on a local Ray cluster; the one running the trial is removed mid-trial."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    exp = tmp_path / "nodes"
+    args = ["--address", cluster.address, "--space", "tiny", "--num-samples", 1, "--scheduler", "fifo",
+            "--max-epochs", 4, "--set", "input_size=32", "--data-dir", data_dir,
+            "--storage-path", tmp_path, "--name", "nodes", *QUICK]
+    driver = subprocess.Popen([sys.executable, "run_search.py", *map(str, args)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(r.count("\n") >= 1 for r in _results(exp).values()):
+            time.sleep(0.5)
+        running = [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
+                   if a.class_name == "ImplicitFunc"]
+        assert running, "no trial actor found"
+        victim = next(n for n in nodes if n.node_id == running[0])
+        cluster.remove_node(victim)  # the node dies with the trial on it
+        out, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, out[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        ray.shutdown()
+        cluster.shutdown()
+    [trial] = load_trials(exp)
+    assert trial.status == "completed"
+    epochs = [r["epoch"] for r in trial.results]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # resumed, not restarted from epoch 1
+    survivor = next(n for n in nodes if n is not victim)
+    assert trial.results[-1]["pid"] != trial.results[0]["pid"]
+    assert survivor.node_id and trial.results[0]["epoch"] == 1

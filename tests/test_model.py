@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 from timm.models import group_parameters
 from torch import nn
@@ -20,6 +21,16 @@ BACKBONES = {  # name: (blocks, names of a parameter in the bottom and in the to
     "tf_efficientnet_lite0": (8, "conv_stem.weight", "conv_head.weight"),
 }
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny batches: one thread is fastest, and on the shared 2-core machine two OpenMP threads
+    # contending with other test runs made these tests several times slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _net(name: str = "resnet18", coarse: bool = False) -> Net:
@@ -62,9 +73,10 @@ def test_blocks_ordered_stem_first(any_net):
 
 
 def test_block_count_matches_timm_groups(any_net):
-    _, net = any_net
+    name, net = any_net
     groups = group_parameters(net.backbone, net.backbone.group_matcher(coarse=True))
-    assert len(net.blocks()) == len(groups) == BACKBONES[_][0]
+    assert len(net.blocks()) == len(groups) == BACKBONES[name][0]
+    assert [len(b) for b in net.blocks()] == [len(names) for _, names in sorted(groups.items())]
 
 
 def test_every_backbone_parameter_in_exactly_one_block(any_net):
@@ -274,9 +286,13 @@ def test_build_optimizer_trains_the_stage(schedule, optimizer):
     assert torch.equal(bottom, bottom0)  # the frozen stem did not
 
 
-def _lrs(cfg: dict, steps: int, lr: float = 0.01) -> list[float]:
+@pytest.fixture(scope="module")
+def sched_net() -> Net:
+    return _net("resnet18")
+
+
+def _lrs(net: Net, cfg: dict, steps: int, lr: float = 0.01) -> list[float]:
     """The head lr before each step of a stage of `steps` steps (no forward pass needed)."""
-    net = _NET_FOR_SCHEDULES
     opt, sched = build_optimizer(net, Stage(1, 0, 1, lr, 0), TrialConfig.from_dict(cfg), steps, CPU)
     out = []
     for _ in range(steps):
@@ -286,28 +302,25 @@ def _lrs(cfg: dict, steps: int, lr: float = 0.01) -> list[float]:
     return out
 
 
-_NET_FOR_SCHEDULES = _net("resnet18")
-
-
-def test_cosine_schedule_values():
+def test_cosine_schedule_values(sched_net):
     # 8 steps, 25 % warmup: 2 warmup steps (0.5, 1.0), then cosine over 6 steps
-    lrs = _lrs({"schedule": "cosine", "warmup_frac": 0.25}, 8)
+    lrs = _lrs(sched_net, {"schedule": "cosine", "warmup_frac": 0.25}, 8)
     assert lrs[:3] == pytest.approx([0.005, 0.01, 0.01])
     assert lrs[5] == pytest.approx(0.005)  # cosine half way: step 2 + 3 of 6
     assert lrs[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
 
 
-def test_onecycle_schedule_values():
-    lrs = _lrs({"schedule": "onecycle", "optimizer": "sgd", "warmup_frac": 0.5}, 4)
+def test_onecycle_schedule_values(sched_net):
+    lrs = _lrs(sched_net, {"schedule": "onecycle", "optimizer": "sgd", "warmup_frac": 0.5}, 4)
     assert lrs[0] == pytest.approx(0.01 / 25)  # OneCycle starts at max_lr / 25 ...
     assert lrs[1] == pytest.approx(0.01)  # ... peaks after the warmup ...
     assert lrs[3] < lrs[2] < lrs[1]  # ... and anneals
 
 
 @pytest.mark.parametrize("steps, warmup_frac", [(10, 0.1), (4, 0.25), (1, 0.1), (2, 0.5), (7, 0.0)])
-def test_onecycle_any_step_count(steps, warmup_frac):
+def test_onecycle_any_step_count(sched_net, steps, warmup_frac):
     # warmup_frac * steps == 1 made OneCycleLR divide by zero (the default config at 10 steps)
-    lrs = _lrs({"schedule": "onecycle", "warmup_frac": warmup_frac}, steps)
+    lrs = _lrs(sched_net, {"schedule": "onecycle", "warmup_frac": warmup_frac}, steps)
     assert len(lrs) == steps and all(0 < v <= 0.01 + 1e-12 for v in lrs)
 
 
@@ -360,11 +373,9 @@ def test_missing_weights_file(tmp_path):
 
 def test_weights_dir_round_trip(tmp_path):
     src = _net("resnet18").backbone
-    full = {k: v for k, v in src.state_dict().items()}
     # a timm state_dict with its 1000-class classifier, as saved from timm.create_model
-    import timm
     ref = timm.create_model("resnet18", pretrained=False)
-    ref.load_state_dict({**ref.state_dict(), **full})
+    ref.load_state_dict({**ref.state_dict(), **src.state_dict()})
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
     net = create_model("resnet18", pretrained=True, weights_dir=str(tmp_path))
     assert torch.equal(net.backbone.conv1.weight, src.conv1.weight)

@@ -79,9 +79,19 @@ def test_space_gives_complete_valid_configs(name):
         assert all(params == {} for _, params in results)
         assert all(cfg == results[0][0] for cfg, _ in results)
         assert TrialConfig.from_dict(results[0][0]).total_epochs == space.max_epochs
-    else:  # both plans are explored, and the search really varies things
+    elif name in ("default", "tiny"):  # both plans are explored, and the search really varies things
         assert {cfg["stages"] for cfg, _ in results} == {2, 3}
         assert len({cfg["stage1_lr"] for cfg, _ in results}) > N_TRIALS // 2
+
+
+def test_faults_space_samples_sane_and_failing_trials():
+    results = _run("faults")
+    for cfg, params in results:
+        assert set(params) <= {"backbone", "stage1_lr", "fault"}
+        assert cfg["stage1_lr"] in (0.01, 1e12) and cfg["fault"] in ("", "oom")
+        assert (cfg["stages"], cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["fault_epoch"]) == (2, 1, 1, 2)
+    assert {(cfg["stage1_lr"], cfg["fault"]) for cfg, _ in results} == \
+           {(0.01, ""), (0.01, "oom"), (1e12, ""), (1e12, "oom")}
 
 
 def test_default_space_stage3_params_sampled_only_with_3_stages():
