@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from search.searcher import METRIC
+from trainable import atomic
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 
@@ -117,8 +118,8 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
         "retrain_command": shlex.join(cmd),
         "config": best.config,
     }
-    (exp_dir / "best_config.yaml").write_text(yaml.safe_dump(out, sort_keys=False))
-    (exp_dir / "best_config.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic.write_text(exp_dir / "best_config.yaml", yaml.safe_dump(out, sort_keys=False))
+    atomic.write_text(exp_dir / "best_config.json", json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -137,7 +138,7 @@ def read_best_config(path: Path) -> dict[str, Any]:
 
 def write_settings(exp_dir: Path, settings: dict[str, Any]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / SETTINGS_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
+    atomic.write_text(exp_dir / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False))
 
 
 def read_settings(exp_dir: Path) -> dict[str, Any]:

@@ -75,3 +75,9 @@ def test_analyze_retrains_and_tests_above_chance(experiment):
     assert metrics["test_acc"] > 3 * 0.01  # chance is 1 %
     ckpt = torch.load(exp / "analysis" / "model.pt", weights_only=True)
     assert ckpt["config"]["backbone"] and len(ckpt["fine_names"]) == 100
+
+
+def test_each_trial_keeps_its_last_and_best_checkpoint(experiment):
+    for t in load_trials(experiment[0]):
+        kept = sorted(int(p.name.split("_")[1]) + 1 for p in t.path.glob("checkpoint_*"))  # -> epoch
+        assert set(kept) == {t.epochs_run, t.best["epoch"]}, (t.trial_id, kept)

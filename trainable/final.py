@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from trainable import atomic
 from trainable.augment import normalisation_of
 from trainable.config import TrialConfig
 from trainable.data import Split
@@ -36,11 +37,11 @@ def retrain_and_test(config: dict[str, Any], train: Split, test: Split, out_dir:
                "test_loss": ev["loss"], "epochs": cfg.total_epochs, "train_seconds": train_seconds,
                "train_images": len(train), "test_images": len(test)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+    atomic.write_text(out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic.torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "config": cfg.to_dict(), "fine_names": fine_names, "coarse_names": coarse_names,
                 "mean": list(mean), "std": list(std)}, out_dir / "model.pt")
-    torch.save({"predictions": ev["predictions"], "labels": torch.from_numpy(test.fine.copy()),
+    atomic.torch_save({"predictions": ev["predictions"], "labels": torch.from_numpy(test.fine.copy()),
                 "coarse_labels": torch.from_numpy(test.coarse.copy())}, out_dir / "test_predictions.pt")
     return metrics
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from trainable import atomic
 from trainable.augment import DeviceAugment, aug_policy, normalisation_of
 from trainable.config import TrialConfig
 from trainable.data import Split
@@ -123,7 +124,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
             report(metrics, None)
             continue
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            atomic.torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "epoch": epoch + 1, "stage": s.number, "best": best,
                         "generator": gen.get_state(), "config": cfg.to_dict()},
                        Path(tmp) / CHECKPOINT_FILE)

@@ -1,0 +1,62 @@
+"""While a search runs, its Ray dashboard lists the search's job and trial actors, behind a token."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.test_faults import QUICK, free_port
+
+
+def _get(url: str, token: str | None) -> tuple[int, object]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+def test_dashboard_lists_job_and_trials_with_token(tmp_path, data_dir):
+    port = free_port()
+    args = ["--space", "tiny", "--num-samples", 2, "--scheduler", "fifo", "--max-epochs", 4,
+            "--set", "input_size=48", "--dashboard-port", port, "--data-dir", data_dir,
+            "--storage-path", tmp_path, "--name", "dash", *QUICK]
+    driver = subprocess.Popen([sys.executable, "-u", "run_search.py", *map(str, args)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        lines = []
+        for line in driver.stdout:  # the CLI prints the dashboard URL and how to log in
+            lines.append(line)
+            if "Ray dashboard:" in line:
+                break
+        assert any(f"127.0.0.1:{port}" in ln and "ray get-auth-token" in ln for ln in lines), lines
+        token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        assert token
+        status, _ = _get(f"{base}/api/v0/actors", None)
+        assert status in (401, 403), f"dashboard answered {status} without a token"
+        trial_actors, jobs = [], []
+        deadline = time.time() + 180
+        while time.time() < deadline and not (trial_actors and jobs):
+            status, body = _get(f"{base}/api/v0/actors?limit=1000", token)
+            assert status == 200
+            trial_actors = [a for a in body["data"]["result"]["result"]
+                            if a["class_name"] == "ImplicitFunc" and a["state"] == "ALIVE"]
+            status, body = _get(f"{base}/api/jobs/", token)
+            jobs = [j for j in body if j.get("type") == "DRIVER" and j.get("status") == "RUNNING"]
+            time.sleep(1)
+        assert trial_actors, "no running trial actor listed"
+        assert jobs and "run_search.py" in jobs[0].get("entrypoint", ""), jobs
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
