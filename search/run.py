@@ -96,8 +96,8 @@ def run_search(s: SearchSettings) -> Path:
     weights_dir = str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else ""
     base = {"pretrained": not s.no_pretrained, "weights_dir": weights_dir, "seed": s.seed,
             "compile": s.compile}
-    from trainable.config import TrialConfig
-    TrialConfig.from_dict(fixed)  # unknown --set keys fail here, before anything starts
+    from trainable.config import coerce
+    coerce(fixed)  # unknown --set keys and values of the wrong type fail here, before anything starts
     data = prepare_search_data(data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")

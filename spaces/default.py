@@ -18,7 +18,8 @@ def sample(s: Suggest, o: Options) -> dict:
          "aug_strength": s.float("aug_strength", 0.0, 1.0),
          "mixup_alpha": s.float("mixup_alpha", 0.0, 0.8),
          "cutmix_alpha": s.float("cutmix_alpha", 0.0, 1.0),
-         "coarse_head": s.cat("coarse_head", [False, True])}
+         "coarse_head": s.cat("coarse_head", [False, True]),
+         "freeze_bn": s.cat("freeze_bn", [False, True])}
     if stages == 3:
         v["stage3_lr"] = s.float("stage3_lr", 1e-5, 1e-2, log=True)
         v["layer_decay"] = s.float("layer_decay", 0.5, 0.95)

@@ -7,7 +7,8 @@ def sample(s: Suggest, o: Options) -> dict:
     return {"backbone": s.cat("backbone", o.backbones), "stages": 2, "unfreeze_depth": 3,
             "stage1_epochs": 5, "stage1_lr": 1e-3, "stage2_epochs": 15, "stage2_lr": 1e-4,
             "optimizer": "adamw", "schedule": "cosine", "weight_decay": 1e-4, "batch_size": 128,
-            "label_smoothing": 0.1, "input_size": 128, "aug_strength": 0.6}
+            "label_smoothing": 0.1, "input_size": 128, "aug_strength": 0.6,
+            "freeze_bn": True}
 
 
 SPACE = Space(name="mobilenetv2_71", description="recipe: MobileNetV2 2-stage, 128 px, 20 epochs (71 %)",

@@ -30,6 +30,7 @@ class TrialConfig:
     stage3_epochs: int = 0
     stage3_lr: float = 1e-3
     layer_decay: float = 0.75  # stage 3: lr of block i from the top = stage3_lr * layer_decay**i
+    freeze_bn: bool = False  # keep every BatchNorm's statistics fixed, also in unfrozen blocks
     schedule: str = "cosine"  # per stage: "cosine" (linear warmup + cosine) or "onecycle"
     warmup_frac: float = 0.1  # fraction of each stage spent warming up
     # --- optimiser and loss

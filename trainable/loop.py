@@ -77,9 +77,9 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
                 aug: DeviceAugment, batch_size: int, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, prec: Precision,
                 scaler: torch.amp.GradScaler | None, mix: _Mixup | None, smoothing: float,
-                coarse_weight: float, generator: torch.Generator) -> dict:
+                coarse_weight: float, generator: torch.Generator, freeze_bn: bool = False) -> dict:
     """One pass over (x, fine, coarse) in random order; returns train_loss and images_per_sec."""
-    train_mode(net)
+    train_mode(net, freeze_bn)
     n = x.shape[0]
     bs = min(batch_size, n - n % 2)  # mixup needs an even batch; a tiny subset still trains
     perm = torch.randperm(n, device=x.device, generator=generator)

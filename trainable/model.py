@@ -109,11 +109,12 @@ def set_trainable(net: Net, top_blocks: int | None) -> None:
         p.requires_grad_(True)
 
 
-def train_mode(net: Net) -> None:
-    """model.train(), but BatchNorm layers whose parameters are frozen keep their running stats."""
+def train_mode(net: nn.Module, freeze_bn: bool = False) -> None:
+    """model.train(), but BatchNorm layers whose parameters are frozen keep their running stats
+    (with `freeze_bn`, every BatchNorm does: the Keras fine-tuning practice)."""
     net.train()
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if freeze_bn or (params and not any(p.requires_grad for p in params)):
                 m.eval()

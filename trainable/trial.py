@@ -96,7 +96,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
             tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
                              sched=sched, prec=prec, scaler=scaler, mix=mix,
                              smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                             generator=gen)
+                             generator=gen, freeze_bn=cfg.freeze_bn)
         except (MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
