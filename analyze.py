@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -40,13 +41,33 @@ def analyze(args: argparse.Namespace) -> Path:
     train, test, fine_names, coarse_names = prepare_final_data(
         data_dir, subset=settings.get("subset"), seed=int(settings.get("seed", 0)))
     print(f"retraining on {len(train)} train+val images, then testing on {len(test)} ...")
-    metrics = retrain_and_test(config, train, test, out, fine_names=fine_names, coarse_names=coarse_names,
-                               on_epoch=lambda m: print(f"  epoch {m['epoch']} stage {m['stage']} "
-                                                        f"train_loss {m['train_loss']:.3f} "
-                                                        f"{m['images_per_sec']:.0f} img/s"))
+    with _epoch_bar(config) as on_epoch:
+        metrics = retrain_and_test(config, train, test, out, fine_names=fine_names,
+                                   coarse_names=coarse_names, on_epoch=on_epoch)
     print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
           f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
     return _report(exp)
+
+
+@contextlib.contextmanager
+def _epoch_bar(config: dict):
+    """A progress bar over the retrain's epochs on a terminal; one line per epoch otherwise."""
+    from tqdm import tqdm
+
+    from trainable.config import TrialConfig
+    bar = tqdm(total=TrialConfig.from_dict(config).total_epochs, unit="epoch", desc="retrain",
+               disable=not sys.stderr.isatty())
+
+    def on_epoch(m: dict) -> None:
+        info = {"stage": m["stage"], "loss": f"{m['train_loss']:.3f}", "img/s": f"{m['images_per_sec']:.0f}"}
+        bar.update(1)
+        bar.set_postfix(info)
+        if bar.disable:
+            print(f"  epoch {m['epoch']} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    try:
+        yield on_epoch
+    finally:
+        bar.close()
 
 
 def _report(exp: Path) -> Path:
