@@ -375,7 +375,10 @@ def _dataset_mib(data_dir: str, seed: int) -> tuple[float, int]:
 def section_memory(ctx: Context, rep: Report) -> None:
     sc = ctx.scale
     data_mib, n_images = _dataset_mib(ctx.data_dir, ctx.args.seed)
-    sets = {"input_size": sc.mem_input, "batch_size": sc.mem_batch}
+    # Every trial stays in stage 1 (head only) for the whole time box, on both datasets, so the
+    # full-data and control trials are in the same phase when their memory peaks.
+    sets = {"input_size": sc.mem_input, "batch_size": sc.mem_batch, "stages": 2,
+            "stage1_epochs": 50, "stage2_epochs": 1}
     runs = {}
     variants = [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else [])
     for label, subset in variants:
@@ -383,7 +386,7 @@ def section_memory(ctx: Context, rep: Report) -> None:
             name = f"memory-{label}-{conc}"
             runs[(label, conc)] = ctx.search(
                 name, samples=conc, concurrent=conc, subset=subset,
-                max_epochs=2 if label == "full" else 4, sets=sets, memory=True,
+                max_epochs=51, sets=sets, memory=True,
                 timebox=sc.mem_timebox, expect_workers=conc, timeout=600)
     m = {k: r.memory for k, r in runs.items()}
     for (label, conc), mm in m.items():
@@ -409,7 +412,8 @@ def section_memory(ctx: Context, rep: Report) -> None:
     rep.note("4", f"Dataset: the full stand-in training file split into train+val, {n_images} images: "
                   f"uint8 images + int64 fine/coarse labels = {data_mib:.1f} MiB. Searches: "
                   f"`run_search.py --num-samples N --max-concurrent N --cpus-per-trial {ctx.args.threads}` "
-                  f"(N = 1, 2), no --subset, `--set input_size={sc.mem_input} --set batch_size={sc.mem_batch}`.")
+                  f"(N = 1, 2), no --subset, " + " ".join(f"`--set {k}={v}`" for k, v in sets.items())
+                  + ": every trial stays in stage 1 (head only) throughout.")
     rep.note("4", f"Memory is the sum over the search's whole process tree (driver, GCS, raylet, dashboard "
                   f"and agents, every trial worker), sampled every second with psutil "
                   f"`memory_full_info()`. PSS (proportional set size) counts a page shared by n processes "
@@ -423,8 +427,9 @@ def section_memory(ctx: Context, rep: Report) -> None:
                   f"are touched: one trial worker had up to {f2.worker_plasma_rss / MiB:.0f} MiB of the "
                   f"object store resident (its PSS share {f2.worker_plasma_pss / MiB:.0f} MiB).")
     for (label, conc), mm in m.items():
-        parts = ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in mm.at_pss_peak.items())
-        rep.note("4", f"{label}, {conc} trial(s): peak PSS {mm.pss / MiB:,.0f} MiB ({parts} MiB), "
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in mm.at_pss_peak.items())
+        rep.note("4", f"{label}, {conc} trial(s): peak PSS {mm.pss / MiB:,.0f} MiB ({parts} MiB; "
+                      f"{mm.workers_at_pss_peak} trial worker(s) alive then), "
                       f"peak RSS sum {mm.rss / MiB:,.0f} MiB, peak USS sum {mm.uss / MiB:,.0f} MiB, "
                       f"{mm.samples} samples.")
     if ("control", 2) in m:
@@ -472,8 +477,9 @@ def section_search(ctx: Context, rep: Report) -> None:
                   + f"` with `--scheduler asha` (grace period 1, reduction factor 3) and with "
                   f"`--scheduler fifo`. Validation: {n_val} images, so one image is "
                   f"{100 / n_val:.1f} points of val_acc. Best val_acc = the best epoch of the best trial.")
-    rep.note("5", f"Identical configs: {'yes' if same else 'NO'} ({sum(x == y for x, y in zip(a['configs'], f['configs']))}"
-                  f"/{len(f['configs'])} params.json equal). Optuna's TPE adapts to the results it sees, so "
+    common = len(set(a["configs"]) & set(f["configs"]))
+    rep.note("5", f"Identical configs: {'yes' if same else 'NO'} ({common} of {len(f['configs'])} "
+                  f"params.json in both searches). Optuna's TPE adapts to the results it sees, so "
                   f"left alone the two searches would share only TPE's 10 random start-up configs; "
                   f"benchmarks/_search_entry.py `--same-configs` stretches TPE's seeded random start-up "
                   f"phase over all {sc.search_samples} trials, which makes the draws independent of results.")

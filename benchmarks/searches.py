@@ -44,6 +44,7 @@ class MemoryPeak:
     rss: float = 0.0  # bytes; a shared page counts in full in every process that maps it
     uss: float = 0.0  # bytes; pages private to one process
     at_pss_peak: dict = field(default_factory=dict)  # breakdown (MiB) at the PSS peak
+    workers_at_pss_peak: int = 0
     trial_workers_seen: int = 0
     max_concurrent_workers: int = 0
     worker_plasma_rss: float = 0.0  # largest object-store mapping (resident) of one trial worker
@@ -107,7 +108,8 @@ class TreeSampler(threading.Thread):
         pk.rss, pk.uss = max(pk.rss, tot["rss"]), max(pk.uss, tot["uss"])
         if tot["pss"] > pk.pss:
             pk.pss = tot["pss"]
-            pk.at_pss_peak = {k: v / MiB for k, v in parts.items()} | {"trial workers running": workers}
+            pk.at_pss_peak = {k: v / MiB for k, v in parts.items()}
+            pk.workers_at_pss_peak = workers
 
     def _plasma(self, p) -> None:
         try:
@@ -221,9 +223,7 @@ def search_args(*, data_dir: str, weights_dir: str, storage: Path, name: str, sa
 
 
 def configs_of(exp: Path) -> list[str]:
-    """Each trial's params.json, canonical, in trial-creation order (Tune numbers trials
-    `<id>_00000`, `_00001`, ...)."""
+    """Each trial's params.json, canonical and sorted (Tune's trial ids are random, so two
+    searches are compared as multisets of configs)."""
     from search.export import load_trials
-    trials = load_trials(exp)
-    keyed = sorted(trials, key=lambda t: t.trial_id.rsplit("_", 1)[-1])
-    return [json.dumps(t.config, sort_keys=True) for t in keyed]
+    return sorted(json.dumps(t.config, sort_keys=True) for t in load_trials(exp))

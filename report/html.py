@@ -11,7 +11,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.88em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
+.scroll { overflow-x: auto; }
 th { background: #f2f2f2; } tr.best td { background: #eef7ee; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
@@ -33,12 +34,12 @@ def img(path: Path, alt: str) -> str:
 
 def table(head: list[str], rows: Iterable[list[Any]], *, numeric: set[int] = frozenset(),
           highlight: set[int] = frozenset()) -> str:
-    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    out = ['<div class="scroll"><table><thead><tr>', *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for n, row in enumerate(rows):
         out.append('<tr class="best">' if n in highlight else "<tr>")
         out += [('<td class="num">' if i in numeric else "<td>") + f"{esc(c)}</td>" for i, c in enumerate(row)]
         out.append("</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 

@@ -9,7 +9,7 @@ from search.searcher import METRIC
 PARAMS = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_size", "aug_strength",
           "stage1_lr", "stage2_lr", "stage3_lr"]
 HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] + PARAMS
-NUMERIC = {0, 2, 3} | set(range(6, len(HEAD)))
+NUMERIC = {0, 2, 3} | {6 + i for i, k in enumerate(PARAMS) if k != "backbone"}
 
 
 def outcome(t: TrialRecord) -> str:

@@ -2,8 +2,9 @@
 
 - `ProgressLine` (a tune.Callback) prints one line when a trial ends or fails, and otherwise at most
   every 30 s: trials finished / running / stopped early / failed (crashed, diverged or out of
-  memory), best val_acc so far, elapsed time and an estimate of the time left (mean trial time x
-  trials left / trials running at once).
+  memory), best val_acc so far, elapsed time and an estimate of the time left (mean wall time of
+  the ended trials x trials not started, plus what the running ones still need of it, over the
+  trials running at once).
 - `TrialTable` is the live trial table for Ray's default console engine (the "new output" one,
   on unless RAY_AIR_NEW_OUTPUT=0). That engine takes its columns from the Tuner's param_space,
   which is empty here (Optuna's define-by-run space), and ignores `progress_reporter`; so the table
@@ -88,32 +89,40 @@ class Progress:
     running: int = 0
     best: float | None = None
     best_trial: str = ""
-    trial_seconds: list[float] = field(default_factory=list)
+    trial_seconds: list[float] = field(default_factory=list)  # wall time of each ended trial
+    running_seconds: list[float] = field(default_factory=list)  # how long each running one has run
 
     def eta(self, parallel: int) -> float | None:
-        """Seconds left: trials not yet ended x mean trial time / trials run at once."""
+        """Seconds left: the work left (trials not started x mean trial time, plus what the running
+        ones still need of the mean) over the trials that run at once."""
         if self.total is None or not self.trial_seconds:
             return None
-        left = max(0, self.total - self.done - self.failed)
-        return left * (sum(self.trial_seconds) / len(self.trial_seconds)) / max(1, parallel)
+        mean = sum(self.trial_seconds) / len(self.trial_seconds)
+        not_started = max(0, self.total - self.done - self.failed - self.running)
+        work = not_started * mean + sum(max(0.0, mean - s) for s in self.running_seconds)
+        return work / max(1, parallel)
 
 
-def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None) -> Progress:
+def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None,
+                seconds: dict[str, float] | None = None) -> Progress:
     """Counts over the trials; `ended`/`failed` is a trial Tune is reporting as such right now
-    (its status still says RUNNING during the callback)."""
+    (its status still says RUNNING during the callback). `seconds`: wall time per trial id, so far
+    (start-up included); without it, Tune's time_total_s."""
     p = Progress(total)
+    seconds = seconds or {}
     for t in trials:
         status = ERROR if t is failed else TERMINATED if t is ended else t.status
+        secs = seconds.get(str(t.trial_id), (t.last_result or {}).get("time_total_s"))
         if status == ERROR or (status == TERMINATED and unrecoverable(t)):  # crashed, diverged, oom
             p.failed += 1
         elif status == TERMINATED:
             p.done += 1
             p.stopped_early += stopped_early(t)
-            secs = (t.last_result or {}).get("time_total_s")
             if isinstance(secs, (int, float)):
                 p.trial_seconds.append(float(secs))
         elif status == RUNNING:
             p.running += 1
+            p.running_seconds.append(float(secs) if isinstance(secs, (int, float)) else 0.0)
         score = best_score(t)
         if score is not None and (p.best is None or score > p.best):
             p.best, p.best_trial = score, str(t.trial_id)
@@ -143,6 +152,8 @@ class ProgressLine(tune.Callback):
         self.start = time.monotonic()
         self.last_print = self.start
         self.parallel = 1  # most trials seen running at once
+        self.started: dict[str, float] = {}  # trial id -> monotonic start
+        self.ended: dict[str, float] = {}  # trial id -> wall seconds it ran
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
         return {"every_s": self.every_s}
@@ -154,8 +165,12 @@ class ProgressLine(tune.Callback):
         self.total = total_num_samples if total_num_samples and total_num_samples < 10**9 else None
         self.start = self.last_print = time.monotonic()
 
+    def _seconds(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {**{k: now - t0 for k, t0 in self.started.items()}, **self.ended}
+
     def _print(self, trials, **which) -> None:
-        p = progress_of(trials, self.total, **which)
+        p = progress_of(trials, self.total, seconds=self._seconds(), **which)
         self.parallel = max(self.parallel, p.running + bool(which))
         self.out(progress_line(p, time.monotonic() - self.start, self.parallel))
         self.last_print = time.monotonic()
@@ -166,10 +181,20 @@ class ProgressLine(tune.Callback):
         if running and time.monotonic() - self.last_print >= self.every_s:
             self._print(trials)
 
+    def on_trial_start(self, iteration: int, trials: list, trial, **info):
+        self.started.setdefault(str(trial.trial_id), time.monotonic())
+
+    def _end(self, trial) -> None:
+        t0 = self.started.pop(str(trial.trial_id), None)
+        if t0 is not None:
+            self.ended[str(trial.trial_id)] = time.monotonic() - t0
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
+        self._end(trial)
         self._print(trials, ended=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
+        self._end(trial)
         self._print(trials, failed=trial)
 
 
@@ -187,7 +212,9 @@ def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: in
     rows = []
     for t in sorted(trials, key=key):
         status = t.status.lower()
-        if t.status == TERMINATED and stopped_early(t):
+        if t.status == TERMINATED and unrecoverable(t):
+            status = str((t.last_result or {}).get("status") or "diverged")
+        elif t.status == TERMINATED and stopped_early(t):
             status = "stopped early"
         cfg, res = t.config or {}, t.last_result or {}
         rows.append([str(t.trial_id), status]

@@ -124,10 +124,10 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
             report(metrics, None)
             continue
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            atomic.torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "epoch": epoch + 1, "stage": s.number, "best": best,
-                        "generator": gen.get_state(), "config": cfg.to_dict()},
-                       Path(tmp) / CHECKPOINT_FILE)
+            state_now = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "epoch": epoch + 1, "stage": s.number, "best": best,
+                         "generator": gen.get_state(), "config": cfg.to_dict()}
+            atomic.torch_save(state_now, Path(tmp) / CHECKPOINT_FILE)
             report(metrics, Path(tmp))
     return net, metrics
 
