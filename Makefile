@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 ARGS    ?=
 
-.PHONY: search test bench clean-venv
+.PHONY: search test bench app clean-venv
 
 # torch/torchvision are pinned to the versions this machine image carries; any torch>=2.4 works.
 $(STAMP): pyproject.toml
@@ -17,6 +17,11 @@ search: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+RUNS ?= runs
+PORT ?= 8501
+app: $(STAMP)
+	$(PY) app.py --root $(RUNS) --port $(PORT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(ARGS)

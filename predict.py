@@ -51,12 +51,12 @@ def load_model(path: str | Path) -> Model:
 
 def load_image(src: str | Path | IO[bytes], name: str = ""):
     """uint8 tensor [3, 32, 32] from an image file path or a binary file object."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise UserError(f"image {label} not found: check the path")
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(src) as im:
             im = im.convert("RGB").resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BOX)

@@ -23,7 +23,6 @@ import platform
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,100 +172,58 @@ class Context:
         return tqdm(total=total, desc=f"  {desc}", leave=False, disable=not sys.stdout.isatty())
 
 
-class ResultWatch(threading.Thread):
-    """Notes when an experiment's result rows appear: seen[k] = time.time() the k-th row was seen."""
-
-    def __init__(self, exp: Path, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.exp, self.interval, self.seen = exp, interval, {}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            n = searches.count_results(self.exp) if self.exp.exists() else 0
-            for k in range(len(self.seen) + 1, n + 1):
-                self.seen[k] = time.time()
-            self.done.wait(self.interval)
+def bare_process(ctx: Context, epochs: int, tag: str) -> list[dict]:
+    """The bare loop (benchmarks/micro.py) in a process of its own, started like a trial worker:
+    own session, OMP_NUM_THREADS set before torch loads."""
+    import subprocess
+    sc = ctx.scale
+    out = ctx.work / f"bare-{tag}.json"
+    (ctx.work / "logs").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "micro.py"), "--data-dir", ctx.data_dir,
+           "--weights-dir", ctx.weights_dir, "--out", str(out), "--subset", str(sc.overhead_subset),
+           "--input-size", str(sc.overhead_input), "--batch-size", str(sc.overhead_batch),
+           "--seed", str(ctx.args.seed), "--epochs", str(epochs)]
+    with open(ctx.work / "logs" / f"bare-{tag}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(ctx.args.threads)})
+        try:
+            rc = proc.wait(timeout=1800)
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+    if rc != 0:
+        raise RuntimeError(f"the bare loop failed (exit {rc}); see {ctx.work / 'logs' / f'bare-{tag}.log'}")
+    return json.loads(out.read_text())
 
 
 def section_overhead(ctx: Context, rep: Report) -> None:
-    import subprocess
     from search.export import load_trials
     sc = ctx.scale
     data = ctx.data()
     e2 = sc.overhead_stage2_epochs
     sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99,
             "input_size": sc.overhead_input, "batch_size": sc.overhead_batch, "aug_strength": 1.0}
-    holder: dict = {}
-
-    def search() -> None:
-        try:
-            holder["run"] = ctx.search("overhead", samples=1, concurrent=1, subset=sc.overhead_subset,
-                                       max_epochs=1 + e2, sets=sets, total=1 + e2)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            holder["error"] = e
-
-    # The bare loop runs in a process of its own, started like a trial worker (own session,
-    # OMP_NUM_THREADS before torch loads), during the trial's stage 2: from its first report to
-    # its last. Both then share the machine, and whatever else runs on it, at the same moments.
-    sig = ctx.work / "bare-signals"
-    sig.mkdir(parents=True, exist_ok=True)
-    for f in sig.iterdir():
-        f.unlink()
-    cmd = [sys.executable, str(REPO / "benchmarks" / "micro.py"), "--data-dir", ctx.data_dir,
-           "--weights-dir", ctx.weights_dir, "--signals", str(sig), "--subset", str(sc.overhead_subset),
-           "--input-size", str(sc.overhead_input), "--batch-size", str(sc.overhead_batch),
-           "--seed", str(ctx.args.seed)]
-    (ctx.work / "logs").mkdir(parents=True, exist_ok=True)
-    with open(ctx.work / "logs" / "bare.log", "w") as log:
-        bare_proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(ctx.args.threads)})
-    try:
-        while not (sig / "ready").exists():
-            if bare_proc.poll() is not None:
-                raise RuntimeError(f"the bare loop exited early; see {ctx.work / 'logs' / 'bare.log'}")
-            time.sleep(0.2)
-        watch = ResultWatch(ctx.work / "runs" / "overhead")
-        runner = threading.Thread(target=search, daemon=True)
-        watch.start()
-        runner.start()
-        while runner.is_alive() and 1 not in watch.seen:
-            time.sleep(0.1)
-        (sig / "go").touch()
-        while runner.is_alive() and (1 + e2) not in watch.seen:
-            time.sleep(0.1)
-        (sig / "stop").touch()
-        runner.join()
-        bare_proc.wait(timeout=600)
-    finally:
-        (sig / "stop").touch()
-        if bare_proc.poll() is None:
-            bare_proc.terminate()
-            bare_proc.wait()
-    watch.done.set()
-    watch.join()
-    if "error" in holder:
-        raise holder["error"]
-    bare = json.loads((sig / "bare.json").read_text())
-    run = holder["run"]
+    # bare loop, Tune trial, bare loop again: each alone on the machine (bar other people's work),
+    # and the two bare runs bracket the trial so drifting load shows as their spread
+    before = bare_process(ctx, sc.bare_epochs_each_side, "before")
+    run = ctx.search("overhead", samples=1, concurrent=1, subset=sc.overhead_subset,
+                     max_epochs=1 + e2, sets=sets, total=1 + e2)
+    after = bare_process(ctx, sc.bare_epochs_each_side, "after")
     (trial,) = load_trials(run.exp)
     rows = [r for r in trial.results if r["epoch"] >= 2]  # stage 2: every layer trainable
-    if len(rows) != e2 or (1 + e2) not in watch.seen:
+    if len(rows) != e2:
         raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {run.log}")
-    w0, w1 = watch.seen[1], watch.seen[1 + e2]
-    inside = [e for e in bare if e["start"] >= w0 and e["end"] <= w1]
-    partial = not inside
-    if partial:  # a quick run's stage 2 can be shorter than one bare epoch
-        inside = [e for e in bare if e["start"] < w1 and e["end"] > w0]
-    if not inside:
-        raise RuntimeError("no bare-loop epoch ran while the trial was in stage 2")
+    bare = before + after
+
+    def wall_rate(es):
+        return sum(e["images"] for e in es) / sum(e["train_seconds"] + e["eval_seconds"] for e in es)
     imgs = [r["images_per_sec"] * r["train_seconds"] for r in rows]
     t_wall = sum(r["time_this_iter_s"] for r in rows)
     t_train = sum(r["train_seconds"] for r in rows)
-    b_imgs = sum(e["images"] for e in inside)
-    b_train = sum(e["train_seconds"] for e in inside)
-    b_wall = b_train + sum(e["eval_seconds"] for e in inside)
+    b_imgs = sum(e["images"] for e in bare)
+    b_train = sum(e["train_seconds"] for e in bare)
+    b_wall = b_train + sum(e["eval_seconds"] for e in bare)
     trial_rate, bare_rate = sum(imgs) / t_wall, b_imgs / b_wall
     ratio = trial_rate / bare_rate
     loop_ratio = (sum(imgs) / t_train) / (b_imgs / b_train)
@@ -275,7 +232,7 @@ def section_overhead(ctx: Context, rep: Report) -> None:
     rep.add("1", "  of which the training steps alone (in-loop clock / bare train clock)",
             rate(sum(imgs) / t_train), rate(b_imgs / b_train), f"{loop_ratio:.3f}")
     other_trial = (t_wall - t_train) / len(rows)
-    other_bare = sum(e["eval_seconds"] for e in inside) / len(inside)
+    other_bare = sum(e["eval_seconds"] for e in bare) / len(bare)
     fixed = run.wall - sum(r["time_this_iter_s"] for r in trial.results)
     n_train, n_val = len(data.train), len(data.val)
     rep.note("1", f"Data: `--subset {sc.overhead_subset}` of the stand-in: {n_train} training images "
@@ -297,13 +254,13 @@ def section_overhead(ctx: Context, rep: Report) -> None:
                   f"normalise (no augmentation, no lr schedule), then the same evaluation pass over the "
                   f"{n_val} validation images; no report, no checkpoint; 10 untimed warm-up steps. It "
                   f"runs in a process of its own started like the trial's worker (own session, "
-                  f"OMP_NUM_THREADS={ctx.args.threads}) at the same time as the trial's stage 2, so "
-                  f"load from other work on the machine hits both alike; {len(inside)} bare epoch(s) "
-                  + ("overlapped the trial's stage 2 only in part (a --quick run)" if partial else
-                     "fell wholly inside the trial's stage 2 and are counted") + ".")
+                  f"OMP_NUM_THREADS={ctx.args.threads}), {sc.bare_epochs_each_side} epoch(s) right before "
+                  f"the Tune search and {sc.bare_epochs_each_side} right after it, each contender alone: "
+                  f"before {rate(wall_rate(before))}, after {rate(wall_rate(after))} (their spread is "
+                  f"the drift of the machine's load during the measurement).")
     rep.note("1", f"Per epoch besides the training steps: Tune trial {other_trial:.2f} s (evaluation + "
                   f"checkpoint + report), bare loop {other_bare:.2f} s (evaluation only).")
-    rep.raw["overhead"] = {"trial_rows": rows, "bare": bare, "counted": inside, "window": [w0, w1],
+    rep.raw["overhead"] = {"trial_rows": rows, "bare_before": before, "bare_after": after,
                            "search_wall": run.wall, "ratio": ratio, "loop_ratio": loop_ratio}
 
 

@@ -380,10 +380,9 @@ def stage_cost(b: Bench, size: int, bs: int, rounds: int, steps: int, tick=lambd
 
 
 def bare_process_main(argv: list[str] | None = None) -> int:
-    """`python benchmarks/micro.py --data-dir D --subset K ... --signals DIR`: the bare loop as a
-    process of its own (like a trial worker: own session, OMP_NUM_THREADS set before torch loads).
-    Loads, warms up, writes DIR/ready, waits for DIR/go, runs epochs until DIR/stop appears, then
-    writes DIR/bare.json (one row per epoch)."""
+    """`python benchmarks/micro.py --data-dir D --subset K ... --epochs N --out FILE`: the bare loop
+    as a process of its own, started like a trial worker (own session, OMP_NUM_THREADS set before
+    torch loads): load, warm up, run N timed epochs, write one JSON row per epoch to FILE."""
     import argparse
     import json
     import os
@@ -391,26 +390,16 @@ def bare_process_main(argv: list[str] | None = None) -> int:
 
     from trainable.data import prepare_search_data
     p = argparse.ArgumentParser()
-    for a in ("--data-dir", "--weights-dir", "--signals"):
+    for a in ("--data-dir", "--weights-dir", "--out"):
         p.add_argument(a, default="")
-    for a in ("--subset", "--input-size", "--batch-size", "--seed"):
+    for a in ("--subset", "--input-size", "--batch-size", "--seed", "--epochs"):
         p.add_argument(a, type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    sig = Path(a.signals)
     data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=0.1, seed=a.seed, download=False)
-    loop = BareLoop(make_bench(data.train, a.weights_dir), input_size=a.input_size,
-                    batch_size=a.batch_size, val=data.val, seed=a.seed)
-    loop.warmup()
-    (sig / "ready").touch()
-    while not (sig / "go").exists():
-        if (sig / "stop").exists():
-            break
-        time.sleep(0.1)
-    rows = []
-    while not (sig / "stop").exists():
-        rows.append(loop.epoch())
-    (sig / "bare.json").write_text(json.dumps(rows))
+    rows = bare_epochs(make_bench(data.train, a.weights_dir), epochs=a.epochs, input_size=a.input_size,
+                       batch_size=a.batch_size, val=data.val, seed=a.seed)
+    Path(a.out).write_text(json.dumps(rows))
     return 0
 
 

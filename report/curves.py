@@ -36,6 +36,8 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
         pos = len(order) - 1 - i
         colour = COLOURS[pos] if pos < NAMED else OTHER
         rows = [r for r in t.results if "epoch" in r]
+        if not rows:
+            continue
         xs = [int(r["epoch"]) for r in rows]
         ys = [float(r.get(METRIC) or 0.0) for r in rows]
         max_epoch = max(max_epoch, *xs)

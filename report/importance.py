@@ -22,7 +22,7 @@ from search.export import TrialRecord
 from search.searcher import METRIC
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
-IGNORED = {"seed", "weights_dir", "eval_batch_size", "fail_at_epoch", "fault", "fault_epoch", "compile", "pretrained"}
+IGNORED = {"seed", "weights_dir", "eval_batch_size", "fault", "fault_epoch", "compile", "pretrained"}
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 from search.settings import SearchSettings
@@ -55,8 +56,25 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
     if s.dashboard_host not in LOCAL_HOSTS:
         print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "
               f"address and has the token can submit code to this cluster")
+    port = s.dashboard_port if _port_free(s.dashboard_host, s.dashboard_port) else _free_port(s.dashboard_host)
     ctx = ray.init(num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
-                   dashboard_host=s.dashboard_host, dashboard_port=s.dashboard_port,
+                   dashboard_host=s.dashboard_host, dashboard_port=port,
                    logging_level=logging.WARNING, log_to_driver=False)
     if ctx.dashboard_url:
         print(f"Ray dashboard: http://{ctx.dashboard_url}  (login token: `ray get-auth-token`)")
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Another search (or Ray) may hold the port; then the dashboard moves rather than failing."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -106,6 +106,8 @@ def run_search(s: SearchSettings) -> Path:
         write_settings(exp, {**s.to_dict(), "space": space.name, "data_dir": data_dir,
                              "weights_dir": weights_dir, "name": exp.name,
                              "storage_path": str(exp.parent)})
+    # Tune warns every few seconds that syncing experiment state is slow; it is local and fine
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray(s, res)
     try:
         tuner = build_tuner(s, res, space, opts, fixed, base, data, exp)
@@ -126,18 +128,23 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                 fixed: dict[str, Any], base: dict[str, Any], data: SearchData, exp: Path):
     from ray import tune
 
+    from search.progress import console
+    from search.tensorboard import EpochTensorBoard
     from search.trainable import tune_trial
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, train=data.train, val=data.val), res.trial)
     if s.resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
+    cons = console()
     run_config = tune.RunConfig(
         name=exp.name, storage_path=str(exp.parent),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1,  # the best; Tune also keeps the latest
                                                 checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
-        failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1)
+        failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        callbacks=[EpochTensorBoard(), *cons.callbacks], verbose=cons.verbose,
+        progress_reporter=cons.progress_reporter)
     tune_config = tune.TuneConfig(
         search_alg=make_searcher(space, opts, fixed, base, s.seed),
         scheduler=make_scheduler(s.scheduler, opts.max_epochs, s.grace_period, s.reduction_factor),

@@ -27,8 +27,16 @@ class DefineByRun:
         return TrialConfig.from_dict({**self.base, **chosen, **self.fixed}).to_dict()
 
 
+def _quiet_optuna() -> None:
+    """No 'study created' log line, and no warning that TPE's `group` option is experimental."""
+    import warnings
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any],
                   seed: int) -> OptunaSearch:
+    _quiet_optuna()
     # Optuna is told each trial's best epoch, not its last, so a trial ASHA stopped keeps its score
     return OptunaSearch(space=DefineByRun(space, opts, fixed, base), metric="best_val_acc", mode=MODE,
                         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True))

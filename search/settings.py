@@ -30,7 +30,7 @@ class SearchSettings:
     max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources")
     address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", str, "resources")
     dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources")
-    dashboard_port: int = _opt(8265, "Ray dashboard port", int, "resources")
+    dashboard_port: int = _opt(8265, "Ray dashboard port (a free one is used when it is taken)", int, "resources")
     # the search
     space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; tiny with no GPU)", str)
     backbones: str = _opt("", "comma-separated subset of the space's backbones", str)

@@ -28,7 +28,7 @@ from trainable.config import TrialConfig
 SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc")
 STEP = "epoch"
 # TrialConfig fields that are plumbing, not hyper-parameters
-NOT_HPARAMS = {"weights_dir", "seed", "compile", "eval_batch_size", "fail_at_epoch", "fault", "fault_epoch"}
+NOT_HPARAMS = {"weights_dir", "seed", "compile", "eval_batch_size", "fault", "fault_epoch"}
 HPARAMS = tuple(f.name for f in fields(TrialConfig) if f.name not in NOT_HPARAMS)
 
 

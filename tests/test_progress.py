@@ -1,0 +1,138 @@
+"""search/progress.py: the progress line and trial table on fake trials, then wired into a real Tuner
+(together with search/tensorboard.py) the way search/run.py wires them."""
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import pytest
+
+from search.progress import (METRIC_COLUMNS, PARAM_COLUMNS, ProgressLine, TrialTable, console,
+                             progress_line, progress_of, render_table, table_rows)
+
+
+class FakeTrial:
+    def __init__(self, trial_id, tune_status, epoch=0, planned=3, best=None, seconds=None, **result):
+        self.trial_id, self.status = trial_id, tune_status
+        self.config = {"backbone": "resnet18", "stages": 2, "stage1_epochs": 1,
+                       "stage2_epochs": planned - 1, "stage1_lr": 0.01, "stage3_lr": 0.5}
+        self.last_result = {"epoch": epoch, "stage": 1 + (epoch > 1), "val_acc": best,
+                            "best_val_acc": best, "time_total_s": seconds, **result} if epoch else {}
+
+
+def trials():
+    return [FakeTrial("done", "TERMINATED", epoch=3, best=0.30, seconds=100),
+            FakeTrial("asha", "TERMINATED", epoch=1, best=0.10, seconds=20),
+            FakeTrial("nan", "TERMINATED", epoch=2, best=0.0, seconds=30, status="diverged", diverged=True),
+            FakeTrial("crash", "ERROR", epoch=1, best=0.12),
+            FakeTrial("run", "RUNNING", epoch=2, best=0.25),
+            FakeTrial("wait", "PENDING")]
+
+
+def test_counts_best_and_time_left():
+    p = progress_of(trials(), total=10)
+    assert (p.done, p.stopped_early, p.failed, p.running) == (2, 1, 2, 1)  # diverged counts as failed
+    assert (p.best, p.best_trial) == (0.30, "done")
+    # mean trial 60 s (100 s, 20 s); 5 not started; the running one has run 0 s of its 60
+    assert p.eta(parallel=2) == pytest.approx((5 * 60 + 60) / 2)
+    timed = progress_of(trials(), total=10, seconds={"done": 130, "asha": 30, "run": 50})
+    assert timed.eta(parallel=2) == pytest.approx((5 * 80 + 30) / 2)  # wall times win over Tune's
+    line = progress_line(p, elapsed=125, parallel=2)
+    assert line.startswith("[search] 4/10 trials finished")
+    for part in ("1 running", "1 stopped early", "2 failed", "best val_acc 0.3000 (done)",
+                 "elapsed 2m05s", "about 3m00s left"):
+        assert part in line
+    assert "\n" not in line
+
+
+def test_the_trial_being_reported_counts_as_ended():
+    ts = trials()
+    running = ts[4]
+    assert progress_of(ts, 10, ended=running).done == 3
+    assert progress_of(ts, 10, failed=running).failed == 3
+    first = progress_line(progress_of([FakeTrial("r", "RUNNING", epoch=1, best=0.1)], 4), 5, 1)
+    assert "known after the first trial ends" in first
+
+
+def test_progress_line_prints_on_events_and_at_most_every_interval():
+    out = []
+    cb = ProgressLine(every_s=1000, out=out.append)
+    cb.setup(total_num_samples=6)
+    ts = trials()
+    cb.on_step_end(iteration=1, trials=ts)
+    assert out == []  # too soon
+    cb.on_trial_complete(iteration=2, trials=ts, trial=ts[4])
+    cb.on_trial_error(iteration=3, trials=ts, trial=ts[5])
+    assert len(out) == 2
+    cb.last_print -= 2000
+    cb.on_step_end(iteration=4, trials=ts)
+    assert len(out) == 3
+
+
+def test_table_has_the_chosen_columns():
+    head, rows, more = table_rows(trials(), PARAM_COLUMNS, METRIC_COLUMNS, max_rows=4)
+    assert head[:3] == ["trial", "status", "backbone"] and head[-1] == "best"
+    assert [r[0] for r in rows] == ["run", "done", "asha", "nan"] and more == 2
+    assert rows[2][1] == "stopped early"
+    assert rows[1][PARAM_COLUMNS.index("stage3_lr") + 2] == "-"  # a 2-stage trial has no stage 3
+    assert rows[3][1] == "diverged"
+    lines = render_table(head, rows).splitlines()
+    assert lines[0].index("backbone") == lines[2].index("resnet18")  # columns line up
+
+
+def test_console_matches_the_output_engine(monkeypatch):
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    c = console()
+    assert c.verbose == 0 and c.progress_reporter is None
+    assert isinstance(c.callbacks[0], TrialTable) and isinstance(c.callbacks[1], ProgressLine)
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
+    c = console()
+    assert c.verbose == 1 and c.progress_reporter is not None
+    assert [type(cb) for cb in c.callbacks] == [ProgressLine]
+
+
+def _trainable(config):
+    from ray import tune
+    best = 0.0
+    for epoch in range(1, config["stage1_epochs"] + config["stage2_epochs"] + 1):
+        acc = config["stage1_lr"] * epoch
+        best = max(best, acc)
+        time.sleep(0.2)
+        tune.report({"epoch": epoch, "stage": 1 if epoch == 1 else 2, "lr": 0.1, "train_loss": 1.0,
+                     "val_acc": acc, "val_loss": 1.0, "best_val_acc": best, "diverged": False, "status": "ok"})
+
+
+def test_wired_into_a_real_tuner(tmp_path, capfd):
+    """The console and TensorBoard callbacks in a real Tuner with ASHA, as search/run.py wires them."""
+    import ray
+    from ray import tune
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from search.searcher import make_scheduler
+    from search.tensorboard import SCALARS, EpochTensorBoard
+    os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+    c = console(every_s=1)
+    space = {"stage1_lr": tune.grid_search([0.01, 0.02, 0.1, 0.2]), "stage1_epochs": 1, "stage2_epochs": 2,
+             "backbone": "resnet18", "stages": 2}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tune.Tuner(_trainable, param_space=space,
+                   tune_config=tune.TuneConfig(scheduler=make_scheduler("asha", 3, 1, 2)),
+                   run_config=tune.RunConfig(name="console", storage_path=str(tmp_path),
+                                             callbacks=[EpochTensorBoard(), *c.callbacks],
+                                             verbose=c.verbose, progress_reporter=c.progress_reporter)).fit()
+    finally:
+        ray.shutdown()
+    out = capfd.readouterr().out
+    assert "[search] 4/4 trials finished" in out and "| done" in out
+    assert "s1_lr" in out and "best" in out  # our table is Tune's console
+    assert "started with configuration" not in out  # no per-trial config dumps
+    assert f"tensorboard --logdir {tmp_path / 'console'}" in out
+    runs = glob.glob(str(tmp_path / "console" / "*" / "events.out.tfevents.*"))
+    assert len(runs) == 4  # one event file per trial: Tune's own TensorBoard logger was replaced
+    for f in runs:
+        ea = EventAccumulator(f)
+        ea.Reload()
+        assert set(ea.Tags()["scalars"]) == set(SCALARS)
+        assert ea.PluginTagToContent("hparams")
