@@ -17,20 +17,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+import optuna  # noqa: E402
+
+
+class SameConfigsTPE(optuna.samplers.TPESampler):
+    """TPE with its seed and options, but all `num_samples` trials in its seeded random start-up
+    phase. At module level so that Tune can pickle the searcher with it."""
+    num_samples = 10
+
+    def __init__(self, *args, **kwargs):
+        kwargs["n_startup_trials"] = max(self.num_samples, kwargs.get("n_startup_trials", 10))
+        super().__init__(*args, **kwargs)
+
+
 def _same_configs(num_samples: int) -> None:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    import search.run
-    from search.searcher import MODE, DefineByRun
-
-    def make_searcher(space, opts, fixed, base, seed):
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                             n_startup_trials=num_samples)
-        return OptunaSearch(space=DefineByRun(space, opts, fixed, base), metric="best_val_acc",
-                            mode=MODE, sampler=sampler)
-
-    search.run.make_searcher = make_searcher
+    """Every TPESampler the project builds becomes a SameConfigsTPE."""
+    SameConfigsTPE.num_samples = num_samples
+    optuna.samplers.TPESampler = SameConfigsTPE
 
 
 def main(argv: list[str]) -> int:

@@ -462,6 +462,9 @@ def section_stages(ctx: Context, rep: Report) -> None:
     rep.add("6", f"  {n1} / {n3}", f"{ms[n1]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{r['stage1_over_all']:.2f}")
     rep.add("6", f"  {n2} / {n3}", f"{ms[n2]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{r['stage2_over_all']:.2f}")
     ok = r["stage1_backbone_params_with_grad"] == 0 and not r["stage1_bn_stats_moved"]
+    rep.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
+            f"{r['stage1_backbone_params_with_grad']} of {r['backbone_params']}; "
+            f"{'moved' if r['stage1_bn_stats_moved'] else 'fixed'}", "—", "—", "0; fixed", verdict(ok))
     rep.note("6", f"Batch {sc.stage_batch}, {ctx.args.threads} thread(s), {sc.stage_rounds} alternating rounds; "
                   f"a step = forward + loss + backward + optimiser + lr-schedule step on one fixed "
                   f"pre-augmented batch (data work excluded: it is the same in every stage), with the "

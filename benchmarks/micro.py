@@ -1,9 +1,11 @@
 """In-process measurements (no Ray): the bare training loop, the augmentation pipeline, the
 torchvision DataLoader baseline and the per-stage step cost.
 
-Every comparison here is timed side by side: the two (or three) contenders run in alternating
-rounds in the same process with the same torch thread count, so load from other processes on the
-machine hits both alike. Rates are total images over total seconds across the rounds.
+The pipeline, DataLoader and stage comparisons are timed side by side: the contenders run in
+alternating rounds in the same process with the same torch thread count, so load from other
+processes on the machine hits them alike. Rates are total images over total seconds across the
+rounds. The bare loop also runs as a process of its own (`python benchmarks/micro.py ...`), to be
+compared with a trial's worker process.
 """
 from __future__ import annotations
 

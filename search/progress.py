@@ -7,9 +7,9 @@
   trials running at once).
 - `TrialTable` is the live trial table for Ray's default console engine (the "new output" one,
   on unless RAY_AIR_NEW_OUTPUT=0). That engine takes its columns from the Tuner's param_space,
-  which is empty here (Optuna's define-by-run space), and ignores `progress_reporter`; so the table
-  is a reporter of that engine with fixed columns, printed every 30 s and at the end, and the
-  per-trial config dumps and per-epoch result tables are left out.
+  which is empty here (Optuna's define-by-run space), and ignores `progress_reporter`; so Tune's
+  own console runs silent (verbose=0: it still prints trial errors) and this callback prints the
+  table with fixed columns every 30 s and at the end.
 - `cli_reporter()` is the same table for the legacy engine (RAY_AIR_NEW_OUTPUT=0).
 - `console()` returns the RunConfig arguments for whichever engine is active.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ray import tune
-from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter, get_air_verbosity
+from ray.tune.experimental.output import get_air_verbosity
 
 from search.searcher import METRIC, MODE
 from trainable.config import TrialConfig
@@ -229,52 +229,45 @@ def render_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-class TrialTable(TuneTerminalReporter):
-    """Ray's default console reporter with fixed columns; quiet between tables.
-
-    Pass it in RunConfig(callbacks=[...]) with RunConfig(verbose=0): Tune then uses it as the
-    console (it is the first reporter in the list) and its own default reporter stays silent.
-    """
+class TrialTable(tune.Callback):
+    """The live trial table with fixed columns: every `every_s` seconds while trials run, and once
+    at the end. A plain callback, not a second Tune terminal reporter: Ray 2.60 sets up only the
+    first reporter's clock, and its own (then second) reporter crashes when a trial fails."""
 
     def __init__(self, params: list[str] | None = None, metrics: list[str] | None = None,
-                 every_s: float = EVERY_S, max_rows: int = MAX_ROWS):
-        super().__init__(AirVerbosity.DEFAULT, metric=METRIC, mode=MODE)
+                 every_s: float = EVERY_S, max_rows: int = MAX_ROWS, out: Callable[[str], None] = print):
         self.params, self.metrics = list(params or PARAM_COLUMNS), list(metrics or METRIC_COLUMNS)
-        self.max_rows = max_rows
-        self._heartbeat_freq = every_s
+        self.every_s, self.max_rows, self.out = every_s, max_rows, out
+        self.start = self.last_print = time.monotonic()
 
-    def experiment_started(self, experiment_name: str, experiment_path: str, *args, **kwargs):
-        # Ray names its driver staging folder here; the event files are in the experiment folder
-        if kwargs.get("tensorboard_path"):
-            kwargs["tensorboard_path"] = experiment_path
-        super().experiment_started(experiment_name, experiment_path, *args, **kwargs)
+    def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
+        return {"params": self.params, "metrics": self.metrics, "every_s": self.every_s,
+                "max_rows": self.max_rows}
 
-    def _print_heartbeat(self, trials, *sys_args, force: bool = False):
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def setup(self, **info):
+        self.start = self.last_print = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info):
+        if trials and time.monotonic() - self.last_print >= self.every_s:
+            self._print(trials)
+
+    def on_experiment_end(self, trials: list, **info):
+        self._print(trials, everything=True)
+
+    def _print(self, trials: list, everything: bool = False) -> None:
         head, rows, more = table_rows(trials, self.params, self.metrics,
-                                      max_rows=len(trials) if force else self.max_rows)
-        self._start_block("heartbeat")
-        print(self._get_overall_trial_progress_str(trials) + " | " + self._time_heartbeat_str)
-        for s in sys_args:
-            print(s)
-        print(render_table(head, rows))
-        if more:
-            print(f"... and {more} more trials")
-
-    # the table and ProgressLine say it all: no per-trial config dumps, result tables or messages
-    def on_trial_start(self, *args, **kwargs):
-        pass
-
-    def on_trial_result(self, *args, **kwargs):
-        pass
-
-    def on_trial_complete(self, *args, **kwargs):
-        pass
-
-    def on_trial_error(self, *args, **kwargs):  # Tune's own reporter still prints the error file
-        pass
-
-    def on_checkpoint(self, *args, **kwargs):
-        pass
+                                      max_rows=len(trials) if everything else self.max_rows)
+        counts: dict[str, int] = {}
+        for tr in trials:
+            counts[tr.status] = counts.get(tr.status, 0) + 1
+        status = " | ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}",
+                 render_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
+        self.out("\n".join(lines))
+        self.last_print = time.monotonic()
 
 
 # ---------------------------------------------------------------- wiring

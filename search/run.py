@@ -111,6 +111,7 @@ def run_search(s: SearchSettings) -> Path:
     start_ray(s, res)
     try:
         tuner = build_tuner(s, res, space, opts, fixed, base, data, exp)
+        print(f"experiment: {exp}\nTensorBoard: tensorboard --logdir {exp}", flush=True)
         tuner.fit()
     finally:
         import ray

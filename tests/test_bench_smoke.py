@@ -76,13 +76,14 @@ def test_search_args_are_run_search_flags(tmp_path):
 
 
 def test_same_configs_searcher_samples_at_random(monkeypatch):
-    import search.run
+    import optuna
+
     from benchmarks import _search_entry
+    from search.searcher import make_searcher
     from spaces import Options, get_space
-    monkeypatch.setattr(search.run, "make_searcher", search.run.make_searcher)  # undone after the test
+    monkeypatch.setattr(optuna.samplers, "TPESampler", optuna.samplers.TPESampler)  # undone after
     _search_entry._same_configs(12)
-    space = get_space("tiny")
-    searcher = search.run.make_searcher(space, Options(("tf_efficientnet_lite0",), 4), {}, {}, 0)
+    searcher = make_searcher(get_space("tiny"), Options(("tf_efficientnet_lite0",), 4), {}, {}, 0)
     assert searcher._sampler._n_startup_trials == 12
 
 
