@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import optuna
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-import optuna  # noqa: E402
 
 
 class SameConfigsTPE(optuna.samplers.TPESampler):

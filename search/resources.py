@@ -57,7 +57,8 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
         print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "
               f"address and has the token can submit code to this cluster")
     port = s.dashboard_port if _port_free(s.dashboard_host, s.dashboard_port) else _free_port(s.dashboard_host)
-    ctx = ray.init(num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
+    # address="local": always a new local Ray, never one a stray `ray start` left running
+    ctx = ray.init(address="local", num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
                    dashboard_host=s.dashboard_host, dashboard_port=port,
                    logging_level=logging.WARNING, log_to_driver=False)
     if ctx.dashboard_url:

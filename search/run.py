@@ -111,6 +111,7 @@ def run_search(s: SearchSettings) -> Path:
     start_ray(s, res)
     try:
         tuner = build_tuner(s, res, space, opts, fixed, base, data, exp)
+        del data  # the object store holds it now; the driver's heap copy would only cost memory
         print(f"experiment: {exp}\nTensorBoard: tensorboard --logdir {exp}", flush=True)
         tuner.fit()
     finally:
