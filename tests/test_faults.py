@@ -98,17 +98,19 @@ def test_node_lost_search_finishes_on_the_other_node(tmp_path, data_dir):
     cluster.wait_for_nodes()
     exp = tmp_path / "nodes"
     args = ["--address", cluster.address, "--space", "tiny", "--num-samples", 1, "--scheduler", "fifo",
-            "--max-epochs", 4, "--set", "input_size=32", "--data-dir", data_dir,
+            "--max-epochs", 4, "--set", "input_size=64", "--data-dir", data_dir,
             "--storage-path", tmp_path, "--name", "nodes", *QUICK]
     driver = subprocess.Popen([sys.executable, "run_search.py", *map(str, args)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(r.count("\n") >= 1 for r in _results(exp).values()):
+        deadline, running = time.time() + 300, []
+        while time.time() < deadline and not running:  # a trial that has reported and checkpointed
             time.sleep(0.5)
-        running = [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
-                   if a.class_name == "ImplicitFunc"]
-        assert running, "no trial actor found"
+            if any(r.count("\n") >= 1 for r in _results(exp).values()):
+                ids = {n.node_id for n in nodes}
+                running = [a.node_id for a in list_actors()
+                           if a.class_name.endswith("ImplicitFunc") and a.node_id in ids]
+        assert running, "no trial actor found on a worker node"
         victim = next(n for n in nodes if n.node_id == running[0])
         cluster.remove_node(victim)  # the node dies with the trial on it
         out, _ = driver.communicate(timeout=600)
