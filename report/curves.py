@@ -6,7 +6,6 @@ from pathlib import Path
 from matplotlib.lines import Line2D
 
 from report.plots import COLOURS, OTHER, figure, save
-from report.leaderboard import outcome
 from search.export import TrialRecord, rank
 from search.searcher import METRIC
 from trainable.config import TrialConfig
@@ -41,7 +40,7 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
         xs = [int(r["epoch"]) for r in rows]
         ys = [float(r.get(METRIC) or 0.0) for r in rows]
         max_epoch = max(max_epoch, *xs)
-        status = outcome(t)
+        status = t.status
         ax.plot(xs, ys, STYLE.get(status, ":"), color=colour, lw=2.0 if pos == 0 else 1.4,
                 alpha=1.0 if pos < NAMED else 0.7, zorder=3 if pos < NAMED else 2)
         if pos < NAMED:

@@ -17,7 +17,6 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 from report.plots import COLOURS, figure, save
-from report.leaderboard import outcome
 from search.export import TrialRecord
 from search.searcher import METRIC
 
@@ -85,7 +84,7 @@ def build_study(trials: list[TrialRecord]):
     for t, value in pairs:
         params = {k: _value(t.config[k], d) for k, d in dists.items()}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
-                                                  user_attrs={"trial_id": t.trial_id, "status": outcome(t)}))
+                                                  user_attrs={"trial_id": t.trial_id, "status": t.status}))
     return study
 
 

@@ -12,12 +12,6 @@ HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] 
 NUMERIC = {0, 2, 3} | {6 + i for i, k in enumerate(PARAMS) if k != "backbone"}
 
 
-def outcome(t: TrialRecord) -> str:
-    """The trial's status, naming the failure (diverged, oom) when a result row reported one."""
-    failure = getattr(t, "failure", None)
-    return str(failure.get("status")) if failure else t.status
-
-
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
@@ -32,9 +26,7 @@ def leaderboard_rows(trials: list[TrialRecord]) -> list[list[str]]:
             head = [str(len(rows) + 1), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"])]
         else:
             head = ["–", t.trial_id, "–", "–"]
-        failure = getattr(t, "failure", None)
-        reason = (failure or {}).get("error") or t.error
-        status = outcome(t) + (f": {reason}" if reason else "")
+        status = t.status + (f": {t.reason}" if t.reason else "")
         params = [fmt(t.config.get(k)) if k != "stage3_lr" or t.config.get("stages") == 3 else "–"
                   for k in PARAMS]
         rows.append(head + [f"{t.epochs_run}/{t.planned_epochs}", status] + params)

@@ -48,6 +48,11 @@ class TrialRecord:
         return next((r for r in self.results if r.get("status", "ok") != "ok"), None)
 
     @property
+    def reason(self) -> str:
+        """Why the trial failed: its failure row's error, else the last line of Tune's error.txt."""
+        return str((self.failure or {}).get("error") or self.error)
+
+    @property
     def best(self) -> dict[str, Any] | None:
         """The result row of the best epoch (highest val_acc), None if there is none."""
         if self.failure is not None:
@@ -161,8 +166,7 @@ def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
     if others:
         lines.append(f"\n{len(others)} trial(s) without a usable result:")
     for t in others:
-        reason = t.failure.get("error", "") if t.failure else t.error
-        lines.append(f"   {t.trial_id}: {t.status}" + (f" ({reason})" if reason else ""))
+        lines.append(f"   {t.trial_id}: {t.status}" + (f" ({t.reason})" if t.reason else ""))
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ray.tune.logger import TBXLoggerCallback
 
+from search.progress import planned_epochs
 from trainable.config import TrialConfig
 
 SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc")
@@ -75,9 +76,8 @@ def session_end(failed: bool):
 def trial_status(config: dict[str, Any], last_epoch: int, failed: bool) -> str:
     if failed:
         return "failed"
-    try:
-        planned = TrialConfig.from_dict(config).total_epochs
-    except Exception:  # a config this code can't read still gets logged
+    planned = planned_epochs(config)
+    if planned is None:  # a config this code can't read still gets logged
         return "ended"
     return "completed" if last_epoch >= planned else "stopped early"
 

@@ -15,7 +15,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainable import atomic
 from trainable.augment import DeviceAugment, aug_policy, normalisation_of
 from trainable.config import TrialConfig
 from trainable.data import Split
@@ -127,7 +126,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
             state_now = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                          "epoch": epoch + 1, "stage": s.number, "best": best,
                          "generator": gen.get_state(), "config": cfg.to_dict()}
-            atomic.torch_save(state_now, Path(tmp) / CHECKPOINT_FILE)
+            torch.save(state_now, Path(tmp) / CHECKPOINT_FILE)  # a private dir: Tune copies it on report
             report(metrics, Path(tmp))
     return net, metrics
 
