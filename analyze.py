@@ -1,4 +1,5 @@
-"""python analyze.py runs/NAME: leaderboard, retrain the best config on train+val, test it once."""
+"""python analyze.py runs/NAME: leaderboard, retrain the best config on train+val, test it once;
+with --baselines, retrain and test hand-made recipes on the same data and print a comparison."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="", help="retrain this config instead (a best_config.yaml)")
     p.add_argument("--data-dir", default="", help="folder holding cifar-100-python/ (default: the search's)")
     p.add_argument("--weights-dir", default=None, help="offline pretrained weights (default: the search's)")
-    p.add_argument("--no-retrain", action="store_true", help="only summarise the search")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="don't retrain the best config (the comparison reuses an earlier retrain)")
+    p.add_argument("--baselines", default="", metavar="NAME[,NAME...]",
+                   help="also retrain and test these recipes (run_search.py --list-spaces) and compare")
+    p.add_argument("--epochs-scale", type=float, default=1.0, metavar="F",
+                   help="multiply every recipe stage's epochs (and patience) by F, e.g. 0.1 for a CPU run")
+    p.add_argument("--set", action="append", default=[], metavar="[RECIPE:]KEY=VALUE",
+                   help="override a recipe hyper-parameter (all recipes, or RECIPE's only); repeatable")
     return p.parse_args(argv)
 
 
@@ -30,23 +38,59 @@ def analyze(args: argparse.Namespace) -> Path:
     print(leaderboard(trials))
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
-    if args.no_retrain:
-        return _report(exp)
     config = read_best_config(Path(args.config)) if args.config else best["config"]
     if args.weights_dir is not None:
         config = {**config, "weights_dir": str(Path(args.weights_dir).resolve()) if args.weights_dir else ""}
+    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
+    if not names and (args.set or args.epochs_scale != 1):
+        raise UserError("--set and --epochs-scale apply to --baselines recipes: add --baselines NAME[,NAME...]")
+    from trainable.baselines import baseline_configs
+    baselines = baseline_configs(names, args.set, {"weights_dir": config["weights_dir"], "seed": config["seed"]},
+                                 args.epochs_scale) if names else {}  # all checked before any training
+    if args.no_retrain and not baselines:
+        return _report(exp)
     from trainable.data import prepare_final_data
-    from trainable.final import retrain_and_test
     data_dir = args.data_dir or settings.get("data_dir") or "./data"
-    train, test, fine_names, coarse_names = prepare_final_data(
-        data_dir, subset=settings.get("subset"), seed=int(settings.get("seed", 0)))
-    print(f"retraining on {len(train)} train+val images, then testing on {len(test)} ...")
-    with _epoch_bar(config) as on_epoch:
-        metrics = retrain_and_test(config, train, test, out, fine_names=fine_names,
-                                   coarse_names=coarse_names, on_epoch=on_epoch)
-    print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
-          f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
+    data = prepare_final_data(data_dir, subset=settings.get("subset"), seed=int(settings.get("seed", 0)),
+                              val_fraction=float(settings.get("val_fraction", 0.1)))
+    if not args.no_retrain:
+        from trainable.final import retrain_and_test
+        print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
+        with _epoch_bar(config) as on_epoch:
+            metrics = retrain_and_test(config, data, out, on_epoch=on_epoch)
+        print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
+              f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
+    if baselines:
+        _compare(args, best, config, baselines, data, out)
     return _report(exp)
+
+
+def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data, out: Path) -> None:
+    import json
+
+    from report.comparison import text_table
+    from trainable.baselines import comparison_rows, run_baselines, save_comparison
+    from trainable.config import TrialConfig
+
+    def on_start(name: str, cfg: dict) -> None:
+        print(f"\nbaseline {name}: {cfg['backbone']}, {cfg['input_size']} px, "
+              f"{TrialConfig.from_dict(cfg).total_epochs} epochs planned", flush=True)
+
+    results = {}
+    for name, cfg in baselines.items():  # one bar per recipe
+        with _epoch_bar(cfg) as on_epoch:
+            results.update(run_baselines({name: cfg}, data, out / "baselines", on_start=on_start, on_epoch=on_epoch))
+        m = results[name]["metrics"]
+        print(f"  error: {m['error']}" if "error" in m else f"  test_acc {m['test_acc']:.4f}", flush=True)
+    best_metrics = out / "test_metrics.json"
+    best_row = None
+    if best_metrics.exists():
+        best_row = {"trial_id": best["trial_id"], "config": config, "metrics": json.loads(best_metrics.read_text())}
+    else:
+        print("no retrain of the best config yet (analysis/test_metrics.json): the table has recipes only")
+    rows = comparison_rows(best_row, results)
+    save_comparison(rows, out, {"epochs_scale": args.epochs_scale, "overrides": args.set})
+    print("\n" + text_table(rows))
 
 
 @contextlib.contextmanager
@@ -55,11 +99,15 @@ def _epoch_bar(config: dict):
     from tqdm import tqdm
 
     from trainable.config import TrialConfig
-    bar = tqdm(total=TrialConfig.from_dict(config).total_epochs, unit="epoch", desc="retrain",
+    bar = tqdm(total=TrialConfig.from_dict(config).total_epochs, unit="epoch", desc="train",
                disable=not sys.stderr.isatty())
 
     def on_epoch(m: dict) -> None:
         info = {"stage": m["stage"], "loss": f"{m['train_loss']:.3f}", "img/s": f"{m['images_per_sec']:.0f}"}
+        if "val_loss" in m:  # a config that trains on val_loss watches the val split
+            info.update(val_loss=f"{m['val_loss']:.3f}", val_acc=f"{m['val_acc']:.3f}")
+        if m.get("early_stopped"):
+            info["early_stopped"] = f"stage {m['stage']}"
         bar.update(1)
         bar.set_postfix(info)
         if bar.disable:

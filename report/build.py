@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from report import html as h
+from report import comparison
 from report.classes import load_class_results, plot_classes, plot_confusions, ranked_classes, top_confusions
 from report.curves import plot_curves
 from report.importance import compute_importance, plot_importance, plot_top_two
@@ -36,7 +37,7 @@ def write_report(exp_dir: Path) -> Path:
     ranked = rank(trials)
     sections = [_summary(trials, ranked, out, data),
                 _curves(trials, out, data), _importance(trials, out), _leaderboard(trials, data),
-                _schedule(ranked, out), _test(out, data), _best_config(exp)]
+                _schedule(ranked, out), _test(out, data), comparison.section(out, data), _best_config(exp)]
     subset = settings.get("subset")
     subtitle = (f"{exp} · space {settings.get('space', '?')} · {len(trials)} trials · data {data}"
                 + (f" ({subset} images per class)" if subset else "")
@@ -87,7 +88,8 @@ def _leaderboard(trials, data: str) -> str:
     rows = leaderboard_rows(trials)
     return h.section("Leaderboard", h.table(HEAD, rows, numeric=NUMERIC, highlight={0} if rank(trials) else set()),
                      h.note(f"best val_acc on {data}'s validation split, at the epoch shown; "
-                            "'stopped early' = ASHA ended the trial before its last epoch."))
+                            "'stopped early' = ASHA ended the trial before its last epoch; "
+                            "'early-stopped' = its own val_loss patience ran out."))
 
 
 def _schedule(ranked, out: Path) -> str:
@@ -116,7 +118,8 @@ def _test(out: Path, data: str) -> str:
                       ("top-5 accuracy", f"{metrics['test_top5']:.2%}"),
                       ("test loss", f"{metrics['test_loss']:.3f}")]),
              h.note(f"{metrics.get('test_images', '?')} test images; retrained for {metrics.get('epochs', '?')} "
-                    f"epochs on {metrics.get('train_images', '?')} train+val images in "
+                    f"epochs on {metrics.get('train_images', '?')} "
+                    f"{'train images (val watched for early stopping / plateau)' if metrics.get('watched_val') else 'train+val images'} in "
                     f"{metrics.get('train_seconds', 0):.0f} s. Coarse accuracy: a fine prediction "
                     "counts when it falls in the right superclass.")]
     parts.append(h.img(plot_classes(res, out / "class_accuracy.png"), "best and worst classes"))

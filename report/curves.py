@@ -12,8 +12,8 @@ from trainable.config import TrialConfig
 from trainable.stages import plan_stages
 
 STAGE_MARKERS = {1: "o", 2: "s", 3: "^"}
-STYLE = {"completed": "-", "stopped early": "--"}  # anything else (failed, diverged, oom): dotted
-END_MARKER = {"stopped early": "X"}  # anything else not completed: x
+STYLE = {"completed": "-", "early-stopped": "-", "stopped early": "--"}  # anything else (failed, diverged, oom): dotted
+END_MARKER = {"stopped early": "X", "early-stopped": "s"}  # anything else not completed: x
 NAMED = len(COLOURS)  # the top trials get a colour and a legend entry; the rest are grey
 
 
@@ -72,6 +72,7 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
                fontsize=8, title_fontsize=9)
     styles = [Line2D([], [], color="black", ls="-", label="ran every epoch"),
               Line2D([], [], color="black", ls="--", marker="X", markersize=9, label="stopped early by ASHA"),
+              Line2D([], [], color="black", ls="-", marker="s", markersize=7, label="ended by its own early stopping"),
               Line2D([], [], color="black", ls=":", marker="x", markersize=9, label="failed / diverged / out of memory")]
     styles += [Line2D([], [], color="black", ls="", marker=m, label=f"stage {s} epoch")
                for s, m in STAGE_MARKERS.items()]

@@ -44,7 +44,7 @@ def compute_schedule(config: dict, steps: int) -> Schedule:
     from trainable.model import create_model
     from trainable.optim import build_optimizer, head_lr
     cfg = TrialConfig.from_dict(config)
-    net = create_model(cfg.backbone, pretrained=False, coarse=cfg.coarse_head)
+    net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)
     xs, head, low, starts = [], [], [], []
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
         warnings.simplefilter("ignore", UserWarning)

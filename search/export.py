@@ -66,9 +66,21 @@ class TrialRecord:
             return str(self.failure["status"])
         if self.epochs_run >= self.planned_epochs:  # Tune leaves error.txt after a recovered crash too
             return "completed"
+        if self.results and ended_by_early_stopping(self.config, self.results[-1]):
+            return "early-stopped"
         if self.error:
             return "failed"
         return "stopped early" if self.results else "not started"
+
+
+def ended_by_early_stopping(config: dict[str, Any], last: dict[str, Any]) -> bool:
+    """The trial's own early stopping ended its last stage (and so the trial): not ASHA."""
+    from trainable.stages import plan_stages
+    try:
+        last_stage = plan_stages(TrialConfig.from_dict(config))[-1].number
+    except Exception:  # noqa: BLE001 - not this project's config
+        return False
+    return bool(last.get("early_stopped")) and last.get("stage") == last_stage
 
 
 def _finite(v: Any) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.experimental.output import get_air_verbosity
 
+from search.export import ended_by_early_stopping
 from search.searcher import METRIC, MODE
 from trainable.config import TrialConfig
 
@@ -46,10 +47,12 @@ def planned_epochs(config: dict[str, Any]) -> int | None:
 
 
 def stopped_early(trial) -> bool:
-    """Ended normally before its last planned epoch: the scheduler (ASHA) stopped it."""
+    """Ended normally before its last planned epoch, not by its own early stopping: the
+    scheduler (ASHA) stopped it."""
     planned = planned_epochs(trial.config)
-    epoch = (trial.last_result or {}).get("epoch", 0)
-    return planned is not None and not unrecoverable(trial) and epoch < planned
+    last = trial.last_result or {}
+    return (planned is not None and not unrecoverable(trial) and last.get("epoch", 0) < planned
+            and not ended_by_early_stopping(trial.config, last))
 
 
 def unrecoverable(trial) -> bool:
@@ -216,6 +219,8 @@ def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: in
             status = str((t.last_result or {}).get("status") or "diverged")
         elif t.status == TERMINATED and stopped_early(t):
             status = "stopped early"
+        elif t.status == TERMINATED and ended_by_early_stopping(t.config or {}, t.last_result or {}):
+            status = "early-stopped"
         cfg, res = t.config or {}, t.last_result or {}
         rows.append([str(t.trial_id), status]
                     + [fmt(cfg.get(k)) if k != "stage3_lr" or cfg.get("stages") == 3 else "-" for k in params]

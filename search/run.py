@@ -161,4 +161,4 @@ def trial_dirname(trial) -> str:
 
 
 def list_spaces() -> str:
-    return "\n".join(f"{n:16s} {get_space(n).description}" for n in NAMES)
+    return "\n".join(f"{n:28s} {get_space(n).description}" for n in NAMES)

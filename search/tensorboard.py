@@ -9,7 +9,7 @@ Tune adds no second one) and writes, into each trial's folder:
   result's `epoch` (the global epoch across all stages, as trainable/trial.py reports it);
 - an HParams session when the trial ends (TensorBoard keeps only a run's first session info, so
   it is written once, with the outcome): the trial's hyper-parameters (TrialConfig's tunable
-  fields) plus `status` (completed / stopped early / failed); the view's metric columns are the
+  fields) plus `status` (completed / stopped early / early-stopped / failed); the view's metric columns are the
   scalars above, so `best_val_acc` shows each trial's best.
 
 `tensorboard --logdir STORAGE/NAME` then shows one run per trial folder.
@@ -26,7 +26,8 @@ from ray.tune.logger import TBXLoggerCallback
 from search.progress import planned_epochs
 from trainable.config import TrialConfig
 
-SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc")
+SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc", "val_coarse_acc",
+           "val_coarse_head_acc")
 STEP = "epoch"
 # TrialConfig fields that are plumbing, not hyper-parameters
 NOT_HPARAMS = {"weights_dir", "seed", "compile", "eval_batch_size", "fault", "fault_epoch"}
@@ -73,13 +74,16 @@ def session_end(failed: bool):
     return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)
 
 
-def trial_status(config: dict[str, Any], last_epoch: int, failed: bool) -> str:
+def trial_status(config: dict[str, Any], last: dict[str, Any], failed: bool) -> str:
+    from search.export import ended_by_early_stopping
     if failed:
         return "failed"
     planned = planned_epochs(config)
     if planned is None:  # a config this code can't read still gets logged
         return "ended"
-    return "completed" if last_epoch >= planned else "stopped early"
+    if int(last.get("epoch", 0)) >= planned:
+        return "completed"
+    return "early-stopped" if ended_by_early_stopping(config, last) else "stopped early"
 
 
 class EpochTensorBoard(TBXLoggerCallback):
@@ -89,7 +93,7 @@ class EpochTensorBoard(TBXLoggerCallback):
         # no super().__init__(): it imports tensorboardX, which this class doesn't use
         self.scalars, self.flush_secs = tuple(scalars), flush_secs
         self._trial_writer: dict[Any, Any] = {}
-        self._last_epoch: dict[Any, int] = {}
+        self._last_result: dict[Any, dict] = {}  # the latest epoch's result per trial
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; writers don't pickle
         return {"scalars": self.scalars, "flush_secs": self.flush_secs}
@@ -104,7 +108,7 @@ class EpochTensorBoard(TBXLoggerCallback):
         trial.init_local_path()
         writer = SummaryWriter(log_dir=str(trial.local_path), flush_secs=self.flush_secs)
         self._trial_writer[trial] = writer
-        self._last_epoch.setdefault(trial, 0)
+        self._last_result.setdefault(trial, {})
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial not in self._trial_writer:
@@ -117,14 +121,15 @@ class EpochTensorBoard(TBXLoggerCallback):
             v = result.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 writer.add_scalar(key, float(v), global_step=int(step))
-        self._last_epoch[trial] = max(self._last_epoch.get(trial, 0), int(step))
+        if int(step) >= int(self._last_result.get(trial, {}).get(STEP, 0)):
+            self._last_result[trial] = result
         writer.flush()
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         writer = self._trial_writer.pop(trial, None)
         if writer is None:
             return
-        status = trial_status(trial.config, self._last_epoch.pop(trial, 0), failed)
+        status = trial_status(trial.config, self._last_result.pop(trial, {}), failed)
         # TensorBoard keeps the first session info of a run, so it is written once, at the end
         writer.file_writer.add_summary(session_start({**hparam_values(trial.config), "status": status},
                                                      group=str(trial.trial_id)))

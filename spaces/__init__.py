@@ -14,7 +14,11 @@ from typing import Any, Callable, Sequence
 from trainable.config import coerce
 from trainable.errors import UserError
 
-NAMES = ("default", "tiny", "mobilenetv2_71", "resnet50_84", "faults")
+SEARCH_SPACES = ("default", "tiny", "faults")
+RECIPES = ("mobilenetv2_2stage_128", "mobilenetv2_2phase_96", "efficientnetv2_frozen", "resnet18_scratch",
+           "vgg13_scratch", "alexnet_scratch", "efficientnetv2s_coarse_fine", "resnet50_3stage_224")
+NAMES = SEARCH_SPACES + RECIPES
+ALIASES = {"mobilenetv2_71": "mobilenetv2_2stage_128", "resnet50_84": "resnet50_3stage_224"}  # old names
 
 
 class Suggest:
@@ -59,9 +63,21 @@ class Space:
 
 
 def get_space(name: str) -> Space:
+    name = ALIASES.get(name, name)
     if name not in NAMES:
         raise UserError(f"unknown space {name!r}: choose one of {', '.join(NAMES)} (--list-spaces)")
     return importlib.import_module(f"spaces.{name}").SPACE
+
+
+def recipe_config(name: str, fixed: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """A fixed recipe's complete config: TrialConfig defaults < `base` < the recipe < `fixed`."""
+    from trainable.config import TrialConfig
+    space = get_space(name)
+    if not space.recipe:
+        raise UserError(f"{name} is a search space, not a recipe: choose from {', '.join(RECIPES)}")
+    chosen = space.sample(Suggest(None, fixed), Options(space.backbones, space.max_epochs))
+    return TrialConfig.from_dict({**(base or {}), **chosen, **coerce(fixed or {})}).to_dict()
 
 
 def split_budget(s: Suggest, o: Options, stages: int, stage1_max: int) -> dict[str, int]:

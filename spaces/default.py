@@ -1,4 +1,5 @@
-"""The GPU-scale space: five backbones, 2 or 3 stages, 96-224 px, the full recipe toolbox."""
+"""The GPU-scale space: five backbones, 2 or 3 stages, 96-224 px, the full recipe toolbox (flat or
+coarse-to-fine head, discriminative lrs, three schedules, reduce-on-plateau, mixup/cutmix)."""
 from spaces import Options, Space, Suggest, split_budget
 
 
@@ -10,7 +11,7 @@ def sample(s: Suggest, o: Options) -> dict:
          "input_size": s.cat("input_size", [96, 128, 160, 224]),
          "batch_size": s.cat("batch_size", [64, 128, 256]),
          "optimizer": s.cat("optimizer", ["sgd", "adamw"]),
-         "schedule": s.cat("schedule", ["cosine", "onecycle"]),
+         "schedule": (schedule := s.cat("schedule", ["cosine", "onecycle", "constant"])),
          "stage1_lr": s.float("stage1_lr", 1e-4, 1e-1, log=True),
          "stage2_lr": s.float("stage2_lr", 1e-5, 3e-2, log=True),
          "weight_decay": s.float("weight_decay", 1e-5, 5e-2, log=True),
@@ -18,11 +19,14 @@ def sample(s: Suggest, o: Options) -> dict:
          "aug_strength": s.float("aug_strength", 0.0, 1.0),
          "mixup_alpha": s.float("mixup_alpha", 0.0, 0.8),
          "cutmix_alpha": s.float("cutmix_alpha", 0.0, 1.0),
-         "coarse_head": s.cat("coarse_head", [False, True]),
-         "freeze_bn": s.cat("freeze_bn", [False, True])}
+         "head": s.cat("head", ["flat", "coarse_to_fine"]),
+         "freeze_bn": s.cat("freeze_bn", [False, True]),
+         "backbone_lr_scale": s.float("backbone_lr_scale", 0.05, 1.0, log=True),
+         "layer_decay": s.float("layer_decay", 0.5, 1.0)}
+    if schedule == "constant":  # a flat lr needs a way down: cut it when val_loss stalls
+        v["plateau_patience"] = s.int("plateau_patience", 1, 4)
     if stages == 3:
         v["stage3_lr"] = s.float("stage3_lr", 1e-5, 1e-2, log=True)
-        v["layer_decay"] = s.float("layer_decay", 0.5, 0.95)
     return v
 
 

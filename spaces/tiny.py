@@ -11,7 +11,8 @@ def sample(s: Suggest, o: Options) -> dict:
          "batch_size": s.cat("batch_size", [32, 64]),
          "stage1_lr": s.float("stage1_lr", 1e-3, 1e-1, log=True),
          "stage2_lr": s.float("stage2_lr", 1e-4, 3e-2, log=True),
-         "aug_strength": s.float("aug_strength", 0.0, 1.0)}
+         "aug_strength": s.float("aug_strength", 0.0, 1.0),
+         "head": s.cat("head", ["flat", "coarse_to_fine"])}
     if stages == 3:
         v["stage3_lr"] = s.float("stage3_lr", 1e-4, 1e-2, log=True)
     return v

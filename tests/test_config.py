@@ -67,12 +67,18 @@ def test_uncoercible_values(key, value, fragment):
     ({"stages": 4}, "stages must be 2 or 3"),
     ({"stages": 3}, "a 3-stage plan needs stage3_epochs >= 1"),
     ({"unfreeze_depth": 0}, "unfreeze_depth must be >= 1"),
-    ({"stage1_epochs": 0}, "stage1/2 epochs must be >= 1"),
+    ({"stage1_epochs": -1}, "stage epochs must be >= 0"),
+    ({"stage1_epochs": 0, "stage2_epochs": 0}, "the stage plan has no epochs: give some stage epochs >= 1"),
+    ({"head": "tree"}, "head must be flat or coarse_to_fine"),
+    ({"backbone_lr_scale": 0}, "backbone_lr_scale must be > 0"),
+    ({"plateau_patience": 2}, "plateau_patience needs schedule=constant (cosine and onecycle decay the lr themselves)"),
+    ({"plateau_patience": 2, "schedule": "constant", "plateau_factor": 1.0}, "plateau_factor must be in (0, 1)"),
+    ({"early_stop_patience": -1}, "patiences must be >= 0 (0 = off)"),
     ({"stage2_lr": 0}, "learning rates must be > 0"),
     ({"stage2_lr": "nan"}, "learning rates must be > 0"),
     ({"layer_decay": 0}, "layer_decay must be in (0, 1]"),
     ({"layer_decay": 1.5}, "layer_decay must be in (0, 1]"),
-    ({"schedule": "step"}, "schedule must be cosine or onecycle"),
+    ({"schedule": "step"}, "schedule must be cosine, onecycle or constant"),
     ({"optimizer": "adam"}, "optimizer must be sgd or adamw"),
     ({"batch_size": 0}, "batch sizes must be >= 1"),
     ({"eval_batch_size": 0}, "batch sizes must be >= 1"),
@@ -93,7 +99,8 @@ def test_invalid_values(d, fragment):
 
 def test_round_trip():
     d = {"backbone": "resnet18", "stages": 3, "stage3_epochs": 2, "stage3_lr": 2e-4,
-         "layer_decay": 0.6, "coarse_head": True, "input_size": 64, "schedule": "onecycle"}
+         "layer_decay": 0.6, "head": "coarse_to_fine", "input_size": 64, "schedule": "onecycle",
+         "augment": "flip,rotate=10,blur=0.1", "early_stop_patience": 3, "small_input_stem": True}
     cfg = TrialConfig.from_dict(d)
     out = cfg.to_dict()
     assert set(out) == {f.name for f in dataclasses.fields(TrialConfig)}
@@ -113,9 +120,20 @@ def test_total_epochs(d, total):
     assert TrialConfig.from_dict(d).total_epochs == total
 
 
+def test_configs_from_before_the_head_field_still_load():
+    assert TrialConfig.from_dict({"coarse_head": True}).head == "coarse_to_fine"
+    assert coerce({"coarse_head": "0"}) == {"head": "flat"}
+
+
+def test_a_bad_augment_list_is_a_config_error():
+    with pytest.raises(UserError) as e:
+        TrialConfig.from_dict({"augment": "flip,spin=3"})
+    assert _one_line(e).startswith("bad trial config: ") and "spin" in _one_line(e)
+
+
 def test_coerce_is_typing_only():
     # no range checks: a partial --set dict can name a field another one must agree with
-    assert coerce({"stages": "3", "coarse_head": "0"}) == {"stages": 3, "coarse_head": False}
+    assert coerce({"stages": "3", "head": "flat"}) == {"stages": 3, "head": "flat"}
     with pytest.raises(UserError):
         coerce({"nope": 1})
 

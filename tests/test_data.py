@@ -233,10 +233,12 @@ def test_search_data_never_reads_test_file(tmp_path):
 
 def test_final_data_is_search_train_plus_val(fake):
     sd = prepare_search_data(fake, subset=4, val_fraction=0.25, seed=3, download=False)
-    train, test, fine_names, coarse_names = prepare_final_data(fake, subset=4, seed=3, download=False)
-    assert _rows(train.images) == _rows(sd.train.images, sd.val.images)
-    assert len(test) == 500 and fine_names == sd.fine_names and len(coarse_names) == 20
+    fd = prepare_final_data(fake, subset=4, seed=3, val_fraction=0.25, download=False)
+    assert _rows(fd.train_val.images) == _rows(sd.train.images, sd.val.images)
+    assert len(fd.test) == 500 and fd.fine_names == sd.fine_names and len(fd.coarse_names) == 20
+    train, val = fd.search_split()  # the search's exact split, for configs that train on val_loss
+    assert np.array_equal(train.images, sd.train.images) and np.array_equal(val.fine, sd.val.fine)
 
-    full, _, _, _ = prepare_final_data(fake, subset=None, seed=3, download=False)
-    assert len(full) == 2000
+    full = prepare_final_data(fake, subset=None, seed=3, download=False)
+    assert len(full.train_val) == 2000
     assert pickle.loads(pickle.dumps(sd)).train.images.shape == sd.train.images.shape  # object-store friendly

@@ -81,3 +81,53 @@ def test_each_trial_keeps_its_last_and_best_checkpoint(experiment):
     for t in load_trials(experiment[0]):
         kept = sorted(int(p.name.split("_")[1]) + 1 for p in t.path.glob("checkpoint_*"))  # -> epoch
         assert set(kept) == {t.epochs_run, t.best["epoch"]}, (t.trial_id, kept)
+
+
+BASELINES = ("alexnet_scratch", "efficientnetv2s_coarse_fine")
+
+
+def test_analyze_compares_the_search_best_with_recipes(experiment, weights_args):
+    exp = experiment[0]
+    out = exp / "analysis"
+    if not (out / "test_metrics.json").exists():  # the retrain test did not run first (-k)
+        run_cli("analyze.py", exp, check=True)
+    best = json.loads((out / "test_metrics.json").read_text())
+    pretrained = "--weights-dir" in weights_args  # the search's weights folder serves the recipes too
+    proc = run_cli("analyze.py", exp, "--no-retrain", "--baselines", ",".join(BASELINES), "--epochs-scale", 0.05,
+                   "--set", "efficientnetv2s_coarse_fine:backbone=tf_efficientnet_lite0",
+                   "--set", "efficientnetv2s_coarse_fine:input_size=64",
+                   *([] if pretrained else ["--set", "pretrained=false"]), check=True)
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [r["recipe"] for r in rows][1:] == list(BASELINES) and rows[0]["recipe"].startswith("search best")
+    assert rows[0]["test_acc"] == best["test_acc"]  # the best's earlier retrain, not a second test
+    alex, cf = rows[1], rows[2]
+    assert (alex["planned_epochs"], alex["input_size"], alex["pretrained"]) == (2, 32, False)  # 50 x 0.05
+    assert 1 <= alex["epochs"] <= 2 and alex["train_images"] < best["train_images"]  # val held out: early stopping
+    assert (cf["backbone"], cf["input_size"], cf["planned_epochs"]) == ("tf_efficientnet_lite0", 64, 1)
+    assert cf["train_images"] == best["train_images"] and cf["head"] == "coarse_to_fine"
+    cf_metrics = json.loads((out / "baselines" / "efficientnetv2s_coarse_fine" / "test_metrics.json").read_text())
+    assert 0 <= cf_metrics["test_coarse_head_acc"] <= 1 and cf_metrics["test_coarse_acc"] == cf["test_coarse_acc"]
+    if pretrained:
+        assert cf["test_acc"] > 3 * 0.01  # one epoch from ImageNet weights beats chance (1 %)
+    for r in rows:
+        assert not r["error"] and 0 <= r["test_acc"] <= 1 and r["train_seconds"] > 0
+    assert "test coarse acc" in proc.stdout and "search best (trial" in proc.stdout
+    report = (out / "report.html").read_text()
+    assert "Search best vs hand-made recipes" in report and "efficientnetv2s_coarse_fine" in report
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--baselines", "tiny"], "choose recipes from"),
+    (["--baselines", "alexnet_scratch", "--set", "lr=1"], "unknown hyper-parameter"),
+    (["--baselines", "alexnet_scratch", "--epochs-scale", "0"], "--epochs-scale 0.0 must be"),
+    (["--set", "pretrained=false"], "add --baselines"),
+    (["--baselines", "mobilenetv2_2phase_96", "--weights-dir", "/nonexistent"], "no weights file"),
+])
+def test_analyze_bad_baseline_input_is_one_line_and_keeps_results(experiment, args, fragment):
+    exp = experiment[0]
+    written = {p: p.read_bytes() for p in (exp / "analysis").glob("*.json")}
+    proc = run_cli("analyze.py", exp, "--no-retrain", *args, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in written} == written

@@ -23,10 +23,10 @@ def make_tiny_model(root: Path) -> tuple[Path, object]:
     from trainable.data import prepare_final_data
     from trainable.final import retrain_and_test
     data = write_fake_cifar(root / "data", train_per_class=5, test_per_class=2)
-    train, test, fine, coarse = prepare_final_data(data, subset=None, seed=0, download=False)
+    fd = prepare_final_data(data, subset=None, seed=0, download=False)
     out = root / "runs" / "tiny" / "analysis"
-    retrain_and_test(TINY_CONFIG, train, test, out, fine_names=fine, coarse_names=coarse)
-    return out / "model.pt", test
+    retrain_and_test(TINY_CONFIG, fd, out)
+    return out / "model.pt", fd.test
 
 
 def save_png(array_chw: np.ndarray, path: Path, size: int | None = None) -> Path:

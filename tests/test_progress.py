@@ -132,11 +132,11 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
     assert "s1_lr" in out and "best" in out  # our table is Tune's console
     assert "started with configuration" not in out  # no per-trial config dumps
     runs = glob.glob(str(tmp_path / "console" / "*" / "events.out.tfevents.*"))
-    assert len(runs) == 8  # one event file per trial: Tune's own TensorBoard logger was replaced: Tune's own TensorBoard logger was replaced
+    assert len(runs) == 8  # one event file per trial: Tune's own TensorBoard logger was replaced
     with_hparams = 0
     for f in runs:
         ea = EventAccumulator(f)
         ea.Reload()
-        if set(ea.Tags()["scalars"]) == set(SCALARS):
+        if set(ea.Tags()["scalars"]) == set(SCALARS) - {"val_coarse_acc", "val_coarse_head_acc"}:  # not reported here
             with_hparams += bool(ea.PluginTagToContent("hparams"))
     assert with_hparams >= 4  # the trials that ran to the end

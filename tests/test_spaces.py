@@ -20,7 +20,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 N_TRIALS = 40  # beyond TPE's 10 random start-up trials, so the model-based sampler runs too
 BASE = {"pretrained": False, "weights_dir": "", "seed": 0, "compile": False}
 FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
-STAGE3_ONLY = {"stage3_lr", "layer_decay", "stage3_epochs"}
+STAGE3_ONLY = {"stage3_lr", "stage3_epochs"}
 
 
 def _study(multivariate: bool = False) -> optuna.Study:
@@ -100,7 +100,7 @@ def test_default_space_stage3_params_sampled_only_with_3_stages():
         if cfg["stages"] == 3:
             seen3 = True
             assert {"stage3_lr", "layer_decay", "stage3_epochs"} <= set(params)
-            assert 1e-5 <= cfg["stage3_lr"] <= 1e-2 and 0.5 <= cfg["layer_decay"] <= 0.95
+            assert 1e-5 <= cfg["stage3_lr"] <= 1e-2 and 0.5 <= cfg["layer_decay"] <= 1.0
             assert cfg["stage3_epochs"] >= 1 and cfg["stage2_epochs"] >= 1
     assert seen3
 
@@ -147,11 +147,11 @@ def test_narrowed_backbones():
 # --- --set overrides -----------------------------------------------------------------------------
 
 def test_fixed_values_win_and_are_not_sampled():
-    fixed = {"batch_size": "256", "backbone": "resnet18", "stage1_lr": "0.05", "coarse_head": "true"}
+    fixed = {"batch_size": "256", "backbone": "resnet18", "stage1_lr": "0.05", "head": "coarse_to_fine"}
     for cfg, params in _run("default", fixed=fixed, n=20):
         _check_complete(cfg, params)
-        assert (cfg["batch_size"], cfg["backbone"], cfg["stage1_lr"], cfg["coarse_head"]) == \
-               (256, "resnet18", 0.05, True)
+        assert (cfg["batch_size"], cfg["backbone"], cfg["stage1_lr"], cfg["head"]) == \
+               (256, "resnet18", 0.05, "coarse_to_fine")
         assert not set(fixed) & set(params)
 
 
@@ -160,7 +160,7 @@ def test_fixed_three_stages_samples_the_stage3_params():
     for cfg, params in results:
         tc = _check_complete(cfg, params)
         assert tc.stages == 3 and tc.stage3_epochs >= 1 and tc.total_epochs == 30
-        assert "stages" not in params and {"stage3_lr", "layer_decay"} <= set(params)
+        assert "stages" not in params and {"stage3_lr", "stage3_epochs"} <= set(params)
 
 
 def test_fixed_two_stages_never_samples_stage3():
@@ -175,9 +175,21 @@ def test_fixed_epochs_in_the_budget_split():
 
 
 def test_fixed_overrides_a_recipe():
-    for cfg, params in _run("mobilenetv2_71", fixed={"batch_size": "64", "stage2_epochs": "3"}, n=3):
+    for cfg, params in _run("mobilenetv2_2stage_128", fixed={"batch_size": "64", "stage2_epochs": "3"}, n=3):
         assert cfg["batch_size"] == 64 and cfg["stage2_epochs"] == 3 and cfg["input_size"] == 128
         assert params == {}
+
+
+def test_plateau_patience_only_with_a_constant_schedule():
+    results = _run("default", n=40, multivariate=True)
+    assert {cfg["schedule"] for cfg, _ in results} == {"cosine", "onecycle", "constant"}
+    for cfg, params in results:
+        assert ("plateau_patience" in params) == (cfg["schedule"] == "constant")
+
+
+def test_old_recipe_names_still_resolve():
+    assert get_space("mobilenetv2_71").name == "mobilenetv2_2stage_128"
+    assert get_space("resnet50_84").name == "resnet50_3stage_224"
 
 
 def test_fixed_unknown_or_bad_value_is_a_user_error():
@@ -199,10 +211,10 @@ class _NoTrial:
 
 
 def test_suggest_returns_fixed_values_typed():
-    s = Suggest(_NoTrial(), {"stages": "3", "stage1_lr": "1e-3", "coarse_head": "no", "backbone": "resnet18"})
+    s = Suggest(_NoTrial(), {"stages": "3", "stage1_lr": "1e-3", "freeze_bn": "no", "backbone": "resnet18"})
     assert s.cat("stages", [2, 3]) == 3
     assert s.float("stage1_lr", 1e-4, 1e-1, log=True) == 1e-3
-    assert s.cat("coarse_head", [False, True]) is False
+    assert s.cat("freeze_bn", [False, True]) is False
     assert s.cat("backbone", ["resnet18", "resnet50"]) == "resnet18"
     # degenerate ranges are not sampled either
     assert s.int("unfreeze_depth", 2, 2) == 2 and s.float("aug_strength", 0.5, 0.5) == 0.5

@@ -70,7 +70,8 @@ def logged(tmp_path):
 def test_scalars_are_against_the_global_epoch(logged):
     done, stopped, _ = logged
     ea = read(done.local_path)
-    assert set(ea.Tags()["scalars"]) == set(SCALARS)  # no ray/tune/* duplicates, no config noise
+    tags = set(ea.Tags()["scalars"])
+    assert tags <= set(SCALARS) and {"val_acc", "val_loss", "lr"} <= tags  # no ray/tune/* duplicates, no config noise
     for tag in ("val_acc", "val_loss", "train_loss", "lr", "stage"):
         assert [e.step for e in ea.Scalars(tag)] == [1, 2, 3]
     assert [e.value for e in ea.Scalars("stage")] == [1, 2, 2]
@@ -90,6 +91,16 @@ def test_hparams_session_per_trial(logged):
     hp, status = session(read(failed.local_path))
     assert hp["status"] == "failed" and status == api_pb2.Status.STATUS_FAILURE
     assert not {"weights_dir", "seed", "fault"} & set(hp)  # plumbing, not hyper-parameters
+
+
+def test_status_tells_asha_from_the_trials_own_early_stopping():
+    from search.tensorboard import trial_status
+    cfg = TrialConfig.from_dict({"stage1_epochs": 2, "stage2_epochs": 3, "early_stop_patience": 1}).to_dict()
+    assert trial_status(cfg, {"epoch": 5, "stage": 2}, False) == "completed"
+    assert trial_status(cfg, {"epoch": 3, "stage": 2}, False) == "stopped early"  # ASHA
+    assert trial_status(cfg, {"epoch": 3, "stage": 2, "early_stopped": True}, False) == "early-stopped"
+    assert trial_status(cfg, {"epoch": 1, "stage": 1, "early_stopped": True}, False) == "stopped early"
+    assert trial_status(cfg, {"epoch": 1}, True) == "failed"
 
 
 def test_replaces_tunes_default_logger_and_pickles():

@@ -2,7 +2,8 @@
 
 The dataset lives on the device as uint8 [N,3,H,W]; every batch is augmented in a few tensor ops
 with independent random parameters per image, and resized to the backbone's input size in the
-same resampling pass.
+same resampling pass. Order: colour jitter, grayscale, blur (at source resolution), then one
+geometric resampling (flip/rotate/translate/zoom/perspective), normalisation, erasing.
 
 `aug_policy(strength)` maps one search knob onto the policy, linearly in between the two ends:
 
@@ -11,11 +12,21 @@ same resampling pass.
     max_translate    0            0.125           shift U(-t, t) of image size, per axis
     max_rotate_deg   0            15              angle U(-r, r) degrees
     zoom             (1.0, 1.0)   (0.8, 1.2)      scale U(lo, hi); >1 magnifies
+    perspective      0            0.1             tilt: homography row 3 = (px, py, 1), U(-d, d)
     color_jitter     0            0.4             brightness/contrast/saturation U(1-c, 1+c)
+    grayscale_prob   0            0.1             ITU-R 601 grey with this probability
+    blur_prob        0            0.2             Gaussian blur with this probability
+    blur_sigma       (0.1, 1.0)   (0.1, 1.0)      sigma U(lo, hi) in source pixels; fixed
     erase_prob       0            0.25            erase one rectangle with this probability
     erase_area       (0.02, 0.2)  (0.02, 0.2)     fraction of the image; fixed, p carries strength
 
-Strength outside [0, 1] raises ValueError.
+Perspective 0.1 bends opposite edges to a length ratio of at most (1+d)/(1-d) = 1.22, about
+torchvision RandomPerspective's worst case at distortion_scale 0.2 (1.25); d < 0.5 keeps the
+homogeneous w = 1 + px*x + py*y positive over the whole image.
+
+Strength outside [0, 1] raises ValueError. Fixed recipes name their ops instead
+(`parse_augment`, `policy_for`): "flip, rotate=10, blur" -- unnamed ops are off, a bare name
+takes its strength-1 value, "none" alone turns everything off.
 """
 
 from dataclasses import dataclass
@@ -26,7 +37,7 @@ import torch.nn.functional as F
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, as torchvision's rgb_to_grayscale
 _ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))  # torchvision RandomErasing's aspect range
-_N_DRAWS = 13  # uniforms per image, see DeviceAugment.forward
+_N_DRAWS = 18  # uniforms per image, see DeviceAugment.forward
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,36 @@ class AugPolicy:
     color_jitter: float  # amplitude of brightness/contrast/saturation factors
     erase_prob: float
     erase_area: tuple[float, float]  # fraction of the output image
+    # Defaulted (off) so policies written before these ops existed keep their meaning.
+    perspective: float = 0.0  # max |px|, |py| of the homography's third row, normalised coords
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 1.0)  # Gaussian sigma range in source pixels
+    grayscale_prob: float = 0.0
+
+
+# Explicit-list ops: name -> (value placeholder, strength-1 value, upper bound, inclusive?).
+# Lower bounds are all 0; zoom < 1 keeps the scale positive, perspective < 0.5 keeps w > 0.
+_OPS = {
+    "rotate": ("DEG", 15.0, 180.0, True),
+    "translate": ("FRAC", 0.125, 1.0, True),
+    "zoom": ("FRAC", 0.2, 1.0, False),
+    "jitter": ("AMP", 0.4, 1.0, True),
+    "erase": ("P", 0.25, 1.0, True),
+    "perspective": ("D", 0.1, 0.5, False),
+    "blur": ("P", 0.2, 1.0, True),
+    "grayscale": ("P", 0.1, 1.0, True),
+}
+_VALID = ", ".join(["flip", *(f"{k}={v[0]}" for k, v in _OPS.items()), "none (alone)"])
+
+
+def _build(flip: bool, v: dict[str, float]) -> AugPolicy:
+    """Policy from explicit-list values (missing op = off)."""
+    z = v.get("zoom", 0.0)
+    return AugPolicy(flip=flip, max_rotate_deg=v.get("rotate", 0.0),
+                     max_translate=v.get("translate", 0.0), zoom=(1.0 - z, 1.0 + z),
+                     color_jitter=v.get("jitter", 0.0), erase_prob=v.get("erase", 0.0),
+                     erase_area=(0.02, 0.2), perspective=v.get("perspective", 0.0),
+                     blur_prob=v.get("blur", 0.0), grayscale_prob=v.get("grayscale", 0.0))
 
 
 def aug_policy(strength: float) -> AugPolicy:
@@ -47,15 +88,58 @@ def aug_policy(strength: float) -> AugPolicy:
     if not 0.0 <= strength <= 1.0:  # also rejects NaN
         raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
     s = float(strength)
-    return AugPolicy(
-        flip=True,
-        max_rotate_deg=15.0 * s,
-        max_translate=0.125 * s,
-        zoom=(1.0 - 0.2 * s, 1.0 + 0.2 * s),
-        color_jitter=0.4 * s,
-        erase_prob=0.25 * s,
-        erase_area=(0.02, 0.2),
-    )
+    return _build(True, {k: full * s for k, (_, full, _, _) in _OPS.items()})
+
+
+def parse_augment(spec: str) -> AugPolicy:
+    """Policy from an explicit op list, e.g. "flip, rotate=10, blur"; see the module docstring.
+
+    Raises ValueError (one line: the bad item and the valid names) on anything malformed.
+    """
+    if not spec.strip():
+        raise ValueError(f"augment spec is empty; name ops or 'none'; valid: {_VALID}")
+    items = [s.strip() for s in spec.split(",")]
+    if items == ["none"]:
+        return _build(False, {})
+    flip, values = False, {}
+    for item in items:
+        name, eq, raw = (s.strip() for s in item.partition("="))
+
+        def bad(why: str) -> ValueError:
+            return ValueError(f"augment item {item!r}: {why}; valid: {_VALID}")
+
+        if not item:
+            raise bad("empty item")
+        if name == "none":
+            raise bad("'none' takes no value and must be the only item")
+        if name == "flip":
+            if eq:
+                raise bad("flip takes no value")
+            if flip:
+                raise bad("op 'flip' repeated")
+            flip = True
+            continue
+        if name not in _OPS:
+            raise bad(f"unknown op {name!r}")
+        if name in values:
+            raise bad(f"op {name!r} repeated")
+        _, full, hi, hi_ok = _OPS[name]
+        if not eq:
+            values[name] = full
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise bad(f"value {raw!r} is not a number") from None
+        if not (0.0 <= value <= hi if hi_ok else 0.0 <= value < hi):  # also rejects NaN
+            raise bad(f"{name} must be in [0, {hi:g}{']' if hi_ok else ')'}")
+        values[name] = value
+    return _build(flip, values)
+
+
+def policy_for(strength: float, spec: str) -> AugPolicy:
+    """The explicit list `spec` if given (strength ignored), else `aug_policy(strength)`."""
+    return parse_augment(spec) if spec.strip() else aug_policy(strength)
 
 
 def _normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -93,14 +177,47 @@ def affine_resize(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tens
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def homography_resize(x: torch.Tensor, h: torch.Tensor, size: int) -> torch.Tensor:
+    """`affine_resize` through per-image 3x3 homographies `h` [B,3,3]: output pixel (x, y, 1)
+    samples the input at (h @ (x, y, 1)) / w, normalised coordinates, reflection padding."""
+    # Pixel centres as affine_grid with align_corners=False, so an affine h matches that path.
+    c = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    base = torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, -1, 3)
+    p = base @ h.to(x.dtype).transpose(1, 2)  # [B,S*S,3]
+    grid = (p[..., :2] / p[..., 2:]).view(-1, size, size, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma [B,1,H,W] of float RGB [B,3,H,W]."""
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * luma).sum(1, keepdim=True)
+
+
 def _jitter(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation with per-image factors [B] (torchvision's blends)."""
-    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = (x * b.view(-1, 1, 1, 1)).clamp_(0, 1)
-    grey_mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = torch.lerp(grey_mean, x, c.view(-1, 1, 1, 1)).clamp_(0, 1)
-    grey = (x * luma).sum(1, keepdim=True)
-    return torch.lerp(grey, x, s.view(-1, 1, 1, 1)).clamp_(0, 1)
+    x = torch.lerp(_grey(x).mean((2, 3), keepdim=True), x, c.view(-1, 1, 1, 1)).clamp_(0, 1)
+    return torch.lerp(_grey(x), x, s.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Gaussian blur of float [B,C,H,W] with per-image sigma [B] (pixels), kernel 2*radius+1.
+
+    Separable, as a depthwise conv over B*C channels so each image gets its own kernel in one
+    call; reflect padding as torchvision's gaussian_blur (no dark rim).
+    """
+    n, ch, hh, ww = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    g = torch.exp(-0.5 * (k / sigma.clamp(min=1e-6)[:, None]) ** 2)  # tiny sigma -> delta
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # [B*C,K], one row per channel
+    y = x.reshape(1, n * ch, hh, ww)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), g.view(n * ch, 1, 1, -1),
+                 groups=n * ch)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), g.view(n * ch, 1, -1, 1),
+                 groups=n * ch)
+    return y.view(n, ch, hh, ww)
 
 
 def _erase_mask(u: torch.Tensor, policy: AugPolicy, size: int) -> torch.Tensor:
@@ -133,15 +250,27 @@ class DeviceAugment(torch.nn.Module):
         p, size = self.policy, self.input_size
         x = _to_unit(x)
         # One draw for everything, on the generator's device (a CPU generator can drive CUDA
-        # data), so the stream does not depend on which parts are switched on.
+        # data), so the stream does not depend on which parts are switched on. Columns: 0 flip,
+        # 1 rotate, 2-3 translate, 4 zoom, 5-7 jitter, 8-12 erase, 13-14 perspective,
+        # 15-16 blur (apply, sigma), 17 grayscale.
         dev = generator.device if generator is not None else x.device
         u = torch.rand(x.shape[0], _N_DRAWS, generator=generator, device=dev).to(x.device)
 
-        if p.color_jitter > 0:  # at source resolution: up to 49x fewer pixels than after resize
+        # Colour and blur at source resolution: up to 49x fewer pixels than after the resize.
+        if p.color_jitter > 0:
             b, c, s = (1 + p.color_jitter * (2 * u[:, i] - 1) for i in (5, 6, 7))
             x = _jitter(x, b.clamp(min=0), c.clamp(min=0), s.clamp(min=0))
+        if p.grayscale_prob > 0:
+            x = torch.where((u[:, 17] < p.grayscale_prob).view(-1, 1, 1, 1), _grey(x), x)
+        if p.blur_prob > 0:
+            lo, hi = p.blur_sigma
+            # Radius from the policy, not the drawn sigmas: no device sync, one kernel size.
+            radius = max(1, min(math.ceil(3 * hi), x.shape[-1] - 1))
+            blurred = _blur(x, lo + (hi - lo) * u[:, 16], radius)
+            x = torch.where((u[:, 15] < p.blur_prob).view(-1, 1, 1, 1), blurred, x)
 
-        geometric = p.max_rotate_deg > 0 or p.max_translate > 0 or tuple(p.zoom) != (1.0, 1.0)
+        geometric = (p.max_rotate_deg > 0 or p.max_translate > 0 or tuple(p.zoom) != (1.0, 1.0)
+                     or p.perspective > 0)
         if p.flip or geometric:
             flip = torch.where(u[:, 0] < 0.5, -1.0, 1.0) if p.flip else torch.ones_like(u[:, 0])
             angle = torch.deg2rad(p.max_rotate_deg * (2 * u[:, 1] - 1))
@@ -152,7 +281,16 @@ class DeviceAugment(torch.nn.Module):
             # theta maps output -> input coords: rotate . scale . flip(x), then shift.
             theta = torch.stack([torch.stack([flip * cos, -sin, tx], 1),
                                  torch.stack([flip * sin, cos, ty], 1)], 1)
-            x = affine_resize(x, theta, size)
+            if p.perspective > 0:
+                # H = A @ T: tilt the output plane (T = I with third row (px, py, 1)), then the
+                # affine A; H's third row is (px, py, 1) too, so w = 1 + px*x + py*y > 0.
+                px, py = (p.perspective * (2 * u[:, i] - 1) for i in (13, 14))
+                tilt = torch.eye(3, device=x.device).repeat(x.shape[0], 1, 1)
+                tilt[:, 2, 0], tilt[:, 2, 1] = px, py
+                bottom = tilt.new_tensor([0.0, 0.0, 1.0]).expand(x.shape[0], 1, 3)
+                x = homography_resize(x, torch.cat([theta, bottom], 1) @ tilt, size)
+            else:  # the exact affine path (train/eval geometry agree at identity)
+                x = affine_resize(x, theta, size)
         elif x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 

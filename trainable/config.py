@@ -18,9 +18,10 @@ class TrialConfig:
     backbone: str = "tf_efficientnet_lite0"  # timm model name
     pretrained: bool = True  # ImageNet weights (hub, or weights_dir/<backbone>.pth)
     weights_dir: str = ""  # offline weights folder; "" = the hub
-    coarse_head: bool = False  # a 20-superclass head whose logits feed the 100-class head
-    coarse_loss_weight: float = 0.3  # weight of the coarse head's loss (when coarse_head)
-    # --- stage plan (see trainable/stages.py)
+    small_input_stem: bool = False  # ResNet/VGG: stride-1 3x3 stem, no early downsampling (32 px, from scratch)
+    head: str = "flat"  # "flat" (100 classes) or "coarse_to_fine" (20-superclass logits feed the fine head)
+    coarse_loss_weight: float = 0.3  # weight of the coarse head's loss (coarse_to_fine)
+    # --- stage plan (see trainable/stages.py); a stage with 0 epochs is skipped
     stages: int = 2  # 2: head, then top blocks; 3: adds the whole network with layer-wise lr decay
     unfreeze_depth: int = 2  # stage 2 trains the top `unfreeze_depth` backbone blocks + head
     stage1_epochs: int = 1
@@ -29,10 +30,14 @@ class TrialConfig:
     stage2_lr: float = 3e-3
     stage3_epochs: int = 0
     stage3_lr: float = 1e-3
-    layer_decay: float = 0.75  # stage 3: lr of block i from the top = stage3_lr * layer_decay**i
+    backbone_lr_scale: float = 1.0  # the top unfrozen block's lr relative to the stage's (head's) lr
+    layer_decay: float = 0.75  # stages 2-3: each block's lr is layer_decay times the block above's
     freeze_bn: bool = False  # keep every BatchNorm's statistics fixed, also in unfrozen blocks
-    schedule: str = "cosine"  # per stage: "cosine" (linear warmup + cosine) or "onecycle"
+    schedule: str = "cosine"  # per stage: "cosine" (warmup + cosine), "onecycle" or "constant" (warmup + flat)
     warmup_frac: float = 0.1  # fraction of each stage spent warming up
+    plateau_patience: int = 0  # constant schedule: lr *= plateau_factor after this many epochs without a lower val_loss; 0 = off
+    plateau_factor: float = 0.1
+    early_stop_patience: int = 0  # end a stage after this many epochs without a lower val_loss; 0 = off
     # --- optimiser and loss
     optimizer: str = "sgd"  # "sgd" (Nesterov, momentum 0.9) or "adamw"
     weight_decay: float = 5e-4
@@ -42,7 +47,8 @@ class TrialConfig:
     cutmix_alpha: float = 0.0  # timm Mixup; 0 = off
     # --- input
     input_size: int = 32  # images are upsampled from 32 px to this on the device
-    aug_strength: float = 0.5  # 0: flip only .. 1: flip, translate, rotate, zoom, jitter, erasing
+    aug_strength: float = 0.5  # 0: flip only .. 1: every op at full strength (trainable/augment.py)
+    augment: str = ""  # explicit op list overriding aug_strength, e.g. "flip,rotate=15,blur=0.1"
     # --- run
     seed: int = 0
     compile: bool = False  # torch.compile the model (worth it for long GPU trials only)
@@ -52,6 +58,15 @@ class TrialConfig:
     # the machine cannot satisfy
     fault: str = ""
     fault_epoch: int = 0
+
+    @property
+    def coarse_head(self) -> bool:
+        return self.head == "coarse_to_fine"
+
+    @property
+    def uses_val(self) -> bool:
+        """Training itself reads val_loss (early stopping, reduce-on-plateau), not only reports it."""
+        return self.early_stop_patience > 0 or self.plateau_patience > 0
 
     @property
     def total_epochs(self) -> int:
@@ -71,11 +86,18 @@ class TrialConfig:
         checks = [
             (self.stages in (2, 3), "stages must be 2 or 3"),
             (self.unfreeze_depth >= 1, "unfreeze_depth must be >= 1"),
-            (self.stage1_epochs >= 1 and self.stage2_epochs >= 1, "stage1/2 epochs must be >= 1"),
+            (min(self.stage1_epochs, self.stage2_epochs, self.stage3_epochs) >= 0, "stage epochs must be >= 0"),
             (self.stages == 2 or self.stage3_epochs >= 1, "a 3-stage plan needs stage3_epochs >= 1"),
+            (self.total_epochs >= 1, "the stage plan has no epochs: give some stage epochs >= 1"),
+            (self.head in ("flat", "coarse_to_fine"), "head must be flat or coarse_to_fine"),
+            (self.backbone_lr_scale > 0, "backbone_lr_scale must be > 0"),
             (all(lr > 0 for lr in (self.stage1_lr, self.stage2_lr, self.stage3_lr)), "learning rates must be > 0"),
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
-            (self.schedule in ("cosine", "onecycle"), "schedule must be cosine or onecycle"),
+            (self.schedule in ("cosine", "onecycle", "constant"), "schedule must be cosine, onecycle or constant"),
+            (self.plateau_patience >= 0 and self.early_stop_patience >= 0, "patiences must be >= 0 (0 = off)"),
+            (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
+            (self.plateau_patience == 0 or self.schedule == "constant",
+             "plateau_patience needs schedule=constant (cosine and onecycle decay the lr themselves)"),
             (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
             (self.weight_decay >= 0 and self.coarse_loss_weight >= 0, "weight_decay and coarse_loss_weight must be >= 0"),
@@ -89,6 +111,11 @@ class TrialConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
+        from trainable.augment import policy_for
+        try:
+            policy_for(self.aug_strength, self.augment)
+        except ValueError as e:
+            raise UserError(f"bad trial config: {e}") from None
 
 
 def coerce(d: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +125,7 @@ def coerce(d: dict[str, Any]) -> dict[str, Any]:
     are a UserError.
     """
     types = {f.name: type(f.default) for f in fields(TrialConfig)}
+    d = _renamed(d)
     unknown = sorted(set(d) - set(types))
     if unknown:
         raise UserError(f"unknown hyper-parameter(s) {', '.join(unknown)}: "
@@ -127,3 +155,17 @@ def _to_bool(v: Any) -> bool:
             return False
         raise ValueError(v)
     return bool(v)
+
+
+def _renamed(d: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before a field was renamed still load (coarse_head: bool -> head)."""
+    if "coarse_head" not in d or "head" in d:
+        return d
+    d = dict(d)
+    v = d.pop("coarse_head")
+    try:
+        d["head"] = "coarse_to_fine" if _to_bool(v) else "flat"
+    except ValueError:
+        raise UserError(f"hyper-parameter coarse_head={v!r} is not a valid bool "
+                        f"(it is now head: flat | coarse_to_fine)") from None
+    return d

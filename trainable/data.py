@@ -57,6 +57,22 @@ class SearchData:
     coarse_names: list[str]
 
 
+@dataclass
+class FinalData:
+    """What the final retrain and the one test evaluation use."""
+
+    train_val: Split  # the whole training file, or the search's per-class subset of it
+    train_index: np.ndarray  # rows of train_val that were the search's train split ...
+    val_index: np.ndarray  # ... and its validation split
+    test: Split
+    fine_names: list[str]
+    coarse_names: list[str]
+
+    def search_split(self) -> tuple[Split, Split]:
+        """(train, val) exactly as the search had them: for configs that train on val_loss."""
+        return self.train_val.take(self.train_index), self.train_val.take(self.val_index)
+
+
 # ----------------------------------------------------------------------------- loading
 
 # The one function NumPy pickles call to rebuild an array; taken from ndarray's own
@@ -260,12 +276,14 @@ def prepare_search_data(
 
 
 def prepare_final_data(
-    data_dir: str | Path, *, subset: int | None, seed: int, download: bool = True
-) -> tuple[Split, Split, list[str], list[str]]:
-    """(train + val, test, fine_names, coarse_names) for the final retrain and the one test evaluation.
+    data_dir: str | Path, *, subset: int | None, seed: int, val_fraction: float = 0.1, download: bool = True
+) -> FinalData:
+    """train + val and test for the final retrain and the one test evaluation.
 
-    train + val is the whole training file (or the same per-class subset the search used);
-    the test split is always complete.
+    train + val is the whole training file (or the same per-class subset the search used); with
+    the search's `val_fraction` and `seed`, `search_split()` gives back its exact train/val split.
+    The test split is always complete.
     """
     ds, train = _train_subset(data_dir, ("train", "test"), subset, seed, download)
-    return train, ds.test, ds.fine_names, ds.coarse_names
+    train_idx, val_idx = stratified_split(train.fine, val_fraction, seed)
+    return FinalData(train, train_idx, val_idx, ds.test, ds.fine_names, ds.coarse_names)

@@ -1,4 +1,9 @@
-"""The final step: retrain one config on train+val for its full schedule, then test it once."""
+"""The final step: retrain one config for its full schedule, then test it once.
+
+It trains on train + val, except a config that trains on val_loss (early stopping,
+reduce-on-plateau): that one trains on the search's train split and watches its val split, as
+it did in the search, since there is nothing else to watch.
+"""
 from __future__ import annotations
 
 import json
@@ -11,38 +16,43 @@ import torch
 from trainable import atomic
 from trainable.augment import normalisation_of
 from trainable.config import TrialConfig
-from trainable.data import Split
+from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
 from trainable.trial import pick_device, run_trial, to_device
 
 
-def retrain_and_test(config: dict[str, Any], train: Split, test: Split, out_dir: Path, *,
-                     fine_names: list[str], coarse_names: list[str],
+def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                      on_epoch: Callable[[dict[str, Any]], None] = lambda m: None) -> dict[str, Any]:
     """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics."""
     cfg = TrialConfig.from_dict(config)
+    train, val = data.search_split() if cfg.uses_val else (data.train_val, None)
     t0 = time.perf_counter()
-    net, last = run_trial(cfg.to_dict(), train, None, lambda m, _ckpt: on_epoch(m), checkpoint=False)
+    net, last = run_trial(cfg.to_dict(), train, val, lambda m, _ckpt: on_epoch(m), checkpoint=False)
     if last.get("status", "ok") != "ok":
         raise UserError(f"the retrain failed: {last['status']} in epoch {last['epoch']}: "
                         f"lower the learning rates, batch_size or input_size in the config")
     train_seconds = time.perf_counter() - t0
     device = pick_device()
     mean, std = normalisation_of(net.backbone)
-    ev = evaluate(net, *to_device(test, device), input_size=cfg.input_size, mean=mean, std=std,
+    ev = evaluate(net, *to_device(data.test, device), input_size=cfg.input_size, mean=mean, std=std,
                   batch_size=cfg.eval_batch_size, prec=Precision.for_device(device),
                   return_predictions=True)
     metrics = {"test_acc": ev["acc"], "test_top5": ev["top5"], "test_coarse_acc": ev["coarse_acc"],
-               "test_loss": ev["loss"], "epochs": cfg.total_epochs, "train_seconds": train_seconds,
-               "train_images": len(train), "test_images": len(test)}
+               "test_loss": ev["loss"], "epochs": int(last["epoch"]), "planned_epochs": cfg.total_epochs,
+               "train_seconds": train_seconds, "train_images": len(train), "test_images": len(data.test),
+               "watched_val": val is not None}
+    if "coarse_head_acc" in ev:
+        metrics.update(test_coarse_head_acc=ev["coarse_head_acc"], test_coarse_head_loss=ev["coarse_head_loss"])
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic.torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-                "config": cfg.to_dict(), "fine_names": fine_names, "coarse_names": coarse_names,
-                "mean": list(mean), "std": list(std)}, out_dir / "model.pt")
-    atomic.torch_save({"predictions": ev["predictions"], "labels": torch.from_numpy(test.fine.copy()),
-                "coarse_labels": torch.from_numpy(test.coarse.copy())}, out_dir / "test_predictions.pt")
+                       "config": cfg.to_dict(), "fine_names": data.fine_names,
+                       "coarse_names": data.coarse_names, "mean": list(mean), "std": list(std)},
+                      out_dir / "model.pt")
+    atomic.torch_save({"predictions": ev["predictions"], "labels": torch.from_numpy(data.test.fine.copy()),
+                       "coarse_labels": torch.from_numpy(data.test.coarse.copy())},
+                      out_dir / "test_predictions.pt")
     return metrics
 
 
@@ -51,6 +61,6 @@ def load_trained(path: Path, device: torch.device | str = "cpu"):
     from trainable.model import create_model
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TrialConfig.from_dict(ckpt["config"])
-    net = create_model(cfg.backbone, pretrained=False, coarse=cfg.coarse_head)
+    net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval(), ckpt

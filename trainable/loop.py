@@ -115,15 +115,17 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
 def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, *,
              input_size: int, mean, std, batch_size: int, prec: Precision,
              return_predictions: bool = False) -> dict:
-    """Loss, top-1, top-5 and superclass accuracy (a fine prediction's superclass is right)."""
+    """Loss, top-1, top-5 and superclass accuracy (the fine prediction's superclass is right: comparable
+    across heads); with a coarse-to-fine head also the coarse head's own loss and accuracy."""
     net.eval()
-    loss = torch.zeros((), device=x.device)
-    correct, top5, coarse_ok = (torch.zeros((), device=x.device, dtype=torch.long) for _ in range(3))
+    zero = lambda dtype=torch.long: torch.zeros((), device=x.device, dtype=dtype)  # noqa: E731
+    loss, coarse_loss = zero(torch.float32), zero(torch.float32)
+    correct, top5, coarse_ok, coarse_head_ok = zero(), zero(), zero(), zero()
     fine_to_coarse = _fine_to_coarse(fine, coarse)
-    preds = []
+    preds, has_coarse_head = [], False
     for i in range(0, x.shape[0], batch_size):
         xb = prec.prepare(eval_transform(x[i:i + batch_size], input_size, mean, std))
-        yb = fine[i:i + batch_size]
+        yb, cb = fine[i:i + batch_size], coarse[i:i + batch_size]
         with prec.autocast():
             out = net(xb)
         logits = (out[0] if isinstance(out, tuple) else out).float()
@@ -131,12 +133,19 @@ def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor
         pred = logits.argmax(1)
         correct += (pred == yb).sum()
         top5 += (logits.topk(5, dim=1).indices == yb[:, None]).any(1).sum()
-        coarse_ok += (fine_to_coarse[pred] == coarse[i:i + batch_size]).sum()
+        coarse_ok += (fine_to_coarse[pred] == cb).sum()
+        if isinstance(out, tuple):
+            has_coarse_head = True
+            coarse_logits = out[1].float()
+            coarse_loss += F.cross_entropy(coarse_logits, cb, reduction="sum")
+            coarse_head_ok += (coarse_logits.argmax(1) == cb).sum()
         if return_predictions:
             preds.append(pred)
     n = max(1, x.shape[0])
     result = {"loss": float(loss) / n, "acc": float(correct) / n, "top5": float(top5) / n,
               "coarse_acc": float(coarse_ok) / n}
+    if has_coarse_head:
+        result.update(coarse_head_loss=float(coarse_loss) / n, coarse_head_acc=float(coarse_head_ok) / n)
     if return_predictions:
         result["predictions"] = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.long)
     return result

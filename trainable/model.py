@@ -15,17 +15,25 @@ from timm.models import group_parameters
 from torch import nn
 
 from trainable.errors import UserError
+from trainable.scratch import adapt_small_input  # also registers the 32 px "alexnet" with timm
 
 NUM_FINE, NUM_COARSE = 100, 20
+HEADS = ("flat", "coarse_to_fine")
 
 
 class Net(nn.Module):
-    """Backbone features -> head. With `coarse`, a 20-superclass head's logits feed the fine head."""
+    """Backbone features -> head. "coarse_to_fine": a 20-superclass head's softmax feeds the fine
+    head together with the features, and forward returns (fine, coarse) logits."""
 
-    def __init__(self, backbone: nn.Module, coarse: bool):
+    def __init__(self, backbone: nn.Module, head: str = "flat"):
         super().__init__()
+        if head not in HEADS:
+            raise UserError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
         self.backbone = backbone
-        width = backbone.num_features
+        # the width backbone(x) returns once its classifier is reset: past any pre-logits layer
+        # (VGG's MLP, MobileNetV3's conv_head), which num_features stops short of
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        coarse = head == "coarse_to_fine"
         self.coarse_head = nn.Linear(width, NUM_COARSE) if coarse else None
         self.fine_head = nn.Linear(width + (NUM_COARSE if coarse else 0), NUM_FINE)
 
@@ -34,7 +42,9 @@ class Net(nn.Module):
         if self.coarse_head is None:
             return self.fine_head(f)
         coarse = self.coarse_head(f)
-        return self.fine_head(torch.cat([f, coarse], dim=1)), coarse
+        # the fine head sees the coarse *probabilities*: bounded, so a large lr can't feed the
+        # fine head ever larger logits (which diverged at SGD lr 0.08)
+        return self.fine_head(torch.cat([f, coarse.softmax(dim=1)], dim=1)), coarse
 
     def head_parameters(self) -> list[nn.Parameter]:
         heads = [self.fine_head] + ([self.coarse_head] if self.coarse_head is not None else [])
@@ -47,24 +57,41 @@ class Net(nn.Module):
         return [[named[n] for n in names] for _, names in sorted(groups.items())]
 
 
-def create_model(name: str, *, pretrained: bool, weights_dir: str = "", coarse: bool = False) -> Net:
+def create_model(name: str, *, pretrained: bool, weights_dir: str = "", head: str = "flat",
+                 small_input_stem: bool = False) -> Net:
     """A timm backbone (ImageNet weights when `pretrained`) with fresh 100-class head(s)."""
-    if not timm.is_model(name):
-        raise UserError(f"unknown backbone {name!r}: use a timm model name (timm.list_models())")
+    check_weights(name, pretrained, weights_dir)
     weights = Path(weights_dir) / f"{name}.pth" if weights_dir else None
-    if pretrained and weights is None:
-        check_hub_reachable(name)
     backbone = timm.create_model(name, pretrained=pretrained and weights is None)
     if pretrained and weights is not None:
         load_weights(backbone, weights, name)
     backbone.reset_classifier(0)  # pooled features out; our head is separate
-    return Net(backbone, coarse)
+    if small_input_stem:
+        adapt_small_input(backbone, name)
+    return Net(backbone, head)
+
+
+def check_weights(name: str, pretrained: bool, weights_dir: str = "") -> None:
+    """Fail fast, before any training, when the backbone or its pretrained weights can't be had."""
+    if not timm.is_model(name):
+        raise UserError(f"unknown backbone {name!r}: use a timm model name (timm.list_models())")
+    if not pretrained:
+        return
+    if weights_dir:
+        path = Path(weights_dir) / f"{name}.pth"
+        if not path.is_file():
+            raise UserError(f"no weights file {path} for backbone {name}: put <timm name>.pth in "
+                            f"--weights-dir, or drop --weights-dir to use the hub, or train from scratch "
+                            f"(run_search.py --no-pretrained; analyze.py --set pretrained=false)")
+        return
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file):
+        raise UserError(f"backbone {name} has no pretrained weights: train it from scratch "
+                        f"(run_search.py --no-pretrained; analyze.py --set pretrained=false)")
+    check_hub_reachable(name)
 
 
 def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
-    if not path.is_file():
-        raise UserError(f"no weights file {path} for backbone {name}: put <timm name>.pth in "
-                        f"--weights-dir, or drop --weights-dir to use the hub, or pass --no-pretrained")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state, strict=True)

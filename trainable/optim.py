@@ -48,10 +48,27 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in groups], total_steps=total,
             pct_start=pct, cycle_momentum=cfg.optimizer == "sgd")
+    elif cfg.schedule == "constant":
+        # chainable schedulers (unlike LambdaLR) keep the cuts ReduceLROnPlateau makes to the lr
+        warmup = int(max(1, steps) * cfg.warmup_frac)
+        if warmup > 1:  # the same ramp as lr_factor: (step + 1) / warmup
+            sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1)
+        else:
+            sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, max(1, steps), cfg.warmup_frac))
     return opt, sched
+
+
+def build_plateau(opt: torch.optim.Optimizer, cfg: TrialConfig
+                  ) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """Cut every group's lr by plateau_factor after plateau_patience epochs without a lower
+    val_loss (Keras's counting; torch's `patience` allows that many bad epochs *before* the cut)."""
+    if cfg.plateau_patience <= 0:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience - 1)
 
 
 def head_lr(opt: torch.optim.Optimizer) -> float:

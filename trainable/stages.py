@@ -1,8 +1,10 @@
 """The stage plan: a pure function from a TrialConfig to the list of fine-tuning stages.
 
 Stage 1 trains the head only (backbone frozen), stage 2 the top `unfreeze_depth` blocks plus the
-head, optional stage 3 the whole network with layer-wise learning-rate decay (the top block gets
-stage3_lr, each block below it `layer_decay` times the one above; the head gets stage3_lr).
+head, optional stage 3 the whole network. A stage with 0 epochs is skipped, so a frozen feature
+extractor is stage 1 alone and training from scratch is stage 3 alone. In stages 2 and 3 the
+learning rates are discriminative: the head gets the stage's lr, the top unfrozen block
+`backbone_lr_scale` times that, and each block below it `layer_decay` times the one above.
 """
 from __future__ import annotations
 
@@ -14,28 +16,30 @@ from trainable.config import TrialConfig
 
 @dataclass(frozen=True)
 class Stage:
-    number: int  # 1, 2 or 3
-    first_epoch: int  # global epoch (0-based) at which this stage starts
+    number: int  # 1, 2 or 3 (kept when an earlier stage is skipped)
+    first_epoch: int  # global epoch (0-based) at which this stage starts, if no stage ends early
     epochs: int
-    lr: float  # the head's learning rate; blocks get lr * block_lr_scale
+    lr: float  # the head's learning rate; blocks get lr * block_lr_scales()
     top_blocks: int | None  # trainable backbone blocks from the top: 0 = head only, None = all
     layer_decay: float = 1.0  # lr ratio between a block and the one above it
+    backbone_scale: float = 1.0  # lr ratio between the top block and the head
 
 
 def plan_stages(cfg: TrialConfig) -> list[Stage]:
-    spec = [(cfg.stage1_epochs, cfg.stage1_lr, 0, 1.0),
-            (cfg.stage2_epochs, cfg.stage2_lr, cfg.unfreeze_depth, 1.0)]
+    spec = [(cfg.stage1_epochs, cfg.stage1_lr, 0),
+            (cfg.stage2_epochs, cfg.stage2_lr, cfg.unfreeze_depth)]
     if cfg.stages == 3:
-        spec.append((cfg.stage3_epochs, cfg.stage3_lr, None, cfg.layer_decay))
+        spec.append((cfg.stage3_epochs, cfg.stage3_lr, None))
     plan, start = [], 0
-    for number, (epochs, lr, top, decay) in enumerate(spec, start=1):
-        plan.append(Stage(number, start, epochs, lr, top, decay))
-        start += epochs
+    for number, (epochs, lr, top) in enumerate(spec, start=1):
+        if epochs > 0:
+            plan.append(Stage(number, start, epochs, lr, top, cfg.layer_decay, cfg.backbone_lr_scale))
+            start += epochs
     return plan
 
 
 def stage_at(plan: list[Stage], epoch: int) -> Stage:
-    """The stage that global epoch `epoch` (0-based) belongs to."""
+    """The stage that global epoch `epoch` (0-based) belongs to when no stage ends early."""
     for s in plan:
         if s.first_epoch <= epoch < s.first_epoch + s.epochs:
             return s
@@ -45,14 +49,17 @@ def stage_at(plan: list[Stage], epoch: int) -> Stage:
 def block_lr_scales(stage: Stage, n_blocks: int) -> list[float]:
     """Per-block lr multiplier, bottom block first; 0.0 = frozen in this stage."""
     top = n_blocks if stage.top_blocks is None else min(stage.top_blocks, n_blocks)
-    return [0.0 if i < n_blocks - top else stage.layer_decay ** (n_blocks - 1 - i)
+    return [0.0 if i < n_blocks - top else stage.backbone_scale * stage.layer_decay ** (n_blocks - 1 - i)
             for i in range(n_blocks)]
 
 
-def lr_factor(step: int, total_steps: int, warmup_frac: float) -> float:
-    """Linear warmup then cosine decay to 0, as a multiple of the stage's peak lr."""
+def lr_factor(step: int, total_steps: int, warmup_frac: float, decay: bool = True) -> float:
+    """Linear warmup then cosine decay to 0 (or, without `decay`, flat), as a multiple of the
+    stage's peak lr."""
     warmup = int(total_steps * warmup_frac)
     if step < warmup:
         return (step + 1) / warmup
+    if not decay:
+        return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -15,13 +15,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainable.augment import DeviceAugment, aug_policy, normalisation_of
+from trainable.augment import DeviceAugment, normalisation_of, policy_for
 from trainable.config import TrialConfig
 from trainable.data import Split
 from trainable.loop import Precision, evaluate, make_mixup, train_epoch
 from trainable.model import Net, create_model
-from trainable.optim import build_optimizer, count_trainable, head_lr
-from trainable.stages import Stage, plan_stages, stage_at
+from trainable.early_stop import EarlyStop
+from trainable.optim import build_optimizer, build_plateau, count_trainable, head_lr
+from trainable.stages import plan_stages
 
 # reporter(metrics, checkpoint_dir or None); the directory is only valid during the call
 Reporter = Callable[[dict[str, Any], Path | None], None]
@@ -50,14 +51,17 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
     """Fine-tune through every stage, reporting once per epoch; returns the model and last metrics.
 
     `restore` is a checkpoint directory written by an earlier call: training continues at the
-    epoch after it. With `val` None (the final retrain) only training metrics are reported.
+    epoch after it. With `val` None (the final retrain) only training metrics are reported, so a
+    config that trains on val_loss (early stopping, reduce-on-plateau) needs `val`.
     """
     cfg = TrialConfig.from_dict(config)
+    if val is None and cfg.uses_val:
+        raise ValueError("early_stop_patience/plateau_patience need a validation split")
     torch.manual_seed(cfg.seed)
     device = pick_device()
     prec = Precision.for_device(device)
     net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
-                       coarse=cfg.coarse_head)
+                       head=cfg.head, small_input_stem=cfg.small_input_stem)
     mean, std = normalisation_of(net.backbone)
     net.to(device, memory_format=torch.channels_last if prec.channels_last else torch.preserve_format)
     model = torch.compile(net) if cfg.compile else net
@@ -65,69 +69,85 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
     val_t = to_device(val, device) if val is not None else None
 
     plan = plan_stages(cfg)
-    total_epochs = plan[-1].first_epoch + plan[-1].epochs
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    aug = DeviceAugment(aug_policy(cfg.aug_strength), cfg.input_size, mean, std)
+    aug = DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, mean, std)
     mix = make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if prec.amp_dtype == torch.float16 else None
     steps_per_epoch = max(1, len(train) // min(cfg.batch_size, len(train) - len(train) % 2))
 
     state = _load(restore, device) if restore is not None else None
-    start = state["epoch"] if state else 0
+    done = state["epoch"] if state else 0  # epochs trained so far, over all stages
     best = state["best"] if state else {"val_acc": -1.0, "epoch": 0}
     if state:
         net.load_state_dict(state["net"])
         gen.set_state(state["generator"].cpu())
-    stage: Stage | None = None
-    opt = sched = None
     metrics: dict[str, Any] = {}
-    for epoch in range(start, total_epochs):
-        s = stage_at(plan, epoch)
-        if s is not stage:
-            stage = s
-            opt, sched = build_optimizer(net, s, cfg, s.epochs * steps_per_epoch, device)
-            if state and state["stage"] == s.number:  # resuming inside this stage
-                opt.load_state_dict(state["opt"])
-                sched.load_state_dict(state["sched"])
-        try:
-            if cfg.fault and cfg.fault_epoch == epoch + 1:
-                _inject(cfg.fault, first_run=restore is None)
-            tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
-                             sched=sched, prec=prec, scaler=scaler, mix=mix,
-                             smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                             generator=gen, freeze_bn=cfg.freeze_bn)
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            # retrying cannot help: end this trial with its reason; the search goes on
-            metrics = {"epoch": epoch + 1, "stage": s.number}
-            report(failure_result(metrics, "oom", f"out of memory in epoch {epoch + 1} (batch_size "
-                                  f"{cfg.batch_size}, input_size {cfg.input_size})"), None)
-            return net, {**metrics, "status": "oom"}
-        metrics = {"epoch": epoch + 1, "stage": s.number, "lr": head_lr(opt),
-                   "trainable_params": count_trainable(net), **tr}
-        if not math.isfinite(tr["train_loss"]):
-            # a diverged trial stops at once and is never a candidate for best
-            report(failure_result(metrics, "diverged", f"non-finite training loss in epoch {epoch + 1}"), None)
-            return net, {**metrics, "status": "diverged"}
-        if val_t is not None:
-            ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
-                          batch_size=cfg.eval_batch_size, prec=prec)
-            if ev["acc"] > best["val_acc"]:
-                best = {"val_acc": ev["acc"], "epoch": epoch + 1}
-            metrics.update(val_acc=ev["acc"], val_loss=ev["loss"], val_top5=ev["top5"],
-                           val_coarse_acc=ev["coarse_acc"], best_val_acc=best["val_acc"],
-                           best_epoch=best["epoch"])
-        metrics.update(diverged=False, status="ok")
-        if not checkpoint:
-            report(metrics, None)
-            continue
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            state_now = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "epoch": epoch + 1, "stage": s.number, "best": best,
-                         "generator": gen.get_state(), "config": cfg.to_dict()}
-            torch.save(state_now, Path(tmp) / CHECKPOINT_FILE)  # a private dir: Tune copies it on report
-            report(metrics, Path(tmp))
+    for s in plan:
+        resuming = state is not None and state["stage"] == s.number
+        if state is not None and (s.number < state["stage"] or (resuming and state["stage_done"])):
+            continue  # finished before the checkpoint
+        opt, sched = build_optimizer(net, s, cfg, s.epochs * steps_per_epoch, device)
+        plateau = build_plateau(opt, cfg)
+        stopper = EarlyStop(cfg.early_stop_patience)
+        stage_epoch = 0
+        if resuming:
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            if plateau is not None:
+                plateau.load_state_dict(state["plateau"])
+            stopper = EarlyStop.from_state(state["stopper"])
+            stage_epoch = state["stage_epoch"]
+        while stage_epoch < s.epochs:
+            epoch = done  # 0-based global epoch
+            try:
+                if cfg.fault and cfg.fault_epoch == epoch + 1:
+                    _inject(cfg.fault, first_run=restore is None)
+                tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
+                                 sched=sched, prec=prec, scaler=scaler, mix=mix,
+                                 smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
+                                 generator=gen, freeze_bn=cfg.freeze_bn)
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                # retrying cannot help: end this trial with its reason; the search goes on
+                metrics = {"epoch": epoch + 1, "stage": s.number}
+                report(failure_result(metrics, "oom", f"out of memory in epoch {epoch + 1} (batch_size "
+                                      f"{cfg.batch_size}, input_size {cfg.input_size})"), None)
+                return net, {**metrics, "status": "oom"}
+            done, stage_epoch = done + 1, stage_epoch + 1
+            metrics = {"epoch": done, "stage": s.number, "lr": head_lr(opt),
+                       "trainable_params": count_trainable(net), **tr}
+            if not math.isfinite(tr["train_loss"]):
+                # a diverged trial stops at once and is never a candidate for best
+                report(failure_result(metrics, "diverged", f"non-finite training loss in epoch {done}"), None)
+                return net, {**metrics, "status": "diverged"}
+            stopped = False
+            if val_t is not None:
+                ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
+                              batch_size=cfg.eval_batch_size, prec=prec)
+                if ev["acc"] > best["val_acc"]:
+                    best = {"val_acc": ev["acc"], "epoch": done}
+                metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=best["val_acc"],
+                               best_epoch=best["epoch"])
+                if plateau is not None:
+                    plateau.step(ev["loss"])
+                stopped = stopper.update(ev["loss"]) and stage_epoch < s.epochs
+            # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
+            metrics.update(diverged=False, status="ok", early_stopped=stopped)
+            stage_done = stopped or stage_epoch == s.epochs
+            if not checkpoint:
+                report(metrics, None)
+            else:
+                with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+                    state_now = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                 "plateau": plateau.state_dict() if plateau is not None else None,
+                                 "stopper": stopper.state_dict(), "epoch": done, "stage": s.number,
+                                 "stage_epoch": stage_epoch, "stage_done": stage_done, "best": best,
+                                 "generator": gen.get_state(), "config": cfg.to_dict()}
+                    torch.save(state_now, Path(tmp) / CHECKPOINT_FILE)  # a private dir: Tune copies it on report
+                    report(metrics, Path(tmp))
+            if stopped:
+                break
     return net, metrics
 
 

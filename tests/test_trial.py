@@ -1,0 +1,154 @@
+"""run_trial's per-trial callbacks and heads: early stopping and reduce-on-plateau on val_loss,
+resuming them from a checkpoint, the coarse-to-fine head's metrics, and a from-scratch recipe."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.export import ended_by_early_stopping
+from spaces import recipe_config
+from tests.fake_cifar import write_fake_cifar
+from trainable import trial
+from trainable.baselines import scale_epochs
+from trainable.data import prepare_search_data
+from trainable.trial import run_trial
+
+_EVALUATE = trial.evaluate
+BASE = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50,
+        "aug_strength": 0.0, "eval_batch_size": 200}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_fake_cifar(tmp_path_factory.mktemp("fake"), train_per_class=4, test_per_class=1)
+    return prepare_search_data(root, subset=None, val_fraction=0.25, seed=0, download=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: threads cost more than they give
+    yield
+    torch.set_num_threads(before)
+
+
+def _script_val_loss(monkeypatch, losses: list[float]) -> None:
+    """Real evaluation, but val_loss follows `losses`: the callbacks see a known curve."""
+    it = iter(losses)
+
+    def scripted(*a, **k):
+        return {**_EVALUATE(*a, **k), "loss": next(it)}
+    monkeypatch.setattr(trial, "evaluate", scripted)
+
+
+def _run(config: dict, data, **kw) -> list[dict]:
+    rows: list[dict] = []
+    run_trial({**BASE, **config}, data.train, data.val, lambda m, _c: rows.append(m), checkpoint=False, **kw)
+    return rows
+
+
+# --- early stopping -------------------------------------------------------------------------------
+
+def test_early_stopping_ends_each_stage_then_the_trial(monkeypatch, data):
+    cfg = {"stages": 2, "stage1_epochs": 5, "stage2_epochs": 5, "early_stop_patience": 2}
+    # stage 1: a low at epoch 2, then two epochs without one -> ends after epoch 4 (of 5)
+    # stage 2: a fresh count; a low at its epoch 1, two worse -> ends after epoch 3 (of 5)
+    _script_val_loss(monkeypatch, [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.9, 0.1])
+    rows = _run(cfg, data)
+    assert [r["epoch"] for r in rows] == list(range(1, 8))
+    assert [r["stage"] for r in rows] == [1, 1, 1, 1, 2, 2, 2]
+    assert [r["early_stopped"] for r in rows] == [False, False, False, True, False, False, True]
+    assert ended_by_early_stopping({**BASE, **cfg}, rows[-1])
+    assert not ended_by_early_stopping({**BASE, **cfg}, rows[3])  # stage 1 ending early is not the trial's end
+
+
+def test_a_stage_that_runs_its_course_is_not_early_stopped(monkeypatch, data):
+    _script_val_loss(monkeypatch, [1.0, 1.1, 1.2])  # 2 bad epochs, but the last is the stage's last
+    rows = _run({"stages": 2, "stage1_epochs": 1, "stage2_epochs": 2, "early_stop_patience": 2}, data)
+    assert [r["early_stopped"] for r in rows] == [False, False, False]
+
+
+def test_without_patience_nothing_stops(monkeypatch, data):
+    _script_val_loss(monkeypatch, [1.0, 2.0, 3.0, 4.0])
+    rows = _run({"stages": 2, "stage1_epochs": 2, "stage2_epochs": 2}, data)
+    assert len(rows) == 4 and not any(r["early_stopped"] for r in rows)
+
+
+# --- reduce-on-plateau ------------------------------------------------------------------------------
+
+def test_plateau_cuts_the_lr_after_patience_epochs(monkeypatch, data):
+    cfg = {"stages": 2, "stage1_epochs": 6, "stage2_epochs": 0, "stage1_lr": 1e-2, "schedule": "constant",
+           "warmup_frac": 0.0, "plateau_patience": 2, "plateau_factor": 0.1}
+    _script_val_loss(monkeypatch, [1.0, 1.1, 1.2, 1.3, 1.4, 0.5])
+    lrs = [r["lr"] for r in _run(cfg, data)]  # the lr each epoch trained with
+    # cut after epoch 3 (epochs 2, 3 without a new low), again after epoch 5 (4, 5)
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4])
+
+
+def test_constant_schedule_warms_up_then_stays_flat(data):
+    cfg = {"stages": 2, "stage1_epochs": 3, "stage2_epochs": 0, "stage1_lr": 1e-2, "schedule": "constant",
+           "warmup_frac": 0.5}
+    lrs = [r["lr"] for r in _run(cfg, data)]  # 3 epochs x 6 steps; warmup 9 steps
+    assert lrs[0] < 1e-2 and lrs[1:] == pytest.approx([1e-2, 1e-2])
+
+
+# --- resuming keeps the callbacks' state ----------------------------------------------------------
+
+def test_resume_mid_stage_continues_the_patience_count(monkeypatch, data, tmp_path):
+    cfg = {**BASE, "stages": 2, "stage1_epochs": 6, "stage2_epochs": 1, "early_stop_patience": 3,
+           "schedule": "constant", "warmup_frac": 0.0, "plateau_patience": 2, "plateau_factor": 0.5}
+    losses = [1.0, 1.1, 1.2, 1.3, 0.2, 0.1]  # stage 1 stops after epoch 4 (3 bad epochs)
+    saved = tmp_path / "after_epoch_2"
+
+    def keep_epoch_2(m, ckpt):
+        if m["epoch"] == 2:
+            shutil.copytree(ckpt, saved)
+        rows.append(m)
+    rows: list[dict] = []
+    _script_val_loss(monkeypatch, losses)
+    run_trial(cfg, data.train, data.val, keep_epoch_2)
+    resumed: list[dict] = []
+    _script_val_loss(monkeypatch, losses[2:])
+    run_trial(cfg, data.train, data.val, lambda m, _c: resumed.append(m), restore=saved)
+    key = lambda rs: [(r["epoch"], r["stage"], r["early_stopped"], r["lr"]) for r in rs]  # noqa: E731
+    assert key(resumed) == key(rows[2:])
+    assert [r["epoch"] for r in resumed] == [3, 4, 5] and resumed[1]["early_stopped"]
+
+
+def test_a_config_that_trains_on_val_loss_needs_val(data):
+    with pytest.raises(ValueError, match="validation split"):
+        run_trial({**BASE, "early_stop_patience": 2}, data.train, None, lambda m, c: None)
+
+
+# --- heads and from-scratch training --------------------------------------------------------------
+
+def test_coarse_to_fine_head_reports_both_heads_and_learns_superclasses(data):
+    rows = _run({"head": "coarse_to_fine", "stages": 3, "stage1_epochs": 1, "stage2_epochs": 1,
+                 "stage3_epochs": 4, "stage1_lr": 0.05, "stage2_lr": 0.05, "stage3_lr": 0.05,
+                 "layer_decay": 1.0}, data)
+    for r in rows:
+        assert {"val_acc", "val_coarse_acc", "val_coarse_head_acc", "val_coarse_head_loss"} <= set(r)
+    assert max(r["val_coarse_head_acc"] for r in rows) > 2 * (1 / 20)  # twice chance
+    assert rows[-1]["val_coarse_head_loss"] < rows[0]["val_coarse_head_loss"]
+    flat = _run({"stages": 2, "stage1_epochs": 1, "stage2_epochs": 1}, data)
+    assert "val_coarse_head_acc" not in flat[-1] and "val_coarse_acc" in flat[-1]
+
+
+@pytest.mark.parametrize("recipe", ["alexnet_scratch", "vgg13_scratch"])  # resnet18: the test below
+def test_scratch_recipe_trains_every_parameter(recipe, data):
+    cfg = scale_epochs(recipe_config(recipe), 0.04)  # 50 -> 2 epochs, patiences 10/5 -> 1/1
+    assert (cfg["stage3_epochs"], cfg["early_stop_patience"], cfg["plateau_patience"]) == (2, 1, 1)
+    assert not cfg["pretrained"] and cfg["small_input_stem"] and cfg["input_size"] == 32
+    net, last = run_trial({**cfg, "early_stop_patience": 0}, data.train, data.val, lambda m, c: None,
+                          checkpoint=False)
+    assert last["stage"] == 3 and last["trainable_params"] == sum(p.numel() for p in net.parameters())
+    assert last["status"] == "ok" and last["val_loss"] < 10
+
+
+def test_resnet18_from_scratch_learns(data):
+    cfg = {**scale_epochs(recipe_config("resnet18_scratch"), 0.06), "early_stop_patience": 0, "batch_size": 50}
+    _, last = run_trial(cfg, data.train, data.val, lambda m, c: None, checkpoint=False)
+    assert last["best_val_acc"] > 3 * 0.01  # chance is 1 %
