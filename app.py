@@ -25,10 +25,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def find_models(root: Path) -> list[Path]:
-    """Every analysis/model.pt of an experiment under root (root itself may be an experiment)."""
+    """Every analysis/model.pt of an experiment under root (root itself may be an experiment), and
+    the models of the recipes it was compared with (analysis/baselines/RECIPE/model.pt)."""
     root = Path(root).expanduser()
-    found = set(root.glob("*/analysis/model.pt")) | set(root.glob("analysis/model.pt"))
-    found |= set(root.glob("*/*/analysis/model.pt"))  # a storage folder of storage folders
+    found: set[Path] = set()
+    for depth in ("", "*/", "*/*/"):  # an experiment, a storage folder, a storage folder of those
+        found |= set(root.glob(f"{depth}analysis/model.pt")) | set(root.glob(f"{depth}analysis/baselines/*/model.pt"))
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

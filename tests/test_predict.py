@@ -93,3 +93,15 @@ def test_bad_input_is_one_line_exit_2(tiny, case):
     assert proc.stdout == ""
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_app_lists_search_and_recipe_models(tmp_path):
+    from app import find_models
+    paths = [tmp_path / "exp/analysis/model.pt", tmp_path / "exp/analysis/baselines/alexnet_scratch/model.pt",
+             tmp_path / "store/exp2/analysis/model.pt"]
+    for p in paths:
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+    (tmp_path / "exp/analysis/other.pt").write_bytes(b"")
+    assert set(find_models(tmp_path)) == set(paths)
+    assert set(find_models(tmp_path / "exp")) == set(paths[:2])
