@@ -99,7 +99,8 @@ def _schedule(ranked, out: Path) -> str:
     png = plot_schedule(ranked[0], out / "lr_schedule.png")
     return h.section(title, h.img(png, "learning-rate schedule of the best trial"),
                      h.note("Recomputed per optimiser step with the training code's own stage plan "
-                            "and scheduler; diamonds are the lr the trial reported after each epoch."))
+                            "and scheduler; diamonds are the lr the trial reported after each epoch "
+                            "(reduce-on-plateau cuts and early-stopped stages show only there)."))
 
 
 def _test_metrics(out: Path) -> dict | None:
