@@ -9,14 +9,18 @@ import torch
 from ray import tune
 
 from trainable.data import Split
-from trainable.trial import run_trial
+from trainable.memory import limit_memory, trial_budget
+from trainable.trial import pick_device, run_trial
 
 
 def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     """Tune's function trainable; `train`/`val` arrive through the object store (one copy a node)."""
     # Ray sets OMP_NUM_THREADS from the trial's CPUs; torch must use the same count or trials
     # sharing a node oversubscribe its cores
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(cpus)
+    if pick_device().type == "cpu":  # past its share an allocation fails: status oom, search goes on
+        limit_memory(trial_budget(cpus))
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

@@ -1,0 +1,39 @@
+"""A CPU trial's memory budget, enforced by the kernel (RLIMIT_AS) in the trial's own process.
+
+Past the budget an allocation fails inside the trial, which ends it with status "oom" and a
+reason while the search goes on. Without it, Ray's memory monitor SIGKILLs the worker at 95 % of
+node memory, and Ray Tune 2.60 does not survive that: its actor manager raises "Caught
+unexpected exception: ... OutOfMemoryError" and the whole search stops (seen here: lite0 at
+224 px, batch 256, every block unfrozen, reached 18 GB). GPU trials are left alone: CUDA's out of
+memory is an exception already, and CUDA reserves far more address space than it uses.
+"""
+from __future__ import annotations
+
+import os
+import resource
+
+SHARE = 0.8  # of the node's RAM, split among its CPUs; the rest is Ray, the driver, the OS
+
+
+def vm_size() -> int:
+    """This process's virtual size in bytes (what RLIMIT_AS counts)."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    return kb * 1024
+
+
+def trial_budget(trial_cpus: int, node_cpus: int | None = None, node_ram: int | None = None) -> int:
+    """Bytes a trial may add: its CPUs' share of SHARE of the node's RAM (trials are packed by CPU)."""
+    node_cpus = node_cpus or os.cpu_count() or 1
+    node_ram = node_ram or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(node_ram * SHARE * min(1.0, trial_cpus / node_cpus))
+
+
+def limit_memory(budget: int) -> int:
+    """Let this process grow by at most `budget` bytes from now; returns the limit set."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm_size() + budget
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit
