@@ -69,17 +69,15 @@ def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict
     import json
 
     from report.comparison import text_table
-    from trainable.baselines import comparison_rows, run_baselines, save_comparison
+    from trainable.baselines import comparison_rows, run_baseline, save_comparison
     from trainable.config import TrialConfig
 
-    def on_start(name: str, cfg: dict) -> None:
+    results = {}
+    for name, cfg in baselines.items():
         print(f"\nbaseline {name}: {cfg['backbone']}, {cfg['input_size']} px, "
               f"{TrialConfig.from_dict(cfg).total_epochs} epochs planned", flush=True)
-
-    results = {}
-    for name, cfg in baselines.items():  # one bar per recipe
         with _epoch_bar(cfg) as on_epoch:
-            results.update(run_baselines({name: cfg}, data, out / "baselines", on_start=on_start, on_epoch=on_epoch))
+            results[name] = run_baseline(cfg, data, out / "baselines" / name, on_epoch=on_epoch)
         m = results[name]["metrics"]
         print(f"  error: {m['error']}" if "error" in m else f"  test_acc {m['test_acc']:.4f}", flush=True)
     best_metrics = out / "test_metrics.json"

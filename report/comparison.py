@@ -13,12 +13,11 @@ NUMERIC = {3, 4, 5, 6, 7, 8}
 
 
 def cells(r: dict[str, Any]) -> list[str]:
+    about = [r["recipe"], r["backbone"], "yes" if r["pretrained"] else "no", str(r["input_size"])]
     if r.get("error"):
-        return [r["recipe"], r["backbone"], "yes" if r["pretrained"] else "no", str(r["input_size"]),
-                f"-/{r['planned_epochs']}", "-", "-", "failed", r["error"][:60]]
-    return [r["recipe"], r["backbone"], "yes" if r["pretrained"] else "no", str(r["input_size"]),
-            f"{r['epochs']}/{r['planned_epochs']}", str(r["train_images"]), f"{r['train_seconds']:.0f} s",
-            f"{r['test_acc']:.2%}", f"{r['test_coarse_acc']:.2%}"]
+        return about + [f"-/{r['planned_epochs']}", "-", "-", "failed", r["error"][:60]]
+    return about + [f"{r['epochs']}/{r['planned_epochs']}", str(r["train_images"]), f"{r['train_seconds']:.0f} s",
+                    f"{r['test_acc']:.2%}", f"{r['test_coarse_acc']:.2%}"]
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:

@@ -67,19 +67,15 @@ def baseline_configs(names: list[str], overrides: list[str], base: dict[str, Any
     return configs
 
 
-def run_baselines(configs: dict[str, dict[str, Any]], data: FinalData, out_dir: Path, *,
-                  on_start: Callable[[str, dict], None] = lambda n, c: None,
-                  on_epoch: Callable[[dict[str, Any]], None] = lambda m: None) -> dict[str, dict[str, Any]]:
-    """Retrain and test each recipe into out_dir/NAME/; a failed one gets its error, the rest go on."""
-    results = {}
-    for name, cfg in configs.items():
-        on_start(name, cfg)
-        try:
-            metrics = retrain_and_test(cfg, data, out_dir / name, on_epoch=on_epoch)
-        except UserError as e:
-            metrics = {"error": str(e)}
-        results[name] = {"config": cfg, "metrics": metrics}
-    return results
+def run_baseline(config: dict[str, Any], data: FinalData, out_dir: Path, *,
+                 on_epoch: Callable[[dict[str, Any]], None] = lambda m: None) -> dict[str, Any]:
+    """Retrain and test one recipe into out_dir; a failure becomes its metrics' error, so the
+    other recipes can go on."""
+    try:
+        metrics = retrain_and_test(config, data, out_dir, on_epoch=on_epoch)
+    except UserError as e:
+        metrics = {"error": str(e)}
+    return {"config": config, "metrics": metrics}
 
 
 def comparison_rows(best: dict[str, Any] | None, baselines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

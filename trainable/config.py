@@ -11,6 +11,8 @@ from typing import Any
 
 from trainable.errors import UserError
 
+HEADS = ("flat", "coarse_to_fine")
+
 
 @dataclass
 class TrialConfig:
@@ -89,7 +91,7 @@ class TrialConfig:
             (min(self.stage1_epochs, self.stage2_epochs, self.stage3_epochs) >= 0, "stage epochs must be >= 0"),
             (self.stages == 2 or self.stage3_epochs >= 1, "a 3-stage plan needs stage3_epochs >= 1"),
             (self.total_epochs >= 1, "the stage plan has no epochs: give some stage epochs >= 1"),
-            (self.head in ("flat", "coarse_to_fine"), "head must be flat or coarse_to_fine"),
+            (self.head in HEADS, f"head must be {' or '.join(HEADS)}"),
             (self.backbone_lr_scale > 0, "backbone_lr_scale must be > 0"),
             (all(lr > 0 for lr in (self.stage1_lr, self.stage2_lr, self.stage3_lr)), "learning rates must be > 0"),
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),

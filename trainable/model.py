@@ -14,11 +14,11 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+from trainable.config import HEADS
 from trainable.errors import UserError
 from trainable.scratch import adapt_small_input  # also registers the 32 px "alexnet" with timm
 
 NUM_FINE, NUM_COARSE = 100, 20
-HEADS = ("flat", "coarse_to_fine")
 
 
 class Net(nn.Module):
