@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 ARGS    ?=
 
-.PHONY: search test bench app clean-venv
+.PHONY: search test bench duel app clean-venv
 
 # torch/torchvision are pinned to the versions this machine image carries; any torch>=2.4 works.
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ app: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(ARGS)
+
+# the search against the hand-made recipes at equal budget (~45 min on 2 CPU cores); writes BENCHMARKS.md
+duel: $(STAMP)
+	$(PY) benchmarks/duel.py $(ARGS)
 
 clean-venv:
 	rm -rf .venv

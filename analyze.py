@@ -13,9 +13,12 @@ from trainable.errors import UserError
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("experiment", help="the experiment folder run_search.py wrote (STORAGE/NAME)")
-    p.add_argument("--config", default="", help="retrain this config instead (a best_config.yaml)")
+    p.add_argument("--config", default="",
+                   help="retrain this config instead (a best_config.yaml: up to its best_epoch, as without --config)")
     p.add_argument("--data-dir", default="", help="folder holding cifar-100-python/ (default: the search's)")
     p.add_argument("--weights-dir", default=None, help="offline pretrained weights (default: the search's)")
+    p.add_argument("--full-schedule", action="store_true",
+                   help="retrain the best config's whole stage plan, not only up to its best epoch")
     p.add_argument("--no-retrain", action="store_true",
                    help="don't retrain the best config (the comparison reuses an earlier retrain)")
     p.add_argument("--baselines", default="", metavar="NAME[,NAME...]",
@@ -39,6 +42,8 @@ def analyze(args: argparse.Namespace) -> Path:
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
     config = read_best_config(Path(args.config)) if args.config else best["config"]
+    cut = retrain_cut(_best_epoch_of(Path(args.config)) if args.config else best["best_epoch"], config,
+                      full_schedule=args.full_schedule)
     if args.weights_dir is not None:
         config = {**config, "weights_dir": str(Path(args.weights_dir).resolve()) if args.weights_dir else ""}
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
@@ -53,16 +58,51 @@ def analyze(args: argparse.Namespace) -> Path:
     data_dir = args.data_dir or settings.get("data_dir") or "./data"
     data = prepare_final_data(data_dir, subset=settings.get("subset"), seed=int(settings.get("seed", 0)),
                               val_fraction=float(settings.get("val_fraction", 0.1)))
+    _limit_cpu_memory()
     if not args.no_retrain:
         from trainable.final import retrain_and_test
+        from trainable.config import TrialConfig
+        planned = TrialConfig.from_dict(config).total_epochs
+        if cut is not None:
+            print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
+                  f"(--full-schedule retrains all {planned})")
         print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
-        with _epoch_bar(config) as on_epoch:
-            metrics = retrain_and_test(config, data, out, on_epoch=on_epoch)
+        with _epoch_bar(config, cut) as on_epoch:
+            metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
         print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
               f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
     if baselines:
         _compare(args, best, config, baselines, data, out)
     return _report(exp)
+
+
+def retrain_cut(best_epoch: int | None, config: dict, *, full_schedule: bool = False) -> int | None:
+    """The global epoch the retrain stops after: the selected trial's best epoch when it comes before
+    the config's last planned epoch (the trial was chosen there, not at its end); None = the whole plan."""
+    from trainable.config import TrialConfig
+    if full_schedule or best_epoch is None or best_epoch < 1:
+        return None
+    return int(best_epoch) if best_epoch < TrialConfig.from_dict(config).total_epochs else None
+
+
+def _best_epoch_of(path: Path) -> int | None:
+    """The best_epoch a best_config.yaml/json carries (a plain mapping of hyper-parameters has none),
+    so its retrain_command retrains what analyze.py without --config would."""
+    import yaml
+    data = yaml.safe_load(path.read_text())  # read_best_config has already checked the file
+    epoch = data.get("best_epoch") if "config" in data else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def _limit_cpu_memory() -> None:
+    """On the CPU, give the retrain a memory budget (80 % of RAM) as a search gives its trials, so
+    running out is an error that says what to lower instead of the kernel killing the process."""
+    import os
+
+    from trainable.memory import limit_memory, trial_budget
+    from trainable.trial import pick_device
+    if pick_device().type == "cpu":
+        limit_memory(trial_budget(os.cpu_count() or 1))
 
 
 def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data, out: Path) -> None:
@@ -92,12 +132,12 @@ def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict
 
 
 @contextlib.contextmanager
-def _epoch_bar(config: dict):
+def _epoch_bar(config: dict, cut: int | None = None):
     """A progress bar over the retrain's epochs on a terminal; one line per epoch otherwise."""
     from tqdm import tqdm
 
     from trainable.config import TrialConfig
-    bar = tqdm(total=TrialConfig.from_dict(config).total_epochs, unit="epoch", desc="train",
+    bar = tqdm(total=cut or TrialConfig.from_dict(config).total_epochs, unit="epoch", desc="train",
                disable=not sys.stderr.isatty())
 
     def on_epoch(m: dict) -> None:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 ROOT_ENV = "CIFAR_TUNE_RUNS"
-IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,6 +21,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"folder holding experiments (default: ${ROOT_ENV} or ./runs)")
     p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1")
     return p.parse_args(argv)
+
+
+def image_types() -> list[str]:
+    """Every file extension Pillow can open (the uploader refuses the rest before reading them)."""
+    from PIL import Image
+    Image.init()
+    return sorted({ext.lstrip(".").lower() for ext, fmt in Image.registered_extensions().items()
+                   if fmt in Image.OPEN})
 
 
 def find_models(root: Path) -> list[Path]:
@@ -50,7 +57,7 @@ def page(args: argparse.Namespace) -> None:
     import pandas as pd
     import streamlit as st
 
-    from predict import load_image, load_model, probabilities
+    from predict import load_model, probabilities, read_image, to_model_input
     from trainable.errors import UserError
 
     @st.cache_resource(max_entries=4, show_spinner="loading the model ...")
@@ -81,19 +88,19 @@ def page(args: argparse.Namespace) -> None:
     st.caption(f"model: {path} ({cfg})")
 
     upload = st.file_uploader("Image (any size: it is shrunk to 32×32 like the training images)",
-                              type=IMAGE_TYPES)
+                              type=image_types())
     if upload is None:
         return
     try:
-        image = load_image(upload, name=upload.name)
+        picture = read_image(upload, name=upload.name)  # the upright RGB picture the model gets
     except UserError as e:
         st.error(str(e))
         return
-    probs = probabilities(model, [image])[0]
+    probs = probabilities(model, [to_model_input(picture)])[0]
     order = probs.argsort(descending=True).tolist()
     best = order[0]
     left, right = st.columns([1, 2])
-    left.image(upload, caption=upload.name, width="stretch")
+    left.image(picture, caption=upload.name, width="stretch")  # not the raw file: Pillow decoded it
     right.metric("Predicted class", model.names[best])
     right.metric("Probability", f"{float(probs[best]):.1%}")
     right.caption("Next: " + ", ".join(f"{model.names[i]} {float(probs[i]):.1%}" for i in order[1:5]))

@@ -1,14 +1,16 @@
 """python predict.py MODEL.pt IMAGE [IMAGE ...] [--json]: top-5 classes of any image file.
 
-MODEL.pt is the analysis/model.pt analyze.py writes. Each image is read with PIL, converted to RGB,
-shrunk to 32x32 like the dataset's images (box filter, as the stand-in set was made), then goes
-through the model's own eval transform (resize to its input_size, its mean/std): the same path
-the test images took. app.py uses these functions too.
+MODEL.pt is the analysis/model.pt analyze.py writes. Each image is read with Pillow as a viewer
+shows it (first frame, EXIF orientation applied, transparency over white, 16-bit and float data
+scaled to 8-bit RGB, ICC profile to sRGB), shrunk to 32x32 like the dataset's images (box filter,
+as the stand-in set was made), then goes through the model's own eval transform (resize to its
+input_size, its mean/std): the same path the test images took. app.py uses these functions too.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,21 +51,133 @@ def load_model(path: str | Path) -> Model:
                  tuple(ckpt["mean"]), tuple(ckpt["std"]), p)
 
 
-def load_image(src: str | Path | IO[bytes], name: str = ""):
-    """uint8 tensor [3, 32, 32] from an image file path or a binary file object."""
+def read_image(src: str | Path | IO[bytes], name: str = "") -> "Image.Image":
+    """The picture a person sees in an image file: upright, 8-bit RGB, transparency over white.
+
+    `src` is a path or a binary file object; `name` labels it in errors (default: the path).
+    Reads the first frame of an animated or multi-page file, applies the EXIF orientation, brings
+    any mode and bit depth to 8-bit RGB (16-bit and float data scaled, not clipped) and an embedded
+    ICC profile to sRGB. UserError naming the file and the reason when it is missing, not an image,
+    truncated or corrupt, or larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+    """
+    import struct
+    import warnings
+
+    from PIL import Image, ImageOps
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise UserError(f"image {label} not found: check the path")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's warnings about a damaged file would add lines to the one-line error (or to a
+            # prediction that worked); it only warns between 1x and 2x its pixel limit: refused too
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                _check_pixels(im.size, label)  # also when another thread reset the warning filter
+                im.load()  # the first frame: what a viewer shows of an animated or multi-page file
+                return _to_rgb(ImageOps.exif_transpose(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_big(label, int(found.group(1)) if found else None) from None
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{label} is not an image Pillow can read: pass a PNG, JPEG, WebP, TIFF "
+                        f"or another format Pillow opens") from None
+    except PermissionError as e:
+        raise UserError(f"cannot read image {label} ({e.strerror}): check its permissions") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, MemoryError) as e:
+        # what Pillow's decoders raise for a damaged file, depending on the format
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"{label} is truncated or corrupt, Pillow cannot decode it ({reason}): "
+                        f"pass an intact copy of the image") from None
+
+
+def _too_big(label: str, pixels: int | None) -> UserError:
+    from PIL import Image
+    size = f"{pixels:,} pixels, " if pixels else ""
+    return UserError(f"{label} is too large to decode safely ({size}over the limit of "
+                     f"{Image.MAX_IMAGE_PIXELS:,} pixels, PIL.Image.MAX_IMAGE_PIXELS): pass a smaller image")
+
+
+def _check_pixels(size: tuple[int, int], label: str) -> None:
+    from PIL import Image
+    if Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        raise _too_big(label, size[0] * size[1])
+
+
+def _to_rgb(im: "Image.Image") -> "Image.Image":
+    """8-bit RGB of a loaded image in any mode, alpha composited over white."""
+    from PIL import Image
+    icc = im.info.get("icc_profile")
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _high_depth_to_8bit(im)
+    if im.mode == "La":  # premultiplied alpha: Pillow converts it to RGB(A) only via LA
+        im = im.convert("LA")
+    alpha = None
+    if im.has_transparency_data:  # an alpha band, a tRNS chunk or a GIF transparent index
+        rgba = im.convert("RGBA")
+        alpha, im = rgba.getchannel("A"), rgba.convert("RGB")
+    if icc and im.mode in ("RGB", "CMYK", "L"):
+        im = _to_srgb(im, icc)
+    im = im.convert("RGB")
+    if alpha is not None and alpha.getextrema()[0] < 255:
+        im = Image.composite(im, Image.new("RGB", im.size, (255, 255, 255)), alpha)
+    return im
+
+
+def _high_depth_to_8bit(im: "Image.Image") -> "Image.Image":
+    """L (LA with a tRNS grey) from 16-bit, 32-bit integer or float data, scaled to 0..255.
+
+    Pillow's own convert clips these to 0..255, which turns a 16-bit photo white. 16-bit data is
+    scaled by its full range; 32-bit integers within 0..65535 are 16-bit data (how Pillow reads
+    16-bit PGM and some TIFFs); floats within 0..1 or 0..255 are taken on that scale; anything
+    else is stretched from its minimum to its maximum.
+    """
+    import numpy as np
+    from PIL import Image
+    raw = np.asarray(im)
+    a = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        lo, hi = 0.0, 65535.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    elif im.mode == "F" and lo >= 0 and hi <= 255:
+        lo, hi = 0.0, 255.0
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int) and not isinstance(transparent, bool):
+        alpha = Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def _to_srgb(im: "Image.Image", icc: bytes) -> "Image.Image":
+    """`im` moved from its embedded ICC profile to sRGB (as viewers show it); unchanged when the
+    profile is unusable or does not fit the mode, since the pixels are still a fair picture."""
+    import io
+
+    from PIL import ImageCms
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return im
+
+
+def to_model_input(rgb: "Image.Image") -> "torch.Tensor":
+    """uint8 tensor [3, 32, 32]: an RGB image shrunk like the dataset's images (box filter)."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(src) as im:
-            im = im.convert("RGB").resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BOX)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{label} is not an image PIL can read ({type(e).__name__}): "
-                        f"pass a PNG, JPEG or similar file") from None
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    from PIL import Image
+    small = rgb.convert("RGB").resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(src: str | Path | IO[bytes], name: str = "") -> "torch.Tensor":
+    """uint8 tensor [3, 32, 32] the model gets for an image file path or binary file object."""
+    return to_model_input(read_image(src, name))
 
 
 def probabilities(model: Model, images: list) -> "torch.Tensor":
@@ -85,6 +199,7 @@ def top_k(probs, names: list[str], k: int = 5) -> list[tuple[str, float]]:
 
 
 def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[dict[str, Any]]:
+    """[{"image": path, "top": [{"class", "probability"} x k]}] per image file, in the given order."""
     images = [load_image(p) for p in paths]  # every image first: a bad one fails before the model loads
     model = load_model(model_path)
     probs = probabilities(model, images)

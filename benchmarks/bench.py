@@ -1,7 +1,9 @@
 """python benchmarks/bench.py [--quick] [--out BENCHMARKS.md]: is the search spending its compute
 on the model? One run measures, side by side, and prints one table of ratios:
 
-  1. trial overhead      a real trial through Ray Tune vs a bare PyTorch loop, same work
+  1. trial overhead      a real trial through Ray Tune vs the machine's ceiling (the model-only
+                         loop in the fastest layout and thread count), 32 and 128 px; and a
+                         1-CPU vs a 2-CPU trial
   2. pipeline headroom   on-device augmentation alone vs the model's training step, 32/96/224 px
   3. vs the usual way    our pipeline vs a torchvision DataLoader over PIL images (workers = cores)
   4. memory              whole-search PSS with 1 vs 2 concurrent trials on the full training file
@@ -32,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import searches  # noqa: E402
 from benchmarks.searches import MiB  # noqa: E402
+from benchmarks.markdown import replace_block  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -43,10 +46,10 @@ class Scale:
     """Every size the benchmark uses; FULL for the record, QUICK to check it runs."""
     # 1. trial overhead
     overhead_subset: int  # images per class (the split leaves 90 % for training)
-    overhead_input: int
+    overhead_sizes: tuple[int, ...]  # input sizes (px), one trial and one ceiling bracket each
     overhead_batch: int
     overhead_stage2_epochs: int  # epochs timed (all layers trainable); stage 1 runs before
-    bare_epochs_each_side: int  # bare-loop epochs before and after the Tune trial
+    bare_epochs_each_side: dict  # input size -> ceiling epochs per thread count, before and after
     # 2/3. pipelines
     sizes: tuple[int, ...]
     batch: int
@@ -71,16 +74,16 @@ class Scale:
     stage_rounds: int
 
 
-FULL = Scale(overhead_subset=20, overhead_input=32, overhead_batch=64, overhead_stage2_epochs=3,
-             bare_epochs_each_side=2,
+FULL = Scale(overhead_subset=20, overhead_sizes=(32, 128), overhead_batch=64, overhead_stage2_epochs=3,
+             bare_epochs_each_side={32: 2, 128: 1},
              sizes=(32, 96, 224), batch=64, headroom_rounds={32: 3, 96: 3, 224: 2}, pipe_batches=10,
              dl_batches=10, dl_rounds=2,
              mem_input=16, mem_batch=256, mem_timebox=40.0, mem_control_subset=50,
              search_samples=12, search_subset=10, search_val_fraction=0.2, search_max_epochs=None,
              search_sets={},
              stage_input=96, stage_batch=64, stage_rounds=3)
-QUICK = Scale(overhead_subset=5, overhead_input=32, overhead_batch=32, overhead_stage2_epochs=1,
-              bare_epochs_each_side=1,
+QUICK = Scale(overhead_subset=5, overhead_sizes=(32, 64), overhead_batch=32, overhead_stage2_epochs=1,
+              bare_epochs_each_side={32: 1, 64: 1},
               sizes=(32, 96, 224), batch=16, headroom_rounds={32: 2, 96: 2, 224: 1}, pipe_batches=4,
               dl_batches=4, dl_rounds=1,
               mem_input=16, mem_batch=256, mem_timebox=8.0, mem_control_subset=None,
@@ -151,11 +154,12 @@ class Context:
 
     def search(self, name: str, *, samples: int, concurrent: int, scheduler: str = "fifo",
                subset: int | None, max_epochs: int | None, sets: dict, extra: list[str] = (),
-               total: int | None = None, **kw) -> searches.SearchRun:
+               total: int | None = None, cpus: int | None = None, **kw) -> searches.SearchRun:
+        """A whole search through run_search.py; `cpus` per trial defaults to --threads."""
         from tqdm import tqdm
         args = searches.search_args(
             data_dir=self.data_dir, weights_dir=self.weights_dir, storage=self.work / "runs",
-            name=name, samples=samples, concurrent=concurrent, cpus_per_trial=self.args.threads,
+            name=name, samples=samples, concurrent=concurrent, cpus_per_trial=cpus or self.args.threads,
             scheduler=scheduler, seed=self.args.seed, subset=subset, max_epochs=max_epochs,
             sets=sets, gpus=self.gpus) + list(extra)
         with tqdm(total=total, desc=f"  search {name}", unit="result", leave=False,
@@ -172,22 +176,27 @@ class Context:
         return tqdm(total=total, desc=f"  {desc}", leave=False, disable=not sys.stdout.isatty())
 
 
-def bare_process(ctx: Context, epochs: int, tag: str) -> list[dict]:
-    """The bare loop (benchmarks/micro.py) in a process of its own, started like a trial worker:
-    own session, OMP_NUM_THREADS set before torch loads."""
+CEILING_LAYOUT = "channels_last"  # tf_efficientnet_lite0's faster layout on the CPU (benchmarks/layout.py)
+
+
+def bare_process(ctx: Context, size: int, thread_counts: tuple[int, ...], epochs: int, tag: str) -> list[dict]:
+    """The ceiling: the bare loop (benchmarks/micro.py) in a process of its own, started like a
+    trial worker (own session, OMP_NUM_THREADS = the most threads it may use, set before torch
+    loads), in CEILING_LAYOUT, `epochs` epochs at each of `thread_counts` in turn."""
     import subprocess
     sc = ctx.scale
     out = ctx.work / f"bare-{tag}.json"
     (ctx.work / "logs").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / "benchmarks" / "micro.py"), "--data-dir", ctx.data_dir,
            "--weights-dir", ctx.weights_dir, "--out", str(out), "--subset", str(sc.overhead_subset),
-           "--input-size", str(sc.overhead_input), "--batch-size", str(sc.overhead_batch),
-           "--seed", str(ctx.args.seed), "--epochs", str(epochs)]
+           "--input-size", str(size), "--batch-size", str(sc.overhead_batch),
+           "--seed", str(ctx.args.seed), "--epochs", str(epochs), "--layout", CEILING_LAYOUT,
+           "--threads", ",".join(map(str, thread_counts))]
     with open(ctx.work / "logs" / f"bare-{tag}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": str(ctx.args.threads)})
+                                env={**os.environ, "OMP_NUM_THREADS": str(max(thread_counts))})
         try:
-            rc = proc.wait(timeout=1800)
+            rc = proc.wait(timeout=3600)
         except BaseException:
             proc.terminate()
             proc.wait()
@@ -197,71 +206,132 @@ def bare_process(ctx: Context, epochs: int, tag: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def section_overhead(ctx: Context, rep: Report) -> None:
+def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[list[dict], searches.SearchRun, object]:
+    """One Tune trial (1 head-only epoch, then all-trainable epochs) at `size` px with `cpus`
+    CPUs; returns its all-trainable (stage-2) result rows, the search run and the trial."""
     from search.export import load_trials
     sc = ctx.scale
-    data = ctx.data()
     e2 = sc.overhead_stage2_epochs
     sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99,
-            "input_size": sc.overhead_input, "batch_size": sc.overhead_batch, "aug_strength": 1.0}
-    # bare loop, Tune trial, bare loop again: each alone on the machine (bar other people's work),
-    # and the two bare runs bracket the trial so drifting load shows as their spread
-    before = bare_process(ctx, sc.bare_epochs_each_side, "before")
-    run = ctx.search("overhead", samples=1, concurrent=1, subset=sc.overhead_subset,
-                     max_epochs=1 + e2, sets=sets, total=1 + e2)
-    after = bare_process(ctx, sc.bare_epochs_each_side, "after")
+            "input_size": size, "batch_size": sc.overhead_batch, "aug_strength": 1.0}
+    run = ctx.search(f"overhead-{size}px-{cpus}cpu", samples=1, concurrent=1, subset=sc.overhead_subset,
+                     max_epochs=1 + e2, sets=sets, total=1 + e2, cpus=cpus)
     (trial,) = load_trials(run.exp)
     rows = [r for r in trial.results if r["epoch"] >= 2]  # stage 2: every layer trainable
     if len(rows) != e2:
         raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {run.log}")
-    bare = before + after
+    return rows, run, trial
 
-    def wall_rate(es):
-        return sum(e["images"] for e in es) / sum(e["train_seconds"] + e["eval_seconds"] for e in es)
-    imgs = [r["images_per_sec"] * r["train_seconds"] for r in rows]
-    t_wall = sum(r["time_this_iter_s"] for r in rows)
-    t_train = sum(r["train_seconds"] for r in rows)
-    b_imgs = sum(e["images"] for e in bare)
-    b_train = sum(e["train_seconds"] for e in bare)
-    b_wall = b_train + sum(e["eval_seconds"] for e in bare)
-    trial_rate, bare_rate = sum(imgs) / t_wall, b_imgs / b_wall
-    ratio = trial_rate / bare_rate
-    loop_ratio = (sum(imgs) / t_train) / (b_imgs / b_train)
-    what = f"Trial overhead: whole epoch, Tune trial / bare loop ({sc.overhead_input} px, batch {sc.overhead_batch})"
-    rep.add("1", what, rate(trial_rate), rate(bare_rate), f"{ratio:.3f}", "≥ 0.95", verdict(ratio >= 0.95))
-    rep.add("1", "  of which the training steps alone (in-loop clock / bare train clock)",
-            rate(sum(imgs) / t_train), rate(b_imgs / b_train), f"{loop_ratio:.3f}")
-    other_trial = (t_wall - t_train) / len(rows)
-    other_bare = sum(e["eval_seconds"] for e in bare) / len(bare)
-    fixed = run.wall - sum(r["time_this_iter_s"] for r in trial.results)
+
+def trial_rates(rows: list[dict]) -> dict:
+    """A trial's all-trainable epochs: whole-epoch img/s (Tune's time_this_iter_s: training,
+    evaluation, checkpoint, report) and training-steps img/s (the loop's own clock)."""
+    imgs = sum(r["images_per_sec"] * r["train_seconds"] for r in rows)
+    wall, train = sum(r["time_this_iter_s"] for r in rows), sum(r["train_seconds"] for r in rows)
+    return {"whole": imgs / wall, "train": imgs / train, "images_per_epoch": imgs / len(rows),
+            "other_s": (wall - train) / len(rows)}
+
+
+def ceiling_rates(bare: list[dict], thread_counts: tuple[int, ...]) -> dict:
+    """The bare loop's whole-epoch and train img/s per thread count over all its epochs, and the
+    fastest count by whole-epoch rate (the ceiling)."""
+    per = {}
+    for t in thread_counts:
+        es = [e for e in bare if e["threads"] == t]
+        train = sum(e["train_seconds"] for e in es)
+        wall = train + sum(e["eval_seconds"] for e in es)
+        n = sum(e["images"] for e in es)
+        per[t] = {"whole": n / wall, "train": n / train, "eval_s": (wall - train) / len(es)}
+    best = max(per, key=lambda t: per[t]["whole"])
+    return {"per_threads": per, "threads": best, **per[best]}
+
+
+def section_overhead(ctx: Context, rep: Report) -> None:
+    sc = ctx.scale
+    data = ctx.data()
+    cpus = ctx.args.overhead_cpus
+    counts = tuple(sorted({1, cpus}))  # the ceiling takes the faster of 1 thread and all the trial's CPUs
+    other = 1 if cpus > 1 else (2 if ctx.cores >= 2 else None)  # the thread-scaling partner
+    raw, size_notes = {}, []
+    for i, size in enumerate(sc.overhead_sizes):
+        ep = sc.bare_epochs_each_side[size]
+        # ceiling, Tune trial, ceiling again: each alone on the machine (bar other people's work);
+        # the two ceiling runs bracket the trial, so drifting load shows as their spread
+        before = bare_process(ctx, size, counts, ep, f"{size}px-before")
+        rows, run, trial = overhead_trial(ctx, size, cpus)
+        after = bare_process(ctx, size, counts, ep, f"{size}px-after")
+        tr, ce = trial_rates(rows), ceiling_rates(before + after, counts)
+        ratio, loop_ratio = tr["whole"] / ce["whole"], tr["train"] / ce["train"]
+        rep.add("1", f"Trial overhead at {size} px: whole all-trainable epoch, Tune trial ({cpus} CPU(s)) / "
+                     f"ceiling (model-only loop, {CEILING_LAYOUT}, {ce['threads']} thread(s))",
+                rate(tr["whole"]), rate(ce["whole"]), f"{ratio:.3f}", "≥ 0.90", verdict(ratio >= 0.90))
+        rep.add("1", "  of which the training steps alone (in-loop clock / ceiling's train clock)",
+                rate(tr["train"]), rate(ce["train"]), f"{loop_ratio:.3f}")
+        b_side = {k: ceiling_rates(v, counts) for k, v in (("before", before), ("after", after))}
+        per_t = "; ".join(f"{t} thread(s) {rate(v['whole'])} (before {rate(b_side['before']['per_threads'][t]['whole'])}, "
+                          f"after {rate(b_side['after']['per_threads'][t]['whole'])})"
+                          for t, v in ce["per_threads"].items())
+        fixed = run.wall - sum(r["time_this_iter_s"] for r in trial.results)
+        size_notes.append(f"{size} px: ceiling whole-epoch rates by thread count: {per_t}. Per epoch besides "
+                          f"the training steps: Tune trial {tr['other_s']:.2f} s (evaluation + checkpoint + "
+                          f"report), ceiling {ce['eval_s']:.2f} s (evaluation only). The search's fixed cost "
+                          f"(Ray start, the worker's start, reading the data, building the model, shutdown): "
+                          f"{fixed:.0f} s of the {run.wall:.0f} s it took.")
+        raw[size] = {"trial_rows": rows, "bare_before": before, "bare_after": after, "search_wall": run.wall,
+                     "ratio": ratio, "loop_ratio": loop_ratio, "ceiling_threads": ce["threads"]}
+        if i == 0 and other is not None:
+            # the same trial with the other CPU count, bracketed by `after` and one more ceiling run
+            o_rows, o_run, _ = overhead_trial(ctx, size, other)
+            o_after = bare_process(ctx, size, (other,), ep, f"{size}px-after-{other}cpu")
+            o_tr = trial_rates(o_rows)
+            o_ce = ceiling_rates([e for e in after if e["threads"] == other] + o_after, (other,))
+            many, few = (tr, o_tr) if cpus > other else (o_tr, tr)
+            hi, lo = max(cpus, other), min(cpus, other)
+            scale = many["whole"] / few["whole"]
+            rep.add("1", f"Thread scaling at {size} px: whole all-trainable epoch, trial with "
+                         f"`--cpus-per-trial {hi}` / `--cpus-per-trial {lo}`",
+                    rate(many["whole"]), rate(few["whole"]), f"{scale:.2f}", "> 1", verdict(scale > 1))
+            rep.add("1", f"  the {other}-CPU trial / ceiling ({CEILING_LAYOUT}, {other} thread(s))",
+                    rate(o_tr["whole"]), rate(o_ce["whole"]), f"{o_tr['whole'] / o_ce['whole']:.3f}")
+            size_notes.append(f"Thread scaling: the {other}-CPU trial ran right after the {cpus}-CPU one's closing "
+                              f"ceiling run (not interleaved: a trial is a whole search), then one more ceiling "
+                              f"run at {other} thread(s) closed its own bracket. In-loop (training steps only): "
+                              f"{hi} CPU(s) {rate(many['train'])}, {lo} CPU(s) {rate(few['train'])}.")
+            raw["thread_scaling"] = {"other_cpus": other, "trial_rows": o_rows, "bare_after": o_after,
+                                     "search_wall": o_run.wall, "ratio": scale}
     n_train, n_val = len(data.train), len(data.val)
+    e2 = sc.overhead_stage2_epochs
     rep.note("1", f"Data: `--subset {sc.overhead_subset}` of the stand-in: {n_train} training images "
-                  f"({imgs[0]:.0f} per epoch after the ragged last batch is dropped), {n_val} validation "
-                  f"images; tf_efficientnet_lite0, {ctx.args.threads} torch thread(s) on each side "
-                  f"(`--cpus-per-trial {ctx.args.threads}`).")
+                  f"({n_train - n_train % sc.overhead_batch} per epoch after the ragged last batch is "
+                  f"dropped), {n_val} validation images; tf_efficientnet_lite0, batch "
+                  f"{sc.overhead_batch}; the trial gets `--cpus-per-trial {cpus}` (Ray sets its "
+                  f"OMP_NUM_THREADS and the trial its torch threads to match).")
     rep.note("1", f"Tune trial: `run_search.py --num-samples 1 --scheduler fifo` with every hyper-parameter "
                   f"fixed by `--set` (stage 1: 1 epoch head only, then {e2} stage-2 epoch(s) with "
-                  f"`unfreeze_depth=99` = every layer trainable, aug_strength 1, no mixup). Timed: the "
-                  f"stage-2 epochs, by Tune's `time_this_iter_s` = the trial worker's wall clock from "
-                  f"one `tune.report` call to the next, so each epoch's figure holds the training steps "
-                  f"(DeviceAugment, forward, backward, SGD, lr schedule), the evaluation pass, the "
+                  f"`unfreeze_depth=99` = every layer trainable, aug_strength 1, no mixup), the model in "
+                  f"the layout the trial picks (loop.Precision.for_device). Timed: the stage-2 epochs, by "
+                  f"Tune's `time_this_iter_s` = the trial worker's wall clock from one `tune.report` call "
+                  f"to the next, so each epoch's figure holds the training steps (DeviceAugment at "
+                  f"strength 1, forward, backward, SGD, lr schedule), the evaluation pass, the "
                   f"`torch.save` checkpoint, Tune persisting it to the experiment folder and the "
-                  f"hand-shake with the driver. Not in it: the search's fixed cost (Ray start, the "
-                  f"worker's start, reading the data, building the model, shutdown): {fixed:.0f} s of the "
-                  f"{run.wall:.0f} s the whole search took.")
-    rep.note("1", f"Bare loop (benchmarks/micro.py `BareLoop`, no Ray): the same model, images, batch "
-                  f"and input size, every layer trainable, SGD; per batch only slice, float, resize, "
-                  f"normalise (no augmentation, no lr schedule), then the same evaluation pass over the "
-                  f"{n_val} validation images; no report, no checkpoint; 10 untimed warm-up steps. It "
-                  f"runs in a process of its own started like the trial's worker (own session, "
-                  f"OMP_NUM_THREADS={ctx.args.threads}), {sc.bare_epochs_each_side} epoch(s) right before "
-                  f"the Tune search and {sc.bare_epochs_each_side} right after it, each contender alone: "
-                  f"before {rate(wall_rate(before))}, after {rate(wall_rate(after))} (their spread is "
-                  f"the drift of the machine's load during the measurement).")
-    rep.note("1", f"Per epoch besides the training steps: Tune trial {other_trial:.2f} s (evaluation + "
-                  f"checkpoint + report), bare loop {other_bare:.2f} s (evaluation only).")
-    rep.raw["overhead"] = {"trial_rows": rows, "bare_before": before, "bare_after": after,
-                           "search_wall": run.wall, "ratio": ratio, "loop_ratio": loop_ratio}
+                  f"hand-shake with the driver. Not in it: the search's fixed cost (below).")
+    rep.note("1", f"Ceiling (benchmarks/micro.py `BareLoop`, no Ray): the fastest way this machine runs the "
+                  f"same model on the same images, batch and input size: every layer trainable, SGD "
+                  f"Nesterov, label-smoothed CE, the model and batches in {CEILING_LAYOUT} (the faster "
+                  f"layout for this backbone by benchmarks/layout.py, chosen here independently of the "
+                  f"trial's code), at each of {' and '.join(map(str, counts))} torch thread(s) in turn, "
+                  f"the faster of them taken; per batch only slice, float, resize, normalise (no "
+                  f"augmentation, no lr schedule), then the same evaluation pass over the {n_val} "
+                  f"validation images; no report, no checkpoint; 10 untimed warm-up steps per thread "
+                  f"count. It runs in a process of its own started like the trial's worker (own session, "
+                  f"OMP_NUM_THREADS={max(counts)}), "
+                  + ", ".join(f"{sc.bare_epochs_each_side[s]} epoch(s) per thread count at {s} px" for s in sc.overhead_sizes)
+                  + " right before the Tune search and as many right after it, each contender alone "
+                    "(their spread is the drift of the machine's load). The trial's augmentation is "
+                    "work the ceiling does not do, so the ratio charges it to the trial.")
+    for n in size_notes:
+        rep.note("1", n)
+    rep.raw["overhead"] = raw
 
 
 def section_headroom(ctx: Context, rep: Report) -> None:
@@ -286,7 +356,8 @@ def section_headroom(ctx: Context, rep: Report) -> None:
                   f"affine_grid/grid_sample pass for resize+flip+rotate+translate+zoom, colour jitter, "
                   f"erasing, normalisation) and timm Mixup/CutMix (alpha 0.8/1.0); {sc.pipe_batches} "
                   f"batches per timed call. Model = forward + label-smoothed CE + backward + SGD step of "
-                  f"tf_efficientnet_lite0 with every layer trainable, on one fixed pre-augmented batch.")
+                  f"tf_efficientnet_lite0 with every layer trainable, on one fixed pre-augmented batch, "
+                  f"in the layout a trial uses ({'channels_last' if b.prec.channels_last else 'contiguous'}).")
     rep.raw["headroom"] = out
 
 
@@ -540,18 +611,6 @@ def markdown(rep: Report, info: dict) -> str:
     return "\n".join(out)
 
 
-def write_markdown(path: Path, block: str) -> None:
-    """Replace the generated block, keeping any hand-written text around it."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        pre, rest = old.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
-        text = pre + block + post
-    else:
-        text = (old.rstrip() + "\n\n" if old.strip() else "# Benchmarks\n\n") + block + "\n"
-    path.write_text(text)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -568,7 +627,11 @@ def parse(argv: list[str] | None):
     p.add_argument("--weights-dir", default=str(default_weights) if (default_weights / "tf_efficientnet_lite0.pth").is_file() else "",
                    help="offline weights folder ('' = random init; speed is the same)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of one trial and of sections 1, 2 and 6 (= --cpus-per-trial)")
+                   help="torch threads of sections 2, 3 and 6 and --cpus-per-trial of the searches "
+                        "of sections 4 and 5 (section 1: --overhead-cpus)")
+    p.add_argument("--overhead-cpus", type=int, default=min(2, os.cpu_count() or 1),
+                   help="section 1: the trial's --cpus-per-trial (its ceiling takes the faster of 1 "
+                        "thread and this many; the thread-scaling row adds a 1-CPU trial)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of 1-6")
     p.add_argument("--work-dir", default="", help="where searches and logs go (default: a new temp folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -615,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; torch {m['torch']}, ray {m['ray']}; "
           f"{info['date']}, {info['minutes']:.1f} min; load {load0:.1f} -> {info['load_end']:.1f}")
     if out is not None:
-        write_markdown(out, markdown(rep, info))
+        replace_block(out, markdown(rep, info))
         print(f"wrote {out}")
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "raw": rep.raw}, indent=1, default=str))

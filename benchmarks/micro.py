@@ -52,15 +52,19 @@ def threads(n: int):
 
 def interleave(contenders: dict[str, Callable[[], int]], rounds: int, dev: torch.device,
                tick: Callable[[], None] = lambda: None,
-               setups: dict[str, Callable[[], None]] | None = None) -> dict[str, dict]:
+               setups: dict[str, Callable[[], None]] | None = None,
+               warmup: bool = True) -> dict[str, dict]:
     """Run each contender once per round, in turn; returns images/s per contender.
 
     A contender does a unit of work and returns how many images it processed; its optional
-    setup (untimed) runs right before each call. One untimed call of each comes first
-    (allocator warm-up, lazy init). Returns {name: {"rate", "seconds", "images", "round_rates"}}.
+    setup (untimed) runs right before each call. With `warmup`, one untimed call of each comes
+    first (allocator warm-up, lazy init); without, the caller has warmed them up itself.
+    Returns {name: {"rate", "seconds", "images", "round_rates"}}.
     """
     setups = setups or {}
     for name, fn in contenders.items():
+        if not warmup:
+            break
         setups.get(name, lambda: None)()
         fn()
         sync(dev)
@@ -98,12 +102,16 @@ class Bench:
     prec: Precision
 
 
-def make_bench(train: Split, weights_dir: str) -> Bench:
+def make_bench(train: Split, weights_dir: str, channels_last: bool | None = None) -> Bench:
+    """The benchmark's model and data on the device; `channels_last` None = the trial's layout
+    (loop.Precision.for_device), True/False forces one."""
     dev = device()
     net = create_model(BACKBONE, pretrained=bool(weights_dir), weights_dir=weights_dir)
     mean, std = normalisation_of(net.backbone)
-    prec = Precision.for_device(dev)
-    net.to(dev, memory_format=torch.channels_last if prec.channels_last else torch.preserve_format)
+    prec = Precision.for_device(dev, BACKBONE)
+    if channels_last is not None:
+        prec = Precision(prec.device, prec.amp_dtype, channels_last)
+    prec.model_to(net)
     x = torch.from_numpy(np.ascontiguousarray(train.images)).to(dev)
     fine = torch.from_numpy(train.fine.astype(np.int64)).to(dev)
     coarse = torch.from_numpy(train.coarse.astype(np.int64)).to(dev)
@@ -198,10 +206,22 @@ class BareLoop:
                 "start": start, "end": start + (t2 - t0)}
 
 
-def bare_epochs(b: Bench, *, epochs: int, warmup_steps: int = 10, **kw) -> list[dict]:
+def bare_epochs(b: Bench, *, epochs: int, warmup_steps: int = 10,
+                thread_counts: tuple[int, ...] = (), **kw) -> list[dict]:
+    """`epochs` timed BareLoop epochs after `warmup_steps` untimed steps. With `thread_counts`,
+    each epoch runs once at every count in turn (1, 2, 1, 2, ...: load drift hits them alike),
+    each count warmed up first; every row records its `threads`."""
     loop = BareLoop(b, **kw)
-    loop.warmup(warmup_steps)
-    return [loop.epoch() for _ in range(epochs)]
+    counts = tuple(thread_counts) or (torch.get_num_threads(),)
+    for t in counts:
+        with threads(t):
+            loop.warmup(warmup_steps)
+    rows = []
+    for _ in range(epochs):
+        for t in counts:
+            with threads(t):
+                rows.append({**loop.epoch(), "threads": t})
+    return rows
 
 
 # ----------------------------------------------------------------------------- 2 + 3. pipelines
@@ -384,7 +404,9 @@ def stage_cost(b: Bench, size: int, bs: int, rounds: int, steps: int, tick=lambd
 def bare_process_main(argv: list[str] | None = None) -> int:
     """`python benchmarks/micro.py --data-dir D --subset K ... --epochs N --out FILE`: the bare loop
     as a process of its own, started like a trial worker (own session, OMP_NUM_THREADS set before
-    torch loads): load, warm up, run N timed epochs, write one JSON row per epoch to FILE."""
+    torch loads): load, warm up, run N timed epochs, write one JSON row per epoch to FILE.
+    `--threads 1,2` runs each epoch at every listed torch thread count in turn; `--layout`
+    forces channels_last or contiguous (default: the trial's choice)."""
     import argparse
     import json
     import os
@@ -392,15 +414,21 @@ def bare_process_main(argv: list[str] | None = None) -> int:
 
     from trainable.data import prepare_search_data
     p = argparse.ArgumentParser()
-    for a in ("--data-dir", "--weights-dir", "--out"):
+    for a in ("--data-dir", "--weights-dir", "--out", "--threads"):
         p.add_argument(a, default="")
+    p.add_argument("--layout", choices=("trial", "channels_last", "contiguous"), default="trial")
     for a in ("--subset", "--input-size", "--batch-size", "--seed", "--epochs"):
         p.add_argument(a, type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=0.1, seed=a.seed, download=False)
-    rows = bare_epochs(make_bench(data.train, a.weights_dir), epochs=a.epochs, input_size=a.input_size,
-                       batch_size=a.batch_size, val=data.val, seed=a.seed)
+    layout = {"trial": None, "channels_last": True, "contiguous": False}[a.layout]
+    counts = tuple(int(t) for t in a.threads.split(",") if t.strip())
+    b = make_bench(data.train, a.weights_dir, layout)
+    rows = bare_epochs(b, epochs=a.epochs, input_size=a.input_size, batch_size=a.batch_size,
+                       val=data.val, seed=a.seed, thread_counts=counts)
+    for r in rows:
+        r["layout"] = "channels_last" if b.prec.channels_last else "contiguous"
     Path(a.out).write_text(json.dumps(rows))
     return 0
 

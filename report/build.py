@@ -123,6 +123,8 @@ def _test(out: Path, data: str) -> str:
                     f"{'train images (val watched for early stopping / plateau)' if metrics.get('watched_val') else 'train+val images'} in "
                     f"{metrics.get('train_seconds', 0):.0f} s. Coarse accuracy: a fine prediction "
                     "counts when it falls in the right superclass.")]
+    if metrics.get("cut_at_epoch"):
+        parts.append(h.note(cut_sentence(metrics)))
     parts.append(h.img(plot_classes(res, out / "class_accuracy.png"), "best and worst classes"))
     best, worst = ranked_classes(res)
     rows = [[n + 1, res.names[b], f"{res.accuracy[b]:.0%}", res.names[w], f"{res.accuracy[w]:.0%}"]
@@ -135,6 +137,15 @@ def _test(out: Path, data: str) -> str:
                              [[res.names[t], res.names[p], c, f"{c / max(1, res.support[t]):.0%}"]
                               for t, p, c in top_confusions(res)], numeric={2, 3}))
     return h.section(title, *parts)
+
+
+def cut_sentence(metrics: dict) -> str:
+    """Why the retrain ran fewer epochs than the config plans, in one sentence."""
+    n, m = metrics["cut_at_epoch"], metrics.get("planned_epochs", "?")
+    return (f"The retrain was cut at epoch {n} of {m} because the search selected the best trial by its "
+            f"val_acc at epoch {n} (later epochs scored lower or never ran): it follows that trial's stage "
+            f"plan and learning-rate schedule, built for all {m} epochs, and stops there "
+            f"(analyze.py --full-schedule trains all {m}).")
 
 
 def _best_config(exp: Path) -> str:

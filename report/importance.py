@@ -1,10 +1,15 @@
-"""How much each hyper-parameter mattered: Optuna's importance evaluator over the finished trials.
+"""How much each hyper-parameter mattered: Optuna's importance evaluator over the search's trials.
 
-The trials are rebuilt as an in-memory Optuna study (one completed trial per Tune trial, its value
-the trial's best val_acc; diverged and out-of-memory trials count as 0.0, as the searcher was
-told). Distributions are inferred from the values seen: strings and booleans are categorical, ints
-an int range, floats a float range (log-scaled for learning rates and weight decay, or any
-positive range spanning a factor of 100). Parameters that never varied are left out.
+The search saves its Optuna study in the experiment folder (optuna.db, SQLite, study "search");
+its trials hold exactly what was sampled, so a conditional parameter (plateau_patience, asked only
+when schedule=constant) is absent where it did not exist, and Optuna's importance leaves it out
+instead of reading its default as a value. Each trial's value is what the searcher was told (its
+best val_acc; 0.0 for a diverged or out-of-memory trial).
+
+Experiments from before the study was saved have no optuna.db: their trials are rebuilt from
+params.json (strings and booleans categorical, ints an int range, floats a float range, log-scaled
+for learning rates and weight decay or any positive range spanning a factor of 100; parameters that
+never varied left out), and the report says so.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from matplotlib.ticker import NullFormatter
 
 from report.plots import COLOURS, figure, save
 from search.export import TrialRecord
-from search.searcher import METRIC
+from search.searcher import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
 IGNORED = {"seed", "weights_dir", "eval_batch_size", "fault", "fault_epoch", "compile", "pretrained"}
@@ -88,12 +93,69 @@ def build_study(trials: list[TrialRecord]):
     return study
 
 
-def compute_importance(trials: list[TrialRecord]) -> Importance:
+def load_saved_study(exp: Path):
+    """The search's own Optuna study from `exp`/optuna.db, or None when the experiment has none."""
     import optuna
-    study = build_study(trials)
+    db = Path(exp) / STUDY_FILE
+    if not db.is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
+
+
+def saved_trials_study(saved, trials: list[TrialRecord]):
+    """An in-memory copy of the saved study's finished trials (params exactly as sampled), each
+    tagged with its Tune trial's status for the plots; None with fewer than 2. Trials of earlier
+    experiments the searcher was told (--warm-start DIR) are not this search's and stay out."""
+    import optuna
+    done = [t for t in search_trials(saved) if t.value is not None and math.isfinite(t.value)]
+    if len(done) < 2:
+        return None
+    unmatched = list(trials)
+    study = optuna.create_study(direction="maximize", study_name="report")
+    for t in done:
+        # Tune's trial ids are not in the study: the trial whose config holds these values is it
+        rec = next((r for r in unmatched if all(_same(r.config.get(k), v) for k, v in t.params.items())), None)
+        if rec is not None:
+            unmatched.remove(rec)
+        study.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=t.distributions, value=t.value,
+            user_attrs={"trial_id": rec.trial_id if rec else "", "status": rec.status if rec else "unknown"}))
+    return study
+
+
+def search_trials(saved) -> list:
+    """The saved study's completed trials that this search ran (told ones carry a warm_start
+    attribute without the config an enqueued recipe point carries)."""
+    from optuna.trial import TrialState
+    return [t for t in saved.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "warm_start" not in t.user_attrs or WARM_CONFIG in t.user_attrs]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def compute_importance(trials: list[TrialRecord], exp: Path | None = None) -> Importance:
+    """Importance of each sampled hyper-parameter for the trials of experiment `exp` (default:
+    the folder holding the trials), from its saved Optuna study, else from params.json."""
+    import optuna
+    exp = Path(exp) if exp is not None else (trials[0].path.parent if trials else None)
+    saved = load_saved_study(exp) if exp is not None else None
+    if saved is not None:
+        study = saved_trials_study(saved, trials)
+        finished = len(search_trials(saved))
+        caveat = ""
+    else:
+        study = build_study(trials)
+        finished = len(scored(trials))
+        caveat = (f"this experiment has no {STUDY_FILE} (it predates the saved study), so the trials are "
+                  f"rebuilt from params.json, where a conditional parameter's default counts as a value.")
     if study is None:
-        return Importance("", {}, f"{len(scored(trials))} finished trial(s): importance needs at least 2.")
-    if not study.trials[0].distributions:
+        return Importance("", {}, f"{finished} finished trial(s): importance needs at least 2.")
+    if not any(t.distributions for t in study.trials):
         return Importance("", {}, "no hyper-parameter varied between the trials.", study)
     if len({t.value for t in study.trials}) < 2:
         return Importance("", {}, "every trial scored the same val_acc: nothing to attribute.", study)
@@ -103,9 +165,16 @@ def compute_importance(trials: list[TrialRecord]) -> Importance:
     except ImportError:  # fANOVA needs scikit-learn; PED-ANOVA needs nothing extra
         evaluator, name = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    n = len(study.trials)
-    note = (f"only {n} trials: treat these importances as rough." if n < 10 else "")
-    return Importance(name, dict(values), note, study)
+    if not values:
+        return Importance("", {}, "no hyper-parameter was sampled in every trial.", study)
+    # Optuna assesses only what every trial sampled (with one distribution): say what that leaves out
+    left_out = sorted(set().union(*(t.params for t in study.trials)) - set(values))
+    notes = [caveat] if caveat else []
+    if left_out:
+        notes.append(f"left out, as not sampled in every trial: {', '.join(left_out)}.")
+    if len(study.trials) < 10:
+        notes.append(f"only {len(study.trials)} trials: treat these importances as rough.")
+    return Importance(name, {k: float(v) for k, v in values.items()}, " ".join(notes), study)
 
 
 def plot_importance(imp: Importance, path: Path) -> Path:

@@ -94,24 +94,27 @@ class Progress:
     best_trial: str = ""
     trial_seconds: list[float] = field(default_factory=list)  # wall time of each ended trial
     running_seconds: list[float] = field(default_factory=list)  # how long each running one has run
+    prior_trial_s: float | None = None  # the pre-launch cost estimate of a trial (search/estimate.py)
 
     def eta(self, parallel: int) -> float | None:
         """Seconds left: the work left (trials not started x mean trial time, plus what the running
-        ones still need of the mean) over the trials that run at once."""
-        if self.total is None or not self.trial_seconds:
+        ones still need of the mean) over the trials that run at once. Until a trial has ended,
+        the mean is the cost estimate measured before launch."""
+        if self.total is None or not (self.trial_seconds or self.prior_trial_s):
             return None
-        mean = sum(self.trial_seconds) / len(self.trial_seconds)
+        mean = (sum(self.trial_seconds) / len(self.trial_seconds) if self.trial_seconds
+                else float(self.prior_trial_s))
         not_started = max(0, self.total - self.done - self.failed - self.running)
         work = not_started * mean + sum(max(0.0, mean - s) for s in self.running_seconds)
         return work / max(1, parallel)
 
 
 def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None,
-                seconds: dict[str, float] | None = None) -> Progress:
+                seconds: dict[str, float] | None = None, prior_trial_s: float | None = None) -> Progress:
     """Counts over the trials; `ended`/`failed` is a trial Tune is reporting as such right now
     (its status still says RUNNING during the callback). `seconds`: wall time per trial id, so far
     (start-up included); without it, Tune's time_total_s."""
-    p = Progress(total)
+    p = Progress(total, prior_trial_s=prior_trial_s)
     seconds = seconds or {}
     for t in trials:
         status = ERROR if t is failed else TERMINATED if t is ended else t.status
@@ -132,7 +135,8 @@ def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any 
     return p
 
 
-def progress_line(p: Progress, elapsed: float, parallel: int) -> str:
+def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float | None = None) -> str:
+    """The one-line summary; `budget_left`: seconds left of a --time-budget, which bounds the ETA."""
     total = "?" if p.total is None else str(p.total)
     parts = [f"{p.done + p.failed}/{total} trials finished",
              f"{p.running} running", f"{p.stopped_early} stopped early", f"{p.failed} failed",
@@ -141,6 +145,8 @@ def progress_line(p: Progress, elapsed: float, parallel: int) -> str:
     eta = p.eta(parallel)
     if p.total is not None and p.done + p.failed >= p.total:
         parts.append("done")
+    elif budget_left is not None:
+        parts.append(f"time budget: {duration(budget_left if eta is None else min(eta, budget_left))} left")
     else:
         parts.append(f"about {duration(eta)} left" if eta is not None else "time left: known after the first trial ends")
     return "[search] " + " | ".join(parts)
@@ -149,7 +155,10 @@ def progress_line(p: Progress, elapsed: float, parallel: int) -> str:
 class ProgressLine(tune.Callback):
     """One overall progress line per trial end or failure, and at most every `every_s` seconds."""
 
-    def __init__(self, every_s: float = EVERY_S, out: Callable[[str], None] = print):
+    def __init__(self, every_s: float = EVERY_S, out: Callable[[str], None] = print,
+                 prior_trial_s: float | None = None, budget=None):
+        # budget: a search.budget.BudgetStopper (its left()), when the search has a --time-budget
+        self.prior_trial_s, self.budget = prior_trial_s, budget
         self.every_s, self.out = every_s, out
         self.total: int | None = None
         self.start = time.monotonic()
@@ -173,9 +182,10 @@ class ProgressLine(tune.Callback):
         return {**{k: now - t0 for k, t0 in self.started.items()}, **self.ended}
 
     def _print(self, trials, **which) -> None:
-        p = progress_of(trials, self.total, seconds=self._seconds(), **which)
+        p = progress_of(trials, self.total, seconds=self._seconds(), prior_trial_s=self.prior_trial_s, **which)
         self.parallel = max(self.parallel, p.running + bool(which))
-        self.out(progress_line(p, time.monotonic() - self.start, self.parallel))
+        self.out(progress_line(p, time.monotonic() - self.start, self.parallel,
+                               self.budget.left() if self.budget is not None else None))
         self.last_print = time.monotonic()
 
     def on_step_end(self, iteration: int, trials: list, **info):
@@ -291,8 +301,10 @@ class Console:
     progress_reporter: Any
 
 
-def console(every_s: float = EVERY_S) -> Console:
+def console(every_s: float = EVERY_S, prior_trial_s: float | None = None, budget=None) -> Console:
     """What RunConfig needs for this console, for the engine Ray will use."""
     if get_air_verbosity(1) is not None:  # the default, new engine
-        return Console([TrialTable(every_s=every_s), ProgressLine(every_s)], verbose=0, progress_reporter=None)
-    return Console([ProgressLine(every_s)], verbose=1, progress_reporter=cli_reporter(every_s))
+        return Console([TrialTable(every_s=every_s), ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget)],
+                       verbose=0, progress_reporter=None)
+    return Console([ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget)], verbose=1,
+                   progress_reporter=cli_reporter(every_s))

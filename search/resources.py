@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from search.settings import SearchSettings
+from search.storage import check_cluster_storage
 from trainable.errors import UserError
 
 
@@ -52,6 +53,13 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # one copy of a warning repeated by every trial
     if s.address:
         ray.init(address=s.address, logging_level=logging.WARNING, log_to_driver=False)
+        try:  # before any trial starts: a node-local folder would lose other nodes' checkpoints
+            note = check_cluster_storage(s.storage_path, ray.nodes(), s.storage_shared)
+        except UserError:
+            ray.shutdown()
+            raise
+        if note:
+            print(note)
         return
     if s.dashboard_host not in LOCAL_HOSTS:
         print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "

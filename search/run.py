@@ -19,9 +19,9 @@ def resolve_space(s: SearchSettings, res: Resources) -> tuple[Space, Options]:
     """The space and the user's narrowing of it, checked against each other."""
     name = s.space
     if name is None:
-        name = "default" if visible_gpus() > 0 or s.address else "tiny"
-        if name == "tiny":
-            print("no GPU: using the CPU-sized 'tiny' space (pass --space default to override)")
+        name = "default" if visible_gpus() > 0 or s.address else "cpu"
+        if name == "cpu":
+            print("no GPU: using the CPU-sized 'cpu' space (pass --space default to override)")
     space = get_space(name)
     backbones = tuple(b.strip() for b in s.backbones.split(",") if b.strip()) or space.backbones
     unknown = [b for b in backbones if b not in space.backbones]
@@ -29,17 +29,72 @@ def resolve_space(s: SearchSettings, res: Resources) -> tuple[Space, Options]:
         raise UserError(f"--backbones {','.join(unknown)} not in space {space.name!r}: "
                         f"choose from {','.join(space.backbones)}")
     max_epochs = space.max_epochs if s.max_epochs is None or space.recipe else s.max_epochs
-    if s.max_epochs is not None and s.max_epochs < space.min_epochs:
+    if s.max_epochs is not None and s.max_epochs < space.min_epochs and not space.recipe:  # recipes: search/precheck.py
         raise UserError(f"--max-epochs {s.max_epochs} is fewer than space {space.name!r} needs "
                         f"({space.min_epochs}: one epoch per stage at least): raise it")
     return space, Options(backbones=backbones, max_epochs=max_epochs)
 
 
+DEFAULT_SAMPLES = 16
+
+
 def validate(s: SearchSettings) -> None:
-    if s.num_samples < 1:
+    if s.num_samples is not None and s.num_samples < 1:
         raise UserError(f"--num-samples {s.num_samples} must be >= 1")
-    if s.grace_period < 1 or s.reduction_factor < 2:
+    if (s.grace_period is not None and s.grace_period < 1) or s.reduction_factor < 2:
         raise UserError("--grace-period must be >= 1 and --reduction-factor >= 2")
+    if s.sampler not in ("tpe", "random"):
+        raise UserError(f"--sampler {s.sampler!r} is not tpe or random")
+    if s.time_budget:
+        from search.budget import parse_duration
+        parse_duration(s.time_budget)
+
+
+def num_samples(s: SearchSettings) -> int:
+    """Trials to run: --num-samples; with a time budget and none given, until the budget is spent
+    (-1, Tune's "no limit"); else 16."""
+    if s.num_samples is not None:
+        return s.num_samples
+    return -1 if s.time_budget else DEFAULT_SAMPLES
+
+
+def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],
+               base: dict[str, Any]) -> tuple[list, list]:
+    """(recipe points to enqueue, earlier experiments' trials to tell the searcher) from
+    --warm-start recipes|none|DIR[,DIR...] (items may be combined: recipes,runs/old)."""
+    from search.searcher import told_trials
+    from spaces.warm_start import recipe_points
+    items = [i.strip() for i in s.warm_start.split(",") if i.strip()] or ["none"]
+    if "none" in items and len(items) > 1:
+        raise UserError(f"--warm-start {s.warm_start!r}: 'none' cannot be combined with other items")
+    points, dirs = [], []
+    for item in items:
+        if item == "recipes":
+            if space.recipe:
+                continue  # a recipe run is its own warm start
+            points, skipped = recipe_points(space, opts, base, fixed)
+            print(f"warm start: {len(points)} recipe point(s) run first"
+                  + (f"; {len(skipped)} recipe(s) are not points of this space" if skipped else ""))
+            for line in skipped:
+                print(f"  not a point of the space: {line}")
+        elif item != "none":
+            d = Path(item).expanduser().resolve()
+            if not (d.is_dir() and any(d.glob("*/params.json"))):
+                raise UserError(f"--warm-start {item}: not an experiment folder with trials "
+                                f"(pass runs/NAME, 'recipes' or 'none')")
+            dirs.append(d)
+    told = []
+    if dirs:
+        told, skipped = told_trials(dirs, space, opts, fixed)
+        print(f"warm start: the searcher is told {len(told)} finished trial(s) of "
+              f"{', '.join(d.name for d in dirs)}" + (f" ({len(skipped)} not points of this space)" if skipped else ""))
+    return points, told
+
+
+def grace_period(s: SearchSettings, space: Space, opts: Options) -> int:
+    """--grace-period, or the stage-aware default (search/searcher.py)."""
+    from search.searcher import stage_aware_grace
+    return s.grace_period if s.grace_period is not None else stage_aware_grace(space, opts.max_epochs)
     if s.scheduler not in ("asha", "fifo"):
         raise UserError(f"--scheduler {s.scheduler!r} is not asha or fifo")
     if s.max_failures < 0:
@@ -47,7 +102,11 @@ def validate(s: SearchSettings) -> None:
 
 
 def experiment_dir(s: SearchSettings, space: Space) -> Path:
-    storage = Path(s.storage_path).expanduser().resolve()
+    from search.storage import check_uri, is_uri, local_path
+    if is_uri(s.storage_path):  # Tune could write there, but this driver's own files are local
+        raise UserError(f"--storage-path {check_uri(s.storage_path)}: cloud storage is not supported yet: "
+                        f"on a cluster use a folder every node mounts, with --storage-shared")
+    storage = local_path(s.storage_path)
     if s.resume and not s.name:
         raise UserError("--resume needs --name of the experiment to continue")
     name = s.name or f"{space.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -96,21 +155,35 @@ def run_search(s: SearchSettings) -> Path:
     weights_dir = str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else ""
     base = {"pretrained": not s.no_pretrained, "weights_dir": weights_dir, "seed": s.seed,
             "compile": s.compile}
-    from trainable.config import coerce
-    coerce(fixed)  # unknown --set keys and values of the wrong type fail here, before anything starts
+    from dataclasses import replace
+
+    from search.precheck import plan_search
+    plan = plan_search(s, space, opts, fixed, base)  # every config a trial can get, checked before Ray
+    space, opts, s = plan.space, plan.opts, replace(s, num_samples=plan.num_samples)
+    if plan.note:
+        print(plan.note)
     data = prepare_search_data(data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")
     check_backbones(opts, fixed, base)
+    points, told = warm_start(s, space, opts, fixed, base) if not s.resume else ([], [])
+    from search.precheck import check_warm_points
+    check_warm_points(points, opts.max_epochs)
+    est = cost_estimate(s, res, space, opts, fixed, base, points, data)
+    if s.estimate:
+        return exp
     if not s.resume:
         write_settings(exp, {**s.to_dict(), "space": space.name, "data_dir": data_dir,
                              "weights_dir": weights_dir, "name": exp.name,
                              "storage_path": str(exp.parent)})
+        if est is not None:
+            from search.estimate import save
+            save(exp, est)
     # Tune warns every few seconds that syncing experiment state is slow; it is local and fine
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray(s, res)
     try:
-        tuner = build_tuner(s, res, space, opts, fixed, base, data, exp)
+        tuner = build_tuner(s, res, space, opts, fixed, base, data, exp, points, told, est)
         del data  # the object store holds it now; the driver's heap copy would only cost memory
         print(f"experiment: {exp}\nTensorBoard: tensorboard --logdir {exp}", flush=True)
         tuner.fit()
@@ -127,7 +200,8 @@ def run_search(s: SearchSettings) -> Path:
 
 
 def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
-                fixed: dict[str, Any], base: dict[str, Any], data: SearchData, exp: Path):
+                fixed: dict[str, Any], base: dict[str, Any], data: SearchData, exp: Path,
+                points: list = (), told: list = (), est=None):
     from ray import tune
 
     from search.progress import console
@@ -136,10 +210,17 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, train=data.train, val=data.val), res.trial)
-    if s.resume:
-        return tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
-    cons = console()
+    if s.resume:  # with ASHA's rungs rebuilt and --max-concurrent holding for restored trials
+        from search.restore import restore_tuner
+        return restore_tuner(exp, trainable, s.max_concurrent)
+    stop = None
+    if s.time_budget:
+        from search.budget import BudgetStopper, parse_duration
+        stop = BudgetStopper(exp, parse_duration(s.time_budget))
+    cons = console(prior_trial_s=est.trial_asha_s + est.startup_s if est is not None else None,
+                   budget=stop)
     run_config = tune.RunConfig(
+        stop=stop,
         name=exp.name, storage_path=str(exp.parent),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1,  # the best; Tune also keeps the latest
                                                 checkpoint_score_attribute=METRIC,
@@ -148,11 +229,42 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
         callbacks=[EpochTensorBoard(), *cons.callbacks], verbose=cons.verbose,
         progress_reporter=cons.progress_reporter)
     tune_config = tune.TuneConfig(
-        search_alg=make_searcher(space, opts, fixed, base, s.seed),
-        scheduler=make_scheduler(s.scheduler, opts.max_epochs, s.grace_period, s.reduction_factor),
-        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
+        search_alg=make_searcher(space, opts, fixed, base, s.seed, exp, points, told, s.sampler),
+        scheduler=make_scheduler(s.scheduler, opts.max_epochs, grace_period(s, space, opts), s.reduction_factor),
+        num_samples=num_samples(s), max_concurrent_trials=s.max_concurrent or None,
         trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def parallel_trials(s: SearchSettings, res: Resources) -> int:
+    """How many trials run at once on the local resources (and --max-concurrent)."""
+    if res.trial["gpu"] > 0:
+        n = int(res.gpus / res.trial["gpu"] + 1e-9)
+    else:
+        n = int(res.cpus // res.trial["cpu"])
+    return max(1, min(n, s.max_concurrent) if s.max_concurrent else n)
+
+
+def cost_estimate(s: SearchSettings, res: Resources, space: Space, opts: Options, fixed: dict[str, Any],
+                  base: dict[str, Any], points: list, data: SearchData):
+    """Measure (or read from the cache) and print what the search will cost; None on --resume."""
+    if s.resume:
+        return None
+    import torch
+
+    from search.budget import parse_duration
+    from search.estimate import asha_rungs, describe, estimate
+    device = torch.device("cuda:0" if res.gpus > 0 and torch.cuda.is_available() else "cpu")
+    rungs = (asha_rungs(grace_period(s, space, opts), s.reduction_factor, opts.max_epochs)
+             if s.scheduler == "asha" else [])
+    n = num_samples(s)
+    est = estimate(space, opts, fixed, base, points, n_train=len(data.train), n_val=len(data.val),
+                   device=device, threads=int(res.trial["cpu"]), parallel=parallel_trials(s, res),
+                   num_samples=n if n > 0 else None,
+                   budget_s=parse_duration(s.time_budget) if s.time_budget else None,
+                   rungs=rungs, rf=s.reduction_factor, seed=s.seed)
+    print(describe(est), flush=True)
+    return est
 
 
 def trial_dirname(trial) -> str:

@@ -34,11 +34,18 @@ class SearchSettings:
     # the search
     space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; tiny with no GPU)", str)
     backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
-    num_samples: int = _opt(16, "trials to run", int)
+    num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int)
+    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str)
+    warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', "
+                                      "or earlier experiment folders DIR[,DIR...] whose finished trials the searcher is told first "
+                                      "(combine: recipes,DIR)", str)
+    estimate: bool = _opt(False, "measure and print the search's cost estimate, then exit without training", None)
     max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int)
-    grace_period: int = _opt(1, "ASHA: epochs every trial gets before it can be stopped", int)
+    grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the space's "
+                                          "longest head-only stage 1, so every trial is judged with trained blocks)", int)
     reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int)
-    scheduler: str = _opt("asha", "asha (stop weak trials early) or fifo (run every trial to the end)", str)
+    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str)
+    sampler: str = _opt("tpe", "how Optuna proposes configs after the warm start: tpe (model-based) or random", str)
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)", None)
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int)
     seed: int = _opt(0, "seed of the searcher, the data split and the trials", int)
@@ -50,7 +57,8 @@ class SearchSettings:
     weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
     no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
     # output
-    storage_path: str = _opt("./runs", "where experiments are written", str, "output")
+    storage_path: str = _opt("./runs", "where experiments are written (a folder; on a multi-node cluster one every node shares)", str, "output")
+    storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster (NFS, ...)", None, "output")
     name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output")
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")

@@ -14,9 +14,10 @@ from typing import Any, Callable, Sequence
 from trainable.config import coerce
 from trainable.errors import UserError
 
-SEARCH_SPACES = ("default", "tiny", "faults")
+SEARCH_SPACES = ("default", "cpu", "tiny", "faults")
 RECIPES = ("mobilenetv2_2stage_128", "mobilenetv2_2phase_96", "efficientnetv2_frozen", "resnet18_scratch",
-           "vgg13_scratch", "alexnet_scratch", "efficientnetv2s_coarse_fine", "resnet50_3stage_224")
+           "vgg13_scratch", "alexnet_scratch", "efficientnetv2s_coarse_fine", "resnet50_3stage_224",
+           "bit_hyperrule", "efficientnetv2_cifar")
 NAMES = SEARCH_SPACES + RECIPES
 ALIASES = {"mobilenetv2_71": "mobilenetv2_2stage_128", "resnet50_84": "resnet50_3stage_224"}  # old names
 
@@ -51,6 +52,11 @@ class Options:
     max_epochs: int
 
 
+def one_epoch(max_epochs: int) -> int:
+    """Stage 1 is one epoch whatever the budget (the tiny and test spaces)."""
+    return 1
+
+
 @dataclass(frozen=True)
 class Space:
     name: str
@@ -60,6 +66,9 @@ class Space:
     min_epochs: int  # the fewest epochs a trial of this space can have
     sample: Callable[[Suggest, Options], dict[str, Any]]
     recipe: bool = False  # a fixed recipe: its epochs are part of it, not a budget to fill
+    # the longest head-only stage 1 of a plan that unfreezes blocks, for an epoch budget; ASHA's
+    # first rung comes after it (search/searcher.py `stage_aware_grace`)
+    longest_stage1: Callable[[int], int] = one_epoch  # a module-level function: Tune pickles spaces
 
 
 def get_space(name: str) -> Space:

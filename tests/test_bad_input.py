@@ -90,6 +90,17 @@ CASES = [
     ("unknown-yaml-key", lambda t, d: ["--config", _write(t / "k.yaml", "gpuz: 2\n")], ["'gpuz' is not a setting"]),
     ("resume-missing", lambda t, d: ["--resume", "--name", "nope", "--storage-path", t], ["no experiment"]),
     ("unwritable-storage", lambda t, d: ["--storage-path", _write(t / "afile", "") / "sub"], ["not writable"]),
+    # configs that used to pass and then fail inside every trial (issue 11), found by sampling the space
+    ("odd-batch-with-mixup", lambda t, d: ["--set", "batch_size=33", "--set", "mixup_alpha=0.2"],
+     ["mixup/cutmix need an even batch_size", "use 32 or 34"]),
+    ("odd-batch-sampled-mixup", lambda t, d: ["--space", "default", "--set", "batch_size=33"], ["even batch_size"]),
+    ("input-too-small", lambda t, d: ["--space", "vgg13_scratch", "--set", "input_size=16"],
+     ["input_size 16 is too small for vgg13_bn", "input_size >= 32"]),
+    ("stage1-squeezes-stage2", lambda t, d: ["--set", "stage1_epochs=3", "--max-epochs", "4"],
+     ["leaves stage 2 0 epochs", "--set stages=2"]),
+    ("stage-epochs-over-budget", lambda t, d: ["--set", "stage2_epochs=5"], ["makes a trial", "ASHA's max_t"]),
+    ("recipe-max-epochs", lambda t, d: ["--space", "mobilenetv2_2stage_128", "--max-epochs", "30"],
+     ["--max-epochs 30 does not fit recipe", "20 epochs"]),
     ("weights-wrong-file", lambda t, d: ["--weights-dir", _wrong_weights(t), "--backbones", "tf_efficientnet_lite0"],
      ["does not fit", "tf_efficientnet_lite0"]),
 ]

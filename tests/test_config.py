@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from search.settings import SearchSettings, build_parser, load_yaml_settings, parse_settings
-from trainable.config import TrialConfig, coerce
+from trainable.config import OPTIMIZERS, SCHEDULES, TrialConfig, coerce
 from trainable.errors import UserError
 
 
@@ -78,10 +78,16 @@ def test_uncoercible_values(key, value, fragment):
     ({"stage2_lr": "nan"}, "learning rates must be > 0"),
     ({"layer_decay": 0}, "layer_decay must be in (0, 1]"),
     ({"layer_decay": 1.5}, "layer_decay must be in (0, 1]"),
-    ({"schedule": "step"}, "schedule must be cosine, onecycle or constant"),
-    ({"optimizer": "adam"}, "optimizer must be sgd or adamw"),
-    ({"batch_size": 0}, "batch sizes must be >= 1"),
-    ({"eval_batch_size": 0}, "batch sizes must be >= 1"),
+    ({"schedule": "linear"}, f"schedule must be one of {', '.join(SCHEDULES)}"),
+    ({"optimizer": "adam"}, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+    ({"batch_size": 0}, "batch_size 0 is too small (BatchNorm can't train on one image): use 2 or more"),
+    ({"batch_size": 1}, "batch_size 1 is too small (BatchNorm can't train on one image): use 2 or more"),
+    ({"eval_batch_size": 0}, "eval_batch_size 0 must be >= 1"),
+    # timm's Mixup asserts an even batch in every step of every trial (issue 11)
+    ({"batch_size": 33, "mixup_alpha": 0.2}, "mixup/cutmix need an even batch_size: use 32 or 34, not 33"),
+    ({"batch_size": 3, "cutmix_alpha": 1.0}, "mixup/cutmix need an even batch_size: use 2 or 4, not 3"),
+    ({"batch_size": "129", "mixup_alpha": "0.1", "cutmix_alpha": "0.5"},
+     "mixup/cutmix need an even batch_size: use 128 or 130, not 129"),
     ({"weight_decay": -1e-4}, "weight_decay and coarse_loss_weight must be >= 0"),
     ({"coarse_loss_weight": "nan"}, "weight_decay and coarse_loss_weight must be >= 0"),
     ({"mixup_alpha": -0.2}, "mixup_alpha and cutmix_alpha must be >= 0"),
@@ -95,6 +101,18 @@ def test_invalid_values(d, fragment):
     with pytest.raises(UserError) as e:
         TrialConfig.from_dict(d)
     assert _one_line(e) == f"bad trial config: {fragment}"
+
+
+@pytest.mark.parametrize("d", [
+    {"batch_size": 33},  # an odd batch without mixup/cutmix trains
+    {"batch_size": 2, "mixup_alpha": 0.2},
+    {"batch_size": 34, "mixup_alpha": 0.2, "cutmix_alpha": 1.0},
+    {"batch_size": 33, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+    {"eval_batch_size": 1},  # evaluation has no mixup and BatchNorm in eval mode
+    {"eval_batch_size": 333},
+])
+def test_valid_batch_sizes(d):
+    assert TrialConfig.from_dict(d).batch_size == int(d.get("batch_size", 128))
 
 
 def test_round_trip():
@@ -150,7 +168,7 @@ def test_every_field_is_a_flag():
 def test_defaults_match_the_dataclass():
     s = parse_settings([])
     assert s == SearchSettings()
-    assert s.num_samples == 16 and s.gpus is None and s.scheduler == "asha" and s.set is None
+    assert s.num_samples is None and s.gpus is None and s.scheduler == "asha" and s.set is None
     assert s.fixed_params() == {}
 
 
@@ -220,7 +238,7 @@ def test_yaml_set_as_one_string_or_a_mapping(tmp_path):
 
 def test_empty_yaml_changes_nothing(tmp_path):
     assert load_yaml_settings(_yaml(tmp_path, "# nothing\n")) == {}
-    assert parse_settings(["--config", _yaml(tmp_path, "")]).num_samples == 16
+    assert parse_settings(["--config", _yaml(tmp_path, "")]).num_samples is None
 
 
 @pytest.mark.parametrize("text, fragment", [

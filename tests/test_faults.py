@@ -40,6 +40,7 @@ def test_faulty_trials_do_not_stop_the_search(tmp_path, data_dir):
         assert t.epochs_run == t.results[-1]["epoch"]
     for t in by_status["oom"]:
         assert "out of memory" in t.results[-1]["error"] and t.epochs_run == 2
+        assert len({r["pid"] for r in t.results}) == 1  # on the CPU an OOM is not retried
     best = yaml.safe_load((tmp_path / "faults" / "best_config.yaml").read_text())
     assert best["trial_id"] in {t.trial_id for t in by_status["completed"]}
     assert "diverged (non-finite training loss" in proc.stdout
@@ -56,6 +57,23 @@ def test_crashed_worker_restarts_from_its_checkpoint(tmp_path, data_dir):
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # continued at epoch 2, epoch 1 not rerun
     assert rows[0]["pid"] != rows[1]["pid"] == rows[2]["pid"]  # a new worker process took over
     assert rows[1]["iterations_since_restore"] == 1  # Tune restored it from the epoch-1 checkpoint
+
+
+def test_oom_on_a_shared_gpu_is_retried_once_from_the_checkpoint(tmp_path, data_dir):
+    """Two trials per (logical) GPU: the first OOM may be the neighbour's, so Tune restarts the trial
+    from its checkpoint; the same OOM after the restart ends it with status oom."""
+    args = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--no-pretrained"]  # QUICK without --gpus 0
+    run_cli("run_search.py", "--space", "tiny", "--num-samples", 1, "--max-epochs", 2, "--scheduler", "fifo",
+            "--gpus", 1, "--gpus-per-trial", 0.5, "--cpus-per-trial", 1, "--set", "fault=oom",
+            "--set", "fault_epoch=2", "--set", "input_size=32", "--data-dir", data_dir,
+            "--storage-path", tmp_path, "--name", "shared", *args)  # exits 2: no trial can be best
+    [trial] = load_trials(tmp_path / "shared")
+    assert trial.status == "oom", (trial.status, trial.results)
+    rows = trial.results
+    assert [(r["epoch"], r["status"]) for r in rows] == [(1, "ok"), (2, "oom")]
+    assert rows[0]["pid"] != rows[1]["pid"]  # a restarted worker ran out again
+    assert rows[1]["iterations_since_restore"] == 1  # restored from the epoch-1 checkpoint
+    assert "while training" in rows[1]["error"]
 
 
 def test_resume_after_driver_killed_finishes_without_rerunning(tmp_path, data_dir):

@@ -108,6 +108,7 @@ def test_report_without_retrain_or_enough_trials(experiment, tmp_path):
     shutil.copytree(experiment, exp, ignore=shutil.ignore_patterns("analysis", "checkpoint_*"))
     for t in load_trials(exp)[1:]:
         shutil.rmtree(t.path)
+    (exp / "optuna.db").unlink(missing_ok=True)  # the study would still hold the removed trials
     page = write_report(exp).read_text()
     assert "importance needs at least 2" in page
     assert "No retrain yet" in page

@@ -94,22 +94,30 @@ def test_faults_space_samples_sane_and_failing_trials():
            {(0.01, ""), (0.01, "oom"), (1e12, ""), (1e12, "oom")}
 
 
-def test_default_space_stage3_params_sampled_only_with_3_stages():
-    seen3 = False
-    for cfg, params in _run("default"):
+@pytest.mark.parametrize("name", ["default", "cpu"])
+def test_finetune_space_params_sampled_only_where_they_act(name):
+    seen3 = frozen = False
+    for cfg, params in _run(name, n=60):
+        assert ("stage3_lr" in params) == (cfg["stages"] == 3)
+        assert ("stage1_lr" in params) == (cfg["stage1_epochs"] > 0)
+        assert ("unfreeze_depth" in params) == ("stage2_lr" in params) == (cfg["stage2_epochs"] > 0)
+        assert ("layer_decay" in params) == (cfg["stage2_epochs"] + cfg["stage3_epochs"] > 0)
         if cfg["stages"] == 3:
             seen3 = True
-            assert {"stage3_lr", "layer_decay", "stage3_epochs"} <= set(params)
-            assert 1e-5 <= cfg["stage3_lr"] <= 1e-2 and 0.5 <= cfg["layer_decay"] <= 1.0
-            assert cfg["stage3_epochs"] >= 1 and cfg["stage2_epochs"] >= 1
-    assert seen3
+            assert 1e-5 <= cfg["stage3_lr"] <= 3e-2 and cfg["stage3_epochs"] >= 1
+        frozen |= cfg["stage1_epochs"] == get_space(name).max_epochs  # a frozen feature extractor
+    assert seen3 and frozen
 
 
-def test_default_space_ranges():
-    for cfg, _ in _run("default"):
-        assert cfg["input_size"] in (96, 128, 160, 224) and cfg["batch_size"] in (64, 128, 256)
-        assert 1 <= cfg["unfreeze_depth"] <= 4 and 1 <= cfg["stage1_epochs"] <= 30 // 4
-        assert 1e-4 <= cfg["stage1_lr"] <= 1e-1 and 1e-5 <= cfg["stage2_lr"] <= 3e-2
+@pytest.mark.parametrize("name", ["default", "cpu"])
+def test_finetune_space_ranges(name):
+    m = get_space(name).max_epochs
+    for cfg, _ in _run(name):
+        assert cfg["input_size"] in (64, 96, 128, 160, 224) and cfg["batch_size"] in (32, 64, 128)
+        assert 1 <= cfg["unfreeze_depth"] <= 7 and cfg["optimizer"] in ("sgd", "adamw", "rmsprop")
+        # stage 1 is at most half the budget unless it is the whole plan (frozen extractor)
+        assert cfg["stage1_epochs"] <= m // 2 or cfg["stage1_epochs"] == m
+        assert 1e-4 <= cfg["stage1_lr"] <= 1e-1 and 1e-5 <= cfg["stage2_lr"] <= 1e-1
 
 
 def test_tiny_space_is_cpu_sized():
@@ -124,7 +132,7 @@ def test_tiny_space_is_cpu_sized():
 
 
 @pytest.mark.parametrize("name, max_epochs", [("default", 2), ("default", 3), ("default", 10),
-                                              ("tiny", 2), ("tiny", 3)])
+                                              ("tiny", 2), ("tiny", 3), ("cpu", 1), ("cpu", 2)])
 def test_narrowed_epoch_budget_is_filled_exactly(name, max_epochs):
     space = get_space(name)
     stages = set()
@@ -132,7 +140,10 @@ def test_narrowed_epoch_budget_is_filled_exactly(name, max_epochs):
         tc = _check_complete(cfg, params)
         assert tc.total_epochs == max_epochs
         stages.add(tc.stages)
-    assert stages == ({2} if max_epochs < 3 else {2, 3})  # 3 stages need 3 epochs
+    if name == "tiny":
+        assert stages == ({2} if max_epochs < 3 else {2, 3})  # tiny's 3 stages need 3 epochs
+    else:  # every plan of the fine-tune space fits any budget (stage 3 alone is a plan)
+        assert stages == {2, 3}
 
 
 def test_narrowed_backbones():
@@ -182,7 +193,7 @@ def test_fixed_overrides_a_recipe():
 
 def test_plateau_patience_only_with_a_constant_schedule():
     results = _run("default", n=40, multivariate=True)
-    assert {cfg["schedule"] for cfg, _ in results} == {"cosine", "onecycle", "constant"}
+    assert {cfg["schedule"] for cfg, _ in results} == {"cosine", "onecycle", "constant", "step"}
     for cfg, params in results:
         assert ("plateau_patience" in params) == (cfg["schedule"] == "constant")
 
@@ -248,10 +259,10 @@ def test_define_by_run_pickles():
     assert a["stage1_epochs"] + a["stage2_epochs"] + a["stage3_epochs"] == 12
 
 
-def test_searcher_builds_with_define_by_run():
+def test_searcher_builds_with_define_by_run(tmp_path):
     space = get_space("tiny")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        searcher = make_searcher(space, Options(space.backbones, 4), {}, BASE, seed=0)
+        searcher = make_searcher(space, Options(space.backbones, 4), {}, BASE, seed=0, exp=tmp_path)
     assert isinstance(searcher._space, DefineByRun)
     pickle.loads(pickle.dumps(searcher._space))

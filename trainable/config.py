@@ -12,6 +12,8 @@ from typing import Any
 from trainable.errors import UserError
 
 HEADS = ("flat", "coarse_to_fine")
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+SCHEDULES = ("cosine", "onecycle", "constant", "step")
 
 
 @dataclass
@@ -35,13 +37,13 @@ class TrialConfig:
     backbone_lr_scale: float = 1.0  # the top unfrozen block's lr relative to the stage's (head's) lr
     layer_decay: float = 0.75  # stages 2-3: each block's lr is layer_decay times the block above's
     freeze_bn: bool = False  # keep every BatchNorm's statistics fixed, also in unfrozen blocks
-    schedule: str = "cosine"  # per stage: "cosine" (warmup + cosine), "onecycle" or "constant" (warmup + flat)
+    schedule: str = "cosine"  # per stage: "cosine" (warmup + cosine), "onecycle", "constant" (warmup + flat) or "step" (warmup, then x0.1 at 30/60/90 %: BiT)
     warmup_frac: float = 0.1  # fraction of each stage spent warming up
     plateau_patience: int = 0  # constant schedule: lr *= plateau_factor after this many epochs without a lower val_loss; 0 = off
     plateau_factor: float = 0.1
     early_stop_patience: int = 0  # end a stage after this many epochs without a lower val_loss; 0 = off
     # --- optimiser and loss
-    optimizer: str = "sgd"  # "sgd" (Nesterov, momentum 0.9) or "adamw"
+    optimizer: str = "sgd"  # "sgd" (Nesterov, momentum 0.9), "adamw" or "rmsprop" (TF-style, timm RMSpropTF)
     weight_decay: float = 5e-4
     batch_size: int = 128
     label_smoothing: float = 0.1
@@ -95,15 +97,21 @@ class TrialConfig:
             (self.backbone_lr_scale > 0, "backbone_lr_scale must be > 0"),
             (all(lr > 0 for lr in (self.stage1_lr, self.stage2_lr, self.stage3_lr)), "learning rates must be > 0"),
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
-            (self.schedule in ("cosine", "onecycle", "constant"), "schedule must be cosine, onecycle or constant"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (self.plateau_patience >= 0 and self.early_stop_patience >= 0, "patiences must be >= 0 (0 = off)"),
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
             (self.plateau_patience == 0 or self.schedule == "constant",
              "plateau_patience needs schedule=constant (cosine and onecycle decay the lr themselves)"),
-            (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
-            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            # a training batch of 1 gives BatchNorm one value per channel at a 1x1 feature map
+            (self.batch_size >= 2, f"batch_size {self.batch_size} is too small (BatchNorm can't train on one image): use 2 or more"),
+            (self.eval_batch_size >= 1, f"eval_batch_size {self.eval_batch_size} must be >= 1"),
             (self.weight_decay >= 0 and self.coarse_loss_weight >= 0, "weight_decay and coarse_loss_weight must be >= 0"),
             (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
+            # timm Mixup pairs each image with its mirror in the batch (asserts an even size)
+            (self.batch_size % 2 == 0 or (self.mixup_alpha <= 0 and self.cutmix_alpha <= 0),
+             f"mixup/cutmix need an even batch_size: use {max(2, self.batch_size - 1)} or "
+             f"{self.batch_size + 1}, not {self.batch_size}"),
             (16 <= self.input_size <= 512, "input_size must be in [16, 512]"),
             (0.0 <= self.aug_strength <= 1.0, "aug_strength must be in [0, 1]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),

@@ -1,14 +1,17 @@
 """CIFAR-100 loading and the train/val/test bundles handed to Ray trials.
 
-Reads the official `cifar-100-python` archive layout (pickled dicts) with an unpickler
-that can rebuild NumPy arrays and nothing else, validates every field, and keeps
-images as uint8 [N, 3, 32, 32]. Everything here is plain numpy + lists so the bundles
-pickle cheaply into Ray's object store.
+Reads the official `cifar-100-python` archive layout (pickled dicts, by Python 2 or 3 at any
+protocol) with an unpickler that can build plain data and NumPy arrays and nothing else,
+validates every field, and keeps images as uint8 [N, 3, 32, 32]. Everything here is plain
+numpy + lists so the bundles pickle cheaply into Ray's object store.
 """
 
 from __future__ import annotations
 
+import codecs
+import copyreg
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
@@ -75,20 +78,65 @@ class FinalData:
 
 # ----------------------------------------------------------------------------- loading
 
-# The one function NumPy pickles call to rebuild an array; taken from ndarray's own
-# __reduce__ so we need not import a private module whose name changed in NumPy 2.
-_RECONSTRUCT = np.ndarray.__reduce__(np.empty(0))[0]
+def _reconstructor(obj, protocol: int):
+    """The callable NumPy pickles `obj` with (names differ between NumPy 1 and 2, so ask NumPy)."""
+    return obj.__reduce_ex__(protocol)[0]
+
+
+_RECONSTRUCT = _reconstructor(np.empty(0), 2)  # ndarray, protocols 0-4: _reconstruct + __setstate__
+_FROMBUFFER = _reconstructor(np.empty(1), 5)  # ndarray, protocol 5: _frombuffer(buffer, dtype, shape, order)
+_SCALAR = _reconstructor(np.int64(0), 2)  # numpy scalars: scalar(dtype, bytes)
+# Plain data types: calling one (or its __new__, or BUILD on the result) can only build a value.
+_SAFE_TYPES = (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool,
+               OrderedDict, object)
+_TEXT_CODECS = {"iso8859-1", "utf-8", "ascii"}  # codecs.lookup names of latin1/latin-1, utf8, ascii
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global or a call the pickle may not make; the message names it."""
+
+
+def _encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as pickle protocols 0-2 use it to store bytes: text codecs only (the
+    others, zlib or base64 for example, are transforms a CIFAR file never needs)."""
+    if not isinstance(text, str) or codecs.lookup(encoding).name not in _TEXT_CODECS:
+        raise _Refused(f"_codecs.encode({type(text).__name__}, {encoding!r})")
+    return codecs.encode(text, encoding, errors)
+
+
+def _copyreg_reconstructor(cls, base, state):
+    """copyreg._reconstructor (protocols 0-1 write it for some objects), for plain data types only."""
+    if cls not in _SAFE_TYPES or base not in _SAFE_TYPES:
+        raise _Refused(f"copyreg._reconstructor({getattr(cls, '__name__', cls)}, {getattr(base, '__name__', base)})")
+    return copyreg._reconstructor(cls, base, state)
+
+
+def _globals() -> dict[tuple[str, str], object]:
+    """Every global a CIFAR-format pickle may name, by Python 2 and 3 at protocols 0-5, NumPy 1 and 2."""
+    allowed: dict[tuple[str, str], object] = {}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _RECONSTRUCT
+        allowed[(f"{core}.multiarray", "scalar")] = _SCALAR
+        allowed[(f"{core}.numeric", "_frombuffer")] = _FROMBUFFER
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    for builtins in ("builtins", "__builtin__"):  # Python 3 writes __builtin__ at protocols 0-2, as Python 2 did
+        allowed.update({(builtins, t.__name__): t for t in _SAFE_TYPES if t is not OrderedDict})
+    allowed[("collections", "OrderedDict")] = OrderedDict
+    allowed[("_codecs", "encode")] = _encode
+    for module in ("copyreg", "copy_reg"):
+        allowed[(module, "_reconstructor")] = _copyreg_reconstructor
+    return allowed
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """A pickle can run any code on load; this one may only rebuild NumPy arrays."""
+    """A pickle can run any code on load; this one may only build plain data and NumPy arrays.
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # NumPy 1 (official files)
-        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # NumPy 2
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
+    Every global the pickle names goes through find_class, so anything not in ALLOWED (os.system,
+    eval, getattr, functools.partial, other NumPy functions, ...) is refused before it is called.
+    """
+
+    ALLOWED = _globals()
 
     def __init__(self, file, path: Path):
         super().__init__(file, encoding="latin1")  # official files are Python 2 pickles
@@ -98,9 +146,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         try:
             return self.ALLOWED[(module, name)]
         except KeyError:
-            raise UserError(
-                f"refusing to unpickle {module}.{name} from {self.path}: not a CIFAR-100 file; {_HINT}"
-            ) from None
+            raise _Refused(f"{module}.{name}") from None
 
 
 def _bad(path: Path, problem: str) -> UserError:
@@ -114,9 +160,12 @@ def _unpickle(path: Path) -> dict:
             obj = _ArrayOnlyUnpickler(f, path).load()
     except FileNotFoundError:
         raise _bad(path, "file is missing") from None
+    except _Refused as e:
+        raise UserError(f"refusing to unpickle {e} from {path}: not a CIFAR-100 file; {_HINT}") from None
     except OSError as e:
         raise _bad(path, f"cannot read it ({e.strerror or e})") from None
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, LookupError,
+            OverflowError, MemoryError) as e:
         raise _bad(path, f"truncated or corrupt pickle ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise _bad(path, f"expected a pickled dict, got {type(obj).__name__}")
@@ -129,7 +178,18 @@ def _require(d: dict, keys: tuple[str, ...], path: Path) -> None:
         raise _bad(path, f"missing keys {missing}")
 
 
+def _py2_bytes(x):
+    """A Python 2 `str` of raw bytes arrives as a latin-1 decoded str: its bytes again (else x)."""
+    try:
+        return x.encode("latin1") if isinstance(x, str) else x
+    except UnicodeEncodeError:
+        return x
+
+
 def _labels(values, n: int, num_classes: int, key: str, path: Path) -> np.ndarray:
+    values = _py2_bytes(values)
+    if isinstance(values, (bytes, bytearray)):  # one byte per label
+        values = np.frombuffer(values, np.uint8)
     try:
         arr = np.asarray(values)
     except ValueError:
@@ -143,13 +203,33 @@ def _labels(values, n: int, num_classes: int, key: str, path: Path) -> np.ndarra
     return arr.astype(np.int64)
 
 
+def _pixels(data, path: Path) -> np.ndarray:
+    """uint8 [N, 3072] from 'data': an array, a list of rows (lists of ints, bytes or arrays) or one
+    bytes blob, of integers in 0..255; anything else (floats, other shapes) is refused."""
+    data = _py2_bytes(data)
+    if isinstance(data, (bytes, bytearray)) and len(data) % 3072 == 0:
+        data = np.frombuffer(data, np.uint8).reshape(-1, 3072)
+    elif isinstance(data, (list, tuple)):
+        rows = [_py2_bytes(r) for r in data]
+        rows = [np.frombuffer(r, np.uint8) if isinstance(r, (bytes, bytearray)) else r for r in rows]
+        try:
+            data = np.asarray(rows) if rows else np.empty((0, 3072), np.uint8)
+        except ValueError:
+            raise _bad(path, "'data' must be rows of 3072 values, got rows of different lengths") from None
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _bad(path, f"'data' must be uint8 values of shape [N, 3072], got {got}")
+    if data.dtype != np.uint8:
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise _bad(path, f"'data' values must lie in 0..255, found {data.min()}..{data.max()}")
+        data = data.astype(np.uint8)
+    return data
+
+
 def _read_split(path: Path) -> Split:
     d = _unpickle(path)
     _require(d, ("data", "fine_labels", "coarse_labels"), path)
-    data = d["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise _bad(path, f"'data' must be a uint8 array of shape [N, 3072], got {got}")
+    data = _pixels(d["data"], path)
     n = len(data)
     if n == 0:
         raise _bad(path, "'data' holds no images")
@@ -166,6 +246,8 @@ def _read_names(path: Path) -> tuple[list[str], list[str]]:
     out = []
     for key, count in (("fine_label_names", NUM_FINE), ("coarse_label_names", NUM_COARSE)):
         names = d[key]
+        if isinstance(names, (tuple, np.ndarray)):
+            names = list(names.tolist() if isinstance(names, np.ndarray) else names)
         if not isinstance(names, list) or len(names) != count or not all(isinstance(s, (str, bytes)) for s in names):
             raise _bad(path, f"'{key}' must be a list of {count} names")
         out.append([s.decode("latin1") if isinstance(s, bytes) else s for s in names])

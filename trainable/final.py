@@ -1,4 +1,5 @@
-"""The final step: retrain one config for its full schedule, then test it once.
+"""The final step: retrain one config for its schedule (or the part of it the search selected),
+then test it once.
 
 It trains on train + val, except a config that trains on val_loss (early stopping,
 reduce-on-plateau): that one trains on the search's train split and watches its val split, as
@@ -19,27 +20,47 @@ from trainable.config import TrialConfig
 from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
-from trainable.trial import pick_device, run_trial, to_device
+from trainable.trial import is_out_of_memory, pick_device, run_trial, to_device
+
+FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
 
 
 def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
-                     on_epoch: Callable[[dict[str, Any]], None] = lambda m: None) -> dict[str, Any]:
-    """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics."""
+                     on_epoch: Callable[[dict[str, Any]], None] = lambda m: None,
+                     stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics.
+
+    `stop_after_epoch` k retrains the config's own trajectory up to global epoch k (its stage plan
+    and lr schedule, built for every planned epoch, cut there); test_metrics.json records the cut.
+    Running out of memory or diverging, in training or in the test pass, is a UserError saying
+    what to lower.
+    """
     cfg = TrialConfig.from_dict(config)
     train, val = data.search_split() if cfg.uses_val else (data.train_val, None)
+    cut = stop_after_epoch if stop_after_epoch is not None and stop_after_epoch < cfg.total_epochs else None
     t0 = time.perf_counter()
-    net, last = run_trial(cfg.to_dict(), train, val, lambda m, _ckpt: on_epoch(m), checkpoint=False)
+    net, last = run_trial(cfg.to_dict(), train, val, lambda m, _ckpt: on_epoch(m), checkpoint=False,
+                          stop_after_epoch=cut)
+    if last.get("status", "ok") == "oom":
+        raise UserError(f"the retrain ran {last['error']} {FIX}")
     if last.get("status", "ok") != "ok":
         raise UserError(f"the retrain failed: {last['status']} in epoch {last['epoch']}: "
-                        f"lower the learning rates, batch_size or input_size in the config")
+                        f"lower the learning rates {FIX}")
     train_seconds = time.perf_counter() - t0
     device = pick_device()
     mean, std = normalisation_of(net.backbone)
-    ev = evaluate(net, *to_device(data.test, device), input_size=cfg.input_size, mean=mean, std=std,
-                  batch_size=cfg.eval_batch_size, prec=Precision.for_device(device),
-                  return_predictions=True)
+    try:
+        ev = evaluate(net, *to_device(data.test, device), input_size=cfg.input_size, mean=mean, std=std,
+                      batch_size=cfg.eval_batch_size, prec=Precision.for_device(device, cfg.backbone),
+                      return_predictions=True)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"the test pass ran out of memory on {device.type} (eval_batch_size {cfg.eval_batch_size}, "
+                        f"input_size {cfg.input_size}): lower eval_batch_size {FIX}") from None
     metrics = {"test_acc": ev["acc"], "test_top5": ev["top5"], "test_coarse_acc": ev["coarse_acc"],
                "test_loss": ev["loss"], "epochs": int(last["epoch"]), "planned_epochs": cfg.total_epochs,
+               "cut_at_epoch": cut,
                "train_seconds": train_seconds, "train_images": len(train), "test_images": len(data.test),
                "watched_val": val is not None}
     if "coarse_head_acc" in ev:
@@ -63,4 +84,6 @@ def load_trained(path: Path, device: torch.device | str = "cpu"):
     cfg = TrialConfig.from_dict(ckpt["config"])
     net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)
     net.load_state_dict(ckpt["state_dict"])
-    return net.to(device).eval(), ckpt
+    # the same memory layout as training used: the faster one on this device (loop.Precision)
+    Precision.for_device(torch.device(device), cfg.backbone).model_to(net)
+    return net.eval(), ckpt

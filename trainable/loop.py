@@ -1,8 +1,8 @@
 """One training epoch and one evaluation pass, over uint8 tensors that already live on the device.
 
 Batches are index slices of the on-device dataset; augmentation, mixup and normalisation happen
-batched on the device. CUDA gets autocast (bf16 where supported, else fp16 with a GradScaler) and
-channels_last; the CPU runs fp32.
+batched on the device. CUDA gets autocast (bf16 where supported, else fp16 with a GradScaler); the
+CPU runs fp32. Both run the model in channels_last, the faster layout on each (benchmarks/layout.py).
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from trainable.augment import DeviceAugment, eval_transform
 from trainable.model import NUM_COARSE, NUM_FINE, Net, train_mode
 
 
+# backbones that train slower in channels_last on the CPU (benchmarks/layout.py); none measured so far
+CPU_CONTIGUOUS: frozenset[str] = frozenset()
+
+
 @dataclass
 class Precision:
     """How the forward pass runs on this device."""
@@ -27,11 +31,23 @@ class Precision:
     channels_last: bool
 
     @classmethod
-    def for_device(cls, device: torch.device) -> "Precision":
+    def for_device(cls, device: torch.device, backbone: str = "") -> "Precision":
+        """fp32 on the CPU, autocast on CUDA; channels_last wherever it is the faster layout.
+
+        On this project's 2-core CPU, channels_last trains tf_efficientnet_lite0 2-3.8x faster
+        and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster (issue 14's table;
+        `python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
+        NHWC-native. CPU_CONTIGUOUS lists backbones measured slower that way.
+        """
         if device.type != "cuda":
-            return cls(device, None, False)
+            return cls(device, None, backbone not in CPU_CONTIGUOUS)
         bf16 = torch.cuda.is_bf16_supported()
         return cls(device, torch.bfloat16 if bf16 else torch.float16, True)
+
+    def model_to(self, net: torch.nn.Module) -> torch.nn.Module:
+        """Move the model to the device in this precision's memory layout."""
+        return net.to(self.device, memory_format=torch.channels_last if self.channels_last
+                      else torch.preserve_format)
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -1,6 +1,7 @@
 """Optimiser and learning-rate schedule for one stage, built from the stage plan."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +39,11 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=stage.lr, momentum=0.9, nesterov=True, **fused)
+    elif cfg.optimizer == "rmsprop":
+        # TensorFlow's RMSProp as EfficientNet(V2) trained with it (decay 0.9, momentum 0.9, eps 1e-3);
+        # torch's RMSprop puts eps outside the sqrt and behaves differently at these settings
+        from timm.optim import RMSpropTF
+        opt = RMSpropTF(groups, lr=stage.lr, alpha=0.9, momentum=0.9, eps=1e-3)
     else:
         opt = torch.optim.AdamW(groups, lr=stage.lr, **fused)
     if cfg.schedule == "onecycle":
@@ -55,9 +61,10 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
             sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1)
         else:
             sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    else:
+    else:  # cosine, step
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(step, max(1, steps), cfg.warmup_frac))
+            opt, functools.partial(lr_factor, total_steps=max(1, steps), warmup_frac=cfg.warmup_frac,
+                                   shape=cfg.schedule))
     return opt, sched
 
 

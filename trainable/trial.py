@@ -47,45 +47,97 @@ def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
-              restore: Path | None = None, checkpoint: bool = True) -> tuple[Net, dict[str, Any]]:
+              restore: Path | None = None, checkpoint: bool = True, stop_after_epoch: int | None = None,
+              raise_oom: bool = False) -> tuple[Net | None, dict[str, Any]]:
     """Fine-tune through every stage, reporting once per epoch; returns the model and last metrics.
 
     `restore` is a checkpoint directory written by an earlier call: training continues at the
     epoch after it. With `val` None (the final retrain) only training metrics are reported, so a
     config that trains on val_loss (early stopping, reduce-on-plateau) needs `val`.
+    `stop_after_epoch` k ends the trial after global epoch k: the same stage plan and lr schedule
+    (built for every planned epoch), cut there. Running out of memory anywhere (setup, training,
+    validation, checkpoint) ends the trial with status "oom" and its reason, or re-raises the
+    error with `raise_oom` (the caller retries); the model is None when it ran out before one existed.
     """
     cfg = TrialConfig.from_dict(config)
     if val is None and cfg.uses_val:
         raise ValueError("early_stop_patience/plateau_patience need a validation split")
+    if stop_after_epoch is not None and stop_after_epoch < 1:
+        raise ValueError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
+    at = _Progress()
+    try:
+        return _train(cfg, train, val, report, restore, checkpoint, stop_after_epoch, at)
+    except (MemoryError, RuntimeError) as e:
+        if raise_oom or not is_out_of_memory(e):
+            raise
+        reason = at.oom_reason(cfg)
+    # out of the except block: the traceback's frames (and their tensors) are released first
+    if at.device is not None and at.device.type == "cuda":
+        torch.cuda.empty_cache()
+    metrics = {**at.metrics, "epoch": at.epoch, "stage": at.stage}
+    report(failure_result(metrics, "oom", reason), None)  # retrying cannot help; the search goes on
+    return at.net, {**metrics, "status": "oom", "error": reason}
+
+
+class _Progress:
+    """Where a trial is, so an out-of-memory error anywhere in it can say where and what to lower."""
+
+    def __init__(self) -> None:
+        self.phase = "setup"  # setup, training, validation, checkpoint
+        self.epoch, self.stage = 0, 0  # the 1-based global epoch being worked on, and its stage
+        self.net: Net | None = None
+        self.device: torch.device | None = None
+        self.metrics: dict[str, Any] = {}  # the epoch's metrics so far (training's, when validation fails)
+
+    def oom_reason(self, cfg: TrialConfig) -> str:
+        where = {"setup": f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) "
+                          f"before epoch {self.epoch}",
+                 "training": f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, "
+                             f"input_size {cfg.input_size})",
+                 "validation": f"epoch {self.epoch} while validating (eval_batch_size {cfg.eval_batch_size}, "
+                               f"input_size {cfg.input_size})",
+                 "checkpoint": f"epoch {self.epoch} while saving its checkpoint"}[self.phase]
+        fix = {"setup": "pick a smaller backbone or fewer images (--subset)",
+               "training": "lower batch_size or input_size", "validation": "lower eval_batch_size or input_size",
+               "checkpoint": "lower batch_size or input_size"}[self.phase]
+        return f"out of memory in {where}: {fix}"
+
+
+def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, restore: Path | None,
+           checkpoint: bool, stop_after_epoch: int | None, at: _Progress) -> tuple[Net, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
-    device = pick_device()
-    prec = Precision.for_device(device)
-    net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
-                       head=cfg.head, small_input_stem=cfg.small_input_stem)
+    device = at.device = pick_device()
+    prec = Precision.for_device(device, cfg.backbone)
+    state = _load(restore, device) if restore is not None else None
+    done = state["epoch"] if state else 0  # epochs trained so far, over all stages
+    plan = plan_stages(cfg)
+    at.epoch, at.stage = done + 1, state["stage"] if state else plan[0].number
+    net = at.net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
+                                head=cfg.head, small_input_stem=cfg.small_input_stem)
     mean, std = normalisation_of(net.backbone)
-    net.to(device, memory_format=torch.channels_last if prec.channels_last else torch.preserve_format)
+    prec.model_to(net)
     model = torch.compile(net) if cfg.compile else net
     x, fine, coarse = to_device(train, device)
     val_t = to_device(val, device) if val is not None else None
 
-    plan = plan_stages(cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     aug = DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, mean, std)
     mix = make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if prec.amp_dtype == torch.float16 else None
     steps_per_epoch = max(1, len(train) // min(cfg.batch_size, len(train) - len(train) % 2))
 
-    state = _load(restore, device) if restore is not None else None
-    done = state["epoch"] if state else 0  # epochs trained so far, over all stages
     best = state["best"] if state else {"val_acc": -1.0, "epoch": 0}
     if state:
         net.load_state_dict(state["net"])
         gen.set_state(state["generator"].cpu())
+    last = stop_after_epoch or cfg.total_epochs
     metrics: dict[str, Any] = {}
     for s in plan:
         resuming = state is not None and state["stage"] == s.number
         if state is not None and (s.number < state["stage"] or (resuming and state["stage_done"])):
             continue  # finished before the checkpoint
+        if done >= last:
+            break
         opt, sched = build_optimizer(net, s, cfg, s.epochs * steps_per_epoch, device)
         plateau = build_plateau(opt, cfg)
         stopper = EarlyStop(cfg.early_stop_patience)
@@ -97,32 +149,24 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
                 plateau.load_state_dict(state["plateau"])
             stopper = EarlyStop.from_state(state["stopper"])
             stage_epoch = state["stage_epoch"]
-        while stage_epoch < s.epochs:
-            epoch = done  # 0-based global epoch
-            try:
-                if cfg.fault and cfg.fault_epoch == epoch + 1:
-                    _inject(cfg.fault, first_run=restore is None)
-                tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
-                                 sched=sched, prec=prec, scaler=scaler, mix=mix,
-                                 smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                                 generator=gen, freeze_bn=cfg.freeze_bn)
-            except (MemoryError, RuntimeError) as e:
-                if not is_out_of_memory(e):
-                    raise
-                # retrying cannot help: end this trial with its reason; the search goes on
-                metrics = {"epoch": epoch + 1, "stage": s.number}
-                report(failure_result(metrics, "oom", f"out of memory in epoch {epoch + 1} (batch_size "
-                                      f"{cfg.batch_size}, input_size {cfg.input_size})"), None)
-                return net, {**metrics, "status": "oom"}
+        while stage_epoch < s.epochs and done < last:
+            at.phase, at.epoch, at.stage, at.metrics = "training", done + 1, s.number, {}
+            if cfg.fault and cfg.fault_epoch == done + 1:
+                _inject(cfg.fault, first_run=restore is None)
+            tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
+                             sched=sched, prec=prec, scaler=scaler, mix=mix,
+                             smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
+                             generator=gen, freeze_bn=cfg.freeze_bn)
             done, stage_epoch = done + 1, stage_epoch + 1
-            metrics = {"epoch": done, "stage": s.number, "lr": head_lr(opt),
-                       "trainable_params": count_trainable(net), **tr}
+            metrics = at.metrics = {"epoch": done, "stage": s.number, "lr": head_lr(opt),
+                                    "trainable_params": count_trainable(net), **tr}
             if not math.isfinite(tr["train_loss"]):
                 # a diverged trial stops at once and is never a candidate for best
                 report(failure_result(metrics, "diverged", f"non-finite training loss in epoch {done}"), None)
                 return net, {**metrics, "status": "diverged"}
             stopped = False
             if val_t is not None:
+                at.phase = "validation"
                 ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
                               batch_size=cfg.eval_batch_size, prec=prec)
                 if ev["acc"] > best["val_acc"]:
@@ -135,6 +179,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
             # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
             metrics.update(diverged=False, status="ok", early_stopped=stopped)
             stage_done = stopped or stage_epoch == s.epochs
+            at.phase = "checkpoint"
             if not checkpoint:
                 report(metrics, None)
             else:
@@ -160,10 +205,18 @@ def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[st
             "status": status, "error": reason}
 
 
+# how an allocation failure reads, on CUDA (its allocator, cuBLAS, cuDNN) and on the CPU (torch's
+# allocator, C++ new, the kernel's ENOMEM under the trial's RLIMIT_AS)
+OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
+             "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED")
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA OOM (a RuntimeError subclass), MemoryError, or the CPU allocator's failure."""
-    text = str(e)
-    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+    """Whether `e` is an allocation failure, on CUDA or on the CPU."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(t.lower() in text for t in OOM_TEXTS)
 
 
 def _inject(fault: str, first_run: bool) -> None:

@@ -1,0 +1,97 @@
+"""Where should ASHA's first rung be? The rank correlation between a rung's val_acc and the final
+val_acc, over trials that all ran to the end.
+
+    python benchmarks/rungs.py [--num-samples 12] [--max-epochs 4] [--subset 10] [--quick]
+
+One FIFO search (run_search.py --scheduler fifo --sampler random --warm-start none: independent
+random configs of the cpu space, every trial run to its last epoch) on the stand-in data (not
+CIFAR-100). For each candidate rung r (epoch 1, the old default, and the stage-aware rung that
+search/searcher.py derives), the Spearman rank correlation between the trials' val_acc at epoch r
+and at their last epoch: how well a decision at r ranks the trials as their full runs do. Prints a
+table and writes it between the rungs markers of BENCHMARKS.md (not with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.duel import cli  # noqa: E402
+from benchmarks.markdown import replace_block  # noqa: E402
+
+BEGIN, END = "<!-- rungs:begin -->", "<!-- rungs:end -->"
+
+
+def correlations(trials: list, rungs: list[int], last: int) -> dict[int, tuple[float, int]]:
+    """{rung: (Spearman rho, trials)} between val_acc at the rung and at epoch `last`."""
+    from scipy.stats import spearmanr
+    out = {}
+    for r in rungs:
+        pairs = []
+        for t in trials:
+            acc = {int(row["epoch"]): row["val_acc"] for row in t.results if row.get("status", "ok") == "ok"}
+            if r in acc and last in acc:
+                pairs.append((acc[r], acc[last]))
+        rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic if len(pairs) > 2 else float("nan")
+        out[r] = (float(rho), len(pairs))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "tinyimagenet100-32"))
+    p.add_argument("--weights-dir", default=str(REPO.parent / "shared" / "weights"))
+    p.add_argument("--num-samples", type=int, default=12)
+    p.add_argument("--max-epochs", type=int, default=4)
+    p.add_argument("--subset", type=int, default=10)
+    p.add_argument("--backbones", default="tf_efficientnet_lite0")
+    p.add_argument("--work-dir", default="/tmp/rungs")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.num_samples, a.subset = 4, 3
+    from search.export import load_trials
+    from search.searcher import stage_aware_grace
+    from spaces import get_space
+    exp = Path(a.work_dir) / "runs" / "fifo"
+    if exp.exists():
+        import shutil
+        shutil.rmtree(exp)
+    args = ["--gpus", "0", "--space", "cpu", "--backbones", a.backbones, "--max-epochs", str(a.max_epochs),
+            "--subset", str(a.subset), "--val-fraction", "0.2", "--num-samples", str(a.num_samples),
+            "--scheduler", "fifo", "--sampler", "random", "--warm-start", "none", "--seed", "1",
+            "--data-dir", a.data_dir, "--weights-dir", a.weights_dir,
+            "--storage-path", str(exp.parent), "--name", "fifo"] + (["--set", "input_size=64"] if a.quick else [])
+    t0 = time.time()
+    wall = cli("run_search.py", args, Path(a.work_dir) / "fifo.log")
+    grace = stage_aware_grace(get_space("cpu"), a.max_epochs)
+    trials = load_trials(exp)
+    rungs = sorted({1, grace})
+    corr = correlations(trials, rungs, a.max_epochs)
+    lines = [BEGIN, "## Where ASHA decides: rank correlation of a rung with the final val_acc", "",
+             f"- Command: `python benchmarks/rungs.py --num-samples {a.num_samples} --max-epochs {a.max_epochs} "
+             f"--subset {a.subset} --backbones {a.backbones}` ({wall / 60:.1f} min), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- {len(trials)} random configs of the `cpu` space, all run to epoch {a.max_epochs} (FIFO), on the "
+             f"stand-in data (not CIFAR-100), 20 % of `--subset {a.subset}` per class held out for val_acc. "
+             f"The stage-aware rung for this budget is epoch {grace} (search/searcher.py `stage_aware_grace`).", "",
+             "| first rung at | trials | Spearman rho (rung val_acc vs final val_acc) |", "|---|---|---|"]
+    for r in rungs:
+        rho, n = corr[r]
+        label = f"epoch {r}" + (" (stage-aware, the default)" if r == grace else " (the old default)")
+        lines.append(f"| {label} | {n} | {rho:.2f} |")
+    lines.append(END)
+    block = "\n".join(lines)
+    print(block)
+    if not a.quick:
+        replace_block(REPO / "BENCHMARKS.md", block)
+    print(f"took {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

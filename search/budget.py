@@ -1,0 +1,83 @@
+"""A wall-clock budget for a search that survives --resume.
+
+Tune's own `time_budget_s` starts counting afresh when a search is restored, so a resumed search
+would get the whole budget again; this stopper keeps the time already spent in the experiment
+folder (`budget.json`) and stops every trial once the sum reaches the budget. Trials still
+running are stopped by Tune like ASHA stops them: every finished epoch and checkpoint counts.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from ray import tune
+
+from trainable import atomic
+from trainable.errors import UserError
+
+BUDGET_FILE = "budget.json"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """"90m", "1.5h", "600s", "600" (seconds), "1h30m" -> seconds. Raises UserError."""
+    t = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r} must be more than 0")
+    return seconds
+
+
+def spent(exp: Path) -> float:
+    """Seconds of the budget the experiment has used so far (0 for a new one)."""
+    p = Path(exp) / BUDGET_FILE
+    try:
+        return float(json.loads(p.read_text())["spent_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+class BudgetStopper(tune.Stopper):
+    """Stops the whole search once `budget_s` of wall time (over all runs of it) is spent."""
+
+    def __init__(self, exp: Path, budget_s: float, save_every_s: float = 5.0):
+        self.exp, self.budget_s, self.save_every_s = Path(exp), float(budget_s), save_every_s
+        self._start()
+
+    def _start(self) -> None:
+        self.before = spent(self.exp)  # the earlier runs' share (a resumed search)
+        self.t0 = self.last_save = time.monotonic()
+
+    def __setstate__(self, state: dict) -> None:  # restored with the Tuner: count on from the file
+        self.__dict__.update(state)
+        self._start()
+
+    def used(self) -> float:
+        return self.before + time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return max(0.0, self.budget_s - self.used())
+
+    def save(self) -> None:
+        self.last_save = time.monotonic()
+        atomic.write_text(self.exp / BUDGET_FILE, json.dumps(
+            {"budget_s": self.budget_s, "spent_s": round(self.used(), 1)}) + "\n")
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False  # no single trial is stopped for its own sake
+
+    def stop_all(self) -> bool:
+        if time.monotonic() - self.last_save >= self.save_every_s:
+            self.save()
+        if self.used() >= self.budget_s:
+            self.save()
+            return True
+        return False

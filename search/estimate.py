@@ -1,0 +1,245 @@
+"""What a search will cost, measured on the real device before the first trial.
+
+A few timed training steps per backbone x input size the space can choose (head-only steps for
+stage 1, all-trainable steps for stages 2-3, forward passes for validation), cached per device
+and thread count, turn any config into seconds per epoch. Over a few hundred configs drawn from
+the space (and the warm-start points), that gives the expected trial cost, the FIFO upper bound
+and the expected wall time with ASHA's rungs and the concurrency given. Ray Tune users have
+asked for this since 2019 (ray-project/ray#6618). No Ray here: it runs before Ray starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spaces import Options, Space
+from trainable import atomic
+from trainable.config import TrialConfig
+
+ESTIMATE_FILE = "estimate.json"
+SAMPLES = 300  # configs drawn from the space for the expected cost
+BATCH, STEPS = 16, 3  # timed steps per measurement (after one untimed); the fastest counts
+
+
+def cache_path() -> Path:
+    """Per-machine cache of measured step times (CIFAR_TUNE_CACHE overrides the folder)."""
+    root = os.environ.get("CIFAR_TUNE_CACHE") or Path.home() / ".cache" / "cifar-tune"
+    return Path(root) / "speed.json"
+
+
+def device_key(device: Any, threads: int) -> str:
+    import torch
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
+    return f"{name}|threads{threads}"
+
+
+def measure(backbone: str, size: int, device: Any) -> dict[str, float]:
+    """Seconds per image for a head-only training step, an all-trainable step and an evaluation
+    forward pass, at batch BATCH (random weights: speed does not depend on them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainable.loop import Precision
+    from trainable.model import create_model, set_trainable, train_mode
+    net = create_model(backbone, pretrained=False)
+    prec = Precision.for_device(device, backbone)
+    prec.model_to(net)
+    x = prec.prepare(torch.randn(BATCH, 3, size, size, device=device))
+    y = torch.randint(0, 100, (BATCH,), device=device)
+    out: dict[str, float] = {}
+    for mode, top in (("frozen", 0), ("train", None)):
+        set_trainable(net, top)
+        train_mode(net)
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        times = []
+        for i in range(STEPS + 1):
+            t0 = time.perf_counter()
+            with prec.autocast():
+                loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[mode] = min(times) / BATCH
+    net.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(STEPS + 1):
+            t0 = time.perf_counter()
+            with prec.autocast():
+                net(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+    out["eval"] = min(times) / BATCH
+    return out
+
+
+@dataclass
+class Speeds:
+    """Seconds per image per (backbone, input size) on one device, measured or from the cache."""
+    key: str
+    table: dict[str, dict[str, float]] = field(default_factory=dict)  # "backbone@size" -> rates
+
+    def rates(self, backbone: str, size: int) -> dict[str, float]:
+        return self.table[f"{backbone}@{size}"]
+
+
+def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
+               log=print) -> Speeds:
+    """Measured speeds for every (backbone, size), reusing the per-machine cache."""
+    import torch
+    key = device_key(device, threads)
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    mine = cache.setdefault(key, {})
+    todo = sorted(c for c in combos if f"{c[0]}@{c[1]}" not in mine)
+    if todo:
+        log(f"estimate: timing {len(todo)} backbone x input size combination(s) on {key} "
+            f"(cached in {path} for next time) ...")
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for b, s in todo:
+                mine[f"{b}@{s}"] = measure(b, s, device)
+        finally:
+            torch.set_num_threads(old)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
+    return Speeds(key, {f"{b}@{s}": mine[f"{b}@{s}"] for b, s in combos})
+
+
+def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) -> list[float]:
+    """Seconds of each planned epoch (training, then validation). Stage 2 is costed as all
+    trainable: an upper bound (its frozen lower blocks skip their backward pass)."""
+    from trainable.stages import plan_stages
+    r = speeds.rates(cfg.backbone, cfg.input_size)
+    out = []
+    for st in plan_stages(cfg):
+        per_img = r["frozen"] if st.top_blocks == 0 else r["train"]
+        out += [n_train * per_img + n_val * r["eval"]] * st.epochs
+    return out
+
+
+def reach(epoch: int, rungs: list[int], rf: int) -> float:
+    """Share of trials that run epoch `epoch` (1-based) under ASHA: 1/rf past each rung."""
+    return float(rf) ** -sum(1 for r in rungs if r < epoch)
+
+
+def asha_rungs(grace: int, rf: int, max_t: int) -> list[int]:
+    """ASHA's milestones below max_t: grace, grace*rf, grace*rf^2, ..."""
+    rungs, r = [], grace
+    while r < max_t:
+        rungs.append(r)
+        r *= rf
+    return rungs
+
+
+@dataclass
+class Estimate:
+    per_combo: dict[str, dict[str, float]]  # "backbone@size" -> {"frozen_epoch_s", "train_epoch_s"}
+    trial_fifo_s: float  # mean seconds of a whole trial
+    trial_asha_s: float  # mean seconds of a trial under ASHA (pruned share included)
+    warm_fifo_s: float  # the warm-start points' trials, summed, FIFO
+    warm_asha_s: float
+    parallel: int
+    num_samples: int | None
+    budget_s: float | None
+    rungs: list[int]
+    startup_s: float = 8.0  # a trial worker's start and model build (measured: 5-10 s on CPU)
+
+    def wall(self, n: int, asha: bool) -> float:
+        """Expected wall seconds for n trials, the warm-start points first."""
+        per = (self.trial_asha_s if asha else self.trial_fifo_s) + self.startup_s
+        warm_n = min(n, self.n_warm)
+        warm = (self.warm_asha_s if asha else self.warm_fifo_s) * (warm_n / max(1, self.n_warm))
+        return (warm + warm_n * self.startup_s + max(0, n - warm_n) * per) / self.parallel
+
+    n_warm: int = 0
+
+    def trials_in(self, budget_s: float, asha: bool) -> int:
+        """How many trials fit in a time budget."""
+        n = 0
+        while self.wall(n + 1, asha) <= budget_s and n < 100000:
+            n += 1
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], warm: list,
+             *, n_train: int, n_val: int, device: Any, threads: int, parallel: int,
+             num_samples: int | None, budget_s: float | None, rungs: list[int], rf: int,
+             seed: int = 0, log=print) -> Estimate:
+    """The cost of the search described by the arguments (see the module docstring)."""
+    import optuna
+
+    from search.searcher import DefineByRun, _quiet_optuna
+    _quiet_optuna()
+    dbr = DefineByRun(space, opts, fixed, base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
+    configs = []
+    for _ in range(SAMPLES if not space.recipe else 1):
+        t = study.ask()
+        configs.append(TrialConfig.from_dict(dbr(t)))
+        study.tell(t, 0.0)
+    warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
+    combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
+    speeds = speeds_for(combos, device, threads, log=log)
+
+    def cost(c: TrialConfig, asha: bool) -> float:
+        secs = epoch_seconds(c, speeds, n_train, n_val)
+        return sum(s * (reach(e, rungs, rf) if asha else 1.0) for e, s in enumerate(secs, start=1))
+
+    per_combo = {}
+    for b, s in sorted(combos):
+        r = speeds.rates(b, s)
+        per_combo[f"{b}@{s}"] = {"frozen_epoch_s": n_train * r["frozen"] + n_val * r["eval"],
+                                 "train_epoch_s": n_train * r["train"] + n_val * r["eval"]}
+    return Estimate(per_combo=per_combo,
+                    trial_fifo_s=statistics.fmean(cost(c, False) for c in configs),
+                    trial_asha_s=statistics.fmean(cost(c, True) for c in configs),
+                    warm_fifo_s=sum(cost(c, False) for c in warm_cfgs),
+                    warm_asha_s=sum(cost(c, True) for c in warm_cfgs),
+                    parallel=max(1, parallel), num_samples=num_samples, budget_s=budget_s,
+                    rungs=rungs, n_warm=len(warm_cfgs))
+
+
+def describe(e: Estimate) -> str:
+    """The estimate as the lines the CLI prints."""
+    from search.progress import duration
+    lines = ["cost estimate (measured on this device; epochs = training + validation):",
+             "  backbone@size                      frozen epoch   trainable epoch"]
+    for k, v in e.per_combo.items():
+        lines.append(f"  {k:34s} {duration(v['frozen_epoch_s']):>12s}   {duration(v['train_epoch_s']):>15s}")
+    lines.append(f"  a trial: {duration(e.trial_fifo_s)} run to the end, {duration(e.trial_asha_s)} on average "
+                 f"with ASHA's rungs at epochs {e.rungs or 'none'}; {e.parallel} trial(s) at once")
+    if e.n_warm:
+        lines.append(f"  the {e.n_warm} warm-start trial(s): {duration(e.warm_fifo_s / e.parallel)} FIFO, "
+                     f"about {duration(e.warm_asha_s / e.parallel)} with ASHA")
+    if e.num_samples:
+        lines.append(f"  {e.num_samples} trials: at most {duration(e.wall(e.num_samples, False))} (FIFO), "
+                     f"expected {duration(e.wall(e.num_samples, True))} with ASHA")
+    if e.budget_s:
+        lines.append(f"  time budget {duration(e.budget_s)}: about {e.trials_in(e.budget_s, True)} trials "
+                     f"with ASHA ({e.trials_in(e.budget_s, False)} run to the end)")
+    return "\n".join(lines)
+
+
+def save(exp: Path, e: Estimate) -> None:
+    exp.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(exp / ESTIMATE_FILE, json.dumps(e.to_dict(), indent=1) + "\n")

@@ -1,0 +1,242 @@
+"""Every config a search can hand a trial, checked before Ray starts.
+
+Only a handful of mistakes show in the --set values alone; most appear in a combination with what
+the space samples (an odd --set batch_size with a sampled mixup_alpha, a --set stage1_epochs that
+leaves a sampled 3-stage plan no stage 2). So the space is sampled here the way the search will
+sample it, through the searcher's own DefineByRun, in a throwaway in-memory Optuna study with a
+seeded RandomSampler (many draws, so every branch of a conditional space is visited), and each
+config is checked: TrialConfig's validation, the epoch budget ASHA's max_t assumes, and one forward
+pass per backbone at the smallest input size it gets. A space with nothing left to sample (a fixed
+recipe, or every sampled name fixed by --set) runs once, or as seeded repeats when asked to.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from search.settings import SearchSettings
+from spaces import Options, Space, Suggest
+from trainable.config import TrialConfig, coerce
+from trainable.errors import UserError
+
+DRAWS = 64  # a two-way branch is missed with probability 2**-64
+STAGE_KEYS = ("stages", "stage1_epochs", "stage2_epochs", "stage3_epochs")
+PROBE_SIZES = (16, 24, 32, 48, 64, 96, 128, 160, 224, 288, 384, 512)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the search will run, once every config it can produce has been checked."""
+    space: Space  # the space, its sample wrapped to vary the seed when a fixed space repeats
+    opts: Options  # opts.max_epochs is every trial's total epochs: ASHA's max_t
+    num_samples: int | None  # None: the user gave none and the space samples (search/run.py decides)
+    configs: list[dict[str, Any]]  # the checked sample of complete configs
+    note: str  # one line for the console ("" when there is nothing to say)
+
+
+class RepeatSeeds:
+    """A fixed space's sample function, with seed = first seed + the Optuna trial's number, so
+    repeats of one recipe differ only in their seed. A class, not a closure: Tune pickles it."""
+
+    def __init__(self, sample: Callable[[Suggest, Options], dict[str, Any]], first_seed: int):
+        self.sample, self.first_seed = sample, first_seed
+
+    def __call__(self, s: Suggest, o: Options) -> dict[str, Any]:
+        return {**self.sample(s, o), "seed": self.first_seed + s.trial.number}
+
+
+def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],
+                base: dict[str, Any], points: Sequence[dict[str, Any]] = ()) -> Plan:
+    """Sample and check the configs the search will run; decide num_samples and ASHA's max_t.
+
+    `points` are Optuna params to be tried first (a warm start), checked like the draws.
+    Raises UserError, one line, for any config a trial would fail on."""
+    fixed = coerce(fixed)  # unknown --set keys and values of the wrong type
+    if space.recipe:
+        configs, sampled = sample_configs(space, opts, fixed, base, points=points)
+        opts = _recipe_budget(s, space, opts, configs[0])
+    else:
+        check_budget(space, opts, fixed, points)
+        zero_ok = stages_that_may_be_empty(space, opts, fixed)
+
+        def check(cfg: dict[str, Any]) -> None:  # the searcher's own configs keep the budget too
+            problem = budget_problem(cfg, opts.max_epochs, fixed, zero_ok, space.name)
+            if problem:
+                raise UserError(problem)
+        configs, sampled = sample_configs(space, opts, fixed, base, points=points, check=check)
+    check_models(configs)
+    if sampled:
+        return Plan(space, opts, s.num_samples, configs, "")
+    what = "a fixed recipe" if space.recipe else "--set fixes every parameter it samples"
+    head = f"space {space.name!r} has nothing left to sample ({what}): "
+    if s.num_samples is None or s.num_samples == 1:
+        more = ("" if s.num_samples == 1 else
+                f"; --num-samples N runs N repeats with seeds {s.seed}, {s.seed + 1}, ...")
+        return Plan(space, opts, 1, configs, f"{head}running it once{more}")
+    if "seed" in fixed:
+        raise UserError(f"--set seed={fixed['seed']} gives all {s.num_samples} repeats of {space.name!r} "
+                        f"one seed: drop it and use --seed N (repeats get N, N+1, ...)")
+    seeds = f"{s.seed}..{s.seed + s.num_samples - 1}"
+    return Plan(dataclasses.replace(space, sample=RepeatSeeds(space.sample, s.seed)), opts, s.num_samples,
+                configs, f"{head}running {s.num_samples} repeats with seeds {seeds}")
+
+
+def sample_configs(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], *,
+                   draws: int = DRAWS, seed: int = 0, points: Sequence[dict[str, Any]] = (),
+                   check: Callable[[dict[str, Any]], None] | None = None
+                   ) -> tuple[list[dict[str, Any]], bool]:
+    """Complete configs as the searcher's DefineByRun builds them, from a throwaway Optuna study
+    with a seeded RandomSampler, and whether the space sampled anything at all.
+
+    `check` sees each complete config."""
+    import optuna
+
+    from search.searcher import DefineByRun, _quiet_optuna
+    _quiet_optuna()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for p in points:
+        study.enqueue_trial(dict(p))
+    define = DefineByRun(space, opts, fixed, base)
+    configs, sampled = [], False
+    for _ in range(len(points) + draws):
+        trial = study.ask()
+        cfg = define(trial)
+        if check is not None:
+            check(cfg)
+        configs.append(cfg)
+        study.tell(trial, 0.0)
+        sampled = sampled or bool(trial.params)
+        if not sampled and not points:
+            break  # nothing sampled: the space's flow is fixed, every draw would be this one
+    return configs, sampled
+
+
+def _draws(space: Space, opts: Options, fixed: dict[str, Any], points: Sequence[dict[str, Any]] = (),
+           draws: int = DRAWS) -> list[dict[str, Any]]:
+    """The space's own values (no TrialConfig defaults, no validation) for seeded random draws."""
+    import optuna
+
+    from search.searcher import _quiet_optuna
+    _quiet_optuna()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for p in points:
+        study.enqueue_trial(dict(p))
+    out = []
+    for _ in range(len(points) + draws):
+        trial = study.ask()
+        out.append({**space.sample(Suggest(trial, fixed), opts), **fixed})
+        study.tell(trial, 0.0)
+    return out
+
+
+def stages_that_may_be_empty(space: Space, opts: Options, fixed: dict[str, Any]) -> set[int]:
+    """The stages the space itself gives 0 epochs in some plan (a frozen feature extractor is
+    stage 1 alone); a 0 anywhere else comes from the user's --set squeezing the budget."""
+    own = {k: v for k, v in fixed.items() if k not in STAGE_KEYS}
+    empty = set()
+    for v in _draws(space, opts, own):
+        stages = int(v.get("stages", TrialConfig.stages))
+        empty |= {k for k in range(1, stages + 1) if v.get(f"stage{k}_epochs", 1) == 0}
+    return empty
+
+
+def budget_problem(cfg: dict[str, Any], max_t: int, fixed: dict[str, Any], zero_ok: set[int],
+                   space_name: str) -> str:
+    """What is wrong with a config's stage epochs for a search whose trials all get `max_t`
+    epochs (ASHA's max_t), or ''. A stage may not get fewer than 0, nor a 0 the space would not
+    give it itself (unless the user set that 0); the stages must add up to max_t."""
+    stages = int(cfg.get("stages", TrialConfig.stages))
+    epochs = {k: int(cfg.get(f"stage{k}_epochs", getattr(TrialConfig, f"stage{k}_epochs")))
+              for k in range(1, 4 if stages == 3 else 3)}
+    plan = " + ".join(f"stage{k} {e}" for k, e in epochs.items())
+    given = [f"{k}={fixed[k]}" for k in STAGE_KEYS if k in fixed]
+    cause = f"--set {', '.join(given)}" if given else f"space {space_name!r}"
+    for k, e in epochs.items():
+        if e < 0 or (e == 0 and k not in zero_ok and f"stage{k}_epochs" not in fixed):
+            return f"{cause} leaves stage {k} {e} epochs of the {max_t}-epoch budget ({plan})"
+    total = sum(epochs.values())
+    if total != max_t:
+        return f"{cause} makes a trial {total} epochs ({plan}) but every trial gets {max_t} (ASHA's max_t)"
+    return ""
+
+
+def _first_problem(space: Space, opts: Options, fixed: dict[str, Any],
+                   points: Sequence[dict[str, Any]] = ()) -> str:
+    zero_ok = stages_that_may_be_empty(space, opts, fixed)
+    for v in _draws(space, opts, fixed, points):
+        problem = budget_problem(v, opts.max_epochs, fixed, zero_ok, space.name)
+        if problem:
+            return problem
+    return ""
+
+
+def check_budget(space: Space, opts: Options, fixed: dict[str, Any],
+                 points: Sequence[dict[str, Any]] = ()) -> None:
+    """Every trial the space can sample under the user's --set values fits the epoch budget, or a
+    UserError names the first that does not and the fixes that were tried and work."""
+    problem = _first_problem(space, opts, fixed, points)
+    if not problem:
+        return
+    fixes = []
+    if "stages" not in fixed and not _first_problem(space, opts, {**fixed, "stages": 2}):
+        fixes.append("--set stages=2")
+    # the smallest budget that fits, if any does within reason
+    m = next((m for m in range(opts.max_epochs + 1, 4 * opts.max_epochs + 9)
+              if not _first_problem(space, dataclasses.replace(opts, max_epochs=m), fixed)), None)
+    if m is not None:
+        fixes.append(f"--max-epochs {m}")
+    set_epochs = [k for k in STAGE_KEYS[1:] if k in fixed]
+    if set_epochs:
+        fixes.append(f"drop --set {', '.join(set_epochs)} (the space splits --max-epochs itself)")
+    raise UserError(f"{problem}: {' or '.join(fixes) if fixes else 'change the --set stage values'}")
+
+
+def check_warm_points(points: Sequence[Any], max_t: int) -> None:
+    """Warm-start points (spaces.warm_start.WarmPoint: .name, .config) are complete configs the
+    trials run as they are: each must be valid and fill the per-trial budget like any draw."""
+    for p in points:
+        cfg = TrialConfig.from_dict(p.config)
+        if cfg.total_epochs != max_t:
+            raise UserError(f"warm-start point {p.name} trains {cfg.total_epochs} epochs but every trial "
+                            f"gets {max_t} (ASHA's max_t): pass --warm-start none, or report this as a bug")
+
+
+def _recipe_budget(s: SearchSettings, space: Space, opts: Options, cfg: dict[str, Any]) -> Options:
+    """A recipe's epochs are part of it: ASHA's max_t is its total, and --max-epochs must agree."""
+    total = TrialConfig.from_dict(cfg).total_epochs
+    if s.max_epochs is not None and s.max_epochs != total:
+        raise UserError(f"--max-epochs {s.max_epochs} does not fit recipe {space.name!r}: it trains {total} "
+                        f"epochs; drop --max-epochs, or --set its stage epochs (stage1_epochs, ...)")
+    return dataclasses.replace(opts, max_epochs=total)
+
+
+def check_models(configs: list[dict[str, Any]]) -> None:
+    """One training-mode forward pass of each backbone (random init, batch of 2) at the smallest
+    input size the configs give it: a size the network shrinks to nothing, or a stem it can't
+    take, fails here with one line instead of in every trial."""
+    smallest: dict[tuple[str, bool], int] = {}
+    for c in configs:
+        key = (c["backbone"], bool(c["small_input_stem"]))
+        smallest[key] = min(smallest.get(key, c["input_size"]), c["input_size"])
+    for (backbone, stem), size in smallest.items():
+        from trainable.model import create_model
+        net = create_model(backbone, pretrained=False, small_input_stem=stem)  # its UserErrors propagate
+        err = forward_error(net, size)
+        if err:
+            ok = next((p for p in PROBE_SIZES if p > size and not forward_error(net, p)), None)
+            fix = f"use input_size >= {ok}" if ok else "choose another backbone"
+            raise UserError(f"input_size {size} is too small for {backbone}"
+                            f"{' with small_input_stem' if stem else ''} ({err}): {fix}")
+
+
+def forward_error(net: Any, size: int) -> str:
+    """'' when a batch of 2 goes through `net` at `size` px, else the error's first line."""
+    import torch
+    net.train()  # BatchNorm in training mode, as stages 2 and 3 run it
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, 3, size, size))
+    except (RuntimeError, ValueError) as e:
+        return (str(e).splitlines() or [type(e).__name__])[0][:120]
+    return ""

@@ -1,0 +1,144 @@
+"""Warm start from expert knowledge: the hand-made recipes as the first points of a search.
+
+PriorBand (Mallik et al., NeurIPS 2023) and Quick-Tune (Arango et al., ICLR 2024) show that a
+search for fine-tuning hyper-parameters does far better when it starts from what experts already
+know than from random draws. Each pretrained recipe (spaces/, `recipe=True`) becomes one point of
+the search space per backbone it can run on: its own network when the space allows it, else its
+procedure on every allowed backbone. Its stage epochs (and patiences) are scaled into the trial's
+epoch budget, and the point is replayed through the space's own sample function, which both
+yields the parameters Optuna must be told (names it samples, values inside its distributions)
+and proves the recipe is a point of the space.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config
+from trainable.config import TrialConfig, coerce
+
+_PATIENCES = ("early_stop_patience", "plateau_patience")
+_STAGE_EPOCHS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
+
+
+@dataclass(frozen=True)
+class WarmPoint:
+    name: str  # "recipe@backbone"
+    config: dict[str, Any]  # the complete TrialConfig dict the trial runs (its params.json)
+    params: dict[str, Any]  # what the space samples, as Optuna must be told it
+    distributions: dict[str, Any]  # each param's Optuna distribution, as the space asks for it
+
+
+class OutsideSpace(ValueError):
+    """A recipe value the space cannot express (a name it does not sample, or a value outside
+    the name's range or choices)."""
+
+
+def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
+    """`config` with its stage epochs scaled proportionally to sum to `budget` (every stage that
+    had epochs keeps at least 1; largest remainders get the leftover epochs) and its patiences
+    scaled by the same factor (at least 1 where on).
+
+    Raises ValueError when `budget` is smaller than the number of stages with epochs.
+    """
+    cfg = TrialConfig.from_dict(config)
+    keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0 and (k != "stage3_epochs" or cfg.stages == 3)]
+    if budget < len(keys):
+        raise ValueError(f"a budget of {budget} epochs is fewer than the {len(keys)} stages of the plan")
+    total = sum(getattr(cfg, k) for k in keys)
+    exact = {k: getattr(cfg, k) * budget / total for k in keys}
+    out = {k: max(1, math.floor(v)) for k, v in exact.items()}
+    while sum(out.values()) > budget:  # the max(1, ...) floors overshot: take from the largest
+        k = max((k for k in keys if out[k] > 1), key=lambda k: out[k])
+        out[k] -= 1
+    for k in sorted(keys, key=lambda k: exact[k] - math.floor(exact[k]), reverse=True):
+        if sum(out.values()) == budget:
+            break
+        out[k] += 1
+    d = {**config, **out}
+    for k in _PATIENCES:
+        if d.get(k, 0) > 0:
+            d[k] = max(1, round(d[k] * budget / total))
+    return d
+
+
+class _Replay:
+    """A stand-in for an Optuna trial that answers every suggest_* with a given config's value,
+    checking it lies inside the distribution the space asks with."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config, self.params, self.distributions = config, {}, {}
+
+    def _answer(self, name: str, dist: Any) -> Any:
+        import optuna
+        if name not in self.config:
+            raise OutsideSpace(f"the space samples {name}, which the recipe does not set")
+        v = self.config[name]
+        ok = (v in dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
+              else isinstance(v, (int, float)) and not isinstance(v, bool) and dist.low <= v <= dist.high)
+        if not ok:
+            raise OutsideSpace(f"{name}={v!r} is outside the space's {dist}")
+        self.params[name], self.distributions[name] = v, dist
+        return v
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        import optuna
+        return self._answer(name, optuna.distributions.FloatDistribution(low, high, log=log))
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        import optuna
+        return self._answer(name, optuna.distributions.IntDistribution(low, high))
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        import optuna
+        return self._answer(name, optuna.distributions.CategoricalDistribution(list(choices)))
+
+
+def as_point(name: str, config: dict[str, Any], space: Space, opts: Options, fixed: dict[str, Any]
+             ) -> WarmPoint:
+    """`config` as a point of `space`: the parameters the space samples, each inside its
+    distribution, and the complete config. Raises OutsideSpace when it is not one."""
+    replay = _Replay(config)
+    chosen = space.sample(Suggest(replay, fixed), opts)
+    for k, v in chosen.items():  # values the space derives (e.g. stage 2's epochs) must agree too
+        if k not in fixed and config.get(k) != v:
+            raise OutsideSpace(f"the space derives {k}={v!r} where the recipe has {config.get(k)!r}")
+    return WarmPoint(name, config, replay.params, replay.distributions)
+
+
+def recipe_points(space: Space, opts: Options, base: dict[str, Any], fixed: dict[str, Any]
+                  ) -> tuple[list[WarmPoint], list[str]]:
+    """The pretrained recipes as points of `space` (recipe order; each on its own backbone if
+    allowed, else on every allowed backbone), and one line per recipe that is not a point of it.
+
+    `base` holds the search-wide fields (pretrained, weights_dir, seed, compile), `fixed` the
+    user's --set values; both win over the recipe, as they do for every trial.
+    """
+    fixed = coerce(fixed)
+    skipped, seen = [], set()
+    found: list[tuple[int, WarmPoint]] = []
+    for recipe in RECIPES:
+        own = get_space(recipe).backbones
+        cfg0 = recipe_config(recipe, base=base)
+        if cfg0["pretrained"] != base.get("pretrained", True):
+            continue  # a from-scratch recipe in a fine-tuning search, or the other way round
+        backbones = [b for b in own if b in opts.backbones] or list(opts.backbones)
+        if "backbone" in fixed:
+            backbones = [fixed["backbone"]]
+        for b in backbones:
+            try:
+                cfg = fit_epochs({**cfg0, "backbone": b}, opts.max_epochs)
+                cfg = TrialConfig.from_dict({**cfg, **base, **fixed}).to_dict()
+                point = as_point(f"{recipe}@{b}", cfg, space, opts, fixed)
+            except (OutsideSpace, ValueError) as e:
+                skipped.append(f"{recipe}@{b}: {e}")
+                continue
+            key = tuple(sorted(cfg.items()))
+            if key not in seen:  # --set can make two recipes the same point
+                seen.add(key)
+                found.append((list(opts.backbones).index(b) if b in opts.backbones else 0, point))
+    # backbone-major: every recipe on the first (cheapest) allowed backbone comes first, so a short
+    # time budget still sees each procedure once
+    points = [p for _, p in sorted(found, key=lambda t: t[0])]
+    return points, skipped

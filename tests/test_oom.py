@@ -1,0 +1,292 @@
+"""Out of memory anywhere in a trial (setup, training, validation, checkpoint) and in the final
+test pass ends the same way: status oom with a reason saying what to lower (a trial), or a one-line
+UserError (the final retrain). On a GPU shared by fractional trials the first OOM is retried.
+
+The real allocator failures run in a subprocess under the product's memory budget
+(trainable/memory.py), so RLIMIT_AS never touches pytest itself."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from numpy._core._exceptions import _ArrayMemoryError
+
+from search import trainable as search_trainable
+from search.trainable import retry_first_oom, shares_a_gpu
+from tests.conftest import REPO
+from trainable import final, trial
+from trainable.data import FinalData, Split
+from trainable.errors import UserError
+from trainable.trial import is_out_of_memory, run_trial
+
+GIB = 1 << 30
+
+# A CPU trial under the budget a 1-CPU node with 1.25 GiB of RAM would give (1 GiB): lite0 at 512 px,
+# batch 2 trains within it; a validation batch of 128 images at 512 px does not.
+CHILD = r"""
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from trainable.data import FinalData, Split
+from trainable.errors import UserError
+from trainable.memory import limit_memory, trial_budget
+from trainable.trial import run_trial
+
+def split(n, seed):
+    r = np.random.default_rng(seed)
+    return Split(r.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), r.integers(0, 100, n), r.integers(0, 20, n))
+
+what, overrides = sys.argv[1], json.loads(sys.argv[2])
+cfg = {"backbone": "tf_efficientnet_lite0", "pretrained": False, "input_size": 512, "batch_size": 2,
+       "eval_batch_size": 4, "aug_strength": 0.0, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 0,
+       **overrides}
+train, val = split(int(overrides.pop("n_train", 4)), 0), split(128, 1)
+cfg.pop("n_train", None)
+limit_memory(trial_budget(1, node_cpus=1, node_ram=int(1.25 * (1 << 30))))
+if what == "trial":
+    rows = []
+    net, last = run_trial(cfg, train, val, lambda m, c: rows.append(m), checkpoint=False)
+    print(json.dumps({"rows": rows, "last": last, "net": net is not None}))
+else:
+    from trainable.final import retrain_and_test
+    data = FinalData(train, np.arange(2), np.arange(2, 4), val, [f"c{i}" for i in range(100)],
+                     [f"s{i}" for i in range(20)])
+    try:
+        retrain_and_test(cfg, data, __import__("pathlib").Path(sys.argv[3]))
+        print(json.dumps({"error": None}))
+    except UserError as e:
+        print(json.dumps({"error": str(e)}))
+"""
+
+
+def _child(what: str, overrides: dict, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, what, json.dumps(overrides), *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # an escaped OOM would be a traceback here
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- real allocator failures under the budget --------------------------------------------------------
+
+def test_oom_in_validation_ends_the_trial_with_status_oom():
+    out = _child("trial", {"eval_batch_size": 128})
+    last = out["rows"][-1]
+    assert last["status"] == "oom" and last["val_acc"] == 0.0 and last["epoch"] == 1
+    assert "out of memory in epoch 1 while validating (eval_batch_size 128, input_size 512)" in last["error"]
+    assert "lower eval_batch_size" in last["error"]
+    assert "train_loss" in last  # the epoch's training finished before validation ran out
+    assert out["last"]["status"] == "oom" and out["net"]
+
+
+def test_the_same_trial_with_a_small_validation_batch_fits_the_budget():
+    out = _child("trial", {"eval_batch_size": 4})  # the budget is not simply too small for anything
+    assert [r["status"] for r in out["rows"]] == ["ok"]
+
+
+def test_oom_in_training_ends_the_trial_with_status_oom():
+    out = _child("trial", {"batch_size": 128, "n_train": 128})
+    [row] = out["rows"]
+    assert row["status"] == "oom" and row["epoch"] == 1 and "train_loss" not in row
+    assert "while training (batch_size 128, input_size 512): lower batch_size or input_size" in row["error"]
+
+
+def test_oom_in_the_final_test_pass_is_one_line_saying_what_to_lower(tmp_path):
+    # trains on 4 images at batch 2 (fits), then tests 128 images in one batch of 128 (does not)
+    out = _child("final", {"eval_batch_size": 128}, str(tmp_path / "a"))
+    msg = out["error"]
+    assert msg and "\n" not in msg
+    assert msg.startswith("the test pass ran out of memory on cpu (eval_batch_size 128, input_size 512)")
+    assert "lower eval_batch_size" in msg and "--config" in msg
+    assert not (tmp_path / "a" / "test_metrics.json").exists()
+
+
+def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(tmp_path):
+    out = _child("final", {"batch_size": 128, "n_train": 128}, str(tmp_path / "b"))
+    msg = out["error"]
+    assert msg and "\n" not in msg
+    assert msg.startswith("the retrain ran out of memory in epoch 1 while training (batch_size 128")
+    assert "lower batch_size or input_size" in msg
+
+
+# --- every phase, and CUDA's kinds of out-of-memory error (raised where the allocation fails) -------
+
+BASE = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50, "aug_strength": 0.0,
+        "eval_batch_size": 200, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 2}
+CUDA_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.8 GiB total)")
+OOM_ERRORS = [
+    CUDA_OOM,
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory"),
+    RuntimeError("std::bad_alloc"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 1.2 GB)"),
+    MemoryError(),
+    _ArrayMemoryError((1 << 40,), np.dtype("uint8")),  # what NumPy raises
+]
+NOT_OOM = [RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), ValueError("out of memory"),
+           RuntimeError("CUDA error: device-side assert triggered")]
+
+
+def _split(n: int, seed: int) -> Split:
+    r = np.random.default_rng(seed)
+    return Split(r.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), r.integers(0, 100, n), r.integers(0, 20, n))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return _split(100, 0), _split(40, 1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=lambda e: type(e).__name__ + ":" + str(e)[:20])
+def test_out_of_memory_errors_are_recognised(error):
+    assert is_out_of_memory(error)
+
+
+@pytest.mark.parametrize("error", NOT_OOM, ids=str)
+def test_other_errors_are_not_out_of_memory(error):
+    assert not is_out_of_memory(error)
+
+
+def _failing_at(monkeypatch, name: str, call: int, error: BaseException) -> None:
+    """trial.<name> raises `error` on its `call`-th call (1-based), runs for real before."""
+    real, n = getattr(trial, name), {"calls": 0}
+
+    def fake(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == call:
+            raise error
+        return real(*a, **k)
+    monkeypatch.setattr(trial, name, fake)
+
+
+@pytest.mark.parametrize("phase, name, call, epoch, text", [
+    ("validation", "evaluate", 2, 2, "in epoch 2 while validating (eval_batch_size 200, input_size 32)"),
+    ("training", "train_epoch", 3, 3, "in epoch 3 while training (batch_size 50, input_size 32)"),
+    ("setup", "create_model", 1, 1, "setting up (model resnet18 and data on cpu) before epoch 1"),
+    ("setup", "to_device", 2, 1, "setting up (model resnet18 and data on cpu) before epoch 1"),
+])
+def test_cuda_oom_in_any_phase_ends_with_status_oom(monkeypatch, splits, phase, name, call, epoch, text):
+    _failing_at(monkeypatch, name, call, CUDA_OOM)
+    rows: list[dict] = []
+    _, last = run_trial(BASE, *splits, lambda m, c: rows.append(m), checkpoint=False)
+    assert [r["status"] for r in rows] == ["ok"] * (epoch - 1) + ["oom"]
+    assert rows[-1]["epoch"] == epoch and text in rows[-1]["error"] and last["status"] == "oom"
+    assert rows[-1]["val_acc"] == 0.0 and rows[-1]["best_val_acc"] == 0.0  # TPE and ASHA see a 0
+
+
+def test_oom_while_saving_a_checkpoint_ends_with_status_oom(monkeypatch, splits):
+    real = trial.torch.save
+    monkeypatch.setattr(trial.torch, "save", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    rows: list[dict] = []
+    try:
+        _, last = run_trial(BASE, *splits, lambda m, c: rows.append(m))
+    finally:
+        monkeypatch.setattr(trial.torch, "save", real)
+    assert [r["status"] for r in rows] == ["oom"] and "epoch 1 while saving its checkpoint" in rows[0]["error"]
+
+
+def test_any_other_error_still_escapes(monkeypatch, splits):
+    _failing_at(monkeypatch, "evaluate", 1, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_trial(BASE, *splits, lambda m, c: None, checkpoint=False)
+
+
+def test_raise_oom_re_raises_for_the_caller_to_retry(monkeypatch, splits):
+    _failing_at(monkeypatch, "evaluate", 1, CUDA_OOM)
+    rows: list[dict] = []
+    with pytest.raises(torch.OutOfMemoryError):
+        run_trial(BASE, *splits, lambda m, c: rows.append(m), checkpoint=False, raise_oom=True)
+    assert rows == []  # nothing reported: the config is not scored
+
+
+def test_cuda_oom_in_the_final_test_pass_is_a_user_error(monkeypatch, splits, tmp_path):
+    train, test = splits
+    data = FinalData(train, np.arange(80), np.arange(80, 100), test, [f"c{i}" for i in range(100)],
+                     [f"s{i}" for i in range(20)])
+    monkeypatch.setattr(final, "evaluate", lambda *a, **k: (_ for _ in ()).throw(CUDA_OOM))
+    with pytest.raises(UserError, match=r"^the test pass ran out of memory on cpu \(eval_batch_size 200, "
+                                        r"input_size 32\): lower eval_batch_size") as e:
+        final.retrain_and_test({**BASE, "stage2_epochs": 0}, data, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+# --- a shared GPU: the first OOM is retried --------------------------------------------------------
+
+@pytest.mark.parametrize("resources, shared", [
+    ({"CPU": 1.0, "GPU": 0.5}, True), ({"CPU": 2.0, "GPU": 0.25}, True), ({"GPU": 1.5}, True),
+    ({"CPU": 2.0, "GPU": 1.0}, False), ({"GPU": 2}, False), ({"CPU": 1.0}, False), ({"CPU": 1, "GPU": 0}, False),
+])
+def test_a_fractional_gpu_is_shared(resources, shared):
+    assert shares_a_gpu(resources) is shared
+    assert retry_first_oom(resources, restarted=False) is shared
+    assert retry_first_oom(resources, restarted=True) is False
+
+
+def test_the_resources_tune_hands_a_trial_are_read_as_ray_gives_them():
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    assert shares_a_gpu(PlacementGroupFactory([{"CPU": 2, "GPU": 0.5}]).required_resources)
+    assert not shares_a_gpu(PlacementGroupFactory([{"CPU": 2, "GPU": 1}]).required_resources)
+
+
+class _FakeTune:
+    """The parts of ray.tune that tune_trial uses, for a trial holding `gpus` GPUs."""
+
+    def __init__(self, trial_dir: Path, gpus: float, checkpoint=None):
+        from ray.tune.execution.placement_groups import PlacementGroupFactory
+        self.reports: list[dict] = []
+        self._checkpoint = checkpoint
+        resources = PlacementGroupFactory([{"CPU": 1, "GPU": gpus}])
+        self._ctx = SimpleNamespace(get_trial_dir=lambda: str(trial_dir), get_trial_resources=lambda: resources)
+        self.Checkpoint = SimpleNamespace(from_directory=lambda d: d)
+
+    def get_context(self):
+        return self._ctx
+
+    def get_checkpoint(self):
+        return self._checkpoint
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append(metrics)
+
+
+@pytest.fixture
+def no_budget(monkeypatch):
+    monkeypatch.setattr(search_trainable, "limit_memory", lambda budget: 0)  # not in pytest's process
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_on_a_shared_gpu_the_first_oom_restarts_the_trial_and_the_second_ends_it(
+        monkeypatch, splits, tmp_path, no_budget):
+    _failing_at(monkeypatch, "evaluate", 1, CUDA_OOM)
+    fake = _FakeTune(tmp_path, gpus=0.5)
+    monkeypatch.setattr(search_trainable, "tune", fake)
+    with pytest.raises(torch.OutOfMemoryError):  # Tune restarts the trial (FailureConfig max_failures)
+        search_trainable.tune_trial(BASE, *splits)
+    assert fake.reports == [] and (tmp_path / search_trainable.OOM_RETRIED).exists()
+    _failing_at(monkeypatch, "evaluate", 1, CUDA_OOM)  # the restart (no checkpoint yet) runs out again
+    search_trainable.tune_trial(BASE, *splits)
+    assert [r["status"] for r in fake.reports] == ["oom"]
+
+
+@pytest.mark.parametrize("gpus", [1, 0])
+def test_on_a_whole_gpu_or_the_cpu_the_first_oom_ends_the_trial(monkeypatch, splits, tmp_path, no_budget, gpus):
+    _failing_at(monkeypatch, "evaluate", 1, CUDA_OOM)
+    fake = _FakeTune(tmp_path, gpus=gpus)
+    monkeypatch.setattr(search_trainable, "tune", fake)
+    search_trainable.tune_trial(BASE, *splits)
+    assert [r["status"] for r in fake.reports] == ["oom"]
+    assert not (tmp_path / search_trainable.OOM_RETRIED).exists()
