@@ -52,7 +52,9 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
     while sum(out.values()) > budget:  # the max(1, ...) floors overshot: take from the largest
         k = max((k for k in keys if out[k] > 1), key=lambda k: out[k])
         out[k] -= 1
-    for k in sorted(keys, key=lambda k: exact[k] - math.floor(exact[k]), reverse=True):
+    # largest remainder first; on a tie the later stage (stage 2 gets what stage 1 leaves, as in
+    # the spaces, and stage 1 stays within their cap)
+    for k in sorted(keys, key=lambda k: (exact[k] - math.floor(exact[k]), keys.index(k)), reverse=True):
         if sum(out.values()) == budget:
             break
         out[k] += 1

@@ -14,7 +14,8 @@ from trainable.model import create_model
 from trainable.stages import block_lr_scales, plan_stages
 
 ISSUE_RECIPES = {"mobilenetv2_2stage_128", "mobilenetv2_2phase_96", "efficientnetv2_frozen", "resnet18_scratch",
-                 "vgg13_scratch", "alexnet_scratch", "efficientnetv2s_coarse_fine", "resnet50_3stage_224"}
+                 "vgg13_scratch", "alexnet_scratch", "efficientnetv2s_coarse_fine", "resnet50_3stage_224",
+                 "bit_hyperrule", "efficientnetv2_cifar"}  # issue 10's published fine-tunes
 
 
 def _plan(cfg: dict) -> list[tuple]:

@@ -140,3 +140,21 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
         if set(ea.Tags()["scalars"]) == set(SCALARS) - {"val_coarse_acc", "val_coarse_head_acc"}:  # not reported here
             with_hparams += bool(ea.PluginTagToContent("hparams"))
     assert with_hparams >= 4  # the trials that ran to the end
+
+
+def test_eta_uses_the_cost_estimate_until_a_trial_ends():
+    from search.progress import Progress, progress_line
+    p = Progress(total=4, running=2, running_seconds=[30.0, 10.0], prior_trial_s=100.0)
+    assert p.eta(parallel=2) == pytest.approx((2 * 100 + 70 + 90) / 2)  # 2 not started + the rest of 2
+    assert "about 3m00s left" in progress_line(p, elapsed=40, parallel=2)
+    p.trial_seconds.append(50.0)  # the first measured trial replaces the estimate
+    assert p.eta(parallel=2) == pytest.approx((2 * 50 + 20 + 40) / 2)
+    assert Progress(total=4).eta(1) is None
+
+
+def test_progress_line_shows_the_time_budget_left():
+    from search.progress import Progress, progress_line
+    line = progress_line(Progress(total=None, running=1), elapsed=10, parallel=1, budget_left=125)
+    assert "time budget: 2m05s left" in line
+    bounded = Progress(total=3, prior_trial_s=1000.0)
+    assert "time budget: 1m00s left" in progress_line(bounded, elapsed=0, parallel=1, budget_left=60)

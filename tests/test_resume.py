@@ -135,7 +135,8 @@ def _intervals(exp: Path) -> list[tuple[float, float, str]]:
 def test_max_concurrent_holds_for_trials_restored_as_errored(tmp_path, data_dir):
     args = ["--num-samples", 3, "--max-concurrent", 1, "--max-failures", 0, "--scheduler", "fifo",
             "--max-epochs", 4, "--set", "fault=crash", "--set", "fault_epoch=2",
-            "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "errored", *QUICK]
+            "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "errored", *QUICK,
+            "--set", "input_size=96"]  # after QUICK's 32 px: runs of several seconds, so an overlap would show
     run_cli("run_search.py", *args, check=True)
     exp = tmp_path / "errored"
     assert all([r["epoch"] for r in rows] == [1] for rows in read_results(exp).values())  # all crashed
