@@ -51,14 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default="tf_efficientnet_lite0")
     p.add_argument("--work-dir", default="/tmp/rungs")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--experiment", default="", help="measure an existing FIFO experiment (e.g. the duel's "
+                                                     "contender d, /tmp/duel/runs/d) instead of running one")
     a = p.parse_args(argv)
     if a.quick:
         a.num_samples, a.subset = 4, 3
     from search.export import load_trials
     from search.searcher import stage_aware_grace
     from spaces import get_space
-    exp = Path(a.work_dir) / "runs" / "fifo"
-    if exp.exists():
+    exp = Path(a.experiment or Path(a.work_dir) / "runs" / "fifo")
+    if exp.exists() and not a.experiment:
         import shutil
         shutil.rmtree(exp)
     args = ["--gpus", "0", "--space", "cpu", "--backbones", a.backbones, "--max-epochs", str(a.max_epochs),
@@ -67,17 +69,25 @@ def main(argv: list[str] | None = None) -> int:
             "--data-dir", a.data_dir, "--weights-dir", a.weights_dir,
             "--storage-path", str(exp.parent), "--name", "fifo"] + (["--set", "input_size=64"] if a.quick else [])
     t0 = time.time()
-    wall = cli("run_search.py", args, Path(a.work_dir) / "fifo.log")
+    if a.experiment:  # its own epoch budget and trials
+        import yaml
+        saved = yaml.safe_load((exp / "search_settings.yaml").read_text())
+        a.max_epochs, a.subset, a.backbones = saved["max_epochs"], saved["subset"], saved["backbones"]
+        wall, what = 0.0, f"the FIFO experiment `{exp}` (its trials' own configs)"
+    else:
+        wall = cli("run_search.py", args, Path(a.work_dir) / "fifo.log")
+        what = "random configs of the `cpu` space"
     grace = stage_aware_grace(get_space("cpu"), a.max_epochs)
     trials = load_trials(exp)
     rungs = sorted({1, grace})
     corr = correlations(trials, rungs, a.max_epochs)
     lines = [BEGIN, "## Where ASHA decides: rank correlation of a rung with the final val_acc", "",
              f"- Command: `python benchmarks/rungs.py --num-samples {a.num_samples} --max-epochs {a.max_epochs} "
-             f"--subset {a.subset} --backbones {a.backbones}` ({wall / 60:.1f} min), "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- {len(trials)} random configs of the `cpu` space, all run to epoch {a.max_epochs} (FIFO), on the "
-             f"stand-in data (not CIFAR-100), 20 % of `--subset {a.subset}` per class held out for val_acc. "
+             f"--subset {a.subset} --backbones {a.backbones}"
+             + (f" --experiment {a.experiment}`" if a.experiment else f"` ({wall / 60:.1f} min)")
+             + f", {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- {len(trials)} trials, {what}, all run to epoch {a.max_epochs} (FIFO), on the "
+             f"stand-in data (not CIFAR-100), `--subset {a.subset}` per class, part held out for val_acc. "
              f"The stage-aware rung for this budget is epoch {grace} (search/searcher.py `stage_aware_grace`).", "",
              "| first rung at | trials | Spearman rho (rung val_acc vs final val_acc) |", "|---|---|---|"]
     for r in rungs:
