@@ -226,11 +226,13 @@ def describe(e: Estimate) -> str:
              "  backbone@size                      frozen epoch   trainable epoch"]
     for k, v in e.per_combo.items():
         lines.append(f"  {k:34s} {duration(v['frozen_epoch_s']):>12s}   {duration(v['train_epoch_s']):>15s}")
-    lines.append(f"  a trial: {duration(e.trial_fifo_s)} run to the end, {duration(e.trial_asha_s)} on average "
-                 f"with ASHA's rungs at epochs {e.rungs or 'none'}; {e.parallel} trial(s) at once")
+    rungs = f"with ASHA's rungs at epochs {e.rungs}" if e.rungs else "with no ASHA rung below the last epoch"
+    lines.append(f"  a trial (its {e.startup_s:.0f} s start-up included): {duration(e.trial_fifo_s + e.startup_s)} "
+                 f"run to the end, {duration(e.trial_asha_s + e.startup_s)} on average {rungs}; "
+                 f"{e.parallel} trial(s) at once (timed one at a time: trials sharing cores run slower)")
     if e.n_warm:
-        lines.append(f"  the {e.n_warm} warm-start trial(s): {duration(e.warm_fifo_s / e.parallel)} FIFO, "
-                     f"about {duration(e.warm_asha_s / e.parallel)} with ASHA")
+        lines.append(f"  the {e.n_warm} warm-start trial(s): {duration(e.wall(e.n_warm, False))} FIFO, "
+                     f"about {duration(e.wall(e.n_warm, True))} with ASHA")
     if e.num_samples:
         lines.append(f"  {e.num_samples} trials: at most {duration(e.wall(e.num_samples, False))} (FIFO), "
                      f"expected {duration(e.wall(e.num_samples, True))} with ASHA")

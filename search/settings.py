@@ -32,7 +32,7 @@ class SearchSettings:
     dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources")
     dashboard_port: int = _opt(8265, "Ray dashboard port (a free one is used when it is taken)", int, "resources")
     # the search
-    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; tiny with no GPU)", str)
+    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)", str)
     backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
     num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int)
     time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str)
