@@ -18,7 +18,6 @@ from typing import Any
 from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config
 from trainable.config import TrialConfig, coerce
 
-_PATIENCES = ("early_stop_patience", "plateau_patience")
 _STAGE_EPOCHS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
 
 
@@ -58,11 +57,9 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
         if sum(out.values()) == budget:
             break
         out[k] += 1
-    d = {**config, **out}
-    for k in _PATIENCES:
-        if d.get(k, 0) > 0:
-            d[k] = max(1, round(d[k] * budget / total))
-    return d
+    # patiences scale as analyze --epochs-scale scales them; the stage epochs are the exact split above
+    from trainable.baselines import scale_epochs
+    return {**scale_epochs(config, budget / total), **out}
 
 
 class _Replay:
