@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 ARGS    ?=
 
-.PHONY: search test bench duel app clean-venv
+.PHONY: search test bench duel app gpu-check clean-venv
 
 # torch/torchvision are pinned to the versions this machine image carries; any torch>=2.4 works.
 $(STAMP): pyproject.toml
@@ -29,6 +29,11 @@ bench: $(STAMP)
 # the search against the hand-made recipes at equal budget (~45 min on 2 CPU cores); writes BENCHMARKS.md
 duel: $(STAMP)
 	$(PY) benchmarks/duel.py $(ARGS)
+
+# run first on new GPU hardware: per GPU a 224 px fine-tune epoch, resume, throughput; two trials
+# sharing a GPU; one PASS/FAIL line per check (says so and exits 0 without a GPU)
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean-venv:
 	rm -rf .venv

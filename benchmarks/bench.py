@@ -480,7 +480,7 @@ def section_search(ctx: Context, rep: Report) -> None:
                          subset=sc.search_subset, max_epochs=sc.search_max_epochs,
                          sets=sc.search_sets, extra=extra, same_configs=True)
         trials = load_trials(run.exp)
-        best = max((t.best[METRIC] for t in trials if t.best is not None and not t.diverged), default=float("nan"))
+        best = max((t.best[METRIC] for t in trials if t.best is not None), default=float("nan"))
         res[sched] = {"run": run, "trials": trials, "epochs": sum(t.epochs_run for t in trials),
                       "best": best, "configs": searches.configs_of(run.exp)}
     a, f = res["asha"], res["fifo"]

@@ -67,7 +67,7 @@ def _curves(trials, out: Path, data: str) -> str:
     return h.section("Validation accuracy per epoch", h.img(png, "val_acc per epoch for every trial"),
                      h.note("Marker shape = the stage of that epoch; dash-dotted lines = where the best "
                             "trial's stages begin. A dashed line ending in a big X is a trial ASHA "
-                            "stopped early."))
+                            "pruned."))
 
 
 def _importance(trials, out: Path) -> str:
@@ -88,8 +88,9 @@ def _leaderboard(trials, data: str) -> str:
     rows = leaderboard_rows(trials)
     return h.section("Leaderboard", h.table(HEAD, rows, numeric=NUMERIC, highlight={0} if rank(trials) else set()),
                      h.note(f"best val_acc on {data}'s validation split, at the epoch shown; "
-                            "'stopped early' = ASHA ended the trial before its last epoch; "
-                            "'early-stopped' = its own val_loss patience ran out."))
+                            "'pruned' = ASHA stopped the trial at a rung; "
+                            "'early-stopped' = its own val_loss patience ran out; "
+                            "'interrupted' / 'out of time budget' = the search ended while it ran."))
 
 
 def _schedule(ranked, out: Path) -> str:

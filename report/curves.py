@@ -5,6 +5,8 @@ from pathlib import Path
 
 from matplotlib.lines import Line2D
 
+from analysis.outcome import (COMPLETED, EARLY_STOPPED, INTERRUPTED, OUT_OF_BUDGET,
+                              PRUNED)
 from report.plots import COLOURS, OTHER, figure, save
 from search.export import TrialRecord, rank
 from search.searcher import METRIC
@@ -12,13 +14,14 @@ from trainable.config import TrialConfig
 from trainable.stages import plan_stages
 
 STAGE_MARKERS = {1: "o", 2: "s", 3: "^"}
-STYLE = {"completed": "-", "early-stopped": "-", "stopped early": "--"}  # anything else (failed, diverged, oom): dotted
-END_MARKER = {"stopped early": "X", "early-stopped": "s"}  # anything else not completed: x
+# line style and end marker per analysis.outcome name; anything else (errored, diverged, oom): dotted, x
+STYLE = {COMPLETED: "-", EARLY_STOPPED: "-", PRUNED: "--", INTERRUPTED: "-.", OUT_OF_BUDGET: "-."}
+END_MARKER = {PRUNED: "X", EARLY_STOPPED: "s", INTERRUPTED: ">", OUT_OF_BUDGET: ">"}
 NAMED = len(COLOURS)  # the top trials get a colour and a legend entry; the rest are grey
 
 
 def _end_marker(status: str) -> str:
-    return "" if status == "completed" else END_MARKER.get(status, "x")
+    return "" if status == COMPLETED else END_MARKER.get(status, "x")
 
 
 def stage_boundaries(config: dict) -> list[tuple[float, int]]:
@@ -71,9 +74,11 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
     fig.legend(handles=[handles[k] for k in sorted(handles)], title="trial (rank by best val_acc)", loc="outside right upper",
                fontsize=8, title_fontsize=9)
     styles = [Line2D([], [], color="black", ls="-", label="ran every epoch"),
-              Line2D([], [], color="black", ls="--", marker="X", markersize=9, label="stopped early by ASHA"),
-              Line2D([], [], color="black", ls="-", marker="s", markersize=7, label="ended by its own early stopping"),
-              Line2D([], [], color="black", ls=":", marker="x", markersize=9, label="failed / diverged / out of memory")]
+              Line2D([], [], color="black", ls="--", marker="X", markersize=9, label="pruned by ASHA"),
+              Line2D([], [], color="black", ls="-", marker="s", markersize=7, label="early-stopped by its own patience"),
+              Line2D([], [], color="black", ls="-.", marker=">", markersize=8,
+                     label="cut short: interrupted / time budget"),
+              Line2D([], [], color="black", ls=":", marker="x", markersize=9, label="errored / diverged / out of memory")]
     styles += [Line2D([], [], color="black", ls="", marker=m, label=f"stage {s} epoch")
                for s, m in STAGE_MARKERS.items()]
     fig.legend(handles=styles, title="how to read", loc="outside right lower", fontsize=8, title_fontsize=9)

@@ -56,9 +56,8 @@ def pre(text: str) -> str:
     return f"<pre>{esc(text)}</pre>"
 
 
-def section(title: str, *parts: str, anchor: str = "") -> str:
-    a = f' id="{esc(anchor)}"' if anchor else ""
-    return f"<section{a}><h2>{esc(title)}</h2>{''.join(parts)}</section>"
+def section(title: str, *parts: str) -> str:
+    return f"<section><h2>{esc(title)}</h2>{''.join(parts)}</section>"
 
 
 def page(title: str, subtitle: str, sections: list[str]) -> str:

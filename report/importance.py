@@ -23,10 +23,11 @@ from matplotlib.ticker import NullFormatter
 
 from report.plots import COLOURS, figure, save
 from search.export import TrialRecord
+from trainable.config import RUN_FIELDS
 from search.searcher import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
-IGNORED = {"seed", "weights_dir", "eval_batch_size", "fault", "fault_epoch", "compile", "pretrained"}
+IGNORED = RUN_FIELDS | {"pretrained"}  # pretrained: fixed for a whole search (--no-pretrained)
 
 
 @dataclass
@@ -42,7 +43,7 @@ def scored(trials: list[TrialRecord]) -> list[tuple[TrialRecord, float]]:
     or ran out of memory (as the searcher was told)."""
     out = []
     for t in trials:
-        if t.diverged or getattr(t, "failure", None) is not None:
+        if t.failure is not None:
             out.append((t, 0.0))
         elif t.best is not None:
             out.append((t, float(t.best[METRIC])))

@@ -45,6 +45,15 @@ def spent(exp: Path) -> float:
         return 0.0
 
 
+def exhausted(exp: Path) -> bool:
+    """Whether the experiment's --time-budget is spent (False without one)."""
+    try:
+        d = json.loads((Path(exp) / BUDGET_FILE).read_text())
+        return float(d["spent_s"]) >= float(d["budget_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 class BudgetStopper(tune.Stopper):
     """Stops the whole search once `budget_s` of wall time (over all runs of it) is spent."""
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from search.searcher import METRIC
+from analysis.outcome import TrialView, failure_status, outcome, planned_epochs, read_ends
 from trainable import atomic
+from search.searcher import METRIC
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 
@@ -29,23 +30,20 @@ class TrialRecord:
     config: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""  # first line of Tune's error.txt, when the trial failed
+    ended_by_search: str = ""  # analysis.outcome.INTERRUPTED / OUT_OF_BUDGET, from trial_ends.json
 
     @property
     def planned_epochs(self) -> int:
-        return TrialConfig.from_dict(self.config).total_epochs
+        return planned_epochs(self.config) or 0
 
     @property
     def epochs_run(self) -> int:
         return max((int(r.get("epoch", 0)) for r in self.results), default=0)
 
     @property
-    def diverged(self) -> bool:
-        return any(r.get("diverged") for r in self.results)
-
-    @property
     def failure(self) -> dict[str, Any] | None:
         """The result row that ended the trial with a failure (diverged, oom), if any."""
-        return next((r for r in self.results if r.get("status", "ok") != "ok"), None)
+        return next((r for r in self.results if failure_status(r)), None)
 
     @property
     def reason(self) -> str:
@@ -61,26 +59,14 @@ class TrialRecord:
         return max(rows, key=lambda r: r[METRIC]) if rows else None
 
     @property
+    def view(self) -> TrialView:
+        last = self.failure or (self.results[-1] if self.results else {})
+        return TrialView(self.config, last, errored=bool(self.error), ended_by_search=self.ended_by_search)
+
+    @property
     def status(self) -> str:
-        if self.failure is not None:  # diverged, oom
-            return str(self.failure["status"])
-        if self.epochs_run >= self.planned_epochs:  # Tune leaves error.txt after a recovered crash too
-            return "completed"
-        if self.results and ended_by_early_stopping(self.config, self.results[-1]):
-            return "early-stopped"
-        if self.error:
-            return "failed"
-        return "stopped early" if self.results else "not started"
-
-
-def ended_by_early_stopping(config: dict[str, Any], last: dict[str, Any]) -> bool:
-    """The trial's own early stopping ended its last stage (and so the trial): not ASHA."""
-    from trainable.stages import plan_stages
-    try:
-        last_stage = plan_stages(TrialConfig.from_dict(config))[-1].number
-    except Exception:  # noqa: BLE001 - not this project's config
-        return False
-    return bool(last.get("early_stopped")) and last.get("stage") == last_stage
+        """How the trial ended: analysis.outcome's rule."""
+        return outcome(self.view)
 
 
 def _finite(v: Any) -> bool:
@@ -88,11 +74,21 @@ def _finite(v: Any) -> bool:
 
 
 def load_trials(exp_dir: Path) -> list[TrialRecord]:
-    """Every trial folder of the experiment (those with a params.json)."""
+    """Every trial folder of the experiment: those with a params.json, and `trial_*` folders Tune
+    made for a trial that died before writing one (config {}: status not started or errored)."""
+    exp_dir = Path(exp_dir)
+    ends = read_ends(exp_dir)
+    folders = sorted({p.parent for p in exp_dir.glob("*/params.json")} | set(exp_dir.glob("trial_*")))
     records = []
-    for params in sorted(Path(exp_dir).glob("*/params.json")):
-        d = params.parent
-        rec = TrialRecord(trial_id=d.name, path=d, config=json.loads(params.read_text()))
+    for d in folders:
+        if not d.is_dir():
+            continue
+        params = d / "params.json"
+        try:
+            config = json.loads(params.read_text()) if params.exists() else {}
+        except (OSError, json.JSONDecodeError):  # written half by a killed driver
+            config = {}
+        rec = TrialRecord(trial_id=d.name, path=d, config=config if isinstance(config, dict) else {})
         res = d / "result.json"
         if res.exists():
             for line in res.read_text().splitlines():
@@ -106,6 +102,7 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
         if err.exists():
             lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
             rec.error = lines[-1][:200] if lines else "error"
+        rec.ended_by_search = ends.get(rec.trial_id, ends.get(d.name.removeprefix("trial_"), ""))
         records.append(rec)
     return records
 

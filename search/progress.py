@@ -1,7 +1,7 @@
 """The search's console: a trial table with the parameters that matter, and one overall progress line.
 
 - `ProgressLine` (a tune.Callback) prints one line when a trial ends or fails, and otherwise at most
-  every 30 s: trials finished / running / stopped early / failed (crashed, diverged or out of
+  every 30 s: trials finished / running / pruned by ASHA / failed (errored, diverged or out of
   memory), best val_acc so far, elapsed time and an estimate of the time left (mean wall time of
   the ended trials x trials not started, plus what the running ones still need of it, over the
   trials running at once).
@@ -23,9 +23,9 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.experimental.output import get_air_verbosity
 
-from search.export import ended_by_early_stopping
+from analysis.outcome import ENDED_BY_SEARCH, PRUNED, failure_status, is_failure, outcome
+from search.outcomes import EndWatch, live_view
 from search.searcher import METRIC, MODE
-from trainable.config import TrialConfig
 
 PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "aug_strength",
                  "stage1_lr", "stage2_lr", "stage3_lr"]
@@ -39,32 +39,16 @@ RUNNING, TERMINATED, ERROR = "RUNNING", "TERMINATED", "ERROR"  # ray.tune.experi
 
 # ---------------------------------------------------------------- shared: reading trials
 
-def planned_epochs(config: dict[str, Any]) -> int | None:
-    try:
-        return TrialConfig.from_dict(config).total_epochs
-    except Exception:  # not this project's config: no epoch plan to compare with
-        return None
-
-
-def stopped_early(trial) -> bool:
-    """Ended normally before its last planned epoch, not by its own early stopping: the
-    scheduler (ASHA) stopped it."""
-    planned = planned_epochs(trial.config)
-    last = trial.last_result or {}
-    return (planned is not None and not unrecoverable(trial) and last.get("epoch", 0) < planned
-            and not ended_by_early_stopping(trial.config, last))
-
-
-def unrecoverable(trial) -> bool:
-    """The trial reported a failure a retry can't fix (status diverged / oom in its last result)."""
-    r = trial.last_result or {}
-    return bool(r.get("diverged")) or r.get("status", "ok") != "ok"
+def status_of(trial, status: str | None = None, ended_by_search: str = "") -> str:
+    """The trial's outcome (analysis.outcome), or where it is while it runs."""
+    return outcome(live_view(trial, status, ended_by_search))
 
 
 def best_score(trial) -> float | None:
     r = trial.last_result or {}
     v = r.get(f"best_{METRIC}", r.get(METRIC))
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not unrecoverable(trial) else None
+    failed = bool(failure_status(r))
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not failed else None
 
 
 def duration(s: float) -> str:
@@ -86,10 +70,12 @@ def fmt(v: Any) -> str:
 @dataclass
 class Progress:
     total: int | None  # trials the search will run (None: unbounded)
-    done: int = 0  # ended normally, stopped early included
-    stopped_early: int = 0
+    done: int = 0  # ended normally, pruned included
+    pruned: int = 0  # by ASHA
     failed: int = 0
     running: int = 0
+    cut_short: int = 0  # interrupted or out of time budget (counted in done too)
+    cut_reason: str = ""
     best: float | None = None
     best_trial: str = ""
     trial_seconds: list[float] = field(default_factory=list)  # wall time of each ended trial
@@ -110,20 +96,25 @@ class Progress:
 
 
 def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None,
-                seconds: dict[str, float] | None = None, prior_trial_s: float | None = None) -> Progress:
+                seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,
+                cut: dict[str, str] | None = None) -> Progress:
     """Counts over the trials; `ended`/`failed` is a trial Tune is reporting as such right now
     (its status still says RUNNING during the callback). `seconds`: wall time per trial id, so far
-    (start-up included); without it, Tune's time_total_s."""
+    (start-up included); without it, Tune's time_total_s. `cut`: trials the search's end cut
+    short (EndWatch.cut_short), by id."""
     p = Progress(total, prior_trial_s=prior_trial_s)
-    seconds = seconds or {}
+    seconds, cut = seconds or {}, cut or {}
     for t in trials:
         status = ERROR if t is failed else TERMINATED if t is ended else t.status
         secs = seconds.get(str(t.trial_id), (t.last_result or {}).get("time_total_s"))
-        if status == ERROR or (status == TERMINATED and unrecoverable(t)):  # crashed, diverged, oom
+        name = status_of(t, status, cut.get(str(t.trial_id), ""))
+        if status in (ERROR, TERMINATED) and is_failure(name):  # errored, diverged, oom
             p.failed += 1
         elif status == TERMINATED:
             p.done += 1
-            p.stopped_early += stopped_early(t)
+            p.pruned += name == PRUNED
+            if name in ENDED_BY_SEARCH:
+                p.cut_short, p.cut_reason = p.cut_short + 1, name
             if isinstance(secs, (int, float)):
                 p.trial_seconds.append(float(secs))
         elif status == RUNNING:
@@ -139,9 +130,11 @@ def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float
     """The one-line summary; `budget_left`: seconds left of a --time-budget, which bounds the ETA."""
     total = "?" if p.total is None else str(p.total)
     parts = [f"{p.done + p.failed}/{total} trials finished",
-             f"{p.running} running", f"{p.stopped_early} stopped early", f"{p.failed} failed",
-             f"best {METRIC} " + (f"{p.best:.4f} ({p.best_trial})" if p.best is not None else "-"),
-             f"elapsed {duration(elapsed)}"]
+             f"{p.running} running", f"{p.pruned} pruned", f"{p.failed} failed"]
+    if p.cut_short:
+        parts.append(f"{p.cut_short} {p.cut_reason}")
+    parts += [f"best {METRIC} " + (f"{p.best:.4f} ({p.best_trial})" if p.best is not None else "-"),
+              f"elapsed {duration(elapsed)}"]
     eta = p.eta(parallel)
     if p.total is not None and p.done + p.failed >= p.total:
         parts.append("done")
@@ -152,11 +145,13 @@ def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float
     return "[search] " + " | ".join(parts)
 
 
-class ProgressLine(tune.Callback):
-    """One overall progress line per trial end or failure, and at most every `every_s` seconds."""
+class ProgressLine(EndWatch):
+    """One overall progress line per trial end or failure, at most every `every_s` seconds, and
+    one when the search ends."""
 
     def __init__(self, every_s: float = EVERY_S, out: Callable[[str], None] = print,
-                 prior_trial_s: float | None = None, budget=None):
+                 prior_trial_s: float | None = None, budget=None, exp=None):
+        super().__init__(exp)
         # budget: a search.budget.BudgetStopper (its left()), when the search has a --time-budget
         self.prior_trial_s, self.budget = prior_trial_s, budget
         self.every_s, self.out = every_s, out
@@ -164,11 +159,11 @@ class ProgressLine(tune.Callback):
         self.start = time.monotonic()
         self.last_print = self.start
         self.parallel = 1  # most trials seen running at once
-        self.started: dict[str, float] = {}  # trial id -> monotonic start
+        self.start_time: dict[str, float] = {}  # trial id -> monotonic start
         self.ended: dict[str, float] = {}  # trial id -> wall seconds it ran
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
-        return {"every_s": self.every_s}
+        return {"every_s": self.every_s, "exp": self.exp}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -179,10 +174,11 @@ class ProgressLine(tune.Callback):
 
     def _seconds(self) -> dict[str, float]:
         now = time.monotonic()
-        return {**{k: now - t0 for k, t0 in self.started.items()}, **self.ended}
+        return {**{k: now - t0 for k, t0 in self.start_time.items()}, **self.ended}
 
     def _print(self, trials, **which) -> None:
         p = progress_of(trials, self.total, seconds=self._seconds(), prior_trial_s=self.prior_trial_s, **which)
+        which.pop("cut", None)
         self.parallel = max(self.parallel, p.running + bool(which))
         self.out(progress_line(p, time.monotonic() - self.start, self.parallel,
                                self.budget.left() if self.budget is not None else None))
@@ -195,27 +191,37 @@ class ProgressLine(tune.Callback):
             self._print(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info):
-        self.started.setdefault(str(trial.trial_id), time.monotonic())
+        super().on_trial_start(iteration, trials, trial)
+        self.start_time.setdefault(str(trial.trial_id), time.monotonic())
 
     def _end(self, trial) -> None:
-        t0 = self.started.pop(str(trial.trial_id), None)
+        t0 = self.start_time.pop(str(trial.trial_id), None)
         if t0 is not None:
             self.ended[str(trial.trial_id)] = time.monotonic() - t0
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
+        super().on_trial_complete(iteration, trials, trial)
         self._end(trial)
         self._print(trials, ended=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
+        super().on_trial_error(iteration, trials, trial)
         self._end(trial)
         self._print(trials, failed=trial)
+
+    def on_experiment_end(self, trials: list, **info):
+        cut = self.cut_short(trials)
+        if cut:  # Ctrl-C or the time budget: say how many trials it cut short
+            self._print(trials, cut=cut)
 
 
 # ---------------------------------------------------------------- the trial table
 
-def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: int = MAX_ROWS
-               ) -> tuple[list[str], list[list[str]], int]:
-    """(header, rows, trials left out): running trials first, then by best val_acc."""
+def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: int = MAX_ROWS,
+               cut: dict[str, str] | None = None) -> tuple[list[str], list[list[str]], int]:
+    """(header, rows, trials left out): running trials first, then by best val_acc. `cut`: the
+    trials the search's end cut short (EndWatch.cut_short), by id."""
+    cut = cut or {}
     head = ["trial", "status"] + [SHORT.get(k, k) for k in params + metrics]
     order = {RUNNING: 0, TERMINATED: 1, "PAUSED": 2, "PENDING": 3, ERROR: 4}
 
@@ -224,13 +230,7 @@ def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: in
         return order.get(t.status, 5), -(score if score is not None else -1.0)
     rows = []
     for t in sorted(trials, key=key):
-        status = t.status.lower()
-        if t.status == TERMINATED and unrecoverable(t):
-            status = str((t.last_result or {}).get("status") or "diverged")
-        elif t.status == TERMINATED and stopped_early(t):
-            status = "stopped early"
-        elif t.status == TERMINATED and ended_by_early_stopping(t.config or {}, t.last_result or {}):
-            status = "early-stopped"
+        status = status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))
         cfg, res = t.config or {}, t.last_result or {}
         rows.append([str(t.trial_id), status]
                     + [fmt(cfg.get(k)) if k != "stage3_lr" or cfg.get("stages") == 3 else "-" for k in params]
@@ -244,20 +244,23 @@ def render_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-class TrialTable(tune.Callback):
+class TrialTable(EndWatch):
     """The live trial table with fixed columns: every `every_s` seconds while trials run, and once
-    at the end. A plain callback, not a second Tune terminal reporter: Ray 2.60 sets up only the
-    first reporter's clock, and its own (then second) reporter crashes when a trial fails."""
+    at the end, where trials the search's end cut short show as interrupted or out of time budget.
+    A plain callback, not a second Tune terminal reporter: Ray 2.60 sets up only the first
+    reporter's clock, and its own (then second) reporter crashes when a trial fails."""
 
     def __init__(self, params: list[str] | None = None, metrics: list[str] | None = None,
-                 every_s: float = EVERY_S, max_rows: int = MAX_ROWS, out: Callable[[str], None] = print):
+                 every_s: float = EVERY_S, max_rows: int = MAX_ROWS, out: Callable[[str], None] = print,
+                 exp=None):
+        super().__init__(exp)
         self.params, self.metrics = list(params or PARAM_COLUMNS), list(metrics or METRIC_COLUMNS)
         self.every_s, self.max_rows, self.out = every_s, max_rows, out
         self.start = self.last_print = time.monotonic()
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
         return {"params": self.params, "metrics": self.metrics, "every_s": self.every_s,
-                "max_rows": self.max_rows}
+                "max_rows": self.max_rows, "exp": self.exp}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -273,11 +276,13 @@ class TrialTable(tune.Callback):
         self._print(trials, everything=True)
 
     def _print(self, trials: list, everything: bool = False) -> None:
+        cut = self.cut_short(trials) if everything else {}
         head, rows, more = table_rows(trials, self.params, self.metrics,
-                                      max_rows=len(trials) if everything else self.max_rows)
+                                      max_rows=len(trials) if everything else self.max_rows, cut=cut)
         counts: dict[str, int] = {}
         for tr in trials:
-            counts[tr.status] = counts.get(tr.status, 0) + 1
+            name = status_of(tr, ended_by_search=cut.get(str(tr.trial_id), ""))
+            counts[name] = counts.get(name, 0) + 1
         status = " | ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}",
                  render_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
@@ -301,10 +306,10 @@ class Console:
     progress_reporter: Any
 
 
-def console(every_s: float = EVERY_S, prior_trial_s: float | None = None, budget=None) -> Console:
-    """What RunConfig needs for this console, for the engine Ray will use."""
+def console(every_s: float = EVERY_S, prior_trial_s: float | None = None, budget=None, exp=None) -> Console:
+    """What RunConfig needs for this console, for the engine Ray will use. `exp`: the experiment
+    folder, where the final table reads whether a spent --time-budget ended the search."""
+    line = ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget, exp=exp)
     if get_air_verbosity(1) is not None:  # the default, new engine
-        return Console([TrialTable(every_s=every_s), ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget)],
-                       verbose=0, progress_reporter=None)
-    return Console([ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget)], verbose=1,
-                   progress_reporter=cli_reporter(every_s))
+        return Console([TrialTable(every_s=every_s, exp=exp), line], verbose=0, progress_reporter=None)
+    return Console([line], verbose=1, progress_reporter=cli_reporter(every_s))

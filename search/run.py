@@ -154,7 +154,7 @@ def run_search(s: SearchSettings) -> Path:
     data_dir = str(Path(s.data_dir).expanduser().resolve())
     weights_dir = str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else ""
     base = {"pretrained": not s.no_pretrained, "weights_dir": weights_dir, "seed": s.seed,
-            "compile": s.compile}
+            "compile": s.compile, "precision": s.precision}
     from dataclasses import replace
 
     from search.precheck import plan_search
@@ -204,6 +204,7 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                 points: list = (), told: list = (), est=None):
     from ray import tune
 
+    from search.outcomes import TrialEnds
     from search.progress import console
     from search.tensorboard import EpochTensorBoard
     from search.trainable import tune_trial
@@ -218,7 +219,7 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
         from search.budget import BudgetStopper, parse_duration
         stop = BudgetStopper(exp, parse_duration(s.time_budget))
     cons = console(prior_trial_s=est.trial_asha_s + est.startup_s if est is not None else None,
-                   budget=stop)
+                   budget=stop, exp=exp)
     run_config = tune.RunConfig(
         stop=stop,
         name=exp.name, storage_path=str(exp.parent),
@@ -226,7 +227,7 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                                                 checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        callbacks=[EpochTensorBoard(), *cons.callbacks], verbose=cons.verbose,
+        callbacks=[EpochTensorBoard(exp=exp), TrialEnds(exp), *cons.callbacks], verbose=cons.verbose,
         progress_reporter=cons.progress_reporter)
     tune_config = tune.TuneConfig(
         search_alg=make_searcher(space, opts, fixed, base, s.seed, exp, points, told, s.sampler),

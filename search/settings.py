@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from trainable.config import split_assignment
 from trainable.errors import UserError
 
 
@@ -47,6 +48,7 @@ class SearchSettings:
     scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str)
     sampler: str = _opt("tpe", "how Optuna proposes configs after the warm start: tpe (model-based) or random", str)
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)", None)
+    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16", str)
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int)
     seed: int = _opt(0, "seed of the searcher, the data split and the trials", int)
     set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
@@ -57,8 +59,12 @@ class SearchSettings:
     weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
     no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
     # output
-    storage_path: str = _opt("./runs", "where experiments are written (a folder; on a multi-node cluster one every node shares)", str, "output")
+    storage_path: str = _opt("./runs", "where experiments are written: a folder (on a multi-node cluster one every node "
+                                       "shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", str, "output")
     storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster (NFS, ...)", None, "output")
+    local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
+                              "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
+                              "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
     name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output")
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
@@ -66,13 +72,7 @@ class SearchSettings:
 
     def fixed_params(self) -> dict[str, str]:
         """The --set KEY=VALUE pairs as a dict (values are coerced later by TrialConfig)."""
-        out = {}
-        for item in self.set or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UserError(f"--set {item!r} is not KEY=VALUE: write e.g. --set batch_size=256")
-            out[key.strip()] = value.strip()
-        return out
+        return dict(split_assignment(item) for item in self.set or [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,8 +9,10 @@ Tune adds no second one) and writes, into each trial's folder:
   result's `epoch` (the global epoch across all stages, as trainable/trial.py reports it);
 - an HParams session when the trial ends (TensorBoard keeps only a run's first session info, so
   it is written once, with the outcome): the trial's hyper-parameters (TrialConfig's tunable
-  fields) plus `status` (completed / stopped early / early-stopped / failed); the view's metric columns are the
-  scalars above, so `best_val_acc` shows each trial's best.
+  fields) plus `status` (analysis.outcome's name: completed, pruned, early-stopped, diverged, oom,
+  errored, out of time budget), and the session ends as a failure for diverged, oom and errored;
+  the view's metric columns are the scalars above, so `best_val_acc` shows each trial's best.
+  A trial interrupted by Ctrl-C gets no session: `--resume` continues it and writes its real end.
 
 `tensorboard --logdir STORAGE/NAME` then shows one run per trial folder.
 """
@@ -23,15 +25,14 @@ from typing import Any
 
 from ray.tune.logger import TBXLoggerCallback
 
-from search.progress import planned_epochs
-from trainable.config import TrialConfig
+from analysis.outcome import OUT_OF_BUDGET, TrialView, is_failure, outcome
+from search.outcomes import end_reason
+from trainable.config import RUN_FIELDS, TrialConfig
 
 SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc", "val_coarse_acc",
            "val_coarse_head_acc")
 STEP = "epoch"
-# TrialConfig fields that are plumbing, not hyper-parameters
-NOT_HPARAMS = {"weights_dir", "seed", "compile", "eval_batch_size", "fault", "fault_epoch"}
-HPARAMS = tuple(f.name for f in fields(TrialConfig) if f.name not in NOT_HPARAMS)
+HPARAMS = tuple(f.name for f in fields(TrialConfig) if f.name not in RUN_FIELDS)
 
 
 def hparam_values(config: dict[str, Any]) -> dict[str, bool | float | str]:
@@ -74,29 +75,17 @@ def session_end(failed: bool):
     return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)
 
 
-def trial_status(config: dict[str, Any], last: dict[str, Any], failed: bool) -> str:
-    from search.export import ended_by_early_stopping
-    if failed:
-        return "failed"
-    planned = planned_epochs(config)
-    if planned is None:  # a config this code can't read still gets logged
-        return "ended"
-    if int(last.get("epoch", 0)) >= planned:
-        return "completed"
-    return "early-stopped" if ended_by_early_stopping(config, last) else "stopped early"
-
-
 class EpochTensorBoard(TBXLoggerCallback):
     """Per-trial TensorBoard scalars against the global epoch, and HParams sessions."""
 
-    def __init__(self, scalars: tuple[str, ...] = SCALARS, flush_secs: int = 30):
+    def __init__(self, scalars: tuple[str, ...] = SCALARS, flush_secs: int = 30, exp=None):
         # no super().__init__(): it imports tensorboardX, which this class doesn't use
-        self.scalars, self.flush_secs = tuple(scalars), flush_secs
+        self.scalars, self.flush_secs, self.exp = tuple(scalars), flush_secs, exp
         self._trial_writer: dict[Any, Any] = {}
         self._last_result: dict[Any, dict] = {}  # the latest epoch's result per trial
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; writers don't pickle
-        return {"scalars": self.scalars, "flush_secs": self.flush_secs}
+        return {"scalars": self.scalars, "flush_secs": self.flush_secs, "exp": self.exp}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -125,13 +114,25 @@ class EpochTensorBoard(TBXLoggerCallback):
             self._last_result[trial] = result
         writer.flush()
 
-    def log_trial_end(self, trial, failed: bool = False) -> None:
+    def log_trial_end(self, trial, failed: bool = False, ended_by_search: str = "") -> None:
         writer = self._trial_writer.pop(trial, None)
         if writer is None:
             return
-        status = trial_status(trial.config, self._last_result.pop(trial, {}), failed)
+        last = self._last_result.pop(trial, {})
+        status = outcome(TrialView(trial.config or {}, last, errored=failed, live="TERMINATED",
+                                   ended_by_search=ended_by_search))
         # TensorBoard keeps the first session info of a run, so it is written once, at the end
         writer.file_writer.add_summary(session_start({**hparam_values(trial.config), "status": status},
                                                      group=str(trial.trial_id)))
-        writer.file_writer.add_summary(session_end(failed))
+        writer.file_writer.add_summary(session_end(is_failure(status)))
         writer.close()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """Trials the search's end cut short: out of time budget ends their session; interrupted
+        ones get none, so that --resume writes their real end."""
+        reason = end_reason(self.exp)
+        for trial in list(self._trial_writer):
+            if reason == OUT_OF_BUDGET:
+                self.log_trial_end(trial, ended_by_search=reason)
+            else:
+                self._trial_writer.pop(trial).close()

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import ray
 from ray import tune
 
 from trainable.data import Split
 from trainable.memory import limit_memory, trial_budget
-from trainable.trial import is_out_of_memory, pick_device, run_trial
+from trainable.trial import is_out_of_memory, run_trial
 
 OOM_RETRIED = ".oom_retried"  # in the trial's folder: its first out-of-memory error was retried
 
@@ -21,6 +22,48 @@ def shares_a_gpu(resources: Mapping[str, float]) -> bool:
     allocate on the same device, so its out-of-memory error may be theirs."""
     gpus = float(resources.get("GPU", 0) or 0)
     return gpus > 0 and not gpus.is_integer()
+
+
+def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | None,
+                 cuda_available: Callable[[], bool] | None = None) -> torch.device:
+    """The device a trial trains on, from the resources Ray gave it, never from what CUDA can see.
+
+    `gpus` is the trial's GPU request, `gpu_ids` what ray.get_gpu_ids() assigned, `cuda_visible`
+    the process's CUDA_VISIBLE_DEVICES. A trial that asked for no GPU runs on the CPU (and gets the
+    CPU memory budget) even when every GPU is visible: Ray 2.60 no longer blanks
+    CUDA_VISIBLE_DEVICES for such trials unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1
+    (ray-project/ray#54868), so torch.cuda.is_available() would put it on cuda:0. CUDA is not even
+    asked then. A trial given GPUs trains on the first: its position in CUDA_VISIBLE_DEVICES
+    (which Ray sets to the assigned ids, so normally cuda:0), or the id itself where Ray left the
+    variable unset (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), as Ray Train's get_devices does.
+    Logical GPUs on a machine without CUDA (`--gpus N` on a CPU box, the tests) mean the CPU.
+    `cuda_available` defaults to torch.cuda.is_available.
+    """
+    if gpus <= 0 or not gpu_ids or not (cuda_available or torch.cuda.is_available)():
+        return torch.device("cpu")
+    first = str(gpu_ids[0])
+    if cuda_visible is None:
+        return torch.device("cuda", int(first))
+    visible = [v.strip() for v in cuda_visible.split(",") if v.strip()]
+    if first not in visible:
+        raise RuntimeError(f"Ray assigned GPU {first} but CUDA_VISIBLE_DEVICES is {cuda_visible!r}: "
+                           f"was CUDA_VISIBLE_DEVICES changed inside the trial?")
+    return torch.device("cuda", visible.index(first))
+
+
+CUDA_CONTEXT_BYTES = 512 << 20  # a process's CUDA context and kernels: outside the caching allocator
+
+
+def memory_fraction(gpus: float, total_bytes: int) -> float | None:
+    """The share of its GPU's memory a trial holding part of it (`--gpus-per-trial` 0.5) may
+    allocate, for torch.cuda.set_per_process_memory_fraction; None for a whole GPU.
+
+    Each process sharing the card also pays for its own CUDA context, which the cap does not
+    count: the cap leaves room for it, so the trials' allocations plus their contexts fit the card.
+    """
+    if not 0 < gpus < 1:
+        return None
+    return max(gpus / 2, gpus - CUDA_CONTEXT_BYTES / total_bytes)
 
 
 def retry_first_oom(resources: Mapping[str, float], restarted: bool) -> bool:
@@ -36,14 +79,21 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     # sharing a node oversubscribe its cores
     cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(cpus)
-    if pick_device().type == "cpu":  # past its share an allocation fails: status oom, search goes on
+    ctx = tune.get_context()
+    gpus = float(ctx.get_trial_resources().required_resources.get("GPU", 0) or 0)
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []  # [] outside a Ray worker (tests)
+    device = trial_device(gpus, gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if device.type == "cpu":  # past its share an allocation fails: status oom, search goes on
         limit_memory(trial_budget(cpus))
+    else:  # on a shared GPU, past its share: the same, not the other trial's out-of-memory error
+        share = memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)
+        if share is not None:
+            torch.cuda.set_per_process_memory_fraction(share, device)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
 
-    ctx = tune.get_context()
     checkpoint = tune.get_checkpoint()
     # a restart from a checkpoint, or one before the first checkpoint that the marker remembers
     marker = Path(ctx.get_trial_dir()) / OOM_RETRIED
@@ -51,10 +101,10 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
                             restarted=checkpoint is not None or marker.exists())
     try:
         if checkpoint is None:
-            run_trial(config, train, val, report, raise_oom=retry)
+            run_trial(config, train, val, report, raise_oom=retry, device=device)
             return
         with checkpoint.as_directory() as restore:  # a restarted trial continues where it stopped
-            run_trial(config, train, val, report, restore=Path(restore), raise_oom=retry)
+            run_trial(config, train, val, report, restore=Path(restore), raise_oom=retry, device=device)
     except (MemoryError, RuntimeError) as e:
         if retry and is_out_of_memory(e):
             marker.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """A tiny space in which some trials fail for real: for testing that a search survives them.
 
 A trial samples either a sane stage-1 learning rate or one so large that its loss overflows
-(diverges), and either no fault or an allocation the machine cannot satisfy (out of memory).
+(diverges), and whether BatchNorm statistics stay frozen: with CIFAR_TUNE_FAULT=oom@2:freeze_bn=True
+(trainable/trial.py) those trials make an allocation the machine cannot satisfy (out of memory)
+in epoch 2.
 """
 from spaces import Options, Space, Suggest
 
@@ -11,7 +13,7 @@ def sample(s: Suggest, o: Options) -> dict:
             "stage1_epochs": 1, "stage2_epochs": o.max_epochs - 1, "unfreeze_depth": 1,
             "input_size": 32, "batch_size": 32, "stage2_lr": 1e-3,
             "stage1_lr": s.cat("stage1_lr", [0.01, 1e12]),
-            "fault": s.cat("fault", ["", "oom"]), "fault_epoch": 2}
+            "freeze_bn": s.cat("freeze_bn", [False, True])}
 
 
 SPACE = Space(name="faults", description="test space: some trials diverge or run out of memory",

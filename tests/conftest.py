@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny batches run fastest so, and on the shared 2-core machine
+    two OpenMP threads contending with other test runs made such tests several times slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real-image stand-in when present, else a small generated set in the same format."""

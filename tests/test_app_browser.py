@@ -1,7 +1,7 @@
 """app.py in a real headless browser: pick the model, upload an image, read the predicted class.
 
 Runs Streamlit on a free port on 127.0.0.1 and drives Debian's chromium through Playwright
-(never `playwright install`: the browser is the system's). Skips when either is missing.
+(never `playwright install`: the browser is the system's). Skips when either is missing (fails instead when CI=true).
 The screenshot lands in tests/_artifacts/app.png.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_cifar import missing
 from tests.test_predict import make_tiny_model, save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,12 +45,12 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def browser():
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install -y chromium")
+        missing(f"no chromium at {CHROMIUM}: apt-get install -y chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright package is not installed: pip install playwright")
-    pytest.importorskip("streamlit", reason="streamlit is not installed: pip install streamlit")
+        missing("the playwright package is not installed: pip install playwright")
+    import streamlit  # noqa: F401 - a dependency of the product: its absence is a failure
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

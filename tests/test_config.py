@@ -25,11 +25,11 @@ def test_defaults():
 
 
 def test_coerces_strings():
-    cfg = TrialConfig.from_dict({"batch_size": "256", "coarse_head": "true", "pretrained": "off",
+    cfg = TrialConfig.from_dict({"batch_size": "256", "freeze_bn": "true", "pretrained": "off",
                                  "stage1_lr": "3e-2", "stages": "3", "stage3_epochs": "4",
                                  "compile": "Yes", "backbone": "resnet18", "unfreeze_depth": 3.0})
     assert cfg.batch_size == 256 and isinstance(cfg.batch_size, int)
-    assert cfg.coarse_head is True and cfg.pretrained is False and cfg.compile is True
+    assert cfg.freeze_bn is True and cfg.pretrained is False and cfg.compile is True
     assert cfg.stage1_lr == 0.03 and isinstance(cfg.stage1_lr, float)
     assert cfg.stages == 3 and cfg.stage3_epochs == 4 and cfg.unfreeze_depth == 3
     assert isinstance(cfg.unfreeze_depth, int)
@@ -51,7 +51,7 @@ def test_unknown_keys():
     ("batch_size", "big", "batch_size='big' is not a valid int"),
     ("batch_size", 2.5, "batch_size=2.5 is not a valid int"),  # not silently 2
     ("stage1_epochs", "1.5", "stage1_epochs='1.5' is not a valid int"),
-    ("coarse_head", "maybe", "coarse_head='maybe' is not a valid bool"),
+    ("freeze_bn", "maybe", "freeze_bn='maybe' is not a valid bool"),
     ("stage1_lr", "fast", "stage1_lr='fast' is not a valid float"),
     ("stage1_lr", None, "stage1_lr=None is not a valid float"),
     ("weights_dir", None, "weights_dir=None is not a valid str"),  # not the folder "None"
@@ -69,7 +69,7 @@ def test_uncoercible_values(key, value, fragment):
     ({"unfreeze_depth": 0}, "unfreeze_depth must be >= 1"),
     ({"stage1_epochs": -1}, "stage epochs must be >= 0"),
     ({"stage1_epochs": 0, "stage2_epochs": 0}, "the stage plan has no epochs: give some stage epochs >= 1"),
-    ({"head": "tree"}, "head must be flat or coarse_to_fine"),
+    ({"head": "tree"}, "head must be one of flat, coarse_to_fine"),
     ({"backbone_lr_scale": 0}, "backbone_lr_scale must be > 0"),
     ({"plateau_patience": 2}, "plateau_patience needs schedule=constant (cosine and onecycle decay the lr themselves)"),
     ({"plateau_patience": 2, "schedule": "constant", "plateau_factor": 1.0}, "plateau_factor must be in (0, 1)"),
@@ -138,11 +138,6 @@ def test_total_epochs(d, total):
     assert TrialConfig.from_dict(d).total_epochs == total
 
 
-def test_configs_from_before_the_head_field_still_load():
-    assert TrialConfig.from_dict({"coarse_head": True}).head == "coarse_to_fine"
-    assert coerce({"coarse_head": "0"}) == {"head": "flat"}
-
-
 def test_a_bad_augment_list_is_a_config_error():
     with pytest.raises(UserError) as e:
         TrialConfig.from_dict({"augment": "flip,spin=3"})
@@ -176,7 +171,7 @@ def test_flags_parse_to_typed_fields():
     s = parse_settings(["--gpus-per-trial", "0.5", "--gpus", "2", "--cpus-per-trial", "3",
                         "--num-samples", "8", "--max-epochs", "4", "--space", "tiny",
                         "--backbones", "resnet18,mobilenetv2_100", "--compile", "--no-pretrained",
-                        "--set", "batch_size=256", "--set", "coarse_head = true",
+                        "--set", "batch_size=256", "--set", "freeze_bn = true",
                         "--subset", "50", "--val-fraction", "0.2", "--scheduler", "fifo",
                         "--storage-path", "/tmp/r", "--name", "exp1", "--resume"])
     assert s.gpus_per_trial == 0.5 and isinstance(s.gpus_per_trial, float)
@@ -184,8 +179,8 @@ def test_flags_parse_to_typed_fields():
     assert s.space == "tiny" and s.backbones == "resnet18,mobilenetv2_100"
     assert s.compile is True and s.no_pretrained is True and s.resume is True
     assert s.list_spaces is False
-    assert s.set == ["batch_size=256", "coarse_head = true"]
-    assert s.fixed_params() == {"batch_size": "256", "coarse_head": "true"}
+    assert s.set == ["batch_size=256", "freeze_bn = true"]
+    assert s.fixed_params() == {"batch_size": "256", "freeze_bn": "true"}
     assert s.subset == 50 and s.val_fraction == 0.2 and s.scheduler == "fifo"
     assert s.storage_path == "/tmp/r" and s.name == "exp1"
 
@@ -231,8 +226,8 @@ def test_yaml_sets_defaults_and_flags_win(tmp_path):
 def test_yaml_set_as_one_string_or_a_mapping(tmp_path):
     s = parse_settings(["--config", _yaml(tmp_path, "set: batch_size=32\n")])
     assert s.fixed_params() == {"batch_size": "32"}
-    s = parse_settings(["--config", _yaml(tmp_path, "set: {batch_size: 32, coarse_head: true}\n")])
-    assert TrialConfig.from_dict(s.fixed_params()).coarse_head is True
+    s = parse_settings(["--config", _yaml(tmp_path, "set: {batch_size: 32, head: coarse_to_fine}\n")])
+    assert TrialConfig.from_dict(s.fixed_params()).head == "coarse_to_fine"
     assert s.fixed_params()["batch_size"] == "32"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fake_cifar import stand_in_dir, write_fake_cifar, write_pickle
+from tests.fake_cifar import missing, stand_in_dir, write_fake_cifar, write_pickle
 from trainable.data import (
     load_cifar100,
     prepare_final_data,
@@ -73,7 +73,7 @@ def test_bytes_keys_and_names(tmp_path):
 def test_stand_in():
     root = stand_in_dir()
     if root is None:
-        pytest.skip("stand-in data (../shared/data/tinyimagenet100-32) not present")
+        missing("stand-in data (../shared/data/tinyimagenet100-32) not present")
     ds = load_cifar100(root, splits=("train",), download=False)
     assert ds.train.images.shape == (50000, 3, 32, 32) and ds.train.images.dtype == np.uint8
     assert len(np.unique(ds.train.fine)) == 100 and len(ds.fine_names) == 100 and len(ds.coarse_names) == 20

@@ -28,13 +28,13 @@ def test_search_completes_with_every_trial(experiment):
     exp, proc = experiment
     trials = load_trials(exp)
     assert len(trials) == SAMPLES
-    assert all(t.status in ("completed", "stopped early") for t in trials), [t.status for t in trials]
+    assert all(t.status in ("completed", "pruned") for t in trials), [t.status for t in trials]
     assert "best: trial" in proc.stdout
 
 
-def test_asha_stopped_a_trial_early(experiment):
+def test_asha_pruned_a_trial(experiment):
     trials = load_trials(experiment[0])
-    assert any(t.status == "stopped early" for t in trials)
+    assert any(t.status == "pruned" for t in trials)
     assert any(t.status == "completed" for t in trials)
 
 

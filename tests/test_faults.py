@@ -12,6 +12,7 @@ import yaml
 
 from search.export import load_trials
 from tests.conftest import REPO, run_cli
+from trainable.trial import FAULT_ENV
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained"]
 
@@ -29,7 +30,8 @@ def _results(exp: Path) -> dict[str, str]:
 
 def test_faulty_trials_do_not_stop_the_search(tmp_path, data_dir):
     proc = run_cli("run_search.py", "--space", "faults", "--num-samples", 6, "--data-dir", data_dir,
-                   "--storage-path", tmp_path, "--name", "faults", "--seed", 0, *QUICK, check=True)
+                   "--storage-path", tmp_path, "--name", "faults", "--seed", 0, *QUICK, check=True,
+                   env={FAULT_ENV: "oom@2:freeze_bn=True"})  # half the space's trials run out of memory
     trials = load_trials(tmp_path / "faults")
     by_status = {}
     for t in trials:
@@ -49,8 +51,8 @@ def test_faulty_trials_do_not_stop_the_search(tmp_path, data_dir):
 
 def test_crashed_worker_restarts_from_its_checkpoint(tmp_path, data_dir):
     run_cli("run_search.py", "--space", "tiny", "--num-samples", 1, "--max-epochs", 3, "--scheduler", "fifo",
-            "--set", "fault=crash", "--set", "fault_epoch=2", "--set", "input_size=32",
-            "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "crash", *QUICK, check=True)
+            "--set", "input_size=32", "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "crash",
+            *QUICK, check=True, env={FAULT_ENV: "crash@2"})
     [trial] = load_trials(tmp_path / "crash")
     assert trial.status == "completed"
     rows = trial.results
@@ -64,9 +66,9 @@ def test_oom_on_a_shared_gpu_is_retried_once_from_the_checkpoint(tmp_path, data_
     from its checkpoint; the same OOM after the restart ends it with status oom."""
     args = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--no-pretrained"]  # QUICK without --gpus 0
     run_cli("run_search.py", "--space", "tiny", "--num-samples", 1, "--max-epochs", 2, "--scheduler", "fifo",
-            "--gpus", 1, "--gpus-per-trial", 0.5, "--cpus-per-trial", 1, "--set", "fault=oom",
-            "--set", "fault_epoch=2", "--set", "input_size=32", "--data-dir", data_dir,
-            "--storage-path", tmp_path, "--name", "shared", *args)  # exits 2: no trial can be best
+            "--gpus", 1, "--gpus-per-trial", 0.5, "--cpus-per-trial", 1, "--set", "input_size=32",
+            "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "shared", *args,
+            env={FAULT_ENV: "oom@2"})  # exits 2: no trial can be best
     [trial] = load_trials(tmp_path / "shared")
     assert trial.status == "oom", (trial.status, trial.results)
     rows = trial.results
@@ -133,6 +135,8 @@ def test_node_lost_search_finishes_on_the_other_node(tmp_path, data_dir):
         cluster.remove_node(victim)  # the node dies with the trial on it
         out, _ = driver.communicate(timeout=600)
         assert driver.returncode == 0, out[-3000:]
+        # every trial actor there was, dead ones too: where did the trial go on?
+        actor_nodes = {a.node_id for a in list_actors(limit=10_000) if a.class_name.endswith("ImplicitFunc")}
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -144,4 +148,24 @@ def test_node_lost_search_finishes_on_the_other_node(tmp_path, data_dir):
     assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # resumed, not restarted from epoch 1
     survivor = next(n for n in nodes if n is not victim)
     assert trial.results[-1]["pid"] != trial.results[0]["pid"]
-    assert survivor.node_id and trial.results[0]["epoch"] == 1
+    assert actor_nodes == {victim.node_id, survivor.node_id}  # moved to the surviving node
+
+
+def test_fault_spec_picks_its_epoch_and_trials(monkeypatch):
+    """The test-only hook: no fault without the variable, only at its epoch, only where KEY=VALUE."""
+    import pytest
+    import torch
+
+    from trainable.config import TrialConfig
+    from trainable.trial import inject_fault
+    cfg = TrialConfig.from_dict({"freeze_bn": True})
+    inject_fault(cfg, 2, first_run=True)  # unset: nothing
+    monkeypatch.setenv(FAULT_ENV, "oom@2:freeze_bn=False")
+    inject_fault(cfg, 2, first_run=True)  # another trial's fault
+    monkeypatch.setenv(FAULT_ENV, "oom@2:freeze_bn=True")
+    inject_fault(cfg, 1, first_run=True)  # not yet
+    with pytest.raises((torch.OutOfMemoryError, RuntimeError, MemoryError)):
+        inject_fault(cfg, 2, first_run=True)
+    monkeypatch.setenv(FAULT_ENV, "explode@2")
+    with pytest.raises(ValueError, match="KIND@EPOCH"):
+        inject_fault(cfg, 2, first_run=True)

@@ -56,7 +56,6 @@ def test_conditional_parameter_gets_no_share_from_its_default(tmp_path):
     assert imp.evaluator == "fANOVA"
     assert imp.values.get("plateau_patience", 0.0) < 0.05, imp.values
     assert max(imp.values, key=imp.values.get) in ("schedule", "stage1_lr")
-    assert abs(sum(imp.values.values()) - 1) < 1e-6
     assert "plateau_patience" in imp.note and "not sampled in every trial" in imp.note
     assert "params.json" not in imp.note
     assert len(imp.study.trials) == N_TRIALS

@@ -504,7 +504,6 @@ def _run_app(root: Path, name: str, blob: bytes):
 
 
 def test_app_shows_the_upright_picture_and_predicts_on_it(stub_model, tmp_path, monkeypatch):
-    pytest.importorskip("streamlit.testing.v1")
     from streamlit.delta_generator import DeltaGenerator
     shown = []
     original = DeltaGenerator.image
@@ -532,7 +531,6 @@ def test_app_shows_the_upright_picture_and_predicts_on_it(stub_model, tmp_path, 
     ("text.png", lambda: b"not an image"),
 ])
 def test_app_shows_an_error_not_an_exception(stub_model, name, make):
-    pytest.importorskip("streamlit.testing.v1")
     root, seen = stub_model
     at = _run_app(root, name, make())
     assert not at.exception, at.exception
@@ -543,7 +541,6 @@ def test_app_shows_an_error_not_an_exception(stub_model, name, make):
 @pytest.mark.parametrize("case", ["RGBA png", "I;16 png ramp", "CMYK jpeg", "animated webp: first frame",
                                   "P gif transparent index", "F tiff 0..1"])
 def test_app_displays_any_mode(stub_model, case):
-    pytest.importorskip("streamlit.testing.v1")
     root, seen = stub_model
     at = _run_app(root, "upload.png", CASES[case][0]())
     assert not at.exception and not at.error, (at.exception, at.error)

@@ -16,21 +16,14 @@ from trainable.model import NUM_COARSE, NUM_FINE, Net, create_model, set_trainab
 from trainable.optim import build_optimizer, count_trainable, head_lr, param_groups
 from trainable.stages import Stage
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BACKBONES = {  # name: (blocks, names of a parameter in the bottom and in the top block)
     "resnet18": (5, "conv1.weight", "layer4.1.conv2.weight"),
     "tf_efficientnet_lite0": (8, "conv_stem.weight", "conv_head.weight"),
 }
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny batches: one thread is fastest, and on the shared 2-core machine two OpenMP threads
-    # contending with other test runs made these tests several times slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _net(name: str = "resnet18", coarse: bool = False) -> Net:

@@ -20,10 +20,13 @@ from numpy._core._exceptions import _ArrayMemoryError
 from search import trainable as search_trainable
 from search.trainable import retry_first_oom, shares_a_gpu
 from tests.conftest import REPO
+from tests.fake_cifar import random_split
 from trainable import final, trial
-from trainable.data import FinalData, Split
+from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.trial import is_out_of_memory, run_trial
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GIB = 1 << 30
 
@@ -133,22 +136,10 @@ NOT_OOM = [RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)
            RuntimeError("CUDA error: device-side assert triggered")]
 
 
-def _split(n: int, seed: int) -> Split:
-    r = np.random.default_rng(seed)
-    return Split(r.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), r.integers(0, 100, n), r.integers(0, 20, n))
-
-
 @pytest.fixture(scope="module")
 def splits():
-    return _split(100, 0), _split(40, 1)
+    return random_split(100, 0), random_split(40, 1)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("error", OOM_ERRORS, ids=lambda e: type(e).__name__ + ":" + str(e)[:20])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from search.precheck import RepeatSeeds, budget_problem, check_warm_points, plan_search
 from search.settings import SearchSettings
@@ -15,15 +14,10 @@ from tests.conftest import run_cli
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE = {"pretrained": False, "weights_dir": "", "seed": 0, "compile": False}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the model probes are tiny: threads cost more than they give
-    yield
-    torch.set_num_threads(before)
 
 
 def _plan(space: str, *sets: str, max_epochs: int | None = None, num_samples: int | None = None,
@@ -151,7 +145,7 @@ def test_recipe_budget_is_its_own_epochs():
 @pytest.mark.parametrize("space, sets, backbones", [
     ("mobilenetv2_2stage_128", [], None),  # the reported case: a fixed recipe
     ("resnet50_3stage_224", [], None),
-    ("faults", ["stage1_lr=0.01", "fault="], ("resnet18",)),  # a search space that --set fixes entirely
+    ("faults", ["stage1_lr=0.01", "freeze_bn=false"], ("resnet18",)),  # a search space that --set fixes entirely
 ])
 def test_nothing_to_sample_runs_once_and_says_so(space, sets, backbones):
     plan = _plan(space, *sets, backbones=backbones)
@@ -166,7 +160,7 @@ def test_nothing_to_sample_runs_once_and_says_so(space, sets, backbones):
 def test_a_search_space_keeps_the_users_num_samples():
     assert _plan("tiny").num_samples is None  # search/run.py's default decides
     assert _plan("tiny", num_samples=5).num_samples == 5
-    assert _plan("faults", "stage1_lr=0.01", "fault=").num_samples is None  # the backbone is still sampled
+    assert _plan("faults", "stage1_lr=0.01", "freeze_bn=false").num_samples is None  # the backbone is still sampled
     assert _plan("tiny").note == ""
 
 

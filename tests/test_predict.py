@@ -45,13 +45,18 @@ def tiny(tmp_path_factory):
 
 
 def test_prediction_matches_the_test_evaluation(tiny):
-    """A 32x32 test image saved as PNG gets the class evaluate() predicted for it."""
+    """A 32x32 test image saved as PNG reaches the model as exactly the test set's pixels, so it
+    gets the probabilities the test tensor gets, and the class evaluate() predicted for it."""
     model_path, test, images, _, _ = tiny
     expected = torch.load(model_path.parent / "test_predictions.pt", weights_only=True)["predictions"]
     model = predict.load_model(model_path)
-    probs = predict.probabilities(model, [predict.load_image(p) for p in images])
+    loaded = [predict.load_image(p) for p in images]
+    for i, x in enumerate(loaded):
+        assert torch.equal(x, torch.from_numpy(np.ascontiguousarray(test.images[i]))), i
+    probs = predict.probabilities(model, loaded)
+    direct = predict.probabilities(model, [torch.from_numpy(test.images[i].copy()) for i in range(len(images))])
     assert probs.shape == (len(images), len(model.names))
-    assert torch.allclose(probs.sum(1), torch.ones(len(images)), atol=1e-4)
+    assert torch.allclose(probs, direct, atol=1e-6)
     assert probs.argmax(1).tolist() == expected[:len(images)].tolist()
 
 

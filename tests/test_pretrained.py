@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
 
-from tests.fake_cifar import stand_in_dir
+from tests.fake_cifar import missing, stand_in_dir
 from trainable.data import prepare_search_data
 from trainable.trial import run_trial
 
@@ -23,15 +21,6 @@ CONFIG = {"backbone": BACKBONE, "stages": 2, "unfreeze_depth": 2,
           "optimizer": "adamw", "weight_decay": 1e-4, "schedule": "cosine",
           "input_size": 32, "batch_size": 64, "aug_strength": 0.0, "seed": 0}
 
-
-@pytest.fixture
-def one_thread():
-    # the 2 cores are shared with other test runs; two OpenMP threads fighting for them ran the
-    # forward pass ~20x slower than one thread does
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _val_accs(config: dict, data) -> list[float]:
@@ -44,10 +33,10 @@ def _val_accs(config: dict, data) -> list[float]:
 
 def test_pretrained_beats_random_init(one_thread):
     if not (WEIGHTS_DIR / f"{BACKBONE}.pth").is_file():
-        pytest.skip(f"no offline weights {WEIGHTS_DIR / BACKBONE}.pth")
+        missing(f"no offline weights {WEIGHTS_DIR / BACKBONE}.pth")
     data_dir = stand_in_dir()
     if data_dir is None:
-        pytest.skip("no real-image stand-in data (shared/data/tinyimagenet100-32)")
+        missing("no real-image stand-in data (shared/data/tinyimagenet100-32)")
     data = prepare_search_data(data_dir, subset=20, val_fraction=0.2, seed=0, download=False)
     assert (len(data.train), len(data.val)) == (1600, 400)
 

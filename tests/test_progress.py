@@ -32,7 +32,7 @@ def trials():
 
 def test_counts_best_and_time_left():
     p = progress_of(trials(), total=10)
-    assert (p.done, p.stopped_early, p.failed, p.running) == (2, 1, 2, 1)  # diverged counts as failed
+    assert (p.done, p.pruned, p.failed, p.running) == (2, 1, 2, 1)  # diverged counts as failed
     assert (p.best, p.best_trial) == (0.30, "done")
     # mean trial 60 s (100 s, 20 s); 5 not started; the running one has run 0 s of its 60
     assert p.eta(parallel=2) == pytest.approx((5 * 60 + 60) / 2)
@@ -40,7 +40,7 @@ def test_counts_best_and_time_left():
     assert timed.eta(parallel=2) == pytest.approx((5 * 80 + 30) / 2)  # wall times win over Tune's
     line = progress_line(p, elapsed=125, parallel=2)
     assert line.startswith("[search] 4/10 trials finished")
-    for part in ("1 running", "1 stopped early", "2 failed", "best val_acc 0.3000 (done)",
+    for part in ("1 running", "1 pruned", "2 failed", "best val_acc 0.3000 (done)",
                  "elapsed 2m05s", "about 3m00s left"):
         assert part in line
     assert "\n" not in line
@@ -74,7 +74,7 @@ def test_table_has_the_chosen_columns():
     head, rows, more = table_rows(trials(), PARAM_COLUMNS, METRIC_COLUMNS, max_rows=4)
     assert head[:3] == ["trial", "status", "backbone"] and head[-1] == "best"
     assert [r[0] for r in rows] == ["run", "done", "asha", "nan"] and more == 2
-    assert rows[2][1] == "stopped early"
+    assert rows[2][1] == "pruned"
     assert rows[1][PARAM_COLUMNS.index("stage3_lr") + 2] == "-"  # a 2-stage trial has no stage 3
     assert rows[3][1] == "diverged"
     lines = render_table(head, rows).splitlines()

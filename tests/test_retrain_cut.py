@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import analyze
@@ -19,6 +18,8 @@ from trainable.final import retrain_and_test
 from trainable.trial import run_trial
 
 # 4 epochs: stage 1 (head) 1 epoch, stage 2 3 epochs of warmup + cosine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50, "aug_strength": 0.0,
        "eval_batch_size": 200, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 3, "schedule": "cosine",
        "warmup_frac": 0.1, "stage1_lr": 0.01, "stage2_lr": 0.01, "unfreeze_depth": 1}
@@ -33,13 +34,6 @@ def data_root(tmp_path_factory) -> Path:
 def data(data_root):
     return prepare_search_data(data_root, subset=None, val_fraction=0.25, seed=0, download=False)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rows(config: dict, data, **kw) -> list[dict]:

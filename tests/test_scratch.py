@@ -17,19 +17,14 @@ from trainable.errors import UserError
 from trainable.model import Net
 from trainable.scratch import adapt_small_input
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEMS = {  # name: the module whose output is the stem's, and its channels
     "resnet18": ("maxpool", 64),
     "vgg13_bn": ("features.0", 64),
     "alexnet": ("features.0", 64),
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()  # tiny batches: one thread is fastest on the shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _backbone(name: str) -> nn.Module:

@@ -87,11 +87,11 @@ def test_space_gives_complete_valid_configs(name):
 def test_faults_space_samples_sane_and_failing_trials():
     results = _run("faults")
     for cfg, params in results:
-        assert set(params) <= {"backbone", "stage1_lr", "fault"}
-        assert cfg["stage1_lr"] in (0.01, 1e12) and cfg["fault"] in ("", "oom")
-        assert (cfg["stages"], cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["fault_epoch"]) == (2, 1, 1, 2)
-    assert {(cfg["stage1_lr"], cfg["fault"]) for cfg, _ in results} == \
-           {(0.01, ""), (0.01, "oom"), (1e12, ""), (1e12, "oom")}
+        assert set(params) <= {"backbone", "stage1_lr", "freeze_bn"}
+        assert cfg["stage1_lr"] in (0.01, 1e12) and cfg["freeze_bn"] in (False, True)
+        assert (cfg["stages"], cfg["stage1_epochs"], cfg["stage2_epochs"]) == (2, 1, 1)
+    assert {(cfg["stage1_lr"], cfg["freeze_bn"]) for cfg, _ in results} == \
+        {(0.01, False), (0.01, True), (1e12, False), (1e12, True)}
 
 
 @pytest.mark.parametrize("name", ["default", "cpu"])

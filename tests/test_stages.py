@@ -7,7 +7,7 @@ import pytest
 
 from trainable.config import TrialConfig
 from trainable.errors import UserError
-from trainable.stages import Stage, block_lr_scales, lr_factor, plan_stages, stage_at
+from trainable.stages import Stage, block_lr_scales, lr_factor, plan_stages
 
 
 def _cfg(**kw) -> TrialConfig:
@@ -39,24 +39,6 @@ def test_plan_three_stages():
     assert [s.top_blocks for s in plan] == [0, 3, None]  # head only, top 3, everything
     assert [s.layer_decay for s in plan] == [0.5, 0.5, 0.5]  # stage 1 has no blocks to decay
     assert plan[-1].first_epoch + plan[-1].epochs == _cfg(**THREE).total_epochs == 11
-
-
-# --- stage_at ------------------------------------------------------------------------------------
-
-def test_stage_at_boundaries():
-    plan = plan_stages(_cfg(**THREE))  # epochs 0-1: stage 1, 2-6: stage 2, 7-10: stage 3
-    expected = {0: 1, 1: 1, 2: 2, 6: 2, 7: 3, 10: 3}
-    assert {e: stage_at(plan, e).number for e in expected} == expected
-    assert stage_at(plan, 2) is plan[1]
-
-
-def test_stage_at_past_the_end():
-    plan = plan_stages(_cfg(**TWO))  # 7 epochs: 0..6
-    assert stage_at(plan, 6).number == 2
-    with pytest.raises(IndexError, match="epoch 7 is past the plan's 7 epochs"):
-        stage_at(plan, 7)
-    with pytest.raises(IndexError):
-        stage_at(plan, 100)
 
 
 # --- block_lr_scales -----------------------------------------------------------------------------
@@ -108,7 +90,6 @@ def test_a_stage_with_no_epochs_is_skipped():
     assert [(s.number, s.first_epoch, s.epochs, s.top_blocks) for s in scratch] == [(3, 0, 6, None)]
     no_head_stage = plan_stages(_cfg(stages=2, stage1_epochs=0, stage2_epochs=3, unfreeze_depth=2))
     assert [(s.number, s.first_epoch) for s in no_head_stage] == [(2, 0)]
-    assert stage_at(scratch, 5).number == 3
 
 
 def test_a_plan_needs_some_epochs():

@@ -87,20 +87,10 @@ def test_hparams_session_per_trial(logged):
     assert hp["backbone"] == "resnet18" and hp["stage1_lr"] == pytest.approx(0.05)
     assert hp["status"] == "completed" and status == api_pb2.Status.STATUS_SUCCESS
     hp, status = session(read(stopped.local_path))
-    assert hp["status"] == "stopped early" and status == api_pb2.Status.STATUS_SUCCESS
+    assert hp["status"] == "pruned" and status == api_pb2.Status.STATUS_SUCCESS
     hp, status = session(read(failed.local_path))
-    assert hp["status"] == "failed" and status == api_pb2.Status.STATUS_FAILURE
-    assert not {"weights_dir", "seed", "fault"} & set(hp)  # plumbing, not hyper-parameters
-
-
-def test_status_tells_asha_from_the_trials_own_early_stopping():
-    from search.tensorboard import trial_status
-    cfg = TrialConfig.from_dict({"stage1_epochs": 2, "stage2_epochs": 3, "early_stop_patience": 1}).to_dict()
-    assert trial_status(cfg, {"epoch": 5, "stage": 2}, False) == "completed"
-    assert trial_status(cfg, {"epoch": 3, "stage": 2}, False) == "stopped early"  # ASHA
-    assert trial_status(cfg, {"epoch": 3, "stage": 2, "early_stopped": True}, False) == "early-stopped"
-    assert trial_status(cfg, {"epoch": 1, "stage": 1, "early_stopped": True}, False) == "stopped early"
-    assert trial_status(cfg, {"epoch": 1}, True) == "failed"
+    assert hp["status"] == "errored" and status == api_pb2.Status.STATUS_FAILURE
+    assert not {"weights_dir", "seed", "precision"} & set(hp)  # plumbing, not hyper-parameters
 
 
 def test_replaces_tunes_default_logger_and_pickles():

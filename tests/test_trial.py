@@ -3,18 +3,18 @@ resuming them from a checkpoint, the coarse-to-fine head's metrics, and a from-s
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
-import torch
 
-from search.export import ended_by_early_stopping
+from analysis.outcome import early_stopped
 from spaces import recipe_config
 from tests.fake_cifar import write_fake_cifar
 from trainable import trial
 from trainable.baselines import scale_epochs
 from trainable.data import prepare_search_data
 from trainable.trial import run_trial
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 _EVALUATE = trial.evaluate
 BASE = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50,
@@ -26,13 +26,6 @@ def data(tmp_path_factory):
     root = write_fake_cifar(tmp_path_factory.mktemp("fake"), train_per_class=4, test_per_class=1)
     return prepare_search_data(root, subset=None, val_fraction=0.25, seed=0, download=False)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: threads cost more than they give
-    yield
-    torch.set_num_threads(before)
 
 
 def _script_val_loss(monkeypatch, losses: list[float]) -> None:
@@ -61,8 +54,8 @@ def test_early_stopping_ends_each_stage_then_the_trial(monkeypatch, data):
     assert [r["epoch"] for r in rows] == list(range(1, 8))
     assert [r["stage"] for r in rows] == [1, 1, 1, 1, 2, 2, 2]
     assert [r["early_stopped"] for r in rows] == [False, False, False, True, False, False, True]
-    assert ended_by_early_stopping({**BASE, **cfg}, rows[-1])
-    assert not ended_by_early_stopping({**BASE, **cfg}, rows[3])  # stage 1 ending early is not the trial's end
+    assert early_stopped({**BASE, **cfg}, rows[-1])
+    assert not early_stopped({**BASE, **cfg}, rows[3])  # stage 1 ending early is not the trial's end
 
 
 def test_a_stage_that_runs_its_course_is_not_early_stopped(monkeypatch, data):

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from spaces import RECIPES, recipe_config
 from trainable import atomic
-from trainable.config import TrialConfig, coerce
+from trainable.config import TrialConfig, coerce, split_assignment
 from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.final import retrain_and_test
@@ -37,10 +37,10 @@ def parse_overrides(items: list[str], names: list[str]) -> dict[str, dict[str, A
     """`[RECIPE:]KEY=VALUE` items -> {recipe: {key: value}}; an unscoped item applies to all."""
     out: dict[str, dict[str, Any]] = {n: {} for n in names}
     for item in items:
-        key, sep, value = item.partition("=")
-        scope, _, key = key.strip().rpartition(":")
-        if not sep or not key:
-            raise UserError(f"--set {item!r} is not [RECIPE:]KEY=VALUE: e.g. --set pretrained=false")
+        key, value = split_assignment(item, "[RECIPE:]KEY=VALUE")
+        scope, _, key = key.rpartition(":")
+        if not key:
+            raise UserError(f"--set {item!r} is not [RECIPE:]KEY=VALUE: write e.g. --set pretrained=false")
         if scope and scope not in out:
             raise UserError(f"--set {item!r}: {scope} is not one of --baselines ({', '.join(names)})")
         for n in ([scope] if scope else names):

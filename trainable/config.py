@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_type_hints
 
 from trainable.errors import UserError
 
-HEADS = ("flat", "coarse_to_fine")
-OPTIMIZERS = ("sgd", "adamw", "rmsprop")
-SCHEDULES = ("cosine", "onecycle", "constant", "step")
+# the values each choice allows, declared once: validate() and the tuples below derive from them
+Head = Literal["flat", "coarse_to_fine"]
+Optimizer = Literal["sgd", "adamw", "rmsprop"]
+Schedule = Literal["cosine", "onecycle", "constant", "step"]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+HEADS, OPTIMIZERS, SCHEDULES, PRECISIONS = (get_args(t) for t in (Head, Optimizer, Schedule, PrecisionName))
+
+
+# the fields that say how a trial runs, not what it learns: never tuned, never shown as hyper-parameters
+RUN_FIELDS = frozenset({"weights_dir", "seed", "compile", "eval_batch_size", "precision"})
 
 
 @dataclass
@@ -23,7 +30,7 @@ class TrialConfig:
     pretrained: bool = True  # ImageNet weights (hub, or weights_dir/<backbone>.pth)
     weights_dir: str = ""  # offline weights folder; "" = the hub
     small_input_stem: bool = False  # ResNet/VGG: stride-1 3x3 stem, no early downsampling (32 px, from scratch)
-    head: str = "flat"  # "flat" (100 classes) or "coarse_to_fine" (20-superclass logits feed the fine head)
+    head: Head = "flat"  # "flat" (100 classes) or "coarse_to_fine" (20-superclass logits feed the fine head)
     coarse_loss_weight: float = 0.3  # weight of the coarse head's loss (coarse_to_fine)
     # --- stage plan (see trainable/stages.py); a stage with 0 epochs is skipped
     stages: int = 2  # 2: head, then top blocks; 3: adds the whole network with layer-wise lr decay
@@ -37,13 +44,13 @@ class TrialConfig:
     backbone_lr_scale: float = 1.0  # the top unfrozen block's lr relative to the stage's (head's) lr
     layer_decay: float = 0.75  # stages 2-3: each block's lr is layer_decay times the block above's
     freeze_bn: bool = False  # keep every BatchNorm's statistics fixed, also in unfrozen blocks
-    schedule: str = "cosine"  # per stage: "cosine" (warmup + cosine), "onecycle", "constant" (warmup + flat) or "step" (warmup, then x0.1 at 30/60/90 %: BiT)
+    schedule: Schedule = "cosine"  # per stage: "cosine" (warmup + cosine), "onecycle", "constant" (warmup + flat) or "step" (warmup, then x0.1 at 30/60/90 %: BiT)
     warmup_frac: float = 0.1  # fraction of each stage spent warming up
     plateau_patience: int = 0  # constant schedule: lr *= plateau_factor after this many epochs without a lower val_loss; 0 = off
     plateau_factor: float = 0.1
     early_stop_patience: int = 0  # end a stage after this many epochs without a lower val_loss; 0 = off
     # --- optimiser and loss
-    optimizer: str = "sgd"  # "sgd" (Nesterov, momentum 0.9), "adamw" or "rmsprop" (TF-style, timm RMSpropTF)
+    optimizer: Optimizer = "sgd"  # "sgd" (Nesterov, momentum 0.9), "adamw" or "rmsprop" (TF-style, timm RMSpropTF)
     weight_decay: float = 5e-4
     batch_size: int = 128
     label_smoothing: float = 0.1
@@ -56,16 +63,8 @@ class TrialConfig:
     # --- run
     seed: int = 0
     compile: bool = False  # torch.compile the model (worth it for long GPU trials only)
+    precision: PrecisionName = "auto"  # auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16 (bf16/fp16 also on the CPU)
     eval_batch_size: int = 512
-    # fault injection, for the tests that cause faults for real: at the start of `fault_epoch`
-    # "crash" kills the worker process (once: not again after a restart), "oom" makes an allocation
-    # the machine cannot satisfy
-    fault: str = ""
-    fault_epoch: int = 0
-
-    @property
-    def coarse_head(self) -> bool:
-        return self.head == "coarse_to_fine"
 
     @property
     def uses_val(self) -> bool:
@@ -93,16 +92,13 @@ class TrialConfig:
             (min(self.stage1_epochs, self.stage2_epochs, self.stage3_epochs) >= 0, "stage epochs must be >= 0"),
             (self.stages == 2 or self.stage3_epochs >= 1, "a 3-stage plan needs stage3_epochs >= 1"),
             (self.total_epochs >= 1, "the stage plan has no epochs: give some stage epochs >= 1"),
-            (self.head in HEADS, f"head must be {' or '.join(HEADS)}"),
             (self.backbone_lr_scale > 0, "backbone_lr_scale must be > 0"),
             (all(lr > 0 for lr in (self.stage1_lr, self.stage2_lr, self.stage3_lr)), "learning rates must be > 0"),
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (self.plateau_patience >= 0 and self.early_stop_patience >= 0, "patiences must be >= 0 (0 = off)"),
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
             (self.plateau_patience == 0 or self.schedule == "constant",
              "plateau_patience needs schedule=constant (cosine and onecycle decay the lr themselves)"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             # a training batch of 1 gives BatchNorm one value per channel at a 1x1 feature map
             (self.batch_size >= 2, f"batch_size {self.batch_size} is too small (BatchNorm can't train on one image): use 2 or more"),
             (self.eval_batch_size >= 1, f"eval_batch_size {self.eval_batch_size} must be >= 1"),
@@ -116,8 +112,9 @@ class TrialConfig:
             (0.0 <= self.aug_strength <= 1.0, "aug_strength must be in [0, 1]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
-            (self.fault in ("", "crash", "oom"), "fault must be '', crash or oom"),
         ]
+        checks += [(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}")
+                   for name, allowed in choices().items()]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
@@ -128,6 +125,20 @@ class TrialConfig:
             raise UserError(f"bad trial config: {e}") from None
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """{field: allowed values} for every TrialConfig field typed as a Literal."""
+    return {name: get_args(t) for name, t in get_type_hints(TrialConfig).items() if get_args(t)
+            and getattr(t, "__origin__", None) is Literal}
+
+
+def split_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, str]:
+    """A --set item "key = value" -> ("key", "value"); UserError when it has no "=" or no key."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r} is not {form}: write e.g. --set batch_size=256")
+    return key.strip(), value.strip()
+
+
 def coerce(d: dict[str, Any]) -> dict[str, Any]:
     """`d` with each value converted to its TrialConfig field's type (no range checks).
 
@@ -135,7 +146,6 @@ def coerce(d: dict[str, Any]) -> dict[str, Any]:
     are a UserError.
     """
     types = {f.name: type(f.default) for f in fields(TrialConfig)}
-    d = _renamed(d)
     unknown = sorted(set(d) - set(types))
     if unknown:
         raise UserError(f"unknown hyper-parameter(s) {', '.join(unknown)}: "
@@ -165,17 +175,3 @@ def _to_bool(v: Any) -> bool:
             return False
         raise ValueError(v)
     return bool(v)
-
-
-def _renamed(d: dict[str, Any]) -> dict[str, Any]:
-    """Configs written before a field was renamed still load (coarse_head: bool -> head)."""
-    if "coarse_head" not in d or "head" in d:
-        return d
-    d = dict(d)
-    v = d.pop("coarse_head")
-    try:
-        d["head"] = "coarse_to_fine" if _to_bool(v) else "flat"
-    except ValueError:
-        raise UserError(f"hyper-parameter coarse_head={v!r} is not a valid bool "
-                        f"(it is now head: flat | coarse_to_fine)") from None
-    return d

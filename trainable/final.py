@@ -20,7 +20,7 @@ from trainable.config import TrialConfig
 from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
-from trainable.trial import is_out_of_memory, pick_device, run_trial, to_device
+from trainable.trial import is_out_of_memory, run_trial, to_device
 
 FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
 
@@ -47,11 +47,11 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
         raise UserError(f"the retrain failed: {last['status']} in epoch {last['epoch']}: "
                         f"lower the learning rates {FIX}")
     train_seconds = time.perf_counter() - t0
-    device = pick_device()
+    device = next(net.parameters()).device  # the test pass runs where (and as) the retrain trained
     mean, std = normalisation_of(net.backbone)
     try:
         ev = evaluate(net, *to_device(data.test, device), input_size=cfg.input_size, mean=mean, std=std,
-                      batch_size=cfg.eval_batch_size, prec=Precision.for_device(device, cfg.backbone),
+                      batch_size=cfg.eval_batch_size, prec=Precision.for_device(device, cfg.backbone, cfg.precision),
                       return_predictions=True)
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):

@@ -1,26 +1,54 @@
 """One training epoch and one evaluation pass, over uint8 tensors that already live on the device.
 
 Batches are index slices of the on-device dataset; augmentation, mixup and normalisation happen
-batched on the device. CUDA gets autocast (bf16 where supported, else fp16 with a GradScaler); the
-CPU runs fp32. Both run the model in channels_last, the faster layout on each (benchmarks/layout.py).
+batched on the device. Precision (TrialConfig.precision, `--precision`): "auto" is bf16 autocast
+on GPUs with native bf16 (compute capability 8.0+), fp16 autocast with a GradScaler on older ones,
+fp32 on the CPU; bf16 and fp16 also run on the CPU, through the same autocast path the GPU takes
+(the tests run it there). Both run the model in channels_last, the faster layout on each
+(benchmarks/layout.py).
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 
 from trainable.augment import DeviceAugment, eval_transform
+from trainable.config import PRECISIONS
 from trainable.model import NUM_COARSE, NUM_FINE, Net, train_mode
 
 
 # backbones that train slower in channels_last on the CPU (benchmarks/layout.py); none measured so far
 CPU_CONTIGUOUS: frozenset[str] = frozenset()
+
+
+_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_precision(device: torch.device, requested: str = "auto") -> str:
+    """fp32, bf16 or fp16 for training on `device`; `requested` other than "auto" wins.
+
+    "auto": fp32 on the CPU; on CUDA bf16 only where the GPU has it natively (compute capability
+    8.0+: A100, RTX 30xx/40xx, L4, H100), else fp16 (V100 7.0, T4 7.5), which needs a GradScaler.
+    torch.cuda.is_bf16_supported() is not the test: by default it also counts emulated bf16
+    (a bf16 tensor can be created on a V100/T4, but its math is slow or unsupported), and it asks
+    the current device, not necessarily this one. ROCm GPUs have bf16 (as torch says).
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    if torch.version.hip:
+        return "bf16"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 @dataclass
@@ -31,18 +59,33 @@ class Precision:
     channels_last: bool
 
     @classmethod
-    def for_device(cls, device: torch.device, backbone: str = "") -> "Precision":
-        """fp32 on the CPU, autocast on CUDA; channels_last wherever it is the faster layout.
+    def for_device(cls, device: torch.device, backbone: str = "", precision: str = "auto") -> "Precision":
+        """The precision choose_precision picks (or `precision` forces); channels_last wherever it
+        is the faster layout.
 
         On this project's 2-core CPU, channels_last trains tf_efficientnet_lite0 2-3.8x faster
         and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster (issue 14's table;
         `python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
-        NHWC-native. CPU_CONTIGUOUS lists backbones measured slower that way.
+        NHWC-native. CPU_CONTIGUOUS lists backbones measured slower that way. On CUDA,
+        channels_last is what cuDNN's tensor-core convolutions want under fp16/bf16.
         """
-        if device.type != "cuda":
-            return cls(device, None, backbone not in CPU_CONTIGUOUS)
-        bf16 = torch.cuda.is_bf16_supported()
-        return cls(device, torch.bfloat16 if bf16 else torch.float16, True)
+        name = choose_precision(device, precision)
+        if name == "bf16" and device.type == "cuda" and not torch.version.hip \
+                and torch.cuda.get_device_capability(device) < (8, 0):
+            warnings.warn(f"precision bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated: "
+                          f"slow; fp16 (precision auto) is this GPU's fast mixed precision", stacklevel=2)
+        channels_last = device.type == "cuda" or backbone not in CPU_CONTIGUOUS
+        return cls(device, _AMP_DTYPES[name], channels_last)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling against gradient underflow; bf16 (fp32's exponent range) and
+        fp32 do not: for them the loop steps the optimiser directly."""
+        return torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
     def model_to(self, net: torch.nn.Module) -> torch.nn.Module:
         """Move the model to the device in this precision's memory layout."""
@@ -58,59 +101,89 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-class _Mixup(Mixup):
-    """timm's Mixup, remembering the batch's lambda so the coarse targets can be mixed alike."""
-    last_lam: float = 1.0
-
-    def _mix_batch(self, x):
-        self.last_lam = super()._mix_batch(x)
-        return self.last_lam
-
-
-def make_mixup(mixup_alpha: float, cutmix_alpha: float, smoothing: float) -> _Mixup | None:
+def make_mixup(mixup_alpha: float, cutmix_alpha: float, smoothing: float) -> Mixup | None:
+    """timm's Mixup (batch mode: one lambda per batch) over the fine classes; None when both are off."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return None
-    return _Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=smoothing,
-                  num_classes=NUM_FINE, mode="batch")
+    return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=smoothing,
+                 num_classes=NUM_FINE, mode="batch")
 
 
-def _loss(out, fine, coarse, mix: _Mixup | None, smoothing: float, coarse_weight: float):
+def coarse_matrix(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """(NUM_FINE, NUM_COARSE) 0/1 matrix, 1 where the fine class belongs to the superclass, read
+    off the labelled data; a fine class absent from it maps to no superclass."""
+    table = _fine_to_coarse(fine, coarse)
+    m = torch.zeros(NUM_FINE, NUM_COARSE, device=fine.device)
+    seen = table >= 0
+    m[seen.nonzero().squeeze(1), table[seen]] = 1.0
+    return m
+
+
+def mix_batch(mix: Mixup, x: torch.Tensor, fine: torch.Tensor, fine_to_coarse: torch.Tensor,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mixed images, soft fine targets (B, NUM_FINE), soft coarse targets (B, NUM_COARSE)).
+
+    timm draws lambda and the cutmix box from numpy's global RNG; seeding it from the trial's own
+    CPU `generator` (saved in its checkpoint) makes a run reproducible and a resumed run continue
+    identically. The coarse target is the fine one times the fine-to-coarse matrix: mixing and
+    label smoothing are linear, so this is exact for mixup and cutmix alike (each CIFAR-100
+    superclass holds 5 fine classes, so smoothing over 100 classes sums to smoothing over 20).
+    """
+    np.random.seed(int(torch.randint(2**31 - 1, (), generator=generator)))
+    x, soft_fine = mix(x, fine)
+    soft_coarse = soft_fine @ fine_to_coarse
+    return x, soft_fine, soft_coarse / soft_coarse.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def _loss(out, fine, coarse, smoothing: float, coarse_weight: float):
+    """Cross-entropy over hard targets (long) or soft ones (mixup's float rows); plus the coarse
+    head's, weighted, when the model has one."""
     fine_logits, coarse_logits = out if isinstance(out, tuple) else (out, None)
-    if mix is None:
-        loss = F.cross_entropy(fine_logits, fine, label_smoothing=smoothing)
-        if coarse_logits is not None:
-            loss = loss + coarse_weight * F.cross_entropy(coarse_logits, coarse, label_smoothing=smoothing)
-        return loss
-    soft = SoftTargetCrossEntropy()
-    loss = soft(fine_logits, fine)  # `fine` is already the mixed soft target here
+    soft = fine.is_floating_point()  # soft targets already carry the label smoothing
+    loss = F.cross_entropy(fine_logits, fine, label_smoothing=0.0 if soft else smoothing)
     if coarse_logits is not None:
-        from timm.data.mixup import mixup_target
-        loss = loss + coarse_weight * soft(coarse_logits, mixup_target(coarse, NUM_COARSE, mix.last_lam, smoothing))
+        loss = loss + coarse_weight * F.cross_entropy(coarse_logits, coarse,
+                                                      label_smoothing=0.0 if soft else smoothing)
     return loss
+
+
+def batching(n: int, batch_size: int) -> tuple[int, int]:
+    """(batch size, optimiser steps) of one epoch over `n` images: an even batch (mixup pairs each
+    image with its mirror) of at most `batch_size`, the ragged last batch dropped (stable batch
+    statistics and step count); a subset smaller than the batch still trains, as one batch."""
+    bs = max(2, min(batch_size, n - n % 2))
+    return bs, max(1, n // bs)
 
 
 def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, *,
                 aug: DeviceAugment, batch_size: int, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, prec: Precision,
-                scaler: torch.amp.GradScaler | None, mix: _Mixup | None, smoothing: float,
-                coarse_weight: float, generator: torch.Generator, freeze_bn: bool = False) -> dict:
-    """One pass over (x, fine, coarse) in random order; returns train_loss and images_per_sec."""
+                scaler: torch.amp.GradScaler | None, mix: Mixup | None, smoothing: float,
+                coarse_weight: float, generator: torch.Generator, freeze_bn: bool = False,
+                mix_generator: torch.Generator | None = None) -> dict:
+    """One pass over (x, fine, coarse) in random order; returns train_loss and images_per_sec.
+
+    `mix_generator`: a CPU generator for mixup/cutmix's draws (mix_batch); one seeded from the
+    first draw of `generator` when not given."""
     train_mode(net, freeze_bn)
     n = x.shape[0]
-    bs = min(batch_size, n - n % 2)  # mixup needs an even batch; a tiny subset still trains
+    bs, steps = batching(n, batch_size)
     perm = torch.randperm(n, device=x.device, generator=generator)
+    if mix is not None:
+        fine_to_coarse = coarse_matrix(fine, coarse)
+        if mix_generator is None:
+            mix_generator = torch.Generator().manual_seed(int(perm[0]))
     total = torch.zeros((), device=x.device)
-    steps = n // bs  # drop the ragged last batch: keeps batch statistics and step count stable
     _sync(prec.device)
     t0 = time.perf_counter()
     for i in range(steps):
         idx = perm[i * bs:(i + 1) * bs]
         xb, yb, cb = aug(x[idx], generator), fine[idx], coarse[idx]
         if mix is not None:
-            xb, yb = mix(xb, yb)
+            xb, yb, cb = mix_batch(mix, xb, yb, fine_to_coarse, mix_generator)
         xb = prec.prepare(xb)
         with prec.autocast():
-            loss = _loss(net(xb), yb, cb, mix, smoothing, coarse_weight)
+            loss = _loss(net(xb), yb, cb, smoothing, coarse_weight)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -15,10 +15,10 @@ from timm.models import group_parameters
 from torch import nn
 
 from trainable.config import HEADS
+from trainable.data import NUM_COARSE, NUM_FINE
 from trainable.errors import UserError
 from trainable.scratch import adapt_small_input  # also registers the 32 px "alexnet" with timm
 
-NUM_FINE, NUM_COARSE = 100, 20
 
 
 class Net(nn.Module):

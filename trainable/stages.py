@@ -38,14 +38,6 @@ def plan_stages(cfg: TrialConfig) -> list[Stage]:
     return plan
 
 
-def stage_at(plan: list[Stage], epoch: int) -> Stage:
-    """The stage that global epoch `epoch` (0-based) belongs to when no stage ends early."""
-    for s in plan:
-        if s.first_epoch <= epoch < s.first_epoch + s.epochs:
-            return s
-    raise IndexError(f"epoch {epoch} is past the plan's {plan[-1].first_epoch + plan[-1].epochs} epochs")
-
-
 def block_lr_scales(stage: Stage, n_blocks: int) -> list[float]:
     """Per-block lr multiplier, bottom block first; 0.0 = frozen in this stage."""
     top = n_blocks if stage.top_blocks is None else min(stage.top_blocks, n_blocks)

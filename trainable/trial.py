@@ -18,7 +18,7 @@ import torch
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
 from trainable.config import TrialConfig
 from trainable.data import Split
-from trainable.loop import Precision, evaluate, make_mixup, train_epoch
+from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoch
 from trainable.model import Net, create_model
 from trainable.early_stop import EarlyStop
 from trainable.optim import build_optimizer, build_plateau, count_trainable, head_lr
@@ -30,8 +30,11 @@ CHECKPOINT_FILE = "state.pt"
 
 
 def pick_device() -> torch.device:
-    """The trial's GPU when Ray gave it one (CUDA_VISIBLE_DEVICES is set per trial), else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Outside Ray (the retrain, gpu_check): the current CUDA device when there is one, else the CPU.
+
+    A search trial does not ask this: search/trainable.py decides from the GPUs Ray assigned it
+    (a CPU trial may still see every GPU) and passes run_trial its `device`."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +51,7 @@ def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
               restore: Path | None = None, checkpoint: bool = True, stop_after_epoch: int | None = None,
-              raise_oom: bool = False) -> tuple[Net | None, dict[str, Any]]:
+              raise_oom: bool = False, device: torch.device | None = None) -> tuple[Net | None, dict[str, Any]]:
     """Fine-tune through every stage, reporting once per epoch; returns the model and last metrics.
 
     `restore` is a checkpoint directory written by an earlier call: training continues at the
@@ -58,6 +61,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
     (built for every planned epoch), cut there. Running out of memory anywhere (setup, training,
     validation, checkpoint) ends the trial with status "oom" and its reason, or re-raises the
     error with `raise_oom` (the caller retries); the model is None when it ran out before one existed.
+    `device` is where to train (default pick_device()); config's `precision` says how.
     """
     cfg = TrialConfig.from_dict(config)
     if val is None and cfg.uses_val:
@@ -66,7 +70,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
         raise ValueError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
     at = _Progress()
     try:
-        return _train(cfg, train, val, report, restore, checkpoint, stop_after_epoch, at)
+        return _train(cfg, train, val, report, restore, checkpoint, stop_after_epoch, at, device)
     except (MemoryError, RuntimeError) as e:
         if raise_oom or not is_out_of_memory(e):
             raise
@@ -104,10 +108,13 @@ class _Progress:
 
 
 def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, restore: Path | None,
-           checkpoint: bool, stop_after_epoch: int | None, at: _Progress) -> tuple[Net, dict[str, Any]]:
+           checkpoint: bool, stop_after_epoch: int | None, at: _Progress,
+           device: torch.device | None = None) -> tuple[Net, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
-    device = at.device = pick_device()
-    prec = Precision.for_device(device, cfg.backbone)
+    device = at.device = device if device is not None else pick_device()
+    if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
+        torch.cuda.set_device(device)
+    prec = Precision.for_device(device, cfg.backbone, cfg.precision)
     state = _load(restore, device) if restore is not None else None
     done = state["epoch"] if state else 0  # epochs trained so far, over all stages
     plan = plan_stages(cfg)
@@ -121,15 +128,20 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
     val_t = to_device(val, device) if val is not None else None
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    mix_gen = torch.Generator().manual_seed(cfg.seed)  # mixup/cutmix draws (loop.mix_batch): on the CPU, no sync
     aug = DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, mean, std)
     mix = make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda") if prec.amp_dtype == torch.float16 else None
-    steps_per_epoch = max(1, len(train) // min(cfg.batch_size, len(train) - len(train) % 2))
+    scaler = prec.grad_scaler()  # fp16 only; bf16 and fp32 step the optimiser directly
+    _, steps_per_epoch = batching(len(train), cfg.batch_size)
 
     best = state["best"] if state else {"val_acc": -1.0, "epoch": 0}
     if state:
         net.load_state_dict(state["net"])
         gen.set_state(state["generator"].cpu())
+        if state.get("mix_generator") is not None:
+            mix_gen.set_state(state["mix_generator"])
+        if scaler is not None and state.get("scaler"):  # the loss scale it had learned, not 2**16 again
+            scaler.load_state_dict(state["scaler"])
     last = stop_after_epoch or cfg.total_epochs
     metrics: dict[str, Any] = {}
     for s in plan:
@@ -151,12 +163,11 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
             stage_epoch = state["stage_epoch"]
         while stage_epoch < s.epochs and done < last:
             at.phase, at.epoch, at.stage, at.metrics = "training", done + 1, s.number, {}
-            if cfg.fault and cfg.fault_epoch == done + 1:
-                _inject(cfg.fault, first_run=restore is None)
+            inject_fault(cfg, done + 1, first_run=restore is None)
             tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
                              sched=sched, prec=prec, scaler=scaler, mix=mix,
                              smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                             generator=gen, freeze_bn=cfg.freeze_bn)
+                             generator=gen, freeze_bn=cfg.freeze_bn, mix_generator=mix_gen)
             done, stage_epoch = done + 1, stage_epoch + 1
             metrics = at.metrics = {"epoch": done, "stage": s.number, "lr": head_lr(opt),
                                     "trainable_params": count_trainable(net), **tr}
@@ -188,7 +199,9 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
                                  "plateau": plateau.state_dict() if plateau is not None else None,
                                  "stopper": stopper.state_dict(), "epoch": done, "stage": s.number,
                                  "stage_epoch": stage_epoch, "stage_done": stage_done, "best": best,
-                                 "generator": gen.get_state(), "config": cfg.to_dict()}
+                                 "generator": gen.get_state(), "mix_generator": mix_gen.get_state(),
+                                 "config": cfg.to_dict(),
+                                 "scaler": scaler.state_dict() if scaler is not None else None}
                     torch.save(state_now, Path(tmp) / CHECKPOINT_FILE)  # a private dir: Tune copies it on report
                     report(metrics, Path(tmp))
             if stopped:
@@ -219,10 +232,31 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(t.lower() in text for t in OOM_TEXTS)
 
 
-def _inject(fault: str, first_run: bool) -> None:
-    if fault == "crash" and first_run:
+# Test scaffolding, not a hyper-parameter: the tests that cause faults for real set
+# CIFAR_TUNE_FAULT=KIND@EPOCH[:KEY=VALUE], e.g. "crash@2" or "oom@2:seed=1": at the start of global
+# epoch EPOCH (of the trials whose config has KEY=VALUE) "crash" kills the worker process (once: not
+# again after a restart) and "oom" makes an allocation no machine can satisfy. Ray's workers inherit
+# the driver's environment.
+FAULT_ENV = "CIFAR_TUNE_FAULT"
+
+
+def inject_fault(cfg: TrialConfig, epoch: int, first_run: bool) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    kind_epoch, _, condition = spec.partition(":")
+    kind, _, at = kind_epoch.partition("@")
+    if kind not in ("crash", "oom") or not at.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r}: write KIND@EPOCH[:KEY=VALUE], KIND crash or oom")
+    if int(at) != epoch:
+        return
+    if condition:
+        key, _, value = condition.partition("=")
+        if str(getattr(cfg, key.strip())) != value.strip():
+            return
+    if kind == "crash" and first_run:
         os._exit(17)  # die like an OOM-killed worker: no exception, no cleanup
-    if fault == "oom":
+    if kind == "oom":
         torch.empty(1 << 60, dtype=torch.uint8)  # a real allocator failure (1 EiB)
 
 

@@ -1,0 +1,120 @@
+"""How a trial ended: the one rule the console, TensorBoard, the leaderboard, the report and the
+plots all use, over one view of a trial that a live Ray Tune trial and a trial folder on disk both give.
+
+The field's terms: the scheduler (ASHA) *prunes* a trial at a rung; the trial's own val_loss
+patience *early-stops* it; a search the user stops with Ctrl-C leaves its running trials
+*interrupted* (``--resume`` continues them); a spent ``--time-budget`` stops them *out of time budget*.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainable import atomic
+from trainable.config import TrialConfig
+
+COMPLETED = "completed"  # ran every planned epoch
+PRUNED = "pruned"  # ASHA stopped it at a rung
+EARLY_STOPPED = "early-stopped"  # its own val_loss patience ended its last stage
+DIVERGED = "diverged"  # non-finite loss (trainable/trial.py reports status "diverged")
+OOM = "oom"  # out of memory, past retrying (status "oom")
+ERRORED = "errored"  # crashed past --max-failures (Tune's error.txt / Trial.ERROR)
+INTERRUPTED = "interrupted"  # the search was stopped (Ctrl-C) while it ran
+OUT_OF_BUDGET = "out of time budget"  # --time-budget ran out while it ran
+RUNNING = "running"  # live only
+PENDING = "pending"  # live only: waiting for resources or paused
+NOT_STARTED = "not started"  # no epoch reported
+
+FAILED = frozenset({DIVERGED, OOM, ERRORED})  # never a candidate; counted as failed
+ENDED_BY_SEARCH = frozenset({INTERRUPTED, OUT_OF_BUDGET})
+ENDS_FILE = "trial_ends.json"  # {trial_id: INTERRUPTED | OUT_OF_BUDGET}, written by search/outcomes.py
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """What the rule needs of a trial, live or on disk.
+
+    `last`: the row that ended it (its failure row when one reported a status other than ok,
+    else its last result; {} when it reported none). `errored`: Tune recorded a crash.
+    `live`: Ray Tune's status while the search runs ("RUNNING", "PENDING", "PAUSED", ...), "" on disk.
+    `ended_by_search`: INTERRUPTED or OUT_OF_BUDGET when the search ended while the trial ran.
+    """
+    config: dict[str, Any]
+    last: dict[str, Any] = field(default_factory=dict)
+    errored: bool = False
+    live: str = ""
+    ended_by_search: str = ""
+
+
+def failure_status(row: dict[str, Any]) -> str:
+    """The failure a result row reports ("diverged", "oom"), "" for a normal epoch."""
+    status = str(row.get("status", "ok"))
+    if status != "ok":
+        return status
+    return DIVERGED if row.get("diverged") else ""
+
+
+def planned_epochs(config: dict[str, Any]) -> int | None:
+    """The trial's planned epochs over all stages; None for a config this code can't read."""
+    try:
+        return TrialConfig.from_dict(config).total_epochs
+    except Exception:  # noqa: BLE001 - not this project's config: no plan to compare with
+        return None
+
+
+def early_stopped(config: dict[str, Any], last: dict[str, Any]) -> bool:
+    """The trial's own patience ended its last stage (and so the trial)."""
+    from trainable.stages import plan_stages
+    try:
+        last_stage = plan_stages(TrialConfig.from_dict(config))[-1].number
+    except Exception:  # noqa: BLE001 - not this project's config
+        return False
+    return bool(last.get("early_stopped")) and last.get("stage") == last_stage
+
+
+def outcome(v: TrialView) -> str:
+    """How the trial ended (or where it is): one of the names above."""
+    failure = failure_status(v.last)
+    if failure:
+        return failure
+    planned = planned_epochs(v.config)
+    if v.last and planned is not None and int(v.last.get("epoch", 0)) >= planned:
+        return COMPLETED  # Tune leaves error.txt after a crash it recovered from, too
+    if v.last and early_stopped(v.config, v.last):
+        return EARLY_STOPPED
+    if v.errored:
+        return ERRORED
+    if v.live == "RUNNING":
+        return RUNNING
+    if v.live in ("PENDING", "PAUSED"):
+        return PENDING
+    if v.ended_by_search:
+        return v.ended_by_search
+    return PRUNED if v.last else NOT_STARTED
+
+
+def is_failure(name: str) -> bool:
+    return name in FAILED or name not in _ALL
+
+
+_ALL = frozenset({COMPLETED, PRUNED, EARLY_STOPPED, INTERRUPTED, OUT_OF_BUDGET, RUNNING, PENDING,
+                  NOT_STARTED}) | FAILED
+
+
+def read_ends(exp: Path) -> dict[str, str]:
+    """{trial_id: INTERRUPTED | OUT_OF_BUDGET} for the trials the search's end cut short."""
+    try:
+        data = json.loads((Path(exp) / ENDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items() if v in ENDED_BY_SEARCH} if isinstance(data, dict) else {}
+
+
+def write_ends(exp: Path, cut: dict[str, str], finished: set[str]) -> None:
+    """Merge this run's cut-short trials into the file; trials that `finished` in this run (a
+    resumed search ran them to their end) leave it."""
+    ends = {k: v for k, v in read_ends(exp).items() if k not in finished}
+    ends.update(cut)
+    atomic.write_text(Path(exp) / ENDS_FILE, json.dumps(ends, indent=1, sort_keys=True) + "\n")
