@@ -12,7 +12,11 @@ from trainable.errors import UserError
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("experiment", help="the experiment folder run_search.py wrote (STORAGE/NAME)")
+    p.add_argument("experiment", help="the experiment folder run_search.py wrote (STORAGE/NAME), or its cloud "
+                                      "URI (s3://BUCKET/runs/NAME: fetched to a local folder, analysis/ uploaded back)")
+    p.add_argument("--local-dir", default="",
+                   help="with a cloud URI: the local folder to fetch it into (DIR/NAME; default: run_search.py's "
+                        "local copy, ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME)")
     p.add_argument("--config", default="",
                    help="retrain this config instead (a best_config.yaml: up to its best_epoch, as without --config)")
     p.add_argument("--data-dir", default="", help="folder holding cifar-100-python/ (default: the search's)")
@@ -32,6 +36,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def analyze(args: argparse.Namespace) -> Path:
     from search.export import export_best, leaderboard, load_trials, read_best_config, read_settings
+    from search.storage import is_uri
+    if is_uri(args.experiment):
+        return _analyze_cloud(args)
     exp = Path(args.experiment).expanduser().resolve()
     trials = load_trials(exp) if exp.is_dir() else []
     if not exp.is_dir() or not (trials or (exp / "search_settings.yaml").exists()):
@@ -74,6 +81,39 @@ def analyze(args: argparse.Namespace) -> Path:
     if baselines:
         _compare(args, best, config, baselines, data, out)
     return _report(exp)
+
+
+def _analyze_cloud(args: argparse.Namespace) -> Path:
+    """analyze.py s3://BUCKET/runs/NAME: the experiment's files but its checkpoints (the retrain needs
+    none) fetched into a local folder, analyzed there, and its analysis/ uploaded back to the URI."""
+    from search.storage import (check_reachable, check_uri, download, join, mirror_dir, redact,
+                                results_only, upload)
+    what = "analyze.py"
+    uri = check_uri(args.experiment, what=what)
+    check_reachable(uri, write=False, what=what)
+    exp = mirror_dir(uri, args.local_dir)
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
+    fetched = download(uri, exp, skip=results_only, newer_only=True, what=what)
+    if not any(exp.iterdir()):
+        exp.rmdir()
+        raise UserError(f"{redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
+    print(f"experiment {redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
+    try:
+        out = analyze(argparse.Namespace(**{**vars(args), "experiment": str(exp)}))
+    finally:
+        files = [f for f in (exp / "analysis").rglob("*") if f.is_file()]
+        if files:
+            try:
+                upload(files, exp, uri, what=what)
+            except UserError as e:
+                if sys.exc_info()[0] is None:
+                    raise UserError(f"the analysis is in {exp / 'analysis'} but was not uploaded: {e}") from None
+                print(f"warning: {e}", file=sys.stderr)
+    print(f"analysis: {out} and {redact(join(uri, 'analysis'))}")
+    return out
 
 
 def retrain_cut(best_epoch: int | None, config: dict, *, full_schedule: bool = False) -> int | None:

@@ -79,10 +79,11 @@ def outcome(v: TrialView) -> str:
     failure = failure_status(v.last)
     if failure:
         return failure
+    reported = "epoch" in v.last  # a live trial that never ran still has Tune's bookkeeping row
     planned = planned_epochs(v.config)
-    if v.last and planned is not None and int(v.last.get("epoch", 0)) >= planned:
+    if reported and planned is not None and int(v.last["epoch"]) >= planned:
         return COMPLETED  # Tune leaves error.txt after a crash it recovered from, too
-    if v.last and early_stopped(v.config, v.last):
+    if reported and early_stopped(v.config, v.last):
         return EARLY_STOPPED
     if v.errored:
         return ERRORED
@@ -92,7 +93,7 @@ def outcome(v: TrialView) -> str:
         return PENDING
     if v.ended_by_search:
         return v.ended_by_search
-    return PRUNED if v.last else NOT_STARTED
+    return PRUNED if reported else NOT_STARTED
 
 
 def is_failure(name: str) -> bool:

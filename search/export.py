@@ -160,15 +160,32 @@ def read_settings(exp_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(p.read_text()) or {} if p.exists() else {}
 
 
+# the parameters that matter, as the console, the text leaderboard and the report show them
+PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_size", "aug_strength",
+                 "stage1_lr", "stage2_lr", "stage3_lr"]
+
+
+def fmt(v: Any) -> str:
+    """A value for a table cell: 4 decimals for a fraction (an accuracy), else 3 significant digits."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:.3g}"
+    return str(v)
+
+
+def param_cells(config: dict[str, Any], columns: list[str] = PARAM_COLUMNS) -> list[str]:
+    """`config`'s values under `columns`; "-" for stage 3's lr in a 2-stage plan (it has none)."""
+    return [fmt(config.get(k)) if k != "stage3_lr" or config.get("stages") == 3 else "-" for k in columns]
+
+
 def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
     """A plain-text table of the top trials and their key parameters."""
-    keys = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_size", "aug_strength",
-            "stage1_lr", "stage2_lr"]
-    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + keys
+    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + PARAM_COLUMNS
     rows = []
     for i, t in enumerate(rank(trials)[:top], start=1):
         rows.append([str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]),
-                     f"{t.epochs_run}/{t.planned_epochs}", t.status] + [_fmt(t.config.get(k)) for k in keys])
+                     f"{t.epochs_run}/{t.planned_epochs}", t.status] + param_cells(t.config))
     others = [t for t in trials if t.best is None]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows]
@@ -177,9 +194,3 @@ def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
     for t in others:
         lines.append(f"   {t.trial_id}: {t.status}" + (f" ({t.reason})" if t.reason else ""))
     return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)

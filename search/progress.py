@@ -23,12 +23,11 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.experimental.output import get_air_verbosity
 
-from analysis.outcome import ENDED_BY_SEARCH, PRUNED, failure_status, is_failure, outcome
+from analysis.outcome import ENDED_BY_SEARCH, INTERRUPTED, NOT_STARTED, PRUNED, failure_status, is_failure, outcome
+from search.export import PARAM_COLUMNS, fmt, param_cells
 from search.outcomes import EndWatch, live_view
 from search.searcher import METRIC, MODE
 
-PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "aug_strength",
-                 "stage1_lr", "stage2_lr", "stage3_lr"]
 METRIC_COLUMNS = ["stage", "epoch", "val_acc", "best_val_acc"]
 SHORT = {"unfreeze_depth": "unfreeze", "input_size": "input", "aug_strength": "aug",
          "stage1_lr": "s1_lr", "stage2_lr": "s2_lr", "stage3_lr": "s3_lr", "best_val_acc": "best"}
@@ -55,14 +54,6 @@ def duration(s: float) -> str:
     s = int(round(s))
     h, m = divmod(s // 60, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
-
-
-def fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:.3g}"
-    return str(v)
 
 
 # ---------------------------------------------------------------- the progress line
@@ -110,7 +101,7 @@ def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any 
         name = status_of(t, status, cut.get(str(t.trial_id), ""))
         if status in (ERROR, TERMINATED) and is_failure(name):  # errored, diverged, oom
             p.failed += 1
-        elif status == TERMINATED:
+        elif status == TERMINATED and name != NOT_STARTED:  # cleanup marks unstarted ones terminated too
             p.done += 1
             p.pruned += name == PRUNED
             if name in ENDED_BY_SEARCH:
@@ -136,7 +127,10 @@ def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float
     parts += [f"best {METRIC} " + (f"{p.best:.4f} ({p.best_trial})" if p.best is not None else "-"),
               f"elapsed {duration(elapsed)}"]
     eta = p.eta(parallel)
-    if p.total is not None and p.done + p.failed >= p.total:
+    if p.cut_short:  # the search itself ended early
+        parts.append("search interrupted: --resume continues it" if p.cut_reason == INTERRUPTED
+                     else "search stopped: the time budget is spent")
+    elif p.total is not None and p.done + p.failed >= p.total:
         parts.append("done")
     elif budget_left is not None:
         parts.append(f"time budget: {duration(budget_left if eta is None else min(eta, budget_left))} left")
@@ -233,7 +227,7 @@ def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: in
         status = status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))
         cfg, res = t.config or {}, t.last_result or {}
         rows.append([str(t.trial_id), status]
-                    + [fmt(cfg.get(k)) if k != "stage3_lr" or cfg.get("stages") == 3 else "-" for k in params]
+                    + param_cells(cfg, params)
                     + [fmt(res.get(k)) for k in metrics])
     return head, rows[:max_rows], max(0, len(rows) - max_rows)
 

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from ray import tune
 
 from search.export import export_best, leaderboard, load_trials, read_settings, write_settings
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
@@ -22,6 +27,9 @@ def resolve_space(s: SearchSettings, res: Resources) -> tuple[Space, Options]:
         name = "default" if visible_gpus() > 0 or s.address else "cpu"
         if name == "cpu":
             print("no GPU: using the CPU-sized 'cpu' space (pass --space default to override)")
+    if s.gpus and not s.address and visible_gpus() == 0:
+        print(f"warning: --gpus {s.gpus} but torch sees no CUDA GPU here: Ray gets {s.gpus} logical GPUs "
+              f"and every trial trains on the CPU (pass --gpus 0, or run where the GPUs are)")
     space = get_space(name)
     backbones = tuple(b.strip() for b in s.backbones.split(",") if b.strip()) or space.backbones
     unknown = [b for b in backbones if b not in space.backbones]
@@ -102,14 +110,15 @@ def grace_period(s: SearchSettings, space: Space, opts: Options) -> int:
 
 
 def experiment_dir(s: SearchSettings, space: Space) -> Path:
-    from search.storage import check_uri, is_uri, local_path
-    if is_uri(s.storage_path):  # Tune could write there, but this driver's own files are local
-        raise UserError(f"--storage-path {check_uri(s.storage_path)}: cloud storage is not supported yet: "
-                        f"on a cluster use a folder every node mounts, with --storage-shared")
-    storage = local_path(s.storage_path)
+    """The local experiment folder: STORAGE/NAME, or with a cloud --storage-path the driver's local
+    copy of URI/NAME (`cloud_experiment`)."""
+    from search.storage import is_uri, local_path
     if s.resume and not s.name:
         raise UserError("--resume needs --name of the experiment to continue")
     name = s.name or f"{space.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if is_uri(s.storage_path):
+        return cloud_experiment(s, name)
+    storage = local_path(s.storage_path)
     exp = storage / name
     if s.resume:
         from ray import tune
@@ -123,6 +132,119 @@ def experiment_dir(s: SearchSettings, space: Space) -> Path:
     except OSError as e:
         raise UserError(f"--storage-path {storage} is not writable ({e.strerror}): pick another folder") from None
     return exp
+
+
+def cloud_uri(s: SearchSettings, exp: Path) -> str:
+    """URI/NAME of a cloud experiment ('' for a local --storage-path)."""
+    from search.storage import check_uri, is_uri, join
+    return join(check_uri(s.storage_path), exp.name) if is_uri(s.storage_path) else ""
+
+
+def cloud_experiment(s: SearchSettings, name: str) -> Path:
+    """A cloud --storage-path: Ray Tune writes trials to URI/NAME itself; the driver keeps its own
+    files (optuna.db, settings, budget, estimate, best_config) in a local folder, uploaded to URI/NAME.
+    The URI is reached now, before Ray starts; --resume first fetches the driver's files from it
+    (a local copy newer than the URI's is kept)."""
+    from search.export import SETTINGS_FILE
+    from search.storage import (check_reachable, check_uri, download, join, mirror_dir, redact,
+                                storage_error, top_level_driver_file)
+    uri = join(check_uri(s.storage_path), name)
+    check_reachable(uri)
+    local = s.local_dir
+    if s.resume:
+        from ray import tune
+        try:
+            found = tune.Tuner.can_restore(uri)
+        except Exception as e:  # noqa: BLE001 - pyarrow's OSError, ArrowException
+            raise storage_error(uri, e) from None
+        if not found:
+            raise UserError(f"--resume: no experiment at {redact(uri)}: check --name and --storage-path")
+        if not local:  # the folder the experiment began in: Ray's saved searcher opens optuna.db there
+            import tempfile
+
+            import yaml
+            with tempfile.TemporaryDirectory() as tmp:
+                download(uri, Path(tmp), skip=lambda rel: rel != SETTINGS_FILE)
+                f = Path(tmp) / SETTINGS_FILE
+                local = str((yaml.safe_load(f.read_text()) or {}).get("local_dir") or "") if f.exists() else ""
+    exp = mirror_dir(uri, local)
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if s.local_dir or not local:
+            raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
+        print(f"warning: {exp} (where the experiment began) can't be made here ({e.strerror}); using the cache")
+        exp = mirror_dir(uri, "")
+        exp.mkdir(parents=True, exist_ok=True)
+    if s.resume:
+        got = download(uri, exp, skip=top_level_driver_file, newer_only=True)
+        print(f"resume: the driver's files of {redact(uri)} are in {exp}"
+              + (f" ({len(got)} fetched)" if got else ""))
+    return exp
+
+
+def save_driver_files(exp: Path, uri: str, best_effort: bool = False) -> None:
+    """Upload the driver's files of the local experiment folder to URI/NAME."""
+    from search.storage import driver_files, upload
+    try:
+        upload(driver_files(exp), exp, uri)
+    except UserError as e:
+        if not best_effort:
+            raise
+        print(f"warning: could not upload the driver's files: {e}", file=sys.stderr)
+
+
+class DriverFilesUpload(tune.Callback):
+    """Uploads the driver's files (search/storage.py driver_files) of a cloud experiment whenever the
+    Optuna study changes (a trial starts or ends: so the bucket's optuna.db is never older than the
+    searcher state Tune uploads, and --resume elsewhere finds every trial it knows), every `every_s`
+    seconds while results come in (budget.json), and when the experiment ends. Ray Tune's own
+    experiment state and the trials' files are synced by Tune itself."""
+
+    def __init__(self, exp: Path, uri: str, every_s: float = 60.0):
+        self.exp, self.uri, self.every_s = Path(exp), uri, every_s
+        self._last = float("-inf")
+
+    def __setstate__(self, state: dict) -> None:  # restored with the Tuner: another clock
+        self.__dict__.update(state)
+        self._last = float("-inf")
+
+    def _sync(self, trial=None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        self._refresh_staging(trial)
+        save_driver_files(self.exp, self.uri, best_effort=True)
+
+    def _refresh_staging(self, trial) -> None:
+        """After a restore Ray has copied the experiment's *.json (budget.json, ...) into its staging
+        folder and uploads them with its state; keep those copies current, not the old ones."""
+        from search.storage import driver_files
+        staging = getattr(getattr(trial, "storage", None), "experiment_driver_staging_path", None)
+        if not staging or not Path(staging).is_dir():
+            return
+        for f in driver_files(self.exp):
+            dest = Path(staging) / f.name
+            if dest.exists():
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, dest)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._sync(trial, force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._sync(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._sync(trial, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._sync(trial, force=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._sync(trials[0] if trials else None, force=True)
 
 
 def check_backbones(opts: Options, fixed: dict[str, Any], base: dict[str, Any]) -> None:
@@ -151,6 +273,7 @@ def run_search(s: SearchSettings) -> Path:
         s = SearchSettings(**{**saved, "resume": True, "address": s.address, "config": ""})
         space, opts = resolve_space(s, res)
         fixed = s.fixed_params()
+    remote = cloud_uri(s, exp)  # '' for a local --storage-path
     data_dir = str(Path(s.data_dir).expanduser().resolve())
     weights_dir = str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else ""
     base = {"pretrained": not s.no_pretrained, "weights_dir": weights_dir, "seed": s.seed,
@@ -175,33 +298,55 @@ def run_search(s: SearchSettings) -> Path:
     if not s.resume:
         write_settings(exp, {**s.to_dict(), "space": space.name, "data_dir": data_dir,
                              "weights_dir": weights_dir, "name": exp.name,
-                             "storage_path": str(exp.parent)})
+                             "storage_path": s.storage_path if remote else str(exp.parent),
+                             "local_dir": str(exp.parent) if remote else ""})
         if est is not None:
             from search.estimate import save
             save(exp, est)
+    if remote:
+        save_driver_files(exp, remote)
     # Tune warns every few seconds that syncing experiment state is slow; it is local and fine
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray(s, res)
     try:
-        tuner = build_tuner(s, res, space, opts, fixed, base, data, exp, points, told, est)
+        tuner = build_tuner(s, res, space, opts, fixed, base, data, exp, points, told, est, remote)
         del data  # the object store holds it now; the driver's heap copy would only cost memory
-        print(f"experiment: {exp}\nTensorBoard: tensorboard --logdir {exp}", flush=True)
+        if remote:
+            from search.storage import redact
+            print(f"experiment: {redact(remote)} (the driver's files: {exp})", flush=True)
+        else:
+            print(f"experiment: {exp}\nTensorBoard: tensorboard --logdir {exp}", flush=True)
         tuner.fit()
+    except BaseException:
+        if remote:  # Ctrl-C, a crash: what the driver has is in the bucket for --resume
+            save_driver_files(exp, remote, best_effort=True)
+        raise
     finally:
         import ray
         ray.shutdown()
+    if remote:  # the trials' results (not checkpoints) next to the driver's files, for the export
+        from search.storage import download, results_only
+        download(remote, exp, skip=lambda rel: "/" not in rel or results_only(rel), newer_only=True)
     trials = load_trials(exp)
     best = export_best(exp, trials)
+    if remote:
+        save_driver_files(exp, remote)
     print(leaderboard(trials))
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch "
           f"{best['best_epoch']}\nwrote {exp / 'best_config.yaml'}\nretrain and test it: "
           f"{best['retrain_command']}")
+    if remote:
+        import shlex
+
+        from search.storage import redact
+        print(f"uploaded to {redact(remote)}; analyze it there (analysis/ goes to the bucket too): "
+              f"python analyze.py {shlex.quote(redact(remote))}")
     return exp
 
 
 def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                 fixed: dict[str, Any], base: dict[str, Any], data: SearchData, exp: Path,
-                points: list = (), told: list = (), est=None):
+                points: list = (), told: list = (), est=None, remote: str = ""):
     from ray import tune
 
     from search.outcomes import TrialEnds
@@ -213,7 +358,13 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
         tune.with_parameters(tune_trial, train=data.train, val=data.val), res.trial)
     if s.resume:  # with ASHA's rungs rebuilt and --max-concurrent holding for restored trials
         from search.restore import restore_tuner
-        return restore_tuner(exp, trainable, s.max_concurrent)
+        tuner = restore_tuner(remote or exp, trainable, s.max_concurrent)
+        internal = getattr(tuner, "_local_tuner", None)
+        if remote and internal is not None:  # the uploader for this folder and URI, not the pickled one
+            rc = internal._run_config
+            rc.callbacks = [c for c in rc.callbacks or [] if not isinstance(c, DriverFilesUpload)]
+            rc.callbacks.append(DriverFilesUpload(exp, remote))
+        return tuner
     stop = None
     if s.time_budget:
         from search.budget import BudgetStopper, parse_duration
@@ -222,12 +373,13 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                    budget=stop, exp=exp)
     run_config = tune.RunConfig(
         stop=stop,
-        name=exp.name, storage_path=str(exp.parent),
+        name=exp.name, storage_path=_parent_uri(remote) if remote else str(exp.parent),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1,  # the best; Tune also keeps the latest
                                                 checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        callbacks=[EpochTensorBoard(exp=exp), TrialEnds(exp), *cons.callbacks], verbose=cons.verbose,
+        callbacks=[EpochTensorBoard(exp=exp), TrialEnds(exp), *cons.callbacks,
+                   *([DriverFilesUpload(exp, remote)] if remote else [])], verbose=cons.verbose,
         progress_reporter=cons.progress_reporter)
     tune_config = tune.TuneConfig(
         search_alg=make_searcher(space, opts, fixed, base, s.seed, exp, points, told, s.sampler),
@@ -237,12 +389,18 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
+def _parent_uri(uri: str) -> str:
+    """s3://b/runs?opts from s3://b/runs/NAME?opts (Tune's storage_path; the name is the run's)."""
+    from search.storage import split_query
+    base, query = split_query(uri)
+    return base.rsplit("/", 1)[0] + query
+
+
 def parallel_trials(s: SearchSettings, res: Resources) -> int:
     """How many trials run at once on the local resources (and --max-concurrent)."""
+    n = int(res.cpus // res.trial["cpu"])  # Ray schedules on CPUs and GPUs alike
     if res.trial["gpu"] > 0:
-        n = int(res.gpus / res.trial["gpu"] + 1e-9)
-    else:
-        n = int(res.cpus // res.trial["cpu"])
+        n = min(n, int(res.gpus / res.trial["gpu"] + 1e-9))
     return max(1, min(n, s.max_concurrent) if s.max_concurrent else n)
 
 

@@ -91,7 +91,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         elif meta["type"] is None:  # booleans are switches
             group.add_argument(flag, action="store_true", help=meta["help"])
         else:
-            group.add_argument(flag, type=meta["type"], default=f.default, help=meta["help"])
+            # a help text that explains its own default gets no second "(default: None)"
+            own = "default" in meta["help"]
+            group.add_argument(flag, type=meta["type"], default=f.default,
+                               help=meta["help"] + ("%(default).0s" if own else ""))
     return parser
 
 

@@ -107,7 +107,7 @@ def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared
                 f"(--storage-shared)")
     raise UserError(f"--storage-path {local_path(storage_path)} is a folder of this node only, but the "
                     f"cluster has nodes on {alive} machines: use a folder every node mounts at the same path "
-                    f"(NFS, ...) and add --storage-shared")
+                    f"(NFS, ...) and add --storage-shared, or a cloud URI (s3://BUCKET/runs, gs://BUCKET/runs)")
 
 
 # --- cloud storage: reaching it, and the driver's local copy of an experiment -------------------
@@ -148,7 +148,9 @@ def _short(e: BaseException) -> str:
 
 def storage_error(uri: str, e: BaseException, what: str = "--storage-path") -> UserError:
     """pyarrow's error reaching `uri` as one line naming the URI and the fix."""
-    return UserError(f"{what} {redact(uri)} cannot be reached ({_short(e)}): {_fix(uri_scheme(uri))}")
+    fix = ("fix the URI's ?options (pyarrow.fs.FileSystem.from_uri's query parameters)"
+           if isinstance(e, ValueError) else _fix(uri_scheme(uri)))  # pyarrow's ArrowInvalid: a bad URI
+    return UserError(f"{what} {redact(uri)} cannot be reached ({_short(e)}): {fix}")
 
 
 def _with_timeout(fn, uri: str, what: str, timeout_s: float):
@@ -316,3 +318,9 @@ def no_checkpoints(rel: str) -> bool:
 def top_level_driver_file(rel: str) -> bool:
     """`skip` for `download` keeping only the driver's files at the top of the experiment."""
     return "/" in rel or _matches(rel, RAY_FILES)
+
+
+def results_only(rel: str) -> bool:
+    """`skip` for `download` of a whole experiment: trial checkpoints (analysis retrains, it reads
+    results only) and Ray Tune's own state at the top."""
+    return no_checkpoints(rel) or ("/" not in rel and _matches(rel, RAY_FILES))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import fields
 from typing import Any
 
@@ -134,5 +135,20 @@ class EpochTensorBoard(TBXLoggerCallback):
         for trial in list(self._trial_writer):
             if reason == OUT_OF_BUDGET:
                 self.log_trial_end(trial, ended_by_search=reason)
+                upload_events(trial)
             else:
                 self._trial_writer.pop(trial).close()
+
+
+def upload_events(trial) -> None:
+    """Copy the trial's event files from the driver's staging folder to the experiment's storage:
+    Tune's last sync ran before on_experiment_end, so what it writes there would stay behind."""
+    import pyarrow.fs
+
+    from search.storage import filesystem_and_path
+    src = Path(trial.local_path)
+    fs, dest = filesystem_and_path(str(trial.path))
+    if isinstance(fs, pyarrow.fs.LocalFileSystem) and src.resolve() == Path(dest).resolve():
+        return
+    for f in src.glob("events.out.tfevents.*"):
+        pyarrow.fs.copy_files(str(f), f"{dest}/{f.name}", destination_filesystem=fs)

@@ -13,7 +13,7 @@ from torch import nn
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 from trainable.model import NUM_COARSE, NUM_FINE, Net, create_model, set_trainable, train_mode
-from trainable.optim import build_optimizer, count_trainable, head_lr, param_groups
+from trainable.optim import build_schedule, build_optimizer, count_trainable, head_lr, param_groups
 from trainable.stages import Stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -301,6 +301,56 @@ def test_cosine_schedule_values(sched_net):
     assert lrs[:3] == pytest.approx([0.005, 0.01, 0.01])
     assert lrs[5] == pytest.approx(0.005)  # cosine half way: step 2 + 3 of 6
     assert lrs[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+def _reference(step: int, total: int, frac: float, shape: str) -> float:
+    """The schedules as written down: a linear warm-up (step + 1) / w over w = int(total * frac)
+    steps, then cosine to 0, x0.1 at 30/60/90 % of the stage (BiT), or flat; a multiple of the lr."""
+    w = int(total * frac)
+    if step < w:
+        return (step + 1) / w
+    if shape == "constant":
+        return 1.0
+    if shape == "step":
+        return 0.1 ** sum(step >= m * total for m in (0.3, 0.6, 0.9))
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+@pytest.mark.parametrize("shape", ["cosine", "step", "constant"])
+@pytest.mark.parametrize("total, frac", [(1, 0.0), (5, 0.1), (7, 0.0), (10, 0.25), (33, 0.1), (100, 0.5)])
+def test_schedules_share_one_warmup_and_follow_their_formula(shape, total, frac):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_schedule(opt, TrialConfig.from_dict({"schedule": shape, "warmup_frac": frac}), total)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([_reference(s, total, frac, shape) for s in range(total)], abs=1e-9)
+
+
+def test_a_schedule_resumes_from_its_state_dict():
+    """A checkpoint mid-warm-up: the restored scheduler continues the same lrs."""
+    cfg = TrialConfig.from_dict({"schedule": "cosine", "warmup_frac": 0.3})
+
+    def run(steps, state=None):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sched = build_schedule(opt, cfg, 20)
+        if state is not None:
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, (opt.state_dict(), sched.state_dict())
+    straight, _ = run(20)
+    first, state = run(4)
+    rest, _ = run(16, state)
+    assert first + rest == pytest.approx(straight)
 
 
 def test_onecycle_schedule_values(sched_net):

@@ -64,6 +64,7 @@ class LiveTrial:
         self.trial_id, self.config, self.status = trial_id, dict(CONFIG), status
         self.last_result = {**rows[-1], "trial_id": trial_id}
         self.local_path = str(root / f"trial_{trial_id}")
+        self.path = self.local_path  # storage = the driver's folder: nothing to upload
 
     def init_local_path(self):
         Path(self.local_path).mkdir(parents=True, exist_ok=True)
@@ -180,3 +181,14 @@ def test_a_trial_folder_without_params_is_listed(tmp_path):
     status = {t.trial_id: t.status for t in load_trials(tmp_path)}
     assert status == {"trial_x1": ERRORED, "trial_x2": NOT_STARTED}
     assert "trial_x1: errored (RuntimeError: worker died)" in leaderboard(load_trials(tmp_path))
+
+
+def test_a_trial_that_never_ran_is_not_started_though_tune_gave_it_a_row(tmp_path):
+    """Tune's live Trial carries a bookkeeping last_result before any epoch; Ctrl-C then marks it
+    TERMINATED: not pruned, not finished."""
+    t = LiveTrial("idle", tmp_path, [{"trial_id": "idle", "done": False}], "TERMINATED")
+    assert outcome(TrialView(CONFIG, t.last_result, live="TERMINATED")) == NOT_STARTED
+    p = progress_of([t], total=4)
+    assert (p.done, p.pruned) == (0, 0)
+    _, rows, _ = table_rows([t], ["backbone"], ["epoch"])
+    assert rows[0][1] == NOT_STARTED

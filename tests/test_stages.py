@@ -1,13 +1,12 @@
 """Tests for trainable/stages.py: the stage plan, per-block lr scales and the per-step lr factor."""
 from __future__ import annotations
 
-import math
 
 import pytest
 
 from trainable.config import TrialConfig
 from trainable.errors import UserError
-from trainable.stages import Stage, block_lr_scales, lr_factor, plan_stages
+from trainable.stages import Stage, block_lr_scales, plan_stages
 
 
 def _cfg(**kw) -> TrialConfig:
@@ -97,36 +96,3 @@ def test_a_plan_needs_some_epochs():
         _cfg(stages=2, stage1_epochs=0, stage2_epochs=0)
     with pytest.raises(UserError, match=">= 0"):
         _cfg(stage1_epochs=-1)
-
-
-# --- lr_factor -----------------------------------------------------------------------------------
-
-def test_warmup_ramps_linearly_to_peak():
-    # 100 steps, 10 % warmup: steps 0..9 ramp 0.1, 0.2, .. 1.0
-    ramp = [lr_factor(s, 100, 0.1) for s in range(10)]
-    assert ramp == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert lr_factor(10, 100, 0.1) == pytest.approx(1.0)  # cosine starts at the peak
-
-
-def test_cosine_decays_monotonically_to_about_zero():
-    f = [lr_factor(s, 100, 0.1) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(f, f[1:]))
-    assert f[-1] < 1e-3  # the last step is ~0
-    assert lr_factor(55, 100, 0.1) == pytest.approx(0.5)  # half way through the cosine part
-    assert lr_factor(100, 100, 0.1) == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor(150, 100, 0.1) == pytest.approx(0.0, abs=1e-12)  # clamped, never rises again
-
-
-def test_no_warmup_starts_at_peak():
-    assert lr_factor(0, 50, 0.0) == pytest.approx(1.0)
-    assert lr_factor(25, 50, 0.0) == pytest.approx(0.5)
-    assert lr_factor(49, 50, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 49 / 50)))
-
-
-def test_warmup_shorter_than_a_step_is_no_warmup():
-    # int(5 * 0.1) == 0 warmup steps: no division by zero, the first step is at the peak
-    assert lr_factor(0, 5, 0.1) == pytest.approx(1.0)
-
-
-def test_single_step_stage():
-    assert lr_factor(0, 1, 0.0) == pytest.approx(1.0)

@@ -1,7 +1,6 @@
 """Optimiser and learning-rate schedule for one stage, built from the stage plan."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -9,7 +8,7 @@ from torch import nn
 
 from trainable.config import TrialConfig
 from trainable.model import Net, set_trainable
-from trainable.stages import Stage, block_lr_scales, lr_factor
+from trainable.stages import STEP_MILESTONES, Stage, block_lr_scales
 
 
 def param_groups(net: Net, stage: Stage, weight_decay: float) -> list[dict]:
@@ -46,26 +45,40 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
         opt = RMSpropTF(groups, lr=stage.lr, alpha=0.9, momentum=0.9, eps=1e-3)
     else:
         opt = torch.optim.AdamW(groups, lr=stage.lr, **fused)
+    return opt, build_schedule(opt, cfg, steps)
+
+
+def warmup_steps(steps: int, warmup_frac: float) -> int:
+    """Optimiser steps of a stage's linear warm-up; 0 or 1 means none."""
+    return int(max(1, steps) * warmup_frac)
+
+
+def build_schedule(opt: torch.optim.Optimizer, cfg: TrialConfig, steps: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The stage's per-step lr schedule, from torch's schedulers.
+
+    cosine, step and constant share one warm-up, LinearLR from lr/w to lr over w steps
+    (w = warmup_steps), and then CosineAnnealingLR to 0, MultiStepLR x0.1 at STEP_MILESTONES of the
+    stage, or the lr held (plateau cuts then stay: LinearLR is chainable). onecycle is
+    OneCycleLR, whose rise from max_lr/25 over pct_start = warmup_frac is its own warm-up.
+    """
+    from torch.optim import lr_scheduler as S
+    total = max(1, steps)
     if cfg.schedule == "onecycle":
-        total = max(1, steps)
         pct = max(cfg.warmup_frac, 0.01)
         if math.isclose(pct * total, 1.0):  # OneCycleLR divides 0 by 0 when its peak is step 0
             pct /= 2  # peak "at step -0.5": the same no-warmup start as any pct * total < 1
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in groups], total_steps=total,
-            pct_start=pct, cycle_momentum=cfg.optimizer == "sgd")
-    elif cfg.schedule == "constant":
-        # chainable schedulers (unlike LambdaLR) keep the cuts ReduceLROnPlateau makes to the lr
-        warmup = int(max(1, steps) * cfg.warmup_frac)
-        if warmup > 1:  # the same ramp as lr_factor: (step + 1) / warmup
-            sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1)
-        else:
-            sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    else:  # cosine, step
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, functools.partial(lr_factor, total_steps=max(1, steps), warmup_frac=cfg.warmup_frac,
-                                   shape=cfg.schedule))
-    return opt, sched
+        return S.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total,
+                            pct_start=pct, cycle_momentum=cfg.optimizer == "sgd")
+    w = warmup_steps(total, cfg.warmup_frac)
+    w = w if w > 1 else 0  # one warm-up step would start at the peak anyway
+    main = {"cosine": lambda: S.CosineAnnealingLR(opt, T_max=max(1, total - w)),
+            "step": lambda: S.MultiStepLR(opt, [math.ceil(m * total) - w for m in STEP_MILESTONES], 0.1),
+            "constant": lambda: None}[cfg.schedule]()
+    if not w:
+        return main or S.ConstantLR(opt, factor=1.0, total_iters=0)
+    warm = S.LinearLR(opt, start_factor=1 / w, total_iters=w - 1)
+    return warm if main is None else S.SequentialLR(opt, [warm, main], milestones=[w])
 
 
 def build_plateau(opt: torch.optim.Optimizer, cfg: TrialConfig

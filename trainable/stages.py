@@ -8,7 +8,6 @@ learning rates are discriminative: the head gets the stage's lr, the top unfroze
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from trainable.config import TrialConfig
@@ -46,19 +45,3 @@ def block_lr_scales(stage: Stage, n_blocks: int) -> list[float]:
 
 
 STEP_MILESTONES = (0.3, 0.6, 0.9)  # BiT-HyperRule: lr x0.1 at 30, 60 and 90 % of training (Kolesnikov et al. 2020)
-
-
-def lr_factor(step: int, total_steps: int, warmup_frac: float, decay: bool = True,
-              shape: str = "cosine") -> float:
-    """Linear warmup, then cosine decay to 0 (`shape` "cosine") or x0.1 steps at
-    STEP_MILESTONES of the stage (`shape` "step"), or flat without `decay`; a multiple of the
-    stage's peak lr."""
-    warmup = int(total_steps * warmup_frac)
-    if step < warmup:
-        return (step + 1) / warmup
-    if not decay:
-        return 1.0
-    if shape == "step":
-        return 0.1 ** sum(step >= m * total_steps for m in STEP_MILESTONES)
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
