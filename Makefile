@@ -26,7 +26,7 @@ app: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(ARGS)
 
-# the search against the hand-made recipes at equal budget (~45 min on 2 CPU cores); writes BENCHMARKS.md
+# the search against the hand-made recipes at equal budget (~45 min on 2 CPU cores); prints its table for BENCHMARKS.md
 duel: $(STAMP)
 	$(PY) benchmarks/duel.py $(ARGS)
 

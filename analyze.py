@@ -35,7 +35,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def analyze(args: argparse.Namespace) -> Path:
-    from search.export import export_best, leaderboard, load_trials, read_best_config, read_settings
+    from analysis.experiment import (
+        export_best,
+        leaderboard,
+        load_trials,
+        read_best_config,
+        read_settings,
+    )
     from search.storage import is_uri
     if is_uri(args.experiment):
         return _analyze_cloud(args)
@@ -56,7 +62,7 @@ def analyze(args: argparse.Namespace) -> Path:
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
     if not names and (args.set or args.epochs_scale != 1):
         raise UserError("--set and --epochs-scale apply to --baselines recipes: add --baselines NAME[,NAME...]")
-    from trainable.baselines import baseline_configs
+    from analysis.baselines import baseline_configs
     baselines = baseline_configs(names, args.set, {"weights_dir": config["weights_dir"], "seed": config["seed"]},
                                  args.epochs_scale) if names else {}  # all checked before any training
     if args.no_retrain and not baselines:
@@ -67,7 +73,7 @@ def analyze(args: argparse.Namespace) -> Path:
                               val_fraction=float(settings.get("val_fraction", 0.1)))
     _limit_cpu_memory()
     if not args.no_retrain:
-        from trainable.final import retrain_and_test
+        from analysis.final import retrain_and_test
         from trainable.config import TrialConfig
         planned = TrialConfig.from_dict(config).total_epochs
         if cut is not None:
@@ -86,8 +92,16 @@ def analyze(args: argparse.Namespace) -> Path:
 def _analyze_cloud(args: argparse.Namespace) -> Path:
     """analyze.py s3://BUCKET/runs/NAME: the experiment's files but its checkpoints (the retrain needs
     none) fetched into a local folder, analyzed there, and its analysis/ uploaded back to the URI."""
-    from search.storage import (check_reachable, check_uri, download, join, mirror_dir, redact,
-                                results_only, upload)
+    from search.storage import (
+        check_reachable,
+        check_uri,
+        download,
+        join,
+        mirror_dir,
+        redact,
+        results_only,
+        upload,
+    )
     what = "analyze.py"
     uri = check_uri(args.experiment, what=what)
     check_reachable(uri, write=False, what=what)
@@ -148,8 +162,8 @@ def _limit_cpu_memory() -> None:
 def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data, out: Path) -> None:
     import json
 
+    from analysis.baselines import comparison_rows, run_baseline, save_comparison
     from report.comparison import text_table
-    from trainable.baselines import comparison_rows, run_baseline, save_comparison
     from trainable.config import TrialConfig
 
     results = {}

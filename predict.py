@@ -36,7 +36,7 @@ def load_model(path: str | Path) -> Model:
     import pickle
     import zipfile
 
-    from trainable.final import load_trained
+    from analysis.final import load_trained
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"model {p} not found: pass the analysis/model.pt that analyze.py wrote")

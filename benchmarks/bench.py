@@ -1,19 +1,18 @@
-"""python benchmarks/bench.py [--quick] [--out BENCHMARKS.md]: is the search spending its compute
-on the model? One run measures, side by side, and prints one table of ratios:
+"""python benchmarks/bench.py [--quick] [--sections 1,2,...]: is the search spending its compute on
+the model? Prints one markdown table of ratios and how each was measured (paste it into
+BENCHMARKS.md):
 
-  1. trial overhead      a real trial through Ray Tune vs the machine's ceiling (the model-only
-                         loop in the fastest layout and thread count), 32 and 128 px; and a
-                         1-CPU vs a 2-CPU trial
-  2. pipeline headroom   on-device augmentation alone vs the model's training step, 32/96/224 px
-  3. vs the usual way    our pipeline vs a torchvision DataLoader over PIL images (workers = cores)
-  4. memory              whole-search PSS with 1 vs 2 concurrent trials on the full training file
-  5. search efficiency   the same 12 configs under ASHA and FIFO: epochs, wall, best val_acc
+  1. trial overhead      a real trial (run_search.py) vs the ceiling: the model's own forward +
+                         backward + step on a fixed batch and its forward pass, nothing else;
+                         32 and 128 px; and a 1-CPU vs a 2-CPU trial
+  2. pipeline headroom   the trial's per-batch data work alone vs the model's training step
+  3. vs the usual way    that data work vs a torchvision DataLoader over PIL images (workers = cores)
+  4. memory              whole-search PSS (psutil) with 1 vs 2 concurrent trials on the full file
+  5. search efficiency   the same seeded random configs under ASHA and FIFO: epochs, wall, best val_acc
   6. stage cost          step time of stage 1 (head only) vs stage 2 vs all layers
 
-Runs on the CPU here (and on the GPU where there is one). --quick shrinks every part (~3 min).
-The full run writes BENCHMARKS.md (the generated block only: text outside the
-<!-- bench:begin/end --> markers is kept). Absolute numbers vary between runs on a shared
-machine; ratios of contenders timed in alternation are the figures to read.
+Timings use torch.utils.benchmark.Timer; contenders timed in the same process alternate. --quick
+shrinks every part (a smoke run, not a record).
 """
 from __future__ import annotations
 
@@ -21,667 +20,523 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import searches  # noqa: E402
-from benchmarks.searches import MiB  # noqa: E402
-from benchmarks.markdown import replace_block  # noqa: E402
+import torch  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-SECTIONS = ("1", "2", "3", "4", "5", "6")
+from benchmarks.common import (BACKBONE, DATA, WEIGHTS, MiB, alternate, machine, make_bench,  # noqa: E402
+                               md_table, model_fn, per_call, rate, run_cli, step)
 
-
-@dataclass(frozen=True)
-class Scale:
-    """Every size the benchmark uses; FULL for the record, QUICK to check it runs."""
-    # 1. trial overhead
-    overhead_subset: int  # images per class (the split leaves 90 % for training)
-    overhead_sizes: tuple[int, ...]  # input sizes (px), one trial and one ceiling bracket each
-    overhead_batch: int
-    overhead_stage2_epochs: int  # epochs timed (all layers trainable); stage 1 runs before
-    bare_epochs_each_side: dict  # input size -> ceiling epochs per thread count, before and after
-    # 2/3. pipelines
-    sizes: tuple[int, ...]
-    batch: int
-    headroom_rounds: dict  # input size -> rounds
-    pipe_batches: int  # batches per pipeline call
-    dl_batches: int  # batches per DataLoader call (a fresh iterator each)
-    dl_rounds: int
-    # 4. memory
-    mem_input: int
-    mem_batch: int
-    mem_timebox: float  # s each trial worker lives before the search is stopped
-    mem_control_subset: int | None  # None: skip the control runs
-    # 5. ASHA vs FIFO
-    search_samples: int
-    search_subset: int
-    search_val_fraction: float
-    search_max_epochs: int | None  # None: the tiny space's own budget (4)
-    search_sets: dict
-    # 6. stage cost
-    stage_input: int
-    stage_batch: int
-    stage_rounds: int
-
-
-FULL = Scale(overhead_subset=20, overhead_sizes=(32, 128), overhead_batch=64, overhead_stage2_epochs=3,
-             bare_epochs_each_side={32: 2, 128: 1},
-             sizes=(32, 96, 224), batch=64, headroom_rounds={32: 3, 96: 3, 224: 2}, pipe_batches=10,
-             dl_batches=10, dl_rounds=2,
-             mem_input=16, mem_batch=256, mem_timebox=40.0, mem_control_subset=50,
-             search_samples=12, search_subset=10, search_val_fraction=0.2, search_max_epochs=None,
-             search_sets={},
-             stage_input=96, stage_batch=64, stage_rounds=3)
-QUICK = Scale(overhead_subset=5, overhead_sizes=(32, 64), overhead_batch=32, overhead_stage2_epochs=1,
-              bare_epochs_each_side={32: 1, 64: 1},
-              sizes=(32, 96, 224), batch=16, headroom_rounds={32: 2, 96: 2, 224: 1}, pipe_batches=4,
-              dl_batches=4, dl_rounds=1,
-              mem_input=16, mem_batch=256, mem_timebox=8.0, mem_control_subset=None,
-              search_samples=4, search_subset=2, search_val_fraction=0.5, search_max_epochs=2,
-              search_sets={"input_size": 32, "batch_size": 32},
-              stage_input=96, stage_batch=16, stage_rounds=2)
-
-
-@dataclass
-class Row:
-    section: str
-    what: str
-    ours: str
-    baseline: str
-    ratio: str
-    target: str = "—"
-    met: str = "—"
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    details: dict[str, list[str]] = field(default_factory=dict)
-    raw: dict = field(default_factory=dict)
-
-    def add(self, *a, **k) -> None:
-        self.rows.append(Row(*a, **k))
-
-    def note(self, section: str, text: str) -> None:
-        self.details.setdefault(section, []).append(text)
+FULL = dict(subset=20, overhead_sizes=(32, 128), overhead_batch=64, overhead_epochs=3, ceiling_s=5.0,
+            sizes=(32, 96, 224), batch=64, rounds=3, pipe_batches=10, call_s=1.0, dl_rounds=2, dl_batches=10,
+            mem_timebox=40.0, mem_control_subset=50, search_samples=12, search_subset=10,
+            search_val_fraction=0.2, search_max_epochs=None, search_sets={}, stage_input=96, stage_batch=64)
+QUICK = {**FULL, **dict(subset=5, overhead_sizes=(32, 64), overhead_batch=32, overhead_epochs=1, ceiling_s=0.3,
+                        batch=16, rounds=1, pipe_batches=4, call_s=0.05, dl_rounds=1, dl_batches=4,
+                        mem_timebox=8.0, mem_control_subset=None, search_samples=4, search_subset=2,
+                        search_val_fraction=0.5, search_max_epochs=2,
+                        search_sets={"input_size": 32, "batch_size": 32}, stage_batch=16)}
+TITLES = {"1": "Trial overhead", "2": "Pipeline headroom", "3": "Against the usual DataLoader",
+          "4": "Memory", "5": "Search efficiency (ASHA vs FIFO)", "6": "Stage cost"}
+HEAD = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
 
 
 def verdict(ok: bool) -> str:
     return "yes" if ok else "**NO**"
 
 
-def rate(v: float) -> str:
-    return f"{v:,.0f} img/s" if v >= 100 else f"{v:.1f} img/s"
-
-
-# ----------------------------------------------------------------------------- the sections
-
-
 class Context:
-    def __init__(self, args, scale: Scale, work: Path):
-        import torch
-        self.args, self.scale, self.work = args, scale, work
-        self.cores = os.cpu_count() or 1
-        self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        self.data_dir = str(Path(args.data_dir).resolve())
-        self.weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else ""
-        self._bench = None
-        self._data = None
+    def __init__(self, args, sc):
+        self.args, self.sc, self.work = args, sc, Path(args.work_dir)
+        self.rows, self.notes, self._data, self._bench = [], {}, None, None
+
+    def add(self, *row) -> None:
+        self.rows.append(list(row) + ["—"] * (len(HEAD) - len(row)))
+
+    def note(self, section: str, text: str) -> None:
+        self.notes.setdefault(section, []).append(text)
 
     def data(self):
-        """The overhead run's train/val split, also the images of the in-process measurements."""
         if self._data is None:
             from trainable.data import prepare_search_data
-            self._data = prepare_search_data(self.data_dir, subset=self.scale.overhead_subset,
-                                             val_fraction=0.1, seed=self.args.seed, download=False)
+            self._data = prepare_search_data(self.args.data_dir, subset=self.sc.subset, val_fraction=0.1,
+                                             seed=self.args.seed, download=False)
         return self._data
 
     def bench(self):
         if self._bench is None:
-            from benchmarks.micro import make_bench
-            self._bench = make_bench(self.data().train, self.weights_dir)
+            self._bench = make_bench(self.data().train, self.args.weights_dir)
         return self._bench
 
-    def search(self, name: str, *, samples: int, concurrent: int, scheduler: str = "fifo",
-               subset: int | None, max_epochs: int | None, sets: dict, extra: list[str] = (),
-               total: int | None = None, cpus: int | None = None, **kw) -> searches.SearchRun:
-        """A whole search through run_search.py; `cpus` per trial defaults to --threads."""
-        from tqdm import tqdm
-        args = searches.search_args(
-            data_dir=self.data_dir, weights_dir=self.weights_dir, storage=self.work / "runs",
-            name=name, samples=samples, concurrent=concurrent, cpus_per_trial=cpus or self.args.threads,
-            scheduler=scheduler, seed=self.args.seed, subset=subset, max_epochs=max_epochs,
-            sets=sets, gpus=self.gpus) + list(extra)
-        with tqdm(total=total, desc=f"  search {name}", unit="result", leave=False,
-                  disable=not sys.stdout.isatty()) as bar:
-            run = searches.run_search(args, exp=self.work / "runs" / name,
-                                      log=self.work / "logs" / f"{name}.log", progress=bar, **kw)
-        if run.returncode != 0 and not run.interrupted:
-            tail = run.log.read_text()[-2000:]
-            raise RuntimeError(f"search {name} failed (exit {run.returncode}); log {run.log}:\n{tail}")
-        return run
+    def search_args(self, name: str, *, samples: int, cpus: int, subset, max_epochs, sets: dict,
+                    concurrent: int = 1, scheduler: str = "fifo", extra: tuple = ()) -> list[str]:
+        """run_search.py's flags for one of the benchmark's searches (space tiny, lite0, no warm start)."""
+        a = self.args
+        args = ["--gpus", torch.cuda.device_count(), "--space", "tiny", "--backbones", BACKBONE,
+                "--warm-start", "none", "--num-samples", samples, "--max-concurrent", concurrent,
+                "--cpus-per-trial", cpus, "--scheduler", scheduler, "--seed", a.seed, "--data-dir", a.data_dir,
+                "--storage-path", self.work / "runs", "--name", name, *extra]
+        args += ["--weights-dir", a.weights_dir] if a.weights_dir else ["--no-pretrained"]
+        args += (["--subset", subset] if subset else []) + (["--max-epochs", max_epochs] if max_epochs else [])
+        return [str(x) for x in args + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
 
-    def ticker(self, total: int, desc: str):
-        from tqdm import tqdm
-        return tqdm(total=total, desc=f"  {desc}", leave=False, disable=not sys.stdout.isatty())
+    def search(self, name: str, watch=None, **kw) -> tuple[Path, float]:
+        """A whole search through run_search.py: (its experiment folder, its wall seconds)."""
+        print(f"  search {name} ...", flush=True)
+        wall = run_cli("run_search.py", self.search_args(name, **kw), self.work / "logs" / f"{name}.log",
+                       watch=watch, timeout=1800)
+        return self.work / "runs" / name, wall
 
 
-CEILING_LAYOUT = "channels_last"  # tf_efficientnet_lite0's faster layout on the CPU (benchmarks/layout.py)
+# ----------------------------------------------------------------------------- 1. trial overhead
+
+def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple[float, float]]:
+    """{threads: (seconds of one epoch's training steps, seconds of its evaluation pass)} at the
+    machine's limit: the model alone in channels_last (its faster layout, benchmarks/layout.py),
+    every layer trainable, forward + label-smoothed CE + backward + SGD step on one fixed batch, times
+    the trial's steps per epoch (loop.batching); plus the forward pass under inference_mode on a
+    fixed batch of the trial's eval_batch_size, times the validation images."""
+    from trainable.config import TrialConfig
+    from trainable.loop import batching
+    d, sc = ctx.data(), ctx.sc
+    bs, steps = batching(len(d.train), sc.overhead_batch)
+    b = make_bench(d.train, ctx.args.weights_dir, channels_last=True)
+    train = model_fn(b, size, bs)
+    eb = min(TrialConfig().eval_batch_size, len(d.val))
+    xe = b.prec.prepare(torch.randn(eb, 3, size, size, device=b.dev))
+
+    def forward():
+        with torch.inference_mode():
+            b.net(xe)
+    out = {}
+    for t in counts:
+        b.net.train()
+        t_step = per_call(train, t, sc.ceiling_s)
+        b.net.eval()
+        out[t] = (steps * t_step, per_call(forward, t, sc.ceiling_s / 4) * len(d.val) / eb)
+    return out
 
 
-def bare_process(ctx: Context, size: int, thread_counts: tuple[int, ...], epochs: int, tag: str) -> list[dict]:
-    """The ceiling: the bare loop (benchmarks/micro.py) in a process of its own, started like a
-    trial worker (own session, OMP_NUM_THREADS = the most threads it may use, set before torch
-    loads), in CEILING_LAYOUT, `epochs` epochs at each of `thread_counts` in turn."""
-    import subprocess
-    sc = ctx.scale
-    out = ctx.work / f"bare-{tag}.json"
-    (ctx.work / "logs").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "benchmarks" / "micro.py"), "--data-dir", ctx.data_dir,
-           "--weights-dir", ctx.weights_dir, "--out", str(out), "--subset", str(sc.overhead_subset),
-           "--input-size", str(size), "--batch-size", str(sc.overhead_batch),
-           "--seed", str(ctx.args.seed), "--epochs", str(epochs), "--layout", CEILING_LAYOUT,
-           "--threads", ",".join(map(str, thread_counts))]
-    with open(ctx.work / "logs" / f"bare-{tag}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": str(max(thread_counts))})
-        try:
-            rc = proc.wait(timeout=3600)
-        except BaseException:
-            proc.terminate()
-            proc.wait()
-            raise
-    if rc != 0:
-        raise RuntimeError(f"the bare loop failed (exit {rc}); see {ctx.work / 'logs' / f'bare-{tag}.log'}")
-    return json.loads(out.read_text())
-
-
-def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[list[dict], searches.SearchRun, object]:
-    """One Tune trial (1 head-only epoch, then all-trainable epochs) at `size` px with `cpus`
-    CPUs; returns its all-trainable (stage-2) result rows, the search run and the trial."""
-    from search.export import load_trials
-    sc = ctx.scale
-    e2 = sc.overhead_stage2_epochs
-    sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99,
-            "input_size": size, "batch_size": sc.overhead_batch, "aug_strength": 1.0}
-    run = ctx.search(f"overhead-{size}px-{cpus}cpu", samples=1, concurrent=1, subset=sc.overhead_subset,
-                     max_epochs=1 + e2, sets=sets, total=1 + e2, cpus=cpus)
-    (trial,) = load_trials(run.exp)
-    rows = [r for r in trial.results if r["epoch"] >= 2]  # stage 2: every layer trainable
-    if len(rows) != e2:
-        raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {run.log}")
-    return rows, run, trial
+def ceiling_rates(runs: list[dict[int, tuple[float, float]]], images: int) -> dict[int, dict]:
+    """Per thread count, over the ceiling runs given: img/s of the training steps and of the whole
+    epoch (training + evaluation), and the evaluation seconds."""
+    out = {}
+    for t in runs[0]:
+        train_s = sum(r[t][0] for r in runs) / len(runs)
+        eval_s = sum(r[t][1] for r in runs) / len(runs)
+        out[t] = {"train": images / train_s, "whole": images / (train_s + eval_s), "eval_s": eval_s}
+    return out
 
 
 def trial_rates(rows: list[dict]) -> dict:
-    """A trial's all-trainable epochs: whole-epoch img/s (Tune's time_this_iter_s: training,
-    evaluation, checkpoint, report) and training-steps img/s (the loop's own clock)."""
+    """A trial's timed epochs: whole-epoch img/s (Tune's time_this_iter_s: training, evaluation,
+    checkpoint, report) and training-steps img/s (the loop's own clock)."""
     imgs = sum(r["images_per_sec"] * r["train_seconds"] for r in rows)
     wall, train = sum(r["time_this_iter_s"] for r in rows), sum(r["train_seconds"] for r in rows)
     return {"whole": imgs / wall, "train": imgs / train, "images_per_epoch": imgs / len(rows),
             "other_s": (wall - train) / len(rows)}
 
 
-def ceiling_rates(bare: list[dict], thread_counts: tuple[int, ...]) -> dict:
-    """The bare loop's whole-epoch and train img/s per thread count over all its epochs, and the
-    fastest count by whole-epoch rate (the ceiling)."""
-    per = {}
-    for t in thread_counts:
-        es = [e for e in bare if e["threads"] == t]
-        train = sum(e["train_seconds"] for e in es)
-        wall = train + sum(e["eval_seconds"] for e in es)
-        n = sum(e["images"] for e in es)
-        per[t] = {"whole": n / wall, "train": n / train, "eval_s": (wall - train) / len(es)}
-    best = max(per, key=lambda t: per[t]["whole"])
-    return {"per_threads": per, "threads": best, **per[best]}
+def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, float]:
+    """One Tune trial: 1 head-only epoch, then all-trainable epochs (timed); its rates, the
+    search's wall time and the search's fixed cost (wall minus every epoch's time)."""
+    from analysis.experiment import load_trials
+    e2 = ctx.sc.overhead_epochs
+    sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99, "input_size": size,
+            "batch_size": ctx.sc.overhead_batch, "aug_strength": 1.0}
+    exp, wall = ctx.search(f"overhead-{size}px-{cpus}cpu", samples=1, cpus=cpus, subset=ctx.sc.subset,
+                           max_epochs=1 + e2, sets=sets)
+    (trial,) = load_trials(exp)
+    rows = [r for r in trial.results if r["epoch"] >= 2]
+    if len(rows) != e2:
+        raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {ctx.work / 'logs'}")
+    return trial_rates(rows), wall, wall - sum(r["time_this_iter_s"] for r in trial.results)
 
 
-def section_overhead(ctx: Context, rep: Report) -> None:
-    sc = ctx.scale
-    data = ctx.data()
-    cpus = ctx.args.overhead_cpus
-    counts = tuple(sorted({1, cpus}))  # the ceiling takes the faster of 1 thread and all the trial's CPUs
-    other = 1 if cpus > 1 else (2 if ctx.cores >= 2 else None)  # the thread-scaling partner
-    raw, size_notes = {}, []
+def section_overhead(ctx: Context) -> None:
+    sc, cpus = ctx.sc, ctx.args.overhead_cpus
+    counts = tuple(sorted({1, cpus}))  # the ceiling takes the faster of 1 thread and the trial's CPUs
+    other = 1 if cpus > 1 else (2 if (os.cpu_count() or 1) >= 2 else None)
+    n_train, n_val = len(ctx.data().train), len(ctx.data().val)
+    from trainable.loop import batching
+    bs, steps = batching(n_train, sc.overhead_batch)
     for i, size in enumerate(sc.overhead_sizes):
-        ep = sc.bare_epochs_each_side[size]
-        # ceiling, Tune trial, ceiling again: each alone on the machine (bar other people's work);
-        # the two ceiling runs bracket the trial, so drifting load shows as their spread
-        before = bare_process(ctx, size, counts, ep, f"{size}px-before")
-        rows, run, trial = overhead_trial(ctx, size, cpus)
-        after = bare_process(ctx, size, counts, ep, f"{size}px-after")
-        tr, ce = trial_rates(rows), ceiling_rates(before + after, counts)
-        ratio, loop_ratio = tr["whole"] / ce["whole"], tr["train"] / ce["train"]
-        rep.add("1", f"Trial overhead at {size} px: whole all-trainable epoch, Tune trial ({cpus} CPU(s)) / "
-                     f"ceiling (model-only loop, {CEILING_LAYOUT}, {ce['threads']} thread(s))",
-                rate(tr["whole"]), rate(ce["whole"]), f"{ratio:.3f}", "≥ 0.90", verdict(ratio >= 0.90))
-        rep.add("1", "  of which the training steps alone (in-loop clock / ceiling's train clock)",
-                rate(tr["train"]), rate(ce["train"]), f"{loop_ratio:.3f}")
-        b_side = {k: ceiling_rates(v, counts) for k, v in (("before", before), ("after", after))}
-        per_t = "; ".join(f"{t} thread(s) {rate(v['whole'])} (before {rate(b_side['before']['per_threads'][t]['whole'])}, "
-                          f"after {rate(b_side['after']['per_threads'][t]['whole'])})"
-                          for t, v in ce["per_threads"].items())
-        fixed = run.wall - sum(r["time_this_iter_s"] for r in trial.results)
-        size_notes.append(f"{size} px: ceiling whole-epoch rates by thread count: {per_t}. Per epoch besides "
-                          f"the training steps: Tune trial {tr['other_s']:.2f} s (evaluation + checkpoint + "
-                          f"report), ceiling {ce['eval_s']:.2f} s (evaluation only). The search's fixed cost "
-                          f"(Ray start, the worker's start, reading the data, building the model, shutdown): "
-                          f"{fixed:.0f} s of the {run.wall:.0f} s it took.")
-        raw[size] = {"trial_rows": rows, "bare_before": before, "bare_after": after, "search_wall": run.wall,
-                     "ratio": ratio, "loop_ratio": loop_ratio, "ceiling_threads": ce["threads"]}
-        if i == 0 and other is not None:
-            # the same trial with the other CPU count, bracketed by `after` and one more ceiling run
-            o_rows, o_run, _ = overhead_trial(ctx, size, other)
-            o_after = bare_process(ctx, size, (other,), ep, f"{size}px-after-{other}cpu")
-            o_tr = trial_rates(o_rows)
-            o_ce = ceiling_rates([e for e in after if e["threads"] == other] + o_after, (other,))
-            many, few = (tr, o_tr) if cpus > other else (o_tr, tr)
-            hi, lo = max(cpus, other), min(cpus, other)
-            scale = many["whole"] / few["whole"]
-            rep.add("1", f"Thread scaling at {size} px: whole all-trainable epoch, trial with "
-                         f"`--cpus-per-trial {hi}` / `--cpus-per-trial {lo}`",
-                    rate(many["whole"]), rate(few["whole"]), f"{scale:.2f}", "> 1", verdict(scale > 1))
-            rep.add("1", f"  the {other}-CPU trial / ceiling ({CEILING_LAYOUT}, {other} thread(s))",
-                    rate(o_tr["whole"]), rate(o_ce["whole"]), f"{o_tr['whole'] / o_ce['whole']:.3f}")
-            size_notes.append(f"Thread scaling: the {other}-CPU trial ran right after the {cpus}-CPU one's closing "
-                              f"ceiling run (not interleaved: a trial is a whole search), then one more ceiling "
-                              f"run at {other} thread(s) closed its own bracket. In-loop (training steps only): "
-                              f"{hi} CPU(s) {rate(many['train'])}, {lo} CPU(s) {rate(few['train'])}.")
-            raw["thread_scaling"] = {"other_cpus": other, "trial_rows": o_rows, "bare_after": o_after,
-                                     "search_wall": o_run.wall, "ratio": scale}
-    n_train, n_val = len(data.train), len(data.val)
-    e2 = sc.overhead_stage2_epochs
-    rep.note("1", f"Data: `--subset {sc.overhead_subset}` of the stand-in: {n_train} training images "
-                  f"({n_train - n_train % sc.overhead_batch} per epoch after the ragged last batch is "
-                  f"dropped), {n_val} validation images; tf_efficientnet_lite0, batch "
-                  f"{sc.overhead_batch}; the trial gets `--cpus-per-trial {cpus}` (Ray sets its "
-                  f"OMP_NUM_THREADS and the trial its torch threads to match).")
-    rep.note("1", f"Tune trial: `run_search.py --num-samples 1 --scheduler fifo` with every hyper-parameter "
-                  f"fixed by `--set` (stage 1: 1 epoch head only, then {e2} stage-2 epoch(s) with "
-                  f"`unfreeze_depth=99` = every layer trainable, aug_strength 1, no mixup), the model in "
-                  f"the layout the trial picks (loop.Precision.for_device). Timed: the stage-2 epochs, by "
-                  f"Tune's `time_this_iter_s` = the trial worker's wall clock from one `tune.report` call "
-                  f"to the next, so each epoch's figure holds the training steps (DeviceAugment at "
-                  f"strength 1, forward, backward, SGD, lr schedule), the evaluation pass, the "
-                  f"`torch.save` checkpoint, Tune persisting it to the experiment folder and the "
-                  f"hand-shake with the driver. Not in it: the search's fixed cost (below).")
-    rep.note("1", f"Ceiling (benchmarks/micro.py `BareLoop`, no Ray): the fastest way this machine runs the "
-                  f"same model on the same images, batch and input size: every layer trainable, SGD "
-                  f"Nesterov, label-smoothed CE, the model and batches in {CEILING_LAYOUT} (the faster "
-                  f"layout for this backbone by benchmarks/layout.py, chosen here independently of the "
-                  f"trial's code), at each of {' and '.join(map(str, counts))} torch thread(s) in turn, "
-                  f"the faster of them taken; per batch only slice, float, resize, normalise (no "
-                  f"augmentation, no lr schedule), then the same evaluation pass over the {n_val} "
-                  f"validation images; no report, no checkpoint; 10 untimed warm-up steps per thread "
-                  f"count. It runs in a process of its own started like the trial's worker (own session, "
-                  f"OMP_NUM_THREADS={max(counts)}), "
-                  + ", ".join(f"{sc.bare_epochs_each_side[s]} epoch(s) per thread count at {s} px" for s in sc.overhead_sizes)
-                  + " right before the Tune search and as many right after it, each contender alone "
-                    "(their spread is the drift of the machine's load). The trial's augmentation is "
-                    "work the ceiling does not do, so the ratio charges it to the trial.")
-    for n in size_notes:
-        rep.note("1", n)
-    rep.raw["overhead"] = raw
+        before = ceiling(ctx, size, counts)  # the two ceiling runs bracket the trial: their spread is the drift
+        tr, wall, fixed = overhead_trial(ctx, size, cpus)
+        after = ceiling(ctx, size, counts)
+        per = ceiling_rates([before, after], bs * steps)
+        t_best = max(per, key=lambda t: per[t]["whole"])
+        ce = per[t_best]
+        ctx.add("1", f"Trial overhead at {size} px: whole all-trainable epoch, Tune trial ({cpus} CPU(s)) / ceiling "
+                     f"(the model alone, channels_last, {t_best} thread(s))", rate(tr["whole"]) + " img/s",
+                rate(ce["whole"]) + " img/s", f"{tr['whole'] / ce['whole']:.3f}", "≥ 0.90",
+                verdict(tr["whole"] >= 0.9 * ce["whole"]))
+        ctx.add("1", "  of which the training steps alone (in-loop clock / ceiling's training steps)",
+                rate(tr["train"]) + " img/s", rate(ce["train"]) + " img/s", f"{tr['train'] / ce['train']:.3f}")
+        b_, a_ = ceiling_rates([before], bs * steps), ceiling_rates([after], bs * steps)
+        ctx.note("1", f"{size} px: ceiling whole-epoch rates by thread count: " + "; ".join(
+            f"{t} thread(s) {rate(v['whole'])} img/s (before {rate(b_[t]['whole'])}, after {rate(a_[t]['whole'])})"
+            for t, v in per.items()) + f". Per epoch besides the training steps: Tune trial {tr['other_s']:.2f} s "
+            f"(evaluation + checkpoint + report), ceiling {ce['eval_s']:.2f} s (forward passes only). The "
+            f"search's fixed cost (Ray start, the worker's start, reading the data, building the model, "
+            f"shutdown): {fixed:.0f} s of the {wall:.0f} s it took.")
+        if i == 0 and other is not None:  # thread scaling: the same trial with the other CPU count
+            o_tr, _, _ = overhead_trial(ctx, size, other)
+            o_ce = ceiling_rates(([{other: after[other]}] if other in after else []) + [ceiling(ctx, size, (other,))],
+                                 bs * steps)[other]
+            (hi, many), (lo, few) = sorted([(cpus, tr), (other, o_tr)], key=lambda p: p[0], reverse=True)
+            ctx.add("1", f"Thread scaling at {size} px: whole all-trainable epoch, trial with `--cpus-per-trial "
+                         f"{hi}` / `--cpus-per-trial {lo}`", rate(many["whole"]) + " img/s",
+                    rate(few["whole"]) + " img/s", f"{many['whole'] / few['whole']:.2f}", "> 1",
+                    verdict(many["whole"] > few["whole"]))
+            ctx.add("1", f"  the {other}-CPU trial / ceiling (channels_last, {other} thread(s))",
+                    rate(o_tr["whole"]) + " img/s", rate(o_ce["whole"]) + " img/s",
+                    f"{o_tr['whole'] / o_ce['whole']:.3f}")
+            ctx.note("1", f"Thread scaling: the {other}-CPU trial ran right after the {cpus}-CPU one's closing "
+                          f"ceiling run, then one more {other}-thread ceiling run closed its bracket. In-loop "
+                          f"(training steps only): {hi} CPU(s) {rate(many['train'])} img/s, {lo} CPU(s) "
+                          f"{rate(few['train'])} img/s.")
+    ctx.note("1", f"Data: `--subset {sc.subset}`: {n_train} training images ({steps} batches of {bs} an epoch, "
+                  f"loop.batching), {n_val} validation images; {BACKBONE}. Tune trial: `run_search.py --space tiny "
+                  f"--warm-start none --num-samples 1 --scheduler fifo --cpus-per-trial {cpus}`, `--set stages=2 "
+                  f"stage1_epochs=1 stage2_epochs={sc.overhead_epochs} unfreeze_depth=99 aug_strength=1`, in the "
+                  f"trial's layout; timed: its all-trainable epochs by Tune's `time_this_iter_s` (training, "
+                  f"evaluation, checkpoint, report), the in-loop rate by its own `train_seconds`.")
+    ctx.note("1", f"Ceiling (`bench.ceiling`, torch's Timer, no Ray): the model alone in channels_last, every layer "
+                  f"trainable, forward + label-smoothed CE + backward + SGD step on one fixed batch of {bs} times "
+                  f"{steps} steps, plus inference_mode forward passes of a fixed batch scaled to the {n_val} "
+                  f"validation images; no data work, lr schedule, report or checkpoint. At "
+                  f"{' and '.join(map(str, counts))} thread(s), >= {sc.ceiling_s:g} s of steps each, right before "
+                  f"and after the trial; the faster thread count is taken.")
 
 
-def section_headroom(ctx: Context, rep: Report) -> None:
-    from benchmarks.micro import headroom, threads
-    sc = ctx.scale
-    b = ctx.bench()
-    out = []
+# ----------------------------------------------------------------------------- 2 + 3. pipelines
+
+MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
+
+
+def pipeline_fn(b, size: int, bs: int, batches: int):
+    """The trial's per-batch data work (as loop.train_epoch does it): a random index slice of the
+    on-device uint8 images, DeviceAugment at aug_strength 1, loop.mix_batch (timm Mixup/CutMix),
+    Precision.prepare; `batches` batches per call."""
+    from trainable.augment import DeviceAugment, aug_policy
+    from trainable.loop import coarse_matrix, make_mixup, mix_batch
+    aug, mix = DeviceAugment(aug_policy(1.0), size, b.mean, b.std), make_mixup(*MIXUP)
+    f2c, g, mg = coarse_matrix(b.fine, b.coarse), torch.Generator(b.dev).manual_seed(1), torch.Generator().manual_seed(1)
+    n = b.x.shape[0]
+
+    def run() -> int:
+        perm = torch.randperm(n, device=b.dev, generator=g)
+        for i in range(batches):
+            idx = perm[(i * bs) % (n - bs + 1):][:bs]
+            b.prec.prepare(mix_batch(mix, aug(b.x[idx], g), b.fine[idx], f2c, mg)[0])
+        return batches * bs
+    return run
+
+
+def section_headroom(ctx: Context) -> None:
+    sc, b, t = ctx.sc, ctx.bench(), ctx.args.threads
     for size in sc.sizes:
-        rounds = sc.headroom_rounds[size]
-        with ctx.ticker(2 * rounds, f"headroom {size} px") as t, threads(ctx.args.threads):
-            r = headroom(b, size, sc.batch, rounds, sc.pipe_batches, tick=t.update)
-        out.append(r)
-        rep.add("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step",
-                rate(r["pipeline"]["rate"]), rate(r["model"]["rate"]), f"{r['ratio']:.1f}",
-                "≥ 5", verdict(r["ratio"] >= 5))
-    dev = b.dev.type
-    rep.note("2", f"Batch {sc.batch}, {ctx.args.threads} torch thread(s), device {dev}; the two contenders "
-                  f"alternate ({', '.join(f'{s} px: {sc.headroom_rounds[s]}' for s in sc.sizes)} rounds "
-                  f"after an untimed warm-up call each).")
-    rep.note("2", f"Pipeline = what the trial's loop does per batch before the forward pass: a random index "
-                  f"slice of the uint8 images already on the device, DeviceAugment at aug_strength 1 (one "
-                  f"affine_grid/grid_sample pass for resize+flip+rotate+translate+zoom, colour jitter, "
-                  f"erasing, normalisation) and timm Mixup/CutMix (alpha 0.8/1.0); {sc.pipe_batches} "
-                  f"batches per timed call. Model = forward + label-smoothed CE + backward + SGD step of "
-                  f"tf_efficientnet_lite0 with every layer trainable, on one fixed pre-augmented batch, "
-                  f"in the layout a trial uses ({'channels_last' if b.prec.channels_last else 'contiguous'}).")
-    rep.raw["headroom"] = out
+        s = alternate({"pipe": pipeline_fn(b, size, sc.batch, sc.pipe_batches), "model": model_fn(b, size, sc.batch)},
+                      sc.rounds, t, sc.call_s)
+        pipe, model = sc.pipe_batches * sc.batch / s["pipe"], sc.batch / s["model"]
+        ctx.add("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step", rate(pipe) + " img/s",
+                rate(model) + " img/s", f"{pipe / model:.1f}", "≥ 5", verdict(pipe >= 5 * model))
+    ctx.note("2", f"Batch {sc.batch}, {t} torch thread(s), {b.dev.type}; the contenders alternate for {sc.rounds} "
+                  f"round(s) of torch's Timer (a warm-up call, then >= {sc.call_s:g} s of calls). Pipeline = "
+                  f"`bench.pipeline_fn` ({sc.pipe_batches} batches a call); model = `common.model_fn`, forward + "
+                  f"label-smoothed CE + backward + SGD step of {BACKBONE} on one fixed batch, in the trial's layout.")
 
 
-def section_dataloader(ctx: Context, rep: Report) -> None:
-    from benchmarks.micro import threads, vs_dataloader
-    sc = ctx.scale
-    b = ctx.bench()
-    workers = ctx.cores
-    out = []
+class PILSet(torch.utils.data.Dataset):
+    """torchvision's CIFAR pattern: HWC uint8 rows, one PIL image per item."""
+
+    def __init__(self, split, transform):
+        self.data, self.labels, self.transform = split.images.transpose(0, 2, 3, 1).copy(), split.fine, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.data[i])), int(self.labels[i])
+
+
+def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, std, dev):
+    """The usual way at aug_strength 1's amplitudes, cheapest order for PIL (geometry and colour at
+    32 px, then one resize); a fresh iterator per call (workers start, as at every epoch without
+    persistent_workers); timm Mixup on each batch in the main process."""
+    from torchvision import transforms as T
+
+    from trainable.loop import make_mixup
+    tf = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
+                    T.ColorJitter(0.4, 0.4, 0.4), T.Resize(size, antialias=True), T.ToTensor(), T.Normalize(mean, std),
+                    T.RandomErasing(p=0.25, scale=(0.02, 0.2), value=0)])
+    loader = torch.utils.data.DataLoader(PILSet(split, tf), batch_size=bs, shuffle=True, drop_last=True,
+                                         num_workers=workers, generator=torch.Generator().manual_seed(2))
+    mix = make_mixup(*MIXUP)
+
+    def run() -> int:
+        it = iter(loader)
+        for _ in range(batches):
+            xb, yb = next(it)
+            mix(xb.to(dev), yb.to(dev))
+        del it  # shuts the workers down: nothing runs in the background of the next timing
+        return batches * bs
+    return run
+
+
+def section_dataloader(ctx: Context) -> None:
+    sc, b, t, workers = ctx.sc, ctx.bench(), ctx.args.threads, os.cpu_count() or 1
     for size in sc.sizes:
-        with ctx.ticker(2 * sc.dl_rounds, f"DataLoader {size} px") as t, threads(ctx.args.threads):
-            r = vs_dataloader(b, ctx.data().train, size, sc.batch, sc.dl_rounds, sc.dl_batches,
-                              workers, tick=t.update)
-        out.append(r)
-        target = size == max(sc.sizes)
-        rep.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
-                rate(r["ours"]["rate"]), rate(r["dataloader"]["rate"]), f"{r['ratio']:.2f}×",
-                "≥ 10× at 224" if target else "(info)", verdict(r["ratio"] >= 10) if target else "—")
-    rep.note("3", f"The DataLoader gets num_workers = {workers} (the cores) worker processes; our pipeline "
-                  f"runs in the one process on {ctx.args.threads} torch thread(s), a trial's share with "
-                  f"`--cpus-per-trial {ctx.args.threads}`. That favours the DataLoader; it is also the "
-                  f"robust choice on a shared machine, where two OpenMP threads on two busy cores stall at "
-                  f"every parallel region. Batch {sc.batch}, "
-                  f"{sc.dl_batches} batches per timed call, {sc.dl_rounds} alternating round(s).")
-    rep.note("3", "DataLoader baseline: torchvision's CIFAR pattern (HWC uint8 rows, `Image.fromarray` per "
-                  "item) with RandomHorizontalFlip, RandomAffine(15°, translate 0.125, scale 0.8-1.2), "
-                  "ColorJitter(0.4, 0.4, 0.4), Resize(size), ToTensor, Normalize, RandomErasing(p 0.25, "
-                  "area 0.02-0.2), default collate, then the same timm Mixup on each batch in the main "
-                  "process. Geometry and colour run on the 32 px image before the one Resize, the cheapest "
-                  "order for PIL. Each timed call starts a fresh iterator, so worker start-up is included "
-                  "(as at every epoch without persistent_workers) and no worker prefetches in the "
-                  "background while our side is being timed.")
-    rep.raw["dataloader"] = out
+        s = alternate({"ours": pipeline_fn(b, size, sc.batch, sc.dl_batches),
+                       "dl": dataloader_fn(ctx.data().train, size, sc.batch, sc.dl_batches, workers, b.mean, b.std,
+                                           b.dev)}, sc.dl_rounds, t, 0.0)
+        ratio = s["dl"] / s["ours"]
+        last = size == max(sc.sizes)
+        ctx.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
+                rate(sc.dl_batches * sc.batch / s["ours"]) + " img/s", rate(sc.dl_batches * sc.batch / s["dl"]) + " img/s",
+                f"{ratio:.2f}×", "≥ 10× at 224" if last else "(info)", verdict(ratio >= 10) if last else "—")
+    ctx.note("3", f"DataLoader (`bench.dataloader_fn`) with num_workers = {workers} (the cores) against our pipeline "
+                  f"(`bench.pipeline_fn`) on {t} torch thread(s), a trial's share with `--cpus-per-trial {t}`; batch "
+                  f"{sc.batch}, {sc.dl_batches} batches a call, {sc.dl_rounds} alternating round(s) of torch's "
+                  f"Timer (a warm-up call and a timed call each turn).")
 
 
-def _dataset_mib(data_dir: str, seed: int) -> tuple[float, int]:
+# ----------------------------------------------------------------------------- 4. memory
+
+class TreeMemory:
+    """run_cli's watcher: each second, psutil's memory_full_info() summed over the search's process
+    tree (driver, Ray's processes, trial workers), keeping the peaks; True (stop the search) once
+    `workers` trial workers have each lived `timebox` s."""
+
+    def __init__(self, timebox: float, workers: int):
+        self.timebox, self.workers, self.seen = timebox, workers, {}
+        self.pss = self.rss = self.uss = self.plasma_rss = self.plasma_pss = 0
+        self.parts, self.at_peak, self.max_workers, self.samples = {}, 0, 0, 0
+
+    def __call__(self, proc) -> bool:
+        import psutil
+        try:
+            root = psutil.Process(proc.pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:  # the search has just ended
+            return False
+        tot, parts, workers = {"pss": 0, "rss": 0, "uss": 0}, {"driver": 0, "trial workers": 0, "ray system": 0}, 0
+        for p in procs:
+            try:
+                m, worker = p.memory_full_info(), "ImplicitFunc" in p.name()  # Ray's title of a trial's actor
+                plasma = [x for x in p.memory_maps() if "plasma" in x.path] if worker else []
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            for k in tot:
+                tot[k] += getattr(m, k)
+            parts["driver" if p.pid == root.pid else "trial workers" if worker else "ray system"] += m.pss
+            if worker:
+                workers += 1
+                self.seen.setdefault(p.pid, time.monotonic())
+                self.plasma_rss = max(self.plasma_rss, sum(x.rss for x in plasma))
+                self.plasma_pss = max(self.plasma_pss, sum(x.pss for x in plasma))
+        self.samples += 1
+        self.max_workers = max(self.max_workers, workers)
+        self.rss, self.uss = max(self.rss, tot["rss"]), max(self.uss, tot["uss"])
+        if tot["pss"] > self.pss:
+            self.pss, self.parts, self.at_peak = tot["pss"], parts, workers
+        now = time.monotonic()
+        return len(self.seen) >= self.workers and all(now - t >= self.timebox for t in self.seen.values())
+
+
+def section_memory(ctx: Context) -> None:
     from trainable.data import prepare_search_data
-    d = prepare_search_data(data_dir, subset=None, val_fraction=0.1, seed=seed, download=False)
-    nbytes = sum(a.nbytes for s in (d.train, d.val) for a in (s.images, s.fine, s.coarse))
-    return nbytes / MiB, len(d.train) + len(d.val)
-
-
-def section_memory(ctx: Context, rep: Report) -> None:
-    sc = ctx.scale
-    data_mib, n_images = _dataset_mib(ctx.data_dir, ctx.args.seed)
-    # Every trial stays in stage 1 (head only) for the whole time box, on both datasets, so the
-    # full-data and control trials are in the same phase when their memory peaks.
-    sets = {"input_size": sc.mem_input, "batch_size": sc.mem_batch, "stages": 2,
-            "stage1_epochs": 50, "stage2_epochs": 1}
-    runs = {}
-    variants = [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else [])
-    for label, subset in variants:
-        for conc in (1, 2):
-            name = f"memory-{label}-{conc}"
-            runs[(label, conc)] = ctx.search(
-                name, samples=conc, concurrent=conc, subset=subset,
-                max_epochs=51, sets=sets, memory=True,
-                timebox=sc.mem_timebox, expect_workers=conc, timeout=600)
-    m = {k: r.memory for k, r in runs.items()}
-    for (label, conc), mm in m.items():
-        if mm.max_concurrent_workers < conc:
-            rep.note("4", f"WARNING: run {label}/{conc} never had {conc} trial workers alive at once "
-                          f"(saw {mm.max_concurrent_workers}); its figure is not a concurrent one.")
-    extra = (m[("full", 2)].pss - m[("full", 1)].pss) / MiB
-    rep.add("4", "Memory: peak PSS of the whole search, 2 concurrent trials vs 1",
-            f"{m[('full', 2)].pss / MiB:,.0f} MiB", f"{m[('full', 1)].pss / MiB:,.0f} MiB",
-            f"+{extra:,.0f} MiB = {extra / data_mib:.2f} × dataset", "< 0.33 × dataset",
+    sc, cpus = ctx.sc, ctx.args.threads
+    d = prepare_search_data(ctx.args.data_dir, subset=None, val_fraction=0.1, seed=ctx.args.seed, download=False)
+    data_mib = sum(a.nbytes for s in (d.train, d.val) for a in (s.images, s.fine, s.coarse)) / MiB
+    n_images = len(d.train) + len(d.val)
+    del d
+    # every trial stays in stage 1 (head only) for the whole time box, on both datasets
+    sets = {"input_size": 16, "batch_size": 256, "stages": 2, "stage1_epochs": 50, "stage2_epochs": 1}
+    m = {}
+    for label, subset in [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else []):
+        for n in (1, 2):
+            m[label, n] = TreeMemory(sc.mem_timebox, n)
+            ctx.search(f"memory-{label}-{n}", samples=n, concurrent=n, cpus=cpus, subset=subset, max_epochs=51,
+                       sets=sets, watch=m[label, n])
+            if m[label, n].max_workers < n:
+                ctx.note("4", f"WARNING: run {label}/{n} never had {n} trial workers alive at once.")
+    f1, f2 = m["full", 1], m["full", 2]
+    extra = (f2.pss - f1.pss) / MiB
+    ctx.add("4", "Memory: peak PSS of the whole search, 2 concurrent trials vs 1", f"{f2.pss / MiB:,.0f} MiB",
+            f"{f1.pss / MiB:,.0f} MiB", f"+{extra:,.0f} MiB = {extra / data_mib:.2f} × dataset", "< 0.33 × dataset",
             verdict(extra < data_mib / 3))
     if ("control", 2) in m:
-        c_extra = (m[("control", 2)].pss - m[("control", 1)].pss) / MiB
-        data_part = extra - c_extra
-        rep.add("4", f"  of which due to the data (minus the same pair on a {sc.mem_control_subset}/class subset)",
-                f"{data_part:+,.0f} MiB", f"dataset {data_mib:,.0f} MiB",
-                f"{data_part / data_mib:.2f} × dataset", "< 0.33 × dataset", verdict(data_part < data_mib / 3))
-    rss_extra = (m[("full", 2)].rss - m[("full", 1)].rss) / MiB
-    rep.add("4", "  peak RSS sum, 2 vs 1 (counts shared pages once per process)",
-            f"{m[('full', 2)].rss / MiB:,.0f} MiB", f"{m[('full', 1)].rss / MiB:,.0f} MiB",
-            f"+{rss_extra:,.0f} MiB")
-    f2 = m[("full", 2)]
-    rep.note("4", f"Dataset: the full stand-in training file split into train+val, {n_images} images: "
-                  f"uint8 images + int64 fine/coarse labels = {data_mib:.1f} MiB. Searches: "
-                  f"`run_search.py --num-samples N --max-concurrent N --cpus-per-trial {ctx.args.threads}` "
-                  f"(N = 1, 2), no --subset, " + " ".join(f"`--set {k}={v}`" for k, v in sets.items())
-                  + ": every trial stays in stage 1 (head only) throughout.")
-    rep.note("4", f"Memory is the sum over the search's whole process tree (driver, GCS, raylet, dashboard "
-                  f"and agents, every trial worker), sampled every second with psutil "
-                  f"`memory_full_info()`. PSS (proportional set size) counts a page shared by n processes "
-                  f"1/n in each, so the sum counts Ray's shared-memory object store (where the one copy of "
-                  f"the dataset lives) once; the RSS sum counts it again in every process that touched it "
-                  f"and overstates the total.")
-    rep.note("4", f"An epoch over 45,000 images is minutes long on this CPU, so each search is stopped like a "
-                  f"user's Ctrl-C once every trial worker has lived {sc.mem_timebox:.0f} s (start-up, the "
-                  f"data from the object store, the model, then training steps). A trial that copied the "
-                  f"dataset would show the whole copy at once; pages of the shared store count as they "
-                  f"are touched: one trial worker had up to {f2.worker_plasma_rss / MiB:.0f} MiB of the "
-                  f"object store resident (its PSS share {f2.worker_plasma_pss / MiB:.0f} MiB).")
-    for (label, conc), mm in m.items():
-        parts = ", ".join(f"{k} {v:,.0f}" for k, v in mm.at_pss_peak.items())
-        rep.note("4", f"{label}, {conc} trial(s): peak PSS {mm.pss / MiB:,.0f} MiB ({parts} MiB; "
-                      f"{mm.workers_at_pss_peak} trial worker(s) alive then), "
-                      f"peak RSS sum {mm.rss / MiB:,.0f} MiB, peak USS sum {mm.uss / MiB:,.0f} MiB, "
-                      f"{mm.samples} samples.")
-    if ("control", 2) in m:
-        rep.note("4", f"The second trial's own process (Python, torch, timm, the model, its activations "
-                      f"and optimiser state) costs memory however the data is shared; the control pair "
-                      f"(the same searches on `--subset {sc.mem_control_subset}`, "
-                      f"{sc.mem_control_subset * 100} images) measures that cost, "
-                      f"+{c_extra:,.0f} MiB, and the difference is what the data adds.")
-    rep.raw["memory"] = {f"{k[0]}-{k[1]}": v.__dict__ for k, v in m.items()} | {"dataset_mib": data_mib}
+        c_extra = (m["control", 2].pss - m["control", 1].pss) / MiB
+        ctx.add("4", f"  of which due to the data (minus the same pair on a {sc.mem_control_subset}/class subset)",
+                f"{extra - c_extra:+,.0f} MiB", f"dataset {data_mib:,.0f} MiB",
+                f"{(extra - c_extra) / data_mib:.2f} × dataset", "< 0.33 × dataset", verdict(extra - c_extra < data_mib / 3))
+        ctx.note("4", f"The control pair (the same searches on `--subset {sc.mem_control_subset}`) measures what a "
+                      f"second trial's own process costs however the data is shared: +{c_extra:,.0f} MiB.")
+    ctx.add("4", "  peak RSS sum, 2 vs 1 (counts shared pages once per process)", f"{f2.rss / MiB:,.0f} MiB",
+            f"{f1.rss / MiB:,.0f} MiB", f"+{(f2.rss - f1.rss) / MiB:,.0f} MiB")
+    ctx.note("4", f"Dataset: the full training file as train+val, {n_images} images = {data_mib:.1f} MiB. Searches: "
+                  f"`run_search.py --num-samples N --max-concurrent N --cpus-per-trial {cpus}` (N = 1, 2) "
+                  + " ".join(f"`--set {k}={v}`" for k, v in sets.items()) + ", stopped like a user's Ctrl-C once "
+                  f"every trial worker has lived {sc.mem_timebox:.0f} s. `bench.TreeMemory`: psutil "
+                  f"`memory_full_info()` summed over the search's process tree every second (PSS counts Ray's "
+                  f"shared object store once, the RSS sum once per process that touched it). One trial worker had "
+                  f"up to {f2.plasma_rss / MiB:.0f} MiB of the object store resident (PSS share "
+                  f"{f2.plasma_pss / MiB:.0f} MiB).")
+    for (label, n), mm in m.items():
+        ctx.note("4", f"{label}, {n} trial(s): peak PSS {mm.pss / MiB:,.0f} MiB ("
+                      + ", ".join(f"{k} {v / MiB:,.0f}" for k, v in mm.parts.items())
+                      + f" MiB; {mm.at_peak} trial worker(s) alive then), peak RSS sum {mm.rss / MiB:,.0f} MiB, "
+                      f"peak USS sum {mm.uss / MiB:,.0f} MiB, {mm.samples} samples.")
 
 
-def section_search(ctx: Context, rep: Report) -> None:
-    from search.export import load_trials
-    from search.searcher import METRIC
-    sc = ctx.scale
-    res = {}
-    extra = ["--val-fraction", str(sc.search_val_fraction)]
+# ----------------------------------------------------------------------------- 5. ASHA vs FIFO
+
+def section_search(ctx: Context) -> None:
+    from analysis.experiment import load_trials
+    from analysis.study import METRIC
+    from search.searcher import stage_aware_grace
+    from spaces import get_space
+    sc, res = ctx.sc, {}
     for sched in ("asha", "fifo"):
-        run = ctx.search(f"search-{sched}", samples=sc.search_samples, concurrent=2, scheduler=sched,
-                         subset=sc.search_subset, max_epochs=sc.search_max_epochs,
-                         sets=sc.search_sets, extra=extra, same_configs=True)
-        trials = load_trials(run.exp)
-        best = max((t.best[METRIC] for t in trials if t.best is not None), default=float("nan"))
-        res[sched] = {"run": run, "trials": trials, "epochs": sum(t.epochs_run for t in trials),
-                      "best": best, "configs": searches.configs_of(run.exp)}
+        exp, wall = ctx.search(f"search-{sched}", samples=sc.search_samples, concurrent=2, cpus=ctx.args.threads,
+                               scheduler=sched, subset=sc.search_subset, max_epochs=sc.search_max_epochs,
+                               sets=sc.search_sets, extra=("--sampler", "random", "--grace-period", 1,
+                                                             "--val-fraction", sc.search_val_fraction))
+        trials = load_trials(exp)
+        res[sched] = {"wall": wall, "trials": trials, "epochs": sum(t.epochs_run for t in trials),
+                      "best": max((t.best[METRIC] for t in trials if t.best), default=float("nan")),
+                      "configs": sorted(json.dumps(t.config, sort_keys=True) for t in trials)}
     a, f = res["asha"], res["fifo"]
-    same = a["configs"] == f["configs"]
-    ratio = a["epochs"] / f["epochs"]
-    rep.add("5", f"Search: epochs spent, ASHA / FIFO ({sc.search_samples} identical configs)",
-            f"{a['epochs']} epochs", f"{f['epochs']} epochs", f"{ratio:.2f}", "≤ 0.40", verdict(ratio <= 0.40))
+    ctx.add("5", f"Search: epochs spent, ASHA / FIFO ({sc.search_samples} identical configs)", f"{a['epochs']} epochs",
+            f"{f['epochs']} epochs", f"{a['epochs'] / f['epochs']:.2f}", "≤ 0.40", verdict(a["epochs"] <= 0.4 * f["epochs"]))
     diff = 100 * (a["best"] - f["best"])
-    rep.add("5", "  best val_acc found", f"{100 * a['best']:.1f} %", f"{100 * f['best']:.1f} %",
-            f"{diff:+.1f} points", "within 1 point", verdict(diff >= -1.0))
-    rep.add("5", "  wall time of the whole search", f"{a['run'].wall:.0f} s", f"{f['run'].wall:.0f} s",
-            f"{a['run'].wall / f['run'].wall:.2f}")
+    ctx.add("5", "  best val_acc found", f"{100 * a['best']:.1f} %", f"{100 * f['best']:.1f} %", f"{diff:+.1f} points",
+            "within 1 point", verdict(diff >= -1.0))
+    ctx.add("5", "  wall time of the whole search", f"{a['wall']:.0f} s", f"{f['wall']:.0f} s", f"{a['wall'] / f['wall']:.2f}")
+    grace = stage_aware_grace(get_space("tiny"), sc.search_max_epochs or get_space("tiny").max_epochs)
     n_val = round(sc.search_val_fraction * sc.search_subset) * 100
-    status = {}
+    common = len(set(a["configs"]) & set(f["configs"]))
+    by_epochs = {}
     for t in a["trials"]:
-        status[t.epochs_run] = status.get(t.epochs_run, 0) + 1
-    rep.note("5", f"`run_search.py --space tiny --backbones tf_efficientnet_lite0 --num-samples "
+        by_epochs[t.epochs_run] = by_epochs.get(t.epochs_run, 0) + 1
+    ctx.note("5", f"`run_search.py --space tiny --backbones {BACKBONE} --warm-start none --sampler random --num-samples "
                   f"{sc.search_samples} --max-concurrent 2 --cpus-per-trial {ctx.args.threads} --subset "
                   f"{sc.search_subset} --val-fraction {sc.search_val_fraction} --seed {ctx.args.seed}"
                   + "".join(f" --set {k}={v}" for k, v in sc.search_sets.items())
                   + (f" --max-epochs {sc.search_max_epochs}" if sc.search_max_epochs else "")
-                  + f"` with `--scheduler asha` (grace period 1, reduction factor 3) and with "
-                  f"`--scheduler fifo`. Validation: {n_val} images, so one image is "
-                  f"{100 / n_val:.1f} points of val_acc. Best val_acc = the best epoch of the best trial.")
-    common = len(set(a["configs"]) & set(f["configs"]))
-    rep.note("5", f"Identical configs: {'yes' if same else 'NO'} ({common} of {len(f['configs'])} "
-                  f"params.json in both searches). Optuna's TPE adapts to the results it sees, so "
-                  f"left alone the two searches would share only TPE's 10 random start-up configs; "
-                  f"benchmarks/_search_entry.py `--same-configs` stretches TPE's seeded random start-up "
-                  f"phase over all {sc.search_samples} trials, which makes the draws independent of results.")
-    rep.note("5", "ASHA trials by epochs run: " + ", ".join(f"{n} trial(s) {e} epoch(s)" for e, n in sorted(status.items()))
-                  + f"; FIFO ran every trial to the end ({f['epochs']} epochs). Wall times include each "
-                  f"search's fixed cost (Ray start and shutdown, a worker start and model build per trial).")
-    rep.raw["search"] = {k: {"epochs": v["epochs"], "best": v["best"], "wall": v["run"].wall,
-                             "per_trial": [(t.trial_id, t.epochs_run, t.best[METRIC] if t.best else None)
-                                           for t in v["trials"]]} for k, v in res.items()}
-    rep.raw["search"]["same_configs"] = same
+                  + f"` with `--scheduler asha --grace-period 1` (reduction factor 3; the search's default rung is "
+                  f"stage-aware, epoch {grace} here, which benchmarks/rungs.py measures) and with `--scheduler "
+                  f"fifo`. Validation: {n_val} images. Best val_acc = the best epoch of the best trial.")
+    ctx.note("5", f"Identical configs: {'yes' if a['configs'] == f['configs'] else 'NO'} ({common} of "
+                  f"{len(f['configs'])} params.json in both searches): Optuna's own RandomSampler with the seed draws "
+                  f"them independently of the results.")
+    ctx.note("5", "ASHA trials by epochs run: " + ", ".join(f"{n} trial(s) {e} epoch(s)" for e, n in sorted(by_epochs.items()))
+                  + f"; FIFO ran every trial to the end ({f['epochs']} epochs). Wall times include each search's "
+                  f"fixed cost (Ray start and shutdown, a worker start and model build per trial).")
 
 
-def section_stages(ctx: Context, rep: Report) -> None:
-    from benchmarks.micro import stage_cost, threads
-    sc = ctx.scale
-    b = ctx.bench()
-    with ctx.ticker(3 * sc.stage_rounds, "stage cost") as t, threads(ctx.args.threads):
-        r = stage_cost(b, sc.stage_input, sc.stage_batch, sc.stage_rounds, 1, tick=t.update)
-    n1, n2, n3 = r["names"]
-    ms = r["step_ms"]
-    rep.add("6", f"Stage cost at {sc.stage_input} px: step time, {n1} / {n2}",
-            f"{ms[n1]:,.0f} ms", f"{ms[n2]:,.0f} ms", f"{r['stage1_over_stage2']:.2f}")
-    rep.add("6", f"  {n1} / {n3}", f"{ms[n1]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{r['stage1_over_all']:.2f}")
-    rep.add("6", f"  {n2} / {n3}", f"{ms[n2]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{r['stage2_over_all']:.2f}")
-    ok = r["stage1_backbone_params_with_grad"] == 0 and not r["stage1_bn_stats_moved"]
-    rep.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
-            f"{r['stage1_backbone_params_with_grad']} of {r['backbone_params']}; "
-            f"{'moved' if r['stage1_bn_stats_moved'] else 'fixed'}", "—", "—", "0; fixed", verdict(ok))
-    rep.note("6", f"Batch {sc.stage_batch}, {ctx.args.threads} thread(s), {sc.stage_rounds} alternating rounds; "
-                  f"a step = forward + loss + backward + optimiser + lr-schedule step on one fixed "
-                  f"pre-augmented batch (data work excluded: it is the same in every stage), with the "
-                  f"trial's own `build_optimizer` param groups and `train_mode`.")
-    rep.note("6", f"Stage 1 stops at the head: {'yes' if ok else 'NO'}: after a stage-1 step "
-                  f"{r['stage1_backbone_params_with_grad']} of {r['backbone_params']} backbone parameters "
-                  f"had a gradient ({r['stage1_head_params_with_grad']} head parameters did) and the frozen "
-                  f"BatchNorm running statistics {'moved' if r['stage1_bn_stats_moved'] else 'did not move'}.")
-    rep.raw["stages"] = r
+# ----------------------------------------------------------------------------- 6. stage cost
 
+def section_stages(ctx: Context) -> None:
+    from trainable.config import TrialConfig
+    from trainable.model import train_mode
+    from trainable.optim import build_optimizer
+    from trainable.stages import plan_stages
+    sc, b, t = ctx.sc, ctx.bench(), ctx.args.threads
+    cfg = TrialConfig(stages=3, stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
+    s1, s2, s3 = plan_stages(cfg)
+    names = ["stage 1 (head only)", f"stage 2 (top {cfg.unfreeze_depth} blocks)", "all trainable"]
+    g = torch.Generator().manual_seed(3)
+    x = b.prec.prepare(torch.randn(sc.stage_batch, 3, sc.stage_input, sc.stage_input, generator=g).to(b.dev))
+    y = torch.randint(0, 100, (sc.stage_batch,), generator=g).to(b.dev)
+    state = {}
 
-RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader,
-           "4": section_memory, "5": section_search, "6": section_stages}
-TITLES = {"1": "Trial overhead", "2": "Pipeline headroom", "3": "Against the usual DataLoader",
-          "4": "Memory", "5": "Search efficiency (ASHA vs FIFO)", "6": "Stage cost"}
+    def setup(stage):  # untimed: the trial's own optimiser, param groups and train_mode for this stage
+        state["opt"], state["sched"] = build_optimizer(b.net, stage, cfg, 10_000, b.dev)
+        train_mode(b.net, cfg.freeze_bn)
 
-
-# ----------------------------------------------------------------------------- output
-
-
-def machine() -> dict:
-    import ray
-    import timm
-    import torch
-    import torchvision
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
-        if torch.cuda.is_available() else "none"
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    except (ValueError, OSError):
-        mem = float("nan")
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "ram_gib": mem,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "ray": ray.__version__}
-
-
-def table(rows: list[Row]) -> str:
-    head = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join([r.section, r.what, r.ours, r.baseline, r.ratio, r.target, r.met]) + " |")
-    return "\n".join(lines)
-
-
-def markdown(rep: Report, info: dict) -> str:
-    m = info["machine"]
-    out = [BEGIN, "## Results", "",
-           f"- Command: `{info['command']}`",
-           f"- Date: {info['date']} (took {info['minutes']:.1f} min)",
-           f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM, GPU: {m['gpu']}",
-           f"- Versions: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
-           f"timm {m['timm']}, ray {m['ray']}",
-           f"- Load average (1 min) at start {info['load_start']:.2f}, at end {info['load_end']:.2f}: "
-           f"other work shared the machine, so absolute rates vary; contenders were timed in alternation.",
-           f"- Data: `{info['data_dir']}`, a real-image stand-in in the cifar-100-python format "
-           f"(not CIFAR-100: its accuracies are not CIFAR-100 accuracies); weights: "
-           f"`{info['weights_dir'] or 'random init'}`.",
-           f"- Mode: {'--quick (shrunk sizes: a smoke run, not a record)' if info['quick'] else 'full'}; "
-           f"sections run: {', '.join(info['sections'])}", "",
-           table(rep.rows), ""]
-    for s in SECTIONS:
-        if s in rep.details:
-            out += [f"### {s}. {TITLES[s]}", ""] + [f"- {d}" for d in rep.details[s]] + [""]
-    out.append(END)
-    return "\n".join(out)
+    # the functional check first, on a clean slate: stage 1 must stop at the head
+    b.net.zero_grad(set_to_none=True)
+    setup(s1)
+    bn = [m for m in b.net.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = torch.cat([m.running_mean.flatten() for m in bn]).clone()
+    step(b.net, state["opt"], x, y, b.prec, state["sched"])
+    grads = sum(p.grad is not None for p in b.net.backbone.parameters())
+    n_params = sum(1 for _ in b.net.backbone.parameters())
+    moved = not torch.equal(before, torch.cat([m.running_mean.flatten() for m in bn]))
+    ms = alternate({n: (lambda: step(b.net, state["opt"], x, y, b.prec, state["sched"])) for n in names},
+                   sc.rounds, t, sc.call_s, setups={n: (lambda s=s: setup(s)) for n, s in zip(names, (s1, s2, s3))})
+    ms = {k: 1000 * v for k, v in ms.items()}
+    n1, n2, n3 = names
+    ctx.add("6", f"Stage cost at {sc.stage_input} px: step time, {n1} / {n2}", f"{ms[n1]:,.0f} ms", f"{ms[n2]:,.0f} ms",
+            f"{ms[n1] / ms[n2]:.2f}")
+    ctx.add("6", f"  {n1} / {n3}", f"{ms[n1]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{ms[n1] / ms[n3]:.2f}")
+    ctx.add("6", f"  {n2} / {n3}", f"{ms[n2]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{ms[n2] / ms[n3]:.2f}")
+    ctx.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
+            f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed", verdict(grads == 0 and not moved))
+    ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s) of torch's Timer; a step = "
+                  f"forward + loss + backward + optimiser + lr-schedule step on one fixed batch (no data work: it is "
+                  f"the same in every stage), with the stages of trainable.stages.plan_stages and the trial's own "
+                  f"`build_optimizer` param groups and `train_mode`. The stage-1 check: one step from a clean slate, "
+                  f"then which backbone parameters have a gradient and whether BatchNorm running means moved.")
 
 
 # ----------------------------------------------------------------------------- main
 
+RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader, "4": section_memory,
+           "5": section_search, "6": section_stages}
 
-def parse(argv: list[str] | None):
-    default_data = SHARED / "data" / "tinyimagenet100-32"
-    default_weights = SHARED / "weights"
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shrink every part (a ~3 min smoke run)")
-    p.add_argument("--out", default=None,
-                   help="markdown file for the table (default: BENCHMARKS.md for a full run, none with --quick)")
-    p.add_argument("--data-dir", default=str(default_data if default_data.is_dir() else REPO / "data"),
-                   help="folder holding cifar-100-python/")
-    p.add_argument("--weights-dir", default=str(default_weights) if (default_weights / "tf_efficientnet_lite0.pth").is_file() else "",
-                   help="offline weights folder ('' = random init; speed is the same)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of sections 2, 3 and 6 and --cpus-per-trial of the searches "
-                        "of sections 4 and 5 (section 1: --overhead-cpus)")
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="shrink every part (a smoke run)")
+    p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of 1-6")
+    p.add_argument("--data-dir", default=str(DATA), help="folder holding cifar-100-python/")
+    p.add_argument("--weights-dir", default=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "",
+                   help="offline weights ('' = random init: the same speed)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of sections 2, 3, 6; --cpus-per-trial of 4, 5")
     p.add_argument("--overhead-cpus", type=int, default=min(2, os.cpu_count() or 1),
-                   help="section 1: the trial's --cpus-per-trial (its ceiling takes the faster of 1 "
-                        "thread and this many; the thread-scaling row adds a 1-CPU trial)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of 1-6")
+                   help="section 1: the trial's --cpus-per-trial (its ceiling takes the faster of 1 thread and this)")
     p.add_argument("--work-dir", default="", help="where searches and logs go (default: a new temp folder)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="", help="also dump the raw measurements to this JSON file")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="cifar-tune-bench-")
+    a.data_dir = str(Path(a.data_dir).resolve())
+    a.weights_dir = str(Path(a.weights_dir).resolve()) if a.weights_dir else ""
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    from tqdm import tqdm
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        print(f"error: unknown section(s) {bad}: choose from {','.join(SECTIONS)}", file=sys.stderr)
+    a = parse(argv)
+    sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    if set(sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
+        print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
         return 2
-    if not (Path(args.data_dir) / "cifar-100-python").is_dir():
-        print(f"error: no cifar-100-python/ in --data-dir {args.data_dir}", file=sys.stderr)
-        return 2
-    scale = QUICK if args.quick else FULL
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="cifar-tune-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else (None if args.quick else REPO / "BENCHMARKS.md")
+    ctx = Context(a, SimpleNamespace(**(QUICK if a.quick else FULL)))
     cmd = shlex.join(["python", "benchmarks/bench.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    print(f"bench: {'quick' if args.quick else 'full'} run of sections {','.join(sections)}; "
-          f"searches and logs in {work}", flush=True)
-    ctx = Context(args, scale, work)
-    rep = Report()
     t0, load0 = time.time(), os.getloadavg()[0]
-    with tqdm(total=len(sections), desc="bench", unit="section", disable=not sys.stdout.isatty()) as bar:
-        for s in sections:
-            bar.set_postfix_str(TITLES[s])
-            ts = time.time()
-            RUNNERS[s](ctx, rep)
-            rep.note(s, f"Section time: {time.time() - ts:.0f} s.")
-            bar.update(1)
-    info = {"command": cmd, "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "minutes": (time.time() - t0) / 60, "machine": machine(), "load_start": load0,
-            "load_end": os.getloadavg()[0], "data_dir": str(Path(args.data_dir).resolve()),
-            "weights_dir": str(Path(args.weights_dir).resolve()) if args.weights_dir else "",
-            "quick": args.quick, "sections": sections}
-    print()
-    print(table(rep.rows))
-    m = info["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; torch {m['torch']}, ray {m['ray']}; "
-          f"{info['date']}, {info['minutes']:.1f} min; load {load0:.1f} -> {info['load_end']:.1f}")
-    if out is not None:
-        replace_block(out, markdown(rep, info))
-        print(f"wrote {out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "raw": rep.raw}, indent=1, default=str))
+    for s in sections:
+        print(f"[bench] {s}. {TITLES[s]} ...", flush=True)
+        ts = time.time()
+        RUNNERS[s](ctx)
+        ctx.note(s, f"Section time: {time.time() - ts:.0f} s.")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\n- Command: `{cmd}` on {date} (took {(time.time() - t0) / 60:.1f} min, load {load0:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}){' (--quick: a smoke run, not a record)' if a.quick else ''}\n"
+          f"- Machine: {machine()}\n- Data: `{a.data_dir}`; weights: `{a.weights_dir or 'random init'}`; "
+          f"searches and logs in {a.work_dir}\n\n" + md_table(HEAD, ctx.rows))
+    for s in sections:
+        print(f"\n### {s}. {TITLES[s]}\n\n" + "\n".join(f"- {n}" for n in ctx.notes.get(s, [])))
     return 0
 
 

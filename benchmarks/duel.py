@@ -11,30 +11,25 @@ contender runs through the real CLI (run_search.py in a subprocess, its own loca
   (d) each pretrained recipe's procedure on each backbone, its epochs scaled into the same
       per-trial budget, all run to the end (FIFO, no time limit): what a careful person tries
 Each contender's winner (best val_acc at its best epoch) is retrained on train+val and tested once
-(`analyze.py`, as a user does). Prints a table and writes it between the duel markers of
-BENCHMARKS.md (--no-write to skip).
+(`analyze.py`, as a user does). Prints a markdown table (paste it into BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BEGIN, END = "<!-- duel:begin -->", "<!-- duel:end -->"
-ISOLATE = {"RAY_ADDRESS": "local"}  # every contender gets a Ray of its own
+from benchmarks.common import DATA, WEIGHTS, machine, md_table, run_cli  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "tinyimagenet100-32"))
-    p.add_argument("--weights-dir", default=str(REPO.parent / "shared" / "weights"))
+    p.add_argument("--data-dir", default=str(DATA))
+    p.add_argument("--weights-dir", default=str(WEIGHTS))
     p.add_argument("--budget", default="10m", help="wall-clock budget B of (a), (b) and (c)")
     p.add_argument("--subset", type=int, default=10, help="training images per class (train+val)")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -43,25 +38,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus-per-trial", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contenders", default="d,a,b,c", help="which to run, in this order")
-    p.add_argument("--work-dir", default="/tmp/duel")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 minute budgets, 2 per class, 64 px")
-    p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--work-dir", default="", help="its runs/ folder is emptied first (default /tmp/duel, "
+                                                  "/tmp/duel-quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 minute budgets, 3 per class, 2 epochs, 64 px")
     a = p.parse_args(argv)
     if a.quick:
         a.budget, a.subset, a.max_epochs = "60s", 3, 2
+    a.work_dir = a.work_dir or ("/tmp/duel-quick" if a.quick else "/tmp/duel")
     return a
-
-
-def cli(script: str, args: list[str], log: Path, timeout: float = 4 * 3600) -> float:
-    """Run one of the project's CLIs; returns its wall seconds. Raises on a non-zero exit."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **ISOLATE})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script} exited {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
-    return time.time() - t0
 
 
 def recipe_count(a: argparse.Namespace) -> int:
@@ -91,7 +75,7 @@ def contender_args(name: str, a: argparse.Namespace, n_recipes: int) -> list[str
 
 
 def summarise(exp: Path, wall: float) -> dict:
-    from search.export import load_trials, rank
+    from analysis.experiment import load_trials, rank
     trials = load_trials(exp)
     ranked = rank(trials)
     best = ranked[0] if ranked else None
@@ -107,7 +91,7 @@ def _name(t) -> str:
     parameters: backbone, input size, stage epochs, optimizer."""
     import optuna
 
-    from search.searcher import STUDY_NAME, WARM_CONFIG, study_url
+    from analysis.study import STUDY_NAME, WARM_CONFIG, study_url
     c = t.config
     try:
         study = optuna.load_study(study_name=STUDY_NAME, storage=study_url(t.path.parent))
@@ -122,7 +106,7 @@ def _name(t) -> str:
 
 def first_beat(exp: Path, threshold: float, start: float) -> float | None:
     """Seconds after `start` at which a trial of `exp` first reported val_acc > threshold."""
-    from search.export import load_trials
+    from analysis.experiment import load_trials
     times = [r["timestamp"] for t in load_trials(exp) for r in t.results
              if isinstance(r.get("val_acc"), float) and r["val_acc"] > threshold and r.get("status", "ok") == "ok"]
     return min(times) - start if times else None
@@ -141,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[duel] contender {name} ...", flush=True)
         exp = work / "runs" / name
         start = time.time()
-        wall = cli("run_search.py", contender_args(name, a, n_recipes), work / "logs" / f"{name}.log")
+        wall = run_cli("run_search.py", contender_args(name, a, n_recipes), work / "logs" / f"{name}.log")
         results[name] = {**summarise(exp, wall), "start": start}
         print(f"[duel]   search {wall:.0f} s, {results[name]['trials']} trials, best val_acc "
               f"{results[name]['best_val_acc']}", flush=True)
-        r_wall = cli("analyze.py", [str(exp)], work / "logs" / f"{name}-analyze.log")
+        r_wall = run_cli("analyze.py", [str(exp)], work / "logs" / f"{name}-analyze.log")
         m = json.loads((exp / "analysis" / "test_metrics.json").read_text())
         results[name].update(test_acc=m["test_acc"], retrain_s=r_wall, test_images=m["test_images"],
                              retrain_epochs=m["epochs"])
@@ -154,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         results["a"]["beat_recipes_after_s"] = first_beat(work / "runs" / "a", results["d"]["best_val_acc"],
                                                           results["a"]["start"])
     (work / "duel.json").write_text(json.dumps(results, indent=1) + "\n")
-    block = markdown(a, results, n_recipes, time.time() - t_all)
-    print("\n" + block)
-    if not a.no_write and not a.quick:
-        from benchmarks.markdown import replace_block
-        replace_block(REPO / "BENCHMARKS.md", block)
+    print("\n" + markdown(a, results, n_recipes, time.time() - t_all))
     return 0
 
 
@@ -168,33 +148,25 @@ LABELS = {"a": "(a) search as users run it: warm start + TPE + ASHA",
 
 
 def markdown(a: argparse.Namespace, results: dict, n_recipes: int, total_s: float) -> str:
-    from benchmarks.bench import machine
-    m = machine()
-    lines = [BEGIN, "## Search vs hand-made recipes (the duel)", "",
-             f"- Command: `python benchmarks/duel.py --budget {a.budget} --subset {a.subset} --max-epochs "
-             f"{a.max_epochs} --backbones {a.backbones}` (took {total_s / 60:.1f} min), "
+    rows = [[LABELS[k], f"{r['wall_s']:.0f} s", r["trials"], r["epochs"],
+             f"{100 * r['best_val_acc']:.1f} %" if r["best_val_acc"] is not None else "-", r["best_name"],
+             f"{100 * r['test_acc']:.1f} %", f"{r['retrain_s']:.0f} s"] for k, r in sorted(results.items())]
+    lines = [f"- Command: `python benchmarks/duel.py --budget {a.budget} --subset {a.subset} --max-epochs "
+             f"{a.max_epochs} --val-fraction {a.val_fraction} --backbones {a.backbones}{' --quick' if a.quick else ''}` (took {total_s / 60:.1f} min), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; torch {m['torch']}, ray {m['ray']}",
+             f"- Machine: {machine()}",
              f"- Data: the stand-in `{a.data_dir}` (ImageNet photos in CIFAR-100's format; **not CIFAR-100**: "
              f"these accuracies are not CIFAR-100 accuracies), `--subset {a.subset}` per class, val fraction "
              f"{a.val_fraction}, seed {a.seed}; winners retrained on train+val and tested once on the test file.",
              f"- Every trial: `--space cpu`, backbones {a.backbones}, {a.max_epochs} epochs, "
              f"{a.cpus_per_trial} CPU per trial; (d) ran the {n_recipes} recipe points.", "",
-             "| contender | budget used | trials | epochs | best val_acc | winner | test_acc | retrain+test |",
-             "|---|---|---|---|---|---|---|---|"]
-    for k in ("a", "b", "c", "d"):
-        r = results.get(k)
-        if r is None:
-            continue
-        val = f"{100 * r['best_val_acc']:.1f} %" if r["best_val_acc"] is not None else "-"
-        lines.append(f"| {LABELS[k]} | {r['wall_s']:.0f} s | {r['trials']} | {r['epochs']} | {val} | "
-                     f"{r['best_name']} | {100 * r['test_acc']:.1f} % | {r['retrain_s']:.0f} s |")
-    if "a" in results and "beat_recipes_after_s" in results["a"]:
+             md_table(["contender", "budget used", "trials", "epochs", "best val_acc", "winner", "test_acc",
+                       "retrain+test"], rows)]
+    if "beat_recipes_after_s" in results.get("a", {}):
         t = results["a"]["beat_recipes_after_s"]
         lines += ["", f"- (a) first reported a val_acc above the best recipe's "
                       f"({100 * results['d']['best_val_acc']:.1f} %): "
                       + (f"{t:.0f} s after it started." if t is not None else "never, within its budget.")]
-    lines.append(END)
     return "\n".join(lines)
 
 

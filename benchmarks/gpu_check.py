@@ -4,7 +4,7 @@ run this first on new GPU hardware. Nobody who wrote the GPU path had a GPU to r
 For each visible GPU, with the precision the search would pick for it (loop.choose_precision):
   train       one pretrained fine-tune epoch at 224 px (everything trainable), through run_trial
   resume      the next epoch, from the checkpoint the first one wrote
-  throughput  that trial's training rate against the model-only ceiling (benchmarks/micro.py's
+  throughput  that trial's training rate against the model-only ceiling (benchmarks/common.py's
               forward + backward + step on a fixed batch), at least --min-ratio of it
 Then, through Ray Tune and the search's own trainable: two trials sharing each GPU at 0.5 GPU each
 (the device from Ray's assignment, each capped at its share of the GPU's memory).
@@ -59,7 +59,7 @@ def data(args):
 
 
 def trial_config(args, epochs: int) -> dict:
-    from benchmarks.micro import BACKBONE
+    from benchmarks.common import BACKBONE
     return {"backbone": BACKBONE, "pretrained": not args.no_pretrained, "weights_dir": args.weights_dir,
             "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256, "stages": 3, "stage1_epochs": 0,
             "stage2_epochs": 0, "stage3_epochs": epochs, "stage3_lr": 1e-3, "aug_strength": 0.5,
@@ -83,7 +83,7 @@ class Checks:
 
 def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
     """train, resume and throughput on `dev` (a GPU; the CPU in the tests, at a small size)."""
-    from benchmarks.micro import make_bench, model_fn, sync
+    from benchmarks.common import make_bench, model_fn, sync
     from trainable.loop import Precision
     from trainable.trial import CHECKPOINT_FILE, run_trial
 
@@ -91,7 +91,7 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
     prec = Precision.for_device(dev, trial_config(args, 2)["backbone"])
     about = "the CPU"
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)  # micro's bench and "cuda" alone mean this GPU
+        torch.cuda.set_device(dev)  # the ceiling's bench (common.make_bench) and "cuda" alone mean this GPU
         props = torch.cuda.get_device_properties(dev)
         about = (f"{props.name}, compute capability {props.major}.{props.minor}, "
                  f"{props.total_memory / 2**30:.1f} GiB")
@@ -139,14 +139,14 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
 
 
 def check_shared(n_gpus: int, args, train, val, checks: Checks) -> None:
-    """Two trials per GPU at 0.5 GPU each, through Tune and search/trainable.tune_trial."""
+    """Two trials per GPU at 0.5 GPU each, through Tune and search/tune_trial.tune_trial."""
     def shared():
         import logging
 
         import ray
         from ray import tune
 
-        from search.trainable import tune_trial
+        from search.tune_trial import tune_trial
         cpus = os.cpu_count() or 1
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # from any cwd
         ray.init(address="local", num_gpus=n_gpus, num_cpus=cpus, include_dashboard=False,

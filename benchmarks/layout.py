@@ -2,47 +2,34 @@
 which memory layout runs each backbone faster on this CPU, channels_last or contiguous?
 
 For each backbone and input size (batch 64, random init: speed does not depend on the weights):
-the plain model loop (forward + label-smoothed CE + backward + SGD-Nesterov step, every layer
-trainable) and a forward pass under inference_mode, each in channels_last and in the default
-contiguous layout, at every torch thread count given. The four contenders of one (backbone, size,
-mode), 2 layouts x 2 thread counts, run in alternating rounds (micro.interleave), so load from
-other processes hits them alike; each call is sized to about --call-seconds. Prints a markdown
-table and which layout wins per backbone: the backbones where contiguous trains faster belong in
-trainable/loop.py's CPU_CONTIGUOUS. A full run rewrites the <!-- layout:begin/end --> block of
-BENCHMARKS.md (text outside it is kept).
-
-`name:small` builds the backbone with small_input_stem (the from-scratch recipes' 32 px stem).
+the model's training step (forward + label-smoothed CE + backward + SGD-Nesterov step, every layer
+trainable) and its forward pass under inference_mode, each in channels_last and contiguous, at
+every torch thread count given. The contenders of one (backbone, size, mode) alternate for
+--rounds rounds, each turn torch's Timer (a warm-up call, then >= --call-seconds of steps). Prints
+a markdown table and the faster layout per backbone: those where contiguous trains faster belong
+in trainable/loop.py's CPU_CONTIGUOUS. `name:small` builds the backbone with small_input_stem.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import gc
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.micro import interleave  # noqa: E402
-from benchmarks.markdown import replace_block  # noqa: E402
+from benchmarks.common import alternate, md_table, rate, step  # noqa: E402
 from trainable.model import create_model, set_trainable, train_mode  # noqa: E402
 
-BEGIN, END = "<!-- layout:begin -->", "<!-- layout:end -->"
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
                      "mobilenetv2_100", "resnet18", "resnet50", "vgg13_bn:small")
 LAYOUTS = ("channels_last", "contiguous")
 MODES = ("train", "forward")
-SMOOTHING = 0.1
 NOISE = 0.05  # a ratio within 5 % of 1 is inside the run-to-run spread on a shared machine
 
 
@@ -54,77 +41,37 @@ def parse_spec(spec: str) -> tuple[str, bool]:
     return name, flag == "small"
 
 
-def _contender(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
-               opt: torch.optim.Optimizer | None) -> Callable[[int], None]:
-    """`steps` steps of one mode on a fixed batch (no data work: the layouts share it)."""
-    def train(steps: int) -> None:
-        for _ in range(steps):
-            loss = F.cross_entropy(net(x), y, label_smoothing=SMOOTHING)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    def forward(steps: int) -> None:
-        with torch.inference_mode():
-            for _ in range(steps):
-                net(x).argmax(1)
-    return train if mode == "train" else forward
-
-
 def measure(spec: str, size: int, *, batch: int, thread_counts: tuple[int, ...], rounds: int,
-            call_seconds: float, modes: tuple[str, ...] = MODES, seed: int = 0,
-            log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Images/s of one backbone at one input size, per mode, thread count and layout.
-
-    Both layouts start from identical weights and see the identical batch. Per mode, each
-    contender takes one untimed step, then one timed step that sets its steps per call (about
-    `call_seconds`, at least 1), then all contenders alternate for `rounds` rounds.
-    Returns rows {backbone, size, mode, threads, layout, rate, images, seconds, round_rates}.
-    """
+            call_seconds: float) -> list[dict]:
+    """Rows {backbone, size, mode, threads, layout, rate (img/s)}: both layouts start from the same
+    weights and see the same batch."""
     name, small = parse_spec(spec)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     base = create_model(name, pretrained=False, small_input_stem=small)
     set_trainable(base, None)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
     nets = {"contiguous": base, "channels_last": copy.deepcopy(base).to(memory_format=torch.channels_last)}
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 100, (batch,), generator=g)
     xs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
-    old_threads = torch.get_num_threads()
     rows = []
-    try:
-        for mode in modes:
-            fns, setups, steps = {}, {}, {}
-            for layout in LAYOUTS:
-                net = nets[layout]
+    for mode in MODES:
+        fns, setups = {}, {}
+        for lay, net in nets.items():
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            setup = (lambda net=net: train_mode(net)) if mode == "train" else net.eval
+
+            def fn(net=net, opt=opt, xb=xs[lay]):
                 if mode == "train":
-                    train_mode(net)
+                    step(net, opt, xb, y)
                 else:
-                    net.eval()
-                opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
-                                      weight_decay=5e-4) if mode == "train" else None
-                step = _contender(net, xs[layout], y, mode, opt)
-                for t in thread_counts:
-                    key = f"{layout}/{t}"
-                    setups[key] = (lambda t=t: torch.set_num_threads(t))
-                    fns[key] = (lambda step=step, key=key: (step(steps[key]), steps[key] * batch)[1])
-                    setups[key]()
-                    step(1)  # untimed: oneDNN primitives, allocator
-                    t0 = time.perf_counter()
-                    step(1)
-                    steps[key] = max(1, round(call_seconds / max(time.perf_counter() - t0, 1e-6)))
-            res = interleave(fns, rounds, torch.device("cpu"), setups=setups, warmup=False)
-            for key, r in res.items():
-                layout, t = key.split("/")
-                rows.append({"backbone": spec, "size": size, "mode": mode, "threads": int(t),
-                             "layout": layout, "rate": r["rate"], "images": r["images"],
-                             "seconds": r["seconds"], "round_rates": r["round_rates"]})
-            log(f"  {spec} {size} px {mode}: " + ", ".join(
-                f"{k} {res[k]['rate']:.1f}" for k in fns) + " img/s")
-    finally:
-        torch.set_num_threads(old_threads)
-        del nets, base
-        gc.collect()
+                    with torch.inference_mode():
+                        net(xb)
+            for t in thread_counts:  # torch's Timer sets each contender's threads itself
+                fns[lay, t], setups[lay, t] = fn, setup
+        secs = alternate(fns, rounds, {k: k[1] for k in fns}, call_seconds, setups)
+        rows += [{"backbone": spec, "size": size, "mode": mode, "threads": t, "layout": lay, "rate": batch / s}
+                 for (lay, t), s in secs.items()]
+        print(f"  {spec} {size} px {mode}: " + ", ".join(f"{r['layout']}/{r['threads']} {rate(r['rate'])}"
+                                                         for r in rows[-len(secs):]) + " img/s", flush=True)
     return rows
 
 
@@ -135,22 +82,16 @@ def ratios(rows: list[dict]) -> dict[tuple, float]:
             if k[4] == "channels_last" and k[:4] + ("contiguous",) in by}
 
 
-def _geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in xs) / len(xs)) if xs else float("nan")
-
-
 def verdicts(rows: list[dict]) -> dict[str, dict]:
     """Per backbone: the geometric mean over sizes and thread counts of the channels_last /
     contiguous ratio, for training and for the forward pass, and the winner. Training decides:
-    it is where a trial spends its time (the evaluation pass is a small part of an epoch)."""
-    rs = ratios(rows)
-    out = {}
+    it is where a trial spends its time."""
+    rs, out = ratios(rows), {}
     for spec in dict.fromkeys(r["backbone"] for r in rows):
-        train = _geomean([v for k, v in rs.items() if k[0] == spec and k[2] == "train"])
-        fwd = _geomean([v for k, v in rs.items() if k[0] == spec and k[2] == "forward"])
-        decide = train if not math.isnan(train) else fwd
-        out[spec] = {"train": train, "forward": fwd,
-                     "winner": "contiguous" if decide < 1 else "channels_last",
+        gm = {m: math.exp(sum(math.log(v) for v in xs) / len(xs)) if xs else float("nan")
+              for m in MODES for xs in [[v for k, v in rs.items() if k[0] == spec and k[2] == m]]}
+        decide = gm["train"] if not math.isnan(gm["train"]) else gm["forward"]
+        out[spec] = {**gm, "winner": "contiguous" if decide < 1 else "channels_last",
                      "within_noise": abs(math.log(decide)) < math.log1p(NOISE)}
     return out
 
@@ -160,114 +101,48 @@ def cpu_contiguous(v: dict[str, dict]) -> frozenset[str]:
     return frozenset(parse_spec(s)[0] for s, d in v.items() if d["winner"] == "contiguous")
 
 
-def rate(v: float) -> str:
-    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
-
-
 def table(rows: list[dict]) -> str:
     """One row per (backbone, size, mode, threads, layout); the ratio sits on the channels_last row."""
-    rs = ratios(rows)
-    lines = ["| backbone | size | mode | threads | layout | img/s | ratio channels_last/contiguous |",
-             "|---|---|---|---|---|---|---|"]
-    order = {m: i for i, m in enumerate(MODES)}
-    for r in sorted(rows, key=lambda r: (list(dict.fromkeys(x["backbone"] for x in rows)).index(r["backbone"]),
-                                         r["size"], order[r["mode"]], r["threads"], LAYOUTS.index(r["layout"]))):
-        k = (r["backbone"], r["size"], r["mode"], r["threads"])
-        ratio = f"{rs[k]:.2f}" if r["layout"] == "channels_last" and k in rs else ""
-        lines.append(f"| {r['backbone']} | {r['size']} px | {r['mode']} | {r['threads']} | {r['layout']} "
-                     f"| {rate(r['rate'])} | {ratio} |")
-    return "\n".join(lines)
+    rs, specs = ratios(rows), list(dict.fromkeys(r["backbone"] for r in rows))
+    key = lambda r: (specs.index(r["backbone"]), r["size"], MODES.index(r["mode"]), r["threads"], LAYOUTS.index(r["layout"]))  # noqa: E731
+    body = [[r["backbone"], f"{r['size']} px", r["mode"], r["threads"], r["layout"], rate(r["rate"]),
+             f"{rs[k]:.2f}" if r["layout"] == "channels_last" and (k := (r["backbone"], r["size"], r["mode"], r["threads"])) in rs else ""]
+            for r in sorted(rows, key=key)]
+    return md_table(["backbone", "size", "mode", "threads", "layout", "img/s", "ratio channels_last/contiguous"], body)
 
 
 def summary(v: dict[str, dict]) -> str:
-    lines = ["| backbone | train: channels_last/contiguous (geomean) | forward: same | faster layout |",
-             "|---|---|---|---|"]
-    for spec, d in v.items():
-        tag = " (within noise)" if d["within_noise"] else ""
-        lines.append(f"| {spec} | {d['train']:.2f} | {d['forward']:.2f} | {d['winner']}{tag} |")
+    body = [[s, f"{d['train']:.2f}", f"{d['forward']:.2f}", d["winner"] + (" (within noise)" if d["within_noise"] else "")]
+            for s, d in v.items()]
     names = sorted(cpu_contiguous(v))
-    literal = "frozenset({" + ", ".join(repr(n) for n in names) + "})" if names else "frozenset()"
-    lines += ["", f"trainable/loop.py: `CPU_CONTIGUOUS: frozenset[str] = {literal}`"]
-    return "\n".join(lines)
-
-
-def markdown(rows: list[dict], info: dict) -> str:
-    """The generated BENCHMARKS.md block: how it was run, the full table, the verdicts."""
-    return "\n".join([
-        BEGIN, "",
-        f"- Command: `{info['command']}`",
-        f"- Date: {info['date']} (took {info['minutes']:.1f} min); {info['cpu']}, {info['cores']} cores; "
-        f"torch {torch.__version__}",
-        f"- Load average (1 min) at start {info['load_start']:.2f}, at end {info['load_end']:.2f}; "
-        f"batch {info['batch']}, {info['rounds']} alternating round(s) of ~{info['call_seconds']:g} s "
-        f"calls per contender after an untimed and a calibration step.",
-        "", table(rows), "", summary(verdicts(rows)), "", END])
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tf_efficientnet_lite0 at 32 px, batch 8, 1 round of short calls")
-    p.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
-                   help="comma-separated timm names; name:small = with small_input_stem")
-    p.add_argument("--sizes", default="32,128", help="input sizes (px)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", default=",".join(str(t) for t in sorted({1, min(2, os.cpu_count() or 1)})),
-                   help="torch thread counts to compare")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--call-seconds", type=float, default=2.0, help="target length of one timed call")
-    p.add_argument("--out", default=None,
-                   help="markdown file whose layout block to rewrite (default: BENCHMARKS.md for a full "
-                        "run, none with --quick; '' = none)")
-    return p.parse_args(argv)
+    literal = "frozenset({" + ", ".join(map(repr, names)) + "})" if names else "frozenset()"
+    return (md_table(["backbone", "train: channels_last/contiguous (geomean)", "forward: same", "faster layout"], body)
+            + f"\n\ntrainable/loop.py: `CPU_CONTIGUOUS: frozenset[str] = {literal}`")
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: lite0 at 32 px, batch 8, 1 round of short calls")
+    p.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES), help="timm names; name:small = small_input_stem")
+    p.add_argument("--sizes", default="32,128")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", default=",".join(str(t) for t in sorted({1, min(2, os.cpu_count() or 1)})))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--call-seconds", type=float, default=2.0, help="least timed seconds per contender and turn")
+    a = p.parse_args(argv)
     if a.quick:
-        specs, sizes, batch, rounds, call_s = ("tf_efficientnet_lite0",), (32,), 8, 1, 0.2
-    else:
-        specs = tuple(s for s in a.backbones.split(",") if s.strip())
-        sizes = tuple(int(s) for s in a.sizes.split(",") if s.strip())
-        batch, rounds, call_s = a.batch, a.rounds, a.call_seconds
-    counts = tuple(int(t) for t in a.threads.split(",") if t.strip())
+        a.backbones, a.sizes, a.batch, a.rounds, a.call_seconds = "tf_efficientnet_lite0", "32", 8, 1, 0.2
+    specs = [s for s in a.backbones.split(",") if s.strip()]
     for s in specs:
         parse_spec(s)  # a typo fails now, not after an hour of measuring
-    out = Path(a.out) if a.out else (None if a.quick or a.out == "" else REPO / "BENCHMARKS.md")
-    cmd = shlex.join(["python", "benchmarks/layout.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    print(f"layout: {len(specs)} backbone(s) x sizes {sizes} x {MODES} x threads {counts} x {LAYOUTS}, "
-          f"batch {batch}, {rounds} round(s)", flush=True)
+    counts = tuple(int(t) for t in a.threads.split(","))
     t0, load0 = time.time(), os.getloadavg()[0]
-    rows = []
-    for spec in specs:
-        for size in sizes:
-            rows += measure(spec, size, batch=batch, thread_counts=counts, rounds=rounds,
-                            call_seconds=call_s, log=lambda s: print(s, flush=True))
-        print(f"  ... {time.time() - t0:.0f} s so far", flush=True)
-    info = {"command": cmd, "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "minutes": (time.time() - t0) / 60, "cpu": _cpu(), "cores": os.cpu_count(),
-            "load_start": load0, "load_end": os.getloadavg()[0], "batch": batch, "rounds": rounds,
-            "call_seconds": call_s}
-    print()
-    print(table(rows))
-    print()
-    print(summary(verdicts(rows)))
-    print(f"\n{info['cpu']}, {info['cores']} cores; {info['date']}, {info['minutes']:.1f} min; "
-          f"load {load0:.1f} -> {info['load_end']:.1f}")
-    if out is not None:
-        replace_block(out, markdown(rows, info))
-        print(f"wrote {out}")
+    rows = [r for s in specs for size in map(int, a.sizes.split(","))
+            for r in measure(s, size, batch=a.batch, thread_counts=counts, rounds=a.rounds, call_seconds=a.call_seconds)]
+    print(f"\n- Command: `python benchmarks/layout.py {' '.join(sys.argv[1:] if argv is None else argv)}`, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (took {(time.time() - t0) / 60:.1f} min); load "
+          f"{load0:.2f} -> {os.getloadavg()[0]:.2f}; batch {a.batch}, {a.rounds} alternating round(s) of >= "
+          f"{a.call_seconds:g} s per contender\n\n{table(rows)}\n\n{summary(verdicts(rows))}")
     return 0
 
 

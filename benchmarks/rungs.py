@@ -8,7 +8,7 @@ random configs of the cpu space, every trial run to its last epoch) on the stand
 CIFAR-100). For each candidate rung r (epoch 1, the old default, and the stage-aware rung that
 search/searcher.py derives), the Spearman rank correlation between the trials' val_acc at epoch r
 and at their last epoch: how well a decision at r ranks the trials as their full runs do. Prints a
-table and writes it between the rungs markers of BENCHMARKS.md (not with --quick).
+markdown table (paste it into BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -17,13 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.duel import cli  # noqa: E402
-from benchmarks.markdown import replace_block  # noqa: E402
-
-BEGIN, END = "<!-- rungs:begin -->", "<!-- rungs:end -->"
+from benchmarks.common import DATA, WEIGHTS, md_table, run_cli  # noqa: E402
 
 
 def correlations(trials: list, rungs: list[int], last: int) -> dict[int, tuple[float, int]]:
@@ -43,8 +39,8 @@ def correlations(trials: list, rungs: list[int], last: int) -> dict[int, tuple[f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "tinyimagenet100-32"))
-    p.add_argument("--weights-dir", default=str(REPO.parent / "shared" / "weights"))
+    p.add_argument("--data-dir", default=str(DATA))
+    p.add_argument("--weights-dir", default=str(WEIGHTS))
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--subset", type=int, default=10)
@@ -56,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.num_samples, a.subset = 4, 3
-    from search.export import load_trials
+    from analysis.experiment import load_trials
     from search.searcher import stage_aware_grace
     from spaces import get_space
     exp = Path(a.experiment or Path(a.work_dir) / "runs" / "fifo")
@@ -75,30 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         a.max_epochs, a.subset, a.backbones = saved["max_epochs"], saved["subset"], saved["backbones"]
         wall, what = 0.0, f"the FIFO experiment `{exp}` (its trials' own configs)"
     else:
-        wall = cli("run_search.py", args, Path(a.work_dir) / "fifo.log")
+        wall = run_cli("run_search.py", args, Path(a.work_dir) / "fifo.log")
         what = "random configs of the `cpu` space"
     grace = stage_aware_grace(get_space("cpu"), a.max_epochs)
     trials = load_trials(exp)
     rungs = sorted({1, grace})
     corr = correlations(trials, rungs, a.max_epochs)
-    lines = [BEGIN, "## Where ASHA decides: rank correlation of a rung with the final val_acc", "",
-             f"- Command: `python benchmarks/rungs.py --num-samples {a.num_samples} --max-epochs {a.max_epochs} "
-             f"--subset {a.subset} --backbones {a.backbones}"
-             + (f" --experiment {a.experiment}`" if a.experiment else f"` ({wall / 60:.1f} min)")
-             + f", {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- {len(trials)} trials, {what}, all run to epoch {a.max_epochs} (FIFO), on the "
-             f"stand-in data (not CIFAR-100), `--subset {a.subset}` per class, part held out for val_acc. "
-             f"The stage-aware rung for this budget is epoch {grace} (search/searcher.py `stage_aware_grace`).", "",
-             "| first rung at | trials | Spearman rho (rung val_acc vs final val_acc) |", "|---|---|---|"]
-    for r in rungs:
-        rho, n = corr[r]
-        label = f"epoch {r}" + (" (stage-aware, the default)" if r == grace else " (the old default)")
-        lines.append(f"| {label} | {n} | {rho:.2f} |")
-    lines.append(END)
-    block = "\n".join(lines)
-    print(block)
-    if not a.quick:
-        replace_block(REPO / "BENCHMARKS.md", block)
+    rows = [[f"epoch {r}" + (" (stage-aware, the default)" if r == grace else " (the old default)"), corr[r][1],
+             f"{corr[r][0]:.2f}"] for r in rungs]
+    print(f"- Command: `python benchmarks/rungs.py --num-samples {a.num_samples} --max-epochs {a.max_epochs} "
+          f"--subset {a.subset} --backbones {a.backbones}"
+          + (f" --experiment {a.experiment}`" if a.experiment else f"{' --quick' if a.quick else ''}` ({wall / 60:.1f} min)")
+          + f", {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+          f"- {len(trials)} trials, {what}, all run to epoch {a.max_epochs} (FIFO), on the stand-in data (not "
+          f"CIFAR-100), `--subset {a.subset}` per class, part held out for val_acc. The stage-aware rung for this "
+          f"budget is epoch {grace} (search/searcher.py `stage_aware_grace`).\n\n"
+          + md_table(["first rung at", "trials", "Spearman rho (rung val_acc vs final val_acc)"], rows))
     print(f"took {(time.time() - t0) / 60:.1f} min")
     return 0
 

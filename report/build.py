@@ -8,15 +8,21 @@ from pathlib import Path
 
 import yaml
 
-from report import html as h
+from analysis.experiment import load_trials, rank, read_settings
+from analysis.study import METRIC
 from report import comparison
-from report.classes import load_class_results, plot_classes, plot_confusions, ranked_classes, top_confusions
+from report import html as h
+from report.classes import (
+    load_class_results,
+    plot_classes,
+    plot_confusions,
+    ranked_classes,
+    top_confusions,
+)
 from report.curves import plot_curves
 from report.importance import compute_importance, plot_importance, plot_top_two
 from report.leaderboard import HEAD, NUMERIC, leaderboard_rows
 from report.schedule import plot_schedule
-from search.export import load_trials, rank, read_settings
-from search.searcher import METRIC
 
 REPORT = "report.html"
 

@@ -1,7 +1,7 @@
 """The retrained model on the test set: per-class accuracy and the confusions that cost most.
 
 Reads analysis/test_predictions.pt (top-1 prediction and label per test image) and the class names
-stored in analysis/model.pt, both written by trainable/final.py.
+stored in analysis/model.pt, both written by analysis/final.py.
 """
 from __future__ import annotations
 

@@ -5,11 +5,16 @@ from pathlib import Path
 
 from matplotlib.lines import Line2D
 
-from analysis.outcome import (COMPLETED, EARLY_STOPPED, INTERRUPTED, OUT_OF_BUDGET,
-                              PRUNED)
+from analysis.experiment import TrialRecord, rank
+from analysis.outcome import (
+    COMPLETED,
+    EARLY_STOPPED,
+    INTERRUPTED,
+    OUT_OF_BUDGET,
+    PRUNED,
+)
+from analysis.study import METRIC
 from report.plots import COLOURS, OTHER, figure, save
-from search.export import TrialRecord, rank
-from search.searcher import METRIC
 from trainable.config import TrialConfig
 from trainable.stages import plan_stages
 

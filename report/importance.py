@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
+from analysis.experiment import TrialRecord
+from analysis.study import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
 from report.plots import COLOURS, figure, save
-from search.export import TrialRecord
 from trainable.config import RUN_FIELDS
-from search.searcher import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
 IGNORED = RUN_FIELDS | {"pretrained"}  # pretrained: fixed for a whole search (--no-pretrained)
@@ -52,7 +52,11 @@ def scored(trials: list[TrialRecord]) -> list[tuple[TrialRecord, float]]:
 
 def infer_distributions(configs: list[dict[str, Any]]):
     """{name: optuna distribution} for the parameters that take more than one value."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
     dists = {}
     for name in sorted(set().union(*configs) - IGNORED) if configs else []:
         vals = [c[name] for c in configs if name in c]

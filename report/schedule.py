@@ -12,8 +12,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from analysis.experiment import TrialRecord
 from report.plots import COLOURS, figure, save
-from search.export import TrialRecord
 from trainable.config import TrialConfig
 from trainable.stages import plan_stages
 

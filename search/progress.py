@@ -23,10 +23,18 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.experimental.output import get_air_verbosity
 
-from analysis.outcome import ENDED_BY_SEARCH, INTERRUPTED, NOT_STARTED, PRUNED, failure_status, is_failure, outcome
-from search.export import PARAM_COLUMNS, fmt, param_cells
+from analysis.experiment import PARAM_COLUMNS, fmt, param_cells
+from analysis.outcome import (
+    ENDED_BY_SEARCH,
+    INTERRUPTED,
+    NOT_STARTED,
+    PRUNED,
+    failure_status,
+    is_failure,
+    outcome,
+)
+from analysis.study import METRIC, MODE
 from search.outcomes import EndWatch, live_view
-from search.searcher import METRIC, MODE
 
 METRIC_COLUMNS = ["stage", "epoch", "val_acc", "best_val_acc"]
 SHORT = {"unfreeze_depth": "unfreeze", "input_size": "input", "aug_strength": "aug",

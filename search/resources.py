@@ -10,7 +10,6 @@ from search.settings import SearchSettings
 from search.storage import check_cluster_storage
 from trainable.errors import UserError
 
-
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 

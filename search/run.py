@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -11,9 +12,17 @@ from typing import Any
 
 from ray import tune
 
-from search.export import export_best, leaderboard, load_trials, read_settings, write_settings
+from analysis.experiment import (
+    export_best,
+    leaderboard,
+    load_trials,
+    read_settings,
+    write_settings,
+)
+from analysis.outcome import INTERRUPTED, read_ends
+from analysis.study import METRIC, MODE
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
-from search.searcher import METRIC, MODE, make_scheduler, make_searcher
+from search.searcher import make_scheduler, make_searcher
 from search.settings import SearchSettings
 from spaces import NAMES, Options, Space, get_space
 from trainable.data import SearchData, prepare_search_data
@@ -109,7 +118,15 @@ def grace_period(s: SearchSettings, space: Space, opts: Options) -> int:
         raise UserError("--max-failures must be >= 0")
 
 
-def experiment_dir(s: SearchSettings, space: Space) -> Path:
+def check_budget_left(s: SearchSettings, exp: Path) -> None:
+    """A resumed search whose --time-budget is spent has nothing to run: say so before Ray starts."""
+    from search.budget import exhausted
+    if s.time_budget and exhausted(exp):
+        raise UserError(f"--resume: {exp.name} has spent its --time-budget of {s.time_budget}: nothing "
+                        f"is left to run; see its results with python analyze.py {shlex.quote(str(exp))} --no-retrain")
+
+
+def experiment_dir(s: SearchSettings, space: Space | None) -> Path:
     """The local experiment folder: STORAGE/NAME, or with a cloud --storage-path the driver's local
     copy of URI/NAME (`cloud_experiment`)."""
     from search.storage import is_uri, local_path
@@ -145,9 +162,17 @@ def cloud_experiment(s: SearchSettings, name: str) -> Path:
     files (optuna.db, settings, budget, estimate, best_config) in a local folder, uploaded to URI/NAME.
     The URI is reached now, before Ray starts; --resume first fetches the driver's files from it
     (a local copy newer than the URI's is kept)."""
-    from search.export import SETTINGS_FILE
-    from search.storage import (check_reachable, check_uri, download, join, mirror_dir, redact,
-                                storage_error, top_level_driver_file)
+    from analysis.experiment import SETTINGS_FILE
+    from search.storage import (
+        check_reachable,
+        check_uri,
+        download,
+        join,
+        mirror_dir,
+        redact,
+        storage_error,
+        top_level_driver_file,
+    )
     uri = join(check_uri(s.storage_path), name)
     check_reachable(uri)
     local = s.local_dir
@@ -265,14 +290,16 @@ def run_search(s: SearchSettings) -> Path:
     """Run (or resume) a search; returns the experiment folder."""
     validate(s)
     res = plan_resources(s)
-    space, opts = resolve_space(s, res)
-    fixed = s.fixed_params()
-    exp = experiment_dir(s, space)
     if s.resume:  # the experiment's own settings decide the data and the space
+        exp = experiment_dir(s, None)
         saved = read_settings(exp)
         s = SearchSettings(**{**saved, "resume": True, "address": s.address, "config": ""})
+        check_budget_left(s, exp)
         space, opts = resolve_space(s, res)
-        fixed = s.fixed_params()
+    else:
+        space, opts = resolve_space(s, res)
+        exp = experiment_dir(s, space)
+    fixed = s.fixed_params()
     remote = cloud_uri(s, exp)  # '' for a local --storage-path
     data_dir = str(Path(s.data_dir).expanduser().resolve())
     weights_dir = str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else ""
@@ -328,6 +355,9 @@ def run_search(s: SearchSettings) -> Path:
         from search.storage import download, results_only
         download(remote, exp, skip=lambda rel: "/" not in rel or results_only(rel), newer_only=True)
     trials = load_trials(exp)
+    if INTERRUPTED in read_ends(exp).values():
+        print(f"interrupted: continue it with python run_search.py --resume --name {exp.name} "
+              f"--storage-path {shlex.quote(s.storage_path)}")
     best = export_best(exp, trials)
     if remote:
         save_driver_files(exp, remote)
@@ -336,8 +366,6 @@ def run_search(s: SearchSettings) -> Path:
           f"{best['best_epoch']}\nwrote {exp / 'best_config.yaml'}\nretrain and test it: "
           f"{best['retrain_command']}")
     if remote:
-        import shlex
-
         from search.storage import redact
         print(f"uploaded to {redact(remote)}; analyze it there (analysis/ goes to the bucket too): "
               f"python analyze.py {shlex.quote(redact(remote))}")
@@ -352,7 +380,7 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
     from search.outcomes import TrialEnds
     from search.progress import console
     from search.tensorboard import EpochTensorBoard
-    from search.trainable import tune_trial
+    from search.tune_trial import tune_trial
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, train=data.train, val=data.val), res.trial)

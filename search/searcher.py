@@ -14,13 +14,11 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.study import METRIC, MODE, STUDY_NAME, WARM_CONFIG, study_url
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
 
-METRIC, MODE = "val_acc", "max"
 TIME_ATTR = "epoch"  # the epoch counter across all stages, reported by every trial
-STUDY_FILE, STUDY_NAME = "optuna.db", "search"
-WARM_CONFIG = "warm_start_config"  # user attr of an enqueued warm-start trial: its complete config
 
 
 class DefineByRun:
@@ -44,11 +42,6 @@ def _quiet_optuna() -> None:
     import warnings
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def study_url(exp: Path) -> str:
-    """The experiment's Optuna storage URL (SQLite)."""
-    return f"sqlite:///{Path(exp).resolve() / STUDY_FILE}"
 
 
 def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.samplers.BaseSampler:
@@ -110,7 +103,7 @@ def told_trials(dirs: list[Path], space: Space, opts: Options, fixed: dict[str, 
     """The finished trials of earlier experiments as Optuna FrozenTrials of this space (value: the
     trial's best val_acc; 0 for one that diverged or ran out of memory, as in a search), and one
     line per trial that is not a point of this space."""
-    from search.export import load_trials
+    from analysis.experiment import load_trials
     from spaces.warm_start import OutsideSpace, as_point, fit_epochs
     frozen, skipped = [], []
     for d in dirs:

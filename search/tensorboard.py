@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from ray.tune.logger import TBXLoggerCallback

@@ -8,6 +8,7 @@ they exist, so Optuna's TPE never sees a meaningless value.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -76,6 +77,21 @@ def get_space(name: str) -> Space:
     if name not in NAMES:
         raise UserError(f"unknown space {name!r}: choose one of {', '.join(NAMES)} (--list-spaces)")
     return importlib.import_module(f"spaces.{name}").SPACE
+
+
+_PATIENCES = ("early_stop_patience", "plateau_patience")
+
+
+def scale_epochs(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Every stage's epochs (and the patiences counted in epochs) times `factor`, rounded; a stage
+    or patience that was on keeps at least 1. Raises UserError for a factor that is not > 0."""
+    if not (factor > 0 and math.isfinite(factor)):
+        raise UserError(f"--epochs-scale {factor} must be a number > 0")
+    out = dict(config)
+    for key in ("stage1_epochs", "stage2_epochs", "stage3_epochs", *_PATIENCES):
+        if out.get(key, 0) > 0:
+            out[key] = max(1, round(out[key] * factor))
+    return out
 
 
 def recipe_config(name: str, fixed: dict[str, Any] | None = None, base: dict[str, Any] | None = None

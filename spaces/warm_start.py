@@ -58,7 +58,7 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
             break
         out[k] += 1
     # patiences scale as analyze --epochs-scale scales them; the stage epochs are the exact split above
-    from trainable.baselines import scale_epochs
+    from spaces import scale_epochs
     return {**scale_epochs(config, budget / total), **out}
 
 

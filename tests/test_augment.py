@@ -6,9 +6,17 @@ import math
 import pytest
 import torch
 
-from trainable.augment import (AugPolicy, DeviceAugment, affine_resize, aug_policy,
-                               eval_transform, homography_resize, normalisation_of, parse_augment,
-                               policy_for)
+from trainable.augment import (
+    AugPolicy,
+    DeviceAugment,
+    affine_resize,
+    aug_policy,
+    eval_transform,
+    homography_resize,
+    normalisation_of,
+    parse_augment,
+    policy_for,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOL = 1e-4

@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from spaces import RECIPES, get_space, recipe_config
-from trainable.baselines import baseline_configs, comparison_rows, parse_overrides, scale_epochs
+from analysis.baselines import baseline_configs, comparison_rows, parse_overrides
+from spaces import RECIPES, get_space, recipe_config, scale_epochs
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 from trainable.model import create_model

@@ -69,7 +69,9 @@ OPTS = "?endpoint_override=127.0.0.1:9000&scheme=http"
 def test_join_puts_the_name_before_the_options(storage):
     uri = join(check_uri(storage), "exp")
     assert uri == f"s3://b/runs/exp{OPTS}"
-    from ray.air._internal.uri_utils import URI  # how Tuner.restore splits an experiment URI
+    from ray.air._internal.uri_utils import (
+        URI,  # how Tuner.restore splits an experiment URI
+    )
     assert URI(uri).name == "exp" and str(URI(uri).parent) == f"s3://b/runs{OPTS}"
     from search.run import _parent_uri
     assert _parent_uri(uri) == f"s3://b/runs{OPTS}"

@@ -5,7 +5,12 @@ import dataclasses
 
 import pytest
 
-from search.settings import SearchSettings, build_parser, load_yaml_settings, parse_settings
+from search.settings import (
+    SearchSettings,
+    build_parser,
+    load_yaml_settings,
+    parse_settings,
+)
 from trainable.config import OPTIMIZERS, SCHEDULES, TrialConfig, coerce
 from trainable.errors import UserError
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from search import trainable as search_trainable
-from search.trainable import memory_fraction, trial_device
+from search import tune_trial as search_trainable
+from search.tune_trial import memory_fraction, trial_device
 
 CPU = torch.device("cpu")
 GiB = 1 << 30

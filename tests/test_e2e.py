@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from search.export import load_trials
+from analysis.experiment import load_trials
 from tests.conftest import run_cli
 from trainable.config import TrialConfig
 

@@ -1,4 +1,4 @@
-"""Tests for search/export.py on a hand-built experiment folder in Tune's on-disk layout."""
+"""Tests for analysis/experiment.py on a hand-built experiment folder in Tune's on-disk layout."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.export import (SETTINGS_FILE, export_best, leaderboard, load_trials, rank,
-                           read_best_config, read_settings, write_settings)
+from analysis.experiment import (
+    SETTINGS_FILE,
+    export_best,
+    leaderboard,
+    load_trials,
+    rank,
+    read_best_config,
+    read_settings,
+    write_settings,
+)
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from search.export import load_trials
+from analysis.experiment import load_trials
 from tests.conftest import REPO, run_cli
 from trainable.trial import FAULT_ENV
 

@@ -10,9 +10,14 @@ from pathlib import Path
 import optuna
 import pytest
 
+from analysis.experiment import load_trials
 from report.build import write_report
-from report.importance import STUDY_FILE, STUDY_NAME, compute_importance, load_saved_study
-from search.export import load_trials
+from report.importance import (
+    STUDY_FILE,
+    STUDY_NAME,
+    compute_importance,
+    load_saved_study,
+)
 from trainable.config import TrialConfig
 
 N_TRIALS = 24
@@ -107,7 +112,7 @@ def test_too_few_trials_without_a_study(tmp_path, n):
 def test_trials_told_from_earlier_experiments_stay_out(tmp_path):
     """--warm-start DIR tells the searcher another experiment's trials: they are in optuna.db but
     were not run by this search. Enqueued recipe points were, and count."""
-    from search.searcher import WARM_CONFIG
+    from analysis.study import WARM_CONFIG
     exp = _experiment(tmp_path)
     saved = load_saved_study(exp)
     dist = {"stage1_lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),

@@ -12,8 +12,21 @@ from torch import nn
 
 from trainable.config import TrialConfig
 from trainable.errors import UserError
-from trainable.model import NUM_COARSE, NUM_FINE, Net, create_model, set_trainable, train_mode
-from trainable.optim import build_schedule, build_optimizer, count_trainable, head_lr, param_groups
+from trainable.model import (
+    NUM_COARSE,
+    NUM_FINE,
+    Net,
+    create_model,
+    set_trainable,
+    train_mode,
+)
+from trainable.optim import (
+    build_optimizer,
+    build_schedule,
+    count_trainable,
+    head_lr,
+    param_groups,
+)
 from trainable.stages import Stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,11 +17,12 @@ import pytest
 import torch
 from numpy._core._exceptions import _ArrayMemoryError
 
-from search import trainable as search_trainable
-from search.trainable import retry_first_oom, shares_a_gpu
+from analysis import final
+from search import tune_trial as search_trainable
+from search.tune_trial import retry_first_oom, shares_a_gpu
 from tests.conftest import REPO
 from tests.fake_cifar import random_split
-from trainable import final, trial
+from trainable import trial
 from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.trial import is_out_of_memory, run_trial
@@ -57,7 +58,7 @@ if what == "trial":
     net, last = run_trial(cfg, train, val, lambda m, c: rows.append(m), checkpoint=False)
     print(json.dumps({"rows": rows, "last": last, "net": net is not None}))
 else:
-    from trainable.final import retrain_and_test
+    from analysis.final import retrain_and_test
     data = FinalData(train, np.arange(2), np.arange(2, 4), val, [f"c{i}" for i in range(100)],
                      [f"s{i}" for i in range(20)])
     try:

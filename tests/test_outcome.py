@@ -10,12 +10,27 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-from analysis.outcome import (COMPLETED, DIVERGED, EARLY_STOPPED, ENDS_FILE, ERRORED, INTERRUPTED,
-                              NOT_STARTED, OOM, OUT_OF_BUDGET, PENDING, PRUNED, RUNNING, TrialView,
-                              outcome, read_ends, write_ends)
+from analysis.experiment import leaderboard, load_trials
+from analysis.outcome import (
+    COMPLETED,
+    DIVERGED,
+    EARLY_STOPPED,
+    ENDS_FILE,
+    ERRORED,
+    INTERRUPTED,
+    NOT_STARTED,
+    OOM,
+    OUT_OF_BUDGET,
+    PENDING,
+    PRUNED,
+    RUNNING,
+    TrialView,
+    outcome,
+    read_ends,
+    write_ends,
+)
 from report.curves import END_MARKER, STYLE
 from report.leaderboard import leaderboard_rows
-from search.export import leaderboard, load_trials
 from search.outcomes import TrialEnds
 from search.progress import progress_line, progress_of, table_rows
 from search.tensorboard import EpochTensorBoard

@@ -20,8 +20,8 @@ TINY_CONFIG = {"backbone": "resnet18", "pretrained": False, "stages": 2, "stage1
 
 def make_tiny_model(root: Path) -> tuple[Path, object]:
     """root/tiny/analysis/model.pt trained on fake CIFAR; returns (model path, test Split)."""
+    from analysis.final import retrain_and_test
     from trainable.data import prepare_final_data
-    from trainable.final import retrain_and_test
     data = write_fake_cifar(root / "data", train_per_class=5, test_per_class=2)
     fd = prepare_final_data(data, subset=None, seed=0, download=False)
     out = root / "runs" / "tiny" / "analysis"

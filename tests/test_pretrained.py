@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from tests.fake_cifar import missing, stand_in_dir
 from trainable.data import prepare_search_data
 from trainable.trial import run_trial

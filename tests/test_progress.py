@@ -8,8 +8,17 @@ import time
 
 import pytest
 
-from search.progress import (METRIC_COLUMNS, PARAM_COLUMNS, ProgressLine, TrialTable, console,
-                             progress_line, progress_of, render_table, table_rows)
+from search.progress import (
+    METRIC_COLUMNS,
+    PARAM_COLUMNS,
+    ProgressLine,
+    TrialTable,
+    console,
+    progress_line,
+    progress_of,
+    render_table,
+    table_rows,
+)
 
 
 class FakeTrial:

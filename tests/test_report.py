@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
+from analysis.experiment import load_trials, rank
 from report import write_report
 from report.classes import class_results, ranked_classes, top_confusions
 from report.importance import compute_importance, infer_distributions
 from report.schedule import compute_schedule, steps_per_epoch
-from search.export import load_trials, rank
 from tests.conftest import run_cli
 from tests.fake_cifar import write_fake_cifar
 from trainable.config import TrialConfig
@@ -127,7 +127,11 @@ def test_class_results_and_confusions():
 
 
 def test_distributions_are_inferred_from_values():
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
     d = infer_distributions([{"backbone": "a", "stage1_lr": 1e-3, "aug_strength": 0.01, "stages": 2, "seed": 0},
                              {"backbone": "b", "stage1_lr": 2e-3, "aug_strength": 0.9, "stages": 3, "seed": 0}])
     assert isinstance(d["backbone"], CategoricalDistribution)

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 import analyze
+from analysis.experiment import SETTINGS_FILE
+from analysis.final import retrain_and_test
 from report.build import cut_sentence
-from search.export import SETTINGS_FILE
 from tests.conftest import run_cli
 from tests.fake_cifar import write_fake_cifar
 from trainable.data import prepare_final_data, prepare_search_data
-from trainable.final import retrain_and_test
 from trainable.trial import run_trial
 
 # 4 epochs: stage 1 (head) 1 epoch, stage 2 3 epochs of warmup + cosine

@@ -1,7 +1,6 @@
 """Tests for trainable/stages.py: the stage plan, per-block lr scales and the per-step lr factor."""
 from __future__ import annotations
 
-
 import pytest
 
 from trainable.config import TrialConfig

@@ -7,10 +7,9 @@ import shutil
 import pytest
 
 from analysis.outcome import early_stopped
-from spaces import recipe_config
+from spaces import recipe_config, scale_epochs
 from tests.fake_cifar import write_fake_cifar
 from trainable import trial
-from trainable.baselines import scale_epochs
 from trainable.data import prepare_search_data
 from trainable.trial import run_trial
 

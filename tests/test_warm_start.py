@@ -10,10 +10,10 @@ from pathlib import Path
 import optuna
 import pytest
 
+from analysis.study import WARM_CONFIG, study_url
 from search.budget import BudgetStopper, parse_duration, spent
 from search.estimate import Speeds, asha_rungs, epoch_seconds, reach
-from search.searcher import (WARM_CONFIG, make_searcher, stage_aware_grace, study_url,
-                             told_trials)
+from search.searcher import make_searcher, stage_aware_grace, told_trials
 from spaces import RECIPES, Options, Suggest, get_space, recipe_config
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs, recipe_points
 from trainable.config import TrialConfig

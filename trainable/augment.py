@@ -29,8 +29,8 @@ Strength outside [0, 1] raises ValueError. Fixed recipes name their ops instead
 takes its strength-1 value, "none" alone turns everything off.
 """
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

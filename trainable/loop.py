@@ -23,7 +23,6 @@ from trainable.augment import DeviceAugment, eval_transform
 from trainable.config import PRECISIONS
 from trainable.model import NUM_COARSE, NUM_FINE, Net, train_mode
 
-
 # backbones that train slower in channels_last on the CPU (benchmarks/layout.py); none measured so far
 CPU_CONTIGUOUS: frozenset[str] = frozenset()
 

@@ -17,8 +17,9 @@ from torch import nn
 from trainable.config import HEADS
 from trainable.data import NUM_COARSE, NUM_FINE
 from trainable.errors import UserError
-from trainable.scratch import adapt_small_input  # also registers the 32 px "alexnet" with timm
-
+from trainable.scratch import (
+    adapt_small_input,  # also registers the 32 px "alexnet" with timm
+)
 
 
 class Net(nn.Module):

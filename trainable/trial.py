@@ -1,6 +1,6 @@
 """One trial: a multi-stage fine-tune as a plain function of (config, data, reporter).
 
-Ray Tune calls it in a search (search/trainable.py adapts it), analyze.py calls it to retrain the
+Ray Tune calls it in a search (search/tune_trial.py adapts it), analyze.py calls it to retrain the
 best config on train+val, and tests call it with a list as the reporter.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
 from trainable.config import TrialConfig
 from trainable.data import Split
+from trainable.early_stop import EarlyStop
 from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoch
 from trainable.model import Net, create_model
-from trainable.early_stop import EarlyStop
 from trainable.optim import build_optimizer, build_plateau, count_trainable, head_lr
 from trainable.stages import plan_stages
 
@@ -32,7 +32,7 @@ CHECKPOINT_FILE = "state.pt"
 def pick_device() -> torch.device:
     """Outside Ray (the retrain, gpu_check): the current CUDA device when there is one, else the CPU.
 
-    A search trial does not ask this: search/trainable.py decides from the GPUs Ray assigned it
+    A search trial does not ask this: search/tune_trial.py decides from the GPUs Ray assigned it
     (a CPU trial may still see every GPU) and passes run_trial its `device`."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -213,7 +213,7 @@ def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[st
     """The last result of a trial that failed in a way a retry cannot fix (divergence, OOM).
 
     It scores 0 for ASHA and the searcher, so TPE learns to avoid that region; export never
-    picks it (search/export.py skips non-"ok" rows)."""
+    picks it (analysis/experiment.py skips non-"ok" rows)."""
     return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "diverged": status == "diverged",
             "status": status, "error": reason}
 

@@ -14,9 +14,15 @@ from typing import Any
 
 import yaml
 
-from analysis.outcome import TrialView, failure_status, outcome, planned_epochs, read_ends
+from analysis.outcome import (
+    TrialView,
+    failure_status,
+    outcome,
+    planned_epochs,
+    read_ends,
+)
+from analysis.study import METRIC
 from trainable import atomic
-from search.searcher import METRIC
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 

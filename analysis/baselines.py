@@ -6,31 +6,17 @@ as every search trial; `--epochs-scale` shrinks its schedule for CPU runs.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
-from spaces import RECIPES, recipe_config
+from analysis.final import retrain_and_test
+from spaces import RECIPES, recipe_config, scale_epochs
 from trainable import atomic
 from trainable.config import TrialConfig, coerce, split_assignment
 from trainable.data import FinalData
 from trainable.errors import UserError
-from trainable.final import retrain_and_test
 
 COMPARISON = "comparison.json"
-_PATIENCES = ("early_stop_patience", "plateau_patience")
-
-
-def scale_epochs(config: dict[str, Any], factor: float) -> dict[str, Any]:
-    """Every stage's epochs (and the patiences counted in epochs) times `factor`, rounded; a stage
-    or patience that was on keeps at least 1."""
-    if not (factor > 0 and math.isfinite(factor)):
-        raise UserError(f"--epochs-scale {factor} must be a number > 0")
-    out = dict(config)
-    for key in ("stage1_epochs", "stage2_epochs", "stage3_epochs", *_PATIENCES):
-        if out.get(key, 0) > 0:
-            out[key] = max(1, round(out[key] * factor))
-    return out
 
 
 def parse_overrides(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:

@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import ray
+import torch
 from ray import tune
 
 from trainable.data import Split

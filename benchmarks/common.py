@@ -1,0 +1,163 @@
+"""What the benchmark scripts share: paths, the machine line, a markdown table, timing with
+torch.utils.benchmark.Timer, the model-only ceiling step, and the project's CLIs run as a user runs
+them (a subprocess of their own, optionally watched while it runs)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "tinyimagenet100-32"  # the real-image stand-in (not CIFAR-100)
+WEIGHTS = REPO.parent / "shared" / "weights"
+BACKBONE = "tf_efficientnet_lite0"
+MiB = 2 ** 20
+
+
+def machine() -> str:
+    import ray
+    import timm
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor() or "unknown CPU")
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, GPU: {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, timm {timm.__version__}, ray {ray.__version__}")
+
+
+def md_table(head: list[str], rows: list) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def per_call(fn: Callable[[], object], threads: int, min_seconds: float) -> float:
+    """Mean seconds per call of `fn` at `threads` torch threads: torch's Timer (one warm-up call,
+    then calls until `min_seconds` have passed; it synchronises CUDA)."""
+    from torch.utils.benchmark import Timer
+    return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_seconds).mean
+
+
+def alternate(fns: dict, rounds: int, threads: int | dict, min_seconds: float,
+              setups: dict | None = None) -> dict:
+    """Seconds per call of each contender, timed in turn for `rounds` rounds (load from other
+    processes hits them alike); `threads` for all or per contender; `setups[name]` runs untimed
+    before each of its turns."""
+    total = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            (setups or {}).get(name, lambda: None)()
+            total[name] += per_call(fn, threads[name] if isinstance(threads, dict) else threads, min_seconds)
+    return {k: v / rounds for k, v in total.items()}
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+         prec=None, sched=None) -> None:
+    """The model's own work on a ready batch: forward, label-smoothed CE, backward, optimiser step."""
+    with prec.autocast() if prec is not None else contextlib.nullcontext():
+        out = net(x)
+        loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, y, label_smoothing=0.1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
+@dataclass
+class Bench:
+    """A model and the training images on the device, in the layout a trial picks."""
+    net: torch.nn.Module
+    x: torch.Tensor  # uint8 [N,3,32,32]
+    fine: torch.Tensor
+    coarse: torch.Tensor
+    mean: tuple
+    std: tuple
+    dev: torch.device
+    prec: object  # trainable.loop.Precision
+
+
+def make_bench(train, weights_dir: str, channels_last: bool | None = None, backbone: str = BACKBONE) -> Bench:
+    """`channels_last` None: the layout a trial picks (loop.Precision.for_device); True/False forces one."""
+    from trainable.augment import normalisation_of
+    from trainable.loop import Precision
+    from trainable.model import create_model
+    from trainable.trial import pick_device, to_device
+    dev = pick_device()
+    net = create_model(backbone, pretrained=bool(weights_dir), weights_dir=weights_dir)
+    prec = Precision.for_device(dev, backbone)
+    if channels_last is not None:
+        prec = Precision(dev, prec.amp_dtype, channels_last)
+    prec.model_to(net)
+    return Bench(net, *to_device(train, dev), *normalisation_of(net.backbone), dev, prec)
+
+
+def model_fn(b: Bench, size: int, bs: int, steps: int = 1) -> Callable[[], int]:
+    """The ceiling: `steps` forward+backward+SGD steps of the whole network (every layer trainable)
+    on one fixed batch, nothing else; returns the images it trained on."""
+    from trainable.model import set_trainable, train_mode
+    set_trainable(b.net, None)
+    train_mode(b.net)
+    opt = torch.optim.SGD(b.net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    x = b.prec.prepare(torch.randn(bs, 3, size, size, generator=g).to(b.dev))
+    y = torch.randint(0, 100, (bs,), generator=g).to(b.dev)
+
+    def run() -> int:
+        for _ in range(steps):
+            step(b.net, opt, x, y, b.prec)
+        return steps * bs
+    return run
+
+
+def run_cli(script: str, args: list, log: Path, *, watch: Callable[[subprocess.Popen], bool] | None = None,
+            timeout: float = 4 * 3600) -> float:
+    """Run one of the project's CLIs (`run_search.py`, on a free dashboard port, or `analyze.py`) in
+    a session of its own; returns its wall seconds. `watch(proc)` is called every second and may return True to stop it like a
+    user's Ctrl-C (SIGINT: Tune saves its state, Ray shuts down). Raises on any other failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if script == "run_search.py":  # not 8265: other people's searches and tests on this machine race for it
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args = [*args, "--dashboard-port", sock.getsockname()[1]]
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    t0, stopped = time.time(), False
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if not stopped and ((watch is not None and watch(proc)) or time.time() - t0 > timeout):
+                    proc.send_signal(signal.SIGINT)
+                    stopped = True
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what we started
+            raise
+    if proc.returncode != 0 and not stopped:  # stopped: Tune saved what it had; the caller reads that
+        raise RuntimeError(f"{script} exited {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+    return time.time() - t0
