@@ -73,7 +73,7 @@ class Progress:
     pruned: int = 0  # by ASHA
     failed: int = 0
     running: int = 0
-    cut_short: int = 0  # interrupted or out of time budget (counted in done too)
+    cut_short: int = 0  # interrupted or out of time budget: not finished
     cut_reason: str = ""
     best: float | None = None
     best_trial: str = ""
@@ -109,11 +109,11 @@ def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any 
         name = status_of(t, status, cut.get(str(t.trial_id), ""))
         if status in (ERROR, TERMINATED) and is_failure(name):  # errored, diverged, oom
             p.failed += 1
+        elif status == TERMINATED and name in ENDED_BY_SEARCH:  # not finished: --resume continues it
+            p.cut_short, p.cut_reason = p.cut_short + 1, name
         elif status == TERMINATED and name != NOT_STARTED:  # cleanup marks unstarted ones terminated too
             p.done += 1
             p.pruned += name == PRUNED
-            if name in ENDED_BY_SEARCH:
-                p.cut_short, p.cut_reason = p.cut_short + 1, name
             if isinstance(secs, (int, float)):
                 p.trial_seconds.append(float(secs))
         elif status == RUNNING:
