@@ -32,22 +32,24 @@ def cache_path() -> Path:
     return Path(root) / "speed.json"
 
 
-def device_key(device: Any, threads: int) -> str:
+def device_key(device: Any, threads: int, precision: str = "auto") -> str:
+    """The speed cache's key: device, threads, and the --precision when it is not the default."""
     import torch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
-    return f"{name}|threads{threads}"
+    return f"{name}|threads{threads}" + ("" if precision == "auto" else f"|{precision}")
 
 
-def measure(backbone: str, size: int, device: Any) -> dict[str, float]:
+def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> dict[str, float]:
     """Seconds per image for a head-only training step, an all-trainable step and an evaluation
-    forward pass, at batch BATCH (random weights: speed does not depend on them)."""
+    forward pass, at batch BATCH and the trials' precision (random weights: speed does not
+    depend on them)."""
     import torch
     import torch.nn.functional as F
 
     from trainable.loop import Precision
     from trainable.model import create_model, set_trainable, train_mode
     net = create_model(backbone, pretrained=False)
-    prec = Precision.for_device(device, backbone)
+    prec = Precision.for_device(device, backbone, precision)
     prec.model_to(net)
     x = prec.prepare(torch.randn(BATCH, 3, size, size, device=device))
     y = torch.randint(0, 100, (BATCH,), device=device)
@@ -95,10 +97,10 @@ class Speeds:
 
 
 def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
-               log=print) -> Speeds:
+               log=print, precision: str = "auto") -> Speeds:
     """Measured speeds for every (backbone, size), reusing the per-machine cache."""
     import torch
-    key = device_key(device, threads)
+    key = device_key(device, threads, precision)
     path = cache_path()
     try:
         cache = json.loads(path.read_text())
@@ -113,7 +115,7 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
         torch.set_num_threads(threads)
         try:
             for b, s in todo:
-                mine[f"{b}@{s}"] = measure(b, s, device)
+                mine[f"{b}@{s}"] = measure(b, s, device, precision)
         finally:
             torch.set_num_threads(old)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +201,7 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
         study.tell(t, 0.0)
     warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
     combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
-    speeds = speeds_for(combos, device, threads, log=log)
+    speeds = speeds_for(combos, device, threads, log=log, precision=base.get("precision", "auto"))
 
     def cost(c: TrialConfig, asha: bool) -> float:
         secs = epoch_seconds(c, speeds, n_train, n_val)

@@ -251,10 +251,11 @@ def test_estimate_without_training(monkeypatch):
     import torch
 
     from search import estimate as est
-    calls = []
+    calls, precisions = [], []
 
-    def fake_speeds(combos, device, threads, log=print):
+    def fake_speeds(combos, device, threads, log=print, precision="auto"):
         calls.append(combos)
+        precisions.append(precision)
         return Speeds("fake", {f"{b}@{s}": {"frozen": 1e-4 * s, "train": 3e-4 * s, "eval": 5e-5 * s} for b, s in combos})
     monkeypatch.setattr(est, "speeds_for", fake_speeds)
     opts = Options(LITES, 4)
@@ -263,6 +264,11 @@ def test_estimate_without_training(monkeypatch):
                      threads=1, parallel=2, num_samples=20, budget_s=600, rungs=[3], rf=3)
     assert {s for _, s in calls[0]} == {64, 96, 128, 160, 224}
     assert e.trial_asha_s < e.trial_fifo_s and e.n_warm == len(points)
+    est.estimate(CPU, opts, {}, {**BASE, "precision": "bf16"}, points, n_train=800, n_val=200,
+                 device=torch.device("cpu"), threads=1, parallel=2, num_samples=20, budget_s=600, rungs=[3], rf=3)
+    assert precisions == ["auto", "bf16"]  # the trials' --precision is what gets timed
+    assert est.device_key(torch.device("cpu"), 2, "bf16").endswith("|threads2|bf16")
+    assert "|bf16" not in est.device_key(torch.device("cpu"), 2)  # the default keeps its cache
     assert e.wall(20, True) < e.wall(20, False)
     assert 0 < e.trials_in(600, True)
     text = est.describe(e)
