@@ -223,11 +223,11 @@ MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
 
 
 def pipeline_fn(b, size: int, bs: int, batches: int):
-    """The trial's per-batch data work (as loop.train_epoch does it): a random index slice of the
-    on-device uint8 images, DeviceAugment at aug_strength 1, loop.mix_batch (timm Mixup/CutMix),
-    Precision.prepare; `batches` batches per call."""
+    """The trial's per-batch data work, loop.make_batch as loop.train_epoch calls it: a random index
+    slice of the on-device uint8 images, DeviceAugment at aug_strength 1, mixup/cutmix
+    (loop.mix_batch), the precision's layout; `batches` batches per call."""
     from trainable.augment import DeviceAugment, aug_policy
-    from trainable.loop import coarse_matrix, make_mixup, mix_batch
+    from trainable.loop import coarse_matrix, make_batch, make_mixup
     aug, mix = DeviceAugment(aug_policy(1.0), size, b.mean, b.std), make_mixup(*MIXUP)
     f2c, g, mg = coarse_matrix(b.fine, b.coarse), torch.Generator(b.dev).manual_seed(1), torch.Generator().manual_seed(1)
     n = b.x.shape[0]
@@ -236,7 +236,8 @@ def pipeline_fn(b, size: int, bs: int, batches: int):
         perm = torch.randperm(n, device=b.dev, generator=g)
         for i in range(batches):
             idx = perm[(i * bs) % (n - bs + 1):][:bs]
-            b.prec.prepare(mix_batch(mix, aug(b.x[idx], g), b.fine[idx], f2c, mg)[0])
+            make_batch(b.x, b.fine, b.coarse, idx, aug=aug, prec=b.prec, generator=g, mix=mix,
+                       fine_to_coarse=f2c, mix_generator=mg)
         return batches * bs
     return run
 

@@ -154,6 +154,20 @@ def batching(n: int, batch_size: int) -> tuple[int, int]:
     return bs, max(1, n // bs)
 
 
+def make_batch(x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, idx: torch.Tensor, *,
+               aug: DeviceAugment, prec: Precision, generator: torch.Generator, mix: Mixup | None = None,
+               fine_to_coarse: torch.Tensor | None = None, mix_generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch as a trial feeds it: the `idx` rows of the on-device uint8 images
+    (N, 3, 32, 32) augmented on the device, mixed when `mix` is given (mix_batch), in the
+    precision's memory layout; returns (images (B, 3, S, S) float, fine targets, coarse targets):
+    class indices, or soft rows (B, NUM_FINE) / (B, NUM_COARSE) under mixup."""
+    xb, yb, cb = aug(x[idx], generator), fine[idx], coarse[idx]
+    if mix is not None:
+        xb, yb, cb = mix_batch(mix, xb, yb, fine_to_coarse, mix_generator)
+    return prec.prepare(xb), yb, cb
+
+
 def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, *,
                 aug: DeviceAugment, batch_size: int, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, prec: Precision,
@@ -168,6 +182,7 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
     n = x.shape[0]
     bs, steps = batching(n, batch_size)
     perm = torch.randperm(n, device=x.device, generator=generator)
+    fine_to_coarse = None
     if mix is not None:
         fine_to_coarse = coarse_matrix(fine, coarse)
         if mix_generator is None:
@@ -176,11 +191,9 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
     _sync(prec.device)
     t0 = time.perf_counter()
     for i in range(steps):
-        idx = perm[i * bs:(i + 1) * bs]
-        xb, yb, cb = aug(x[idx], generator), fine[idx], coarse[idx]
-        if mix is not None:
-            xb, yb, cb = mix_batch(mix, xb, yb, fine_to_coarse, mix_generator)
-        xb = prec.prepare(xb)
+        xb, yb, cb = make_batch(x, fine, coarse, perm[i * bs:(i + 1) * bs], aug=aug, prec=prec,
+                                generator=generator, mix=mix, fine_to_coarse=fine_to_coarse,
+                                mix_generator=mix_generator)
         with prec.autocast():
             loss = _loss(net(xb), yb, cb, smoothing, coarse_weight)
         opt.zero_grad(set_to_none=True)
