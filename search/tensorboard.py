@@ -142,13 +142,14 @@ class EpochTensorBoard(TBXLoggerCallback):
 
 def upload_events(trial) -> None:
     """Copy the trial's event files from the driver's staging folder to the experiment's storage:
-    Tune's last sync ran before on_experiment_end, so what it writes there would stay behind."""
+    Tune's last sync ran before on_experiment_end, so what it writes there would stay behind.
+    `trial.path` is a path on Tune's own storage filesystem (a bucket's has no scheme), so the copy
+    goes through that filesystem, local or cloud alike."""
     import pyarrow.fs
 
-    from search.storage import filesystem_and_path
-    src = Path(trial.local_path)
-    fs, dest = filesystem_and_path(str(trial.path))
+    src, fs, dest = Path(trial.local_path), trial.storage.storage_filesystem, str(trial.path)
     if isinstance(fs, pyarrow.fs.LocalFileSystem) and src.resolve() == Path(dest).resolve():
         return
+    fs.create_dir(dest, recursive=True)  # there already when Tune synced the trial; cheap if so
     for f in src.glob("events.out.tfevents.*"):
         pyarrow.fs.copy_files(str(f), f"{dest}/{f.name}", destination_filesystem=fs)

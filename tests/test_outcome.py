@@ -4,8 +4,10 @@ report's leaderboard and the val_acc plot."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
@@ -80,6 +82,7 @@ class LiveTrial:
         self.last_result = {**rows[-1], "trial_id": trial_id}
         self.local_path = str(root / f"trial_{trial_id}")
         self.path = self.local_path  # storage = the driver's folder: nothing to upload
+        self.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem())
 
     def init_local_path(self):
         Path(self.local_path).mkdir(parents=True, exist_ok=True)
@@ -207,3 +210,18 @@ def test_a_trial_that_never_ran_is_not_started_though_tune_gave_it_a_row(tmp_pat
     assert (p.done, p.pruned) == (0, 0)
     _, rows, _ = table_rows([t], ["backbone"], ["epoch"])
     assert rows[0][1] == NOT_STARTED
+
+
+def test_budget_cut_event_files_go_to_tunes_storage_filesystem(tmp_path):
+    """Tune's last sync runs before on_experiment_end: the HParams session written then is copied to
+    the trial's storage through Tune's own filesystem, whose paths (a bucket's too) carry no scheme."""
+    from search.tensorboard import upload_events
+    staging, storage = tmp_path / "staging" / "trial_a", tmp_path / "storage"
+    staging.mkdir(parents=True)
+    (staging / "events.out.tfevents.1.host").write_bytes(b"x")
+    fs = pyarrow.fs.SubTreeFileSystem(str(storage), pyarrow.fs.LocalFileSystem())  # a "bucket" at storage/
+    trial = SimpleNamespace(local_path=str(staging), path="runs/exp/trial_a",
+                            storage=SimpleNamespace(storage_filesystem=fs))
+    upload_events(trial)
+    assert (storage / "runs/exp/trial_a/events.out.tfevents.1.host").read_bytes() == b"x"
+    assert not (tmp_path / "runs").exists() and not list(Path.cwd().glob("runs/exp/trial_a"))
