@@ -180,16 +180,22 @@ def load_image(src: str | Path | IO[bytes], name: str = "") -> "torch.Tensor":
     return to_model_input(read_image(src, name))
 
 
-def probabilities(model: Model, images: list) -> "torch.Tensor":
-    """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images."""
+def probabilities(model: Model, images: list, batch_size: int = 256) -> "torch.Tensor":
+    """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a
+    time (halved while a batch runs out of memory: thousands of photos at 224 px still fit)."""
     import torch
 
     from trainable.augment import eval_transform
-    x = eval_transform(torch.stack(images), model.input_size, model.mean, model.std)
+    from trainable.loop import halving_batches
+    x = torch.stack(images)
+
+    def step(rows: slice) -> torch.Tensor:
+        out = model.net(eval_transform(x[rows], model.input_size, model.mean, model.std))
+        return (out[0] if isinstance(out, tuple) else out).float().softmax(dim=1)
+
     with torch.inference_mode():
-        out = model.net(x)
-    logits = out[0] if isinstance(out, tuple) else out
-    return logits.float().softmax(dim=1)
+        parts, _ = halving_batches(len(images), batch_size, step)
+    return torch.cat(parts)
 
 
 def top_k(probs, names: list[str], k: int = 5) -> list[tuple[str, float]]:

@@ -20,7 +20,8 @@ from trainable.config import TrialConfig
 from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
-from trainable.trial import is_out_of_memory, run_trial, to_device
+from trainable.memory import is_out_of_memory
+from trainable.trial import run_trial, to_device
 
 FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
 
@@ -56,8 +57,8 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        raise UserError(f"the test pass ran out of memory on {device.type} (eval_batch_size {cfg.eval_batch_size}, "
-                        f"input_size {cfg.input_size}): lower eval_batch_size {FIX}") from None
+        raise UserError(f"the test pass ran out of memory on {device.type} even one image at a time "
+                        f"(input_size {cfg.input_size}): lower input_size {FIX}") from None
     metrics = {"test_acc": ev["acc"], "test_top5": ev["top5"], "test_coarse_acc": ev["coarse_acc"],
                "test_loss": ev["loss"], "epochs": int(last["epoch"]), "planned_epochs": cfg.total_epochs,
                "cut_at_epoch": cut,

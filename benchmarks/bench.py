@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -31,8 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (BACKBONE, DATA, WEIGHTS, MiB, alternate, machine, make_bench,  # noqa: E402
-                               md_table, model_fn, per_call, rate, run_cli, step)
+from benchmarks.common import (  # noqa: E402
+    BACKBONE,
+    DATA,
+    WEIGHTS,
+    MiB,
+    alternate,
+    command_line,
+    machine,
+    make_bench,
+    md_table,
+    model_fn,
+    per_call,
+    rate,
+    run_cli,
+    step,
+)
 
 FULL = dict(subset=20, overhead_sizes=(32, 128), overhead_batch=64, overhead_epochs=3, ceiling_s=5.0,
             sizes=(32, 96, 224), batch=64, rounds=3, pipe_batches=10, call_s=1.0, dl_rounds=2, dl_batches=10,
@@ -524,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
         return 2
     ctx = Context(a, SimpleNamespace(**(QUICK if a.quick else FULL)))
-    cmd = shlex.join(["python", "benchmarks/bench.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    cmd = command_line("bench.py", argv)
     t0, load0 = time.time(), os.getloadavg()[0]
     for s in sections:
         print(f"[bench] {s}. {TITLES[s]} ...", flush=True)

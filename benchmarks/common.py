@@ -25,6 +25,12 @@ BACKBONE = "tf_efficientnet_lite0"
 MiB = 2 ** 20
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command as it was typed, for a benchmark's "Command:" line (argv None: sys.argv's)."""
+    import shlex
+    return shlex.join(["python", f"benchmarks/{script}"] + (sys.argv[1:] if argv is None else list(argv)))
+
+
 def machine() -> str:
     import ray
     import timm

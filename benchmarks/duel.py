@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, WEIGHTS, machine, md_table, run_cli  # noqa: E402
+from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table, run_cli  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -114,6 +114,7 @@ def first_beat(exp: Path, threshold: float, start: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    a.command = command_line("duel.py", argv)
     work = Path(a.work_dir)
     if (work / "runs").exists():
         import shutil
@@ -151,8 +152,7 @@ def markdown(a: argparse.Namespace, results: dict, n_recipes: int, total_s: floa
     rows = [[LABELS[k], f"{r['wall_s']:.0f} s", r["trials"], r["epochs"],
              f"{100 * r['best_val_acc']:.1f} %" if r["best_val_acc"] is not None else "-", r["best_name"],
              f"{100 * r['test_acc']:.1f} %", f"{r['retrain_s']:.0f} s"] for k, r in sorted(results.items())]
-    lines = [f"- Command: `python benchmarks/duel.py --budget {a.budget} --subset {a.subset} --max-epochs "
-             f"{a.max_epochs} --val-fraction {a.val_fraction} --backbones {a.backbones}{' --quick' if a.quick else ''}` (took {total_s / 60:.1f} min), "
+    lines = [f"- Command: `{a.command}` (took {total_s / 60:.1f} min), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
              f"- Machine: {machine()}",
              f"- Data: the stand-in `{a.data_dir}` (ImageNet photos in CIFAR-100's format; **not CIFAR-100**: "

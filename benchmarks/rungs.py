@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, WEIGHTS, md_table, run_cli  # noqa: E402
+from benchmarks.common import DATA, WEIGHTS, command_line, md_table, run_cli  # noqa: E402
 
 
 def correlations(trials: list, rungs: list[int], last: int) -> dict[int, tuple[float, int]]:
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     corr = correlations(trials, rungs, a.max_epochs)
     rows = [[f"epoch {r}" + (" (stage-aware, the default)" if r == grace else " (the old default)"), corr[r][1],
              f"{corr[r][0]:.2f}"] for r in rungs]
-    print(f"- Command: `python benchmarks/rungs.py --num-samples {a.num_samples} --max-epochs {a.max_epochs} "
-          f"--subset {a.subset} --backbones {a.backbones}"
-          + (f" --experiment {a.experiment}`" if a.experiment else f"{' --quick' if a.quick else ''}` ({wall / 60:.1f} min)")
+    print(f"- Command: `{command_line('rungs.py', argv)}`" + ("" if a.experiment else f" ({wall / 60:.1f} min)")
           + f", {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
           f"- {len(trials)} trials, {what}, all run to epoch {a.max_epochs} (FIFO), on the stand-in data (not "
           f"CIFAR-100), `--subset {a.subset}` per class, part held out for val_acc. The stage-aware rung for this "

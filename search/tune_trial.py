@@ -11,8 +11,8 @@ import torch
 from ray import tune
 
 from trainable.data import Split
-from trainable.memory import limit_memory, trial_budget
-from trainable.trial import is_out_of_memory, run_trial
+from trainable.memory import is_out_of_memory, limit_memory, trial_budget
+from trainable.trial import run_trial
 
 OOM_RETRIED = ".oom_retried"  # in the trial's folder: its first out-of-memory error was retried
 

@@ -13,7 +13,7 @@ GIB = 1 << 30
 PROBE = """
 import torch
 from trainable.memory import limit_memory
-from trainable.trial import is_out_of_memory
+from trainable.memory import is_out_of_memory
 torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # within budget: fine
 limit_memory(512 << 20)
 small = torch.empty(128 << 20, dtype=torch.uint8).fill_(1)  # still within

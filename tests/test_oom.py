@@ -25,7 +25,9 @@ from tests.fake_cifar import random_split
 from trainable import trial
 from trainable.data import FinalData
 from trainable.errors import UserError
-from trainable.trial import is_out_of_memory, run_trial
+from trainable.loop import halving_batches
+from trainable.memory import is_out_of_memory
+from trainable.trial import run_trial
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,24 +75,20 @@ def _child(what: str, overrides: dict, *extra: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, what, json.dumps(overrides), *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]  # an escaped OOM would be a traceback here
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stdout": proc.stdout}
 
 
 # --- real allocator failures under the budget --------------------------------------------------------
 
-def test_oom_in_validation_ends_the_trial_with_status_oom():
-    out = _child("trial", {"eval_batch_size": 128})
-    last = out["rows"][-1]
-    assert last["status"] == "oom" and last["val_acc"] == 0.0 and last["epoch"] == 1
-    assert "out of memory in epoch 1 while validating (eval_batch_size 128, input_size 512)" in last["error"]
-    assert "lower eval_batch_size" in last["error"]
-    assert "train_loss" in last  # the epoch's training finished before validation ran out
-    assert out["last"]["status"] == "oom" and out["net"]
-
-
-def test_the_same_trial_with_a_small_validation_batch_fits_the_budget():
-    out = _child("trial", {"eval_batch_size": 4})  # the budget is not simply too small for anything
-    assert [r["status"] for r in out["rows"]] == ["ok"]
+def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
+    """128 images at 512 px in one batch do not fit the budget; halved, they do: the trial goes on
+    with the numbers a small batch gives (the budget is not simply too small for anything)."""
+    halved, small = _child("trial", {"eval_batch_size": 128}), _child("trial", {"eval_batch_size": 4})
+    assert [r["status"] for r in halved["rows"]] == [r["status"] for r in small["rows"]] == ["ok"]
+    assert halved["rows"][0]["val_acc"] == small["rows"][0]["val_acc"]
+    assert halved["rows"][0]["val_loss"] == pytest.approx(small["rows"][0]["val_loss"], rel=1e-5)
+    assert "validation ran out of memory at eval_batch_size 128: it goes on at" in halved["stdout"]
+    assert "ran out of memory" not in small["stdout"]
 
 
 def test_oom_in_training_ends_the_trial_with_status_oom():
@@ -100,14 +98,11 @@ def test_oom_in_training_ends_the_trial_with_status_oom():
     assert "while training (batch_size 128, input_size 512): lower batch_size or input_size" in row["error"]
 
 
-def test_oom_in_the_final_test_pass_is_one_line_saying_what_to_lower(tmp_path):
-    # trains on 4 images at batch 2 (fits), then tests 128 images in one batch of 128 (does not)
+def test_a_final_test_batch_over_the_budget_is_halved_until_it_fits(tmp_path):
+    # trains on 4 images at batch 2, then tests 128 images: one batch of 128 does not fit, halves do
     out = _child("final", {"eval_batch_size": 128}, str(tmp_path / "a"))
-    msg = out["error"]
-    assert msg and "\n" not in msg
-    assert msg.startswith("the test pass ran out of memory on cpu (eval_batch_size 128, input_size 512)")
-    assert "lower eval_batch_size" in msg and "--config" in msg
-    assert not (tmp_path / "a" / "test_metrics.json").exists()
+    assert out["error"] is None
+    assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_images"] == 128
 
 
 def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(tmp_path):
@@ -166,7 +161,7 @@ def _failing_at(monkeypatch, name: str, call: int, error: BaseException) -> None
 
 
 @pytest.mark.parametrize("phase, name, call, epoch, text", [
-    ("validation", "evaluate", 2, 2, "in epoch 2 while validating (eval_batch_size 200, input_size 32)"),
+    ("validation", "evaluate", 2, 2, "in epoch 2 while validating (down to one image at a time, input_size 32)"),
     ("training", "train_epoch", 3, 3, "in epoch 3 while training (batch_size 50, input_size 32)"),
     ("setup", "create_model", 1, 1, "setting up (model resnet18 and data on cpu) before epoch 1"),
     ("setup", "to_device", 2, 1, "setting up (model resnet18 and data on cpu) before epoch 1"),
@@ -210,10 +205,66 @@ def test_cuda_oom_in_the_final_test_pass_is_a_user_error(monkeypatch, splits, tm
     data = FinalData(train, np.arange(80), np.arange(80, 100), test, [f"c{i}" for i in range(100)],
                      [f"s{i}" for i in range(20)])
     monkeypatch.setattr(final, "evaluate", lambda *a, **k: (_ for _ in ()).throw(CUDA_OOM))
-    with pytest.raises(UserError, match=r"^the test pass ran out of memory on cpu \(eval_batch_size 200, "
-                                        r"input_size 32\): lower eval_batch_size") as e:
+    with pytest.raises(UserError, match=r"^the test pass ran out of memory on cpu even one image at a time "
+                                        r"\(input_size 32\): lower input_size") as e:
         final.retrain_and_test({**BASE, "stage2_epochs": 0}, data, tmp_path)
     assert "\n" not in str(e.value)
+
+
+# --- inference halves a batch that runs out of memory ---------------------------------------------
+
+def _fits(limit: int, error: BaseException = CUDA_OOM):
+    seen: list[int] = []
+
+    def step(rows: slice) -> list[int]:
+        seen.append(rows.stop - rows.start)
+        if rows.stop - rows.start > limit:
+            raise error
+        return list(range(rows.start, rows.stop))
+    return step, seen
+
+
+def test_halving_batches_keeps_every_row_in_order_at_the_size_that_fits():
+    step, seen = _fits(3)
+    parts, used = halving_batches(10, 8, step)
+    assert sum(parts, []) == list(range(10)) and used == 2
+    assert seen == [8, 4, 2, 2, 2, 2, 2]  # 8 and 4 fail; the rest go at 2 without retrying larger
+
+
+def test_halving_batches_raises_when_one_row_does_not_fit_and_lets_other_errors_through():
+    step, seen = _fits(0)
+    with pytest.raises(torch.OutOfMemoryError):
+        halving_batches(5, 4, step)
+    assert seen == [4, 2, 1]
+    step, seen = _fits(0, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes"):
+        halving_batches(5, 4, step)
+    assert seen == [4]  # not retried: only running out of memory is
+
+
+def test_evaluate_gives_the_same_numbers_when_its_batches_are_halved(splits):
+    from trainable.augment import normalisation_of
+    from trainable.loop import Precision, evaluate
+    from trainable.model import create_model
+    _, val = splits
+    torch.manual_seed(0)
+    net = create_model("resnet18", pretrained=False, head="coarse_to_fine").eval()
+    x, fine, coarse = (torch.from_numpy(np.ascontiguousarray(a)) for a in (val.images, val.fine, val.coarse))
+    kw = dict(input_size=32, mean=normalisation_of(net.backbone)[0], std=normalisation_of(net.backbone)[1],
+              prec=Precision.for_device(torch.device("cpu"), "resnet18", "fp32"), return_predictions=True)
+    whole = evaluate(net, x, fine, coarse, batch_size=40, **kw)
+    real_forward = net.forward
+
+    def fits_seven(xb):
+        if xb.shape[0] > 7:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+        return real_forward(xb)
+    net.forward = fits_seven
+    halved = evaluate(net, x, fine, coarse, batch_size=40, **kw)
+    assert whole.pop("batch_size") == 40 and halved.pop("batch_size") == 5
+    assert torch.equal(halved.pop("predictions"), whole.pop("predictions"))
+    assert halved.keys() == whole.keys() and "coarse_head_acc" in halved
+    assert halved == pytest.approx(whole, rel=1e-6)
 
 
 # --- a shared GPU: the first OOM is retried --------------------------------------------------------

@@ -4,8 +4,8 @@ report's leaderboard and the val_acc plot."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs
 import pytest

@@ -60,6 +60,23 @@ def test_prediction_matches_the_test_evaluation(tiny):
     assert probs.argmax(1).tolist() == expected[:len(images)].tolist()
 
 
+def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_probabilities(tiny):
+    model_path, _, images, _, _ = tiny
+    model = predict.load_model(model_path)
+    loaded = [predict.load_image(p) for p in images]
+    whole = predict.probabilities(model, loaded)
+    real, sizes = model.net, []
+
+    def fits_three(x):  # a device that holds 3 images at a time
+        sizes.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+    model.net = fits_three
+    assert torch.allclose(predict.probabilities(model, loaded, batch_size=8), whole, atol=1e-6)
+    assert sizes == [6, 3, 3]
+
+
 def test_cli_prints_top5_per_image(tiny):
     model_path, _, images, big, _ = tiny
     proc = run_cli("predict.py", model_path, images[0], big, timeout=300, check=True)

@@ -29,7 +29,7 @@ class TrialConfig:
     backbone: str = "tf_efficientnet_lite0"  # timm model name
     pretrained: bool = True  # ImageNet weights (hub, or weights_dir/<backbone>.pth)
     weights_dir: str = ""  # offline weights folder; "" = the hub
-    small_input_stem: bool = False  # ResNet/VGG: stride-1 3x3 stem, no early downsampling (32 px, from scratch)
+    small_input_stem: bool = False  # 32 px from scratch: ResNet gets a 3x3/1 stem, no max-pool; VGG a pooled linear head
     head: Head = "flat"  # "flat" (100 classes) or "coarse_to_fine" (20-superclass logits feed the fine head)
     coarse_loss_weight: float = 0.3  # weight of the coarse head's loss (coarse_to_fine)
     # --- stage plan (see trainable/stages.py); a stage with 0 epochs is skipped

@@ -13,6 +13,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from timm.data import Mixup
 
 from trainable.augment import DeviceAugment, eval_transform
 from trainable.config import PRECISIONS
+from trainable.memory import is_out_of_memory
 from trainable.model import NUM_COARSE, NUM_FINE, Net, train_mode
 
 # backbones that train slower in channels_last on the CPU (benchmarks/layout.py); none measured so far
@@ -212,43 +214,77 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
             "images_per_sec": steps * bs / max(seconds, 1e-9), "train_seconds": seconds}
 
 
+T = TypeVar("T")
+
+
+def halving_batches(n: int, batch_size: int, step: Callable[[slice], T], device: torch.device | None = None
+                    ) -> tuple[list[T], int]:
+    """`step(rows)` over rows [0, n) in slices of `batch_size`; a slice that runs out of memory is
+    retried at half its size, and the rest continue at that size. For inference only: its results
+    must not depend on how the rows are split (eval-mode BatchNorm uses its running statistics).
+
+    Returns the per-slice results in row order and the batch size that worked last (pass it next
+    time to skip the failed tries). Raises the out-of-memory error when a single row does not fit,
+    and any other error as it is.
+    """
+    out: list[T] = []
+    i, bs = 0, max(1, batch_size)
+    while i < n:
+        j = min(n, i + bs)
+        try:
+            out.append(step(slice(i, j)))
+            i = j
+            continue
+        except (MemoryError, RuntimeError) as e:
+            if j - i == 1 or not is_out_of_memory(e):
+                raise
+        # out of the except block: the failed slice's tensors (held by the traceback) are freed first
+        bs = (j - i) // 2
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out, bs
+
+
 @torch.inference_mode()
 def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, *,
              input_size: int, mean, std, batch_size: int, prec: Precision,
              return_predictions: bool = False) -> dict:
     """Loss, top-1, top-5 and superclass accuracy (the fine prediction's superclass is right: comparable
-    across heads); with a coarse-to-fine head also the coarse head's own loss and accuracy."""
+    across heads); with a coarse-to-fine head also the coarse head's own loss and accuracy.
+
+    x: uint8 [N, 3, H, W] on the device, fine/coarse: long [N]. Batches of `batch_size` images that
+    run out of memory are halved (`halving_batches`); "batch_size" in the result is the size that
+    worked, the same numbers either way.
+    """
     net.eval()
-    zero = lambda dtype=torch.long: torch.zeros((), device=x.device, dtype=dtype)  # noqa: E731
-    loss, coarse_loss = zero(torch.float32), zero(torch.float32)
-    correct, top5, coarse_ok, coarse_head_ok = zero(), zero(), zero(), zero()
     fine_to_coarse = _fine_to_coarse(fine, coarse)
-    preds, has_coarse_head = [], False
-    for i in range(0, x.shape[0], batch_size):
-        xb = prec.prepare(eval_transform(x[i:i + batch_size], input_size, mean, std))
-        yb, cb = fine[i:i + batch_size], coarse[i:i + batch_size]
+
+    def step(rows: slice) -> dict[str, torch.Tensor]:
+        xb = prec.prepare(eval_transform(x[rows], input_size, mean, std))
+        yb, cb = fine[rows], coarse[rows]
         with prec.autocast():
             out = net(xb)
         logits = (out[0] if isinstance(out, tuple) else out).float()
-        loss += F.cross_entropy(logits, yb, reduction="sum")
         pred = logits.argmax(1)
-        correct += (pred == yb).sum()
-        top5 += (logits.topk(5, dim=1).indices == yb[:, None]).any(1).sum()
-        coarse_ok += (fine_to_coarse[pred] == cb).sum()
+        got = {"loss": F.cross_entropy(logits, yb, reduction="sum"), "acc": (pred == yb).sum(),
+               "top5": (logits.topk(5, dim=1).indices == yb[:, None]).any(1).sum(),
+               "coarse_acc": (fine_to_coarse[pred] == cb).sum(), "pred": pred}
         if isinstance(out, tuple):
-            has_coarse_head = True
             coarse_logits = out[1].float()
-            coarse_loss += F.cross_entropy(coarse_logits, cb, reduction="sum")
-            coarse_head_ok += (coarse_logits.argmax(1) == cb).sum()
-        if return_predictions:
-            preds.append(pred)
+            got.update(coarse_head_loss=F.cross_entropy(coarse_logits, cb, reduction="sum"),
+                       coarse_head_acc=(coarse_logits.argmax(1) == cb).sum())
+        if not return_predictions:
+            del got["pred"]
+        return got
+
+    parts, used = halving_batches(x.shape[0], batch_size, step, x.device)
     n = max(1, x.shape[0])
-    result = {"loss": float(loss) / n, "acc": float(correct) / n, "top5": float(top5) / n,
-              "coarse_acc": float(coarse_ok) / n}
-    if has_coarse_head:
-        result.update(coarse_head_loss=float(coarse_loss) / n, coarse_head_acc=float(coarse_head_ok) / n)
+    keys = parts[0].keys() if parts else ("loss", "acc", "top5", "coarse_acc")
+    result = {k: float(sum(p[k] for p in parts)) / n for k in keys if k != "pred"}
     if return_predictions:
+        preds = [p["pred"] for p in parts]
         result["predictions"] = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.long)
+    result["batch_size"] = used
     return result
 
 

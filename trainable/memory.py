@@ -6,11 +6,15 @@ node memory, and Ray Tune 2.60 does not survive that: its actor manager raises "
 unexpected exception: ... OutOfMemoryError" and the whole search stops (seen here: lite0 at
 224 px, batch 256, every block unfrozen, reached 18 GB). GPU trials are left alone: CUDA's out of
 memory is an exception already, and CUDA reserves far more address space than it uses.
+
+`is_out_of_memory` is the one test of whether an error is an allocation failure (CPU or CUDA).
 """
 from __future__ import annotations
 
 import os
 import resource
+
+import torch
 
 SHARE = 0.8  # of the node's RAM, split among its CPUs; the rest is Ray, the driver, the OS
 
@@ -37,3 +41,17 @@ def limit_memory(budget: int) -> int:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     return limit
+
+
+# how an allocation failure reads, on CUDA (its allocator, cuBLAS, cuDNN) and on the CPU (torch's
+# allocator, C++ new, the kernel's ENOMEM under the trial's RLIMIT_AS)
+OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
+             "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure, on CUDA or on the CPU."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(t.lower() in text for t in OOM_TEXTS)

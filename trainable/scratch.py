@@ -1,8 +1,10 @@
-"""Backbones for training from scratch on 32 px images: stems that keep the resolution.
+"""Backbones for training from scratch on 32 px images: the standard CIFAR forms of ResNet and VGG.
 
-ImageNet stems downsample 4x before the first block (7x7/2 conv + max-pool), which leaves a 32 px
-CIFAR image at 8x8 before any real work is done. `adapt_small_input` swaps in the standard CIFAR
-stems in place; importing this module also registers a 32 px `alexnet` in timm's registry.
+ResNet's ImageNet stem downsamples 4x before the first block (7x7/2 conv + max-pool), which leaves
+a 32 px CIFAR image at 8x8 before any real work is done; VGG's stem is already 3x3/1, but its
+ImageNet head expects a 7x7 map where 32 px leaves 1x1. `adapt_small_input` swaps in the CIFAR
+stem (ResNet) or head (VGG) in place; importing this module also registers a 32 px `alexnet` in
+timm's registry.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def adapt_small_input(backbone: nn.Module, name: str) -> None:
         backbone.maxpool = nn.Identity()
     elif isinstance(backbone, VGG):
         # at 32 px the five max-pools leave 512x1x1; timm's pre_logits (7x7 conv to 4096, ~100M params)
-        # would upsample that to 7x7. The CIFAR VGG head is features -> global pool -> linear, and
-        # forward_head then returns the 512 pooled features after reset_classifier(0).
+        # would upsample that to 7x7. The CIFAR VGG head is features -> global pool -> linear; as
+        # create_model has already called reset_classifier(0), num_classes is 0 and forward_head
+        # returns the 512 pooled features.
         backbone.pre_logits = nn.Identity()
         backbone.head = ClassifierHead(backbone.num_features, backbone.num_classes, pool_type="avg",
                                        drop_rate=backbone.drop_rate, **get_device_dtype(backbone))

@@ -20,6 +20,7 @@ from trainable.config import TrialConfig
 from trainable.data import Split
 from trainable.early_stop import EarlyStop
 from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoch
+from trainable.memory import is_out_of_memory
 from trainable.model import Net, create_model
 from trainable.optim import build_optimizer, build_plateau, count_trainable, head_lr
 from trainable.stages import plan_stages
@@ -98,11 +99,11 @@ class _Progress:
                           f"before epoch {self.epoch}",
                  "training": f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, "
                              f"input_size {cfg.input_size})",
-                 "validation": f"epoch {self.epoch} while validating (eval_batch_size {cfg.eval_batch_size}, "
+                 "validation": f"epoch {self.epoch} while validating (down to one image at a time, "
                                f"input_size {cfg.input_size})",
                  "checkpoint": f"epoch {self.epoch} while saving its checkpoint"}[self.phase]
         fix = {"setup": "pick a smaller backbone or fewer images (--subset)",
-               "training": "lower batch_size or input_size", "validation": "lower eval_batch_size or input_size",
+               "training": "lower batch_size or input_size", "validation": "lower input_size or pick a smaller backbone",
                "checkpoint": "lower batch_size or input_size"}[self.phase]
         return f"out of memory in {where}: {fix}"
 
@@ -126,6 +127,7 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
     model = torch.compile(net) if cfg.compile else net
     x, fine, coarse = to_device(train, device)
     val_t = to_device(val, device) if val is not None else None
+    eval_bs = cfg.eval_batch_size  # halved for good if validation runs out of memory (loop.evaluate)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     mix_gen = torch.Generator().manual_seed(cfg.seed)  # mixup/cutmix draws (loop.mix_batch): on the CPU, no sync
@@ -179,7 +181,11 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
             if val_t is not None:
                 at.phase = "validation"
                 ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
-                              batch_size=cfg.eval_batch_size, prec=prec)
+                              batch_size=eval_bs, prec=prec)
+                if ev["batch_size"] < eval_bs:
+                    print(f"validation ran out of memory at eval_batch_size {eval_bs}: it goes on at "
+                          f"{ev['batch_size']} (the same results, less memory)", flush=True)
+                eval_bs = ev.pop("batch_size")
                 if ev["acc"] > best["val_acc"]:
                     best = {"val_acc": ev["acc"], "epoch": done}
                 metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=best["val_acc"],
@@ -216,20 +222,6 @@ def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[st
     picks it (analysis/experiment.py skips non-"ok" rows)."""
     return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "diverged": status == "diverged",
             "status": status, "error": reason}
-
-
-# how an allocation failure reads, on CUDA (its allocator, cuBLAS, cuDNN) and on the CPU (torch's
-# allocator, C++ new, the kernel's ENOMEM under the trial's RLIMIT_AS)
-OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
-             "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is an allocation failure, on CUDA or on the CPU."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(t.lower() in text for t in OOM_TEXTS)
 
 
 # Test scaffolding, not a hyper-parameter: the tests that cause faults for real set
