@@ -38,6 +38,8 @@ def load_model(path: str | Path) -> Model:
 
     from analysis.final import load_trained
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not a model file: pass the analysis/model.pt that analyze.py wrote")
     if not p.is_file():
         raise UserError(f"model {p} not found: pass the analysis/model.pt that analyze.py wrote")
     try:
@@ -180,9 +182,10 @@ def load_image(src: str | Path | IO[bytes], name: str = "") -> "torch.Tensor":
     return to_model_input(read_image(src, name))
 
 
-def probabilities(model: Model, images: list, batch_size: int = 256) -> "torch.Tensor":
+def probabilities(model: Model, images: list, batch_size: int = 64) -> "torch.Tensor":
     """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a
-    time (halved while a batch runs out of memory: thousands of photos at 224 px still fit)."""
+    time (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory where
+    that is an error (a GPU, a memory limit) rather than the kernel killing the process."""
     import torch
 
     from trainable.augment import eval_transform

@@ -51,7 +51,14 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
     device = next(net.parameters()).device  # the test pass runs where (and as) the retrain trained
     mean, std = normalisation_of(net.backbone)
     try:
-        ev = evaluate(net, *to_device(data.test, device), input_size=cfg.input_size, mean=mean, std=std,
+        test = to_device(data.test, device)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
+                        f"images there: free memory on the device and run it again") from None
+    try:
+        ev = evaluate(net, *test, input_size=cfg.input_size, mean=mean, std=std,
                       batch_size=cfg.eval_batch_size, prec=Precision.for_device(device, cfg.backbone, cfg.precision),
                       return_predictions=True)
     except (MemoryError, RuntimeError) as e:

@@ -544,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         ts = time.time()
         RUNNERS[s](ctx)
         ctx.note(s, f"Section time: {time.time() - ts:.0f} s.")
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n- Command: `{cmd}` on {date} (took {(time.time() - t0) / 60:.1f} min, load {load0:.1f} -> "
+    date = datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\n- Command: `{cmd}`, started {date} (took {(time.time() - t0) / 60:.1f} min, load {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}){' (--quick: a smoke run, not a record)' if a.quick else ''}\n"
           f"- Machine: {machine()}\n- Data: `{a.data_dir}`; weights: `{a.weights_dir or 'random init'}`; "
           f"searches and logs in {a.work_dir}\n\n" + md_table(HEAD, ctx.rows))

@@ -152,8 +152,8 @@ def markdown(a: argparse.Namespace, results: dict, n_recipes: int, total_s: floa
     rows = [[LABELS[k], f"{r['wall_s']:.0f} s", r["trials"], r["epochs"],
              f"{100 * r['best_val_acc']:.1f} %" if r["best_val_acc"] is not None else "-", r["best_name"],
              f"{100 * r['test_acc']:.1f} %", f"{r['retrain_s']:.0f} s"] for k, r in sorted(results.items())]
-    lines = [f"- Command: `{a.command}` (took {total_s / 60:.1f} min), "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    lines = [f"- Command: `{a.command}`, started "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(time.time() - total_s))} (took {total_s / 60:.1f} min)",
              f"- Machine: {machine()}",
              f"- Data: the stand-in `{a.data_dir}` (ImageNet photos in CIFAR-100's format; **not CIFAR-100**: "
              f"these accuracies are not CIFAR-100 accuracies), `--subset {a.subset}` per class, val fraction "

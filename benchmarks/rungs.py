@@ -41,15 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DATA))
     p.add_argument("--weights-dir", default=str(WEIGHTS))
-    p.add_argument("--num-samples", type=int, default=12)
-    p.add_argument("--max-epochs", type=int, default=4)
-    p.add_argument("--subset", type=int, default=10)
-    p.add_argument("--backbones", default="tf_efficientnet_lite0")
+    # None = not given: an --experiment brings its own (its search_settings.yaml), a new search these
+    p.add_argument("--num-samples", type=int, default=None, help="default 12")
+    p.add_argument("--max-epochs", type=int, default=None, help="default 4")
+    p.add_argument("--subset", type=int, default=None, help="default 10")
+    p.add_argument("--backbones", default=None, help="default tf_efficientnet_lite0")
     p.add_argument("--work-dir", default="/tmp/rungs")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--experiment", default="", help="measure an existing FIFO experiment (e.g. the duel's "
                                                      "contender d, /tmp/duel/runs/d) instead of running one")
     a = p.parse_args(argv)
+    own = {"--num-samples": a.num_samples, "--max-epochs": a.max_epochs, "--subset": a.subset,
+           "--backbones": a.backbones}
+    if a.experiment and any(v is not None for v in own.values()):
+        given = ", ".join(k for k, v in own.items() if v is not None)
+        print(f"error: {given}: --experiment measures that experiment's own trials, epochs and data; "
+              f"leave them out", file=sys.stderr)
+        return 2
+    a.num_samples = 12 if a.num_samples is None else a.num_samples
+    a.max_epochs = 4 if a.max_epochs is None else a.max_epochs
+    a.subset = 10 if a.subset is None else a.subset
+    a.backbones = a.backbones or "tf_efficientnet_lite0"
     if a.quick:
         a.num_samples, a.subset = 4, 3
     from analysis.experiment import load_trials
@@ -79,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     corr = correlations(trials, rungs, a.max_epochs)
     rows = [[f"epoch {r}" + (" (stage-aware, the default)" if r == grace else " (the old default)"), corr[r][1],
              f"{corr[r][0]:.2f}"] for r in rungs]
-    print(f"- Command: `{command_line('rungs.py', argv)}`" + ("" if a.experiment else f" ({wall / 60:.1f} min)")
-          + f", {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+    print(f"- Command: `{command_line('rungs.py', argv)}`, started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}"
+          + ("" if a.experiment else f" (took {wall / 60:.1f} min)") + "\n"
           f"- {len(trials)} trials, {what}, all run to epoch {a.max_epochs} (FIFO), on the stand-in data (not "
           f"CIFAR-100), `--subset {a.subset}` per class, part held out for val_acc. The stage-aware rung for this "
           f"budget is epoch {grace} (search/searcher.py `stage_aware_grace`).\n\n"

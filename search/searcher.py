@@ -67,8 +67,10 @@ def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict
     define-by-run space Ray only honours names drawn through suggest_* (ray-project/ray#35319),
     and a recipe's other fields must reach the trial too (DefineByRun reads them back).
     """
-    # with a warm start, TPE models as soon as the expert points are in: they are a designed
-    # start-up set, better than random draws (PriorBand); without one, Optuna's default 10
+    # with a warm start, TPE models once as many trials as there are expert points have reported
+    # (a designed start-up set, better than random draws: PriorBand); without one, Optuna's default
+    # 10. Optuna counts only finished trials, so proposals asked for while expert points still run
+    # (concurrent trials) are random draws (benchmarks/duel.py saw it)
     n_startup = min(10, len(warm) + len(told)) if (warm or told) else 10
     smp = make_sampler(sampler, seed, max(1, n_startup))
     Path(exp).mkdir(parents=True, exist_ok=True)

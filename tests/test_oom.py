@@ -200,13 +200,16 @@ def test_raise_oom_re_raises_for_the_caller_to_retry(monkeypatch, splits):
     assert rows == []  # nothing reported: the config is not scored
 
 
-def test_cuda_oom_in_the_final_test_pass_is_a_user_error(monkeypatch, splits, tmp_path):
+@pytest.mark.parametrize("where, message", [
+    ("evaluate", r"^the test pass ran out of memory on cpu even one image at a time \(input_size 32\): lower input_size"),
+    ("to_device", r"^the test pass ran out of memory on cpu copying the 40 test images there: free memory"),
+])
+def test_cuda_oom_in_the_final_test_pass_is_a_user_error(monkeypatch, splits, tmp_path, where, message):
     train, test = splits
     data = FinalData(train, np.arange(80), np.arange(80, 100), test, [f"c{i}" for i in range(100)],
                      [f"s{i}" for i in range(20)])
-    monkeypatch.setattr(final, "evaluate", lambda *a, **k: (_ for _ in ()).throw(CUDA_OOM))
-    with pytest.raises(UserError, match=r"^the test pass ran out of memory on cpu even one image at a time "
-                                        r"\(input_size 32\): lower input_size") as e:
+    monkeypatch.setattr(final, where, lambda *a, **k: (_ for _ in ()).throw(CUDA_OOM))
+    with pytest.raises(UserError, match=message) as e:
         final.retrain_and_test({**BASE, "stage2_epochs": 0}, data, tmp_path)
     assert "\n" not in str(e.value)
 
@@ -265,6 +268,20 @@ def test_evaluate_gives_the_same_numbers_when_its_batches_are_halved(splits):
     assert torch.equal(halved.pop("predictions"), whole.pop("predictions"))
     assert halved.keys() == whole.keys() and "coarse_head_acc" in halved
     assert halved == pytest.approx(whole, rel=1e-6)
+
+
+def test_a_trial_validates_its_later_epochs_at_the_size_that_fitted(monkeypatch, splits, capsys):
+    real, asked = trial.evaluate, []
+
+    def fits_25(*a, batch_size, **k):  # as if halving from 200 had settled on 25
+        asked.append(batch_size)
+        return {**real(*a, batch_size=batch_size, **k), "batch_size": min(batch_size, 25)}
+    monkeypatch.setattr(trial, "evaluate", fits_25)
+    rows: list[dict] = []
+    run_trial(BASE, *splits, lambda m, c: rows.append(m), checkpoint=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3 and "val_batch_size" not in rows[0]
+    assert asked == [200, 25, 25]  # not 200 again: the failed tries are not repeated every epoch
+    assert capsys.readouterr().out.count("validation ran out of memory at eval_batch_size 200: it goes on at 25") == 1
 
 
 # --- a shared GPU: the first OOM is retried --------------------------------------------------------

@@ -101,7 +101,8 @@ def test_cli_json(tiny):
         assert sum(t["probability"] for t in r["top"]) <= 1 + 1e-6
 
 
-@pytest.mark.parametrize("case", ["missing image", "not an image", "missing model", "not a model"])
+@pytest.mark.parametrize("case", ["missing image", "not an image", "missing model", "not a model",
+                                  "a folder as the model"])
 def test_bad_input_is_one_line_exit_2(tiny, case):
     model_path, _, images, _, root = tiny
     junk = root / "junk.png"
@@ -109,12 +110,15 @@ def test_bad_input_is_one_line_exit_2(tiny, case):
     model, image = {"missing image": (model_path, root / "nope.png"),
                     "not an image": (model_path, junk),
                     "missing model": (root / "nope.pt", images[0]),
-                    "not a model": (junk, images[0])}[case]
+                    "not a model": (junk, images[0]),
+                    "a folder as the model": (model_path.parent, images[0])}[case]
     proc = run_cli("predict.py", model, image, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr
+    if case == "a folder as the model":
+        assert "is a folder, not a model file" in err[0]
 
 
 def test_app_lists_search_and_recipe_models(tmp_path):

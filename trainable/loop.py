@@ -223,9 +223,10 @@ def halving_batches(n: int, batch_size: int, step: Callable[[slice], T], device:
     retried at half its size, and the rest continue at that size. For inference only: its results
     must not depend on how the rows are split (eval-mode BatchNorm uses its running statistics).
 
-    Returns the per-slice results in row order and the batch size that worked last (pass it next
-    time to skip the failed tries). Raises the out-of-memory error when a single row does not fit,
-    and any other error as it is.
+    Returns the per-slice results in row order and the size to start from next time: `batch_size`,
+    or half the last slice that failed (which may have been the short last one), so the failed
+    tries are not repeated. Raises the out-of-memory error when a single row does not fit, and any
+    other error as it is.
     """
     out: list[T] = []
     i, bs = 0, max(1, batch_size)
