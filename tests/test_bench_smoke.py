@@ -120,3 +120,24 @@ def test_layout_spec():
     assert layout.parse_spec("resnet18") == ("resnet18", False)
     with pytest.raises(ValueError):
         layout.parse_spec("resnet18:big")
+
+
+def test_rungs_correlates_each_rung_with_the_last_epoch():
+    from benchmarks.rungs import correlations
+    acc = [(0.1, 0.3, 0.5), (0.2, 0.1, 0.2), (0.3, 0.4, 0.6), (0.4, 0.2, 0.1)]
+    trials = [SimpleNamespace(results=[{"epoch": e + 1, "val_acc": a} for e, a in enumerate(t)]) for t in acc]
+    trials.append(SimpleNamespace(results=[{"epoch": 1, "val_acc": 0.9}]))  # pruned at 1: not in the pairs
+    corr = correlations(trials, [1, 2], last=3)
+    assert corr[1] == (pytest.approx(-0.4), 4) and corr[2] == (pytest.approx(0.8), 4)
+
+
+def test_rungs_refuses_options_an_experiment_brings_itself(capsys):
+    from benchmarks import rungs
+    assert rungs.main(["--experiment", "/nonexistent", "--max-epochs", "5", "--subset", "3"]) == 2
+    assert "--max-epochs, --subset: --experiment measures" in capsys.readouterr().err
+
+
+def test_benchmarks_print_the_command_as_typed():
+    from benchmarks.common import command_line
+    assert command_line("duel.py", ["--budget", "965s", "--work-dir", "/tmp/a b"]) == \
+        "python benchmarks/duel.py --budget 965s --work-dir '/tmp/a b'"
