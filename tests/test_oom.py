@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GIB = 1 << 30
 
 # A CPU trial under the budget a 1-CPU node with 1.25 GiB of RAM would give (1 GiB): lite0 at 512 px,
-# batch 2 trains within it; a validation batch of 128 images at 512 px does not.
+# batch 2 trains within it; a validation batch of 64 images at 512 px does not.
 CHILD = r"""
 import json, sys
 import numpy as np, torch
@@ -52,7 +52,7 @@ what, overrides = sys.argv[1], json.loads(sys.argv[2])
 cfg = {"backbone": "tf_efficientnet_lite0", "pretrained": False, "input_size": 512, "batch_size": 2,
        "eval_batch_size": 4, "aug_strength": 0.0, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 0,
        **overrides}
-train, val = split(int(overrides.pop("n_train", 4)), 0), split(128, 1)
+train, val = split(int(overrides.pop("n_train", 4)), 0), split(64, 1)
 cfg.pop("n_train", None)
 limit_memory(trial_budget(1, node_cpus=1, node_ram=int(1.25 * (1 << 30))))
 if what == "trial":
@@ -81,13 +81,13 @@ def _child(what: str, overrides: dict, *extra: str) -> dict:
 # --- real allocator failures under the budget --------------------------------------------------------
 
 def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
-    """128 images at 512 px in one batch do not fit the budget; halved, they do: the trial goes on
+    """64 images at 512 px in one batch do not fit the budget; halved, they do: the trial goes on
     with the numbers a small batch gives (the budget is not simply too small for anything)."""
-    halved, small = _child("trial", {"eval_batch_size": 128}), _child("trial", {"eval_batch_size": 4})
+    halved, small = _child("trial", {"eval_batch_size": 64}), _child("trial", {"eval_batch_size": 4})
     assert [r["status"] for r in halved["rows"]] == [r["status"] for r in small["rows"]] == ["ok"]
     assert halved["rows"][0]["val_acc"] == small["rows"][0]["val_acc"]
     assert halved["rows"][0]["val_loss"] == pytest.approx(small["rows"][0]["val_loss"], rel=1e-5)
-    assert "validation ran out of memory at eval_batch_size 128: it goes on at" in halved["stdout"]
+    assert "validation ran out of memory at eval_batch_size 64: it goes on at" in halved["stdout"]
     assert "ran out of memory" not in small["stdout"]
 
 
@@ -99,10 +99,10 @@ def test_oom_in_training_ends_the_trial_with_status_oom():
 
 
 def test_a_final_test_batch_over_the_budget_is_halved_until_it_fits(tmp_path):
-    # trains on 4 images at batch 2, then tests 128 images: one batch of 128 does not fit, halves do
-    out = _child("final", {"eval_batch_size": 128}, str(tmp_path / "a"))
+    # trains on 4 images at batch 2, then tests 64 images: one batch of 64 does not fit, halves do
+    out = _child("final", {"eval_batch_size": 64}, str(tmp_path / "a"))
     assert out["error"] is None
-    assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_images"] == 128
+    assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_images"] == 64
 
 
 def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(tmp_path):
