@@ -274,15 +274,13 @@ def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor
             coarse_logits = out[1].float()
             got.update(coarse_head_loss=F.cross_entropy(coarse_logits, cb, reduction="sum"),
                        coarse_head_acc=(coarse_logits.argmax(1) == cb).sum())
-        if not return_predictions:
-            del got["pred"]
         return got
 
     parts, used = halving_batches(x.shape[0], batch_size, step, x.device)
     n = max(1, x.shape[0])
     keys = parts[0].keys() if parts else ("loss", "acc", "top5", "coarse_acc")
     result = {k: float(sum(p[k] for p in parts)) / n for k in keys if k != "pred"}
-    if return_predictions:
+    if return_predictions:  # "pred": a batch's few int64s, kept either way
         preds = [p["pred"] for p in parts]
         result["predictions"] = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.long)
     result["batch_size"] = used
