@@ -114,9 +114,11 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
 
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a usable best epoch, best first."""
+    """Trials with a usable best epoch, best first; a screen trial (trained on a fraction of the
+    data: search/plan.py) ranks below every full-fidelity one, whose val_acc it can't be compared with."""
     usable = [t for t in trials if t.best is not None]
-    return sorted(usable, key=lambda t: t.best[METRIC], reverse=True)
+    return sorted(usable, key=lambda t: (float(t.config.get("train_fraction", 1.0)) >= 1.0, t.best[METRIC]),
+                  reverse=True)
 
 
 def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
         "best_epoch": int(best.best["epoch"]),
         "epochs_run": best.epochs_run,
         "retrain_command": shlex.join(cmd),
-        "config": best.config,
+        "config": {**best.config, "train_fraction": 1.0},  # the retrain uses all of train + val
     }
     atomic.write_text(exp_dir / "best_config.yaml", yaml.safe_dump(out, sort_keys=False))
     atomic.write_text(exp_dir / "best_config.json", json.dumps(out, indent=2) + "\n")

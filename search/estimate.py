@@ -160,6 +160,8 @@ class Estimate:
     num_samples: int | None
     budget_s: float | None
     rungs: list[int]
+    warm_train_s: list[float] = field(default_factory=list)  # each warm-start point's training seconds, whole plan
+    warm_val_s: list[float] = field(default_factory=list)  # and its validation seconds (every epoch, whole val split)
     startup_s: float = 8.0  # a trial worker's start and model build (measured: 5-10 s on CPU)
 
     def wall(self, n: int, asha: bool) -> float:
@@ -207,6 +209,9 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
         secs = epoch_seconds(c, speeds, n_train, n_val)
         return sum(s * (reach(e, rungs, rf) if asha else 1.0) for e, s in enumerate(secs, start=1))
 
+    def val_cost(c: TrialConfig) -> float:
+        return n_val * speeds.rates(c.backbone, c.input_size)["eval"] * c.total_epochs
+
     per_combo = {}
     for b, s in sorted(combos):
         r = speeds.rates(b, s)
@@ -218,7 +223,9 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
                     warm_fifo_s=sum(cost(c, False) for c in warm_cfgs),
                     warm_asha_s=sum(cost(c, True) for c in warm_cfgs),
                     parallel=max(1, parallel), num_samples=num_samples, budget_s=budget_s,
-                    rungs=rungs, n_warm=len(warm_cfgs))
+                    rungs=rungs, n_warm=len(warm_cfgs),
+                    warm_train_s=[cost(c, False) - val_cost(c) for c in warm_cfgs],
+                    warm_val_s=[val_cost(c) for c in warm_cfgs])
 
 
 def describe(e: Estimate) -> str:

@@ -60,8 +60,10 @@ def validate(s: SearchSettings) -> None:
         raise UserError(f"--num-samples {s.num_samples} must be >= 1")
     if (s.grace_period is not None and s.grace_period < 1) or s.reduction_factor < 2:
         raise UserError("--grace-period must be >= 1 and --reduction-factor >= 2")
-    if s.sampler not in ("tpe", "random"):
-        raise UserError(f"--sampler {s.sampler!r} is not tpe or random")
+    if s.sampler not in ("incumbent", "tpe", "random"):
+        raise UserError(f"--sampler {s.sampler!r} is not incumbent, tpe or random")
+    if s.screen not in ("auto", "off"):
+        raise UserError(f"--screen {s.screen!r} is not auto or off")
     if s.time_budget:
         from search.budget import parse_duration
         parse_duration(s.time_budget)
@@ -320,6 +322,9 @@ def run_search(s: SearchSettings) -> Path:
     from search.precheck import check_warm_points
     check_warm_points(points, opts.max_epochs)
     est = cost_estimate(s, res, space, opts, fixed, base, points, data)
+    budget_plan = make_plan(s, est)
+    if budget_plan is not None:
+        print(budget_plan.describe(), flush=True)
     if s.estimate:
         return exp
     if not s.resume:
@@ -330,13 +335,16 @@ def run_search(s: SearchSettings) -> Path:
         if est is not None:
             from search.estimate import save
             save(exp, est)
+        if budget_plan is not None:
+            from search import plan
+            plan.save(exp, budget_plan)
     if remote:
         save_driver_files(exp, remote)
     # Tune warns every few seconds that syncing experiment state is slow; it is local and fine
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray(s, res)
     try:
-        tuner = build_tuner(s, res, space, opts, fixed, base, data, exp, points, told, est, remote)
+        tuner = build_tuner(s, res, space, opts, fixed, base, data, exp, points, told, est, remote, budget_plan)
         del data  # the object store holds it now; the driver's heap copy would only cost memory
         if remote:
             from search.storage import redact
@@ -374,7 +382,7 @@ def run_search(s: SearchSettings) -> Path:
 
 def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                 fixed: dict[str, Any], base: dict[str, Any], data: SearchData, exp: Path,
-                points: list = (), told: list = (), est=None, remote: str = ""):
+                points: list = (), told: list = (), est=None, remote: str = "", budget_plan=None):
     from ray import tune
 
     from search.outcomes import TrialEnds
@@ -410,7 +418,9 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
                    *([DriverFilesUpload(exp, remote)] if remote else [])], verbose=cons.verbose,
         progress_reporter=cons.progress_reporter)
     tune_config = tune.TuneConfig(
-        search_alg=make_searcher(space, opts, fixed, base, s.seed, exp, points, told, s.sampler),
+        search_alg=make_searcher(space, opts, fixed, base, s.seed, exp, points, told, s.sampler,
+                                 screen_fraction=budget_plan.screen_fraction if budget_plan else 1.0,
+                                 promote=budget_plan.promote if budget_plan else 0),
         scheduler=make_scheduler(s.scheduler, opts.max_epochs, grace_period(s, space, opts), s.reduction_factor),
         num_samples=num_samples(s), max_concurrent_trials=s.max_concurrent or None,
         trial_dirname_creator=trial_dirname)
@@ -452,6 +462,20 @@ def cost_estimate(s: SearchSettings, res: Resources, space: Space, opts: Options
                    rungs=rungs, rf=s.reduction_factor, seed=s.seed)
     print(describe(est), flush=True)
     return est
+
+
+def make_plan(s: SearchSettings, est):
+    """The budget plan (search/plan.py) from the cost estimate; None on --resume (the saved
+    searcher goes on with the plan it began)."""
+    if est is None:
+        return None
+    from search.budget import parse_duration
+    from search.plan import plan_budget
+    asha = s.scheduler == "asha"
+    return plan_budget(est.warm_train_s, est.warm_val_s, startup_s=est.startup_s, parallel=est.parallel,
+                       own_trial_s=(est.trial_asha_s if asha else est.trial_fifo_s) + est.startup_s,
+                       budget_s=parse_duration(s.time_budget) if s.time_budget else None,
+                       num_samples=s.num_samples, screen=s.screen)
 
 
 def trial_dirname(trial) -> str:

@@ -1,5 +1,6 @@
-"""Optuna (TPE, seeded, define-by-run) proposes configs, starting from warm-start points; ASHA
-prunes weak trials at rungs placed after every trial's head-only stage.
+"""Optuna proposes configs (define-by-run, seeded: moves around the incumbent mixed with TPE,
+search/incumbent.py), starting from warm-start points that a low-fidelity screen ranks first;
+ASHA prunes weak trials at rungs placed after every trial's head-only stage.
 
 The Optuna study is a real SQLite database in the experiment folder (`optuna.db`, study `search`):
 `optuna-dashboard sqlite:///runs/NAME/optuna.db` opens it, the report's importance reads it, and
@@ -14,7 +15,9 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.outcome import planned_epochs
 from analysis.study import METRIC, MODE, STUDY_NAME, WARM_CONFIG, study_url
+from search.incumbent import EXTRA_ATTR, FIDELITY_ATTR, IncumbentSampler, screened
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
 
@@ -32,8 +35,10 @@ class DefineByRun:
     def __call__(self, trial: Any) -> dict[str, Any]:
         chosen = self.space.sample(Suggest(trial, self.fixed), self.opts)
         # a warm-start point fixes the sampled names through Optuna (enqueue_trial); the recipe's
-        # other fields (its augment list, warm-up, patience...) come from its complete config
-        point = getattr(trial, "user_attrs", {}).get(WARM_CONFIG) or {}
+        # other fields (its augment list, warm-up, patience...) come from its complete config, and
+        # a local move of it keeps them (search/incumbent.py)
+        attrs = getattr(trial, "user_attrs", {})
+        point = attrs.get(WARM_CONFIG) or attrs.get(EXTRA_ATTR) or {}
         return TrialConfig.from_dict({**self.base, **point, **chosen, **self.fixed}).to_dict()
 
 
@@ -45,20 +50,79 @@ def _quiet_optuna() -> None:
 
 
 def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.samplers.BaseSampler:
-    """"tpe" (the default: multivariate, grouped for conditional parameters) or "random".
+    """"incumbent" (the default: moves around the best config mixed with TPE, search/incumbent.py),
+    "tpe" (multivariate, grouped for conditional parameters) or "random".
 
-    TPE draws `n_startup_trials` completed trials at random before it models; warm-start
-    trials count among them (they are completed trials of the study)."""
+    TPE draws `n_startup_trials` finished trials at random before it models; warm-start
+    trials count among them."""
     _quiet_optuna()
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                      n_startup_trials=n_startup_trials)
+    # constant liar: a running trial counts as bad, so two proposals asked for at once differ
+    tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                     n_startup_trials=n_startup_trials, warn_independent_sampling=False)
+    return IncumbentSampler(tpe, seed=seed) if kind == "incumbent" else tpe
+
+
+class FidelitySearch(OptunaSearch):
+    """Ray's OptunaSearch, telling Optuna each trial at its fidelity, and promoting the screen.
+
+    Ray tells a trial that ASHA stopped (or the time budget cut) as COMPLETE with its value at the
+    rung (ray/tune/search/optuna/optuna_search.py, on_trial_complete, Ray 2.60), so 1-epoch and
+    full-budget values are ranked together. Here a trial that ended before its plan did, or that
+    trained on a fraction of the data (the screen), is told PRUNED: its per-epoch values stay
+    as intermediate values, and TPE ranks pruned trials below complete ones (optuna#4211).
+
+    When the last screen trial has ended, the best `promote` of them are enqueued again at full
+    fidelity (successive halving among the recipe points: the screen is its first rung).
+    """
+
+    def __init__(self, *args, promote: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.promote = promote
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if not (result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials
+                and low_fidelity(result)):
+            super().on_trial_complete(trial_id, result, error)
+            return
+        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+        if self.promote:
+            promote_screen(self._ot_study, self.promote)
+
+
+def low_fidelity(result: dict[str, Any]) -> bool:
+    """A trial's last result (flattened, as Tune passes it) was reached below full fidelity: on a
+    fraction of the data, or before its plan's last epoch without early-stopping itself."""
+    config = {k.removeprefix("config/"): v for k, v in result.items() if k.startswith("config/")}
+    if result.get("status", "ok") != "ok":
+        return False  # a failure is told as a 0, everywhere, so the searcher avoids its region
+    planned = planned_epochs(config) if config and "epoch" in result else None  # None: nothing to compare
+    cut = planned is not None and int(result["epoch"]) < planned and not result.get("early_stopped")
+    return cut or float(config.get("train_fraction", 1.0)) < 1.0
+
+
+def promote_screen(study: optuna.Study, k: int) -> list[int]:
+    """Once no screen trial waits or runs, enqueue the best `k` screen trials at full fidelity
+    (once per study); returns their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    screen = [t for t in trials if t.user_attrs.get(FIDELITY_ATTR, 1.0) < 1.0]
+    if not screen or any(t.user_attrs.get("promoted_from") is not None for t in trials):
+        return []
+    if any(t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING) for t in screen):
+        return []
+    best = screened(trials)[:k]
+    for t in best:
+        config = {**t.user_attrs.get(WARM_CONFIG, {}), "train_fraction": 1.0}
+        study.enqueue_trial(t.params, user_attrs={"warm_start": t.user_attrs.get("warm_start", f"trial {t.number}"),
+                                                  WARM_CONFIG: config, "promoted_from": t.number})
+    return [t.number for t in best]
 
 
 def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any],
-                  seed: int, exp: Path, warm: list = (), told: list = (), sampler: str = "tpe"
-                  ) -> OptunaSearch:
+                  seed: int, exp: Path, warm: list = (), told: list = (), sampler: str = "incumbent",
+                  screen_fraction: float = 1.0, promote: int = 0) -> OptunaSearch:
     """Ray's OptunaSearch over the experiment's SQLite study, which first gets `told` (finished
     trials of earlier experiments, as optuna FrozenTrials) and then `warm` (spaces.warm_start
     WarmPoints, enqueued in order: the search's first trials).
@@ -79,11 +143,14 @@ def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict
                                 sampler=smp, load_if_exists=True)
     if not study.trials:  # a new experiment (a resumed one restores its searcher instead)
         study.add_trials(list(told))
-        for p in warm:
-            study.enqueue_trial(p.params, user_attrs={"warm_start": p.name, WARM_CONFIG: p.config})
+        for p in warm:  # screened at `screen_fraction` of the data (< 1), or run at full fidelity
+            screen = {FIDELITY_ATTR: screen_fraction} if screen_fraction < 1 else {}
+            study.enqueue_trial(p.params, user_attrs={"warm_start": p.name, **screen,
+                                                      WARM_CONFIG: {**p.config, "train_fraction": screen_fraction}})
     # Optuna is told each trial's best epoch, not its last, so a trial ASHA pruned keeps its score
-    return OptunaSearch(space=DefineByRun(space, opts, fixed, base), metric="best_val_acc", mode=MODE,
-                        sampler=smp, storage=storage, study_name=STUDY_NAME)
+    return FidelitySearch(space=DefineByRun(space, opts, fixed, base), metric="best_val_acc", mode=MODE,
+                          sampler=smp, storage=storage, study_name=STUDY_NAME,
+                          promote=promote if screen_fraction < 1 else 0)
 
 
 def stage_aware_grace(space: Space, max_epochs: int) -> int:

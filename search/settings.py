@@ -46,7 +46,10 @@ class SearchSettings:
                                           "longest head-only stage 1, so every trial is judged with trained blocks)", int)
     reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int)
     scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str)
-    sampler: str = _opt("tpe", "how Optuna proposes configs after the warm start: tpe (model-based) or random", str)
+    sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the best "
+                                     "config mixed with TPE), tpe (model-based) or random", str)
+    screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a fraction "
+                               "of the data first and promote the best (the budget plan says so); off: run them whole", str)
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)", None)
     precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16", str)
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int)

@@ -20,7 +20,7 @@ HEADS, OPTIMIZERS, SCHEDULES, PRECISIONS = (get_args(t) for t in (Head, Optimize
 
 
 # the fields that say how a trial runs, not what it learns: never tuned, never shown as hyper-parameters
-RUN_FIELDS = frozenset({"weights_dir", "seed", "compile", "eval_batch_size", "precision"})
+RUN_FIELDS = frozenset({"weights_dir", "seed", "compile", "eval_batch_size", "precision", "train_fraction"})
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TrialConfig:
     compile: bool = False  # torch.compile the model (worth it for long GPU trials only)
     precision: PrecisionName = "auto"  # auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16 (bf16/fp16 also on the CPU)
     eval_batch_size: int = 512
+    # fidelity: train on this stratified share of the train split, the whole stage plan kept (a
+    # data subset keeps stage 2 that fewer epochs would cut off: FABOLAS, Klein et al. 2017)
+    train_fraction: float = 1.0
 
     @property
     def uses_val(self) -> bool:
@@ -112,6 +115,7 @@ class TrialConfig:
             (0.0 <= self.aug_strength <= 1.0, "aug_strength must be in [0, 1]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
+            (0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]"),
         ]
         checks += [(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}")
                    for name, allowed in choices().items()]

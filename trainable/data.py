@@ -369,3 +369,12 @@ def prepare_final_data(
     ds, train = _train_subset(data_dir, ("train", "test"), subset, seed, download)
     train_idx, val_idx = stratified_split(train.fine, val_fraction, seed)
     return FinalData(train, train_idx, val_idx, ds.test, ds.fine_names, ds.coarse_names)
+
+
+def fidelity_subset(split: Split, fraction: float, seed: int) -> Split:
+    """A stratified `fraction` of `split` (each class keeps its share, at least one image), the
+    same for every trial with this seed: a low-fidelity trial sees fewer images, not fewer epochs."""
+    if fraction >= 1.0:
+        return split
+    keep, _ = stratified_split(split.fine, 1.0 - fraction, seed)
+    return split.take(keep)

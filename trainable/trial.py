@@ -17,7 +17,7 @@ import torch
 
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
 from trainable.config import TrialConfig
-from trainable.data import Split
+from trainable.data import Split, fidelity_subset
 from trainable.early_stop import EarlyStop
 from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoch
 from trainable.memory import is_out_of_memory
@@ -112,6 +112,7 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
            checkpoint: bool, stop_after_epoch: int | None, at: _Progress,
            device: torch.device | None = None) -> tuple[Net, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
+    train = fidelity_subset(train, cfg.train_fraction, cfg.seed)
     device = at.device = device if device is not None else pick_device()
     if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
         torch.cuda.set_device(device)

@@ -1,0 +1,116 @@
+"""How a search spends its budget, decided before the first trial and printed in a few lines.
+
+The recipe points (the warm start) run first. When they fit in a third of the budget at full
+fidelity they run whole; otherwise they are screened: each runs its whole stage plan on a fixed,
+stratified fraction of the training data (`TrialConfig.train_fraction`: a data subset keeps stage 2,
+which fewer epochs would cut off; FABOLAS, Klein et al. 2017), and the best third go on to full
+fidelity (successive halving among the priors, Jamieson & Talwalkar 2016; the screen-then-top-k
+shape of Egele et al. 2023). What is left is the searcher's (search/incumbent.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainable import atomic
+
+PLAN_FILE = "budget_plan.json"
+ETA = 3  # the screen keeps the best 1/ETA of the recipe points
+FIT_SHARE = 1 / 3  # recipe points run whole when they take at most this share of the budget
+SCREEN_SHARE = 1 / 4  # else the screen is sized to about this share
+MIN_FRACTION, MAX_FRACTION = 1 / 9, 1 / 3  # below 1/9 a per-class subset is 1-2 images on small splits
+MIN_OWN_TRIALS = 3  # fewer trials of its own than this and the searcher learns nothing
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    points: int  # recipe points
+    screen_fraction: float  # the screen's train_fraction; 1.0: the points run whole (no screen)
+    promote: int  # screened points promoted to full fidelity
+    screen_s: float  # expected wall seconds of the points' first runs (the screen, or the whole runs)
+    promote_s: float  # expected wall seconds of the promoted runs
+    own_trial_s: float  # expected wall seconds per trial of the searcher's own (parallel trials counted)
+    budget_s: float | None  # --time-budget, if any
+    num_samples: int | None  # --num-samples, if given
+
+    @property
+    def own_s(self) -> float | None:
+        """Seconds left for the searcher's own proposals (None without a time budget)."""
+        return None if self.budget_s is None else max(0.0, self.budget_s - self.screen_s - self.promote_s)
+
+    @property
+    def own_trials(self) -> int | None:
+        if self.budget_s is not None:
+            return int(self.own_s / self.own_trial_s) if self.own_trial_s > 0 else 0
+        if self.num_samples is not None:
+            return max(0, self.num_samples - self.points - self.promote)
+        return None
+
+    def describe(self) -> str:
+        """The plan as the CLI prints it."""
+        from search.progress import duration
+        if not self.points:
+            head = "budget plan: no recipe points; every trial is the searcher's own"
+            lines = [head]
+        elif self.screen_fraction >= 1:
+            lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
+        else:
+            lines = [f"budget plan: screen the {self.points} recipe point(s) on {self.screen_fraction:.0%} of the "
+                     f"training data, whole stage plans (~{duration(self.screen_s)}),",
+                     f"  then promote the best {self.promote} to full fidelity (~{duration(self.promote_s)})"]
+        own = self.own_trials
+        if own is not None:
+            left = f" (~{duration(self.own_s)})" if self.own_s is not None else ""
+            lines.append(f"  then the search's own proposals around the best config: about {own} trial(s){left}")
+            if own < MIN_OWN_TRIALS and self.budget_s is not None:
+                lines.append(f"  warning: that is too few for the search to improve on the recipes; a budget of about "
+                             f"{duration(self.budget_needed())} leaves it {MIN_OWN_TRIALS * 2} trials")
+        return "\n".join(lines)
+
+    def budget_needed(self, own: int = 2 * MIN_OWN_TRIALS) -> float:
+        return self.screen_s + self.promote_s + own * self.own_trial_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "own_s": self.own_s, "own_trials": self.own_trials}
+
+
+def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: float, parallel: int) -> float:
+    """Expected wall seconds of running every point at `fraction` of the training data."""
+    return (fraction * sum(train_s) + sum(val_s) + startup_s * len(train_s)) / max(1, parallel)
+
+
+def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, parallel: int,
+                own_trial_s: float, budget_s: float | None, num_samples: int | None,
+                screen: str = "auto") -> BudgetPlan:
+    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity (from the
+    cost estimate), `parallel` trials at once and a searcher trial of `own_trial_s` seconds.
+
+    Without a time budget the points fit when they are at most a third of `num_samples` (16 when
+    not given); `screen` "off" runs them whole whatever the budget.
+    """
+    n = len(train_s)
+    own_wall = own_trial_s / max(1, parallel)
+    full = wall(train_s, val_s, 1.0, startup_s, parallel)
+    if budget_s is not None:
+        fits = full <= FIT_SHARE * budget_s
+    else:
+        fits = n <= FIT_SHARE * (num_samples or 16)
+    if n == 0 or fits or screen == "off":
+        return BudgetPlan(n, 1.0, 0, full, 0.0, own_wall, budget_s, num_samples)
+    fraction = MAX_FRACTION
+    if budget_s is not None and sum(train_s) > 0:
+        room = SCREEN_SHARE * budget_s * max(1, parallel) - sum(val_s) - startup_s * n
+        fraction = min(MAX_FRACTION, max(MIN_FRACTION, room / sum(train_s)))
+    fraction = round(fraction, 3)
+    promote = max(1, math.ceil(n / ETA))
+    mean_full = full / n * max(1, parallel)  # one point run whole, seconds
+    return BudgetPlan(n, fraction, promote, wall(train_s, val_s, fraction, startup_s, parallel),
+                      promote * mean_full / max(1, parallel), own_wall, budget_s, num_samples)
+
+
+def save(exp: Path, plan: BudgetPlan) -> None:
+    exp.mkdir(parents=True, exist_ok=True)
+    import json
+    atomic.write_text(Path(exp) / PLAN_FILE, json.dumps(plan.to_dict(), indent=1) + "\n")
