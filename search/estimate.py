@@ -19,6 +19,7 @@ from typing import Any
 
 from spaces import Options, Space
 from trainable import atomic
+from trainable.cache import cache_root
 from trainable.config import TrialConfig
 
 ESTIMATE_FILE = "estimate.json"
@@ -28,8 +29,7 @@ BATCH, STEPS = 16, 3  # timed steps per measurement (after one untimed); the fas
 
 def cache_path() -> Path:
     """Per-machine cache of measured step times (CIFAR_TUNE_CACHE overrides the folder)."""
-    root = os.environ.get("CIFAR_TUNE_CACHE") or Path.home() / ".cache" / "cifar-tune"
-    return Path(root) / "speed.json"
+    return cache_root() / "speed.json"
 
 
 def device_key(device: Any, threads: int, precision: str = "auto") -> str:
