@@ -293,9 +293,14 @@ def _ensure_present(data_dir: Path, download: bool) -> Path:
     elif data_dir.exists() or data_dir.is_symlink():
         raise UserError(f"--data-dir {data_dir} is neither a folder nor a file (a broken link?); {_HINT}")
     if not download:
-        what = "is empty of CIFAR-100" if data_dir.is_dir() else "does not exist"
-        raise UserError(f"CIFAR-100 not found: {data_dir} {what} and downloading is off; {_HINT}")
+        raise UserError(f"CIFAR-100 not found: {_absent(data_dir)} and downloading is off; {_HINT}")
     return _download(data_dir)
+
+
+def _absent(data_dir: Path) -> str:
+    if not data_dir.exists():
+        return f"--data-dir {data_dir} does not exist"
+    return f"{data_dir / FOLDER} does not exist (nor {ARCHIVE} or the dataset's files in {data_dir})"
 
 
 def _cache(kind: str) -> Path:
@@ -393,8 +398,7 @@ def _download(data_dir: Path) -> Path:
             shutil.move(str(extracted), str(folder))
         except (URLError, OSError, RuntimeError) as e:
             reason = " ".join(str(e).split())  # keep the message on one line
-            where = "no such folder" if not data_dir.exists() else f"no {FOLDER} in it"
-            raise UserError(f"CIFAR-100 not found at {data_dir} ({where}) and downloading it failed "
+            raise UserError(f"CIFAR-100 not found: {_absent(data_dir)}, and downloading it failed "
                             f"({type(e).__name__}: {reason}); {_HINT}") from e
         finally:
             if (tmp / ARCHIVE).is_file():
