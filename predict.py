@@ -224,25 +224,35 @@ def _head_of(src: str | Path | IO[bytes]) -> bytes:
         return b""
 
 
-# first bytes of formats people have as pictures that Pillow does not open: (test, name, advice)
+# first bytes of formats people have as pictures that Pillow does not open: (test, what it is, advice)
 _FORMATS = (
     (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1",
                                                  b"msf1"),
-     "HEIC/HEIF", "install the pillow-heif plugin (pip install pillow-heif) or convert it to JPEG"),
+     "a HEIC/HEIF photo, which this Pillow cannot read",
+     "install the pillow-heif plugin (pip install pillow-heif) or convert it to JPEG"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis") and not _pillow_reads("avif"),
+     "an AVIF image, which this Pillow cannot read", "use Pillow 11.3 or later or convert it to PNG or JPEG"),
     (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis"),
-     "AVIF", "use a Pillow built with AVIF (11.3 or later) or convert it to PNG or JPEG"),
-    (lambda h: h.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")), "JPEG XL", "convert it to PNG or JPEG"),
-    (lambda h: b"<svg" in h.lower(), "SVG (a vector drawing)", "export it to PNG"),
-    (lambda h: h.startswith(b"%PDF"), "PDF", "export the page as PNG or JPEG"),
-    (lambda h: h[4:8] == b"ftyp", "a video or other ISO media file", "pass a still image (PNG, JPEG, ...)"),
+     "an AVIF image Pillow's AVIF decoder cannot open", "it may be damaged: convert an intact copy to PNG or JPEG"),
+    (lambda h: h.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")), "a JPEG XL image, which Pillow cannot read",
+     "convert it to PNG or JPEG"),
+    (lambda h: b"<svg" in h.lower(), "an SVG drawing (vector graphics), not a picture of pixels", "export it to PNG"),
+    (lambda h: h.startswith(b"%PDF"), "a PDF document, not an image", "export the page as PNG or JPEG"),
+    (lambda h: h[4:8] == b"ftyp", "a video or other ISO media file, not a still image",
+     "pass a still image (PNG, JPEG, ...)"),
 )
+
+
+def _pillow_reads(feature: str) -> bool:
+    from PIL import features
+    return bool(features.check(feature))
 
 
 def _not_readable(label: str, head: bytes) -> UserError:
     """Why Pillow found no image in a file: a format it does not read, or not an image at all."""
     for test, fmt, advice in _FORMATS:
         if test(head):
-            return UserError(f"{label} is a {fmt} file, a format this Pillow cannot read: {advice}")
+            return UserError(f"{label} is {fmt}: {advice}")
     return UserError(f"{label} is not an image Pillow can read (its first bytes match no image format): "
                      f"pass a PNG, JPEG, WebP, TIFF or another format Pillow opens")
 
