@@ -59,6 +59,8 @@ FORMS = {
         "state_dict_ema": _prefixed("module.", s), "optimizer": {"state": {}}, "args": argparse.Namespace(lr=0.1),
         "metric": np.float64(0.71), "version": 2},
     "AveragedModel (module. + n_averaged)": _averaged,
+    "PyTorch ImageNet example (a tensor metric beside it)": lambda s: {"model_state_dict": s,
+                                                                      "best_acc1": torch.tensor(0.7)},
     "classifier of another size": lambda s: {**_body(s), "classifier.weight": torch.zeros(10, 32),
                                              "classifier.bias": torch.zeros(10)},
     "no classifier (saved after reset_classifier(0))": _body,
@@ -80,7 +82,7 @@ def test_every_common_wrapper_loads_the_same_backbone(tmp_path, reference, form)
     assert _same_body(_load(tmp_path), reference)
 
 
-@pytest.mark.parametrize("filename", [f"{NAME}.safetensors", f"{NAME}.pt", f"{NAME}.bin",
+@pytest.mark.parametrize("filename", [f"{NAME}.safetensors", f"{NAME}.pt", f"{NAME}.bin", f"{NAME}.pth.tar",
                                       f"{NAME}/model.safetensors", f"{NAME}/pytorch_model.bin"])
 def test_other_file_names_and_safetensors(tmp_path, reference, filename):
     path = tmp_path / filename

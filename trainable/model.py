@@ -72,12 +72,12 @@ def create_model(name: str, *, pretrained: bool, weights_dir: str = "", head: st
     return Net(backbone, head)
 
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".pth.tar")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face model folder's weights
 
 
 def weights_file(weights_dir: str | Path, name: str) -> Path | None:
-    """The weights of backbone `name` in `weights_dir`: NAME.pth (or .pt, .safetensors, .bin, .ckpt),
+    """The weights of backbone `name` in `weights_dir`: NAME.pth (or .pt, .safetensors, .bin, .ckpt, .pth.tar),
     or a Hugging Face download NAME/model.safetensors (or pytorch_model.bin); None when absent."""
     folder = Path(weights_dir).expanduser()
     for path in [folder / f"{name}{s}" for s in WEIGHT_SUFFIXES] + [folder / name / f for f in HUB_FILES]:
@@ -192,13 +192,13 @@ def _unwrap(obj, depth: int = 0) -> dict[str, torch.Tensor] | None:
     one found under _STATE_KEYS (a few levels deep); None when there is none."""
     if not isinstance(obj, dict) or depth > 3:
         return None
+    for key in _STATE_KEYS:  # a dict under one of these is never a tensor of a state_dict
+        found = _unwrap(obj.get(key), depth + 1) if isinstance(obj.get(key), dict) else None
+        if found:
+            return found
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if tensors and len(tensors) >= len(obj) / 2:  # AveragedModel adds a step counter, Lightning none
         return timm.models.clean_state_dict(tensors)
-    for key in _STATE_KEYS:
-        found = _unwrap(obj.get(key), depth + 1)
-        if found:
-            return found
     return None
 
 
