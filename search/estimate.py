@@ -21,6 +21,7 @@ from spaces import Options, Space
 from trainable import atomic
 from trainable.cache import cache_root
 from trainable.config import TrialConfig
+from trainable.errors import UserError
 
 ESTIMATE_FILE = "estimate.json"
 SAMPLES = 300  # configs drawn from the space for the expected cost
@@ -118,8 +119,11 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
                 mine[f"{b}@{s}"] = measure(b, s, device, precision)
         finally:
             torch.set_num_threads(old)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
+        try:  # a cache: a full disk costs the next run a re-timing, not this search
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
+        except (OSError, UserError) as e:
+            log(f"warning: step times not cached: {e}")
     return Speeds(key, {f"{b}@{s}": mine[f"{b}@{s}"] for b, s in combos})
 
 
