@@ -63,6 +63,15 @@ def test_parent_folder_itself_file_in_it_and_archive_give_the_same_data(parent, 
     assert not [p for p in own_cache.rglob("*") if ".tmp-" in p.name]
 
 
+def test_the_archive_extracted_into_a_folder_of_its_name(parent, tmp_path):
+    import shutil
+    nested = tmp_path / "data" / FOLDER
+    shutil.copytree(parent / FOLDER, nested / FOLDER)
+    want = load_cifar100(parent, download=False)
+    for form in (tmp_path / "data", nested):
+        assert _same_data(load_cifar100(form, download=False), want)
+
+
 def test_a_replaced_archive_is_extracted_again(parent, tmp_path):
     archive = _archive(parent, tmp_path / ARCHIVE)
     first = load_cifar100(archive, download=False)

@@ -269,6 +269,16 @@ def _is_dataset_folder(d: Path) -> bool:
     return d.name == FOLDER or any((d / f).is_file() for f in SPLIT_FILES)
 
 
+def _innermost(folder: Path) -> Path:
+    """`folder`, or the `cifar-100-python/` inside it when the archive was extracted into a folder
+    of the same name (`.../cifar-100-python/cifar-100-python/train`)."""
+    for _ in range(2):
+        if any((folder / f).is_file() for f in SPLIT_FILES) or not (folder / FOLDER).is_dir():
+            break
+        folder = folder / FOLDER
+    return folder
+
+
 def _ensure_present(data_dir: Path, download: bool) -> Path:
     """The `cifar-100-python` folder `data_dir` names, in any form a user has it.
 
@@ -285,9 +295,9 @@ def _ensure_present(data_dir: Path, download: bool) -> Path:
         return _extracted(data_dir)
     if data_dir.is_dir():
         if (data_dir / FOLDER).is_dir():
-            return data_dir / FOLDER
+            return _innermost(data_dir / FOLDER)
         if _is_dataset_folder(data_dir):
-            return data_dir
+            return _innermost(data_dir)
         if (data_dir / ARCHIVE).is_file():
             return _extracted(data_dir / ARCHIVE)
     elif data_dir.exists() or data_dir.is_symlink():
