@@ -19,7 +19,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "local copy, ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME)")
     p.add_argument("--config", default="",
                    help="retrain this config instead (a best_config.yaml: up to its best_epoch, as without --config)")
-    p.add_argument("--data-dir", default="", help="folder holding cifar-100-python/ (default: the search's)")
+    p.add_argument("--data-dir", default="", help="folder holding cifar-100-python/, that folder, or "
+                                                  "cifar-100-python.tar.gz (default: the search's)")
     p.add_argument("--weights-dir", default=None, help="offline pretrained weights (default: the search's)")
     p.add_argument("--full-schedule", action="store_true",
                    help="retrain the best config's whole stage plan, not only up to its best epoch")

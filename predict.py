@@ -9,9 +9,12 @@ input_size, its mean/std): the same path the test images took. app.py uses these
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -59,39 +62,199 @@ def read_image(src: str | Path | IO[bytes], name: str = "") -> "Image.Image":
     `src` is a path or a binary file object; `name` labels it in errors (default: the path).
     Reads the first frame of an animated or multi-page file, applies the EXIF orientation, brings
     any mode and bit depth to 8-bit RGB (16-bit and float data scaled, not clipped) and an embedded
-    ICC profile to sRGB. UserError naming the file and the reason when it is missing, not an image,
-    truncated or corrupt, or larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+    ICC profile to sRGB. A PNG whose metadata exceeds Pillow's text limits (PngImagePlugin.MAX_TEXT_CHUNK,
+    MAX_TEXT_MEMORY) is read without the oversize metadata, as a viewer shows it. UserError naming the
+    file and the reason when it is missing, empty, not an image, in a format Pillow cannot read,
+    truncated, corrupt, or larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
     """
     import struct
-    import warnings
 
-    from PIL import Image, ImageOps
+    from PIL import Image
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise UserError(f"image {label} not found: check the path")
     try:
-        with warnings.catch_warnings():
-            # Pillow's warnings about a damaged file would add lines to the one-line error (or to a
-            # prediction that worked); it only warns between 1x and 2x its pixel limit: refused too
-            warnings.filterwarnings("ignore", module=r"PIL\.")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(src) as im:
-                _check_pixels(im.size, label)  # also when another thread reset the warning filter
-                im.load()  # the first frame: what a viewer shows of an animated or multi-page file
-                return _to_rgb(ImageOps.exif_transpose(im))
+        _optional_plugins()
+        if _size_of(src) == 0:
+            raise UserError(f"{label} is an empty file (0 bytes): pass the image itself, not an empty copy")
+        try:
+            return _decode(src, label)
+        except ValueError as e:
+            if "MAX_TEXT" not in str(e):  # Pillow's limits on PNG text and ICC chunks
+                raise
+            png, icc = _png_within_metadata_limits(_bytes_of(src), e)
+            return _decode(io.BytesIO(png), label, icc)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         raise _too_big(label, int(found.group(1)) if found else None) from None
     except Image.UnidentifiedImageError:
-        raise UserError(f"{label} is not an image Pillow can read: pass a PNG, JPEG, WebP, TIFF "
-                        f"or another format Pillow opens") from None
+        raise _not_readable(label, _head_of(src)) from None
     except PermissionError as e:
         raise UserError(f"cannot read image {label} ({e.strerror}): check its permissions") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, MemoryError) as e:
         # what Pillow's decoders raise for a damaged file, depending on the format
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise UserError(f"{label} is truncated or corrupt, Pillow cannot decode it ({reason}): "
+        what = "truncated (the file ends before its image data does)" if "truncated" in reason.lower() else "corrupt"
+        raise UserError(f"{label} is {what}, Pillow cannot decode it ({reason}): "
                         f"pass an intact copy of the image") from None
+
+
+@functools.cache
+def _optional_plugins() -> None:
+    """Pillow's HEIC/HEIF opener when the pillow-heif plugin is installed (phones save HEIC)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+def _decode(src: str | Path | IO[bytes], label: str, icc: bytes | None = None) -> "Image.Image":
+    """read_image's decoding, Pillow's exceptions unchanged; `icc` replaces the file's own profile."""
+    import warnings
+
+    from PIL import Image, ImageOps
+    with warnings.catch_warnings():
+        # Pillow's warnings about a damaged file would add lines to the one-line error (or to a
+        # prediction that worked); it only warns between 1x and 2x its pixel limit: refused too
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if hasattr(src, "seek"):
+            src.seek(0)
+        with Image.open(src) as im:
+            _check_pixels(im.size, label)  # also when another thread reset the warning filter
+            im.load()  # the first frame: what a viewer shows of an animated or multi-page file
+            if icc is not None:
+                im.info["icc_profile"] = icc
+            return _to_rgb(ImageOps.exif_transpose(im))
+
+
+ICC_LIMIT = 64 << 20  # bytes: the largest ICC profile read (real ones reach a few MB; Pillow stops at 1 MB)
+_PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_within_metadata_limits(data: bytes, error: Exception) -> tuple[bytes, bytes | None]:
+    """(the PNG without its oversize metadata, its ICC profile inflated up to ICC_LIMIT or None).
+
+    Pillow refuses a whole PNG whose iCCP or text chunk inflates past MAX_TEXT_CHUNK (or whose text
+    passes MAX_TEXT_MEMORY) and has no switch to skip them (LOAD_TRUNCATED_IMAGES would also accept
+    cut-off pixels), so the chunks are filtered here: the iCCP is always taken out (and handed back
+    when within ICC_LIMIT), a text chunk stays while it and the text kept so far fit Pillow's
+    limits. Re-raises `error` when `data` is not a PNG's chunk sequence.
+    """
+    import struct
+
+    from PIL import PngImagePlugin
+    sig = b"\x89PNG\r\n\x1a\n"
+    if not data.startswith(sig):
+        raise error
+    out, icc, text, pos = [sig], None, 0, len(sig)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        body = data[pos + 8:pos + 8 + length]
+        keep = True
+        if kind == b"iCCP":
+            keep = False
+            sep = body.find(b"\0")
+            icc = _inflate(body[sep + 2:], ICC_LIMIT) if sep >= 0 else None
+        elif kind in _PNG_TEXT:
+            size = _text_size(kind, body, PngImagePlugin.MAX_TEXT_CHUNK)
+            keep = size is not None and text + size <= PngImagePlugin.MAX_TEXT_MEMORY // 2
+            text += size if keep else 0
+        if keep:
+            out.append(data[pos:end])
+        pos = end
+    if pos < len(data):
+        out.append(data[pos:])  # a cut-off tail: Pillow reports it as it would have
+    return b"".join(out), icc
+
+
+def _inflate(blob: bytes, limit: int) -> bytes | None:
+    """zlib data inflated, or None when it is damaged or inflates past `limit` bytes."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(blob, limit)
+    except zlib.error:
+        return None
+    return None if d.unconsumed_tail else out
+
+
+def _text_size(kind: bytes, body: bytes, limit: int) -> int | None:
+    """The bytes a PNG text chunk's value takes once read, or None past `limit` (or undecodable)."""
+    key, _, value = body.partition(b"\0")
+    if kind == b"tEXt":
+        return len(value) if len(value) <= limit else None
+    if kind == b"zTXt":
+        v = _inflate(value[1:], limit)
+        return None if v is None else len(v)
+    compressed, rest = value[:1] == b"\1", value[2:]  # iTXt: flag, method, language\0, keyword\0, text
+    parts = rest.split(b"\0", 2)
+    if len(parts) < 3:
+        return 0
+    v = _inflate(parts[2], limit) if compressed else parts[2]
+    return None if v is None or len(v) > limit else len(v)
+
+
+def _size_of(src: str | Path | IO[bytes]) -> int | None:
+    if isinstance(src, (str, Path)):
+        return Path(src).stat().st_size
+    try:
+        return src.seek(0, io.SEEK_END)
+    except (AttributeError, OSError):
+        return None
+
+
+def _bytes_of(src: str | Path | IO[bytes]) -> bytes:
+    if isinstance(src, (str, Path)):
+        return Path(src).read_bytes()
+    src.seek(0)
+    return src.read()
+
+
+def _head_of(src: str | Path | IO[bytes]) -> bytes:
+    """The file's first 512 bytes (b"" when they cannot be read)."""
+    try:
+        if isinstance(src, (str, Path)):
+            with open(src, "rb") as f:
+                return f.read(512)
+        src.seek(0)
+        return src.read(512)
+    except (OSError, AttributeError):
+        return b""
+
+
+# first bytes of formats people have as pictures that Pillow does not open: (test, what it is, advice)
+_FORMATS = (
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1",
+                                                 b"msf1"),
+     "a HEIC/HEIF photo, which this Pillow cannot read",
+     "install the pillow-heif plugin (pip install pillow-heif) or convert it to JPEG"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis") and not _pillow_reads("avif"),
+     "an AVIF image, which this Pillow cannot read", "use Pillow 11.3 or later or convert it to PNG or JPEG"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis"),
+     "an AVIF image Pillow's AVIF decoder cannot open", "it may be damaged: convert an intact copy to PNG or JPEG"),
+    (lambda h: h.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")), "a JPEG XL image, which Pillow cannot read",
+     "convert it to PNG or JPEG"),
+    (lambda h: b"<svg" in h.lower(), "an SVG drawing (vector graphics), not a picture of pixels", "export it to PNG"),
+    (lambda h: h.startswith(b"%PDF"), "a PDF document, not an image", "export the page as PNG or JPEG"),
+    (lambda h: h[4:8] == b"ftyp", "a video or other ISO media file, not a still image",
+     "pass a still image (PNG, JPEG, ...)"),
+)
+
+
+def _pillow_reads(feature: str) -> bool:
+    from PIL import features
+    return bool(features.check(feature))
+
+
+def _not_readable(label: str, head: bytes) -> UserError:
+    """Why Pillow found no image in a file: a format it does not read, or not an image at all."""
+    for test, fmt, advice in _FORMATS:
+        if test(head):
+            return UserError(f"{label} is {fmt}: {advice}")
+    return UserError(f"{label} is not an image Pillow can read (its first bytes match no image format): "
+                     f"pass a PNG, JPEG, WebP, TIFF or another format Pillow opens")
 
 
 def _too_big(label: str, pixels: int | None) -> UserError:

@@ -140,8 +140,9 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
         "retrain_command": shlex.join(cmd),
         "config": {**best.config, "train_fraction": 1.0},  # the retrain uses all of train + val
     }
-    atomic.write_text(exp_dir / "best_config.yaml", yaml.safe_dump(out, sort_keys=False))
-    atomic.write_text(exp_dir / "best_config.json", json.dumps(out, indent=2) + "\n")
+    with atomic.together() as files:  # one config in two formats: both new or both old
+        files.write_text(exp_dir / "best_config.yaml", yaml.safe_dump(out, sort_keys=False))
+        files.write_text(exp_dir / "best_config.json", json.dumps(out, indent=2) + "\n")
     return out
 
 

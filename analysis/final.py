@@ -74,14 +74,15 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
     if "coarse_head_acc" in ev:
         metrics.update(test_coarse_head_acc=ev["coarse_head_acc"], test_coarse_head_loss=ev["coarse_head_loss"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
-    atomic.torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-                       "config": cfg.to_dict(), "fine_names": data.fine_names,
-                       "coarse_names": data.coarse_names, "mean": list(mean), "std": list(std)},
-                      out_dir / "model.pt")
-    atomic.torch_save({"predictions": ev["predictions"], "labels": torch.from_numpy(data.test.fine.copy()),
-                       "coarse_labels": torch.from_numpy(data.test.coarse.copy())},
-                      out_dir / "test_predictions.pt")
+    with atomic.together() as files:  # the three describe one model: all new or all old
+        files.torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                          "config": cfg.to_dict(), "fine_names": data.fine_names,
+                          "coarse_names": data.coarse_names, "mean": list(mean), "std": list(std)},
+                         out_dir / "model.pt")
+        files.torch_save({"predictions": ev["predictions"], "labels": torch.from_numpy(data.test.fine.copy()),
+                          "coarse_labels": torch.from_numpy(data.test.coarse.copy())},
+                         out_dir / "test_predictions.pt")
+        files.write_text(out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table, run_cli  # noqa: E402
+from trainable import atomic  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if "a" in results and "d" in results and results["d"]["best_val_acc"] is not None:
         results["a"]["beat_recipes_after_s"] = first_beat(work / "runs" / "a", results["d"]["best_val_acc"],
                                                           results["a"]["start"])
-    (work / "duel.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic.write_text(work / "duel.json", json.dumps(results, indent=1) + "\n")
     print("\n" + markdown(a, results, n_recipes, time.time() - t_all))
     return 0
 

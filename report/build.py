@@ -23,6 +23,7 @@ from report.curves import plot_curves
 from report.importance import compute_importance, plot_importance, plot_top_two
 from report.leaderboard import HEAD, NUMERIC, leaderboard_rows
 from report.schedule import plot_schedule
+from trainable import atomic
 
 REPORT = "report.html"
 
@@ -49,7 +50,7 @@ def write_report(exp_dir: Path) -> Path:
                 + (f" ({subset} images per class)" if subset else "")
                 + f" · written {datetime.datetime.now():%Y-%m-%d %H:%M}")
     path = out / REPORT
-    path.write_text(h.page(f"Search report: {exp.name}", subtitle, sections), encoding="utf-8")
+    atomic.write_text(path, h.page(f"Search report: {exp.name}", subtitle, sections))
     return path
 
 

@@ -1,10 +1,13 @@
 """Shared figure plumbing: an Agg figure without pyplot (no global backend state), saved as PNG."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from trainable import atomic
 
 DPI = 110
 # tab10 without its grey, so grey can mean "the other trials"
@@ -22,6 +25,8 @@ def figure(width: float = 9.0, height: float = 5.0, **subplots) -> tuple[Figure,
 
 def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic.write_bytes(path, buf.getvalue())
     return path
 

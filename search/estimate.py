@@ -19,7 +19,9 @@ from typing import Any
 
 from spaces import Options, Space
 from trainable import atomic
+from trainable.cache import cache_root
 from trainable.config import TrialConfig
+from trainable.errors import UserError
 
 ESTIMATE_FILE = "estimate.json"
 SAMPLES = 300  # configs drawn from the space for the expected cost
@@ -28,8 +30,7 @@ BATCH, STEPS = 16, 3  # timed steps per measurement (after one untimed); the fas
 
 def cache_path() -> Path:
     """Per-machine cache of measured step times (CIFAR_TUNE_CACHE overrides the folder)."""
-    root = os.environ.get("CIFAR_TUNE_CACHE") or Path.home() / ".cache" / "cifar-tune"
-    return Path(root) / "speed.json"
+    return cache_root() / "speed.json"
 
 
 def device_key(device: Any, threads: int, precision: str = "auto") -> str:
@@ -118,8 +119,11 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
                 mine[f"{b}@{s}"] = measure(b, s, device, precision)
         finally:
             torch.set_num_threads(old)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
+        try:  # a cache: a full disk costs the next run a re-timing, not this search
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
+        except (OSError, UserError) as e:
+            log(f"warning: step times not cached: {e}")
     return Speeds(key, {f"{b}@{s}": mine[f"{b}@{s}"] for b, s in combos})
 
 

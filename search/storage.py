@@ -6,10 +6,13 @@ filesystem pyarrow knows) or a folder mounted at the same path on every node (NF
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
+from trainable.atomic import write_error
+from trainable.cache import cache_root
 from trainable.errors import UserError
 
 # the URI schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is a local path)
@@ -206,7 +209,7 @@ def mirror_dir(uri: str, local_dir: str = "") -> Path:
     if local_dir:
         return Path(local_dir).expanduser().resolve() / base.rsplit("/", 1)[-1]
     scheme, rest = base.split("://", 1)
-    root = Path(os.environ.get("CIFAR_TUNE_CACHE") or Path.home() / ".cache" / "cifar-tune")
+    root = cache_root()
     return (root / "runs" / scheme / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])).resolve()
 
 
@@ -300,9 +303,15 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             part = dest.with_name(f".{dest.name}.part")
-            with fs.open_input_stream(info.path) as fin, open(part, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 8 << 20)
-            part.replace(dest)
+            try:
+                with fs.open_input_stream(info.path) as fin, open(part, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 8 << 20)
+                part.replace(dest)
+            except OSError as e:
+                part.unlink(missing_ok=True)  # no half-fetched file left behind
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise write_error(dest, e, info.size or 0) from None
+                raise
             if mtime is not None:
                 os.utime(dest, (mtime, mtime))
             done.append(rel)

@@ -137,6 +137,8 @@ def test_run_search_bad_input(case, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
+    if name == "missing-data":  # a mistyped --data-dir: no folder (or lock file) made for it
+        assert not (tmp_path / "nowhere").exists()
     for w in words:
         assert w in lines[0], lines[0]
     assert not ray_tmp.exists(), "a Ray cluster was started before the input was checked"

@@ -418,7 +418,8 @@ def test_not_a_state_dict(tmp_path):
     (tmp_path / "resnet18.pth").write_bytes(b"not a torch file\n\nat all")
     with pytest.raises(UserError) as e:
         create_model("resnet18", pretrained=True, weights_dir=str(tmp_path))
-    assert "does not fit backbone resnet18" in _one_line_user_error(e)
+    msg = _one_line_user_error(e)
+    assert "resnet18.pth cannot be read as PyTorch or safetensors weights" in msg and "not a weights file" in msg
 
 
 def test_missing_weights_file(tmp_path):

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import codecs
 import copyreg
+import errno
+import hashlib
+import os
 import pickle
+import shutil
+import tarfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +25,15 @@ from urllib.error import URLError
 import numpy as np
 from filelock import FileLock
 
+from trainable.cache import ENV as CACHE_ENV
+from trainable.cache import cache_root
 from trainable.errors import UserError
 
 FOLDER = "cifar-100-python"
+ARCHIVE = "cifar-100-python.tar.gz"
+SPLIT_FILES = ("train", "test", "meta")
 NUM_FINE, NUM_COARSE = 100, 20
-_HINT = f"point --data-dir at a folder holding {FOLDER}/{{train,test,meta}}"
+_HINT = f"point --data-dir at the folder holding {FOLDER}/{{train,test,meta}}, at {FOLDER} itself or at {ARCHIVE}"
 
 
 @dataclass
@@ -254,38 +264,162 @@ def _read_names(path: Path) -> tuple[list[str], list[str]]:
     return out[0], out[1]
 
 
+def _is_dataset_folder(d: Path) -> bool:
+    """`d` is the `cifar-100-python` folder itself: named so, or holding its files."""
+    return d.name == FOLDER or any((d / f).is_file() for f in SPLIT_FILES)
+
+
+def _innermost(folder: Path) -> Path:
+    """`folder`, or the `cifar-100-python/` inside it when the archive was extracted into a folder
+    of the same name (`.../cifar-100-python/cifar-100-python/train`)."""
+    for _ in range(2):
+        if any((folder / f).is_file() for f in SPLIT_FILES) or not (folder / FOLDER).is_dir():
+            break
+        folder = folder / FOLDER
+    return folder
+
+
 def _ensure_present(data_dir: Path, download: bool) -> Path:
-    """The `cifar-100-python` folder, downloading the official archive if allowed and absent."""
-    folder = data_dir / FOLDER
-    if folder.is_dir():
-        return folder
+    """The `cifar-100-python` folder `data_dir` names, in any form a user has it.
+
+    Accepted: the folder holding `cifar-100-python/`, that folder itself (or a file in it), the
+    official `cifar-100-python.tar.gz` (or a folder holding only it), extracted once into the
+    project's cache. Nothing is written into the user's folders: when the data is absent and
+    `download` is on, the archive is fetched into the cache and the folder only made once it holds
+    the data. UserError (one line) for a path that holds none of these.
+    """
+    data_dir = Path(data_dir).expanduser()
+    if data_dir.is_file():
+        if data_dir.name in SPLIT_FILES and _is_dataset_folder(data_dir.parent):
+            return data_dir.parent
+        return _extracted(data_dir)
+    if data_dir.is_dir():
+        if (data_dir / FOLDER).is_dir():
+            return _innermost(data_dir / FOLDER)
+        if _is_dataset_folder(data_dir):
+            return _innermost(data_dir)
+        if (data_dir / ARCHIVE).is_file():
+            return _extracted(data_dir / ARCHIVE)
+    elif data_dir.exists() or data_dir.is_symlink():
+        raise UserError(f"--data-dir {data_dir} is neither a folder nor a file (a broken link?); {_HINT}")
     if not download:
-        raise UserError(f"CIFAR-100 not found: {folder} does not exist and downloading is off; {_HINT}")
+        raise UserError(f"CIFAR-100 not found: {_absent(data_dir)} and downloading is off; {_HINT}")
+    return _download(data_dir)
+
+
+def _absent(data_dir: Path) -> str:
+    if not data_dir.exists():
+        return f"--data-dir {data_dir} does not exist"
+    return f"{data_dir / FOLDER} does not exist (nor {ARCHIVE} or the dataset's files in {data_dir})"
+
+
+def _cache(kind: str) -> Path:
+    folder = cache_root() / kind
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --data-dir {data_dir} ({e.strerror or e}); {_HINT}") from None
+        raise UserError(f"cannot create the cache folder {folder} ({e.strerror or e}): set {CACHE_ENV} "
+                        f"to a writable folder") from None
+    return folder
+
+
+def _key(path: Path) -> str:
+    """A cache key for the file or folder at `path`: its absolute path, and for a file its size and mtime
+    (a replaced archive is extracted again)."""
+    p = path.resolve()
+    st = p.stat() if p.is_file() else None
+    tag = f"{p}|{st.st_size}|{st.st_mtime_ns}" if st else str(p)
+    return hashlib.sha1(tag.encode()).hexdigest()[:16]
+
+
+def _find_folder(root: Path) -> Path | None:
+    """The extracted dataset folder under `root`: `cifar-100-python/` (or the folder holding its files)."""
+    for d in [root, *sorted(p for p in root.glob("*") if p.is_dir()), *sorted(p for p in root.glob("*/*") if p.is_dir())]:
+        if all((d / f).is_file() for f in SPLIT_FILES):
+            return d
+    return None
+
+
+def _extracted(archive: Path) -> Path:
+    """The dataset folder of a `cifar-100-python.tar.gz`, extracted once into the cache (a lock per
+    archive, so concurrent trials extract it once) and never beside the user's archive."""
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except (OSError, EOFError, zlib.error):
+        is_tar = False
+    if not is_tar and not archive.name.endswith((".tar.gz", ".tgz", ".tar")):  # else: reported as corrupt below
+        raise UserError(f"--data-dir {archive} is a file but not the cifar-100-python.tar.gz archive; {_HINT}, "
+                        f"or at the official .tar.gz as downloaded")
+    key = _key(archive)
+    done = _cache("data") / key
+    with FileLock(str(_cache("locks") / f"{key}.lock")):
+        if not done.is_dir():
+            tmp = done.with_name(f".{key}.tmp-{os.getpid()}")
+            try:
+                with tarfile.open(archive, "r:*") as tar:
+                    # the "data" filter refuses links and paths outside tmp (not the default before 3.14)
+                    tar.extractall(tmp, filter="data")
+                if _find_folder(tmp) is None:
+                    raise UserError(f"{archive} does not hold {FOLDER}/{{{','.join(SPLIT_FILES)}}}: "
+                                    f"pass the official cifar-100-python.tar.gz")
+                os.replace(tmp, done)
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise _extract_failed(archive, tmp, e, reason) from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    folder = _find_folder(done)
+    if folder is None:  # someone emptied the cache entry: extract again next time
+        shutil.rmtree(done, ignore_errors=True)
+        raise UserError(f"the extracted copy of {archive} in {done} is incomplete: run the command again")
+    return folder
+
+
+def _extract_failed(archive: Path, tmp: Path, e: Exception, reason: str) -> UserError:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space to extract {archive} into {tmp.parent} ({reason}; it needs about "
+                         f"{3 * archive.stat().st_size / 1e6:.0f} MB): free space there or set {CACHE_ENV} "
+                         f"to a folder on a bigger disk")
+    if isinstance(e, OSError) and not isinstance(e, (tarfile.TarError, EOFError)) and e.filename:
+        return UserError(f"cannot extract {archive} into {tmp.parent} ({reason}): set {CACHE_ENV} to a writable folder")
+    return UserError(f"{archive} is truncated or corrupt ({reason}): download cifar-100-python.tar.gz again")
+
+
+def _download(data_dir: Path) -> Path:
+    """Fetch the official archive into the cache, then move its folder to `data_dir/cifar-100-python`
+    (creating `data_dir` only then): a failed download leaves no folder behind."""
     # torchvision is only needed for this rare path, so import it here (it pulls in torch).
     from torchvision.datasets import CIFAR100
-    from torchvision.datasets.utils import download_and_extract_archive
+    from torchvision.datasets.utils import download_url
 
+    folder = data_dir / FOLDER
+    key = _key(data_dir)
     # Concurrent trials/processes may all find the folder missing; one downloads, the rest wait.
-    with FileLock(str(data_dir / ".cifar-100.lock")):
-        if not folder.is_dir():  # someone else may have finished while we waited
-            try:
-                download_and_extract_archive(CIFAR100.url, str(data_dir), md5=CIFAR100.tgz_md5)
-            except (URLError, OSError, RuntimeError) as e:
-                reason = " ".join(str(e).split())  # keep the message on one line
-                raise UserError(
-                    f"CIFAR-100 not found at {folder} and downloading it failed ({type(e).__name__}: {reason}); {_HINT}"
-                ) from e
-    if not folder.is_dir():
-        raise UserError(f"the downloaded archive did not contain {folder}; {_HINT}")
+    with FileLock(str(_cache("locks") / f"download-{key}.lock")):
+        if folder.is_dir():  # someone else finished while we waited
+            return folder
+        tmp = _cache("downloads") / f"{key}.tmp-{os.getpid()}"
+        try:
+            download_url(CIFAR100.url, str(tmp), filename=ARCHIVE, md5=CIFAR100.tgz_md5)
+            if not (tmp / ARCHIVE).is_file():  # torchvision returns without raising on some failures
+                raise RuntimeError("no file was downloaded")
+            extracted = _extracted(tmp / ARCHIVE)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(extracted), str(folder))
+        except (URLError, OSError, RuntimeError) as e:
+            reason = " ".join(str(e).split())  # keep the message on one line
+            raise UserError(f"CIFAR-100 not found: {_absent(data_dir)}, and downloading it failed "
+                            f"({type(e).__name__}: {reason}); {_HINT}") from e
+        finally:
+            if (tmp / ARCHIVE).is_file():
+                shutil.rmtree(_cache("data") / _key(tmp / ARCHIVE), ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def load_cifar100(data_dir: str | Path, *, splits: tuple[str, ...] = ("train",), download: bool = True) -> Cifar100:
-    """Load the requested splits of `DATA_DIR/cifar-100-python/` (downloading it if absent and allowed)."""
+    """Load the requested splits of the dataset `data_dir` names (see _ensure_present for the forms
+    accepted; downloaded if absent and allowed)."""
     unknown = set(splits) - {"train", "test"}
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; use 'train' and/or 'test'")

@@ -62,7 +62,7 @@ def create_model(name: str, *, pretrained: bool, weights_dir: str = "", head: st
                  small_input_stem: bool = False) -> Net:
     """A timm backbone (ImageNet weights when `pretrained`) with fresh 100-class head(s)."""
     check_weights(name, pretrained, weights_dir)
-    weights = Path(weights_dir) / f"{name}.pth" if weights_dir else None
+    weights = weights_file(weights_dir, name) if weights_dir else None
     backbone = timm.create_model(name, pretrained=pretrained and weights is None)
     if pretrained and weights is not None:
         load_weights(backbone, weights, name)
@@ -72,6 +72,20 @@ def create_model(name: str, *, pretrained: bool, weights_dir: str = "", head: st
     return Net(backbone, head)
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".pth.tar")
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face model folder's weights
+
+
+def weights_file(weights_dir: str | Path, name: str) -> Path | None:
+    """The weights of backbone `name` in `weights_dir`: NAME.pth (or .pt, .safetensors, .bin, .ckpt, .pth.tar),
+    or a Hugging Face download NAME/model.safetensors (or pytorch_model.bin); None when absent."""
+    folder = Path(weights_dir).expanduser()
+    for path in [folder / f"{name}{s}" for s in WEIGHT_SUFFIXES] + [folder / name / f for f in HUB_FILES]:
+        if path.is_file():
+            return path
+    return None
+
+
 def check_weights(name: str, pretrained: bool, weights_dir: str = "") -> None:
     """Fail fast, before any training, when the backbone or its pretrained weights can't be had."""
     if not timm.is_model(name):
@@ -79,9 +93,12 @@ def check_weights(name: str, pretrained: bool, weights_dir: str = "") -> None:
     if not pretrained:
         return
     if weights_dir:
-        path = Path(weights_dir) / f"{name}.pth"
-        if not path.is_file():
-            raise UserError(f"no weights file {path} for backbone {name}: put <timm name>.pth in "
+        if Path(weights_dir).expanduser().is_file():
+            raise UserError(f"--weights-dir {weights_dir} is a file: pass the folder holding it, with the file "
+                            f"named <timm name>.pth ({name}.pth for this backbone)")
+        if weights_file(weights_dir, name) is None:
+            path = Path(weights_dir) / f"{name}.pth"
+            raise UserError(f"no weights file {path} for backbone {name}: put <timm name>.pth (or .safetensors) in "
                             f"--weights-dir, or drop --weights-dir to use the hub, or train from scratch "
                             f"(run_search.py --no-pretrained; analyze.py --set pretrained=false)")
         return
@@ -93,13 +110,118 @@ def check_weights(name: str, pretrained: bool, weights_dir: str = "") -> None:
 
 
 def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
+    """Load the ImageNet weights in file `path` into `backbone` (a fresh timm `name`), whatever the
+    common wrapper: a state_dict or a checkpoint dict holding one ('state_dict', 'model', 'ema', ...,
+    timm's EMA first as timm does), key prefixes of DataParallel/DDP, torch.compile, Lightning or a
+    wrapping model, safetensors. The classifier is not loaded (the fine-tune replaces it), so one of
+    any size or none at all is fine. UserError, one line, saying what does not fit and how to fix it.
+    """
+    fix = f"save the state_dict of timm.create_model({name!r}) (torch.save(model.state_dict(), {path.name!r}))"
+    state = _unwrap(_read_weights(path, fix))
+    if state is None:
+        raise UserError(f"weights file {path} holds no state_dict (no dict of tensors, nor one under 'state_dict', "
+                        f"'model', 'ema', ...): {fix}")
+    expected = backbone.state_dict()
+    classifier = _classifier_keys(backbone)
+    state = {k: v for k, v in _match_keys(state, expected).items() if k not in classifier}
+    body = [k for k in expected if k not in classifier]
+    missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in body
+             if k in state and state[k].shape != expected[k].shape]
+    if missing or wrong:
+        problems = []
+        if missing:
+            extra = [k for k in state if k not in expected]
+            problems.append(f"{len(missing)} of the model's {len(body)} tensors missing ({_few(missing)})"
+                            + (f", {len(extra)} unknown to it ({_few(extra)})" if extra else ""))
+        if wrong:
+            problems.append(f"{len(wrong)} of other shapes ({_few(wrong)}; file vs model)")
+        raise UserError(f"weights file {path} does not fit backbone {name}: {'; '.join(problems)}: it holds "
+                        f"another model's weights, or {fix}")
+    backbone.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+# keys under which checkpoints of common trainers keep the weights, EMA first as timm prefers it
+_STATE_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_state_dict", "state_dict",
+               "model", "net", "network", "weights", "params", "module", "backbone")
+# prefixes wrappers add to every key: DataParallel/DDP, torch.compile, Lightning, EMA, a model holding ours
+_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "net.", "network.", "encoder.", "ema.", "model_ema.")
+
+
+def _read_weights(path: Path, fix: str) -> dict:
+    """The file's top-level object via timm's loader (safetensors; a state_dict under timm's keys,
+    DDP/compile prefixes cleaned), with only tensors and plain data unpickled."""
+    import pickle
+    import zipfile
+
+    from timm.models import load_state_dict
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        backbone.load_state_dict(state, strict=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means the file does not fit
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"weights file {path} does not fit backbone {name} ({first[:160]}): "
-                        f"use a timm state_dict saved from that exact model") from None
+        with torch.serialization.safe_globals(_harmless_globals()):
+            return load_state_dict(str(path), use_ema=True)
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        if "Unsupported global" in f"{e} {e.__cause__}":  # torch's weights_only refused a class
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if zipfile.is_zipfile(path) else []
+            what = f" ({_few(unsafe)})" if unsafe else ""
+            raise UserError(f"weights file {path} holds Python objects{what} besides tensors, not loaded since "
+                            f"unpickling them can run code: if you trust the file, re-save the weights alone, "
+                            f"torch.save(torch.load(f, weights_only=False).state_dict(), f) for a whole pickled "
+                            f"model (or its 'state_dict' entry for a checkpoint)") from None
+        raise _unreadable(path, e.__cause__ or e, fix) from None
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and pickle raise many types for a damaged file
+        raise _unreadable(path, e, fix) from None
+
+
+def _unreadable(path: Path, e: Exception, fix: str) -> UserError:
+    reason = " ".join(str(e).split()).split(". ")[0][:160] or type(e).__name__
+    return UserError(f"weights file {path} cannot be read as PyTorch or safetensors weights ({type(e).__name__}: "
+                     f"{reason}): it is truncated or not a weights file; download it again or {fix}")
+
+
+def _harmless_globals() -> list:
+    """Plain-data types training checkpoints hold besides tensors (timm's args, NumPy metrics)."""
+    import argparse
+
+    import numpy as np
+    scalar = np.int64(0).__reduce__()[0]  # the function NumPy pickles its scalars with
+    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+    return [argparse.Namespace, scalar, np.dtype, *dtypes]
+
+
+def _unwrap(obj, depth: int = 0) -> dict[str, torch.Tensor] | None:
+    """The state_dict in a checkpoint: `obj` itself when it maps names to tensors, else the first
+    one found under _STATE_KEYS (a few levels deep); None when there is none."""
+    if not isinstance(obj, dict) or depth > 3:
+        return None
+    for key in _STATE_KEYS:  # a dict under one of these is never a tensor of a state_dict
+        found = _unwrap(obj.get(key), depth + 1) if isinstance(obj.get(key), dict) else None
+        if found:
+            return found
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors and len(tensors) >= len(obj) / 2:  # AveragedModel adds a step counter, Lightning none
+        return timm.models.clean_state_dict(tensors)
+    return None
+
+
+def _match_keys(state: dict[str, torch.Tensor], expected: dict) -> dict[str, torch.Tensor]:
+    """`state` with wrapper prefixes taken off each key that does not match the model as it is."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        while k not in expected and k.startswith(_PREFIXES):
+            k = k[k.index(".") + 1:]
+        out[k if k in expected else key] = value
+    return out
+
+
+def _classifier_keys(backbone: nn.Module) -> set[str]:
+    """The state_dict keys of the backbone's classifier (timm's pretrained_cfg names its module)."""
+    names = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {k for k in backbone.state_dict() if any(k.startswith(f"{n}.") for n in names)}
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
 def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
