@@ -1,22 +1,27 @@
-"""The search against what a careful person would do by hand, at the same wall-clock budget.
+"""The search against what a careful person would do by hand, at the same wall-clock budget, over seeds.
 
-    python benchmarks/duel.py [--budget 10m] [--subset 10] [--max-epochs 3] [--backbones ...] [--quick]
+    python benchmarks/duel.py [--seeds 0,1,2] [--contenders d,a@1,a@0.5,c@1] [--subset 10] [--max-epochs 3]
 
 On the stand-in data (../shared/data/tinyimagenet100-32: real photos in CIFAR-100's format, NOT
-CIFAR-100: its accuracies are not CIFAR-100 accuracies), one per-class subset and one split, every
-contender runs through the real CLI (run_search.py in a subprocess, its own local Ray):
-  (a) the search as a user runs it: warm start from the recipes, TPE, ASHA, --time-budget B
-  (b) the same with --warm-start none
-  (c) random search (Optuna's RandomSampler) with ASHA, --warm-start none, budget B
-  (d) each pretrained recipe's procedure on each backbone, its epochs scaled into the same
-      per-trial budget, all run to the end (FIFO, no time limit): what a careful person tries
+CIFAR-100: its accuracies are not CIFAR-100 accuracies), one per-class subset and split per seed,
+every contender runs through the real CLI (run_search.py in a subprocess, its own local Ray):
+  (d) every recipe point (each pretrained recipe's procedure, its epochs fitted into the per-trial
+      budget), all run to the end (FIFO, no time limit): what a careful person tries. Its wall
+      time is the budget unit: `X@1` gets as long as (d) took on that seed, `X@0.5` half of it.
+  (a) the search as a user runs it: budget plan (screen + promote), incumbent sampler, ASHA
+  (a-local) (a) without the local search (--sampler tpe)   (a-screen) (a) without the screen (--screen off)
+  (b) (a) with --warm-start none   (c) random search + ASHA, --warm-start none
 Each contender's winner (best val_acc at its best epoch) is retrained on train+val and tested once
-(`analyze.py`, as a user does). Prints a markdown table (paste it into BENCHMARKS.md).
+(`analyze.py`, as a user does). Per contender: the mean test accuracy over seeds, the mean paired
+difference to (d) with its 95 % t-interval, trials, epochs, and when it first beat (d)'s best
+val_acc. Results are kept in WORK/duel.json after every run (a re-run skips what is there); the
+plot of each contender's incumbent val_acc against wall time goes to --plot.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,149 +31,233 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table, run_cli  # noqa: E402
 from trainable import atomic  # noqa: E402
 
+FLAGS = {"a": [], "a-local": ["--sampler", "tpe"], "a-screen": ["--screen", "off"],
+         "b": ["--warm-start", "none"], "c": ["--warm-start", "none", "--sampler", "random"]}
+LABELS = {"d": "(d) every recipe point, run to the end", "a": "(a) the search as users run it",
+          "a-local": "(a) without the local search (TPE)", "a-screen": "(a) without the screen",
+          "b": "(b) (a) with --warm-start none", "c": "(c) random search + ASHA"}
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DATA))
     p.add_argument("--weights-dir", default=str(WEIGHTS))
-    p.add_argument("--budget", default="10m", help="wall-clock budget B of (a), (b) and (c)")
+    p.add_argument("--seeds", default="0,1,2", help="one split (and searcher/trial seed) per seed")
+    p.add_argument("--contenders", default="d,a@1,a@0.5,c@1",
+                   help="d first; others as NAME@MULTIPLE of (d)'s wall time (names: " + ", ".join(FLAGS) + ")")
     p.add_argument("--subset", type=int, default=10, help="training images per class (train+val)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial over all stages")
     p.add_argument("--backbones", default="tf_efficientnet_lite0", help="the space's backbones to allow")
     p.add_argument("--cpus-per-trial", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--contenders", default="d,a,b,c", help="which to run, in this order")
-    p.add_argument("--work-dir", default="", help="its runs/ folder is emptied first (default /tmp/duel, "
-                                                  "/tmp/duel-quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 minute budgets, 3 per class, 2 epochs, 64 px")
+    p.add_argument("--work-dir", default="/tmp/duel", help="runs/, logs/ and duel.json (kept: a re-run resumes)")
+    p.add_argument("--plot", default="", help="PNG of incumbent val_acc against wall time (default WORK/duel.png)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 per class, 2 epochs, 64 px, one seed")
     a = p.parse_args(argv)
     if a.quick:
-        a.budget, a.subset, a.max_epochs = "60s", 3, 2
-    a.work_dir = a.work_dir or ("/tmp/duel-quick" if a.quick else "/tmp/duel")
+        a.subset, a.max_epochs, a.seeds = 3, 2, a.seeds.split(",")[0]
+    a.plot = a.plot or str(Path(a.work_dir) / "duel.png")
     return a
 
 
-def recipe_count(a: argparse.Namespace) -> int:
-    """How many recipe points the warm start (and so contender d) has in this setting."""
-    from spaces import Options, get_space
-    from spaces.warm_start import recipe_points
-    space = get_space("cpu")
-    backbones = tuple(b for b in a.backbones.split(",") if b)
-    base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": a.seed, "compile": False}
-    fixed = {"input_size": "64"} if a.quick else {}
-    return len(recipe_points(space, Options(backbones, a.max_epochs), base, fixed)[0])
+def contenders(spec: str) -> list[tuple[str, float]]:
+    """"d,a@1,c@0.5" -> [("d", 1.0), ("a", 1.0), ("c", 0.5)]; (d) always first: it sets the budget."""
+    out = []
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        name, _, mult = item.partition("@")
+        if name != "d" and name not in FLAGS:
+            raise SystemExit(f"error: unknown contender {name!r}: choose d or one of {', '.join(FLAGS)}")
+        out.append((name, float(mult or 1)))
+    return [c for c in out if c[0] == "d"][:1] + [c for c in out if c[0] != "d"] or [("d", 1.0)]
 
 
-def contender_args(name: str, a: argparse.Namespace, n_recipes: int) -> list[str]:
-    common = ["--gpus", "0", "--space", "cpu", "--backbones", a.backbones, "--max-epochs", str(a.max_epochs),
-              "--subset", str(a.subset), "--val-fraction", str(a.val_fraction), "--seed", str(a.seed),
-              "--cpus-per-trial", str(a.cpus_per_trial), "--data-dir", a.data_dir, "--weights-dir", a.weights_dir,
-              "--storage-path", str(Path(a.work_dir) / "runs"), "--name", name]
+def key(name: str, mult: float) -> str:
+    return "d" if name == "d" else f"{name}@{mult:g}"
+
+
+def cli_args(name: str, budget_s: float | None, a: argparse.Namespace, seed: int, exp: Path) -> list:
+    common = ["--gpus", "0", "--space", "cpu", "--backbones", a.backbones, "--max-epochs", a.max_epochs,
+              "--subset", a.subset, "--val-fraction", a.val_fraction, "--seed", seed,
+              "--cpus-per-trial", a.cpus_per_trial, "--data-dir", a.data_dir, "--weights-dir", a.weights_dir,
+              "--storage-path", exp.parent, "--name", exp.name]
     if a.quick:
         common += ["--set", "input_size=64"]
-    return common + {
-        "a": ["--time-budget", a.budget],
-        "b": ["--time-budget", a.budget, "--warm-start", "none"],
-        "c": ["--time-budget", a.budget, "--warm-start", "none", "--sampler", "random"],
-        "d": ["--warm-start", "recipes", "--num-samples", str(n_recipes), "--scheduler", "fifo"],
-    }[name]
+    if name == "d":  # every recipe point whole: the warm start alone, FIFO, no screen
+        return common + ["--warm-start", "recipes", "--num-samples", recipe_count(a, seed), "--scheduler", "fifo",
+                         "--screen", "off"]
+    return common + ["--time-budget", f"{budget_s:.0f}s", *FLAGS[name]]
 
 
-def summarise(exp: Path, wall: float) -> dict:
+def recipe_count(a: argparse.Namespace, seed: int) -> int:
+    from spaces import Options, get_space
+    from spaces.warm_start import recipe_points
+    base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
+    fixed = {"input_size": "64"} if a.quick else {}
+    backbones = tuple(b for b in a.backbones.split(",") if b)
+    return len(recipe_points(get_space("cpu"), Options(backbones, a.max_epochs), base, fixed)[0])
+
+
+def incumbent_curve(exp: Path, start: float) -> list[tuple[float, float]]:
+    """(seconds after `start`, best full-fidelity val_acc so far) at each improvement."""
+    from analysis.experiment import load_trials
+    rows = sorted((r["timestamp"] - start, r["val_acc"]) for t in load_trials(exp) for r in t.results
+                  if isinstance(r.get("val_acc"), float) and r.get("status", "ok") == "ok"
+                  and float(t.config.get("train_fraction", 1.0)) >= 1.0)
+    curve, best = [], -1.0
+    for ts, v in rows:
+        if v > best:
+            best = v
+            curve.append((ts, v))
+    return curve
+
+
+def summarise(exp: Path, wall: float, start: float) -> dict:
     from analysis.experiment import load_trials, rank
     trials = load_trials(exp)
     ranked = rank(trials)
     best = ranked[0] if ranked else None
-    rows = [r for t in trials for r in t.results]
     return {"wall_s": wall, "trials": len(trials), "epochs": sum(t.epochs_run for t in trials),
-            "best_val_acc": float(best.best["val_acc"]) if best else None,
-            "best_trial": best.trial_id if best else "", "best_name": _name(best) if best else "",
-            "first_result_ts": min((r["timestamp"] for r in rows if "timestamp" in r), default=None)}
+            "best_val_acc": float(best.best["val_acc"]) if best else None, "winner": _name(best) if best else "",
+            "curve": incumbent_curve(exp, start)}
 
 
 def _name(t) -> str:
-    """A trial's warm-start recipe name (from the experiment's Optuna study), else its key
-    parameters: backbone, input size, stage epochs, optimizer."""
+    """The winner's warm-start recipe (and whether a local move changed it), else key parameters."""
     import optuna
 
-    from analysis.study import STUDY_NAME, WARM_CONFIG, study_url
-    c = t.config
+    from analysis.study import MOVE_ATTR, STUDY_NAME, WARM_CONFIG, study_url
+    c = {k: v for k, v in t.config.items() if k != "train_fraction"}
     try:
         study = optuna.load_study(study_name=STUDY_NAME, storage=study_url(t.path.parent))
+        by_number = {ot.number: ot for ot in study.trials}
         for ot in study.trials:
-            if ot.user_attrs.get(WARM_CONFIG) == c:
+            if {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"} == c:
                 return "recipe " + ot.user_attrs["warm_start"]
+            m = ot.system_attrs.get(MOVE_ATTR)
+            if m and all(c.get(k) == v for k, v in ot.params.items()) and ot.params:
+                parent = by_number.get(m["parent"])
+                origin = parent.user_attrs.get("warm_start", f"trial {m['parent']}") if parent else "?"
+                return f"move of {origin}: {', '.join(m['changed'])}"
     except Exception:  # noqa: BLE001 - no study: fall back to the parameters
         pass
     return (f"{c['backbone'].replace('tf_efficientnet_', '')} {c['input_size']} px, stages "
             f"{c['stage1_epochs']}/{c['stage2_epochs']}/{c['stage3_epochs']}, {c['optimizer']}")
 
 
-def first_beat(exp: Path, threshold: float, start: float) -> float | None:
-    """Seconds after `start` at which a trial of `exp` first reported val_acc > threshold."""
-    from analysis.experiment import load_trials
-    times = [r["timestamp"] for t in load_trials(exp) for r in t.results
-             if isinstance(r.get("val_acc"), float) and r["val_acc"] > threshold and r.get("status", "ok") == "ok"]
-    return min(times) - start if times else None
+def run_contender(name: str, mult: float, a: argparse.Namespace, seed: int, results: dict, work: Path) -> None:
+    k = key(name, mult)
+    if k in results[str(seed)]:
+        return
+    d = results[str(seed)].get("d")
+    budget = None if name == "d" else mult * d["wall_s"]
+    exp = work / "runs" / f"s{seed}-{k.replace('@', '_')}"
+    if exp.exists():
+        import shutil
+        shutil.rmtree(exp)  # a run cut off by an earlier stop of this script: run it again whole
+    print(f"[duel] seed {seed} {k} " + (f"(budget {budget:.0f} s)" if budget else "") + " ...", flush=True)
+    start = time.time()
+    wall = run_cli("run_search.py", cli_args(name, budget, a, seed, exp), work / "logs" / f"{exp.name}.log")
+    r = summarise(exp, wall, start)
+    r_wall = run_cli("analyze.py", [exp], work / "logs" / f"{exp.name}-analyze.log")
+    m = json.loads((exp / "analysis" / "test_metrics.json").read_text())
+    r.update(test_acc=m["test_acc"], retrain_s=r_wall, budget_s=budget)
+    print(f"[duel]   {wall:.0f} s, {r['trials']} trials, best val_acc {r['best_val_acc']}, test_acc "
+          f"{m['test_acc']:.4f} ({r['winner']})", flush=True)
+    results[str(seed)][k] = r
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    a.command = command_line("duel.py", argv)
+    command = command_line("duel.py", argv)
     work = Path(a.work_dir)
-    if (work / "runs").exists():
-        import shutil
-        shutil.rmtree(work / "runs")
-    n_recipes = recipe_count(a)
-    names = [c.strip() for c in a.contenders.split(",") if c.strip()]
-    results, t_all = {}, time.time()
-    for name in names:
-        print(f"[duel] contender {name} ...", flush=True)
-        exp = work / "runs" / name
-        start = time.time()
-        wall = run_cli("run_search.py", contender_args(name, a, n_recipes), work / "logs" / f"{name}.log")
-        results[name] = {**summarise(exp, wall), "start": start}
-        print(f"[duel]   search {wall:.0f} s, {results[name]['trials']} trials, best val_acc "
-              f"{results[name]['best_val_acc']}", flush=True)
-        r_wall = run_cli("analyze.py", [str(exp)], work / "logs" / f"{name}-analyze.log")
-        m = json.loads((exp / "analysis" / "test_metrics.json").read_text())
-        results[name].update(test_acc=m["test_acc"], retrain_s=r_wall, test_images=m["test_images"],
-                             retrain_epochs=m["epochs"])
-        print(f"[duel]   retrain + test {r_wall:.0f} s: test_acc {m['test_acc']:.4f}", flush=True)
-    if "a" in results and "d" in results and results["d"]["best_val_acc"] is not None:
-        results["a"]["beat_recipes_after_s"] = first_beat(work / "runs" / "a", results["d"]["best_val_acc"],
-                                                          results["a"]["start"])
-    atomic.write_text(work / "duel.json", json.dumps(results, indent=1) + "\n")
-    print("\n" + markdown(a, results, n_recipes, time.time() - t_all))
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "duel.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    t_all = time.time()
+    seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
+    cs = contenders(a.contenders)
+    for seed in seeds:
+        results.setdefault(str(seed), {})
+        for name, mult in [("d", 1.0)] + [c for c in cs if c[0] != "d"]:
+            run_contender(name, mult, a, seed, results, work)
+            atomic.write_text(store, json.dumps(results, indent=1) + "\n")
+    plot(results, seeds, cs, Path(a.plot))
+    print("\n" + markdown(a, command, results, seeds, cs, time.time() - t_all))
     return 0
 
 
-LABELS = {"a": "(a) search as users run it: warm start + TPE + ASHA",
-          "b": "(b) same, --warm-start none", "c": "(c) random search + ASHA",
-          "d": "(d) every recipe's procedure, run to the end"}
+def first_beat(curve: list, threshold: float) -> float | None:
+    return next((ts for ts, v in curve if v > threshold), None)
 
 
-def markdown(a: argparse.Namespace, results: dict, n_recipes: int, total_s: float) -> str:
-    rows = [[LABELS[k], f"{r['wall_s']:.0f} s", r["trials"], r["epochs"],
-             f"{100 * r['best_val_acc']:.1f} %" if r["best_val_acc"] is not None else "-", r["best_name"],
-             f"{100 * r['test_acc']:.1f} %", f"{r['retrain_s']:.0f} s"] for k, r in sorted(results.items())]
-    lines = [f"- Command: `{a.command}`, started "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(time.time() - total_s))} (took {total_s / 60:.1f} min)",
-             f"- Machine: {machine()}",
-             f"- Data: the stand-in `{a.data_dir}` (ImageNet photos in CIFAR-100's format; **not CIFAR-100**: "
-             f"these accuracies are not CIFAR-100 accuracies), `--subset {a.subset}` per class, val fraction "
-             f"{a.val_fraction}, seed {a.seed}; winners retrained on train+val and tested once on the test file.",
-             f"- Every trial: `--space cpu`, backbones {a.backbones}, {a.max_epochs} epochs, "
-             f"{a.cpus_per_trial} CPU per trial; (d) ran the {n_recipes} recipe points.", "",
-             md_table(["contender", "budget used", "trials", "epochs", "best val_acc", "winner", "test_acc",
-                       "retrain+test"], rows)]
-    if "beat_recipes_after_s" in results.get("a", {}):
-        t = results["a"]["beat_recipes_after_s"]
-        lines += ["", f"- (a) first reported a val_acc above the best recipe's "
-                      f"({100 * results['d']['best_val_acc']:.1f} %): "
-                      + (f"{t:.0f} s after it started." if t is not None else "never, within its budget.")]
-    return "\n".join(lines)
+def paired(diffs: list[float]) -> str:
+    """Mean paired difference in points with its 95 % t-interval (n >= 2)."""
+    if len(diffs) < 2:
+        return f"{100 * diffs[0]:+.1f}" if diffs else "-"
+    from scipy import stats
+    m, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    h = stats.t.ppf(0.975, len(diffs) - 1) * se
+    return f"{100 * m:+.1f} [{100 * (m - h):+.1f}, {100 * (m + h):+.1f}]"
+
+
+def markdown(a, command: str, results: dict, seeds: list[int], cs: list, total_s: float) -> str:
+    rows = []
+    for name, mult in [("d", 1.0)] + [c for c in cs if c[0] != "d"]:
+        k = key(name, mult)
+        runs = [(results[str(s)][k], results[str(s)]["d"]) for s in seeds if k in results.get(str(s), {})]
+        if not runs:
+            continue
+        tests = [r["test_acc"] for r, _ in runs]
+        beats = [first_beat(r["curve"], d["best_val_acc"]) for r, d in runs] if name != "d" else []
+        rows.append([LABELS[name] + ("" if name == "d" else f", {mult:g}x"), len(runs),
+                     f"{100 * statistics.fmean(tests):.1f}", " ".join(f"{100 * t:.1f}" for t in tests),
+                     "-" if name == "d" else paired([r["test_acc"] - d["test_acc"] for r, d in runs]),
+                     f"{statistics.fmean(r['wall_s'] for r, _ in runs):.0f} s",
+                     f"{statistics.fmean(r['trials'] for r, _ in runs):.1f}",
+                     f"{statistics.fmean(r['epochs'] for r, _ in runs):.1f}",
+                     "-" if name == "d" else ", ".join("never" if b is None else f"{b:.0f} s" for b in beats),
+                     "; ".join(r["winner"] for r, _ in runs)])
+    return "\n".join([
+        f"- Command: `{command}`, started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(time.time() - total_s))} "
+        f"(this invocation took {total_s / 60:.1f} min)", f"- Machine: {machine()}",
+        f"- Data: the stand-in `{a.data_dir}` (ImageNet photos in CIFAR-100's format; **not CIFAR-100**: these "
+        f"accuracies are not CIFAR-100 accuracies), `--subset {a.subset}` per class, val fraction {a.val_fraction}, "
+        f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val and tested once on the "
+        f"whole test file.",
+        f"- Every trial: `--space cpu`, backbones {a.backbones}, {a.max_epochs} epochs, {a.cpus_per_trial} CPU per "
+        f"trial; a contender's budget is a multiple of (d)'s wall time on the same seed.", "",
+        md_table(["contender", "seeds", "test_acc % (mean)", "per seed", "vs (d), pts [95 % CI]", "wall",
+                  "trials", "epochs", "first beat (d)'s best val_acc", "winners"], rows)])
+
+
+def plot(results: dict, seeds: list[int], cs: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import io
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 3.6), squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        runs = results.get(str(seed), {})
+        for name, mult in [("d", 1.0)] + [c for c in cs if c[0] != "d"]:
+            r = runs.get(key(name, mult))
+            if not r or not r["curve"]:
+                continue
+            xs, ys = zip(*r["curve"])
+            end = r["wall_s"]
+            ax.step([*xs, end], [100 * y for y in (*ys, ys[-1])], where="post", label=key(name, mult))
+        if "d" in runs and runs["d"]["best_val_acc"] is not None:
+            ax.axhline(100 * runs["d"]["best_val_acc"], color="grey", ls=":", lw=1)
+        ax.set_title(f"seed {seed} (stand-in data, not CIFAR-100)", fontsize=9)
+        ax.set_xlabel("wall time, s")
+        ax.set_ylabel("incumbent val_acc, %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table  # noqa: E402
+from trainable import atomic  # noqa: E402
 
 
 def neighbours(base: dict) -> list[tuple[str, dict]]:
@@ -60,7 +61,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--recipe", default="efficientnetv2_frozen")
     p.add_argument("--seeds", default="0", help="comma-separated: one split and one training seed each")
-    p.add_argument("--only", default="", help="comma-separated row numbers to run (default all)")
+    p.add_argument("--only", default="", help="comma-separated row numbers to run, in that order (default all)")
     p.add_argument("--out", default="/tmp/headroom.json", help="results so far, rewritten after every run")
     return p.parse_args(argv)
 
@@ -99,22 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     base0 = recipe_config(a.recipe, base={"pretrained": True, "weights_dir": a.weights_dir, "compile": False})
     base0 = fit_epochs({**base0, "backbone": a.backbone}, a.max_epochs)
     cands = neighbours(base0)
-    only = {int(i) for i in a.only.split(",") if i.strip()}
+    only = [int(i) for i in a.only.split(",") if i.strip()]  # run in this order
     test = load_cifar100(a.data_dir, splits=("test",), download=False).test
     out = Path(a.out)
     results: dict = json.loads(out.read_text()) if out.exists() else {}
     for seed in seeds:
         data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=a.val_fraction, seed=seed,
                                    download=False)
-        for i, (label, change) in enumerate(cands):
+        for i in only or range(len(cands)):
+            label, change = cands[i]
             key = f"{seed}:{label}"
-            if (only and i not in only) or key in results:
+            if key in results:
                 continue
             cfg = TrialConfig.from_dict({**base0, **change, "seed": seed}).to_dict()
             print(f"[headroom] seed {seed} #{i} {label} ...", flush=True)
             results[key] = {**run_one(cfg, data, test), "row": i, "label": label, "seed": seed}
             print(f"[headroom]   {results[key]}", flush=True)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            atomic.write_text(out, json.dumps(results, indent=1) + "\n")
     print("\n" + markdown(a, command, base0, cands, results, seeds, time.time() - t_all))
     return 0
 

@@ -10,7 +10,7 @@ import yaml
 
 from analysis.experiment import load_trials, rank, read_settings
 from analysis.study import METRIC
-from report import comparison
+from report import comparison, versus
 from report import html as h
 from report.classes import (
     load_class_results,
@@ -42,7 +42,7 @@ def write_report(exp_dir: Path) -> Path:
     settings = read_settings(exp)
     data = dataset_name(settings)
     ranked = rank(trials)
-    sections = [_summary(trials, ranked, out, data),
+    sections = [_summary(trials, ranked, out, data), versus.section(exp, trials, out),
                 _curves(trials, out, data), _importance(trials, out), _leaderboard(trials, data),
                 _schedule(ranked, out), _test(out, data), comparison.section(out, data), _best_config(exp)]
     subset = settings.get("subset")

@@ -28,12 +28,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from analysis.study import WARM_CONFIG
+from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, MOVE_ATTR, WARM_CONFIG
 from trainable.config import RUN_FIELDS
 
-MOVE_ATTR = "cifar_tune:move"  # system attr of a trial the sampler proposed: {"kind", "parent", "params", ...}
-EXTRA_ATTR = "extra_config"  # user attr: the fields of the parent's config the space does not sample
-FIDELITY_ATTR = "fidelity"  # user attr: a screen trial's train_fraction (< 1)
 STEP_LOG_DECADES = 0.25  # a log-scaled float's move: N(0, 0.25 decades) at step 1 (~x1.8)
 STEP_LINEAR = 0.15  # a linear float's move: N(0, 0.15 of its range) at step 1
 
@@ -125,6 +122,8 @@ class IncumbentSampler(BaseSampler):
             study._storage.set_trial_system_attr(trial._trial_id, MOVE_ATTR, m)  # as Optuna's own samplers do
             if m.get("extra"):
                 study._storage.set_trial_user_attr(trial._trial_id, EXTRA_ATTR, m["extra"])
+                # and in the frozen trial Optuna's Trial built before this call and reads attrs from
+                trial.user_attrs[EXTRA_ATTR] = m["extra"]
 
     def plan(self, trials: list[FrozenTrial], number: int) -> dict[str, Any] | None:
         """The move for trial `number`, or None for a model proposal."""

@@ -16,8 +16,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.outcome import planned_epochs
-from analysis.study import METRIC, MODE, STUDY_NAME, WARM_CONFIG, study_url
-from search.incumbent import EXTRA_ATTR, FIDELITY_ATTR, IncumbentSampler, screened
+from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, WARM_CONFIG, study_url
+from search.incumbent import IncumbentSampler, screened
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
 

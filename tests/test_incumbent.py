@@ -1,0 +1,249 @@
+"""The search around the incumbent: the local sampler's moves, trials told at their fidelity,
+the recipe screen and its promotion, and the budget plan (no Ray: the searcher is driven by hand)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from analysis.study import FIDELITY_ATTR, MOVE_ATTR, STUDY_NAME, WARM_CONFIG, study_url
+from search.incumbent import IncumbentSampler, move, step_size
+from search.plan import plan_budget
+from search.searcher import low_fidelity, make_searcher
+from spaces import Options, get_space
+from spaces.warm_start import recipe_points
+
+CPU = get_space("cpu")
+LITE0 = ("tf_efficientnet_lite0",)
+BASE = {"pretrained": True, "weights_dir": "", "seed": 0, "compile": False}
+
+
+# ------------------------------------------------------------------ one parameter's move
+
+def test_log_float_moves_by_a_fraction_of_a_decade():
+    rng = np.random.default_rng(0)
+    d = FloatDistribution(1e-5, 1e-1, log=True)
+    moved = [move(1e-3, d, 1.0, rng) for _ in range(400)]
+    decades = np.abs(np.log10(np.array(moved) / 1e-3))
+    assert all(d.low <= v <= d.high and v != 1e-3 for v in moved)
+    assert 0.1 < np.median(decades) < 0.3  # N(0, 0.25 decades): median |x| ~0.17
+    wide = np.abs(np.log10(np.array([move(1e-3, d, 4.0, rng) for _ in range(400)]) / 1e-3))
+    assert np.median(wide) > 2 * np.median(decades)  # a bigger step moves further
+
+
+def test_ordinal_choices_move_one_step_and_others_are_resampled():
+    rng = np.random.default_rng(1)
+    sizes = CategoricalDistribution([64, 96, 128, 160, 224])
+    assert {move(128, sizes, 1.0, rng) for _ in range(50)} == {96, 160}
+    assert {move(224, sizes, 1.0, rng) for _ in range(50)} == {160}  # at the edge: inward only
+    opt = CategoricalDistribution(["sgd", "adamw", "rmsprop"])
+    assert {move("sgd", opt, 1.0, rng) for _ in range(50)} == {"adamw", "rmsprop"}
+    assert {move(3, IntDistribution(1, 7), 1.0, rng) for _ in range(50)} == {2, 4}
+
+
+def _trial(number: int, value: float | None, params: dict, state=TrialState.COMPLETE, **attrs):
+    dists = {"lr": FloatDistribution(1e-5, 1e-1, log=True), "size": CategoricalDistribution([64, 128, 224]),
+             "opt": CategoricalDistribution(["sgd", "adamw"])}
+    t = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=value,
+                                  state=state, user_attrs=attrs.get("user", {}),
+                                  system_attrs=attrs.get("system", {}),
+                                  intermediate_values=attrs.get("steps", {}))
+    t.number = number  # as in a study
+    return t
+
+
+def test_the_step_doubles_after_a_success_and_halves_after_two_failures():
+    def local(n: int, value: float, parent_value: float):
+        return _trial(n, value, {"lr": 1e-3}, system={MOVE_ATTR: {"kind": "local", "parent_value": parent_value}})
+    assert step_size([]) == 1.0
+    assert step_size([local(0, 0.6, 0.5)]) == 2.0
+    assert step_size([local(0, 0.4, 0.5), local(1, 0.4, 0.5)]) == 0.5
+    assert step_size([local(0, 0.6, 0.5), local(1, 0.4, 0.6), local(2, 0.4, 0.6)]) == 1.0
+
+
+def test_moves_start_from_the_best_full_fidelity_trial_change_one_or_two_names_and_never_repeat():
+    trials = [_trial(0, 0.5, {"lr": 1e-3, "size": 224, "opt": "adamw"}),
+              _trial(1, 0.3, {"lr": 1e-2, "size": 64, "opt": "sgd"}),
+              # a better value at low fidelity is not the incumbent
+              _trial(2, 0.9, {"lr": 1e-4, "size": 128, "opt": "sgd"}, state=TrialState.PRUNED,
+                     user={FIDELITY_ATTR: 0.2}, steps={1: 0.9})]
+    sampler = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0)
+    seen = []
+    for n in range(3, 40):
+        m = sampler.plan(trials, n)
+        assert m["parent"] == 0 and 1 <= len(m["changed"]) <= 2
+        assert {k for k in m["params"] if m["params"][k] != trials[0].params[k]} == set(m["changed"])
+        assert m["params"] not in seen
+        seen.append(m["params"])
+        trials.append(_trial(n, None, m["params"], state=TrialState.RUNNING))
+
+
+def test_before_any_full_fidelity_result_the_best_screen_trial_is_moved():
+    trials = [_trial(0, 0.2, {"lr": 1e-3, "size": 64, "opt": "sgd"}, state=TrialState.PRUNED,
+                     user={FIDELITY_ATTR: 0.2}, steps={3: 0.2}),
+              _trial(1, 0.4, {"lr": 1e-2, "size": 224, "opt": "adamw"}, state=TrialState.PRUNED,
+                     user={FIDELITY_ATTR: 0.2}, steps={3: 0.4})]
+    m = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0).plan(trials, 2)
+    assert m["parent"] == 1
+    assert IncumbentSampler(optuna.samplers.RandomSampler(), p_local=1.0).plan([], 0) is None
+
+
+# ------------------------------------------------------------------ fidelity, screen, promotion
+
+def test_low_fidelity_is_a_cut_plan_or_a_data_fraction_never_an_early_stop_or_a_failure():
+    cfg = {"config/stage1_epochs": 1, "config/stage2_epochs": 2, "config/stages": 2}
+    assert low_fidelity({**cfg, "epoch": 1, "status": "ok"})  # ASHA stopped it at a rung
+    assert not low_fidelity({**cfg, "epoch": 3, "status": "ok"})
+    assert not low_fidelity({**cfg, "epoch": 2, "status": "ok", "early_stopped": True})
+    assert low_fidelity({**cfg, "epoch": 3, "status": "ok", "config/train_fraction": 0.25})
+    assert not low_fidelity({**cfg, "epoch": 1, "status": "oom"})
+    assert not low_fidelity({"best_val_acc": 0.5})  # no config: nothing to compare with
+
+
+def _drive(searcher, n: int, score) -> list[dict]:
+    configs = []
+    for i in range(n):
+        c = searcher.suggest(f"t{i}")
+        if c is None:
+            break
+        epochs = c["stage1_epochs"] + c["stage2_epochs"] + (c["stage3_epochs"] if c["stages"] == 3 else 0)
+        res = {"best_val_acc": score(c), "epoch": epochs, "status": "ok",
+               **{f"config/{k}": v for k, v in c.items()}}
+        for e in range(1, epochs + 1):
+            searcher.on_trial_result(f"t{i}", {**res, "training_iteration": e})
+        searcher.on_trial_complete(f"t{i}", res)
+        configs.append(c)
+    return configs
+
+
+def _score(c: dict) -> float:
+    """Made up: 224 px frozen extractors are best; a fraction of the data scores lower."""
+    v = 0.5 if c["input_size"] == 224 and c["stage2_epochs"] == 0 else 0.2
+    return v * (0.6 if c["train_fraction"] < 1 else 1.0) + 1e-3 * c["input_size"] / 224
+
+
+def test_the_screen_runs_every_recipe_point_on_a_fraction_then_promotes_the_best_at_full_fidelity(tmp_path: Path):
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, points, [], "incumbent",
+                             screen_fraction=0.2, promote=2)
+    configs = _drive(searcher, len(points) + 6, _score)
+    n = len(points)
+    assert [c["train_fraction"] for c in configs[:n]] == [0.2] * n
+    assert [{k: v for k, v in c.items() if k != "train_fraction"} for c in configs[:n]] == \
+           [{k: v for k, v in p.config.items() if k != "train_fraction"} for p in points]
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_url(tmp_path))
+    trials = study.trials
+    assert all(t.state == TrialState.PRUNED for t in trials[:n])  # low fidelity: never ranked as complete
+    promoted = trials[n:n + 2]
+    screen_best = sorted(trials[:n], key=lambda t: -t.intermediate_values[t.last_step])[:2]
+    assert [t.user_attrs["promoted_from"] for t in promoted] == [t.number for t in screen_best]
+    assert all(t.user_attrs[WARM_CONFIG]["train_fraction"] == 1.0 and t.state == TrialState.COMPLETE for t in promoted)
+    assert [c["train_fraction"] for c in configs[n:]] == [1.0] * (len(configs) - n)
+    # the searcher's own proposals follow; the local ones keep the recipe's unsampled fields
+    own = [t for t in trials[n + 2:] if (t.system_attrs.get(MOVE_ATTR) or {}).get("kind") == "local"]
+    assert own, "no local move in 6 proposals at p_local 0.6"
+    for t in own:
+        parent = study.trials[t.system_attrs[MOVE_ATTR]["parent"]]
+        assert parent.state == TrialState.COMPLETE
+        cfg = configs[t.number]
+        assert cfg["augment"] == parent.user_attrs[WARM_CONFIG]["augment"]
+
+
+def test_an_asha_stopped_trial_is_told_pruned_with_its_rung_values(tmp_path: Path):
+    searcher = make_searcher(CPU, Options(LITE0, 3), {}, BASE, 0, tmp_path, [], [], "tpe")
+    c = searcher.suggest("t0")
+    res = {"best_val_acc": 0.3, "epoch": 1, "status": "ok", **{f"config/{k}": v for k, v in c.items()}}
+    searcher.on_trial_result("t0", {**res, "training_iteration": 1})
+    searcher.on_trial_complete("t0", res)  # stopped at epoch 1 of 3
+    t = optuna.load_study(study_name=STUDY_NAME, storage=study_url(tmp_path)).trials[0]
+    assert t.state == TrialState.PRUNED and t.intermediate_values == {1: 0.3}
+
+
+# ------------------------------------------------------------------ the budget plan
+
+def test_points_that_fit_a_third_of_the_budget_run_whole():
+    p = plan_budget([100.0] * 3, [10.0] * 3, startup_s=5, parallel=1, own_trial_s=100, budget_s=3600,
+                    num_samples=None)
+    assert p.screen_fraction == 1.0 and p.promote == 0 and "run whole" in p.describe()
+
+
+def test_points_that_do_not_fit_are_screened_on_a_fraction_and_the_best_third_promoted():
+    train, val = [300.0] * 7, [30.0] * 7
+    p = plan_budget(train, val, startup_s=5, parallel=2, own_trial_s=200, budget_s=2000, num_samples=None)
+    assert 1 / 9 <= p.screen_fraction < 1 and p.promote == 3
+    assert math.isclose(p.screen_s, (p.screen_fraction * 2100 + 210 + 35) / 2)
+    assert p.screen_s <= 0.3 * 2000 and p.own_trials >= 3
+    assert "screen the 7 recipe point(s)" in p.describe() and "promote the best 3" in p.describe()
+    off = plan_budget(train, val, startup_s=5, parallel=2, own_trial_s=200, budget_s=2000, num_samples=None,
+                      screen="off")
+    assert off.screen_fraction == 1.0
+
+
+def test_a_budget_too_short_to_learn_anything_says_so_with_the_budget_that_would():
+    p = plan_budget([300.0] * 7, [30.0] * 7, startup_s=5, parallel=1, own_trial_s=300, budget_s=900,
+                    num_samples=None)
+    text = p.describe()
+    assert p.own_trials < 3 and "too few" in text and "a budget of about" in text
+    assert p.budget_needed() > 900
+
+
+@pytest.mark.parametrize("n, samples, screened", [(3, 16, False), (7, 16, True), (7, 32, False)])
+def test_without_a_time_budget_the_points_fit_a_third_of_the_trials(n, samples, screened):
+    p = plan_budget([100.0] * n, [10.0] * n, startup_s=5, parallel=1, own_trial_s=100, budget_s=None,
+                    num_samples=samples)
+    assert (p.screen_fraction < 1) == screened
+
+
+# ------------------------------------------------------------------ through the CLI
+
+def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resumes_the_plan(
+        tmp_path, data_dir, weights_args):
+    """Killed (driver and Ray, like a lost machine) during the screen, then resumed: the plan goes on."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from analysis.experiment import load_trials
+    from tests.conftest import REPO, run_cli
+    from tests.test_faults import free_port  # other searches on this machine may hold Ray's 8265
+    args = ["--gpus", 0, "--space", "cpu", "--max-epochs", 2, "--subset", 3, "--set", "input_size=32",
+            "--scheduler", "fifo", "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "plan",
+            "--num-samples", 9, "--max-concurrent", 1, *weights_args]
+    exp = tmp_path / "plan"
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "run_search.py", *map(str, args), "--dashboard-port", str(free_port())],
+                                  cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        if sum(1 for t in load_trials(exp) if t.epochs_run >= 2) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert "budget plan: screen the" in log.read_text()
+    plan = json.loads((exp / "budget_plan.json").read_text())
+    n = plan["points"]
+    assert n >= 3 and 0 < plan["screen_fraction"] < 1 and plan["promote"] == math.ceil(n / 3)
+    run_cli("run_search.py", "--resume", "--name", "plan", "--storage-path", tmp_path,
+            "--dashboard-port", free_port(), check=True)
+    trials = sorted(optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp)).trials, key=lambda t: t.number)
+    assert len(trials) == 9 and all(t.state.is_finished() for t in trials)
+    screen = [t for t in trials if t.user_attrs.get(FIDELITY_ATTR)]
+    assert len(screen) == n and all(t.state == TrialState.PRUNED for t in screen)
+    promoted = [t for t in trials if t.user_attrs.get("promoted_from") is not None]
+    assert len(promoted) == plan["promote"] and all(t.state == TrialState.COMPLETE for t in promoted)
+    best = sorted(screen, key=lambda t: -t.intermediate_values[t.last_step])[:plan["promote"]]
+    assert {t.user_attrs["promoted_from"] for t in promoted} == {t.number for t in best}
+    # the trials' own configs: screen trials on the fraction, every other at full fidelity
+    fractions = sorted(t.config["train_fraction"] for t in load_trials(exp))
+    assert fractions == [plan["screen_fraction"]] * n + [1.0] * (9 - n)
