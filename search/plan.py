@@ -51,10 +51,7 @@ class BudgetPlan:
     def describe(self) -> str:
         """The plan as the CLI prints it."""
         from search.progress import duration
-        if not self.points:
-            head = "budget plan: no recipe points; every trial is the searcher's own"
-            lines = [head]
-        elif self.screen_fraction >= 1:
+        if self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
             lines = [f"budget plan: screen the {self.points} recipe point(s) on {self.screen_fraction:.0%} of the "

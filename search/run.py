@@ -467,7 +467,7 @@ def cost_estimate(s: SearchSettings, res: Resources, space: Space, opts: Options
 def make_plan(s: SearchSettings, est):
     """The budget plan (search/plan.py) from the cost estimate; None on --resume (the saved
     searcher goes on with the plan it began)."""
-    if est is None:
+    if est is None or not est.n_warm:  # nothing to plan: every trial is the searcher's own
         return None
     from search.budget import parse_duration
     from search.plan import plan_budget

@@ -81,14 +81,18 @@ class FidelitySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.promote = promote
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        requeue_lost(self._ot_study, {t.number for t in self._ot_trials.values()})
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if not (result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if (result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials
                 and low_fidelity(result)):
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+        else:
             super().on_trial_complete(trial_id, result, error)
-            return
-        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
-        if self.promote:
+        if self.promote:  # also after a screen trial that failed: the screen may have ended with it
             promote_screen(self._ot_study, self.promote)
 
 
@@ -101,6 +105,20 @@ def low_fidelity(result: dict[str, Any]) -> bool:
     planned = planned_epochs(config) if config and "epoch" in result else None  # None: nothing to compare
     cut = planned is not None and int(result["epoch"]) < planned and not result.get("early_stopped")
     return cut or float(config.get("train_fraction", 1.0)) < 1.0
+
+
+def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:
+    """After a restore: trials the study holds as RUNNING that the restored searcher never knew (a
+    driver killed between asking for a trial and saving its state) are told FAIL, and a planned
+    point among them (a recipe point, a screen or a promotion) is enqueued again, so the plan
+    neither loses it nor waits for it forever. Returns the numbers told FAIL."""
+    lost = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.number not in known]
+    for t in lost:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if WARM_CONFIG in t.user_attrs:
+            study.enqueue_trial(t.params, user_attrs=t.user_attrs)
+    return [t.number for t in lost]
 
 
 def promote_screen(study: optuna.Study, k: int) -> list[int]:
