@@ -141,9 +141,26 @@ class ConcurrencyCap(TrialScheduler):
         self.inner.restore(checkpoint_path)
 
 
-def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int) -> Any:
+def rebind_folder(obj: Any, exp: Path) -> None:
+    """Point an object pickled with the experiment (a callback, the stopper) whose `exp` names the
+    folder it was saved in at `exp`, through its own pickling hooks (they rebuild what depends on it:
+    the budget stopper rereads the time spent). Tune restores an experiment from where it is now
+    (ray-project/ray#40647) but the objects pickled in tuner.pkl keep their old absolute paths."""
+    old = getattr(obj, "exp", None)
+    if not isinstance(old, Path) or old == exp:
+        return
+    state = obj.__reduce_ex__(2)[2]  # what pickle saved: __getstate__'s result or __dict__
+    state = {**(state or {}), "exp": exp}
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+
+
+def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, local: Path | None = None) -> Any:
     """`Tuner.restore` of the experiment at `exp` with ASHA's rungs rebuilt and the concurrency
-    limit (0 = none) holding for restored trials too."""
+    limit (0 = none) holding for restored trials too; the callbacks and stopper pickled with it
+    write to `local` (the experiment's local folder, wherever it is now)."""
     from ray import tune
 
     tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
@@ -154,6 +171,10 @@ def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int) -> Any:
         print("warning: resuming through Ray Client: ASHA starts with empty rungs and "
               "--max-concurrent may be exceeded by restored trials")
         return tuner
+    if local is not None:
+        rc = internal._run_config
+        for obj in [*(rc.callbacks or []), rc.stop]:
+            rebind_folder(obj, Path(local))
     scheduler = internal._tune_config.scheduler
     if isinstance(scheduler, AsyncHyperBandScheduler):
         rungs = rebuild_asha(scheduler, read_results(exp))
