@@ -14,9 +14,13 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from trainable.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: both load lazily where they are used
+    import torch
+    from PIL import Image
 
 SOURCE_SIZE = 32  # the dataset's image size: every image is brought to it first
 

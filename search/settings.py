@@ -18,11 +18,11 @@ from trainable.config import PrecisionName, split_assignment
 from trainable.errors import UserError
 
 
-def _opt(default: Any, help: str, type: Any = None, group: str = "search", *,
+def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
          choices: tuple[str, ...] = (), check: Callable[[Any], str] | None = None) -> Any:
     """A setting: its flag's help, type and group; `choices` (a fixed set) or `check` (value -> what
     is wrong with it, '' when nothing) are applied by `check_settings` to flags and --config alike."""
-    return field(default=default, metadata={"help": help, "type": type, "group": group,
+    return field(default=default, metadata={"help": text, "type": kind, "group": group,
                                             "choices": choices, "check": check})
 
 
