@@ -26,8 +26,8 @@ def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
                                             "choices": choices, "check": check})
 
 
-def _at_least(lo: float) -> Callable[[Any], str]:
-    return lambda v: "" if v >= lo else f"must be >= {lo:g}"
+def _at_least(lo: float, what: str = "") -> Callable[[Any], str]:
+    return lambda v: "" if v >= lo else f"must be >= {lo:g}{what}"
 
 
 def _above(lo: float) -> Callable[[Any], str]:
@@ -104,7 +104,7 @@ def _name(v: str) -> str:
 class SearchSettings:
     # resources
     gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", int, "resources",
-                            check=_at_least(0))
+                            check=_at_least(0, ": pass 0 for CPU only"))
     gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", float,
                                        "resources", check=_above(0))
     cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources",
