@@ -74,7 +74,9 @@ def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, 
     --warm-start recipes|none|DIR[,DIR...] (items may be combined: recipes,runs/old)."""
     from search.searcher import told_trials
     from spaces.warm_start import recipe_points
-    items = [i.strip() for i in s.warm_start.split(",") if i.strip()] or ["none"]
+    whole = Path(s.warm_start).expanduser()  # one folder whose name holds a comma
+    items = [s.warm_start] if "," in s.warm_start and whole.is_dir() else \
+        [i.strip() for i in s.warm_start.split(",") if i.strip()] or ["none"]
     if "none" in items and len(items) > 1:
         raise UserError(f"--warm-start {s.warm_start!r}: 'none' cannot be combined with other items")
     points, dirs = [], []

@@ -128,3 +128,15 @@ def test_a_name_that_is_not_one_folder_is_refused(name, cli, tmp_path):
 def test_any_plain_folder_name_is_taken(name):
     from search.settings import folder_name_problem
     assert folder_name_problem(name) == ""
+
+
+def test_a_warm_start_folder_whose_name_holds_a_comma_is_one_folder(tmp_path):
+    from search.run import warm_start
+    from search.settings import SearchSettings
+    from spaces import Options, get_space
+    from trainable.errors import UserError
+    folder = tmp_path / "runs, old"
+    folder.mkdir()
+    space = get_space("tiny")
+    with pytest.raises(UserError, match="runs, old: not an experiment folder"):
+        warm_start(SearchSettings(warm_start=str(folder)), space, Options(space.backbones, 2), {}, {})
