@@ -16,7 +16,7 @@ search: $(STAMP)
 	$(PY) run_search.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m ruff check . && $(PY) -m pytest -q tests
 
 RUNS ?= runs
 PORT ?= 8501

@@ -17,9 +17,13 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from trainable.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: both load lazily where they are used
+    import torch
+    from PIL import Image
 
 SOURCE_SIZE = 32  # the dataset's image size: every image is brought to it first
 

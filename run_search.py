@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from analysis.study import StudyUnwritable
 from trainable.errors import UserError
 
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StudyUnwritable as e:  # results so far are kept; the trial whose value was not written reruns
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: results so far are kept; continue with --resume --name NAME", file=sys.stderr)
         return 130

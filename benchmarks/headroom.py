@@ -135,7 +135,7 @@ def markdown(a, command: str, base: dict, cands: list, results: dict, seeds: lis
 
     base_test = {s: cell(s, cands[0][0], "test_acc") for s in seeds}
     rows = []
-    for i, (label, change) in enumerate(cands):
+    for i, (label, _change) in enumerate(cands):
         tests = [cell(s, label, "test_acc") for s in seeds]
         diffs = [t - base_test[s] for s, t in zip(seeds, tests) if t is not None and base_test[s] is not None]
         secs = mean([results.get(f"{s}:{label}", {}).get("train_s") for s in seeds])

@@ -59,7 +59,7 @@ def measure(spec: str, size: int, *, batch: int, thread_counts: tuple[int, ...],
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
             setup = (lambda net=net: train_mode(net)) if mode == "train" else net.eval
 
-            def fn(net=net, opt=opt, xb=xs[lay]):
+            def fn(net=net, opt=opt, xb=xs[lay], mode=mode):
                 if mode == "train":
                     step(net, opt, xb, y)
                 else:

@@ -63,7 +63,7 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
     if s.dashboard_host not in LOCAL_HOSTS:
         print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "
               f"address and has the token can submit code to this cluster")
-    port = s.dashboard_port if _port_free(s.dashboard_host, s.dashboard_port) else _free_port(s.dashboard_host)
+    port = dashboard_port(s.dashboard_host, s.dashboard_port)
     # address="local": always a new local Ray, never one a stray `ray start` left running
     ctx = ray.init(address="local", num_cpus=res.cpus, num_gpus=res.gpus, include_dashboard=True,
                    dashboard_host=s.dashboard_host, dashboard_port=port,
@@ -72,8 +72,19 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
         print(f"Ray dashboard: http://{ctx.dashboard_url}  (login token: `ray get-auth-token`)")
 
 
+def dashboard_port(host: str, port: int | None) -> int | None:
+    """The dashboard_port for ray.init. None (the default) lets Ray take 8265 or the next free one
+    of 50: it binds each itself, so two searches starting at once never pick the same port (a
+    port found free here and passed on could be taken by the other one before Ray binds it, and a
+    given port gets no retries). A given port that is taken: 0, any free port."""
+    if port is None or port == 0 or _port_free(host, port):
+        return port
+    print(f"the Ray dashboard takes a free port: {port} is taken (another search?)")
+    return 0
+
+
 def _port_free(host: str, port: int) -> bool:
-    """Another search (or Ray) may hold the port; then the dashboard moves rather than failing."""
+    """Another search (or Ray) may hold the port."""
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
@@ -81,8 +92,3 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

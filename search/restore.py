@@ -20,8 +20,9 @@ from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
-from search.storage import filesystem_and_path
+from search.storage import filesystem_and_path, is_uri, split_query
 
 
 def read_results(exp: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -141,9 +142,63 @@ class ConcurrencyCap(TrialScheduler):
         self.inner.restore(checkpoint_path)
 
 
-def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int) -> Any:
+class SearchHere(SearchGenerator):
+    """Tune's SearchGenerator, but a restored one creates its new trials where the experiment is
+    now: Tune restores the generator's Experiment as pickled when the search began, storage path
+    and name included, so after a move new trials wrote to the old place (its existing trials Tune
+    restores at the new one)."""
+
+    def __init__(self, searcher: Any, storage_path: str, name: str):
+        super().__init__(searcher)
+        self.here = (storage_path, name)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        old = getattr(self._experiment, "storage", None)
+        if old is None or (str(old.storage_fs_path), old.experiment_dir_name) == self.here:
+            return
+        from ray.train._internal.storage import StorageContext
+        new = StorageContext(storage_path=self.here[0], experiment_dir_name=self.here[1],
+                             sync_config=old.sync_config)
+        # in place: the experiment's spec holds the same object; its session timestamp stays
+        for attr in ("storage_filesystem", "storage_fs_path", "experiment_dir_name", "syncer"):
+            setattr(old, attr, getattr(new, attr))
+
+
+def search_here(search_alg: Any, max_concurrent: int, exp: str | Path) -> SearchHere:
+    """The restored searcher wrapped as Tune wraps it (ConcurrencyLimiter when --max-concurrent,
+    then SearchGenerator), as a SearchHere for the experiment at `exp` (a folder or a URI)."""
+    while isinstance(search_alg, (SearchGenerator, ConcurrencyLimiter)):
+        search_alg = search_alg.searcher
+    if max_concurrent > 0:
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    if is_uri(str(exp)):
+        base, query = split_query(str(exp))
+        parent, name = base.rsplit("/", 1)
+        return SearchHere(search_alg, parent + query, name)
+    return SearchHere(search_alg, str(Path(exp).parent), Path(exp).name)
+
+
+def rebind_folder(obj: Any, exp: Path) -> None:
+    """Point an object pickled with the experiment (a callback, the stopper) whose `exp` names the
+    folder it was saved in at `exp`, through its own pickling hooks (they rebuild what depends on it:
+    the budget stopper rereads the time spent). Tune restores an experiment from where it is now
+    (ray-project/ray#40647) but the objects pickled in tuner.pkl keep their old absolute paths."""
+    old = getattr(obj, "exp", None)
+    if not isinstance(old, Path) or old == exp:
+        return
+    state = obj.__reduce_ex__(2)[2]  # what pickle saved: __getstate__'s result or __dict__
+    state = {**(state or {}), "exp": exp}
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+
+
+def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, local: Path | None = None) -> Any:
     """`Tuner.restore` of the experiment at `exp` with ASHA's rungs rebuilt and the concurrency
-    limit (0 = none) holding for restored trials too."""
+    limit (0 = none) holding for restored trials too; the callbacks and stopper pickled with it
+    write to `local` (the experiment's local folder, wherever it is now)."""
     from ray import tune
 
     tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
@@ -154,6 +209,13 @@ def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int) -> Any:
         print("warning: resuming through Ray Client: ASHA starts with empty rungs and "
               "--max-concurrent may be exceeded by restored trials")
         return tuner
+    if local is not None:
+        rc = internal._run_config
+        for obj in [*(rc.callbacks or []), rc.stop]:
+            rebind_folder(obj, Path(local))
+    tc = internal._tune_config
+    if tc.search_alg is not None:  # Tune would wrap it itself, without SearchHere's fix
+        tc.search_alg, tc.max_concurrent_trials = search_here(tc.search_alg, tc.max_concurrent_trials or 0, exp), None
     scheduler = internal._tune_config.scheduler
     if isinstance(scheduler, AsyncHyperBandScheduler):
         rungs = rebuild_asha(scheduler, read_results(exp))

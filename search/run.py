@@ -20,10 +20,10 @@ from analysis.experiment import (
     write_settings,
 )
 from analysis.outcome import INTERRUPTED, read_ends
-from analysis.study import METRIC, MODE
+from analysis.study import METRIC, MODE, resume_study_at
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.searcher import make_scheduler, make_searcher
-from search.settings import SearchSettings
+from search.settings import SearchSettings, check_settings
 from spaces import NAMES, Options, Space, get_space
 from trainable.data import SearchData, prepare_search_data
 from trainable.errors import UserError
@@ -56,17 +56,8 @@ DEFAULT_SAMPLES = 16
 
 
 def validate(s: SearchSettings) -> None:
-    if s.num_samples is not None and s.num_samples < 1:
-        raise UserError(f"--num-samples {s.num_samples} must be >= 1")
-    if (s.grace_period is not None and s.grace_period < 1) or s.reduction_factor < 2:
-        raise UserError("--grace-period must be >= 1 and --reduction-factor >= 2")
-    if s.sampler not in ("incumbent", "tpe", "random"):
-        raise UserError(f"--sampler {s.sampler!r} is not incumbent, tpe or random")
-    if s.screen not in ("auto", "off"):
-        raise UserError(f"--screen {s.screen!r} is not auto or off")
-    if s.time_budget:
-        from search.budget import parse_duration
-        parse_duration(s.time_budget)
+    """Every option's value (search/settings.py check_settings), for settings not built by the CLI."""
+    check_settings(s)
 
 
 def num_samples(s: SearchSettings) -> int:
@@ -83,7 +74,9 @@ def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, 
     --warm-start recipes|none|DIR[,DIR...] (items may be combined: recipes,runs/old)."""
     from search.searcher import told_trials
     from spaces.warm_start import recipe_points
-    items = [i.strip() for i in s.warm_start.split(",") if i.strip()] or ["none"]
+    whole = Path(s.warm_start).expanduser()  # one folder whose name holds a comma
+    items = [s.warm_start] if "," in s.warm_start and whole.is_dir() else \
+        [i.strip() for i in s.warm_start.split(",") if i.strip()] or ["none"]
     if "none" in items and len(items) > 1:
         raise UserError(f"--warm-start {s.warm_start!r}: 'none' cannot be combined with other items")
     points, dirs = [], []
@@ -114,10 +107,6 @@ def grace_period(s: SearchSettings, space: Space, opts: Options) -> int:
     """--grace-period, or the stage-aware default (search/searcher.py)."""
     from search.searcher import stage_aware_grace
     return s.grace_period if s.grace_period is not None else stage_aware_grace(space, opts.max_epochs)
-    if s.scheduler not in ("asha", "fifo"):
-        raise UserError(f"--scheduler {s.scheduler!r} is not asha or fifo")
-    if s.max_failures < 0:
-        raise UserError("--max-failures must be >= 0")
 
 
 def check_budget_left(s: SearchSettings, exp: Path) -> None:
@@ -130,7 +119,8 @@ def check_budget_left(s: SearchSettings, exp: Path) -> None:
 
 def experiment_dir(s: SearchSettings, space: Space | None) -> Path:
     """The local experiment folder: STORAGE/NAME, or with a cloud --storage-path the driver's local
-    copy of URI/NAME (`cloud_experiment`)."""
+    copy of URI/NAME (`cloud_experiment`). Without --resume, a --name whose folder holds a search
+    that started is refused (never a second search in it); a default name is made unique."""
     from search.storage import is_uri, local_path
     if s.resume and not s.name:
         raise UserError("--resume needs --name of the experiment to continue")
@@ -143,6 +133,10 @@ def experiment_dir(s: SearchSettings, space: Space | None) -> Path:
         from ray import tune
         if not tune.Tuner.can_restore(str(exp)):
             raise UserError(f"--resume: no experiment at {exp}: check --name and --storage-path")
+    elif not s.name:
+        exp = _unused(storage, name)
+    elif search_started(exp):
+        raise UserError(already_there(name, str(exp)))
     try:
         storage.mkdir(parents=True, exist_ok=True)
         probe = storage / f".write-test-{os.getpid()}"
@@ -151,6 +145,49 @@ def experiment_dir(s: SearchSettings, space: Space | None) -> Path:
     except OSError as e:
         raise UserError(f"--storage-path {storage} is not writable ({e.strerror}): pick another folder") from None
     return exp
+
+
+# what a search leaves in its folder once Ray has started it (the settings and estimate come before)
+STARTED = ("tuner.pkl", "experiment_state-*.json", "optuna.db", "trial_*")
+
+
+def search_started(exp: Path) -> bool:
+    """Whether the folder holds a search that got as far as starting (a never-started or empty
+    folder may be used again)."""
+    return exp.is_dir() and any(next(exp.glob(p), None) is not None for p in STARTED)
+
+
+def already_there(name: str, where: str) -> str:
+    """The one line refusing to start a second search in an experiment's folder."""
+    return (f"--name {name}: {where} already holds a search: continue it with --resume --name {shlex.quote(name)}, "
+            f"or start a new one with a fresh --name")
+
+
+LOCK_FILE = ".search.lock"
+
+
+def claim(exp: Path):
+    """An exclusive lock on the experiment folder, held while this search runs (released when the
+    returned lock is dropped, or the process ends however it ends): a second search on the same
+    folder, started at the same time, stops in one line."""
+    from filelock import FileLock, Timeout
+    exp.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(exp / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{exp} is being run by another search right now: wait for it, or start this one "
+                        f"with a fresh --name") from None
+    return lock
+
+
+def _unused(storage: Path, name: str) -> Path:
+    """STORAGE/NAME, or NAME-2, NAME-3... when another search took the name this second."""
+    for i in range(1, 1000):
+        exp = storage / (name if i == 1 else f"{name}-{i}")
+        if not exp.exists():
+            return exp
+    raise UserError(f"{storage} holds 999 experiments named {name}*: pass --name")
 
 
 def cloud_uri(s: SearchSettings, exp: Path) -> str:
@@ -172,19 +209,15 @@ def cloud_experiment(s: SearchSettings, name: str) -> Path:
         join,
         mirror_dir,
         redact,
-        storage_error,
         top_level_driver_file,
     )
+    if any(c in name for c in "?#%"):  # they would change the URI's meaning
+        raise UserError(f"--name {name!r}: a cloud experiment's name can't hold ?, # or %: pick another --name")
     uri = join(check_uri(s.storage_path), name)
     check_reachable(uri)
     local = s.local_dir
     if s.resume:
-        from ray import tune
-        try:
-            found = tune.Tuner.can_restore(uri)
-        except Exception as e:  # noqa: BLE001 - pyarrow's OSError, ArrowException
-            raise storage_error(uri, e) from None
-        if not found:
+        if not tune_can_restore(uri):
             raise UserError(f"--resume: no experiment at {redact(uri)}: check --name and --storage-path")
         if not local:  # the folder the experiment began in: Ray's saved searcher opens optuna.db there
             import tempfile
@@ -194,6 +227,8 @@ def cloud_experiment(s: SearchSettings, name: str) -> Path:
                 download(uri, Path(tmp), skip=lambda rel: rel != SETTINGS_FILE)
                 f = Path(tmp) / SETTINGS_FILE
                 local = str((yaml.safe_load(f.read_text()) or {}).get("local_dir") or "") if f.exists() else ""
+    elif tune_can_restore(uri):
+        raise UserError(already_there(name, redact(uri)))
     exp = mirror_dir(uri, local)
     try:
         exp.mkdir(parents=True, exist_ok=True)
@@ -208,6 +243,15 @@ def cloud_experiment(s: SearchSettings, name: str) -> Path:
         print(f"resume: the driver's files of {redact(uri)} are in {exp}"
               + (f" ({len(got)} fetched)" if got else ""))
     return exp
+
+
+def tune_can_restore(uri: str) -> bool:
+    """Whether URI holds a Tune experiment; an unreachable URI is a UserError."""
+    from search.storage import storage_error
+    try:
+        return tune.Tuner.can_restore(uri)
+    except Exception as e:  # noqa: BLE001 - pyarrow's OSError, ArrowException
+        raise storage_error(uri, e) from None
 
 
 def save_driver_files(exp: Path, uri: str, best_effort: bool = False) -> None:
@@ -295,7 +339,10 @@ def run_search(s: SearchSettings) -> Path:
     if s.resume:  # the experiment's own settings decide the data and the space
         exp = experiment_dir(s, None)
         saved = read_settings(exp)
-        s = SearchSettings(**{**saved, "resume": True, "address": s.address, "config": ""})
+        # where the experiment is now, not where it was saved (a folder can be moved)
+        s = SearchSettings(**{**saved, "resume": True, "address": s.address, "config": "",
+                              "storage_path": s.storage_path})
+        resume_study_at(exp)
         check_budget_left(s, exp)
         space, opts = resolve_space(s, res)
     else:
@@ -327,6 +374,7 @@ def run_search(s: SearchSettings) -> Path:
         print(budget_plan.describe(), flush=True)
     if s.estimate:
         return exp
+    lock = claim(exp)  # noqa: F841 - held until this search returns
     if not s.resume:
         write_settings(exp, {**s.to_dict(), "space": space.name, "data_dir": data_dir,
                              "weights_dir": weights_dir, "name": exp.name,
@@ -394,7 +442,7 @@ def build_tuner(s: SearchSettings, res: Resources, space: Space, opts: Options,
         tune.with_parameters(tune_trial, train=data.train, val=data.val), res.trial)
     if s.resume:  # with ASHA's rungs rebuilt and --max-concurrent holding for restored trials
         from search.restore import restore_tuner
-        tuner = restore_tuner(remote or exp, trainable, s.max_concurrent)
+        tuner = restore_tuner(remote or exp, trainable, s.max_concurrent, exp)
         internal = getattr(tuner, "_local_tuner", None)
         if remote and internal is not None:  # the uploader for this folder and URI, not the pickled one
             rc = internal._run_config

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.outcome import planned_epochs
-from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, WARM_CONFIG, study_url
+from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, WARM_CONFIG, StudyStorage
 from search.incumbent import IncumbentSampler, screened
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
@@ -156,7 +156,7 @@ def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict
     n_startup = min(10, len(warm) + len(told)) if (warm or told) else 10
     smp = make_sampler(sampler, seed, max(1, n_startup))
     Path(exp).mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(study_url(exp))
+    storage = StudyStorage(exp)  # WAL, a long busy timeout, retried writes, follows a moved folder
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                 sampler=smp, load_if_exists=True)
     if not study.trials:  # a new experiment (a resumed one restores its searcher instead)

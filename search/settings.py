@@ -10,55 +10,144 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, get_args
 
 import yaml
 
-from trainable.config import split_assignment
+from trainable.config import PrecisionName, split_assignment
 from trainable.errors import UserError
 
 
-def _opt(default: Any, help: str, type: Any = None, group: str = "search") -> Any:
-    return field(default=default, metadata={"help": help, "type": type, "group": group})
+def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
+         choices: tuple[str, ...] = (), check: Callable[[Any], str] | None = None) -> Any:
+    """A setting: its flag's help, type and group; `choices` (a fixed set) or `check` (value -> what
+    is wrong with it, '' when nothing) are applied by `check_settings` to flags and --config alike."""
+    return field(default=default, metadata={"help": text, "type": kind, "group": group,
+                                            "choices": choices, "check": check})
+
+
+def _at_least(lo: float, what: str = "") -> Callable[[Any], str]:
+    return lambda v: "" if v >= lo else f"must be >= {lo:g}{what}"
+
+
+def _above(lo: float) -> Callable[[Any], str]:
+    return lambda v: "" if v > lo else f"must be > {lo:g}"  # False for nan too
+
+
+def _between(lo: float, hi: float, what: str = "") -> Callable[[Any], str]:
+    return lambda v: "" if lo <= v <= hi else f"must be {lo:g}..{hi:g}{what}"
+
+
+def _fraction(v: float) -> str:
+    return "" if 0 < v < 1 else "must be between 0 and 1 (e.g. 0.1)"
+
+
+def _duration(v: str) -> str:
+    from search.budget import parse_duration
+    parse_duration(v)  # its UserError names the forms it takes
+    return ""
+
+
+def _assignments(items: list[str]) -> str:
+    for item in items:
+        split_assignment(item)  # its UserError shows the form
+    return ""
+
+
+def _space(v: str) -> str:
+    from spaces import ALIASES, NAMES
+    return "" if ALIASES.get(v, v) in NAMES else "is an unknown space: see --list-spaces"
+
+
+def _bindable_host(v: str) -> str:
+    """Ray's dashboard must be able to listen there: an address of this machine."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(v, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return "is not a host name or address: use 127.0.0.1 (or 0.0.0.0 for every interface)"
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.bind((addr[0], 0))
+                return ""
+            except OSError:
+                continue
+    return "is not an address of this machine: use 127.0.0.1 (or 0.0.0.0 for every interface)"
+
+
+NAME_MAX = 255  # bytes of one folder name on common filesystems
+
+
+def folder_name_problem(name: str) -> str:
+    """What keeps `name` from being one plain folder name inside --storage-path, or ''."""
+    if name in ("", ".", ".."):
+        return "is not a folder name"
+    if any(c in name for c in "/\\"):
+        return "holds a path separator: give a plain folder name (--storage-path says where it goes)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if name.startswith("-"):
+        return "starts with '-' (it would read as an option)"
+    if name != name.strip():
+        return "starts or ends with a space"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"is longer than {NAME_MAX} bytes"
+    return ""
+
+
+def _name(v: str) -> str:
+    return folder_name_problem(v) if v else ""  # '' means SPACE-DATE-TIME
 
 
 @dataclass
 class SearchSettings:
     # resources
-    gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", int, "resources")
-    gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", float, "resources")
-    cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources")
-    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources")
+    gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", int, "resources",
+                            check=_at_least(0, ": pass 0 for CPU only"))
+    gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", float,
+                                       "resources", check=_above(0))
+    cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources",
+                                     check=_at_least(1))
+    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources",
+                               check=_at_least(0))
     address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", str, "resources")
-    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources")
-    dashboard_port: int = _opt(8265, "Ray dashboard port (a free one is used when it is taken)", int, "resources")
+    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources",
+                               check=_bindable_host)
+    dashboard_port: int | None = _opt(None, "Ray dashboard port (default: 8265, or the next free one; 0: any free port; "
+                                            "a given port that is taken: any free one)", int, "resources",
+                                     check=_between(0, 65535))
     # the search
-    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)", str)
+    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)", str,
+                             check=_space)
     backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
-    num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int)
-    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str)
+    num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int,
+                                   check=_at_least(1))
+    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str, check=_duration)
     warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', "
                                       "or earlier experiment folders DIR[,DIR...] whose finished trials the searcher is told first "
                                       "(combine: recipes,DIR)", str)
     estimate: bool = _opt(False, "measure and print the search's cost estimate, then exit without training", None)
-    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int)
+    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int, check=_at_least(1))
     grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the space's "
-                                          "longest head-only stage 1, so every trial is judged with trained blocks)", int)
-    reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int)
-    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str)
+                                          "longest head-only stage 1, so every trial is judged with trained blocks)", int, check=_at_least(1))
+    reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int, check=_at_least(2))
+    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str, choices=("asha", "fifo"))
     sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the best "
-                                     "config mixed with TPE), tpe (model-based) or random", str)
+                                     "config mixed with TPE), tpe (model-based) or random", str,
+                        choices=("incumbent", "tpe", "random"))
     screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a fraction "
-                               "of the data first and promote the best (the budget plan says so); off: run them whole", str)
+                               "of the data first and promote the best (the budget plan says so); off: run them whole", str,
+                       choices=("auto", "off"))
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)", None)
-    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16", str)
-    max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int)
-    seed: int = _opt(0, "seed of the searcher, the data split and the trials", int)
-    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
+    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16", str, choices=get_args(PrecisionName))
+    max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int, check=_at_least(0))
+    seed: int = _opt(0, "seed of the searcher, the data split and the trials", int, check=_between(0, 2**31 - 1))
+    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str, check=_assignments)
     # data and weights
     data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", str, "data")
-    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data")
-    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data")
+    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data", check=_at_least(1))
+    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data", check=_fraction)
     weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
     no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
     # output
@@ -68,7 +157,7 @@ class SearchSettings:
     local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
                               "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
                               "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
-    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output")
+    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=_name)
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
     list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
@@ -81,9 +170,30 @@ class SearchSettings:
         return dataclasses.asdict(self)
 
 
+def check_settings(s: SearchSettings) -> None:
+    """Every setting's value against its field's `choices` and `check` (None and '' mean the
+    default and are not checked). Raises UserError, one line naming the flag and the fix."""
+    for f in fields(s):
+        value, meta = getattr(s, f.name), f.metadata
+        if value is None or value == "":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if meta["choices"] and value not in meta["choices"]:
+            raise UserError(f"{flag} {value!r} is not one of {', '.join(meta['choices'])}")
+        problem = meta["check"](value) if meta["check"] else ""
+        if problem:
+            raise UserError(f"{flag} {value!r} {problem}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line (the usage of 40 options would bury it)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(SearchSettings):
         meta = f.metadata
@@ -96,7 +206,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         else:
             # a help text that explains its own default gets no second "(default: None)"
             own = "default" in meta["help"]
-            group.add_argument(flag, type=meta["type"], default=f.default,
+            group.add_argument(flag, type=meta["type"], default=f.default, choices=meta["choices"] or None,
                                help=meta["help"] + ("%(default).0s" if own else ""))
     return parser
 
@@ -108,7 +218,9 @@ def parse_settings(argv: list[str] | None = None) -> SearchSettings:
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**load_yaml_settings(pre.config))
-    return SearchSettings(**vars(parser.parse_args(argv)))
+    s = SearchSettings(**vars(parser.parse_args(argv)))
+    check_settings(s)  # flags and --config values alike (argparse leaves --config's defaults unchecked)
+    return s
 
 
 def load_yaml_settings(path: str) -> dict[str, Any]:

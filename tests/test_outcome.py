@@ -63,7 +63,7 @@ CASES = {
 
 
 def test_the_rule():
-    for name, (rows, status, errored, cut, expected) in CASES.items():
+    for name, (rows, _status, errored, cut, expected) in CASES.items():
         last = next((r for r in rows if r["status"] != "ok"), rows[-1])
         assert outcome(TrialView(CONFIG, last, errored, ended_by_search=cut)) == expected, name
     assert outcome(TrialView(CONFIG, row(2), live="RUNNING")) == RUNNING
@@ -116,7 +116,7 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
     live = {k: LiveTrial(k, exp, rows, "RUNNING") for k, (rows, *_rest) in cases.items()}
     trials = list(live.values())
     tb, ends = EpochTensorBoard(exp=exp), TrialEnds(exp)
-    for name, (rows, status, errored, cut, expected) in cases.items():
+    for name, (rows, _status, errored, _cut, _expected) in cases.items():
         t = live[name]
         for cb in (tb, ends):
             cb.on_trial_start(iteration=0, trials=trials, trial=t)
@@ -125,7 +125,7 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
         write_folder(exp, name, rows, errored)
     if search_end == OUT_OF_BUDGET:
         (exp / "budget.json").write_text(json.dumps({"budget_s": 60, "spent_s": 60.2}))
-    for name, (rows, status, errored, cut, expected) in cases.items():
+    for name, (_rows, status, errored, cut, _expected) in cases.items():
         t = live[name]
         if cut:
             continue  # Tune calls no trial hook for trials the experiment's end stops

@@ -71,7 +71,7 @@ def test_rebuilt_rungs_equal_the_uninterrupted_search(tmp_path, seed):
     live, seen = live_search(seed)
     write_results(tmp_path, seen)
     (tmp_path / "trial_tx").mkdir()  # a trial that never reported
-    with open(tmp_path / f"trial_t0" / "result.json", "a") as f:
+    with open(tmp_path / "trial_t0" / "result.json", "a") as f:
         f.write('{"trial_id": "t0", "epoch": 9, "val_')  # the driver killed mid-line
     rebuilt = make_scheduler("asha", 9, 1, 3)
     counts = rebuild_asha(rebuilt, read_results(tmp_path))

@@ -54,8 +54,9 @@ class _FullDisk:
             if "w" in mode and target in Path(str(file)).name:
                 self.hits.append(str(file))
                 real_write = f.write
+                _left = [allowed]  # bytes this file may still take before the disk is "full"
 
-                def write(data, _left=[allowed]):
+                def write(data):
                     if len(data) > _left[0]:
                         real_write(bytes(data)[:_left[0]])
                         raise OSError(err, os.strerror(err))

@@ -105,7 +105,7 @@ def parse_augment(spec: str) -> AugPolicy:
     for item in items:
         name, eq, raw = (s.strip() for s in item.partition("="))
 
-        def bad(why: str) -> ValueError:
+        def bad(why: str, item: str = item) -> ValueError:
             return ValueError(f"augment item {item!r}: {why}; valid: {_VALID}")
 
         if not item:
