@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainable.cache import cache_root
 from trainable.errors import UserError
 
 # the URI schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is a local path)
@@ -206,8 +207,7 @@ def mirror_dir(uri: str, local_dir: str = "") -> Path:
     if local_dir:
         return Path(local_dir).expanduser().resolve() / base.rsplit("/", 1)[-1]
     scheme, rest = base.split("://", 1)
-    root = Path(os.environ.get("CIFAR_TUNE_CACHE") or Path.home() / ".cache" / "cifar-tune")
-    return (root / "runs" / scheme / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])).resolve()
+    return (cache_root() / "runs" / scheme / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])).resolve()
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
