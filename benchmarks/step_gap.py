@@ -1,8 +1,8 @@
 """python benchmarks/step_gap.py [--sizes 32,128] [--strengths 0,1] [--rounds 5] [--profile]: the
 trial's training steps (loop.train_epoch as a trial calls it: fresh batches sliced, augmented and
 laid out, the stage's optimiser over its parameter groups, the per-step schedule) against the
-ceiling (common.model_fn: the model alone on one fixed batch, SGD over one group), in the same
-process, alternating rounds, median per contender. `--profile` prints torch.profiler's top
+ceiling (common.model_fn: the model alone on one fixed batch, SGD over one group; also with torch's
+fused SGD, which the trial now uses), in the same process, alternating rounds, median per contender. `--profile` prints torch.profiler's top
 operators of each (self CPU time) to show where the difference goes.
 """
 from __future__ import annotations
@@ -31,6 +31,10 @@ from benchmarks.common import (  # noqa: E402
     per_call,
     rate,
 )
+
+
+HEAD = ["size", "aug_strength", "trial img/s", "ceiling img/s", "trial/ceiling (medians)",
+        "per-round range", "ceiling with fused SGD img/s", "trial/that"]
 
 
 def trial_fn(b, size: int, bs: int, steps: int, strength: float):
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--call-seconds", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--data-dir", default=str(DATA.parent))
+    ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--weights-dir", default=str(WEIGHTS))
     a = ap.parse_args(argv)
     from trainable.data import prepare_search_data
@@ -89,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for size in map(int, a.sizes.split(",")):
         for strength in map(float, a.strengths.split(",")):
-            bt, bc = make_bench(d.train, a.weights_dir), make_bench(d.train, a.weights_dir)
+            bt, bc, bf = (make_bench(d.train, a.weights_dir) for _ in range(3))
             fns = {"trial": trial_fn(bt, size, a.batch, a.steps, strength),
-                   "ceiling": model_fn(bc, size, a.batch, a.steps)}
+                   "ceiling": model_fn(bc, size, a.batch, a.steps),
+                   "ceiling_fused": model_fn(bf, size, a.batch, a.steps, fused=True)}
             times = {k: [] for k in fns}
             for _ in range(a.rounds):
                 for k, fn in fns.items():
@@ -100,9 +105,9 @@ def main(argv: list[str] | None = None) -> None:
             r = {k: a.steps * a.batch / v for k, v in med.items()}
             ratios = sorted(c / t for t, c in zip(times["trial"], times["ceiling"]))
             rows.append([f"{size} px", f"{strength:g}", rate(r["trial"]), rate(r["ceiling"]),
-                         f"{r['trial'] / r['ceiling']:.3f}", f"{ratios[0]:.3f}-{ratios[-1]:.3f}"])
-            print(md_table(["size", "aug_strength", "trial img/s", "ceiling img/s", "trial/ceiling (medians)",
-                            "per-round range"], rows[-1:]), flush=True)
+                         f"{r['trial'] / r['ceiling']:.3f}", f"{ratios[0]:.3f}-{ratios[-1]:.3f}",
+                         rate(r["ceiling_fused"]), f"{r['trial'] / r['ceiling_fused']:.3f}"])
+            print(md_table(HEAD, rows[-1:]), flush=True)
             if a.profile:
                 torch.set_num_threads(a.threads)
                 for k, fn in fns.items():
@@ -110,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n- {a.rounds} alternating round(s) of torch's Timer (a warm-up call, then >= {a.call_seconds:g} s "
           f"of calls of {a.steps} steps), batch {a.batch}, {a.threads} thread(s), {BACKBONE}, median per "
           f"contender; took {time.time() - t0:.0f} s; load at the end {os.getloadavg()[0]:.2f}\n")
-    print(md_table(["size", "aug_strength", "trial img/s", "ceiling img/s", "trial/ceiling (medians)",
-                    "per-round range"], rows))
+    print(md_table(HEAD, rows))
 
 
 if __name__ == "__main__":

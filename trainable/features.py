@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -220,7 +220,7 @@ class CachedStage:
 def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, train_images: np.ndarray, x: torch.Tensor,
               fine: torch.Tensor, coarse: torch.Tensor, val_images: np.ndarray | None,
               val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, mean, std, prec: Precision,
-              batch_size: int, log=print) -> CachedStage | None:
+              batch_size: int, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> CachedStage | None:
     """The stage on cached features, or None when it runs uncached: not cacheable (why_not_cached,
     or the model has something random or stateful in its backbone), the cache turned off, or the
     features over CACHE_SHARE of the trial's memory budget (then `log` says so).
@@ -257,4 +257,7 @@ def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, train_images: np.ndar
         return feats.to(prec.device)
     views = (view(train_images, x, False), view(train_images, x, True) if mirror else None)
     val_c = (view(val_images, val[0], False), val[1], val[2]) if val is not None else None
-    return CachedStage(net, views, fine, coarse, val_c, built, time.perf_counter() - t0, cfg.freeze_bn)
+    seconds = time.perf_counter() - t0
+    log(f"feature cache: stage {stage.number} trains the head on the frozen backbone's features, "
+        f"{'extracted' if built else 'read from the cache'} in {seconds:.1f} s")
+    return CachedStage(net, views, fine, coarse, val_c, built, seconds, cfg.freeze_bn)
