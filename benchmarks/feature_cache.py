@@ -132,10 +132,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes and subsets, not a record")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--work-dir", default="")
+    ap.add_argument("--epoch-subset", type=int, help="images per class for the epoch part (default 10)")
+    ap.add_argument("--recipe-subset", type=int, help="images per class for the recipe part (default 20, the duel's)")
+    ap.add_argument("--search-subset", type=int, help="images per class for the search part (default 10)")
+    ap.add_argument("--search-size", type=int, help="input size of the search part (default 96)")
     a = ap.parse_args(argv)
-    a.sizes, a.epoch_subset = ((32,), 2) if a.quick else ((64, 128, 224), 10)
-    a.recipe_subset, a.recipe_size, a.recipe_epochs = (2, 32, 2) if a.quick else (20, 224, 3)
-    a.search_subset, a.search_size = (2, 32) if a.quick else (10, 96)
+    a.sizes, epoch_subset = ((32,), 2) if a.quick else ((64, 128, 224), 10)
+    recipe_subset, a.recipe_size, a.recipe_epochs = (2, 32, 2) if a.quick else (20, 224, 3)
+    search_subset, search_size = (2, 32) if a.quick else (10, 96)
+    a.epoch_subset = a.epoch_subset or epoch_subset
+    a.recipe_subset = a.recipe_subset or recipe_subset
+    a.search_subset, a.search_size = a.search_subset or search_subset, a.search_size or search_size
     torch.set_num_threads(1)
     t0 = time.time()
     print(f"- Command: `{command_line('feature_cache.py', argv)}`, started "

@@ -3,7 +3,6 @@
 use it (search trials, the final retrain, --baselines)."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -24,7 +23,7 @@ LITE0 = (WEIGHTS / "tf_efficientnet_lite0.pth").is_file()
 # pretrained lite0 when the offline weights are here (the real case), else a random-init resnet18
 MODEL = ({"backbone": "tf_efficientnet_lite0", "weights_dir": str(WEIGHTS)} if LITE0
          else {"backbone": "resnet18", "pretrained": False})
-HEAD_ONLY = {**MODEL, "input_size": 48, "batch_size": 50, "aug_strength": 0.0, "stages": 2, "stage1_epochs": 3,
+HEAD_ONLY = {**MODEL, "input_size": 48, "batch_size": 50, "aug_strength": 0.0, "stages": 2, "stage1_epochs": 2,
              "stage1_lr": 3e-3, "stage2_epochs": 1, "stage2_lr": 1e-3, "eval_batch_size": 64}
 
 
@@ -49,15 +48,16 @@ def _run(config: dict, data, monkeypatch, switch: str) -> list[dict]:
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("extra", [{"head": "coarse_to_fine", "label_smoothing": 0.2, "optimizer": "adamw"},
-                                   {"augment": "none", "schedule": "onecycle"}])
+                                   {"augment": "none", "schedule": "onecycle", "stage2_epochs": 0}])
 def test_cached_head_trains_as_the_uncached_one(extra, data, cache, monkeypatch):
     cfg = {**HEAD_ONLY, **extra}
     plain = _run(cfg, data, monkeypatch, "off")
     built = _run(cfg, data, monkeypatch, "on")
     hit = _run(cfg, data, monkeypatch, "on")
-    assert [r["feature_cache"] for r in plain] == ["off"] * 4
-    assert [r["feature_cache"] for r in built] == ["built", "hit", "hit", "off"]  # stage 2 trains blocks
-    assert [r["feature_cache"] for r in hit] == ["hit"] * 3 + ["off"]
+    stage2 = ["off"] * cfg["stage2_epochs"]  # stage 2 trains blocks: uncached, from the same head
+    assert [r["feature_cache"] for r in plain] == ["off", "off"] + stage2
+    assert [r["feature_cache"] for r in built] == ["built", "hit"] + stage2
+    assert [r["feature_cache"] for r in hit] == ["hit", "hit"] + stage2
     assert len(list(cache.glob("*.pt"))) == (2 if extra.get("augment") == "none" else 3)  # train (+ mirror), val
     for rows in (built, hit):
         for a, b in zip(plain, rows):
@@ -139,26 +139,38 @@ def test_weights_and_images_digests_change_with_their_content():
 
 
 @pytest.mark.skipif(not LITE0, reason="needs the offline lite0 weights")
-def test_search_retrain_and_baselines_share_the_cache(tmp_path, data_dir):
-    """Two search trials with the same backbone and size: the first extracts, the second reads;
-    the final retrain (train+val: new images) extracts its own; --baselines' frozen recipe on the
-    search's split reads the search's."""
+def test_search_trials_share_the_cache(tmp_path, data_dir):
+    """Two search trials (their own Ray workers) with the same backbone and size: the first
+    extracts the features, the second reads them, and their rows say so."""
     env = {"CIFAR_TUNE_CACHE": str(tmp_path / "cache")}
     sets = ["--set", "stages=2", "--set", "stage1_epochs=2", "--set", "stage2_epochs=0", "--set", "aug_strength=0",
             "--set", "mixup_alpha=0", "--set", "cutmix_alpha=0", "--set", "input_size=32", "--set", "batch_size=64"]
     run_cli("run_search.py", "--space", "tiny", "--backbones", "tf_efficientnet_lite0", "--weights-dir", WEIGHTS,
             "--num-samples", 2, "--max-concurrent", 1, "--cpus-per-trial", 1, "--scheduler", "fifo", "--max-epochs", 2,
-            "--warm-start", "none", "--subset", 10, "--data-dir", data_dir, "--storage-path", tmp_path / "runs",
+            "--warm-start", "none", "--subset", 5, "--data-dir", data_dir, "--storage-path", tmp_path / "runs",
             "--name", "fc", "--seed", 0, *sets, env=env, check=True)
     trials = sorted(load_trials(tmp_path / "runs" / "fc"), key=lambda t: t.results[0]["timestamp"])
     assert [[r["feature_cache"] for r in t.results] for t in trials] == [["built", "hit"], ["hit", "hit"]]
-    files = set((tmp_path / "cache" / "features").glob("*.pt"))
-    assert len(files) == 3  # train, its mirror, val
-    proc = run_cli("analyze.py", tmp_path / "runs" / "fc", "--baselines", "efficientnetv2_frozen",
-                   "--epochs-scale", 0.07, "--set", "efficientnetv2_frozen:backbone=tf_efficientnet_lite0",
-                   "--set", "efficientnetv2_frozen:input_size=32", env=env, check=True)
-    assert "feature cache: stage 1 trains the head on the frozen backbone's features, extracted" in proc.stdout
-    assert "feature cache: stage 1 trains the head on the frozen backbone's features, read from the cache" in proc.stdout
-    assert len(set((tmp_path / "cache" / "features").glob("*.pt")) - files) == 2  # train+val and its mirror
-    rows = json.loads((tmp_path / "runs" / "fc" / "analysis" / "comparison.json").read_text())["rows"]
-    assert all(not r["error"] for r in rows)
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3  # train, its mirror, val
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_final_retrain_and_baselines_use_the_cache(tmp_path, cache, capsys):
+    """analyze.py's retrain (train+val, no validation) and a --baselines recipe (efficientnetv2_frozen:
+    it watches the search's val split) train their head-only stage on cached features."""
+    from analysis.baselines import baseline_configs, run_baseline
+    from analysis.final import retrain_and_test
+    from trainable.data import prepare_final_data
+    root = write_fake_cifar(tmp_path / "fake", train_per_class=3, test_per_class=1)
+    data = prepare_final_data(root, subset=None, seed=0, val_fraction=0.25, download=False)
+    best = {**HEAD_ONLY, "input_size": 32, "stage1_epochs": 2, "stage2_epochs": 0}
+    metrics = retrain_and_test(best, data, tmp_path / "final")
+    assert metrics["epochs"] == 2 and not metrics["watched_val"]
+    out = capsys.readouterr().out
+    assert "feature cache: stage 1 trains the head on the frozen backbone's features, extracted" in out
+    overrides = [f"{k}={v}" for k, v in MODEL.items()] + ["input_size=32"]
+    (cfg,) = baseline_configs(["efficientnetv2_frozen"], overrides, {}, 0.07).values()
+    got = run_baseline(cfg, data, tmp_path / "baseline")["metrics"]
+    assert not got.get("error") and got["watched_val"] and got["epochs"] >= 1
+    assert "feature cache: stage 1 trains the head on the frozen backbone's features" in capsys.readouterr().out
+    assert len(list(cache.glob("*.pt"))) == 2 + 3  # train+val and its mirror; the search's train, mirror, val
