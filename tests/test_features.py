@@ -174,3 +174,18 @@ def test_final_retrain_and_baselines_use_the_cache(tmp_path, cache, capsys):
     assert not got.get("error") and got["watched_val"] and got["epochs"] >= 1
     assert "feature cache: stage 1 trains the head on the frozen backbone's features" in capsys.readouterr().out
     assert len(list(cache.glob("*.pt"))) == 2 + 3  # train+val and its mirror; the search's train, mirror, val
+
+
+def test_the_estimate_costs_a_cached_head_only_epoch_as_the_head_alone(monkeypatch):
+    from search.estimate import Speeds, epoch_seconds
+    speeds = Speeds("k", {"tf_efficientnet_lite0@224": {"frozen": 0.05, "train": 0.2, "eval": 0.04, "head": 1e-5}})
+    cfg = TrialConfig.from_dict({"input_size": 224, "stages": 2, "stage1_epochs": 3, "stage2_epochs": 1,
+                                 "aug_strength": 0.0})
+    extract = (900 * 2 + 100) * 0.04  # every image and its mirror, then the validation images
+    head = 1000 * 1e-5
+    assert epoch_seconds(cfg, speeds, 900, 100) == pytest.approx([extract, head, head, 900 * 0.2 + 100 * 0.04])
+    uncached = [900 * 0.05 + 100 * 0.04] * 3 + [900 * 0.2 + 100 * 0.04]
+    assert epoch_seconds(TrialConfig.from_dict({**cfg.to_dict(), "aug_strength": 0.3}), speeds, 900, 100) \
+        == pytest.approx(uncached)
+    monkeypatch.setenv(features.SWITCH_ENV, "off")
+    assert epoch_seconds(cfg, speeds, 900, 100) == pytest.approx(uncached)
