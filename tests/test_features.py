@@ -189,3 +189,12 @@ def test_the_estimate_costs_a_cached_head_only_epoch_as_the_head_alone(monkeypat
         == pytest.approx(uncached)
     monkeypatch.setenv(features.SWITCH_ENV, "off")
     assert epoch_seconds(cfg, speeds, 900, 100) == pytest.approx(uncached)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_unwritable_cache_folder_runs_the_stage_uncached_and_says_so(data, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("CIFAR_TUNE_CACHE", str(tmp_path / "a_file"))  # no folder can be made under a file
+    rows = _run({**HEAD_ONLY, "input_size": 32, "stage1_epochs": 1, "stage2_epochs": 0}, data, monkeypatch, "on")
+    assert [r["feature_cache"] for r in rows] == ["off"] and rows[0]["status"] == "ok"
+    assert "cannot be written (set CIFAR_TUNE_CACHE" in capsys.readouterr().out

@@ -235,8 +235,15 @@ def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, train_images: np.ndar
     width = (net.coarse_head if net.coarse_head is not None else net.fine_head).in_features
     need, budget = n_feats * width * 4, int(CACHE_SHARE * trial_budget(torch.get_num_threads()))
     root = cache_root() / "features"
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free if os.access(root, os.W_OK) else 0
+    except OSError:
+        free = 0
+    if not free:
+        log(f"feature cache: off for stage {stage.number}: {root} cannot be written (set CIFAR_TUNE_CACHE "
+            f"to a writable folder); it runs uncached")
+        return None
     if need > min(budget, free):
         log(f"feature cache: off for stage {stage.number}: its {n_feats} feature vectors need "
             f"{need / 2 ** 20:,.0f} MiB, over " + (f"the budget of {budget / 2 ** 20:,.0f} MiB ({CACHE_SHARE:.0%} of "
