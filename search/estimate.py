@@ -144,14 +144,15 @@ def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) ->
     trainable: an upper bound (its frozen lower blocks skip their backward pass). A head-only
     stage on cached features (trainable/features.py) pays forward passes over its images (and
     their mirrors) and the validation images in its first epoch, an upper bound (a trial that finds
-    them cached pays nothing), and head-only steps after that."""
+    them cached pays nothing), and head-only steps after that; a one-epoch stage builds none
+    (features.for_stage) and is costed uncached."""
     from trainable import features
     from trainable.augment import policy_for
     from trainable.stages import plan_stages
     r = speeds.rates(cfg.backbone, cfg.input_size)
     out = []
     for st in plan_stages(cfg):
-        if features.enabled() and features.why_not_cached(cfg, st) is None:
+        if features.enabled() and features.why_not_cached(cfg, st) is None and st.epochs >= 2:
             views = 2 if policy_for(cfg.aug_strength, cfg.augment).flip else 1
             out += [(n_train * views + n_val) * r["eval"]] + [(n_train + n_val) * r["head"]] * (st.epochs - 1)
             continue

@@ -187,6 +187,8 @@ def test_the_estimate_costs_a_cached_head_only_epoch_as_the_head_alone(monkeypat
     uncached = [900 * 0.05 + 100 * 0.04] * 3 + [900 * 0.2 + 100 * 0.04]
     assert epoch_seconds(TrialConfig.from_dict({**cfg.to_dict(), "aug_strength": 0.3}), speeds, 900, 100) \
         == pytest.approx(uncached)
+    one = TrialConfig.from_dict({**cfg.to_dict(), "stage1_epochs": 1})  # builds no features (for_stage)
+    assert epoch_seconds(one, speeds, 900, 100) == pytest.approx(uncached[2:])
     monkeypatch.setenv(features.SWITCH_ENV, "off")
     assert epoch_seconds(cfg, speeds, 900, 100) == pytest.approx(uncached)
 
@@ -198,3 +200,13 @@ def test_an_unwritable_cache_folder_runs_the_stage_uncached_and_says_so(data, tm
     rows = _run({**HEAD_ONLY, "input_size": 32, "stage1_epochs": 1, "stage2_epochs": 0}, data, monkeypatch, "on")
     assert [r["feature_cache"] for r in rows] == ["off"] and rows[0]["status"] == "ok"
     assert "cannot be written (set CIFAR_TUNE_CACHE" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_one_epoch_stage_reads_cached_features_but_builds_none(data, cache, monkeypatch):
+    """Extracting an image and its mirror costs about two uncached epochs: not worth it for one."""
+    one = {**HEAD_ONLY, "input_size": 32, "stage1_epochs": 1, "stage2_epochs": 0}
+    assert [r["feature_cache"] for r in _run(one, data, monkeypatch, "on")] == ["off"]
+    assert not list(cache.glob("*.pt"))
+    assert [r["feature_cache"] for r in _run({**one, "stage1_epochs": 2}, data, monkeypatch, "on")] == ["built", "hit"]
+    assert [r["feature_cache"] for r in _run(one, data, monkeypatch, "on")] == ["hit"]

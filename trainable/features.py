@@ -217,13 +217,15 @@ class CachedStage:
         return evaluate_outputs(forward, fine, coarse, batch_size=batch_size)
 
 
-def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, train_images: np.ndarray, x: torch.Tensor,
+def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, epochs: int, train_images: np.ndarray, x: torch.Tensor,
               fine: torch.Tensor, coarse: torch.Tensor, val_images: np.ndarray | None,
               val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, mean, std, prec: Precision,
               batch_size: int, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> CachedStage | None:
     """The stage on cached features, or None when it runs uncached: not cacheable (why_not_cached,
-    or the model has something random or stateful in its backbone), the cache turned off, or the
-    features over CACHE_SHARE of the trial's memory budget (then `log` says so).
+    or the model has something random or stateful in its backbone), the cache turned off, the
+    features over CACHE_SHARE of the trial's memory budget (then `log` says so), or `epochs` (the
+    stage's epochs this run will train) below 2 with the features not cached yet: extracting every
+    image and its mirror costs about two uncached epochs, so a one-epoch stage only reads them.
 
     train_images/val_images are the splits' uint8 arrays (their digests key the cache), x/fine/
     coarse and val the same splits on the device. Raises what extraction raises (out of memory
@@ -253,17 +255,23 @@ def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, train_images: np.ndar
     t0 = time.perf_counter()
     key = (FORMAT, cfg.backbone, weights_digest(net.backbone), cfg.input_size, prec.name, prec.channels_last,
            prec.device.type)
+    train_key = images_digest(train_images)
+    wanted = [(train_key, x, False)] + ([(train_key, x, True)] if mirror else []) + \
+        ([(images_digest(val_images), val[0], False)] if val is not None else [])
+    paths = [root / f"{cfg.backbone}-{cfg.input_size}px-{_digest(*key, k, flip)}.pt" for k, _, flip in wanted]
+    if epochs < 2 and not all(p.is_file() for p in paths):
+        return None
     built = False
 
-    def view(images: np.ndarray, xs: torch.Tensor, flip: bool) -> torch.Tensor:
+    def view(path: Path, xs: torch.Tensor, flip: bool) -> torch.Tensor:
         nonlocal built
-        path = root / f"{cfg.backbone}-{cfg.input_size}px-{_digest(*key, images_digest(images), flip)}.pt"
         feats, here = _load_or_build(path, lambda: extract(net, xs, input_size=cfg.input_size, mean=mean, std=std,
                                                            prec=prec, batch_size=batch_size, mirror=flip))
         built |= here
         return feats.to(prec.device)
-    views = (view(train_images, x, False), view(train_images, x, True) if mirror else None)
-    val_c = (view(val_images, val[0], False), val[1], val[2]) if val is not None else None
+    got = [view(path, xs, flip) for path, (_, xs, flip) in zip(paths, wanted)]
+    views = (got[0], got[1] if mirror else None)
+    val_c = (got[-1], val[1], val[2]) if val is not None else None
     seconds = time.perf_counter() - t0
     log(f"feature cache: stage {stage.number} trains the head on the frozen backbone's features, "
         f"{'extracted' if built else 'read from the cache'} in {seconds:.1f} s")

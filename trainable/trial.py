@@ -157,9 +157,6 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
         plateau = build_plateau(opt, cfg)
         stopper = EarlyStop(cfg.early_stop_patience)
         stage_epoch = 0
-        cached = features.for_stage(cfg, s, net, train_images=train.images, x=x, fine=fine, coarse=coarse,
-                                    val_images=val.images if val is not None else None, val=val_t, mean=mean,
-                                    std=std, prec=prec, batch_size=eval_bs)
         if resuming:
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
@@ -167,6 +164,10 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
                 plateau.load_state_dict(state["plateau"])
             stopper = EarlyStop.from_state(state["stopper"])
             stage_epoch = state["stage_epoch"]
+        cached = features.for_stage(cfg, s, net, epochs=min(s.epochs - stage_epoch, last - done),
+                                    train_images=train.images, x=x, fine=fine, coarse=coarse,
+                                    val_images=val.images if val is not None else None, val=val_t, mean=mean,
+                                    std=std, prec=prec, batch_size=eval_bs)
         while stage_epoch < s.epochs and done < last:
             at.phase, at.epoch, at.stage, at.metrics = "training", done + 1, s.number, {}
             inject_fault(cfg, done + 1, first_run=restore is None)
