@@ -15,6 +15,7 @@ from tests.fake_cifar import write_fake_cifar
 from trainable import features
 from trainable.config import TrialConfig
 from trainable.data import prepare_search_data
+from trainable.errors import UserError
 from trainable.model import create_model, set_trainable
 from trainable.stages import plan_stages
 from trainable.trial import run_trial
@@ -111,7 +112,7 @@ def test_over_its_memory_budget_the_stage_runs_uncached_and_says_so_once(data, c
 
 def test_bad_switch_value_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(features.SWITCH_ENV, "maybe")
-    with pytest.raises(ValueError, match="use on or off"):
+    with pytest.raises(UserError, match="use on or off"):
         features.enabled()
 
 

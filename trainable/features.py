@@ -34,6 +34,7 @@ from trainable import atomic
 from trainable.augment import beyond_flip, draws, eval_transform, flipped, policy_for
 from trainable.cache import cache_root
 from trainable.config import TrialConfig
+from trainable.errors import UserError
 from trainable.loop import Precision, evaluate_outputs, halving_batches, train_steps
 from trainable.memory import trial_budget
 from trainable.model import Net, train_mode
@@ -46,10 +47,11 @@ DISK_CAP = 8 * 2 ** 30  # bytes of feature files kept on a node; the least recen
 
 
 def enabled() -> bool:
-    """Whether CIFAR_TUNE_FEATURE_CACHE leaves the cache on; raises ValueError on a value it does not know."""
+    """Whether CIFAR_TUNE_FEATURE_CACHE leaves the cache on; raises UserError on a value it does not
+    know (the search's cost estimate asks first, so a search stops before any trial)."""
     value = os.environ.get(SWITCH_ENV, "").strip().lower()
     if value not in ("", "on", "off"):
-        raise ValueError(f"{SWITCH_ENV}={value!r}: use on or off")
+        raise UserError(f"{SWITCH_ENV}={value!r} is not a switch: use on or off, or unset it")
     return value != "off"
 
 
