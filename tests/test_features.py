@@ -211,3 +211,22 @@ def test_a_one_epoch_stage_reads_cached_features_but_builds_none(data, cache, mo
     assert not list(cache.glob("*.pt"))
     assert [r["feature_cache"] for r in _run({**one, "stage1_epochs": 2}, data, monkeypatch, "on")] == ["built", "hit"]
     assert [r["feature_cache"] for r in _run(one, data, monkeypatch, "on")] == ["hit"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_trial_resumed_inside_a_cached_stage_continues_as_the_uninterrupted_one(data, cache, tmp_path,
+                                                                                  monkeypatch):
+    import shutil
+    cfg = {**HEAD_ONLY, "input_size": 32, "stage1_epochs": 3, "stage2_epochs": 0}
+    whole = _run(cfg, data, monkeypatch, "on")
+    saved = tmp_path / "ckpt"
+
+    def keep(m, ckpt):
+        if m["epoch"] == 1:
+            shutil.copytree(ckpt, saved)
+    run_trial(cfg, data.train, data.val, keep, stop_after_epoch=1)
+    rows: list[dict] = []
+    run_trial(cfg, data.train, data.val, lambda m, _c: rows.append(m), restore=saved)
+    assert [r["epoch"] for r in rows] == [2, 3] and [r["feature_cache"] for r in rows] == ["hit", "hit"]
+    for a, b in zip(whole[1:], rows):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5) and b["val_acc"] == a["val_acc"]
