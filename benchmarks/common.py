@@ -117,13 +117,15 @@ def make_bench(train, weights_dir: str, channels_last: bool | None = None, backb
     return Bench(net, *to_device(train, dev), *normalisation_of(net.backbone), dev, prec)
 
 
-def model_fn(b: Bench, size: int, bs: int, steps: int = 1) -> Callable[[], int]:
+def model_fn(b: Bench, size: int, bs: int, steps: int = 1, fused: bool = False) -> Callable[[], int]:
     """The ceiling: `steps` forward+backward+SGD steps of the whole network (every layer trainable)
-    on one fixed batch, nothing else; returns the images it trained on."""
+    on one fixed batch, nothing else; returns the images it trained on. `fused`: torch's fused
+    SGD kernel instead of its default (on the CPU, a Python loop over the tensors)."""
     from trainable.model import set_trainable, train_mode
     set_trainable(b.net, None)
     train_mode(b.net)
-    opt = torch.optim.SGD(b.net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(b.net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          **({"fused": True} if fused else {}))
     g = torch.Generator().manual_seed(0)
     x = b.prec.prepare(torch.randn(bs, 3, size, size, generator=g).to(b.dev))
     y = torch.randint(0, 100, (bs,), generator=g).to(b.dev)

@@ -41,9 +41,9 @@ def device_key(device: Any, threads: int, precision: str = "auto") -> str:
 
 
 def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> dict[str, float]:
-    """Seconds per image for a head-only training step, an all-trainable step and an evaluation
-    forward pass, at batch BATCH and the trials' precision (random weights: speed does not
-    depend on them)."""
+    """Seconds per image for a head-only training step, an all-trainable step, an evaluation
+    forward pass and a training step of the head alone on cached features ("head"), at batch
+    BATCH and the trials' precision (random weights: speed does not depend on them)."""
     import torch
     import torch.nn.functional as F
 
@@ -84,6 +84,22 @@ def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> d
             if i:
                 times.append(time.perf_counter() - t0)
     out["eval"] = min(times) / BATCH
+    head = net.fine_head
+    f = torch.randn(BATCH, head.in_features, device=device)
+    opt = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
+    times = []
+    for i in range(STEPS + 1):
+        t0 = time.perf_counter()
+        with prec.autocast():
+            loss = F.cross_entropy(head(f), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    out["head"] = min(times) / BATCH
     return out
 
 
@@ -108,7 +124,7 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
     except (OSError, ValueError):
         cache = {}
     mine = cache.setdefault(key, {})
-    todo = sorted(c for c in combos if f"{c[0]}@{c[1]}" not in mine)
+    todo = sorted(c for c in combos if "head" not in mine.get(f"{c[0]}@{c[1]}", {}))  # "head": added later
     if todo:
         log(f"estimate: timing {len(todo)} backbone x input size combination(s) on {key} "
             f"(cached in {path} for next time) ...")
@@ -129,11 +145,21 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
 
 def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) -> list[float]:
     """Seconds of each planned epoch (training, then validation). Stage 2 is costed as all
-    trainable: an upper bound (its frozen lower blocks skip their backward pass)."""
+    trainable: an upper bound (its frozen lower blocks skip their backward pass). A head-only
+    stage on cached features (trainable/features.py) pays forward passes over its images (and
+    their mirrors) and the validation images in its first epoch, an upper bound (a trial that finds
+    them cached pays nothing), and head-only steps after that; a one-epoch stage builds none
+    (features.for_stage) and is costed uncached."""
+    from trainable import features
+    from trainable.augment import policy_for
     from trainable.stages import plan_stages
     r = speeds.rates(cfg.backbone, cfg.input_size)
     out = []
     for st in plan_stages(cfg):
+        if features.enabled() and features.why_not_cached(cfg, st) is None and st.epochs >= 2:
+            views = 2 if policy_for(cfg.aug_strength, cfg.augment).flip else 1
+            out += [(n_train * views + n_val) * r["eval"]] + [(n_train + n_val) * r["head"]] * (st.epochs - 1)
+            continue
         per_img = r["frozen"] if st.top_blocks == 0 else r["train"]
         out += [n_train * per_img + n_val * r["eval"]] * st.epochs
     return out
@@ -155,7 +181,7 @@ def asha_rungs(grace: int, rf: int, max_t: int) -> list[int]:
 
 @dataclass
 class Estimate:
-    per_combo: dict[str, dict[str, float]]  # "backbone@size" -> {"frozen_epoch_s", "train_epoch_s"}
+    per_combo: dict[str, dict[str, float]]  # "backbone@size" -> {"frozen_epoch_s", "train_epoch_s", "cached_epoch_s"}
     trial_fifo_s: float  # mean seconds of a whole trial
     trial_asha_s: float  # mean seconds of a trial under ASHA (pruned share included)
     warm_fifo_s: float  # the warm-start points' trials, summed, FIFO
@@ -220,7 +246,8 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
     for b, s in sorted(combos):
         r = speeds.rates(b, s)
         per_combo[f"{b}@{s}"] = {"frozen_epoch_s": n_train * r["frozen"] + n_val * r["eval"],
-                                 "train_epoch_s": n_train * r["train"] + n_val * r["eval"]}
+                                 "train_epoch_s": n_train * r["train"] + n_val * r["eval"],
+                                 "cached_epoch_s": (n_train + n_val) * r["head"]}
     return Estimate(per_combo=per_combo,
                     trial_fifo_s=statistics.fmean(cost(c, False) for c in configs),
                     trial_asha_s=statistics.fmean(cost(c, True) for c in configs),
@@ -236,9 +263,10 @@ def describe(e: Estimate) -> str:
     """The estimate as the lines the CLI prints."""
     from search.progress import duration
     lines = ["cost estimate (measured on this device; epochs = training + validation):",
-             "  backbone@size                      frozen epoch   trainable epoch"]
+             "  backbone@size                      frozen epoch   trainable epoch   frozen, cached features"]
     for k, v in e.per_combo.items():
-        lines.append(f"  {k:34s} {duration(v['frozen_epoch_s']):>12s}   {duration(v['train_epoch_s']):>15s}")
+        lines.append(f"  {k:34s} {duration(v['frozen_epoch_s']):>12s}   {duration(v['train_epoch_s']):>15s}   "
+                     f"{duration(v['cached_epoch_s']):>23s}")
     rungs = f"with ASHA's rungs at epochs {e.rungs}" if e.rungs else "with no ASHA rung below the last epoch"
     lines.append(f"  a trial (its {e.startup_s:.0f} s start-up included): {duration(e.trial_fifo_s + e.startup_s)} "
                  f"run to the end, {duration(e.trial_asha_s + e.startup_s)} on average {rungs}; "

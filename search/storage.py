@@ -209,8 +209,7 @@ def mirror_dir(uri: str, local_dir: str = "") -> Path:
     if local_dir:
         return Path(local_dir).expanduser().resolve() / base.rsplit("/", 1)[-1]
     scheme, rest = base.split("://", 1)
-    root = cache_root()
-    return (root / "runs" / scheme / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])).resolve()
+    return (cache_root() / "runs" / scheme / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])).resolve()
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

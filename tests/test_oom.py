@@ -151,6 +151,7 @@ def test_other_errors_are_not_out_of_memory(error):
 def _failing_at(monkeypatch, name: str, call: int, error: BaseException) -> None:
     """trial.<name> raises `error` on its `call`-th call (1-based), runs for real before."""
     real, n = getattr(trial, name), {"calls": 0}
+    monkeypatch.setenv("CIFAR_TUNE_FEATURE_CACHE", "off")  # a cached head-only stage calls neither train_epoch nor evaluate
 
     def fake(*a, **k):
         n["calls"] += 1
@@ -272,6 +273,7 @@ def test_evaluate_gives_the_same_numbers_when_its_batches_are_halved(splits):
 
 def test_a_trial_validates_its_later_epochs_at_the_size_that_fitted(monkeypatch, splits, capsys):
     real, asked = trial.evaluate, []
+    monkeypatch.setenv("CIFAR_TUNE_FEATURE_CACHE", "off")  # a cached head-only stage calls neither train_epoch nor evaluate
 
     def fits_25(*a, batch_size, **k):  # as if halving from 200 had settled on 25
         asked.append(batch_size)

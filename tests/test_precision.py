@@ -97,6 +97,7 @@ def spy(monkeypatch):
     """What run_trial handed the training loop, and the dtypes the model computed in."""
     seen: dict = {"prec": [], "scaler": [], "out_dtypes": set(), "input_channels_last": set()}
     real_epoch, real_model = trial.train_epoch, trial.create_model
+    monkeypatch.setenv("CIFAR_TUNE_FEATURE_CACHE", "off")  # a cached head-only stage calls neither train_epoch nor evaluate
 
     def train_epoch(*a, **k):
         seen["prec"].append(k["prec"])

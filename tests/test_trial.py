@@ -30,6 +30,7 @@ def data(tmp_path_factory):
 def _script_val_loss(monkeypatch, losses: list[float]) -> None:
     """Real evaluation, but val_loss follows `losses`: the callbacks see a known curve."""
     it = iter(losses)
+    monkeypatch.setenv("CIFAR_TUNE_FEATURE_CACHE", "off")  # a cached head-only stage does not call evaluate
 
     def scripted(*a, **k):
         return {**_EVALUATE(*a, **k), "loss": next(it)}

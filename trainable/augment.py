@@ -30,7 +30,7 @@ takes its strength-1 value, "none" alone turns everything off.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +236,25 @@ def _erase_mask(u: torch.Tensor, policy: AugPolicy, size: int) -> torch.Tensor:
     return mask[:, None]
 
 
+def draws(batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The uniforms DeviceAugment draws for a batch, [batch, _N_DRAWS] on `device`: drawn on the
+    generator's device (a CPU generator can drive CUDA data), all at once."""
+    dev = generator.device if generator is not None else device
+    return torch.rand(batch, _N_DRAWS, generator=generator, device=dev).to(device)
+
+
+def flipped(u: torch.Tensor) -> torch.Tensor:
+    """Which images of a batch a flip policy mirrors, bool [B], from its `draws`."""
+    return u[:, 0] < 0.5
+
+
+def beyond_flip(policy: AugPolicy) -> bool:
+    """Whether the policy does anything besides a horizontal flip (then an image's augmented
+    views are not just the image and its mirror)."""
+    off = aug_policy(0.0)
+    return replace(policy, flip=off.flip, erase_area=off.erase_area, blur_sigma=off.blur_sigma) != off
+
+
 class DeviceAugment(torch.nn.Module):
     """Training transform: uint8 batch -> augmented, resized, normalised float32 batch."""
 
@@ -253,8 +272,7 @@ class DeviceAugment(torch.nn.Module):
         # data), so the stream does not depend on which parts are switched on. Columns: 0 flip,
         # 1 rotate, 2-3 translate, 4 zoom, 5-7 jitter, 8-12 erase, 13-14 perspective,
         # 15-16 blur (apply, sigma), 17 grayscale.
-        dev = generator.device if generator is not None else x.device
-        u = torch.rand(x.shape[0], _N_DRAWS, generator=generator, device=dev).to(x.device)
+        u = draws(x.shape[0], generator, x.device)
 
         # Colour and blur at source resolution: up to 49x fewer pixels than after the resize.
         if p.color_jitter > 0:
@@ -272,7 +290,7 @@ class DeviceAugment(torch.nn.Module):
         geometric = (p.max_rotate_deg > 0 or p.max_translate > 0 or tuple(p.zoom) != (1.0, 1.0)
                      or p.perspective > 0)
         if p.flip or geometric:
-            flip = torch.where(u[:, 0] < 0.5, -1.0, 1.0) if p.flip else torch.ones_like(u[:, 0])
+            flip = torch.where(flipped(u), -1.0, 1.0) if p.flip else torch.ones_like(u[:, 0])
             angle = torch.deg2rad(p.max_rotate_deg * (2 * u[:, 1] - 1))
             # Normalised coordinates span 2, so a shift of fraction t is 2t.
             tx, ty = (2 * p.max_translate * (2 * u[:, i] - 1) for i in (2, 3))

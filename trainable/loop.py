@@ -181,21 +181,34 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
     `mix_generator`: a CPU generator for mixup/cutmix's draws (mix_batch); one seeded from the
     first draw of `generator` when not given."""
     train_mode(net, freeze_bn)
-    n = x.shape[0]
-    bs, steps = batching(n, batch_size)
-    perm = torch.randperm(n, device=x.device, generator=generator)
+    perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
     fine_to_coarse = None
     if mix is not None:
         fine_to_coarse = coarse_matrix(fine, coarse)
         if mix_generator is None:
             mix_generator = torch.Generator().manual_seed(int(perm[0]))
-    total = torch.zeros((), device=x.device)
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return make_batch(x, fine, coarse, idx, aug=aug, prec=prec, generator=generator, mix=mix,
+                          fine_to_coarse=fine_to_coarse, mix_generator=mix_generator)
+    return train_steps(net, perm, batch, batch_size=batch_size, opt=opt, sched=sched, prec=prec, scaler=scaler,
+                       smoothing=smoothing, coarse_weight=coarse_weight)
+
+
+def train_steps(net: torch.nn.Module, perm: torch.Tensor,
+                batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                batch_size: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                prec: Precision, scaler: torch.amp.GradScaler | None, smoothing: float,
+                coarse_weight: float) -> dict:
+    """One epoch of optimiser steps over the rows in `perm`'s order (batches as `batching` cuts
+    them): `batch(rows)` gives (net's input, fine targets, coarse targets) for those rows; returns
+    train_loss, images_per_sec and train_seconds (the steps' own clock)."""
+    bs, steps = batching(perm.shape[0], batch_size)
+    total = torch.zeros((), device=perm.device)
     _sync(prec.device)
     t0 = time.perf_counter()
     for i in range(steps):
-        xb, yb, cb = make_batch(x, fine, coarse, perm[i * bs:(i + 1) * bs], aug=aug, prec=prec,
-                                generator=generator, mix=mix, fine_to_coarse=fine_to_coarse,
-                                mix_generator=mix_generator)
+        xb, yb, cb = batch(perm[i * bs:(i + 1) * bs])
         with prec.autocast():
             loss = _loss(net(xb), yb, cb, smoothing, coarse_weight)
         opt.zero_grad(set_to_none=True)
@@ -258,13 +271,25 @@ def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor
     worked, the same numbers either way.
     """
     net.eval()
+
+    def forward(rows: slice):
+        xb = prec.prepare(eval_transform(x[rows], input_size, mean, std))
+        with prec.autocast():
+            return net(xb)
+    return evaluate_outputs(forward, fine, coarse, batch_size=batch_size, return_predictions=return_predictions)
+
+
+@torch.inference_mode()
+def evaluate_outputs(forward: Callable[[slice], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+                     fine: torch.Tensor, coarse: torch.Tensor, *, batch_size: int,
+                     return_predictions: bool = False) -> dict:
+    """`evaluate`'s metrics from `forward(rows)`, the model's output (logits, or (fine, coarse)
+    logits) for those rows of fine/coarse (long [N]), in its precision."""
     fine_to_coarse = _fine_to_coarse(fine, coarse)
 
     def step(rows: slice) -> dict[str, torch.Tensor]:
-        xb = prec.prepare(eval_transform(x[rows], input_size, mean, std))
         yb, cb = fine[rows], coarse[rows]
-        with prec.autocast():
-            out = net(xb)
+        out = forward(rows)
         logits = (out[0] if isinstance(out, tuple) else out).float()
         pred = logits.argmax(1)
         got = {"loss": F.cross_entropy(logits, yb, reduction="sum"), "acc": (pred == yb).sum(),
@@ -276,8 +301,8 @@ def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor
                        coarse_head_acc=(coarse_logits.argmax(1) == cb).sum())
         return got
 
-    parts, used = halving_batches(x.shape[0], batch_size, step, x.device)
-    n = max(1, x.shape[0])
+    parts, used = halving_batches(fine.shape[0], batch_size, step, fine.device)
+    n = max(1, fine.shape[0])
     keys = parts[0].keys() if parts else ("loss", "acc", "top5", "coarse_acc")
     result = {k: float(sum(p[k] for p in parts)) / n for k in keys if k != "pred"}
     if return_predictions:  # "pred": a batch's few int64s, kept either way

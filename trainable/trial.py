@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from trainable import features
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
 from trainable.config import TrialConfig
 from trainable.data import Split, fidelity_subset
@@ -164,13 +165,23 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
                 plateau.load_state_dict(state["plateau"])
             stopper = EarlyStop.from_state(state["stopper"])
             stage_epoch = state["stage_epoch"]
+        cached = features.for_stage(cfg, s, net, epochs=min(s.epochs - stage_epoch, last - done),
+                                    train_images=train.images, x=x, fine=fine, coarse=coarse,
+                                    val_images=val.images if val is not None else None, val=val_t, mean=mean,
+                                    std=std, prec=prec, batch_size=eval_bs)
         while stage_epoch < s.epochs and done < last:
             at.phase, at.epoch, at.stage, at.metrics = "training", done + 1, s.number, {}
             inject_fault(cfg, done + 1, first_run=restore is None)
-            tr = train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
-                             sched=sched, prec=prec, scaler=scaler, mix=mix,
-                             smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                             generator=gen, freeze_bn=cfg.freeze_bn, mix_generator=mix_gen)
+            if cached is not None:
+                tr = cached.train_epoch(batch_size=cfg.batch_size, opt=opt, sched=sched, prec=prec, scaler=scaler,
+                                        smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
+                                        generator=gen)
+            else:
+                tr = {**train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
+                                    sched=sched, prec=prec, scaler=scaler, mix=mix,
+                                    smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
+                                    generator=gen, freeze_bn=cfg.freeze_bn, mix_generator=mix_gen),
+                      "feature_cache": "off"}
             done, stage_epoch = done + 1, stage_epoch + 1
             metrics = at.metrics = {"epoch": done, "stage": s.number, "lr": head_lr(opt),
                                     "trainable_params": count_trainable(net), **tr}
@@ -181,8 +192,9 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
             stopped = False
             if val_t is not None:
                 at.phase = "validation"
-                ev = evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std,
-                              batch_size=eval_bs, prec=prec)
+                ev = cached.evaluate(batch_size=eval_bs, prec=prec) if cached is not None else \
+                    evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std, batch_size=eval_bs,
+                             prec=prec)
                 if ev["batch_size"] < eval_bs:
                     print(f"validation ran out of memory at eval_batch_size {eval_bs}: it goes on at "
                           f"{ev['batch_size']} (the same results, less memory)", flush=True)
