@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table, run_cli  # noqa: E402
 from trainable import atomic  # noqa: E402
+from trainable.cache import cache_root  # noqa: E402
+
+USER_CACHE = cache_root()  # before cold_cache points CIFAR_TUNE_CACHE at a run's own folder
 
 FLAGS = {"a": [], "a-local": ["--sampler", "tpe"], "a-screen": ["--screen", "off"],
          "b": ["--warm-start", "none"], "c": ["--warm-start", "none", "--sampler", "random"]}
@@ -155,6 +158,7 @@ def run_contender(name: str, mult: float, a: argparse.Namespace, seed: int, resu
         import shutil
         shutil.rmtree(exp)  # a run cut off by an earlier stop of this script: run it again whole
     print(f"[duel] seed {seed} {k} " + (f"(budget {budget:.0f} s)" if budget else "") + " ...", flush=True)
+    cold_cache(work / "cache" / exp.name)
     start = time.time()
     wall = run_cli("run_search.py", cli_args(name, budget, a, seed, exp), work / "logs" / f"{exp.name}.log")
     r = summarise(exp, wall, start)
@@ -164,6 +168,21 @@ def run_contender(name: str, mult: float, a: argparse.Namespace, seed: int, resu
     print(f"[duel]   {wall:.0f} s, {r['trials']} trials, best val_acc {r['best_val_acc']}, test_acc "
           f"{m['test_acc']:.4f} ({r['winner']})", flush=True)
     results[str(seed)][k] = r
+
+
+def cold_cache(folder: Path) -> None:
+    """Each run gets a cache of its own (the CLIs it starts inherit CIFAR_TUNE_CACHE): no contender
+    reuses the frozen features another extracted. The measured step speeds are copied in, so no
+    contender pays for timing them either."""
+    import os
+    import shutil
+
+    from trainable.cache import ENV
+    speeds = USER_CACHE / "speed.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    if speeds.exists() and not (folder / "speed.json").exists():
+        shutil.copy2(speeds, folder / "speed.json")
+    os.environ[ENV] = str(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
