@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from analysis.command import command
 from analysis.outcome import (
     TrialView,
     failure_status,
@@ -126,16 +126,13 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
         raise UserError(f"{exp_dir} holds no trial with a finished epoch: run or resume the search first")
     best = ranked[0]
     exp_dir = Path(exp_dir)
-    settings = read_settings(exp_dir)
-    cmd = ["python", "analyze.py", str(exp_dir), "--config", str(exp_dir / "best_config.yaml")]
-    if settings.get("data_dir"):
-        cmd += ["--data-dir", str(settings["data_dir"])]
     out = {
         "trial_id": best.trial_id,
         "best_val_acc": float(best.best[METRIC]),
         "best_epoch": int(best.best["epoch"]),
         "epochs_run": best.epochs_run,
-        "retrain_command": shlex.join(cmd),
+        # analyze.py's defaults are this folder's best_config.yaml and the search's data
+        "retrain_command": command("analyze.py", exp_dir),
         "config": best.config,
     }
     atomic.write_text(exp_dir / "best_config.yaml", yaml.safe_dump(out, sort_keys=False))
