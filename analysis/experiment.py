@@ -166,25 +166,49 @@ def read_settings(exp_dir: Path) -> dict[str, Any]:
 # the parameters that matter, as the console, the text leaderboard and the report show them
 PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_size", "aug_strength",
                  "stage1_lr", "stage2_lr", "stage3_lr"]
+# their headings: the aug column shows an explicit augment list where one overrides aug_strength
+PARAM_HEADS = ["aug" if k == "aug_strength" else k for k in PARAM_COLUMNS]
 
 
 def fmt(v: Any) -> str:
-    """A value for a table cell: 4 decimals for a fraction (an accuracy), else 3 significant digits."""
+    """A metric for a table cell: 4 decimals for a fraction (an accuracy), else 3 significant digits."""
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:.3g}"
+        return f"{v:.4f}" if 0 <= v <= 1 else f"{v:.3g}"
     return str(v)
 
 
+def fmt_lr(v: float) -> str:
+    """A learning rate in one format, whatever its size: 1e-3, 2.5e-4, 3e-2 (3 significant digits)."""
+    if v == 0:
+        return "0"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def param_cell(config: dict[str, Any], key: str) -> str:
+    """One hyper-parameter of `config` for a table cell: learning rates by fmt_lr; under aug_strength
+    the explicit augment list when one is set (it overrides the strength); "-" for stage 3's lr in
+    a 2-stage plan (it has none); other floats to 3 significant digits."""
+    v = config.get(key)
+    if key == "aug_strength" and config.get("augment"):
+        return str(config["augment"])
+    if key == "stage3_lr" and config.get("stages") != 3:
+        return "-"
+    if isinstance(v, float):
+        return fmt_lr(v) if key.endswith("lr") else f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
 def param_cells(config: dict[str, Any], columns: list[str] = PARAM_COLUMNS) -> list[str]:
-    """`config`'s values under `columns`; "-" for stage 3's lr in a 2-stage plan (it has none)."""
-    return [fmt(config.get(k)) if k != "stage3_lr" or config.get("stages") == 3 else "-" for k in columns]
+    """`config`'s values under `columns`, each as param_cell shows it."""
+    return [param_cell(config, k) for k in columns]
 
 
 def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
     """A plain-text table of the top trials and their key parameters."""
-    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + PARAM_COLUMNS
+    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + PARAM_HEADS
     rows = []
     for i, t in enumerate(rank(trials)[:top], start=1):
         rows.append([str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]),

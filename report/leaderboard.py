@@ -1,10 +1,10 @@
 """The leaderboard as table rows: every trial, ranked ones first, with the parameters that matter."""
 from __future__ import annotations
 
-from analysis.experiment import PARAM_COLUMNS, TrialRecord, param_cells, rank
+from analysis.experiment import PARAM_COLUMNS, PARAM_HEADS, TrialRecord, param_cells, rank
 from analysis.study import METRIC
 
-HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] + PARAM_COLUMNS
+HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] + PARAM_HEADS
 NUMERIC = {0, 2, 3} | {6 + i for i, k in enumerate(PARAM_COLUMNS) if k != "backbone"}
 
 

@@ -63,6 +63,23 @@ def duration(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
+def budget_text(seconds: float) -> str:
+    """Seconds as a --time-budget value, rounded up to a whole minute: "9m", "1h05m"."""
+    m = max(1, math.ceil(seconds / 60))
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
+
+
+def recipes_only_note(e) -> str | None:
+    """One line for a --time-budget that the warm-start recipe points use up, so the search would
+    try no configuration of its own, with the budget at which it starts to (the first own trial
+    fits: search/estimate.py's wall-time estimate); None otherwise. `e`: a search.estimate.Estimate."""
+    if not e.budget_s or not e.n_warm or e.trials_in(e.budget_s, asha=True) > e.n_warm:
+        return None
+    return (f"note: a time budget of {duration(e.budget_s)} runs only the {e.n_warm} warm-start recipe "
+            f"points, no configuration of the search's own; it starts exploring from about "
+            f"--time-budget {budget_text(e.wall(e.n_warm + 1, asha=True))}")
+
+
 # ---------------------------------------------------------------- the progress line
 
 @dataclass

@@ -466,6 +466,9 @@ def cost_estimate(s: SearchSettings, res: Resources, space: Space, opts: Options
                    budget_s=parse_duration(s.time_budget) if s.time_budget else None,
                    rungs=rungs, rf=s.reduction_factor, seed=s.seed)
     print(describe(est), flush=True)
+    from search.progress import recipes_only_note
+    if note := recipes_only_note(est):
+        print(note, flush=True)
     return est
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis.command import PROJECT, python, shown
 from analysis.experiment import (
     SETTINGS_FILE,
     export_best,
@@ -18,7 +19,6 @@ from analysis.experiment import (
     read_settings,
     write_settings,
 )
-from analysis.command import PROJECT, python, shown
 from trainable.config import TrialConfig
 from trainable.errors import UserError
 

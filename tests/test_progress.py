@@ -91,6 +91,18 @@ def test_table_has_the_chosen_columns():
     assert lines[0].index("backbone") == lines[2].index("resnet18")  # columns line up
 
 
+def test_table_shows_an_explicit_augment_list_and_one_lr_format():
+    t, r = FakeTrial("rec", "RUNNING", epoch=1, best=0.0), FakeTrial("drawn", "RUNNING", epoch=1, best=0.5)
+    t.config.update(augment="flip,rotate=15", aug_strength=0.5, stage1_lr=0.001, stage2_lr=1e-05)
+    r.config.update(aug_strength=0.5, stage1_lr=0.01, stage2_lr=0.00025)
+    head, rows, _ = table_rows([t, r], PARAM_COLUMNS, METRIC_COLUMNS)
+    cell = {row[0]: dict(zip(head, row)) for row in rows}
+    assert cell["rec"]["aug"] == "flip,rotate=15" and cell["drawn"]["aug"] == "0.5"
+    assert (cell["rec"]["s1_lr"], cell["rec"]["s2_lr"]) == ("1e-3", "1e-5")
+    assert (cell["drawn"]["s1_lr"], cell["drawn"]["s2_lr"]) == ("1e-2", "2.5e-4")
+    assert cell["rec"]["val_acc"] == "0.0000" and cell["drawn"]["val_acc"] == "0.5000"  # accuracies: 4 decimals
+
+
 def test_console_is_ours_and_rays_stays_quiet(monkeypatch):
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
     c = console()
@@ -191,3 +203,19 @@ def test_progress_line_shows_the_time_budget_left():
     assert "time budget: 2m05s left" in line
     bounded = Progress(total=3, prior_trial_s=1000.0)
     assert "time budget: 1m00s left" in progress_line(bounded, elapsed=0, parallel=1, budget_left=60)
+
+
+@pytest.mark.parametrize("budget_s, says", [(45, True), (6 * 60, True), (30 * 60, False), (None, False)])
+def test_a_budget_of_recipe_points_only_says_so_before_launch(budget_s, says):
+    from search.estimate import Estimate
+    from search.progress import recipes_only_note
+    e = Estimate(per_combo={}, trial_fifo_s=100.0, trial_asha_s=60.0, warm_fifo_s=6 * 100.0, warm_asha_s=6 * 60.0,
+                 parallel=1, num_samples=None, budget_s=budget_s, rungs=[2], n_warm=6)
+    note = recipes_only_note(e)
+    assert (note is not None) == says
+    if says:  # the budget that fits the warm start and one trial of the search's own, as a --time-budget value
+        explore = note.rsplit("--time-budget ", 1)[1]
+        assert explore == "8m"  # (6 x (60 + 8) + 68) s = 7m56s, rounded up to a minute
+        assert "6 warm-start recipe points" in note and "\n" not in note
+    assert recipes_only_note(Estimate(per_combo={}, trial_fifo_s=1, trial_asha_s=1, warm_fifo_s=0, warm_asha_s=0,
+                                      parallel=1, num_samples=None, budget_s=60, rungs=[], n_warm=0)) is None
