@@ -46,3 +46,9 @@ def command(program: str, *args: str | Path) -> str:
     venv (`ray`, `tensorboard`). Path arguments are shown as `shown` does; strings go as given."""
     head = [python(), shown(PROJECT / program)] if program.endswith(".py") else [tool(program)]
     return shlex.join(head + [shown(a) if isinstance(a, Path) else str(a) for a in args])
+
+
+def examples(*items: tuple[str, str]) -> str:
+    """An argparse epilog: "examples:", then per (what it does, command) a comment line and the
+    command (built by `command`, so the help shows what to paste here)."""
+    return "examples:\n" + "\n".join(f"  # {what}\n  {cmd}" for what, cmd in items)

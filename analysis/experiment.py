@@ -170,6 +170,13 @@ PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_si
 PARAM_HEADS = ["aug" if k == "aug_strength" else k for k in PARAM_COLUMNS]
 
 
+def duration(s: float) -> str:
+    """Seconds as the console shows a wall time: 45s, 3m05s, 1h02m."""
+    s = int(round(s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
 def fmt(v: Any) -> str:
     """A metric for a table cell: 4 decimals for a fraction (an accuracy), else 3 significant digits."""
     if v is None:

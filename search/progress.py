@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from ray import tune
 
-from analysis.experiment import PARAM_COLUMNS, fmt, param_cells
+from analysis.experiment import PARAM_COLUMNS, duration, fmt, param_cells
 from analysis.outcome import (
     ENDED_BY_SEARCH,
     INTERRUPTED,
@@ -55,12 +55,6 @@ def best_score(trial) -> float | None:
     v = r.get(f"best_{METRIC}", r.get(METRIC))
     failed = bool(failure_status(r))
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not failed else None
-
-
-def duration(s: float) -> str:
-    s = int(round(s))
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
 def budget_text(seconds: float) -> str:

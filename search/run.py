@@ -24,7 +24,7 @@ from analysis.study import METRIC, MODE
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.searcher import make_scheduler, make_searcher
 from search.settings import SearchSettings
-from spaces import NAMES, Options, Space, get_space
+from spaces import LISTED, Options, Space, get_space
 from trainable.data import SearchData, prepare_search_data
 from trainable.errors import UserError
 
@@ -478,4 +478,4 @@ def trial_dirname(trial) -> str:
 
 
 def list_spaces() -> str:
-    return "\n".join(f"{n:28s} {get_space(n).description}" for n in NAMES)
+    return "\n".join(f"{n:28s} {get_space(n).description}" for n in LISTED)
