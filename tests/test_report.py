@@ -110,7 +110,7 @@ def test_report_without_retrain_or_enough_trials(experiment, tmp_path):
         shutil.rmtree(t.path)
     (exp / "optuna.db").unlink(missing_ok=True)  # the study would still hold the removed trials
     page = write_report(exp).read_text()
-    assert "importance needs at least 2" in page
+    assert "importance needs at least 10" in page
     assert "No retrain yet" in page
     assert (exp / "analysis" / "val_acc_curves.png").exists()
 
