@@ -79,6 +79,12 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def trial_id_of(folder: Path) -> str:
+    """The Tune trial id a trial folder is named after (search/run.py trial_dirname: trial_ID), so a
+    trial that never reported shows the same id format as the others; other names as they are."""
+    return Path(folder).name.removeprefix("trial_")
+
+
 def load_trials(exp_dir: Path) -> list[TrialRecord]:
     """Every trial folder of the experiment: those with a params.json, and `trial_*` folders Tune
     made for a trial that died before writing one (config {}: status not started or errored)."""
@@ -94,7 +100,7 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
             config = json.loads(params.read_text()) if params.exists() else {}
         except (OSError, json.JSONDecodeError):  # written half by a killed driver
             config = {}
-        rec = TrialRecord(trial_id=d.name, path=d, config=config if isinstance(config, dict) else {})
+        rec = TrialRecord(trial_id=trial_id_of(d), path=d, config=config if isinstance(config, dict) else {})
         res = d / "result.json"
         if res.exists():
             for line in res.read_text().splitlines():
@@ -103,12 +109,12 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
                 except json.JSONDecodeError:  # a line cut short by a killed driver
                     continue
         if rec.results:
-            rec.trial_id = str(rec.results[-1].get("trial_id", d.name))
+            rec.trial_id = str(rec.results[-1].get("trial_id", rec.trial_id))
         err = d / "error.txt"
         if err.exists():
             lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
             rec.error = lines[-1][:200] if lines else "error"
-        rec.ended_by_search = ends.get(rec.trial_id, ends.get(d.name.removeprefix("trial_"), ""))
+        rec.ended_by_search = ends.get(rec.trial_id, ends.get(trial_id_of(d), ""))
         records.append(rec)
     return records
 

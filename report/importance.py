@@ -23,7 +23,7 @@ from matplotlib.ticker import NullFormatter
 
 from analysis.experiment import TrialRecord
 from analysis.study import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
-from report.plots import COLOURS, figure, save
+from report.plots import COLOURS, figure, legend_below, save
 from trainable.config import RUN_FIELDS
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
@@ -199,7 +199,7 @@ def plot_importance(imp: Importance, path: Path) -> Path:
     ax.set_ylabel("hyper-parameter")
     ax.set_title(f"Hyper-parameter importance ({imp.evaluator}, {len(imp.study.trials)} trials, "
                  f"target: best val_acc)")
-    ax.legend(loc="lower right")
+    legend_below(fig, ax, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return save(fig, path)
 

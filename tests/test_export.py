@@ -90,10 +90,10 @@ def _by_id(trials):
 def test_load_trials(exp):
     trials = _by_id(load_trials(exp))
     assert set(trials) == {"peak", "steady", "diverged", "failed", "recovered", "stopped",
-                           "trial_pending", "truncated", "oom"}  # no result row: named after its folder
+                           "pending", "truncated", "oom"}  # no result row: the id its folder is named after
     assert trials["peak"].config["backbone"] == "resnet18"
     assert [r["val_acc"] for r in trials["peak"].results] == [0.3, 0.9, 0.6, 0.5]
-    assert trials["trial_pending"].results == []
+    assert trials["pending"].results == []
     assert trials["failed"].error == "RuntimeError: CUDA out of memory"
 
 
@@ -118,13 +118,13 @@ def test_statuses(exp):
     status = {t.trial_id: t.status for t in load_trials(exp)}
     assert status == {"peak": "completed", "steady": "completed", "diverged": "diverged",
                       "failed": "errored", "recovered": "completed", "stopped": "pruned",
-                      "trial_pending": "not started", "truncated": "pruned", "oom": "oom"}
+                      "pending": "not started", "truncated": "pruned", "oom": "oom"}
 
 
 def test_epochs(exp):
     trials = _by_id(load_trials(exp))
     assert trials["peak"].planned_epochs == 4 and trials["peak"].epochs_run == 4
-    assert trials["stopped"].epochs_run == 1 and trials["trial_pending"].epochs_run == 0
+    assert trials["stopped"].epochs_run == 1 and trials["pending"].epochs_run == 0
 
 
 def test_truncated_line_tolerated(exp):
@@ -190,7 +190,7 @@ def test_leaderboard(exp):
     assert second[:3] == ["2", "steady", "0.8000"]
     tail = "\n".join(lines)
     assert "diverged: diverged (non-finite training loss in epoch 2)" in tail
-    assert "oom: oom (out of memory in epoch 2)" in tail and "trial_pending: not started" in tail
+    assert "oom: oom (out of memory in epoch 2)" in tail and "  pending: not started" in tail
     assert "3 trial(s) without a usable result" in tail
     assert leaderboard(load_trials(exp), top=1).count("completed") == 1
 
