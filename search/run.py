@@ -353,7 +353,7 @@ def run_search(s: SearchSettings) -> Path:
             from search.storage import redact
             print(f"experiment: {redact(remote)} (the driver's files: {exp})", flush=True)
         else:
-            print(f"experiment: {exp}\nTensorBoard: {command('tensorboard', '--logdir', exp)}", flush=True)
+            print(f"experiment: {shown(exp)}\nTensorBoard: {command('tensorboard', '--logdir', exp)}", flush=True)
         from search.progress import quiet_ray_console
         quiet_ray_console()  # a restored Tuner brings its own RunConfig: Ray's console must stay quiet too
         tuner.fit()
