@@ -68,11 +68,12 @@ def _match(ot, trials: list[TrialRecord]) -> TrialRecord | None:
                  and _agrees(steps, _reported(t)) and (steps or not t.results)), None)
 
 
-def settle_study(exp: Path, over: bool) -> Counter:
+def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counter:
     """Give every trial of the experiment's study that is still RUNNING or WAITING the state its
     end calls for (module docstring), with its outcome name in the user attr `status`. `over`:
     the search can run nothing more (`search_over`); else only trials that ended by themselves
-    are settled. Returns how many trials went to each outcome name. No study file: nothing to do."""
+    are settled. `why` the search is over, for trials it never started ("not started: WHY").
+    Returns how many trials went to each outcome name. No study file: nothing to do."""
     import optuna
     from optuna.trial import TrialState
     if not (Path(exp) / STUDY_FILE).is_file():
@@ -96,7 +97,7 @@ def settle_study(exp: Path, over: bool) -> Counter:
                     storage.set_trial_intermediate_value(tid, step, value)
                     steps[step] = value
         if name == NOT_STARTED:
-            _fail(storage, tid, f"{NOT_STARTED}: the search ended first")
+            _fail(storage, tid, f"{NOT_STARTED}: {why}")
         elif is_failure(name) or not steps:  # no value to keep: cut before its first epoch
             _fail(storage, tid, name)
         else:

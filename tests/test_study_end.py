@@ -70,7 +70,7 @@ def test_a_spent_budget_settles_every_trial(exp):
     assert done[:2] == (TrialState.COMPLETE, 0.5)  # untouched
     assert cut == (TrialState.PRUNED, 0.55, {1: 0.3, 2: 0.55, 3: 0.55}, OUT_OF_BUDGET)  # its last epoch too
     assert never[0] == waiting[0] == TrialState.FAIL
-    assert never[3].startswith("not started") and waiting[3].startswith("not started")
+    assert never[3] == waiting[3] == "not started: the search ended"
     assert settle_study(exp, over=True) == {}  # nothing left RUNNING or WAITING
 
 
