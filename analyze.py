@@ -7,11 +7,11 @@ import contextlib
 import sys
 from pathlib import Path
 
+from analysis.command import command, examples
 from trainable.errors import UserError
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from analysis.command import command, examples
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples(
         ("leaderboard, retrain the best config, test it, write the report (the folder run_search.py printed)",
          command("analyze.py", "runs/NAME")),

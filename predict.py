@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from analysis.command import command, examples
 from trainable.errors import UserError
 
 SOURCE_SIZE = 32  # the dataset's image size: every image is brought to it first
@@ -217,7 +218,6 @@ def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from analysis.command import command, examples
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples(
         ("the 3 likeliest classes of two images", command("predict.py", "runs/NAME/analysis/model.pt", "cat.jpg",
                                                           "dog.png", "--top", "3"))))

@@ -371,7 +371,8 @@ def run_search(s: SearchSettings) -> Path:
     from analysis.study_end import search_over, settle_study
     from search.budget import exhausted
     spent = exhausted(exp)  # the study told how each trial ended, before the upload below
-    settle_study(exp, search_over(trials, num_samples(s), spent), "the time budget ran out" if spent else "the search ended")
+    settle_study(exp, search_over(trials, num_samples(s), spent),
+                 "the time budget ran out" if spent else "the search ended")
     if INTERRUPTED in read_ends(exp).values():
         print(f"interrupted: continue it with {resume_command(s, exp)}")
     best = export_best(exp, trials)

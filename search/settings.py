@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from analysis.command import command, examples
 from trainable.config import split_assignment
 from trainable.errors import UserError
 
@@ -103,7 +104,6 @@ def build_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
 
 def parse_settings(argv: list[str] | None = None) -> SearchSettings:
     """Flags, with defaults taken from `--config FILE` when given."""
-    from analysis.command import command, examples
     offline = ["--data-dir", "../shared/data/tinyimagenet100-32", "--weights-dir", "../shared/weights",
                "--subset", "50", "--time-budget", "20m"]
     parser = build_parser("Search for the best way to fine-tune a pretrained network on CIFAR-100.", examples(
