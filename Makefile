@@ -1,18 +1,31 @@
-# `make search` and `make test` create .venv and install everything on first use.
+# `make search` creates .venv and installs what a search needs on first use; `make test` adds the test tools.
 PY      := .venv/bin/python
+# torch, Ray, Optuna, timm...: what search, app, bench and gpu-check run on
+RUNTIME := .venv/.runtime
+# the runtime plus the test extra (pytest, playwright, moto, ...): only `make test` needs it
 STAMP   := .venv/.installed
+# the runtime plus the bench extra (psutil, for the memory measurements)
+BENCH   := .venv/.bench
 ARGS    ?=
 
 .PHONY: search test bench duel app gpu-check clean-venv
 
 # torch/torchvision are pinned to the versions this machine image carries; any torch>=2.4 works.
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-search: $(STAMP)
+$(BENCH): $(RUNTIME)
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $(BENCH)
+
+search: $(RUNTIME)
 	$(PY) run_search.py $(ARGS)
 
 test: $(STAMP)
@@ -20,19 +33,19 @@ test: $(STAMP)
 
 RUNS ?= runs
 PORT ?= 8501
-app: $(STAMP)
+app: $(RUNTIME)
 	$(PY) app.py --root $(RUNS) --port $(PORT)
 
-bench: $(STAMP)
+bench: $(BENCH)
 	$(PY) benchmarks/bench.py $(ARGS)
 
 # the search against the hand-made recipes at equal budget (~45 min on 2 CPU cores); prints its table for BENCHMARKS.md
-duel: $(STAMP)
+duel: $(RUNTIME)
 	$(PY) benchmarks/duel.py $(ARGS)
 
 # run first on new GPU hardware: per GPU a 224 px fine-tune epoch, resume, throughput; two trials
 # sharing a GPU; one PASS/FAIL line per check (says so and exits 0 without a GPU)
-gpu-check: $(STAMP)
+gpu-check: $(RUNTIME)
 	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean-venv:

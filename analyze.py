@@ -7,11 +7,17 @@ import contextlib
 import sys
 from pathlib import Path
 
+from analysis.command import command, examples
 from trainable.errors import UserError
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples(
+        ("leaderboard, retrain the best config, test it, write the report (the folder run_search.py printed)",
+         command("analyze.py", "runs/NAME")),
+        ("only the leaderboard and the report", command("analyze.py", "runs/NAME", "--no-retrain")),
+        ("compare with two recipes at a tenth of their epochs",
+         command("analyze.py", "runs/NAME", "--baselines", "resnet18_scratch,bit_hyperrule", "--epochs-scale", "0.1"))))
     p.add_argument("experiment", help="the experiment folder run_search.py wrote (STORAGE/NAME), or its cloud "
                                       "URI (s3://BUCKET/runs/NAME: fetched to a local folder, analysis/ uploaded back)")
     p.add_argument("--local-dir", default="",
@@ -56,6 +62,7 @@ def analyze(args: argparse.Namespace) -> Path:
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
     config = read_best_config(Path(args.config)) if args.config else best["config"]
+    selected = config  # the trial whose epoch times predict the retrain's: the one with this config
     cut = retrain_cut(_best_epoch_of(Path(args.config)) if args.config else best["best_epoch"], config,
                       full_schedule=args.full_schedule)
     if args.weights_dir is not None:
@@ -81,7 +88,8 @@ def analyze(args: argparse.Namespace) -> Path:
             print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
                   f"(--full-schedule retrains all {planned})")
         print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
-        with _epoch_bar(config, cut) as on_epoch:
+        per_epoch = _expected_retrain(trials, selected, config, data, cut or planned)
+        with _epoch_bar(config, cut, per_epoch) as on_epoch:
             metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
         print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
               f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
@@ -186,14 +194,39 @@ def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict
     print("\n" + text_table(rows))
 
 
+def _expected_retrain(trials: list, selected: dict, config: dict, data, epochs: int) -> list[float] | None:
+    """Print the retrain's expected time, from the search trial with the `selected` config (its
+    epoch times, scaled to the retrain's training images); returns the planned seconds per epoch
+    (None, and a line saying so, when no trial of the experiment has that config)."""
+    from analysis.experiment import duration
+    from analysis.retrain_time import expected_epochs
+    from trainable.config import TrialConfig
+    trial = next((t for t in trials if t.config == selected), None)
+    search_train = len(data.train_index)
+    train = search_train if TrialConfig.from_dict(config).uses_val else len(data.train_val)
+    planned = expected_epochs(trial, epochs, train / max(1, search_train)) if trial is not None else None
+    if planned is None:
+        print("expected time: unknown (no trial of this search ran this config); an ETA follows each epoch")
+        return None
+    print(f"expected time: about {duration(sum(planned))} for {epochs} epoch(s) and then the test pass "
+          f"(trial {trial.trial_id}'s epochs in the search, scaled from {search_train} to {train} training images)")
+    return planned
+
+
 @contextlib.contextmanager
-def _epoch_bar(config: dict, cut: int | None = None):
-    """A progress bar over the retrain's epochs on a terminal; one line per epoch otherwise."""
+def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None = None):
+    """A progress bar over the retrain's epochs on a terminal; one line per epoch with the time
+    left otherwise. `planned`: expected seconds per epoch (analysis/retrain_time.py)."""
+    import time
+
     from tqdm import tqdm
 
+    from analysis.experiment import duration
+    from analysis.retrain_time import Eta
     from trainable.config import TrialConfig
-    bar = tqdm(total=cut or TrialConfig.from_dict(config).total_epochs, unit="epoch", desc="train",
-               disable=not sys.stderr.isatty())
+    total = cut or TrialConfig.from_dict(config).total_epochs
+    bar = tqdm(total=total, unit="epoch", desc="train", disable=not sys.stderr.isatty())
+    eta, t0, done = Eta(planned, total), time.monotonic(), [0]
 
     def on_epoch(m: dict) -> None:
         info = {"stage": m["stage"], "loss": f"{m['train_loss']:.3f}", "img/s": f"{m['images_per_sec']:.0f}"}
@@ -203,8 +236,11 @@ def _epoch_bar(config: dict, cut: int | None = None):
             info["early_stopped"] = f"stage {m['stage']}"
         bar.update(1)
         bar.set_postfix(info)
-        if bar.disable:
-            print(f"  epoch {m['epoch']} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+        if bar.disable:  # a terminal's bar shows its own ETA
+            done[0] += 1
+            left = eta.left(done[0], time.monotonic() - t0)
+            info["eta"] = duration(left) if left is not None else "?"
+            print(f"  epoch {m['epoch']}/{total} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     try:
         yield on_epoch
     finally:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from analysis.command import command, examples
 from trainable.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: both load lazily where they are used
@@ -384,10 +385,12 @@ def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples(
+        ("the 3 likeliest classes of two images", command("predict.py", "runs/NAME/analysis/model.pt", "cat.jpg",
+                                                          "dog.png", "--top", "3"))))
     p.add_argument("model", help="analysis/model.pt written by analyze.py")
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
-    p.add_argument("--top", type=int, default=5, help="how many classes to show per image")
+    p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)
 

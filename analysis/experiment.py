@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from analysis.command import command
 from analysis.outcome import (
     TrialView,
     failure_status,
@@ -79,6 +79,12 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def trial_id_of(folder: Path) -> str:
+    """The Tune trial id a trial folder is named after (search/run.py trial_dirname: trial_ID), so a
+    trial that never reported shows the same id format as the others; other names as they are."""
+    return Path(folder).name.removeprefix("trial_")
+
+
 def load_trials(exp_dir: Path) -> list[TrialRecord]:
     """Every trial folder of the experiment: those with a params.json, and `trial_*` folders Tune
     made for a trial that died before writing one (config {}: status not started or errored)."""
@@ -94,7 +100,7 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
             config = json.loads(params.read_text()) if params.exists() else {}
         except (OSError, json.JSONDecodeError):  # written half by a killed driver
             config = {}
-        rec = TrialRecord(trial_id=d.name, path=d, config=config if isinstance(config, dict) else {})
+        rec = TrialRecord(trial_id=trial_id_of(d), path=d, config=config if isinstance(config, dict) else {})
         res = d / "result.json"
         if res.exists():
             for line in res.read_text().splitlines():
@@ -103,12 +109,12 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
                 except json.JSONDecodeError:  # a line cut short by a killed driver
                     continue
         if rec.results:
-            rec.trial_id = str(rec.results[-1].get("trial_id", d.name))
+            rec.trial_id = str(rec.results[-1].get("trial_id", rec.trial_id))
         err = d / "error.txt"
         if err.exists():
             lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
             rec.error = lines[-1][:200] if lines else "error"
-        rec.ended_by_search = ends.get(rec.trial_id, ends.get(d.name.removeprefix("trial_"), ""))
+        rec.ended_by_search = ends.get(rec.trial_id, ends.get(trial_id_of(d), ""))
         records.append(rec)
     return records
 
@@ -128,16 +134,13 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
         raise UserError(f"{exp_dir} holds no trial with a finished epoch: run or resume the search first")
     best = ranked[0]
     exp_dir = Path(exp_dir)
-    settings = read_settings(exp_dir)
-    cmd = ["python", "analyze.py", str(exp_dir), "--config", str(exp_dir / "best_config.yaml")]
-    if settings.get("data_dir"):
-        cmd += ["--data-dir", str(settings["data_dir"])]
     out = {
         "trial_id": best.trial_id,
         "best_val_acc": float(best.best[METRIC]),
         "best_epoch": int(best.best["epoch"]),
         "epochs_run": best.epochs_run,
-        "retrain_command": shlex.join(cmd),
+        # analyze.py's defaults are this folder's best_config.yaml and the search's data
+        "retrain_command": command("analyze.py", exp_dir),
         "config": {**best.config, "train_fraction": 1.0},  # the retrain uses all of train + val
     }
     with atomic.together() as files:  # one config in two formats: both new or both old
@@ -172,25 +175,56 @@ def read_settings(exp_dir: Path) -> dict[str, Any]:
 # the parameters that matter, as the console, the text leaderboard and the report show them
 PARAM_COLUMNS = ["backbone", "stages", "unfreeze_depth", "input_size", "batch_size", "aug_strength",
                  "stage1_lr", "stage2_lr", "stage3_lr"]
+# their headings: the aug column shows an explicit augment list where one overrides aug_strength
+PARAM_HEADS = ["aug" if k == "aug_strength" else k for k in PARAM_COLUMNS]
+
+
+def duration(s: float) -> str:
+    """Seconds as the console shows a wall time: 45s, 3m05s, 1h02m."""
+    s = int(round(s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
 def fmt(v: Any) -> str:
-    """A value for a table cell: 4 decimals for a fraction (an accuracy), else 3 significant digits."""
+    """A metric for a table cell: 4 decimals for a fraction (an accuracy), else 3 significant digits."""
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4f}" if 0.01 <= abs(v) < 1 else f"{v:.3g}"
+        return f"{v:.4f}" if 0 <= v <= 1 else f"{v:.3g}"
     return str(v)
 
 
+def fmt_lr(v: float) -> str:
+    """A learning rate in one format, whatever its size: 1e-3, 2.5e-4, 3e-2 (3 significant digits)."""
+    if v == 0:
+        return "0"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def param_cell(config: dict[str, Any], key: str) -> str:
+    """One hyper-parameter of `config` for a table cell: learning rates by fmt_lr; under aug_strength
+    the explicit augment list when one is set (it overrides the strength); "-" for stage 3's lr in
+    a 2-stage plan (it has none); other floats to 3 significant digits."""
+    v = config.get(key)
+    if key == "aug_strength" and config.get("augment"):
+        return str(config["augment"])
+    if key == "stage3_lr" and config.get("stages") != 3:
+        return "-"
+    if isinstance(v, float):
+        return fmt_lr(v) if key.endswith("lr") else f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
 def param_cells(config: dict[str, Any], columns: list[str] = PARAM_COLUMNS) -> list[str]:
-    """`config`'s values under `columns`; "-" for stage 3's lr in a 2-stage plan (it has none)."""
-    return [fmt(config.get(k)) if k != "stage3_lr" or config.get("stages") == 3 else "-" for k in columns]
+    """`config`'s values under `columns`, each as param_cell shows it."""
+    return [param_cell(config, k) for k in columns]
 
 
 def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
     """A plain-text table of the top trials and their key parameters."""
-    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + PARAM_COLUMNS
+    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + PARAM_HEADS
     rows = []
     for i, t in enumerate(rank(trials)[:top], start=1):
         rows.append([str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]),

@@ -27,8 +27,8 @@ MiB = 2 ** 20
 
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command as it was typed, for a benchmark's "Command:" line (argv None: sys.argv's)."""
-    import shlex
-    return shlex.join(["python", f"benchmarks/{script}"] + (sys.argv[1:] if argv is None else list(argv)))
+    from analysis.command import command
+    return command(f"benchmarks/{script}", *(sys.argv[1:] if argv is None else list(argv)))
 
 
 def machine() -> str:

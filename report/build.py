@@ -58,10 +58,10 @@ def _summary(trials, ranked, out: Path, data: str) -> str:
     counts = Counter(t.status for t in trials)
     items = [("trials", str(len(trials)))] + [(status, str(n)) for status, n in sorted(counts.items())]
     if ranked:
-        items.append(("best val_acc", f"{ranked[0].best[METRIC]:.4f}"))
+        items.append(("best val_acc", h.pct(ranked[0].best[METRIC])))
     metrics = _test_metrics(out)
     if metrics:
-        items.append((f"test accuracy on {data}", f"{metrics['test_acc']:.2%}"))
+        items.append((f"test accuracy on {data}", h.pct(metrics["test_acc"])))
     return h.section("Summary", h.cards(items),
                      h.note(f"val_acc is measured on the validation split held out from {data}'s "
                             f"training file; test accuracy on its test file, once, after retraining."))
@@ -122,9 +122,9 @@ def _test(out: Path, data: str) -> str:
     if metrics is None or res is None:
         return h.section(title, h.note("No retrain yet: run analyze.py without --no-retrain to "
                                        "retrain the best config and test it."))
-    parts = [h.cards([(f"test accuracy on {data}", f"{metrics['test_acc']:.2%}"),
-                      ("coarse (superclass) accuracy", f"{metrics['test_coarse_acc']:.2%}"),
-                      ("top-5 accuracy", f"{metrics['test_top5']:.2%}"),
+    parts = [h.cards([(f"test accuracy on {data}", h.pct(metrics["test_acc"])),
+                      ("coarse (superclass) accuracy", h.pct(metrics["test_coarse_acc"])),
+                      ("top-5 accuracy", h.pct(metrics["test_top5"])),
                       ("test loss", f"{metrics['test_loss']:.3f}")]),
              h.note(f"{metrics.get('test_images', '?')} test images; retrained for {metrics.get('epochs', '?')} "
                     f"epochs on {metrics.get('train_images', '?')} "
@@ -135,14 +135,14 @@ def _test(out: Path, data: str) -> str:
         parts.append(h.note(cut_sentence(metrics)))
     parts.append(h.img(plot_classes(res, out / "class_accuracy.png"), "best and worst classes"))
     best, worst = ranked_classes(res)
-    rows = [[n + 1, res.names[b], f"{res.accuracy[b]:.0%}", res.names[w], f"{res.accuracy[w]:.0%}"]
+    rows = [[n + 1, res.names[b], h.pct(res.accuracy[b]), res.names[w], h.pct(res.accuracy[w])]
             for n, (b, w) in enumerate(zip(best, worst))]
     parts.append(h.table(["#", "best class", "accuracy", "worst class", "accuracy"], rows, numeric={0, 2, 4}))
     conf_png = plot_confusions(res, out / "confusions.png")
     if conf_png is not None:
         parts.append(h.img(conf_png, "confusion pairs that cost most"))
         parts.append(h.table(["true class", "predicted as", "test images", "share of the true class"],
-                             [[res.names[t], res.names[p], c, f"{c / max(1, res.support[t]):.0%}"]
+                             [[res.names[t], res.names[p], c, h.pct(c / max(1, res.support[t]))]
                               for t, p, c in top_confusions(res)], numeric={2, 3}))
     return h.section(title, *parts)
 
@@ -162,7 +162,7 @@ def _best_config(exp: Path) -> str:
     if not p.exists():
         return h.section(title, h.note("no best_config.yaml: run analyze.py on the experiment first."))
     best = yaml.safe_load(p.read_text())
-    return h.section(title, h.note(f"Trial {best['trial_id']}, best val_acc {best['best_val_acc']:.4f} at "
+    return h.section(title, h.note(f"Trial {best['trial_id']}, best val_acc {h.pct(best['best_val_acc'])} at "
                                    f"epoch {best['best_epoch']}. Retrain and test it with:"),
                      h.pre(best["retrain_command"]), h.note(f"{p}:"),
                      h.pre(yaml.safe_dump({"config": best["config"]}, sort_keys=True)))

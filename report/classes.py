@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report.plots import COLOURS, figure, save
+from report.plots import COLOURS, figure, legend_below, save
 
 
 @dataclass
@@ -64,11 +64,11 @@ def plot_classes(r: ClassResults, path: Path, k: int = 10) -> Path:
     mean = float(np.diag(r.confusion).sum() / max(1, r.confusion.sum()))
     ties = [f" ({n} classes tie at {v:.0%})" if (n := int(np.sum((r.accuracy == v) & (r.support > 0)))) > len(idx)
             else "" for idx, v in ((best, r.accuracy[best[0]] if best else 0), (worst, r.accuracy[worst[0]] if worst else 0))]
-    for ax, idx, title, colour in ((axes[0][0], best, f"{len(best)} best classes{ties[0]}", COLOURS[2]),
-                                   (axes[0][1], worst, f"{len(worst)} worst classes{ties[1]}", COLOURS[3])):
+    for ax, idx, kind, tie, colour in ((axes[0][0], best, "best", ties[0], COLOURS[2]),
+                                       (axes[0][1], worst, "worst", ties[1], COLOURS[3])):
         idx = idx[::-1]  # first at the top
         bars = ax.barh([r.names[i] for i in idx], [r.accuracy[i] for i in idx], color=colour,
-                       label="class test accuracy")
+                       label=f"test accuracy of a {kind} class")
         ax.bar_label(bars, labels=[f"{r.accuracy[i]:.0%} of {r.support[i]}" for i in idx],
                      padding=3, fontsize=8)
         ax.axvline(mean, color="black", ls="--", lw=1, label=f"overall test accuracy {mean:.1%}")
@@ -76,9 +76,9 @@ def plot_classes(r: ClassResults, path: Path, k: int = 10) -> Path:
         ax.set_xticks(np.linspace(0, 1, 6))
         ax.set_xlabel("test accuracy of the class")
         ax.set_ylabel("class")
-        ax.set_title(title)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"{len(idx)} {kind} classes{tie}")
         ax.grid(axis="x", alpha=0.3)
+    legend_below(fig, *axes[0])
     fig.suptitle("Retrained model: per-class test accuracy")
     return save(fig, path)
 
@@ -97,6 +97,6 @@ def plot_confusions(r: ClassResults, path: Path, k: int = 10) -> Path | None:
     ax.set_xlabel("test images of the true class predicted as the other")
     ax.set_ylabel("true class → predicted class")
     ax.set_title(f"The {len(pairs)} confusions that cost most test accuracy")
-    ax.legend(loc="lower right", fontsize=8)
+    legend_below(fig, ax)
     ax.grid(axis="x", alpha=0.3)
     return save(fig, path)

@@ -17,7 +17,7 @@ def cells(r: dict[str, Any]) -> list[str]:
     if r.get("error"):
         return about + [f"-/{r['planned_epochs']}", "-", "-", "failed", r["error"][:60]]
     return about + [f"{r['epochs']}/{r['planned_epochs']}", str(r["train_images"]), f"{r['train_seconds']:.0f} s",
-                    f"{r['test_acc']:.2%}", f"{r['test_coarse_acc']:.2%}"]
+                    h.pct(r["test_acc"]), h.pct(r["test_coarse_acc"])]
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:

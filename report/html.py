@@ -8,19 +8,23 @@ from typing import Any, Iterable
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
-       padding: 0 1em; color: #222; line-height: 1.4; }
+       padding: 0 1em; color: #222; line-height: 1.4; overflow-wrap: break-word; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.88em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
-.scroll { overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; overflow-wrap: anywhere; }
 th { background: #f2f2f2; } tr.best td { background: #eef7ee; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
-pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+pre { background: #f6f8fa; padding: 0.8em; font-size: 0.85em; white-space: pre-wrap; overflow-wrap: anywhere; }
 .note { color: #555; font-style: italic; } .big { font-size: 1.5em; font-weight: 600; }
 .cards { display: flex; gap: 1em; flex-wrap: wrap; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; min-width: 11em; }
 """
+
+
+def pct(fraction: float) -> str:
+    """An accuracy as the page shows every accuracy: a percentage with one decimal (48.5%)."""
+    return f"{fraction:.1%}"
 
 
 def esc(v: Any) -> str:
@@ -34,12 +38,12 @@ def img(path: Path, alt: str) -> str:
 
 def table(head: list[str], rows: Iterable[list[Any]], *, numeric: set[int] = frozenset(),
           highlight: set[int] = frozenset()) -> str:
-    out = ['<div class="scroll"><table><thead><tr>', *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    out = ['<table><thead><tr>', *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for n, row in enumerate(rows):
         out.append('<tr class="best">' if n in highlight else "<tr>")
         out += [('<td class="num">' if i in numeric else "<td>") + f"{esc(c)}</td>" for i, c in enumerate(row)]
         out.append("</tr>")
-    out.append("</tbody></table></div>")
+    out.append("</tbody></table>")
     return "".join(out)
 
 

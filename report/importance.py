@@ -23,10 +23,16 @@ from matplotlib.ticker import NullFormatter
 
 from analysis.experiment import TrialRecord
 from analysis.study import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
-from report.plots import COLOURS, figure, save
+from report.plots import COLOURS, figure, legend_below, save
 from trainable.config import RUN_FIELDS
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
+# Below this many finished trials the report shows a sentence, not importances or scatter plots:
+# fANOVA's answer is only as good as the random forest it fits to the trials, which needs trials
+# that cover the space (Optuna's FanovaImportanceEvaluator docs), and Optuna's own TPE does not
+# model the space before 10 trials either (n_startup_trials=10); W&B's parameter-importance panel
+# likewise fits a random forest to the runs. With 2-9 trials the bars were noise drawn precisely.
+MIN_TRIALS = 10
 IGNORED = RUN_FIELDS | {"pretrained"}  # pretrained: fixed for a whole search (--no-pretrained)
 
 
@@ -158,8 +164,11 @@ def compute_importance(trials: list[TrialRecord], exp: Path | None = None) -> Im
         finished = len(scored(trials))
         caveat = (f"this experiment has no {STUDY_FILE} (it predates the saved study), so the trials are "
                   f"rebuilt from params.json, where a conditional parameter's default counts as a value.")
-    if study is None:
-        return Importance("", {}, f"{finished} finished trial(s): importance needs at least 2.")
+    if study is None or len(study.trials) < MIN_TRIALS:
+        n = finished if study is None else len(study.trials)
+        return Importance("", {}, f"{n} finished trial(s): importance needs at least {MIN_TRIALS} to mean "
+                                  f"anything (it fits a random forest to the trials); a longer search "
+                                  f"(--time-budget, --num-samples) shows it.", study)
     if not any(t.distributions for t in study.trials):
         return Importance("", {}, "no hyper-parameter varied between the trials.", study)
     if len({t.value for t in study.trials}) < 2:
@@ -177,8 +186,6 @@ def compute_importance(trials: list[TrialRecord], exp: Path | None = None) -> Im
     notes = [caveat] if caveat else []
     if left_out:
         notes.append(f"left out, as not sampled in every trial: {', '.join(left_out)}.")
-    if len(study.trials) < 10:
-        notes.append(f"only {len(study.trials)} trials: treat these importances as rough.")
     return Importance(name, {k: float(v) for k, v in values.items()}, " ".join(notes), study)
 
 
@@ -192,7 +199,7 @@ def plot_importance(imp: Importance, path: Path) -> Path:
     ax.set_ylabel("hyper-parameter")
     ax.set_title(f"Hyper-parameter importance ({imp.evaluator}, {len(imp.study.trials)} trials, "
                  f"target: best val_acc)")
-    ax.legend(loc="lower right")
+    legend_below(fig, ax, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return save(fig, path)
 

@@ -30,3 +30,13 @@ def save(fig: Figure, path: Path) -> Path:
     atomic.write_bytes(path, buf.getvalue())
     return path
 
+
+
+def legend_below(fig: Figure, *axes, fontsize: int = 8) -> None:
+    """One legend for the figure, under its axes: inside an axes a legend can cover bar labels."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(3, len(seen)),
+               fontsize=fontsize)

@@ -50,7 +50,7 @@ class BudgetPlan:
 
     def describe(self) -> str:
         """The plan as the CLI prints it."""
-        from search.progress import duration
+        from search.progress import budget_text, duration
         if self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
@@ -62,8 +62,9 @@ class BudgetPlan:
             left = f" (~{duration(self.own_s)})" if self.own_s is not None else ""
             lines.append(f"  then the search's own proposals around the best config: about {own} trial(s){left}")
             if own < MIN_OWN_TRIALS and self.budget_s is not None:
-                lines.append(f"  warning: that is too few for the search to improve on the recipes; a budget of about "
-                             f"{duration(self.budget_needed())} leaves it {MIN_OWN_TRIALS * 2} trials")
+                lines.append(f"note: that is too few for the search to improve on the recipes; it gets "
+                             f"{MIN_OWN_TRIALS * 2} trials of its own from about --time-budget "
+                             f"{budget_text(self.budget_needed())}")
         return "\n".join(lines)
 
     def budget_needed(self, own: int = 2 * MIN_OWN_TRIALS) -> float:

@@ -5,25 +5,23 @@
   memory), best val_acc so far, elapsed time and an estimate of the time left (mean wall time of
   the ended trials x trials not started, plus what the running ones still need of it, over the
   trials running at once).
-- `TrialTable` is the live trial table for Ray's default console engine (the "new output" one,
-  on unless RAY_AIR_NEW_OUTPUT=0). That engine takes its columns from the Tuner's param_space,
-  which is empty here (Optuna's define-by-run space), and ignores `progress_reporter`; so Tune's
-  own console runs silent (verbose=0: it still prints trial errors) and this callback prints the
-  table with fixed columns every 30 s and at the end.
-- `cli_reporter()` is the same table for the legacy engine (RAY_AIR_NEW_OUTPUT=0).
-- `console()` returns the RunConfig arguments for whichever engine is active.
+- `TrialTable` prints the live trial table with fixed columns every 30 s and at the end. Ray's
+  own console takes its columns from the Tuner's param_space, which is empty here (Optuna's
+  define-by-run space), so Tune's console runs silent (verbose=0; trial errors are still logged).
+- `quiet_ray_console()` keeps Ray from printing lines that contradict ours (see there).
+- `console()` returns the RunConfig arguments.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ray import tune
-from ray.tune.experimental.output import get_air_verbosity
 
-from analysis.experiment import PARAM_COLUMNS, fmt, param_cells
+from analysis.experiment import PARAM_COLUMNS, duration, fmt, param_cells
 from analysis.outcome import (
     ENDED_BY_SEARCH,
     INTERRUPTED,
@@ -33,7 +31,7 @@ from analysis.outcome import (
     is_failure,
     outcome,
 )
-from analysis.study import METRIC, MODE
+from analysis.study import METRIC
 from search.outcomes import EndWatch, live_view
 
 METRIC_COLUMNS = ["stage", "epoch", "val_acc", "best_val_acc"]
@@ -58,10 +56,10 @@ def best_score(trial) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not failed else None
 
 
-def duration(s: float) -> str:
-    s = int(round(s))
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+def budget_text(seconds: float) -> str:
+    """Seconds as a --time-budget value, rounded up to a whole minute: "9m", "1h05m"."""
+    m = max(1, math.ceil(seconds / 60))
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
 
 
 # ---------------------------------------------------------------- the progress line
@@ -294,11 +292,41 @@ class TrialTable(EndWatch):
 
 # ---------------------------------------------------------------- wiring
 
-def cli_reporter(every_s: float = EVERY_S):
-    """The same table for the legacy console engine (RAY_AIR_NEW_OUTPUT=0)."""
-    return tune.CLIReporter(parameter_columns=PARAM_COLUMNS, metric_columns=METRIC_COLUMNS,
-                            max_report_frequency=int(every_s), metric=METRIC, mode=MODE,
-                            sort_by_metric=True, max_progress_rows=MAX_ROWS)
+class _DropLines(logging.Filter):
+    """Drops a Ray log record that contradicts this console (see quiet_ray_console)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Resume experiment with:" in msg:  # Tuner.restore(...): run.py prints the --resume command
+            return False
+        if msg.startswith("Failed to fetch metrics"):  # kept unless every trial named never started
+            fails = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
+            return not fails or not all("FileNotFoundError" in ln for ln in fails)
+        return True
+
+
+_FILTER = _DropLines()
+_FILTERED_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+
+def quiet_ray_console() -> None:
+    """Keep Ray Tune from printing what contradicts this console, and keep the rest of its output.
+
+    - Ray's default ("new") console engine prints, whatever the verbosity, a start-up table with
+      `Number of trials 9223372036854775807` for an unbounded --time-budget search (its own check
+      for "infinite" is off by one) and a TensorBoard command for its staging folder under
+      /tmp/ray, not the experiment. Its legacy engine (RAY_AIR_NEW_OUTPUT=0, the switch Ray and
+      RLlib document) prints nothing at verbose=0 but the trial errors it logs, so it is chosen.
+    - After Ctrl-C it logs `Resume experiment with: Tuner.restore(...)`; the CLI prints the
+      run_search.py --resume command instead.
+    - When the search ends it warns `Failed to fetch metrics` for trials that never started (no
+      result file yet); the summary lists them as "not started". Other fetch failures still show.
+    """
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in _FILTERED_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
 
 
 @dataclass
@@ -309,9 +337,9 @@ class Console:
 
 
 def console(every_s: float = EVERY_S, prior_trial_s: float | None = None, budget=None, exp=None) -> Console:
-    """What RunConfig needs for this console, for the engine Ray will use. `exp`: the experiment
-    folder, where the final table reads whether a spent --time-budget ended the search."""
+    """What RunConfig needs for this console (Ray's own console silenced: quiet_ray_console).
+    `exp`: the experiment folder, where the final table reads whether a spent --time-budget ended
+    the search."""
+    quiet_ray_console()
     line = ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget, exp=exp)
-    if get_air_verbosity(1) is not None:  # the default, new engine
-        return Console([TrialTable(every_s=every_s, exp=exp), line], verbose=0, progress_reporter=None)
-    return Console([line], verbose=1, progress_reporter=cli_reporter(every_s))
+    return Console([TrialTable(every_s=every_s, exp=exp), line], verbose=0, progress_reporter=None)

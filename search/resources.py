@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from analysis.command import command
 from search.settings import SearchSettings
 from search.storage import check_cluster_storage
 from trainable.errors import UserError
@@ -69,7 +70,7 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
                    dashboard_host=s.dashboard_host, dashboard_port=port,
                    logging_level=logging.WARNING, log_to_driver=False)
     if ctx.dashboard_url:
-        print(f"Ray dashboard: http://{ctx.dashboard_url}  (login token: `ray get-auth-token`)")
+        print(f"Ray dashboard: http://{ctx.dashboard_url}  (login token: {command('ray', 'get-auth-token')})")
 
 
 def dashboard_port(host: str, port: int | None) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ray import tune
 
+from analysis.command import command, shown
 from analysis.experiment import (
     export_best,
     leaderboard,
@@ -24,7 +25,7 @@ from analysis.study import METRIC, MODE, resume_study_at
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.searcher import make_scheduler, make_searcher
 from search.settings import SearchSettings, check_settings
-from spaces import NAMES, Options, Space, get_space
+from spaces import LISTED, Options, Space, get_space
 from trainable.data import SearchData, prepare_search_data
 from trainable.errors import UserError
 
@@ -114,7 +115,18 @@ def check_budget_left(s: SearchSettings, exp: Path) -> None:
     from search.budget import exhausted
     if s.time_budget and exhausted(exp):
         raise UserError(f"--resume: {exp.name} has spent its --time-budget of {s.time_budget}: nothing "
-                        f"is left to run; see its results with python analyze.py {shlex.quote(str(exp))} --no-retrain")
+                        f"is left to run; see its results with {command('analyze.py', exp, '--no-retrain')}")
+
+
+def resume_command(s: SearchSettings, exp: Path) -> str:
+    """The command that continues this experiment (--storage-path left out when it is the default)."""
+    from search.storage import is_uri
+    args: list = ["--resume", "--name", exp.name]
+    if is_uri(s.storage_path):
+        args += ["--storage-path", s.storage_path]
+    elif shown(exp.parent) != "runs":
+        args += ["--storage-path", exp.parent]
+    return command("run_search.py", *args)
 
 
 def experiment_dir(s: SearchSettings, space: Space | None) -> Path:
@@ -398,7 +410,9 @@ def run_search(s: SearchSettings) -> Path:
             from search.storage import redact
             print(f"experiment: {redact(remote)} (the driver's files: {exp})", flush=True)
         else:
-            print(f"experiment: {exp}\nTensorBoard: tensorboard --logdir {exp}", flush=True)
+            print(f"experiment: {shown(exp)}\nTensorBoard: {command('tensorboard', '--logdir', exp)}", flush=True)
+        from search.progress import quiet_ray_console
+        quiet_ray_console()  # a restored Tuner brings its own RunConfig: Ray's console must stay quiet too
         tuner.fit()
     except BaseException:
         if remote:  # Ctrl-C, a crash: what the driver has is in the bucket for --resume
@@ -411,9 +425,13 @@ def run_search(s: SearchSettings) -> Path:
         from search.storage import download, results_only
         download(remote, exp, skip=lambda rel: "/" not in rel or results_only(rel), newer_only=True)
     trials = load_trials(exp)
+    from analysis.study_end import search_over, settle_study
+    from search.budget import exhausted
+    spent = exhausted(exp)  # the study told how each trial ended, before the upload below
+    settle_study(exp, search_over(trials, num_samples(s), spent),
+                 "the time budget ran out" if spent else "the search ended")
     if INTERRUPTED in read_ends(exp).values():
-        print(f"interrupted: continue it with python run_search.py --resume --name {exp.name} "
-              f"--storage-path {shlex.quote(s.storage_path)}")
+        print(f"interrupted: continue it with {resume_command(s, exp)}")
     best = export_best(exp, trials)
     if remote:
         save_driver_files(exp, remote)
@@ -424,7 +442,7 @@ def run_search(s: SearchSettings) -> Path:
     if remote:
         from search.storage import redact
         print(f"uploaded to {redact(remote)}; analyze it there (analysis/ goes to the bucket too): "
-              f"python analyze.py {shlex.quote(redact(remote))}")
+              f"{command('analyze.py', redact(remote))}")
     return exp
 
 
@@ -532,4 +550,4 @@ def trial_dirname(trial) -> str:
 
 
 def list_spaces() -> str:
-    return "\n".join(f"{n:28s} {get_space(n).description}" for n in NAMES)
+    return "\n".join(f"{n:28s} {get_space(n).description}" for n in LISTED)

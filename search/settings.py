@@ -14,6 +14,7 @@ from typing import Any, Callable, get_args
 
 import yaml
 
+from analysis.command import command, examples
 from trainable.config import PrecisionName, split_assignment
 from trainable.errors import UserError
 
@@ -192,8 +193,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the epilog's example commands kept one per line."""
+
+
+def build_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
+    parser = OneLineParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(SearchSettings):
         meta = f.metadata
@@ -213,7 +218,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_settings(argv: list[str] | None = None) -> SearchSettings:
     """Flags, with defaults taken from `--config FILE` when given."""
-    parser = build_parser("Search for the best way to fine-tune a pretrained network on CIFAR-100.")
+    offline = ["--data-dir", "../shared/data/tinyimagenet100-32", "--weights-dir", "../shared/weights",
+               "--subset", "50", "--time-budget", "20m"]
+    parser = build_parser("Search for the best way to fine-tune a pretrained network on CIFAR-100.", examples(
+        ("a GPU machine with internet (CIFAR-100 and the weights are downloaded)",
+         command("run_search.py", "--gpus", "4", "--num-samples", "64")),
+        ("a CPU machine offline: local data and weights, 50 images per class, 20 minutes",
+         command("run_search.py", *offline)),
+        ("only the cost estimate of that search, without training", command("run_search.py", *offline, "--estimate"))))
     argv = sys.argv[1:] if argv is None else argv
     pre, _ = parser.parse_known_args(argv)
     if pre.config:

@@ -137,7 +137,9 @@ def test_rungs_refuses_options_an_experiment_brings_itself(capsys):
     assert "--max-epochs, --subset: --experiment measures" in capsys.readouterr().err
 
 
-def test_benchmarks_print_the_command_as_typed():
+def test_benchmarks_print_the_command_as_typed(monkeypatch):
+    from analysis.command import PROJECT, python
     from benchmarks.common import command_line
+    monkeypatch.chdir(PROJECT)
     assert command_line("duel.py", ["--budget", "965s", "--work-dir", "/tmp/a b"]) == \
-        "python benchmarks/duel.py --budget 965s --work-dir '/tmp/a b'"
+        f"{python()} benchmarks/duel.py --budget 965s --work-dir '/tmp/a b'"

@@ -273,6 +273,16 @@ def test_the_bucket_study_knows_every_trial_ray_started(cloud_search, tmp_path):
     assert len(bucket_study(uri, tmp_path)) == len(trial_results(uri)) == 2
 
 
+def test_ctrl_c_prints_our_resume_command_not_rays(cloud_search):
+    """Ray's `Resume experiment with: Tuner.restore(...)` would contradict the CLI's --resume line."""
+    from tests.printed import check_command, printed_after
+    storage, _, _, out = cloud_search
+    assert "Tuner.restore" not in out and "Resume experiment with" not in out
+    argv = check_command(printed_after(out, "interrupted: continue it with "))
+    assert argv[2:] == ["--resume", "--name", "cloud", "--storage-path", storage]
+    assert check_command(printed_after(out, "uploaded to ").split("analysis/ goes to the bucket too): ", 1)[1])
+
+
 def test_analyze_reads_the_uri_and_uploads_its_analysis(cloud_search, tmp_path):
     _, uri, _, _ = cloud_search
     out = run_cli("analyze.py", uri, "--no-retrain", check=True, timeout=300,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis.command import PROJECT, python, shown
 from analysis.experiment import (
     SETTINGS_FILE,
     export_best,
@@ -89,10 +90,10 @@ def _by_id(trials):
 def test_load_trials(exp):
     trials = _by_id(load_trials(exp))
     assert set(trials) == {"peak", "steady", "diverged", "failed", "recovered", "stopped",
-                           "trial_pending", "truncated", "oom"}  # no result row: named after its folder
+                           "pending", "truncated", "oom"}  # no result row: the id its folder is named after
     assert trials["peak"].config["backbone"] == "resnet18"
     assert [r["val_acc"] for r in trials["peak"].results] == [0.3, 0.9, 0.6, 0.5]
-    assert trials["trial_pending"].results == []
+    assert trials["pending"].results == []
     assert trials["failed"].error == "RuntimeError: CUDA out of memory"
 
 
@@ -117,13 +118,13 @@ def test_statuses(exp):
     status = {t.trial_id: t.status for t in load_trials(exp)}
     assert status == {"peak": "completed", "steady": "completed", "diverged": "diverged",
                       "failed": "errored", "recovered": "completed", "stopped": "pruned",
-                      "trial_pending": "not started", "truncated": "pruned", "oom": "oom"}
+                      "pending": "not started", "truncated": "pruned", "oom": "oom"}
 
 
 def test_epochs(exp):
     trials = _by_id(load_trials(exp))
     assert trials["peak"].planned_epochs == 4 and trials["peak"].epochs_run == 4
-    assert trials["stopped"].epochs_run == 1 and trials["trial_pending"].epochs_run == 0
+    assert trials["stopped"].epochs_run == 1 and trials["pending"].epochs_run == 0
 
 
 def test_truncated_line_tolerated(exp):
@@ -137,9 +138,8 @@ def test_export_best(exp):
     assert out["trial_id"] == "peak"
     assert out["best_val_acc"] == 0.9 and out["best_epoch"] == 2 and out["epochs_run"] == 4
     assert out["config"] == _config(backbone="resnet18")
-    assert shlex.split(out["retrain_command"]) == [
-        "python", "analyze.py", str(exp), "--config", str(exp / "best_config.yaml"),
-        "--data-dir", "/data/cifar dir"]
+    # the interpreter running now (a bare `python` may have no torch); analyze.py's defaults left out
+    assert shlex.split(out["retrain_command"]) == [python(), shown(PROJECT / "analyze.py"), str(exp)]
     from_yaml = yaml.safe_load((exp / "best_config.yaml").read_text())
     from_json = json.loads((exp / "best_config.json").read_text())
     assert from_yaml == from_json == out
@@ -190,7 +190,7 @@ def test_leaderboard(exp):
     assert second[:3] == ["2", "steady", "0.8000"]
     tail = "\n".join(lines)
     assert "diverged: diverged (non-finite training loss in epoch 2)" in tail
-    assert "oom: oom (out of memory in epoch 2)" in tail and "trial_pending: not started" in tail
+    assert "oom: oom (out of memory in epoch 2)" in tail and "  pending: not started" in tail
     assert "3 trial(s) without a usable result" in tail
     assert leaderboard(load_trials(exp), top=1).count("completed") == 1
 

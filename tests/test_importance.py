@@ -34,7 +34,7 @@ def _objective(trial: optuna.Trial) -> float:
     return 0.6 - 0.05 * abs(math.log10(lr) + 2.5) - (0.15 if schedule == "constant" else 0.0)
 
 
-def _experiment(root: Path, save_study: bool = True) -> Path:
+def _experiment(root: Path, save_study: bool = True, n_trials: int = N_TRIALS) -> Path:
     """An experiment folder as a search leaves it: trial_*/params.json (every field, defaults
     included) and result.json, and the Optuna study in optuna.db."""
     exp = root / "exp"
@@ -43,7 +43,7 @@ def _experiment(root: Path, save_study: bool = True) -> Path:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=3))
-    study.optimize(_objective, n_trials=N_TRIALS)
+    study.optimize(_objective, n_trials=n_trials)
     for t in study.trials:
         d = exp / f"trial_{t.number:05d}"
         d.mkdir()
@@ -98,15 +98,27 @@ def test_unfinished_trials_of_the_study_are_ignored(tmp_path):
     failed = study.ask()
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
     imp = compute_importance([], exp)
-    assert not imp.values and "1 finished trial(s)" in imp.note
+    assert not imp.values and "1 finished trial(s)" in imp.note and "needs at least 10" in imp.note
 
 
-@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("n", [0, 1, 2, 9])
 def test_too_few_trials_without_a_study(tmp_path, n):
     exp = _experiment(tmp_path, save_study=False)
     trials = load_trials(exp)[:n]
     imp = compute_importance(trials, exp)
-    assert not imp.values and "needs at least 2" in imp.note
+    assert not imp.values and "needs at least 10" in imp.note
+
+
+def test_too_few_trials_show_a_sentence_not_a_chart(tmp_path):
+    """fANOVA over a handful of trials draws noise as bars: the report says why there is none."""
+    n = 9  # one short of the threshold
+    exp = _experiment(tmp_path, n_trials=n)
+    imp = compute_importance(load_trials(exp))
+    assert not imp.values and f"{n} finished trial(s)" in imp.note
+    page = write_report(exp).read_text()
+    assert "importance needs at least 10" in page
+    assert not (exp / "analysis" / "param_importance.png").exists()
+    assert not (exp / "analysis" / "val_acc_vs_top_params.png").exists()
 
 
 def test_trials_told_from_earlier_experiments_stay_out(tmp_path):

@@ -205,7 +205,7 @@ def test_a_budget_too_short_to_learn_anything_says_so_with_the_budget_that_would
     p = plan_budget([300.0] * 7, [30.0] * 7, startup_s=5, parallel=1, own_trial_s=300, budget_s=900,
                     num_samples=None)
     text = p.describe()
-    assert p.own_trials < 3 and "too few" in text and "a budget of about" in text
+    assert p.own_trials < 3 and "too few" in text and "from about --time-budget" in text
     assert p.budget_needed() > 900
 
 

@@ -16,6 +16,7 @@ from search.progress import (
     console,
     progress_line,
     progress_of,
+    quiet_ray_console,
     render_table,
     table_rows,
 )
@@ -90,15 +91,50 @@ def test_table_has_the_chosen_columns():
     assert lines[0].index("backbone") == lines[2].index("resnet18")  # columns line up
 
 
-def test_console_matches_the_output_engine(monkeypatch):
+def test_table_shows_an_explicit_augment_list_and_one_lr_format():
+    t, r = FakeTrial("rec", "RUNNING", epoch=1, best=0.0), FakeTrial("drawn", "RUNNING", epoch=1, best=0.5)
+    t.config.update(augment="flip,rotate=15", aug_strength=0.5, stage1_lr=0.001, stage2_lr=1e-05)
+    r.config.update(aug_strength=0.5, stage1_lr=0.01, stage2_lr=0.00025)
+    head, rows, _ = table_rows([t, r], PARAM_COLUMNS, METRIC_COLUMNS)
+    cell = {row[0]: dict(zip(head, row)) for row in rows}
+    assert cell["rec"]["aug"] == "flip,rotate=15" and cell["drawn"]["aug"] == "0.5"
+    assert (cell["rec"]["s1_lr"], cell["rec"]["s2_lr"]) == ("1e-3", "1e-5")
+    assert (cell["drawn"]["s1_lr"], cell["drawn"]["s2_lr"]) == ("1e-2", "2.5e-4")
+    assert cell["rec"]["val_acc"] == "0.0000" and cell["drawn"]["val_acc"] == "0.5000"  # accuracies: 4 decimals
+
+
+def test_console_is_ours_and_rays_stays_quiet(monkeypatch):
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
     c = console()
     assert c.verbose == 0 and c.progress_reporter is None
     assert isinstance(c.callbacks[0], TrialTable) and isinstance(c.callbacks[1], ProgressLine)
-    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
-    c = console()
-    assert c.verbose == 1 and c.progress_reporter is not None
-    assert [type(cb) for cb in c.callbacks] == [ProgressLine]
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # the engine that prints nothing at verbose=0
+
+
+def test_ray_lines_that_contradict_ours_are_dropped():
+    """Ray's own loggers, as Ray 2.60 words these lines; other warnings of theirs still show."""
+    import logging
+    quiet_ray_console()
+    seen: list[str] = []
+    catch = logging.Handler()
+    catch.emit = lambda record: seen.append(record.getMessage())
+    loggers = [logging.getLogger(n) for n in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    for lg in loggers:
+        lg.addHandler(catch)
+    try:
+        tune_log, analysis_log = loggers
+        tune_log.warning("Experiment has been interrupted, but the most recent state was saved.\n"
+                         "Resume experiment with: Tuner.restore(path=\"/x\", trainable=...)")
+        analysis_log.warning("Failed to fetch metrics for 1 trial(s):\n- tune_trial_1: FileNotFoundError("
+                             "'Could not fetch metrics for tune_trial_1: both result.json and progress.csv were not found')")
+        analysis_log.warning("Failed to fetch metrics for 1 trial(s):\n- tune_trial_2: ValueError('bad csv')")
+        tune_log.warning("Trials did not complete: [tune_trial_3]")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(catch)
+    text = "\n".join(seen)
+    assert "Tuner.restore" not in text and "tune_trial_1" not in text
+    assert "tune_trial_2" in text and "Trials did not complete" in text
 
 
 def _trainable(config):

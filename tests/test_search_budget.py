@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 
 import pytest
 import yaml
 
 from analysis.experiment import load_trials
-from search.budget import BUDGET_FILE
+from search.budget import BUDGET_FILE, parse_duration
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
-from tests.conftest import WEIGHTS, run_cli
+from tests.conftest import REPO, WEIGHTS, run_cli
+from tests.printed import check_command, printed_after
 
 BUDGET_S = 45
 
@@ -72,6 +75,7 @@ def test_resume_gets_only_what_is_left_of_the_budget(budgeted, data_dir):
     assert after == before, proc.stdout[-3000:]  # nothing left to spend: no new trial, no new epoch
     assert proc.returncode == 2 and "has spent its --time-budget of 45s" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    check_command(printed_after(proc.stderr.split("see its results with", 1)[1], ""))
     assert time.monotonic() - t0 < 60  # said before Ray starts
 
 
@@ -82,3 +86,63 @@ def test_estimate_exits_without_training(tmp_path, data_dir):
     assert "tf_efficientnet_lite0@32" in proc.stdout
     assert not (tmp_path / "est").exists()  # no experiment, no Ray
     assert json.loads((tmp_path / "cache" / "speed.json").read_text())  # measured once, cached
+
+
+def test_ray_prints_nothing_that_contradicts_the_console(budgeted):
+    """Ray's start-up table (its "Number of trials" is sys.maxsize under a --time-budget), its
+    TensorBoard command for a staging folder under /tmp/ray, and its warning about trials that
+    never started: none of them, beside our own lines."""
+    _, proc, _ = budgeted
+    out = proc.stdout + proc.stderr
+    for line in ("Number of trials", "9223372036854775807", "To visualize your results with TensorBoard",
+                 "driver_artifacts", "Failed to fetch metrics", "Tuner.restore", "Configuration for experiment"):
+        assert line not in out, line
+    assert "experiment: " in proc.stdout and "[search] " in proc.stdout and "Trial status:" in proc.stdout
+
+
+def test_a_budget_of_recipe_points_says_so_before_launch(budgeted):
+    _, proc, _ = budgeted
+    out = proc.stdout
+    note = next(ln for ln in out.splitlines() if ln.startswith("note: that is too few"))
+    assert "budget plan: " in out and "recipe point(s)" in out
+    assert out.index(note) < out.index("experiment: ")  # before any trial starts
+    parse_duration(note.rsplit("--time-budget ", 1)[1])  # a budget the user can pass as it is
+
+
+def test_the_study_says_how_every_trial_ended(budgeted):
+    """What optuna-dashboard shows once the budget is spent: nothing left running or waiting;
+    a cut trial is pruned with its last value, one that never ran failed with the reason."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from analysis.outcome import OUT_OF_BUDGET
+    from analysis.study import STUDY_NAME, study_url
+    exp, _, _ = budgeted
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    for t in study.trials:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs["status"].startswith(("not started", OUT_OF_BUDGET)), t.user_attrs
+        if t.state == TrialState.PRUNED:
+            assert t.value is not None and t.intermediate_values
+    cut = [t for t in load_trials(exp) if t.status == OUT_OF_BUDGET and t.results]
+    pruned = [t for t in study.trials if t.user_attrs.get("status") == OUT_OF_BUDGET]
+    assert len(pruned) == len(cut) and all(t.state == TrialState.PRUNED for t in pruned)
+
+
+def test_printed_commands_run_as_printed(budgeted):
+    """Each command the search prints, pasted into a shell in the project folder; the retrain
+    command is run for real and prints its expected time and an ETA per epoch."""
+    exp, proc, _ = budgeted
+    out = proc.stdout
+    check_command(printed_after(out, "TensorBoard: "))
+    token = out.split("(login token: ", 1)[1].split(")", 1)[0]
+    assert check_command(token)[-1] == "get-auth-token"
+    retrain = check_command(printed_after(out, "retrain and test it: "))
+    assert "--config" not in retrain and "--data-dir" not in retrain  # analyze.py's defaults
+    run = subprocess.run(retrain, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^expected time: about \S+ for \d+ epoch", run.stdout, flags=re.M), run.stdout[-2000:]
+    assert re.search(r"^  epoch 1/\d+ .* eta \S+$", run.stdout, flags=re.M), run.stdout[-2000:]
+    assert (exp / "analysis" / "test_metrics.json").is_file()

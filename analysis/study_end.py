@@ -1,0 +1,116 @@
+"""The Optuna study told how each trial ended, when a search ends.
+
+Ray's OptunaSearch tells Optuna of a trial only when Tune reports its end; trials the search's own
+end cuts short (a spent --time-budget) and trials it had asked for but never started stay RUNNING
+in optuna.db forever, and recipe points enqueued but never run stay WAITING. optuna-dashboard,
+importance and a later reader would then disagree with the search. `settle_study` gives each of
+them the state analysis.outcome's rule says: a trial cut short after reporting epochs is PRUNED
+(Optuna registers its last intermediate value, the best val_acc so far, as its value; a PRUNED
+trial cannot be given one otherwise), one that never reported is FAIL with the reason in its
+user attrs (Optuna cannot delete a trial), and so is a WAITING point that never ran.
+
+A search interrupted by Ctrl-C is not over: `--resume` continues its trials and points through the
+same Optuna trials (an updated, finished trial would refuse their results), so then nothing changes.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from analysis.experiment import TrialRecord, load_trials
+from analysis.outcome import (
+    COMPLETED,
+    EARLY_STOPPED,
+    INTERRUPTED,
+    NOT_STARTED,
+    OUT_OF_BUDGET,
+    is_failure,
+)
+from analysis.study import STUDY_FILE, STUDY_NAME, study_url
+
+STEP, VALUE = "training_iteration", "best_val_acc"  # what Ray's OptunaSearch reports per result
+REASON = "status"  # the user attr holding how the trial ended (as warm-start told trials carry it)
+
+
+def search_over(trials: list[TrialRecord], num_samples: int, budget_spent: bool) -> bool:
+    """Whether the search can run nothing more: its --time-budget is spent, or it ran all of its
+    `num_samples` (-1: no limit) trials and none waits for --resume."""
+    if budget_spent:
+        return True
+    waiting = any(t.status in (INTERRUPTED, NOT_STARTED) for t in trials)
+    return num_samples >= 0 and not waiting and len(trials) >= num_samples
+
+
+def _reported(t: TrialRecord) -> dict[int, float]:
+    """{step: value} as OptunaSearch reported the trial's results to Optuna (the first of a step)."""
+    out: dict[int, float] = {}
+    for r in t.results:
+        if isinstance(r.get(STEP), int) and isinstance(r.get(VALUE), (int, float)):
+            out.setdefault(int(r[STEP]), float(r[VALUE]))
+    return out
+
+
+def _agrees(optuna_steps: dict[int, float], reported: dict[int, float]) -> bool:
+    """Every value Optuna holds is one the trial reported (Ray passes a trial's last result to the
+    searcher as its end, not as an intermediate value, so Optuna may lack the last steps)."""
+    return all(k in reported and math.isclose(v, reported[k], rel_tol=1e-9, abs_tol=1e-12)
+               for k, v in optuna_steps.items())
+
+
+def _match(ot, trials: list[TrialRecord]) -> TrialRecord | None:
+    """The experiment's trial an Optuna trial stands for: every sampled parameter in its config
+    (configs resolve every name) and every value Optuna was told among its results; one Optuna
+    was told nothing stands for a trial that reported nothing."""
+    steps = {int(k): float(v) for k, v in ot.intermediate_values.items()}
+    return next((t for t in trials if all(t.config.get(k) == v for k, v in ot.params.items())
+                 and _agrees(steps, _reported(t)) and (steps or not t.results)), None)
+
+
+def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counter:
+    """Give every trial of the experiment's study that is still RUNNING or WAITING the state its
+    end calls for (module docstring), with its outcome name in the user attr `status`. `over`:
+    the search can run nothing more (`search_over`); else only trials that ended by themselves
+    are settled. `why` the search is over, for trials it never started ("not started: WHY").
+    Returns how many trials went to each outcome name. No study file: nothing to do."""
+    import optuna
+    from optuna.trial import TrialState
+    if not (Path(exp) / STUDY_FILE).is_file():
+        return Counter()
+    storage = optuna.storages.RDBStorage(study_url(exp))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    study_id = storage.get_study_id_from_name(STUDY_NAME)
+    trials = load_trials(exp)
+    done: Counter = Counter()
+    for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        tid = storage.get_trial_id_from_study_id_trial_number(study_id, ot.number)
+        steps = dict(ot.intermediate_values)
+        t = _match(ot, trials) if ot.state == TrialState.RUNNING else None  # WAITING: never asked for
+        name = t.status if t is not None else NOT_STARTED if not steps else OUT_OF_BUDGET if over else INTERRUPTED
+        if not over and name in (INTERRUPTED, NOT_STARTED):
+            continue  # --resume continues it (a WAITING point: starts it)
+        if t is not None:
+            trials.remove(t)  # one Optuna trial each
+            for step, value in _reported(t).items():  # the epochs Ray did not pass on as intermediate
+                if step not in steps:
+                    storage.set_trial_intermediate_value(tid, step, value)
+                    steps[step] = value
+        if name == NOT_STARTED:
+            _fail(storage, tid, f"{NOT_STARTED}: {why}")
+        elif is_failure(name) or not steps:  # no value to keep: cut before its first epoch
+            _fail(storage, tid, name)
+        else:
+            storage.set_trial_user_attr(tid, REASON, name)
+            if name in (COMPLETED, EARLY_STOPPED):
+                study.tell(ot.number, steps[max(steps)], skip_if_finished=True)
+            else:  # pruned by ASHA, or cut short by the search's end: Optuna takes its last value
+                study.tell(ot.number, state=TrialState.PRUNED, skip_if_finished=True)
+        done[name] += 1
+    return done
+
+
+def _fail(storage: Any, trial_id: int, reason: str) -> None:
+    from optuna.trial import TrialState
+    storage.set_trial_user_attr(trial_id, REASON, reason)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
