@@ -28,6 +28,7 @@ BAD = {
     "--reduction-factor": "1",
     "--scheduler": "ashaa",
     "--sampler": "grid",
+    "--screen": "sometimes",
     "--precision": "fp8",
     "--max-failures": "-1",
     "--seed": "-1",

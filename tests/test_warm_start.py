@@ -256,7 +256,7 @@ def test_estimate_without_training(monkeypatch):
     def fake_speeds(combos, device, threads, log=print, precision="auto"):
         calls.append(combos)
         precisions.append(precision)
-        return Speeds("fake", {f"{b}@{s}": {"frozen": 1e-4 * s, "train": 3e-4 * s, "eval": 5e-5 * s} for b, s in combos})
+        return Speeds("fake", {f"{b}@{s}": {"frozen": 1e-4 * s, "train": 3e-4 * s, "eval": 5e-5 * s, "head": 1e-6 * s} for b, s in combos})
     monkeypatch.setattr(est, "speeds_for", fake_speeds)
     opts = Options(LITES, 4)
     points, _ = recipe_points(CPU, opts, BASE, {})
