@@ -267,3 +267,12 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     # the trials' own configs: screen trials on the fraction, every other at full fidelity
     fractions = sorted(t.config["train_fraction"] for t in load_trials(exp))
     assert fractions == [plan["screen_fraction"]] * n + [1.0] * (9 - n)
+    # the report's first section: the winner against the best recipe point that ran at full fidelity
+    from report.versus import best_recipe, origins, section
+    records = load_trials(exp)
+    where = origins(exp, records)
+    rec = best_recipe(records, where)
+    assert rec is not None and rec.config["train_fraction"] == 1.0 and where[rec.trial_id].startswith("recipe ")
+    html = section(exp, records, tmp_path)
+    assert "The winner against the best recipe" in html and (tmp_path / "incumbent.png").exists()
+    assert where[rec.trial_id].removeprefix("recipe ") in html
