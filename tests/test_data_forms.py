@@ -175,7 +175,8 @@ def test_run_search_takes_the_archive_as_downloaded(parent, tmp_path):
     through the CLI: test_bad_input's missing-data case."""
     archive = _archive(parent, tmp_path / ARCHIVE)
     env = {**OFFLINE, "CIFAR_TUNE_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": str(tmp_path / "ray")}
-    proc = run_cli("run_search.py", "--data-dir", archive, "--val-fraction", 0, "--no-pretrained", "--backbones",
+    # one image per class leaves no validation image: the search stops right after reading the data
+    proc = run_cli("run_search.py", "--data-dir", archive, "--subset", 1, "--no-pretrained", "--backbones",
                    "resnet18", "--space", "tiny", "--storage-path", tmp_path / "runs", timeout=120, env=env)
     assert proc.returncode == 2 and "the validation split is empty" in proc.stderr, proc.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} <= {ARCHIVE, "cache", "runs"}  # nothing beside the archive
