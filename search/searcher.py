@@ -8,6 +8,7 @@ warm-start points are enqueued in it before Ray's OptunaSearch loads it.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,15 @@ class FidelitySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if (result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials
                 and low_fidelity(result)):
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            ot_trial = self._ot_trials[trial_id]
+            # a trial's last result reaches the searcher here only (Tune passes a finished trial's
+            # final result to on_trial_complete, not on_trial_result): report it, since PRUNED
+            # keeps the last intermediate value as the trial's value
+            if self.metric in result and "training_iteration" in result:
+                with warnings.catch_warnings():  # a step already reported is kept (Optuna warns)
+                    warnings.simplefilter("ignore")
+                    ot_trial.report(result[self.metric], result["training_iteration"])
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
         else:
             super().on_trial_complete(trial_id, result, error)

@@ -181,6 +181,19 @@ def test_a_planned_point_lost_in_a_driver_crash_is_enqueued_again_on_restore(tmp
     assert requeue_lost(study, {0}) == []  # t0 is known: it is running again under Tune
 
 
+def test_a_screen_trials_final_result_which_only_on_trial_complete_sees_is_its_value(tmp_path: Path):
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, points[:2], [], "incumbent",
+                             screen_fraction=0.2, promote=1)
+    c = searcher.suggest("t0")
+    res = {"best_val_acc": 0.2, "epoch": 2, "status": "ok", **{f"config/{k}": v for k, v in c.items()}}
+    searcher.on_trial_result("t0", {**res, "epoch": 1, "best_val_acc": 0.1, "training_iteration": 1})
+    searcher.on_trial_complete("t0", {**res, "epoch": 3, "best_val_acc": 0.3, "training_iteration": 3})
+    t = optuna.load_study(study_name=STUDY_NAME, storage=study_url(tmp_path)).trials[0]
+    assert t.state == TrialState.PRUNED and t.intermediate_values == {1: 0.1, 3: 0.3} and t.value == 0.3
+
+
 # ------------------------------------------------------------------ the budget plan
 
 def test_points_that_fit_a_third_of_the_budget_run_whole():
