@@ -250,12 +250,8 @@ def markdown(a, command: str, results: dict, seeds: list[int], cs: list, total_s
 
 
 def plot(results: dict, seeds: list[int], cs: list, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    import io
-    fig, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 3.6), squeeze=False)
+    from report.plots import figure, save
+    fig, axes = figure(5 * len(seeds), 3.6, nrows=1, ncols=len(seeds), squeeze=False)
     for ax, seed in zip(axes[0], seeds):
         runs = results.get(str(seed), {})
         for name, mult in [("d", 1.0)] + [c for c in cs if c[0] != "d"]:
@@ -271,12 +267,7 @@ def plot(results: dict, seeds: list[int], cs: list, path: Path) -> None:
         ax.set_xlabel("wall time, s")
         ax.set_ylabel("incumbent val_acc, %")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(path, buf.getvalue())
+    save(fig, path)
 
 
 if __name__ == "__main__":

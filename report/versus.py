@@ -83,13 +83,7 @@ def section(exp: Path, trials: list[TrialRecord], out: Path) -> str:
 
 def plot_incumbent(trials: list[TrialRecord], recipe_value: float, path: Path) -> Path | None:
     """The best full-fidelity val_acc so far against seconds since the first result."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from trainable import atomic
+    from report.plots import figure, save
     rows = sorted((r["timestamp"], r[METRIC]) for t in trials for r in t.results
                   if float(t.config.get("train_fraction", 1.0)) >= 1.0 and r.get("status", "ok") == "ok"
                   and isinstance(r.get(METRIC), float) and "timestamp" in r)
@@ -101,15 +95,10 @@ def plot_incumbent(trials: list[TrialRecord], recipe_value: float, path: Path) -
             best = v
             xs.append(ts - t0)
             ys.append(100 * v)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = figure(6, 3.2)
     ax.step(xs + [rows[-1][0] - t0], ys + ys[-1:], where="post", label="the search's best so far")
     ax.axhline(100 * recipe_value, color="grey", ls=":", label="best recipe point")
     ax.set_xlabel("seconds since the first result")
     ax.set_ylabel("val_acc, %")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
-    return path
+    return save(fig, path)
