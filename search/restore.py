@@ -223,5 +223,6 @@ def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, local: P
               + ", ".join(f"epoch {m:g}: {n} trials" for m, n in sorted(rungs.items())))
     if max_concurrent > 0 and scheduler is not None:
         internal._tune_config.scheduler = ConcurrencyCap(scheduler, max_concurrent)
+        print(f"resume: at most {max_concurrent} trial(s) at once, restored ones included (--max-concurrent)")
     return tuner
 

@@ -168,5 +168,6 @@ def test_asha_after_kill_and_resume_sees_the_earlier_results(tmp_path, data_dir)
     proc = run_cli("run_search.py", "--resume", "--name", "killed", "--storage-path", tmp_path,
                    "--num-samples", 4, "--grace-period", 1, check=True)
     assert f"ASHA's rungs rebuilt from the results on disk: epoch 1: {len(at_1)} trials" in proc.stdout
-    assert "ConcurrencyCap" in proc.stdout  # the run used the rebuilt scheduler, not tuner.pkl's
+    # the rebuilt scheduler is capped (test_max_concurrent_holds_for_trials_restored_as_errored shows it holds)
+    assert "resume: at most 1 trial(s) at once, restored ones included" in proc.stdout
     assert len(read_results(exp)) == 4
