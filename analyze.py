@@ -201,15 +201,19 @@ def _expected_retrain(trials: list, selected: dict, config: dict, data, epochs: 
     from analysis.experiment import duration
     from analysis.retrain_time import expected_epochs
     from trainable.config import TrialConfig
-    trial = next((t for t in trials if t.config == selected), None)
+    def hp(c: dict) -> dict:  # the same config at another fidelity (a screen trial) times it too
+        return {k: v for k, v in c.items() if k != "train_fraction"}
+    same = [t for t in trials if hp(t.config) == hp(selected)]
+    trial = max(same, key=lambda t: float(t.config.get("train_fraction", 1.0)), default=None)
     search_train = len(data.train_index)
+    trained = round(search_train * float(trial.config.get("train_fraction", 1.0))) if trial is not None else 0
     train = search_train if TrialConfig.from_dict(config).uses_val else len(data.train_val)
-    planned = expected_epochs(trial, epochs, train / max(1, search_train)) if trial is not None else None
+    planned = expected_epochs(trial, epochs, train / max(1, trained)) if trial is not None else None
     if planned is None:
         print("expected time: unknown (no trial of this search ran this config); an ETA follows each epoch")
         return None
     print(f"expected time: about {duration(sum(planned))} for {epochs} epoch(s) and then the test pass "
-          f"(trial {trial.trial_id}'s epochs in the search, scaled from {search_train} to {train} training images)")
+          f"(trial {trial.trial_id}'s epochs in the search, scaled from {trained} to {train} training images)")
     return planned
 
 

@@ -52,7 +52,10 @@ def test_the_first_trials_are_the_recipe_points(budgeted):
     started = [t for t in trials if t.results]
     assert started, proc.stdout[-2000:]
     n = min(len(started), len(points))
-    assert [t.config for t in started[:n]] == [p.config for p in points[:n]]
+
+    def hp(c: dict) -> dict:  # a screened point trains on a fraction of the data (search/plan.py)
+        return {k: v for k, v in c.items() if k != "train_fraction"}
+    assert [hp(t.config) for t in started[:n]] == [hp(p.config) for p in points[:n]]
 
 
 def test_the_budget_ends_the_search_and_the_best_is_exported(budgeted):
@@ -127,7 +130,8 @@ def test_the_study_says_how_every_trial_ended(budgeted):
         if t.state == TrialState.PRUNED:
             assert t.value is not None and t.intermediate_values
     cut = [t for t in load_trials(exp) if t.status == OUT_OF_BUDGET and t.results]
-    pruned = [t for t in study.trials if t.user_attrs.get("status") == OUT_OF_BUDGET]
+    # a trial the budget cut after an epoch keeps its value as pruned; one cut before any failed
+    pruned = [t for t in study.trials if t.user_attrs.get("status") == OUT_OF_BUDGET and t.intermediate_values]
     assert len(pruned) == len(cut) and all(t.state == TrialState.PRUNED for t in pruned)
 
 
