@@ -9,6 +9,7 @@ shape of Egele et al. 2023). What is left is the searcher's (search/incumbent.py
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,5 +111,4 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
 
 def save(exp: Path, plan: BudgetPlan) -> None:
     exp.mkdir(parents=True, exist_ok=True)
-    import json
     atomic.write_text(Path(exp) / PLAN_FILE, json.dumps(plan.to_dict(), indent=1) + "\n")
