@@ -31,8 +31,14 @@ from optuna.trial import FrozenTrial, TrialState
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, MOVE_ATTR, WARM_CONFIG
 from trainable.config import RUN_FIELDS
 
-STEP_LOG_DECADES = 0.25  # a log-scaled float's move: N(0, 0.25 decades) at step 1 (~x1.8)
-STEP_LINEAR = 0.15  # a linear float's move: N(0, 0.15 of its range) at step 1
+STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.5), +-25 %
+STEP_LINEAR = 0.2  # a linear float's move at step 1: +-0.2 of its range, +-25 %
+P_TWO = 0.25  # a move changes one name, else two (never a non-ordinal categorical with another)
+P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is reversed (pattern search)
+# which names a move picks, by kind: log floats are the learning rates, the parameters that matter most
+# in fine-tuning (Li et al., ICLR 2020, "Rethinking the hyperparameters for fine-tuning"; Google's
+# Deep Learning Tuning Playbook, 2023); ordinal choices next; a categorical resample is the largest move
+KIND_WEIGHT = {"log": 4.0, "ordinal": 2.0, "linear": 1.0, "categorical": 0.5}
 
 
 def full_fidelity(t: FrozenTrial) -> bool:
@@ -52,30 +58,50 @@ def screened(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return sorted(done, key=lambda t: (-t.last_step, -t.intermediate_values[t.last_step]))
 
 
-def move(value: Any, dist: BaseDistribution, step: float, rng: np.random.Generator) -> Any:
-    """One parameter's local move at step multiplier `step` (1 = the base step). The result is
-    inside `dist` and differs from `value` where the distribution allows."""
+def kind(dist: BaseDistribution) -> str:
+    """"log", "linear", "ordinal" (ints and sorted numeric choices) or "categorical"."""
     if isinstance(dist, FloatDistribution):
-        for _ in range(20):
-            if dist.log:
-                v = float(value) * 10 ** rng.normal(0.0, STEP_LOG_DECADES * step)
-            else:
-                v = float(value) + rng.normal(0.0, STEP_LINEAR * step * (dist.high - dist.low))
-            v = min(max(v, dist.low), dist.high)
-            if not math.isclose(v, value, rel_tol=1e-3):
-                return v
-        return v
+        return "log" if dist.log else "linear"
+    if isinstance(dist, IntDistribution) or _ordinal(list(dist.choices)):
+        return "ordinal"
+    return "categorical"
+
+
+def move(value: Any, dist: BaseDistribution, step: float, rng: np.random.Generator, sign: int = 0) -> Any:
+    """One parameter's local move at step multiplier `step` (1 = the base step), up (`sign` 1),
+    down (-1) or either (0). Floats move a fixed length +-25 % (CFO's fixed-radius step: a move
+    smaller than the val noise teaches nothing). The result is inside `dist` and differs from
+    `value` where the distribution allows; at an edge the move goes inward."""
+    sign = sign or int(rng.choice([-1, 1]))
+    if isinstance(dist, FloatDistribution):
+        length = step * rng.uniform(0.75, 1.25)
+        if dist.log:
+            up, down = float(value) * 10 ** (STEP_LOG_DECADES * length), float(value) / 10 ** (STEP_LOG_DECADES * length)
+        else:
+            d = STEP_LINEAR * length * (dist.high - dist.low)
+            up, down = float(value) + d, float(value) - d
+        options = [v for v in ((up, down) if sign > 0 else (down, up)) if dist.low <= v <= dist.high]
+        return options[0] if options else min(max(up if sign > 0 else down, dist.low), dist.high)
+    k = max(1, round(step))
     if isinstance(dist, IntDistribution):
-        k = max(1, round(step))
-        options = [v for v in (value - k, value + k) if dist.low <= v <= dist.high]
-        return int(rng.choice(options)) if options else value
+        options = [v for v in ((value + k, value - k) if sign > 0 else (value - k, value + k)) if dist.low <= v <= dist.high]
+        return int(options[0]) if options else value
     choices = list(dist.choices)
     if _ordinal(choices) and value in choices:  # input size, batch size, weight decay, stage split
-        i, k = choices.index(value), max(1, round(step))
-        options = [choices[j] for j in (i - k, i + k) if 0 <= j < len(choices)]
-        return options[rng.integers(len(options))] if options else value
+        i = choices.index(value)
+        options = [choices[j] for j in ((i + k, i - k) if sign > 0 else (i - k, i + k)) if 0 <= j < len(choices)]
+        return options[0] if options else value
     others = [c for c in choices if c != value]
     return others[rng.integers(len(others))] if others else value
+
+
+def direction(old: Any, new: Any, dist: BaseDistribution) -> int:
+    """+1 when a move went up (in value, or along an ordinal list), -1 down, 0 for a categorical."""
+    if kind(dist) == "categorical":
+        return 0
+    if isinstance(dist, CategoricalDistribution):
+        old, new = dist.choices.index(old), dist.choices.index(new)
+    return 1 if new > old else -1
 
 
 def _ordinal(choices: list[Any]) -> bool:
@@ -140,23 +166,24 @@ class IncumbentSampler(BaseSampler):
             return None
         step = step_size(trials)
         seen = [t.params for t in trials if t.number != number]
-        names = sorted(parent.params)
-        for _ in range(50):
-            k = min(len(names), 1 + int(rng.random() < 0.5))
-            chosen = [names[i] for i in rng.choice(len(names), size=k, replace=False)]
+        for tries in range(50):
+            plan = _follow(parent, trials, rng) if tries == 0 else None
+            chosen = plan or _pick(parent, trials, rng)
             params = dict(parent.params)
-            for n in chosen:
-                params[n] = move(params[n], parent.distributions[n], step, rng)
+            for n, sign in chosen.items():
+                params[n] = move(params[n], parent.distributions[n], step, rng, sign)
             if params != parent.params and not any(_same(params, p) for p in seen):
                 break
         else:
             return None  # every nearby point has been tried: let the model propose
+        dists = parent.distributions
+        dirs = {n: direction(parent.params[n], params[n], dists[n]) for n in chosen if params[n] != parent.params[n]}
         # the parent's fields the space does not sample (a recipe's augment list, warm-up, patience)
         # go with it; run fields (its train_fraction above all) come from the search, not the parent
         extra = {**parent.user_attrs.get(WARM_CONFIG, {}), **parent.user_attrs.get(EXTRA_ATTR, {})}
         extra = {k: v for k, v in extra.items() if k not in parent.params and k not in RUN_FIELDS}
-        return {"kind": "local", "parent": parent.number, "parent_value": _value(parent), "changed": chosen,
-                "step": step, "params": params, "extra": extra}
+        return {"kind": "local", "parent": parent.number, "parent_value": _value(parent), "changed": sorted(dirs),
+                "dirs": dirs, "step": step, "params": params, "extra": extra}
 
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
         if trial.number in self._moves:
@@ -180,6 +207,55 @@ class IncumbentSampler(BaseSampler):
     def after_trial(self, study, trial, state, values) -> None:
         self._moves.pop(trial.number, None)
         self.model.after_trial(study, trial, state, values)
+
+
+def _beat_parent(t: FrozenTrial) -> bool:
+    m = t.system_attrs.get(MOVE_ATTR) or {}
+    return full_fidelity(t) and t.value is not None and t.value > m.get("parent_value", math.inf)
+
+
+def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int] | None:
+    """Pattern search (Hooke & Jeeves 1961; CFO tries -u after u fails): with probability P_FOLLOW,
+    repeat the one-name move that made `parent` beat its own parent, or else reverse a one-name
+    move of `parent` that did not beat it and has not been reversed yet. None: no such move."""
+    if rng.random() >= P_FOLLOW:
+        return None
+    own = parent.system_attrs.get(MOVE_ATTR) or {}
+    if own.get("kind") == "local" and _beat_parent(parent) and len(own.get("dirs", {})) == 1:
+        (name, sign), = own["dirs"].items()
+        if sign and name in parent.params:
+            return {name: sign}
+    children = [t.system_attrs[MOVE_ATTR] for t in trials if (t.system_attrs.get(MOVE_ATTR) or {}).get("parent") == parent.number]
+    tried = {(n, s) for m in children for n, s in m.get("dirs", {}).items()}
+    ended = [t for t in trials if (t.system_attrs.get(MOVE_ATTR) or {}).get("parent") == parent.number
+             and t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not _beat_parent(t)]
+    for t in ended:
+        dirs = t.system_attrs[MOVE_ATTR].get("dirs", {})
+        if len(dirs) == 1:
+            (name, sign), = dirs.items()
+            if sign and (name, -sign) not in tried and name in parent.params:
+                return {name: -sign}
+    return None
+
+
+def _pick(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int]:
+    """One name (or two with probability P_TWO, never a non-ordinal categorical with another),
+    drawn by KIND_WEIGHT times 1 + the number of moves of that name that beat their parent
+    (names that paid before are tried more: adaptive operator selection); directions either way."""
+    names = sorted(parent.params)
+    wins = {n: 0 for n in names}
+    for t in trials:
+        if (t.system_attrs.get(MOVE_ATTR) or {}).get("kind") == "local" and _beat_parent(t):
+            for n in t.system_attrs[MOVE_ATTR].get("changed", []):
+                wins[n] = wins.get(n, 0) + 1
+    kinds = {n: kind(parent.distributions[n]) for n in names}
+    w = np.array([KIND_WEIGHT[kinds[n]] * (1 + wins[n]) for n in names])
+    first = names[rng.choice(len(names), p=w / w.sum())]
+    chosen = {first: 0}
+    rest = [i for i, n in enumerate(names) if n != first and kinds[n] != "categorical"]
+    if kinds[first] != "categorical" and rest and rng.random() < P_TWO:
+        chosen[names[rng.choice(rest, p=w[rest] / w[rest].sum())]] = 0
+    return chosen
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -25,15 +25,18 @@ BASE = {"pretrained": True, "weights_dir": "", "seed": 0, "compile": False}
 
 # ------------------------------------------------------------------ one parameter's move
 
-def test_log_float_moves_by_a_fraction_of_a_decade():
+def test_log_float_moves_a_fixed_fraction_of_a_decade_either_way():
     rng = np.random.default_rng(0)
     d = FloatDistribution(1e-5, 1e-1, log=True)
-    moved = [move(1e-3, d, 1.0, rng) for _ in range(400)]
-    decades = np.abs(np.log10(np.array(moved) / 1e-3))
-    assert all(d.low <= v <= d.high and v != 1e-3 for v in moved)
-    assert 0.1 < np.median(decades) < 0.3  # N(0, 0.25 decades): median |x| ~0.17
+    moved = np.array([move(1e-3, d, 1.0, rng) for _ in range(400)])
+    decades = np.log10(moved / 1e-3)
+    assert all(d.low <= v <= d.high for v in moved)
+    assert np.all((np.abs(decades) >= 0.3 - 1e-9) & (np.abs(decades) <= 0.5 + 1e-9))  # 0.4 decade +-25 %
+    assert 0.3 < np.mean(decades > 0) < 0.7  # up and down alike
+    assert all(move(1e-3, d, 1.0, rng, sign=1) > 1e-3 for _ in range(20))
+    assert move(0.1, d, 1.0, rng, sign=1) < 0.1  # at the edge: inward
     wide = np.abs(np.log10(np.array([move(1e-3, d, 4.0, rng) for _ in range(400)]) / 1e-3))
-    assert np.median(wide) > 2 * np.median(decades)  # a bigger step moves further
+    assert np.median(wide) > 2 * np.median(np.abs(decades))  # a bigger step moves further
 
 
 def test_ordinal_choices_move_one_step_and_others_are_resampled():
@@ -81,6 +84,32 @@ def test_moves_start_from_the_best_full_fidelity_trial_change_one_or_two_names_a
         assert m["params"] not in seen
         seen.append(m["params"])
         trials.append(_trial(n, None, m["params"], state=TrialState.RUNNING))
+
+
+def test_moves_prefer_learning_rates_and_never_pair_a_categorical():
+    trials = [_trial(0, 0.5, {"lr": 1e-3, "size": 128, "opt": "adamw"})]
+    sampler = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0)
+    moves = [sampler.plan(trials, n) for n in range(1, 400)]
+    first = [m["changed"] for m in moves]
+    count = {k: sum(k in c for c in first) for k in ("lr", "size", "opt")}
+    assert count["lr"] > count["size"] > count["opt"] > 0  # weights 4 : 2 (ordinal) : 0.5
+    assert not any("opt" in c and len(c) > 1 for c in first)
+    assert 0.1 < np.mean([len(c) == 2 for c in first]) < 0.4
+
+
+def test_a_failed_move_is_reversed_and_a_successful_one_repeated():
+    parent = _trial(0, 0.5, {"lr": 1e-3, "size": 128, "opt": "adamw"})
+    up = {"kind": "local", "parent": 0, "parent_value": 0.5, "changed": ["lr"], "dirs": {"lr": 1}}
+    failed = _trial(1, 0.4, {"lr": 2.5e-3, "size": 128, "opt": "adamw"}, system={MOVE_ATTR: up})
+    sampler = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0)
+    moves = [sampler.plan([parent, failed], n) for n in range(2, 60)]
+    reversed_ = [m for m in moves if m["dirs"] == {"lr": -1}]
+    assert 0.3 < len(reversed_) / len(moves) < 0.8  # P_FOLLOW of the time, plus chance
+    won = _trial(1, 0.6, {"lr": 2.5e-3, "size": 128, "opt": "adamw"}, system={MOVE_ATTR: up})
+    moves = [sampler.plan([parent, won], n) for n in range(2, 60)]
+    assert all(m["parent"] == 1 for m in moves)
+    assert 0.3 < np.mean([m["dirs"] == {"lr": 1} for m in moves]) < 0.8
+    assert all(m["step"] == 2.0 for m in moves)  # and the step doubled after the success
 
 
 def test_before_any_full_fidelity_result_the_best_screen_trial_is_moved():
