@@ -35,10 +35,11 @@ STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.
 STEP_LINEAR = 0.2  # a linear float's move at step 1: +-0.2 of its range, +-25 %
 P_TWO = 0.25  # a move changes one name, else two (never a non-ordinal categorical with another)
 P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is reversed (pattern search)
-# which names a move picks, by kind: log floats are the learning rates, the parameters that matter most
-# in fine-tuning (Li et al., ICLR 2020, "Rethinking the hyperparameters for fine-tuning"; Google's
-# Deep Learning Tuning Playbook, 2023); ordinal choices next; a categorical resample is the largest move
-KIND_WEIGHT = {"log": 4.0, "ordinal": 2.0, "linear": 1.0, "categorical": 0.5}
+# which names a move picks: each kind's share, split evenly among the config's names of that kind. Log
+# floats are the learning rates, the parameters that matter most in fine-tuning (Li et al., ICLR 2020,
+# "Rethinking the hyperparameters for fine-tuning"; Google's Deep Learning Tuning Playbook, 2023);
+# ordinal choices next; a categorical resample is the largest move
+KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 
 
 def full_fidelity(t: FrozenTrial) -> bool:
@@ -117,7 +118,7 @@ def step_size(trials: list[FrozenTrial]) -> float:
         m = t.system_attrs.get(MOVE_ATTR)
         if not m or m.get("kind") != "local" or t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             continue
-        if full_fidelity(t) and t.value is not None and t.value > m.get("parent_value", math.inf):
+        if _beat_parent(t):
             step, fails = min(4.0, step * 2), 0
         else:
             fails += 1
@@ -182,7 +183,8 @@ class IncumbentSampler(BaseSampler):
         # go with it; run fields (its train_fraction above all) come from the search, not the parent
         extra = {**parent.user_attrs.get(WARM_CONFIG, {}), **parent.user_attrs.get(EXTRA_ATTR, {})}
         extra = {k: v for k, v in extra.items() if k not in parent.params and k not in RUN_FIELDS}
-        return {"kind": "local", "parent": parent.number, "parent_value": _value(parent), "changed": sorted(dirs),
+        return {"kind": "local", "parent": parent.number, "parent_value": _value(parent),
+                "parent_full": full_fidelity(parent), "changed": sorted(dirs),
                 "dirs": dirs, "step": step, "params": params, "extra": extra}
 
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
@@ -210,8 +212,11 @@ class IncumbentSampler(BaseSampler):
 
 
 def _beat_parent(t: FrozenTrial) -> bool:
+    """A local move that beat its parent at the same (full) fidelity: a move of a screen trial is
+    never a success, as its parent's value was measured on a fraction of the data."""
     m = t.system_attrs.get(MOVE_ATTR) or {}
-    return full_fidelity(t) and t.value is not None and t.value > m.get("parent_value", math.inf)
+    return (m.get("kind") == "local" and m.get("parent_full", False) and full_fidelity(t) and t.value is not None
+            and t.value > m.get("parent_value", math.inf))
 
 
 def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int] | None:
@@ -240,16 +245,18 @@ def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Gener
 
 def _pick(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int]:
     """One name (or two with probability P_TWO, never a non-ordinal categorical with another),
-    drawn by KIND_WEIGHT times 1 + the number of moves of that name that beat their parent
-    (names that paid before are tried more: adaptive operator selection); directions either way."""
+    drawn by its kind's KIND_SHARE split among the names of that kind, times 1 + the number of moves
+    of that name that beat their parent (names that paid before are tried more: adaptive operator
+    selection); directions either way."""
     names = sorted(parent.params)
     wins = {n: 0 for n in names}
     for t in trials:
-        if (t.system_attrs.get(MOVE_ATTR) or {}).get("kind") == "local" and _beat_parent(t):
+        if _beat_parent(t):
             for n in t.system_attrs[MOVE_ATTR].get("changed", []):
                 wins[n] = wins.get(n, 0) + 1
     kinds = {n: kind(parent.distributions[n]) for n in names}
-    w = np.array([KIND_WEIGHT[kinds[n]] * (1 + wins[n]) for n in names])
+    per_kind = {k: sum(1 for n in names if kinds[n] == k) for k in KIND_SHARE}
+    w = np.array([KIND_SHARE[kinds[n]] / per_kind[kinds[n]] * (1 + wins[n]) for n in names])
     first = names[rng.choice(len(names), p=w / w.sum())]
     chosen = {first: 0}
     rest = [i for i, n in enumerate(names) if n != first and kinds[n] != "categorical"]

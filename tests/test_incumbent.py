@@ -62,11 +62,16 @@ def _trial(number: int, value: float | None, params: dict, state=TrialState.COMP
 
 def test_the_step_doubles_after_a_success_and_halves_after_two_failures():
     def local(n: int, value: float, parent_value: float):
-        return _trial(n, value, {"lr": 1e-3}, system={MOVE_ATTR: {"kind": "local", "parent_value": parent_value}})
+        return _trial(n, value, {"lr": 1e-3}, system={MOVE_ATTR: {"kind": "local", "parent_value": parent_value,
+                                                                 "parent_full": True}})
     assert step_size([]) == 1.0
     assert step_size([local(0, 0.6, 0.5)]) == 2.0
     assert step_size([local(0, 0.4, 0.5), local(1, 0.4, 0.5)]) == 0.5
     assert step_size([local(0, 0.6, 0.5), local(1, 0.4, 0.6), local(2, 0.4, 0.6)]) == 1.0
+    # a move of a screen trial is compared with a value measured on a fraction of the data: no success
+    of_screen = _trial(0, 0.6, {"lr": 1e-3}, system={MOVE_ATTR: {"kind": "local", "parent_value": 0.2,
+                                                                 "parent_full": False}})
+    assert step_size([of_screen]) == 1.0
 
 
 def test_moves_start_from_the_best_full_fidelity_trial_change_one_or_two_names_and_never_repeat():
@@ -92,14 +97,14 @@ def test_moves_prefer_learning_rates_and_never_pair_a_categorical():
     moves = [sampler.plan(trials, n) for n in range(1, 400)]
     first = [m["changed"] for m in moves]
     count = {k: sum(k in c for c in first) for k in ("lr", "size", "opt")}
-    assert count["lr"] > count["size"] > count["opt"] > 0  # weights 4 : 2 (ordinal) : 0.5
+    assert count["lr"] > count["size"] > count["opt"] > 0  # kind shares 0.5 : 0.25 (ordinal) : 0.1
     assert not any("opt" in c and len(c) > 1 for c in first)
     assert 0.1 < np.mean([len(c) == 2 for c in first]) < 0.4
 
 
 def test_a_failed_move_is_reversed_and_a_successful_one_repeated():
     parent = _trial(0, 0.5, {"lr": 1e-3, "size": 128, "opt": "adamw"})
-    up = {"kind": "local", "parent": 0, "parent_value": 0.5, "changed": ["lr"], "dirs": {"lr": 1}}
+    up = {"kind": "local", "parent": 0, "parent_value": 0.5, "parent_full": True, "changed": ["lr"], "dirs": {"lr": 1}}
     failed = _trial(1, 0.4, {"lr": 2.5e-3, "size": 128, "opt": "adamw"}, system={MOVE_ATTR: up})
     sampler = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0)
     moves = [sampler.plan([parent, failed], n) for n in range(2, 60)]
