@@ -8,34 +8,14 @@ running are stopped by Tune like ASHA stops them: every finished epoch and check
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 from ray import tune
 
 from trainable import atomic
-from trainable.errors import UserError
 
 BUDGET_FILE = "budget.json"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """"90m", "1.5h", "600s", "600" (seconds), "1h30m" -> seconds. Raises UserError."""
-    t = text.strip().lower().replace(" ", "")
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
-        if not parts or "".join(n + u for n, u in parts) != t:
-            raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"--time-budget {text!r} must be more than 0")
-    return seconds
-
-
 def spent(exp: Path) -> float:
     """Seconds of the budget the experiment has used so far (0 for a new one)."""
     p = Path(exp) / BUDGET_FILE
@@ -64,10 +44,6 @@ class BudgetStopper(tune.Stopper):
     def _start(self) -> None:
         self.before = spent(self.exp)  # the earlier runs' share (a resumed search)
         self.t0 = self.last_save = time.monotonic()
-
-    def __setstate__(self, state: dict) -> None:  # restored with the Tuner: count on from the file
-        self.__dict__.update(state)
-        self._start()
 
     def used(self) -> float:
         return self.before + time.monotonic() - self.t0

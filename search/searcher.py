@@ -18,6 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.outcome import planned_epochs
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, WARM_CONFIG, StudyStorage
+from search import ray_adapter
 from search.incumbent import IncumbentSampler, screened
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
@@ -84,12 +85,13 @@ class FidelitySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        requeue_lost(self._ot_study, {t.number for t in self._ot_trials.values()})
+        study, ot_trials, _ = ray_adapter.optuna_state(self)
+        requeue_lost(study, {t.number for t in ot_trials.values()})
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if (result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials
-                and low_fidelity(result)):
-            ot_trial = self._ot_trials[trial_id]
+        study, ot_trials, told = ray_adapter.optuna_state(self)
+        if result and not error and trial_id in ot_trials and trial_id not in told and low_fidelity(result):
+            ot_trial = ot_trials[trial_id]
             # a trial's last result reaches the searcher here only (Tune passes a finished trial's
             # final result to on_trial_complete, not on_trial_result): report it, since PRUNED
             # keeps the last intermediate value as the trial's value
@@ -97,12 +99,12 @@ class FidelitySearch(OptunaSearch):
                 with warnings.catch_warnings():  # a step already reported is kept (Optuna warns)
                     warnings.simplefilter("ignore")
                     ot_trial.report(result[self.metric], result["training_iteration"])
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+            study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            told.add(trial_id)
         else:
             super().on_trial_complete(trial_id, result, error)
         if self.promote:  # also after a screen trial that failed: the screen may have ended with it
-            promote_screen(self._ot_study, self.promote)
+            promote_screen(study, self.promote)
 
 
 def low_fidelity(result: dict[str, Any]) -> bool:

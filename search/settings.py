@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,8 +17,26 @@ from typing import Any, Callable, get_args
 import yaml
 
 from analysis.command import command, examples
-from trainable.config import PrecisionName, split_assignment
+from spaces import NAMES
+from trainable.config import PrecisionName, coerce, split_assignment
 from trainable.errors import UserError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """"90m", "1.5h", "600s", "600" (seconds), "1h30m" -> seconds. Raises UserError."""
+    t = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r} must be more than 0")
+    return seconds
 
 
 def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
@@ -44,7 +64,6 @@ def _fraction(v: float) -> str:
 
 
 def _duration(v: str) -> str:
-    from search.budget import parse_duration
     parse_duration(v)  # its UserError names the forms it takes
     return ""
 
@@ -56,13 +75,11 @@ def _assignments(items: list[str]) -> str:
 
 
 def _space(v: str) -> str:
-    from spaces import ALIASES, NAMES
-    return "" if ALIASES.get(v, v) in NAMES else "is an unknown space: see --list-spaces"
+    return "" if v in NAMES else "is an unknown space: see --list-spaces"
 
 
 def _bindable_host(v: str) -> str:
     """Ray's dashboard must be able to listen there: an address of this machine."""
-    import socket
     try:
         infos = socket.getaddrinfo(v, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -164,8 +181,21 @@ class SearchSettings:
     list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
 
     def fixed_params(self) -> dict[str, str]:
-        """The --set KEY=VALUE pairs as a dict (values are coerced later by TrialConfig)."""
+        """The --set KEY=VALUE pairs as given."""
         return dict(split_assignment(item) for item in self.set or [])
+
+    def fixed(self) -> dict[str, Any]:
+        """The --set values typed as TrialConfig's fields (UserError for an unknown key or a bad value)."""
+        return coerce(self.fixed_params())
+
+    def trial_base(self) -> dict[str, Any]:
+        """The search-wide fields of every trial's config (below a space's and --set's values)."""
+        return {"pretrained": not self.no_pretrained, "weights_dir": self.weights_dir, "seed": self.seed,
+                "compile": self.compile, "precision": self.precision}
+
+    def budget_s(self) -> float | None:
+        """--time-budget in seconds (None without one)."""
+        return parse_duration(self.time_budget) if self.time_budget else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ from typing import Any
 from ray.tune.logger import TBXLoggerCallback
 
 from analysis.outcome import OUT_OF_BUDGET, TrialView, is_failure, outcome
-from search.outcomes import end_reason
+from search.progress import end_reason
 from trainable.config import RUN_FIELDS, TrialConfig
 
 SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc", "val_coarse_acc",
@@ -84,12 +84,6 @@ class EpochTensorBoard(TBXLoggerCallback):
         self.scalars, self.flush_secs, self.exp = tuple(scalars), flush_secs, exp
         self._trial_writer: dict[Any, Any] = {}
         self._last_result: dict[Any, dict] = {}  # the latest epoch's result per trial
-
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment; writers don't pickle
-        return {"scalars": self.scalars, "flush_secs": self.flush_secs, "exp": self.exp}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
 
     def log_trial_start(self, trial) -> None:
         from torch.utils.tensorboard import SummaryWriter

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config
-from trainable.config import TrialConfig, coerce
+from trainable.config import TrialConfig
 
 _STAGE_EPOCHS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
 
@@ -114,7 +114,6 @@ def recipe_points(space: Space, opts: Options, base: dict[str, Any], fixed: dict
     `base` holds the search-wide fields (pretrained, weights_dir, seed, compile), `fixed` the
     user's --set values; both win over the recipe, as they do for every trial.
     """
-    fixed = coerce(fixed)
     skipped, seen = [], set()
     found: list[tuple[int, WarmPoint]] = []
     for recipe in RECIPES:

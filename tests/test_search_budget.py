@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from analysis.experiment import load_trials
-from search.budget import BUDGET_FILE, parse_duration
+from search.budget import BUDGET_FILE
+from search.settings import parse_duration
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
 from tests.conftest import REPO, WEIGHTS, run_cli

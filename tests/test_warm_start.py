@@ -11,7 +11,8 @@ import optuna
 import pytest
 
 from analysis.study import WARM_CONFIG, study_url
-from search.budget import BudgetStopper, parse_duration, spent
+from search.budget import BudgetStopper, spent
+from search.settings import parse_duration
 from search.estimate import Speeds, asha_rungs, epoch_seconds, reach
 from search.searcher import make_searcher, stage_aware_grace, told_trials
 from spaces import RECIPES, Options, Suggest, get_space, recipe_config
