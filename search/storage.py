@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,10 @@ URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
 def uri_scheme(path: str) -> str:
     """The scheme of a storage URI ('s3' for s3://bucket/x), '' for a local path or file://."""
     scheme, sep, _ = str(path).partition("://")
-    if not sep or scheme.lower() == "file":
-        return ""
-    return scheme.lower()
+    return scheme.lower() if sep and scheme.lower() != "file" else ""
 
 
 def is_uri(path: str) -> bool:
-    """True when `path` names remote storage (s3://, gs://, ...) rather than a local folder."""
     return bool(uri_scheme(path))
 
 
@@ -71,10 +69,7 @@ def redact(uri: str) -> str:
 
 
 def check_uri(path: str, what: str = "--storage-path") -> str:
-    """A storage URI pyarrow can open, without a trailing slash (its ?options kept); else a UserError.
-
-    Only the form is checked here; `check_reachable` tries the bucket.
-    """
+    """The URI's form (`check_reachable` tries the bucket), without a trailing slash; else a UserError."""
     scheme = uri_scheme(path)
     if scheme not in URI_SCHEMES:
         raise UserError(f"{what} {redact(path)}: {scheme}:// is not a storage pyarrow knows: use "
@@ -89,9 +84,7 @@ def check_uri(path: str, what: str = "--storage-path") -> str:
 def local_path(path: str) -> Path:
     """A local --storage-path (a folder or a file:// URI) as an absolute Path."""
     p = str(path)
-    if p.lower().startswith("file://"):
-        p = p[len("file://"):]
-    return Path(p).expanduser().resolve()
+    return Path(p[len("file://"):] if p.lower().startswith("file://") else p).expanduser().resolve()
 
 
 def join(storage: str, name: str) -> str:
@@ -103,20 +96,14 @@ def join(storage: str, name: str) -> str:
 
 
 def filesystem_and_path(path: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and the path on it, for a local folder or a URI (as Ray Tune
-    resolves its storage_path)."""
-    if is_uri(path):
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(local_path(path))
+    """The pyarrow filesystem and the path on it, of a local folder or a URI (as Ray Tune resolves them)."""
+    return pyarrow.fs.FileSystem.from_uri(path) if is_uri(path) else (pyarrow.fs.LocalFileSystem(), str(local_path(path)))
 
 
 def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared: bool) -> str | None:
-    """Can every node of the cluster write to `storage_path`? `nodes` is `ray.nodes()`.
-
-    Raises a UserError for a local folder on a cluster whose alive nodes are on several machines
-    unless `shared`
-    (the user says the folder is mounted on every node); returns a line to print, or None.
-    """
+    """Can every node of the cluster (`ray.nodes()`) write to `storage_path`? A UserError for a local
+    folder when alive nodes are on several machines, unless `shared` (mounted on every node); else a
+    line to print, or None."""
     # Ray nodes on one machine (ray.cluster_utils, several raylets a host) share its folders
     alive = len({n.get("NodeManagerAddress") or n.get("NodeID") for n in nodes if n.get("Alive")})
     if alive <= 1 or is_uri(storage_path):
@@ -146,22 +133,16 @@ _FIXES = {
 
 
 def _fix(scheme: str) -> str:
-    key = {"gcs": "gs", "abfss": "abfs", "viewfs": "hdfs"}.get(scheme, scheme)
-    return _FIXES.get(key, "check the address and the credentials")
-
-
-def _short(e: BaseException) -> str:
-    """pyarrow's message, first line, cut short (its errors run to many lines)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    return _FIXES.get({"gcs": "gs", "abfss": "abfs", "viewfs": "hdfs"}.get(scheme, scheme),
+                      "check the address and the credentials")
 
 
 def storage_error(uri: str, e: BaseException, what: str = "--storage-path") -> UserError:
-    """pyarrow's error reaching `uri` as one line naming the URI and the fix."""
+    """pyarrow's error reaching `uri` (first line, cut short) as one line naming the URI and the fix."""
     fix = ("fix the URI's ?options (pyarrow.fs.FileSystem.from_uri's query parameters)"
            if isinstance(e, ValueError) else _fix(uri_scheme(uri)))  # pyarrow's ArrowInvalid: a bad URI
-    return UserError(f"{what} {redact(uri)} cannot be reached ({_short(e)}): {fix}")
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return UserError(f"{what} {redact(uri)} cannot be reached ({text if len(text) <= 160 else text[:157] + '...'}): {fix}")
 
 
 def _with_timeout(fn, uri: str, what: str, timeout_s: float):
@@ -180,18 +161,16 @@ def _with_timeout(fn, uri: str, what: str, timeout_s: float):
     if t.is_alive():
         raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {_fix(uri_scheme(uri))} "
                         f"and the network (CIFAR_TUNE_STORAGE_TIMEOUT_S waits longer)")
+    if isinstance(out.get("error"), UserError):
+        raise out["error"]
     if "error" in out:
-        e = out["error"]
-        if isinstance(e, UserError):
-            raise e
-        raise storage_error(uri, e, what) from None
+        raise storage_error(uri, out["error"], what) from None
     return out.get("value")
 
 
 def check_reachable(uri: str, *, write: bool = True, what: str = "--storage-path",
                     timeout_s: float | None = None) -> None:
-    """Reach the URI now, before Ray starts: create the folder and write and delete a small file
-    (`write`), or only look it up; a one-line UserError naming the URI and the fix otherwise."""
+    """Reach the URI before Ray starts: write and delete a small file there (`write`), or look it up."""
     def probe() -> None:
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         if not write:
@@ -206,9 +185,8 @@ def check_reachable(uri: str, *, write: bool = True, what: str = "--storage-path
 
 
 def mirror_dir(uri: str, local_dir: str = "") -> Path:
-    """The local folder holding the driver's copy of the experiment at `uri` (STORAGE/NAME):
-    LOCAL_DIR/NAME with --local-dir, else CACHE/runs/SCHEME/BUCKET/PATH/NAME in the project's cache
-    (CIFAR_TUNE_CACHE, default ~/.cache/cifar-tune), one folder per URI."""
+    """The driver's local copy of the experiment at `uri`: LOCAL_DIR/NAME, else one folder per URI in
+    the project's cache (CACHE/runs/SCHEME/BUCKET/PATH/NAME)."""
     base, _ = split_query(check_uri(uri))
     if local_dir:
         return Path(local_dir).expanduser().resolve() / base.rsplit("/", 1)[-1]
@@ -222,61 +200,38 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 def driver_files(exp: Path) -> list[Path]:
     """The driver's own files at the top of the local experiment folder (not Ray Tune's)."""
-    exp = Path(exp)
     return sorted(p for p in exp.iterdir() if p.is_file() and not _matches(p.name, RAY_FILES)) if exp.is_dir() else []
 
 
 def upload(files: list[Path], local_root: Path, uri: str, what: str = "--storage-path") -> list[str]:
     """Copy local `files` (under `local_root`) to the same relative paths under `uri`; returns them.
-
-    SQLite databases are copied through sqlite's backup API, so a database the driver is writing
-    is uploaded as a consistent snapshot."""
-    local_root = Path(local_root)
-
+    A SQLite database goes as a snapshot through sqlite's backup API (the driver may be writing it)."""
     def copy() -> list[str]:
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-        root = root.rstrip("/")
         done = []
-        made: set[str] = set()
         for f in files:
-            rel = Path(f).relative_to(local_root).as_posix()
-            dest = f"{root}/{rel}"
-            parent = dest.rsplit("/", 1)[0]
-            if parent not in made:
-                fs.create_dir(parent, recursive=True)
-                made.add(parent)
+            done.append(Path(f).relative_to(local_root).as_posix())
             with tempfile.TemporaryDirectory() as tmp:
                 src = _sqlite_snapshot(Path(f), Path(tmp)) if Path(f).suffix == ".db" else Path(f)
-                with open(src, "rb") as fin, fs.open_output_stream(dest) as fout:
-                    shutil.copyfileobj(fin, fout, 8 << 20)
-            done.append(rel)
+                pyarrow.fs.copy_files(str(src), f"{root.rstrip('/')}/{done[-1]}", destination_filesystem=fs)
         return done
     return _with_timeout(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
 
 
 def _sqlite_snapshot(db: Path, tmp: Path) -> Path:
-    out = tmp / db.name
     try:
-        src = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            dst = sqlite3.connect(out)
-            with dst:
-                src.backup(dst)
-            dst.close()
-        finally:
-            src.close()
-        return out
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as src, \
+                closing(sqlite3.connect(tmp / db.name)) as dst:
+            src.backup(dst)
+        return tmp / db.name
     except sqlite3.Error:  # not a database after all: the bytes as they are
         return db
 
 
 def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
              what: str = "--storage-path") -> list[str]:
-    """Copy every file under `uri` to the same relative path under `local_root`, except those whose
-    relative path `skip(rel)` rejects; with `newer_only`, a local file newer than its remote copy is
-    kept. Returns the relative paths copied; [] when nothing is there."""
-    local_root = Path(local_root)
-
+    """Copy every file under `uri` to the same relative path under `local_root` but those `skip(rel)`
+    rejects (with `newer_only`, a local file newer than its remote copy is kept); returns them."""
     def copy() -> list[str]:
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         root = root.rstrip("/")
@@ -288,7 +243,7 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
             rel = info.path[len(root):].lstrip("/")
             if not rel or (skip is not None and skip(rel)):
                 continue
-            dest = local_root / rel
+            dest = Path(local_root) / rel
             mtime = info.mtime.timestamp() if info.mtime is not None else None
             if newer_only and dest.exists() and mtime is not None and dest.stat().st_mtime >= mtime:
                 continue
@@ -310,19 +265,19 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
     return _with_timeout(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
 
 
+# `skip` rules for `download`
 def no_checkpoints(rel: str) -> bool:
-    """`skip` for `download`: trial checkpoints (analysis retrains; it reads results only)."""
+    """Skip trial checkpoints (analysis retrains; it reads results only)."""
     return any(part.startswith("checkpoint_") for part in rel.split("/"))
 
 
 def top_level_driver_file(rel: str) -> bool:
-    """`skip` for `download` keeping only the driver's files at the top of the experiment."""
+    """Keep only the driver's files at the top of the experiment."""
     return "/" in rel or _matches(rel, RAY_FILES)
 
 
 def results_only(rel: str) -> bool:
-    """`skip` for `download` of a whole experiment: trial checkpoints (analysis retrains, it reads
-    results only) and Ray Tune's own state at the top."""
+    """Skip trial checkpoints and Ray Tune's own state at the top."""
     return no_checkpoints(rel) or ("/" not in rel and _matches(rel, RAY_FILES))
 
 
