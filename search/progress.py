@@ -1,10 +1,8 @@
-"""The search's console and its record of how trials end, kept by one Ray Tune callback (`SearchLog`).
-
-It prints one progress line when a trial ends or fails (else at most every 30 s): trials finished /
-running / pruned / failed, the best val_acc, elapsed time and time left; the trial table every 30 s
-and at the end; and writes trial_ends.json, the trials the search's own end cut short (Ctrl-C, a
-spent --time-budget), which nothing in a trial's folder tells apart from ASHA pruning it.
-Tune's CLIReporter shows Tune's status (TERMINATED), which cannot say pruned, oom or out of time budget.
+"""The search's console and its record of how trials end, kept by one Ray Tune callback (`SearchLog`):
+a progress line when a trial ends (else every 30 s), the trial table every 30 s and at the end, and
+trial_ends.json, the trials the search's own end cut short (Ctrl-C, a spent --time-budget), which
+nothing in a trial's folder tells apart from ASHA pruning it. Tune's CLIReporter shows Tune's status
+(TERMINATED), which cannot say pruned, oom or out of time budget.
 """
 from __future__ import annotations
 
@@ -86,8 +84,8 @@ class Progress:
     prior_trial_s: float | None = None  # the pre-launch cost estimate of a trial (search/estimate.py)
 
     def eta(self, parallel: int) -> float | None:
-        """Seconds left: trials not started x mean trial time, plus what the running ones still need
-        of the mean, over the trials run at once; until a trial has ended the mean is the estimate."""
+        """Seconds left: the mean trial time (the estimate until a trial ends) x trials not started,
+        plus what the running ones still need of it, over the trials run at once."""
         if self.total is None or not (self.trial_seconds or self.prior_trial_s):
             return None
         mean = (sum(self.trial_seconds) / len(self.trial_seconds) if self.trial_seconds

@@ -114,10 +114,6 @@ def folder_name_problem(name: str) -> str:
     return ""
 
 
-def _name(v: str) -> str:
-    return folder_name_problem(v) if v else ""  # '' means SPACE-DATE-TIME
-
-
 @dataclass
 class SearchSettings:
     # resources
@@ -175,7 +171,7 @@ class SearchSettings:
     local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
                               "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
                               "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
-    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=_name)
+    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=folder_name_problem)
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
     list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
@@ -290,18 +286,18 @@ def load_yaml_settings(path: str) -> dict[str, Any]:
 
 
 def _yaml_value(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """A YAML value as the flag would have parsed it (argparse leaves non-string defaults alone)."""
+    """A YAML value as the flag would have parsed it (argparse leaves non-string defaults alone).
+    trainable.config.coerce types TrialConfig's fields, with its own messages and truthy strings."""
     if value is None and f.default is None:
         return None
     if f.name == "set":  # a list of KEY=VALUE, one KEY=VALUE, or a mapping of them
-        items = [value] if isinstance(value, str) else value
-        if isinstance(items, dict):
-            items = [f"{k}={v}" for k, v in items.items()]
+        items = [value] if isinstance(value, str) else [f"{k}={v}" for k, v in value.items()] \
+            if isinstance(value, dict) else value
         if isinstance(items, list) and all(isinstance(i, str) for i in items):
             return items
         raise UserError(f"{where} must be a list of KEY=VALUE strings or a mapping, not {value!r}")
     typ = f.metadata["type"]
-    if typ is None:  # a switch
+    if typ is None:  # a switch: not a truthy string
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, not {value!r}")
