@@ -27,7 +27,7 @@ def _get(obj: Any, name: str) -> Any:
 
 def local_tuner(tuner: Any) -> Any | None:
     """The TunerInternal of a Tuner (None through Ray Client, where it lives in a remote actor)."""
-    return _get(tuner, "_local_tuner")
+    return None if "_remote_tuner" in vars(tuner) else _get(tuner, "_local_tuner")
 
 
 def tune_config(tuner: Any) -> Any:

@@ -225,7 +225,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def build_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     parser = OneLineParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str, Any] = {}
     for f in fields(SearchSettings):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
