@@ -242,7 +242,7 @@ class SearchLog(tune.Callback):
         now = time.monotonic()
         seconds = {k: now - t0 for k, t0 in self.started.items()} | self.ended
         p = progress_of(trials, self.total, seconds=seconds, prior_trial_s=self.prior_trial_s, **which)
-        self.parallel = max(self.parallel, p.running + bool(which.get("ended") or which.get("failed")))
+        self.parallel = max(self.parallel, p.running + ("ended" in which or "failed" in which))
         self.out(progress_line(p, now - self.start, self.parallel, self.budget.left() if self.budget else None))
         self.last_line = now
 
