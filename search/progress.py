@@ -33,8 +33,6 @@ from analysis.study import METRIC
 from search.budget import exhausted
 from search.ray_adapter import driver_staging_path
 
-__all__ = ["PARAM_COLUMNS", "duration"]  # plan.py and estimate.py print durations as the console does
-
 METRIC_COLUMNS = ["stage", "epoch", "val_acc", "best_val_acc"]
 SHORT = {"unfreeze_depth": "unfreeze", "input_size": "input", "aug_strength": "aug",
          "stage1_lr": "s1_lr", "stage2_lr": "s2_lr", "stage3_lr": "s3_lr", "best_val_acc": "best"}
