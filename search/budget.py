@@ -16,22 +16,26 @@ from ray import tune
 from trainable import atomic
 
 BUDGET_FILE = "budget.json"
+
+
+def _read(exp: Path) -> tuple[float, float]:
+    """(seconds spent, budget) from budget.json; (0, inf) for a new experiment or one without a budget."""
+    try:
+        d = json.loads((Path(exp) / BUDGET_FILE).read_text())
+        return float(d["spent_s"]), float(d["budget_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0, float("inf")
+
+
 def spent(exp: Path) -> float:
     """Seconds of the budget the experiment has used so far (0 for a new one)."""
-    p = Path(exp) / BUDGET_FILE
-    try:
-        return float(json.loads(p.read_text())["spent_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
+    return _read(exp)[0]
 
 
 def exhausted(exp: Path) -> bool:
     """Whether the experiment's --time-budget is spent (False without one)."""
-    try:
-        d = json.loads((Path(exp) / BUDGET_FILE).read_text())
-        return float(d["spent_s"]) >= float(d["budget_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    used, budget = _read(exp)
+    return used >= budget
 
 
 class BudgetStopper(tune.Stopper):
