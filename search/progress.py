@@ -279,16 +279,11 @@ _FILTERED_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 
 def quiet_ray_console() -> None:
-    """Keep Ray Tune from printing what contradicts this console, and keep the rest of its output.
-
-    - Ray's default console engine prints, whatever the verbosity, `Number of trials
-      9223372036854775807` for an unbounded search and a TensorBoard command for its staging folder;
-      its legacy engine (RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0 but the trial errors.
-    - After Ctrl-C it logs `Resume experiment with: Tuner.restore(...)`; the CLI prints the
-      run_search.py --resume command instead.
-    - When the search ends it warns `Failed to fetch metrics` for trials that never started; the
-      summary lists them as "not started". Other fetch failures still show.
-    """
+    """Keep Ray Tune from printing what contradicts this console: its default engine's start-up table
+    (`Number of trials 9223372036854775807` for an unbounded search, a TensorBoard command for its
+    staging folder; the legacy engine prints only trial errors at verbose=0), its `Tuner.restore(...)`
+    line after Ctrl-C (the CLI prints the --resume command) and its `Failed to fetch metrics` warning
+    for trials that never started (the summary lists them as not started)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in _FILTERED_LOGGERS:
         logger = logging.getLogger(name)
