@@ -4,14 +4,14 @@ from __future__ import annotations
 import sys
 
 from analysis.study import StudyUnwritable
+from search.settings import parse_settings
 from trainable.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.settings import parse_settings
     try:
         s = parse_settings(argv)
-        from search.run import list_spaces, run_search
+        from search.run import list_spaces, run_search  # after the flags: --help and a bad flag need no Ray
         if s.list_spaces:
             print(list_spaces())
             return 0

@@ -29,7 +29,7 @@ NOT_STARTED = "not started"  # no epoch reported
 
 FAILED = frozenset({DIVERGED, OOM, ERRORED})  # never a candidate; counted as failed
 ENDED_BY_SEARCH = frozenset({INTERRUPTED, OUT_OF_BUDGET})
-ENDS_FILE = "trial_ends.json"  # {trial_id: INTERRUPTED | OUT_OF_BUDGET}, written by search/outcomes.py
+ENDS_FILE = "trial_ends.json"  # {trial_id: INTERRUPTED | OUT_OF_BUDGET}, written by search/progress.py
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def recipe_count(a: argparse.Namespace, seed: int) -> int:
     from spaces import Options, get_space
     from spaces.warm_start import recipe_points
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
-    fixed = {"input_size": "64"} if a.quick else {}
+    fixed = {"input_size": 64} if a.quick else {}
     backbones = tuple(b for b in a.backbones.split(",") if b)
     return len(recipe_points(get_space("cpu"), Options(backbones, a.max_epochs), base, fixed)[0])
 

@@ -8,50 +8,34 @@ running are stopped by Tune like ASHA stops them: every finished epoch and check
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 from ray import tune
 
 from trainable import atomic
-from trainable.errors import UserError
 
 BUDGET_FILE = "budget.json"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
-    """"90m", "1.5h", "600s", "600" (seconds), "1h30m" -> seconds. Raises UserError."""
-    t = text.strip().lower().replace(" ", "")
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
-        if not parts or "".join(n + u for n, u in parts) != t:
-            raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"--time-budget {text!r} must be more than 0")
-    return seconds
+def _read(exp: Path) -> tuple[float, float]:
+    """(seconds spent, budget) from budget.json; (0, inf) for a new experiment or one without a budget."""
+    try:
+        d = json.loads((Path(exp) / BUDGET_FILE).read_text())
+        return float(d["spent_s"]), float(d["budget_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0, float("inf")
 
 
 def spent(exp: Path) -> float:
     """Seconds of the budget the experiment has used so far (0 for a new one)."""
-    p = Path(exp) / BUDGET_FILE
-    try:
-        return float(json.loads(p.read_text())["spent_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
+    return _read(exp)[0]
 
 
 def exhausted(exp: Path) -> bool:
     """Whether the experiment's --time-budget is spent (False without one)."""
-    try:
-        d = json.loads((Path(exp) / BUDGET_FILE).read_text())
-        return float(d["spent_s"]) >= float(d["budget_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    used, budget = _read(exp)
+    return used >= budget
 
 
 class BudgetStopper(tune.Stopper):
@@ -64,10 +48,6 @@ class BudgetStopper(tune.Stopper):
     def _start(self) -> None:
         self.before = spent(self.exp)  # the earlier runs' share (a resumed search)
         self.t0 = self.last_save = time.monotonic()
-
-    def __setstate__(self, state: dict) -> None:  # restored with the Tuner: count on from the file
-        self.__dict__.update(state)
-        self._start()
 
     def used(self) -> float:
         return self.before + time.monotonic() - self.t0

@@ -1,15 +1,8 @@
-"""The search's console: a trial table with the parameters that matter, and one overall progress line.
-
-- `ProgressLine` (a tune.Callback) prints one line when a trial ends or fails, and otherwise at most
-  every 30 s: trials finished / running / pruned by ASHA / failed (errored, diverged or out of
-  memory), best val_acc so far, elapsed time and an estimate of the time left (mean wall time of
-  the ended trials x trials not started, plus what the running ones still need of it, over the
-  trials running at once).
-- `TrialTable` prints the live trial table with fixed columns every 30 s and at the end. Ray's
-  own console takes its columns from the Tuner's param_space, which is empty here (Optuna's
-  define-by-run space), so Tune's console runs silent (verbose=0; trial errors are still logged).
-- `quiet_ray_console()` keeps Ray from printing lines that contradict ours (see there).
-- `console()` returns the RunConfig arguments.
+"""The search's console and its record of how trials end, kept by one Ray Tune callback (`SearchLog`):
+a progress line when a trial ends (else every 30 s), the trial table every 30 s and at the end, and
+trial_ends.json, the trials the search's own end cut short (Ctrl-C, a spent --time-budget), which
+nothing in a trial's folder tells apart from ASHA pruning it. Tune's CLIReporter shows Tune's status
+(TERMINATED), which cannot say pruned, oom or out of time budget.
 """
 from __future__ import annotations
 
@@ -18,21 +11,27 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+from ray import tune
 
 from analysis.experiment import PARAM_COLUMNS, duration, fmt, param_cells
 from analysis.outcome import (
     ENDED_BY_SEARCH,
     INTERRUPTED,
     NOT_STARTED,
+    OUT_OF_BUDGET,
     PRUNED,
+    TrialView,
     failure_status,
     is_failure,
     outcome,
+    write_ends,
 )
 from analysis.study import METRIC
-from search.outcomes import EndWatch, live_view
+from search.budget import exhausted
+from search.ray_adapter import driver_staging_path
 
 METRIC_COLUMNS = ["stage", "epoch", "val_acc", "best_val_acc"]
 SHORT = {"unfreeze_depth": "unfreeze", "input_size": "input", "aug_strength": "aug",
@@ -42,18 +41,23 @@ MAX_ROWS = 20
 RUNNING, TERMINATED, ERROR = "RUNNING", "TERMINATED", "ERROR"  # ray.tune.experiment.Trial statuses
 
 
-# ---------------------------------------------------------------- shared: reading trials
-
 def status_of(trial, status: str | None = None, ended_by_search: str = "") -> str:
-    """The trial's outcome (analysis.outcome), or where it is while it runs."""
-    return outcome(live_view(trial, status, ended_by_search))
+    """The trial's outcome (analysis.outcome); `status` overrides Tune's (a callback hears of an end
+    before Tune updates the trial)."""
+    status = status or trial.status
+    return outcome(TrialView(trial.config or {}, trial.last_result or {}, errored=status == ERROR,
+                             live=status, ended_by_search=ended_by_search))
+
+
+def end_reason(exp: Path | None) -> str:
+    """Why the search ended with trials still running: its --time-budget ran out, else Ctrl-C."""
+    return OUT_OF_BUDGET if exp is not None and exhausted(exp) else INTERRUPTED
 
 
 def best_score(trial) -> float | None:
     r = trial.last_result or {}
     v = r.get(f"best_{METRIC}", r.get(METRIC))
-    failed = bool(failure_status(r))
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not failed else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not failure_status(r) else None
 
 
 def budget_text(seconds: float) -> str:
@@ -61,8 +65,6 @@ def budget_text(seconds: float) -> str:
     m = max(1, math.ceil(seconds / 60))
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
 
-
-# ---------------------------------------------------------------- the progress line
 
 @dataclass
 class Progress:
@@ -80,9 +82,8 @@ class Progress:
     prior_trial_s: float | None = None  # the pre-launch cost estimate of a trial (search/estimate.py)
 
     def eta(self, parallel: int) -> float | None:
-        """Seconds left: the work left (trials not started x mean trial time, plus what the running
-        ones still need of the mean) over the trials that run at once. Until a trial has ended,
-        the mean is the cost estimate measured before launch."""
+        """Seconds left: the mean trial time (the estimate until a trial ends) x trials not started,
+        plus what the running ones still need of it, over the trials run at once."""
         if self.total is None or not (self.trial_seconds or self.prior_trial_s):
             return None
         mean = (sum(self.trial_seconds) / len(self.trial_seconds) if self.trial_seconds
@@ -95,10 +96,8 @@ class Progress:
 def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None,
                 seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,
                 cut: dict[str, str] | None = None) -> Progress:
-    """Counts over the trials; `ended`/`failed` is a trial Tune is reporting as such right now
-    (its status still says RUNNING during the callback). `seconds`: wall time per trial id, so far
-    (start-up included); without it, Tune's time_total_s. `cut`: trials the search's end cut
-    short (EndWatch.cut_short), by id."""
+    """Counts over the trials; `ended`/`failed`: the trial Tune reports as such right now.
+    `seconds`: wall time per trial id (else Tune's time_total_s); `cut`: trials the search's end cut short."""
     p = Progress(total, prior_trial_s=prior_trial_s)
     seconds, cut = seconds or {}, cut or {}
     for t in trials:
@@ -125,15 +124,14 @@ def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any 
 
 def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float | None = None) -> str:
     """The one-line summary; `budget_left`: seconds left of a --time-budget, which bounds the ETA."""
-    total = "?" if p.total is None else str(p.total)
-    parts = [f"{p.done + p.failed}/{total} trials finished",
+    parts = [f"{p.done + p.failed}/{'?' if p.total is None else p.total} trials finished",
              f"{p.running} running", f"{p.pruned} pruned", f"{p.failed} failed"]
     if p.cut_short:
         parts.append(f"{p.cut_short} {p.cut_reason}")
     parts += [f"best {METRIC} " + (f"{p.best:.4f} ({p.best_trial})" if p.best is not None else "-"),
               f"elapsed {duration(elapsed)}"]
     eta = p.eta(parallel)
-    if p.cut_short:  # the search itself ended early
+    if p.cut_short:
         parts.append("search interrupted: --resume continues it" if p.cut_reason == INTERRUPTED
                      else "search stopped: the time budget is spent")
     elif p.total is not None and p.done + p.failed >= p.total:
@@ -145,96 +143,19 @@ def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float
     return "[search] " + " | ".join(parts)
 
 
-class ProgressLine(EndWatch):
-    """One overall progress line per trial end or failure, at most every `every_s` seconds, and
-    one when the search ends."""
-
-    def __init__(self, every_s: float = EVERY_S, out: Callable[[str], None] = print,
-                 prior_trial_s: float | None = None, budget=None, exp=None):
-        super().__init__(exp)
-        # budget: a search.budget.BudgetStopper (its left()), when the search has a --time-budget
-        self.prior_trial_s, self.budget = prior_trial_s, budget
-        self.every_s, self.out = every_s, out
-        self.total: int | None = None
-        self.start = time.monotonic()
-        self.last_print = self.start
-        self.parallel = 1  # most trials seen running at once
-        self.start_time: dict[str, float] = {}  # trial id -> monotonic start
-        self.ended: dict[str, float] = {}  # trial id -> wall seconds it ran
-
-    def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
-        return {"every_s": self.every_s, "exp": self.exp}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-        self.total = total_num_samples if total_num_samples and total_num_samples < 10**9 else None
-        self.start = self.last_print = time.monotonic()
-
-    def _seconds(self) -> dict[str, float]:
-        now = time.monotonic()
-        return {**{k: now - t0 for k, t0 in self.start_time.items()}, **self.ended}
-
-    def _print(self, trials, **which) -> None:
-        p = progress_of(trials, self.total, seconds=self._seconds(), prior_trial_s=self.prior_trial_s, **which)
-        which.pop("cut", None)
-        self.parallel = max(self.parallel, p.running + bool(which))
-        self.out(progress_line(p, time.monotonic() - self.start, self.parallel,
-                               self.budget.left() if self.budget is not None else None))
-        self.last_print = time.monotonic()
-
-    def on_step_end(self, iteration: int, trials: list, **info):
-        running = sum(t.status == RUNNING for t in trials)
-        self.parallel = max(self.parallel, running)
-        if running and time.monotonic() - self.last_print >= self.every_s:
-            self._print(trials)
-
-    def on_trial_start(self, iteration: int, trials: list, trial, **info):
-        super().on_trial_start(iteration, trials, trial)
-        self.start_time.setdefault(str(trial.trial_id), time.monotonic())
-
-    def _end(self, trial) -> None:
-        t0 = self.start_time.pop(str(trial.trial_id), None)
-        if t0 is not None:
-            self.ended[str(trial.trial_id)] = time.monotonic() - t0
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info):
-        super().on_trial_complete(iteration, trials, trial)
-        self._end(trial)
-        self._print(trials, ended=trial)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info):
-        super().on_trial_error(iteration, trials, trial)
-        self._end(trial)
-        self._print(trials, failed=trial)
-
-    def on_experiment_end(self, trials: list, **info):
-        cut = self.cut_short(trials)
-        if cut:  # Ctrl-C or the time budget: say how many trials it cut short
-            self._print(trials, cut=cut)
-
-
-# ---------------------------------------------------------------- the trial table
-
 def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: int = MAX_ROWS,
                cut: dict[str, str] | None = None) -> tuple[list[str], list[list[str]], int]:
-    """(header, rows, trials left out): running trials first, then by best val_acc. `cut`: the
-    trials the search's end cut short (EndWatch.cut_short), by id."""
+    """(header, rows, trials left out): running trials first, then by best val_acc."""
     cut = cut or {}
-    head = ["trial", "status"] + [SHORT.get(k, k) for k in params + metrics]
     order = {RUNNING: 0, TERMINATED: 1, "PAUSED": 2, "PENDING": 3, ERROR: 4}
 
     def key(t):
         score = best_score(t)
         return order.get(t.status, 5), -(score if score is not None else -1.0)
-    rows = []
-    for t in sorted(trials, key=key):
-        status = status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))
-        cfg, res = t.config or {}, t.last_result or {}
-        rows.append([str(t.trial_id), status]
-                    + param_cells(cfg, params)
-                    + [fmt(res.get(k)) for k in metrics])
+    rows = [[str(t.trial_id), status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))]
+            + param_cells(t.config or {}, params) + [fmt((t.last_result or {}).get(k)) for k in metrics]
+            for t in sorted(trials, key=key)]
+    head = ["trial", "status"] + [SHORT.get(k, k) for k in params + metrics]
     return head, rows[:max_rows], max(0, len(rows) - max_rows)
 
 
@@ -244,53 +165,101 @@ def render_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-class TrialTable(EndWatch):
-    """The live trial table with fixed columns: every `every_s` seconds while trials run, and once
-    at the end, where trials the search's end cut short show as interrupted or out of time budget.
-    A plain callback, not a second Tune terminal reporter: Ray 2.60 sets up only the first
-    reporter's clock, and its own (then second) reporter crashes when a trial fails."""
+class SearchLog(tune.Callback):
+    """Records when each trial started and whether it ended by itself or by the scheduler (those
+    left at the experiment's end were cut short by it), and prints the progress line and the table
+    from that record. `budget`: the search's BudgetStopper, whose left() bounds the ETA; `sync`:
+    storage.Place.sync, called (staging folder, force) when the study may have changed."""
 
-    def __init__(self, params: list[str] | None = None, metrics: list[str] | None = None,
-                 every_s: float = EVERY_S, max_rows: int = MAX_ROWS, out: Callable[[str], None] = print,
-                 exp=None):
-        super().__init__(exp)
-        self.params, self.metrics = list(params or PARAM_COLUMNS), list(metrics or METRIC_COLUMNS)
-        self.every_s, self.max_rows, self.out = every_s, max_rows, out
-        self.start = self.last_print = time.monotonic()
+    def __init__(self, exp: Path | None = None, every_s: float = EVERY_S, out: Callable[[str], None] = print,
+                 prior_trial_s: float | None = None, budget=None, max_rows: int = MAX_ROWS,
+                 sync: Callable[[str | None, bool], None] | None = None):
+        self.exp = Path(exp) if exp is not None else None
+        self.every_s, self.out, self.prior_trial_s, self.budget, self.max_rows = every_s, out, prior_trial_s, budget, max_rows
+        self.sync = sync
+        self.total: int | None = None
+        self.start = self.last_line = self.last_table = time.monotonic()
+        self.parallel = 1  # most trials seen running at once
+        self.started: dict[str, float] = {}  # trial id -> monotonic start
+        self.ended: dict[str, float] = {}  # trial id -> wall seconds it ran
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment; `print` and clocks aside
-        return {"params": self.params, "metrics": self.metrics, "every_s": self.every_s,
-                "max_rows": self.max_rows, "exp": self.exp}
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self.total = total_num_samples if total_num_samples and total_num_samples < 10**9 else None
+        self.start = self.last_line = self.last_table = time.monotonic()
 
-    def __setstate__(self, state):
-        self.__init__(**state)
+    def cut_short(self, trials: list) -> dict[str, str]:
+        """{trial_id: INTERRUPTED | OUT_OF_BUDGET} for the started trials that never ended."""
+        reason = end_reason(self.exp)
+        return {str(t.trial_id): reason for t in trials
+                if str(t.trial_id) in self.started and str(t.trial_id) not in self.ended and t.status != ERROR}
 
-    def setup(self, **info):
-        self.start = self.last_print = time.monotonic()
+    def on_trial_start(self, iteration: int, trials: list, trial, **info):
+        self.started.setdefault(str(trial.trial_id), time.monotonic())
+        self.ended.pop(str(trial.trial_id), None)  # restarted after a failure
+        self._sync(trial, force=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info):
+        self._sync(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info):
+        self._end(trial)
+        self.print_line(trials, ended=trial)
+        self._sync(trial, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info):
+        self._end(trial)
+        self.print_line(trials, failed=trial)
+        self._sync(trial, force=True)
 
     def on_step_end(self, iteration: int, trials: list, **info):
-        if trials and time.monotonic() - self.last_print >= self.every_s:
-            self._print(trials)
+        running = sum(t.status == RUNNING for t in trials)
+        self.parallel = max(self.parallel, running)
+        if trials and time.monotonic() - self.last_table >= self.every_s:
+            self.print_table(trials)
+        if running and time.monotonic() - self.last_line >= self.every_s:
+            self.print_line(trials)
 
     def on_experiment_end(self, trials: list, **info):
-        self._print(trials, everything=True)
+        cut = self.cut_short(trials)
+        if self.exp is not None:
+            write_ends(self.exp, cut, set(self.ended))
+        self.print_table(trials, cut=cut)
+        if cut:  # Ctrl-C or the time budget: say how many trials it cut short
+            self.print_line(trials, cut=cut)
+        self._sync(trials[0] if trials else None, force=True)
 
-    def _print(self, trials: list, everything: bool = False) -> None:
-        cut = self.cut_short(trials) if everything else {}
-        head, rows, more = table_rows(trials, self.params, self.metrics,
-                                      max_rows=len(trials) if everything else self.max_rows, cut=cut)
+    def _sync(self, trial, force: bool = False) -> None:
+        if self.sync is not None:
+            self.sync(driver_staging_path(trial), force)
+
+    def _end(self, trial) -> None:
+        t0 = self.started.get(str(trial.trial_id), time.monotonic())
+        self.ended[str(trial.trial_id)] = time.monotonic() - t0
+
+    def print_line(self, trials: list, **which) -> None:
+        now = time.monotonic()
+        seconds = {k: now - t0 for k, t0 in self.started.items()} | self.ended
+        p = progress_of(trials, self.total, seconds=seconds, prior_trial_s=self.prior_trial_s, **which)
+        self.parallel = max(self.parallel, p.running + ("ended" in which or "failed" in which))
+        self.out(progress_line(p, now - self.start, self.parallel, self.budget.left() if self.budget else None))
+        self.last_line = now
+
+    def print_table(self, trials: list, cut: dict[str, str] | None = None) -> None:
+        """The table with fixed columns; at the end (`cut` given) every trial, cut-short ones as such."""
+        end = cut is not None
+        cut = cut or {}
+        head, rows, more = table_rows(trials, PARAM_COLUMNS, METRIC_COLUMNS,
+                                      max_rows=len(trials) if end else self.max_rows, cut=cut)
         counts: dict[str, int] = {}
-        for tr in trials:
-            name = status_of(tr, ended_by_search=cut.get(str(tr.trial_id), ""))
+        for t in trials:
+            name = status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))
             counts[name] = counts.get(name, 0) + 1
         status = " | ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}",
                  render_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
         self.out("\n".join(lines))
-        self.last_print = time.monotonic()
+        self.last_table = time.monotonic()
 
-
-# ---------------------------------------------------------------- wiring
 
 class _DropLines(logging.Filter):
     """Drops a Ray log record that contradicts this console (see quiet_ray_console)."""
@@ -310,36 +279,13 @@ _FILTERED_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 
 def quiet_ray_console() -> None:
-    """Keep Ray Tune from printing what contradicts this console, and keep the rest of its output.
-
-    - Ray's default ("new") console engine prints, whatever the verbosity, a start-up table with
-      `Number of trials 9223372036854775807` for an unbounded --time-budget search (its own check
-      for "infinite" is off by one) and a TensorBoard command for its staging folder under
-      /tmp/ray, not the experiment. Its legacy engine (RAY_AIR_NEW_OUTPUT=0, the switch Ray and
-      RLlib document) prints nothing at verbose=0 but the trial errors it logs, so it is chosen.
-    - After Ctrl-C it logs `Resume experiment with: Tuner.restore(...)`; the CLI prints the
-      run_search.py --resume command instead.
-    - When the search ends it warns `Failed to fetch metrics` for trials that never started (no
-      result file yet); the summary lists them as "not started". Other fetch failures still show.
-    """
+    """Keep Ray Tune from printing what contradicts this console: its default engine's start-up table
+    (`Number of trials 9223372036854775807` for an unbounded search, a TensorBoard command for its
+    staging folder; the legacy engine prints only trial errors at verbose=0), its `Tuner.restore(...)`
+    line after Ctrl-C (the CLI prints the --resume command) and its `Failed to fetch metrics` warning
+    for trials that never started (the summary lists them as not started)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in _FILTERED_LOGGERS:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
-
-
-@dataclass
-class Console:
-    callbacks: list
-    verbose: int
-    progress_reporter: Any
-
-
-def console(every_s: float = EVERY_S, prior_trial_s: float | None = None, budget=None, exp=None) -> Console:
-    """What RunConfig needs for this console (Ray's own console silenced: quiet_ray_console).
-    `exp`: the experiment folder, where the final table reads whether a spent --time-budget ended
-    the search."""
-    quiet_ray_console()
-    line = ProgressLine(every_s, prior_trial_s=prior_trial_s, budget=budget, exp=exp)
-    return Console([TrialTable(every_s=every_s, exp=exp), line], verbose=0, progress_reporter=None)

@@ -6,6 +6,9 @@ import os
 import socket
 from dataclasses import dataclass
 
+import ray
+import torch
+
 from analysis.command import command
 from search.settings import SearchSettings
 from search.storage import check_cluster_storage
@@ -22,7 +25,6 @@ class Resources:
 
 
 def visible_gpus() -> int:
-    import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -48,8 +50,6 @@ def plan_resources(s: SearchSettings, gpus_visible: int | None = None) -> Resour
 
 def start_ray(s: SearchSettings, res: Resources) -> None:
     """A local Ray with `res.gpus` GPUs (logical ones where there is no CUDA), or join --address."""
-    import ray
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # one copy of a warning repeated by every trial
     if s.address:
         ray.init(address=s.address, logging_level=logging.WARNING, log_to_driver=False)
@@ -74,10 +74,8 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
 
 
 def dashboard_port(host: str, port: int | None) -> int | None:
-    """The dashboard_port for ray.init. None (the default) lets Ray take 8265 or the next free one
-    of 50: it binds each itself, so two searches starting at once never pick the same port (a
-    port found free here and passed on could be taken by the other one before Ray binds it, and a
-    given port gets no retries). A given port that is taken: 0, any free port."""
+    """The dashboard_port for ray.init: None lets Ray bind 8265 or the next free one itself (so two
+    searches starting at once never pick the same port); a given port that is taken: 0, any free one."""
     if port is None or port == 0 or _port_free(host, port):
         return port
     print(f"the Ray dashboard takes a free port: {port} is taken (another search?)")

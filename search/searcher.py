@@ -1,10 +1,7 @@
-"""Optuna proposes configs (define-by-run, seeded: moves around the incumbent mixed with TPE,
-search/incumbent.py), starting from warm-start points that a low-fidelity screen ranks first;
-ASHA prunes weak trials at rungs placed after every trial's head-only stage.
-
-The Optuna study is a real SQLite database in the experiment folder (`optuna.db`, study `search`):
-`optuna-dashboard sqlite:///runs/NAME/optuna.db` opens it, the report's importance reads it, and
-warm-start points are enqueued in it before Ray's OptunaSearch loads it.
+"""Optuna proposes configs (define-by-run: moves around the incumbent mixed with TPE, search/incumbent.py)
+from warm-start points that a low-fidelity screen ranks first; ASHA prunes weak trials at rungs placed
+after every trial's head-only stage. The study is `optuna.db` in the experiment folder (optuna-dashboard
+and the report read it; warm-start points are enqueued in it before Ray's OptunaSearch loads it).
 """
 from __future__ import annotations
 
@@ -16,28 +13,30 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.experiment import load_trials
 from analysis.outcome import planned_epochs
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, WARM_CONFIG, StudyStorage
+from search import ray_adapter
 from search.incumbent import IncumbentSampler, screened
 from spaces import Options, Space, Suggest
+from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
 
 TIME_ATTR = "epoch"  # the epoch counter across all stages, reported by every trial
 
 
 class DefineByRun:
-    """Optuna's define-by-run function: sample the space, then return the complete resolved config
-    (sampled values, --set values and TrialConfig defaults alike), so each trial's params.json can
-    rerun it alone. A class, not a closure, because Tune pickles the searcher to resume it."""
+    """Optuna's define-by-run function: the trial's complete, validated config (TrialConfig defaults <
+    search-wide fields < a planned point's own fields < sampled values < --set), so its params.json
+    reruns it alone. A class, not a closure: Tune pickles the searcher to resume it."""
 
     def __init__(self, space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any]):
         self.space, self.opts, self.fixed, self.base = space, opts, fixed, base
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         chosen = self.space.sample(Suggest(trial, self.fixed), self.opts)
-        # a warm-start point fixes the sampled names through Optuna (enqueue_trial); the recipe's
-        # other fields (its augment list, warm-up, patience...) come from its complete config, and
-        # a local move of it keeps them (search/incumbent.py)
+        # a planned point's unsampled fields (a recipe's augment list, warm-up...; a local move keeps its
+        # parent's) are in the study anyway, for the report and a resume: read there, not held twice
         attrs = getattr(trial, "user_attrs", {})
         point = attrs.get(WARM_CONFIG) or attrs.get(EXTRA_ATTR) or {}
         return TrialConfig.from_dict({**self.base, **point, **chosen, **self.fixed}).to_dict()
@@ -45,17 +44,14 @@ class DefineByRun:
 
 def _quiet_optuna() -> None:
     """No 'study created' log line, and no warning that TPE's `group` option is experimental."""
-    import warnings
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.samplers.BaseSampler:
-    """"incumbent" (the default: moves around the best config mixed with TPE, search/incumbent.py),
-    "tpe" (multivariate, grouped for conditional parameters) or "random".
-
-    TPE draws `n_startup_trials` finished trials at random before it models; warm-start
-    trials count among them."""
+    """"incumbent" (moves around the best config mixed with TPE), "tpe" (multivariate, grouped for
+    conditional parameters; `n_startup_trials` finished trials, warm-start ones included, before it
+    models) or "random"."""
     _quiet_optuna()
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -66,16 +62,12 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.sam
 
 
 class FidelitySearch(OptunaSearch):
-    """Ray's OptunaSearch, telling Optuna each trial at its fidelity, and promoting the screen.
+    """Ray's OptunaSearch telling Optuna each trial at its fidelity, and promoting the screen.
 
-    Ray tells a trial that ASHA stopped (or the time budget cut) as COMPLETE with its value at the
-    rung (ray/tune/search/optuna/optuna_search.py, on_trial_complete, Ray 2.60), so 1-epoch and
-    full-budget values are ranked together. Here a trial that ended before its plan did, or that
-    trained on a fraction of the data (the screen), is told PRUNED: its per-epoch values stay
-    as intermediate values, and TPE ranks pruned trials below complete ones (optuna#4211).
-
-    When the last screen trial has ended, the best `promote` of them are enqueued again at full
-    fidelity (successive halving among the recipe points: the screen is its first rung).
+    Ray tells a trial ASHA stopped as COMPLETE with its value at the rung, ranking 1-epoch and full
+    values together; here a trial cut before its plan's end, or screened on a fraction of the data,
+    is told PRUNED (TPE ranks those below complete ones). When the screen has ended, its best
+    `promote` are enqueued at full fidelity (successive halving among the recipe points).
     """
 
     def __init__(self, *args, promote: int = 0, **kwargs):
@@ -84,30 +76,29 @@ class FidelitySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        requeue_lost(self._ot_study, {t.number for t in self._ot_trials.values()})
+        study, ot_trials, _ = ray_adapter.optuna_state(self)
+        requeue_lost(study, {t.number for t in ot_trials.values()})
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if (result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials
-                and low_fidelity(result)):
-            ot_trial = self._ot_trials[trial_id]
-            # a trial's last result reaches the searcher here only (Tune passes a finished trial's
-            # final result to on_trial_complete, not on_trial_result): report it, since PRUNED
-            # keeps the last intermediate value as the trial's value
+        study, ot_trials, told = ray_adapter.optuna_state(self)
+        if result and not error and trial_id in ot_trials and trial_id not in told and low_fidelity(result):
+            ot_trial = ot_trials[trial_id]
+            # Tune passes a trial's last result here only; PRUNED keeps the last reported value
             if self.metric in result and "training_iteration" in result:
                 with warnings.catch_warnings():  # a step already reported is kept (Optuna warns)
                     warnings.simplefilter("ignore")
                     ot_trial.report(result[self.metric], result["training_iteration"])
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+            study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            told.add(trial_id)
         else:
             super().on_trial_complete(trial_id, result, error)
         if self.promote:  # also after a screen trial that failed: the screen may have ended with it
-            promote_screen(self._ot_study, self.promote)
+            promote_screen(study, self.promote)
 
 
 def low_fidelity(result: dict[str, Any]) -> bool:
-    """A trial's last result (flattened, as Tune passes it) was reached below full fidelity: on a
-    fraction of the data, or before its plan's last epoch without early-stopping itself."""
+    """A trial's last (flattened) result came below full fidelity: on a fraction of the data, or
+    before its plan's last epoch without early-stopping itself."""
     config = {k.removeprefix("config/"): v for k, v in result.items() if k.startswith("config/")}
     if result.get("status", "ok") != "ok":
         return False  # a failure is told as a 0, everywhere, so the searcher avoids its region
@@ -117,10 +108,8 @@ def low_fidelity(result: dict[str, Any]) -> bool:
 
 
 def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:
-    """After a restore: trials the study holds as RUNNING that the restored searcher never knew (a
-    driver killed between asking for a trial and saving its state) are told FAIL, and a planned
-    point among them (a recipe point, a screen or a promotion) is enqueued again, so the plan
-    neither loses it nor waits for it forever. Returns the numbers told FAIL."""
+    """After a restore: RUNNING trials the restored searcher never knew (the driver killed between
+    asking and saving) are told FAIL, a planned point among them enqueued again; returns their numbers."""
     lost = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             if t.number not in known]
     for t in lost:
@@ -150,18 +139,13 @@ def promote_screen(study: optuna.Study, k: int) -> list[int]:
 def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any],
                   seed: int, exp: Path, warm: list = (), told: list = (), sampler: str = "incumbent",
                   screen_fraction: float = 1.0, promote: int = 0) -> OptunaSearch:
-    """Ray's OptunaSearch over the experiment's SQLite study, which first gets `told` (finished
-    trials of earlier experiments, as optuna FrozenTrials) and then `warm` (spaces.warm_start
-    WarmPoints, enqueued in order: the search's first trials).
-
-    Points go in through Optuna's own enqueue_trial, not Tune's `points_to_evaluate`: with a
-    define-by-run space Ray only honours names drawn through suggest_* (ray-project/ray#35319),
-    and a recipe's other fields must reach the trial too (DefineByRun reads them back).
+    """Ray's OptunaSearch over the experiment's study, which first gets `told` (earlier experiments'
+    trials, as FrozenTrials), then `warm` (WarmPoints enqueued in order: the first trials). Points go
+    through Optuna's enqueue_trial, not Tune's `points_to_evaluate`, which with a define-by-run space
+    honours only names drawn through suggest_* (ray-project/ray#35319).
     """
-    # with a warm start, TPE models once as many trials as there are expert points have reported
-    # (a designed start-up set, better than random draws: PriorBand); without one, Optuna's default
-    # 10. Optuna counts only finished trials, so proposals asked for while expert points still run
-    # (concurrent trials) are random draws (benchmarks/duel.py saw it)
+    # with a warm start TPE models once the expert points have reported (a designed start-up set:
+    # PriorBand), else after Optuna's default 10
     n_startup = min(10, len(warm) + len(told)) if (warm or told) else 10
     smp = make_sampler(sampler, seed, max(1, n_startup))
     Path(exp).mkdir(parents=True, exist_ok=True)
@@ -181,9 +165,8 @@ def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict
 
 
 def stage_aware_grace(space: Space, max_epochs: int) -> int:
-    """ASHA's first rung: one epoch after the space's longest head-only stage 1, so every trial
-    that unfreezes blocks has trained them for an epoch before it can be pruned (a decision at
-    epoch 1 would judge only stage-1 parameters: head lr, input size, backbone)."""
+    """ASHA's first rung: one epoch after the space's longest head-only stage 1, so no trial is judged
+    before its unfrozen blocks have trained."""
     return min(space.longest_stage1(max_epochs) + 1, max_epochs)
 
 
@@ -196,11 +179,8 @@ def make_scheduler(kind: str, max_t: int, grace_period: int, reduction_factor: i
 
 
 def told_trials(dirs: list[Path], space: Space, opts: Options, fixed: dict[str, Any]) -> tuple[list, list[str]]:
-    """The finished trials of earlier experiments as Optuna FrozenTrials of this space (value: the
-    trial's best val_acc; 0 for one that diverged or ran out of memory, as in a search), and one
-    line per trial that is not a point of this space."""
-    from analysis.experiment import load_trials
-    from spaces.warm_start import OutsideSpace, as_point, fit_epochs
+    """Earlier experiments' finished trials as FrozenTrials of this space (value: best val_acc, 0 for a
+    failure as in a search), their plans scaled to this budget; one line per trial outside the space."""
     frozen, skipped = [], []
     for d in dirs:
         for t in load_trials(d):
@@ -208,9 +188,7 @@ def told_trials(dirs: list[Path], space: Space, opts: Options, fixed: dict[str, 
                 continue
             value = float(t.best[METRIC]) if t.best is not None else 0.0
             try:
-                # an experiment with another epoch budget: its plan scaled to this one's
-                cfg = fit_epochs(t.config, opts.max_epochs)
-                p = as_point(f"{d.name}/{t.trial_id}", cfg, space, opts, fixed)
+                p = as_point(f"{d.name}/{t.trial_id}", fit_epochs(t.config, opts.max_epochs), space, opts, fixed)
             except (OutsideSpace, ValueError) as e:
                 skipped.append(f"{d.name}/{t.trial_id}: {e}")
                 continue

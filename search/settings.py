@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,8 +17,26 @@ from typing import Any, Callable, get_args
 import yaml
 
 from analysis.command import command, examples
-from trainable.config import PrecisionName, split_assignment
+from spaces import NAMES
+from trainable.config import PrecisionName, coerce, split_assignment
 from trainable.errors import UserError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """"90m", "1.5h", "600s", "600" (seconds), "1h30m" -> seconds. Raises UserError."""
+    t = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r} must be more than 0")
+    return seconds
 
 
 def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
@@ -44,7 +64,6 @@ def _fraction(v: float) -> str:
 
 
 def _duration(v: str) -> str:
-    from search.budget import parse_duration
     parse_duration(v)  # its UserError names the forms it takes
     return ""
 
@@ -56,13 +75,11 @@ def _assignments(items: list[str]) -> str:
 
 
 def _space(v: str) -> str:
-    from spaces import ALIASES, NAMES
-    return "" if ALIASES.get(v, v) in NAMES else "is an unknown space: see --list-spaces"
+    return "" if v in NAMES else "is an unknown space: see --list-spaces"
 
 
 def _bindable_host(v: str) -> str:
     """Ray's dashboard must be able to listen there: an address of this machine."""
-    import socket
     try:
         infos = socket.getaddrinfo(v, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -95,10 +112,6 @@ def folder_name_problem(name: str) -> str:
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         return f"is longer than {NAME_MAX} bytes"
     return ""
-
-
-def _name(v: str) -> str:
-    return folder_name_problem(v) if v else ""  # '' means SPACE-DATE-TIME
 
 
 @dataclass
@@ -158,14 +171,27 @@ class SearchSettings:
     local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
                               "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
                               "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
-    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=_name)
+    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=folder_name_problem)
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
     list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
 
     def fixed_params(self) -> dict[str, str]:
-        """The --set KEY=VALUE pairs as a dict (values are coerced later by TrialConfig)."""
+        """The --set KEY=VALUE pairs as given."""
         return dict(split_assignment(item) for item in self.set or [])
+
+    def fixed(self) -> dict[str, Any]:
+        """The --set values typed as TrialConfig's fields (UserError for an unknown key or a bad value)."""
+        return coerce(self.fixed_params())
+
+    def trial_base(self) -> dict[str, Any]:
+        """The search-wide fields of every trial's config (below a space's and --set's values)."""
+        return {"pretrained": not self.no_pretrained, "weights_dir": self.weights_dir, "seed": self.seed,
+                "compile": self.compile, "precision": self.precision}
+
+    def budget_s(self) -> float | None:
+        """--time-budget in seconds (None without one)."""
+        return parse_duration(self.time_budget) if self.time_budget else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,7 +225,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def build_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     parser = OneLineParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str, Any] = {}
     for f in fields(SearchSettings):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
@@ -260,18 +286,18 @@ def load_yaml_settings(path: str) -> dict[str, Any]:
 
 
 def _yaml_value(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """A YAML value as the flag would have parsed it (argparse leaves non-string defaults alone)."""
+    """A YAML value as the flag would have parsed it (argparse leaves non-string defaults alone).
+    trainable.config.coerce types TrialConfig's fields, with its own messages and truthy strings."""
     if value is None and f.default is None:
         return None
     if f.name == "set":  # a list of KEY=VALUE, one KEY=VALUE, or a mapping of them
-        items = [value] if isinstance(value, str) else value
-        if isinstance(items, dict):
-            items = [f"{k}={v}" for k, v in items.items()]
+        items = [value] if isinstance(value, str) else [f"{k}={v}" for k, v in value.items()] \
+            if isinstance(value, dict) else value
         if isinstance(items, list) and all(isinstance(i, str) for i in items):
             return items
         raise UserError(f"{where} must be a list of KEY=VALUE strings or a mapping, not {value!r}")
     typ = f.metadata["type"]
-    if typ is None:  # a switch
+    if typ is None:  # a switch: not a truthy string
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, not {value!r}")

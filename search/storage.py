@@ -3,14 +3,33 @@
 Ray Tune writes trial checkpoints from the node the trial runs on, so on a multi-node cluster the
 storage must be one every node reaches (ray-project/ray#37177): a cloud URI (s3://, gs://, any
 filesystem pyarrow knows) or a folder mounted at the same path on every node (NFS, ...).
+With a URI, Tune writes the trials there itself; the driver's own files (optuna.db, settings,
+budget, estimate, best_config) are opened before Tune's staging folder exists and written after
+fit returns, so they live in a local folder that `Place` uploads (Tune syncs only its own state).
 """
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
+import shlex
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
+import yaml
+from filelock import FileLock, Timeout
+
+from analysis.command import command, shown
+from analysis.experiment import SETTINGS_FILE
 from trainable.atomic import write_error
 from trainable.cache import cache_root
 from trainable.errors import UserError
@@ -22,13 +41,10 @@ URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
 def uri_scheme(path: str) -> str:
     """The scheme of a storage URI ('s3' for s3://bucket/x), '' for a local path or file://."""
     scheme, sep, _ = str(path).partition("://")
-    if not sep or scheme.lower() == "file":
-        return ""
-    return scheme.lower()
+    return scheme.lower() if sep and scheme.lower() != "file" else ""
 
 
 def is_uri(path: str) -> bool:
-    """True when `path` names remote storage (s3://, gs://, ...) rather than a local folder."""
     return bool(uri_scheme(path))
 
 
@@ -53,10 +69,7 @@ def redact(uri: str) -> str:
 
 
 def check_uri(path: str, what: str = "--storage-path") -> str:
-    """A storage URI pyarrow can open, without a trailing slash (its ?options kept); else a UserError.
-
-    Only the form is checked here; `check_reachable` tries the bucket.
-    """
+    """The URI's form (`check_reachable` tries the bucket), without a trailing slash; else a UserError."""
     scheme = uri_scheme(path)
     if scheme not in URI_SCHEMES:
         raise UserError(f"{what} {redact(path)}: {scheme}:// is not a storage pyarrow knows: use "
@@ -71,9 +84,7 @@ def check_uri(path: str, what: str = "--storage-path") -> str:
 def local_path(path: str) -> Path:
     """A local --storage-path (a folder or a file:// URI) as an absolute Path."""
     p = str(path)
-    if p.lower().startswith("file://"):
-        p = p[len("file://"):]
-    return Path(p).expanduser().resolve()
+    return Path(p[len("file://"):] if p.lower().startswith("file://") else p).expanduser().resolve()
 
 
 def join(storage: str, name: str) -> str:
@@ -85,22 +96,14 @@ def join(storage: str, name: str) -> str:
 
 
 def filesystem_and_path(path: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and the path on it, for a local folder or a URI (as Ray Tune
-    resolves its storage_path)."""
-    import pyarrow.fs
-
-    if is_uri(path):
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(local_path(path))
+    """The pyarrow filesystem and the path on it, of a local folder or a URI (as Ray Tune resolves them)."""
+    return pyarrow.fs.FileSystem.from_uri(path) if is_uri(path) else (pyarrow.fs.LocalFileSystem(), str(local_path(path)))
 
 
 def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared: bool) -> str | None:
-    """Can every node of the cluster write to `storage_path`? `nodes` is `ray.nodes()`.
-
-    Raises a UserError for a local folder on a cluster whose alive nodes are on several machines
-    unless `shared`
-    (the user says the folder is mounted on every node); returns a line to print, or None.
-    """
+    """Can every node of the cluster (`ray.nodes()`) write to `storage_path`? A UserError for a local
+    folder when alive nodes are on several machines, unless `shared` (mounted on every node); else a
+    line to print, or None."""
     # Ray nodes on one machine (ray.cluster_utils, several raylets a host) share its folders
     alive = len({n.get("NodeManagerAddress") or n.get("NodeID") for n in nodes if n.get("Alive")})
     if alive <= 1 or is_uri(storage_path):
@@ -112,14 +115,6 @@ def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared
                     f"cluster has nodes on {alive} machines: use a folder every node mounts at the same path "
                     f"(NFS, ...) and add --storage-shared, or a cloud URI (s3://BUCKET/runs, gs://BUCKET/runs)")
 
-
-# --- cloud storage: reaching it, and the driver's local copy of an experiment -------------------
-#
-# Ray Tune writes trial results and checkpoints to a URI itself (RunConfig.storage_path, through
-# pyarrow), and syncs its own experiment state from a staging folder it makes inside Tuner.fit.
-# The driver's files (optuna.db, search_settings.yaml, budget.json, estimate.json, best_config.*)
-# are opened before that folder exists and written after fit returns, so they live in a local
-# mirror of the experiment and are uploaded here: periodically, when the search ends, on errors.
 
 PROBE_TIMEOUT_S = float(os.environ.get("CIFAR_TUNE_STORAGE_TIMEOUT_S", "60"))
 # Ray Tune's own files at the top of an experiment: never uploaded from the mirror (Ray's are newer)
@@ -138,29 +133,21 @@ _FIXES = {
 
 
 def _fix(scheme: str) -> str:
-    key = {"gcs": "gs", "abfss": "abfs", "viewfs": "hdfs"}.get(scheme, scheme)
-    return _FIXES.get(key, "check the address and the credentials")
-
-
-def _short(e: BaseException) -> str:
-    """pyarrow's message, first line, cut short (its errors run to many lines)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    return _FIXES.get({"gcs": "gs", "abfss": "abfs", "viewfs": "hdfs"}.get(scheme, scheme),
+                      "check the address and the credentials")
 
 
 def storage_error(uri: str, e: BaseException, what: str = "--storage-path") -> UserError:
-    """pyarrow's error reaching `uri` as one line naming the URI and the fix."""
+    """pyarrow's error reaching `uri` (first line, cut short) as one line naming the URI and the fix."""
     fix = ("fix the URI's ?options (pyarrow.fs.FileSystem.from_uri's query parameters)"
            if isinstance(e, ValueError) else _fix(uri_scheme(uri)))  # pyarrow's ArrowInvalid: a bad URI
-    return UserError(f"{what} {redact(uri)} cannot be reached ({_short(e)}): {fix}")
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return UserError(f"{what} {redact(uri)} cannot be reached ({text if len(text) <= 160 else text[:157] + '...'}): {fix}")
 
 
 def _with_timeout(fn, uri: str, what: str, timeout_s: float):
     """fn() in a thread; a UserError when it raises or takes longer than `timeout_s` (pyarrow's GCS
     client retries for minutes without credentials or network)."""
-    import threading
-
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -174,21 +161,17 @@ def _with_timeout(fn, uri: str, what: str, timeout_s: float):
     if t.is_alive():
         raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {_fix(uri_scheme(uri))} "
                         f"and the network (CIFAR_TUNE_STORAGE_TIMEOUT_S waits longer)")
+    if isinstance(out.get("error"), UserError):
+        raise out["error"]
     if "error" in out:
-        e = out["error"]
-        if isinstance(e, UserError):
-            raise e
-        raise storage_error(uri, e, what) from None
+        raise storage_error(uri, out["error"], what) from None
     return out.get("value")
 
 
 def check_reachable(uri: str, *, write: bool = True, what: str = "--storage-path",
                     timeout_s: float | None = None) -> None:
-    """Reach the URI now, before Ray starts: create the folder and write and delete a small file
-    (`write`), or only look it up; a one-line UserError naming the URI and the fix otherwise."""
+    """Reach the URI before Ray starts: write and delete a small file there (`write`), or look it up."""
     def probe() -> None:
-        import pyarrow.fs
-
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         if not write:
             fs.get_file_info(root)
@@ -202,9 +185,8 @@ def check_reachable(uri: str, *, write: bool = True, what: str = "--storage-path
 
 
 def mirror_dir(uri: str, local_dir: str = "") -> Path:
-    """The local folder holding the driver's copy of the experiment at `uri` (STORAGE/NAME):
-    LOCAL_DIR/NAME with --local-dir, else CACHE/runs/SCHEME/BUCKET/PATH/NAME in the project's cache
-    (CIFAR_TUNE_CACHE, default ~/.cache/cifar-tune), one folder per URI."""
+    """The driver's local copy of the experiment at `uri`: LOCAL_DIR/NAME, else one folder per URI in
+    the project's cache (CACHE/runs/SCHEME/BUCKET/PATH/NAME)."""
     base, _ = split_query(check_uri(uri))
     if local_dir:
         return Path(local_dir).expanduser().resolve() / base.rsplit("/", 1)[-1]
@@ -213,79 +195,44 @@ def mirror_dir(uri: str, local_dir: str = "") -> Path:
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    import fnmatch
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def driver_files(exp: Path) -> list[Path]:
     """The driver's own files at the top of the local experiment folder (not Ray Tune's)."""
-    exp = Path(exp)
     return sorted(p for p in exp.iterdir() if p.is_file() and not _matches(p.name, RAY_FILES)) if exp.is_dir() else []
 
 
 def upload(files: list[Path], local_root: Path, uri: str, what: str = "--storage-path") -> list[str]:
     """Copy local `files` (under `local_root`) to the same relative paths under `uri`; returns them.
-
-    SQLite databases are copied through sqlite's backup API, so a database the driver is writing
-    is uploaded as a consistent snapshot."""
-    import shutil
-    import tempfile
-
-    local_root = Path(local_root)
-
+    A SQLite database goes as a snapshot through sqlite's backup API (the driver may be writing it)."""
     def copy() -> list[str]:
-        import pyarrow.fs
-
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-        root = root.rstrip("/")
         done = []
-        made: set[str] = set()
         for f in files:
-            rel = Path(f).relative_to(local_root).as_posix()
-            dest = f"{root}/{rel}"
-            parent = dest.rsplit("/", 1)[0]
-            if parent not in made:
-                fs.create_dir(parent, recursive=True)
-                made.add(parent)
+            done.append(Path(f).relative_to(local_root).as_posix())
             with tempfile.TemporaryDirectory() as tmp:
                 src = _sqlite_snapshot(Path(f), Path(tmp)) if Path(f).suffix == ".db" else Path(f)
-                with open(src, "rb") as fin, fs.open_output_stream(dest) as fout:
-                    shutil.copyfileobj(fin, fout, 8 << 20)
-            done.append(rel)
+                pyarrow.fs.copy_files(str(src), f"{root.rstrip('/')}/{done[-1]}", destination_filesystem=fs)
         return done
     return _with_timeout(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
 
 
 def _sqlite_snapshot(db: Path, tmp: Path) -> Path:
-    import sqlite3
-
-    out = tmp / db.name
     try:
-        src = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            dst = sqlite3.connect(out)
-            with dst:
-                src.backup(dst)
-            dst.close()
-        finally:
-            src.close()
-        return out
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as src, \
+                closing(sqlite3.connect(tmp / db.name)) as dst:
+            src.backup(dst)
+        return tmp / db.name
     except sqlite3.Error:  # not a database after all: the bytes as they are
         return db
 
 
 def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
              what: str = "--storage-path") -> list[str]:
-    """Copy every file under `uri` to the same relative path under `local_root`, except those whose
-    relative path `skip(rel)` rejects; with `newer_only`, a local file newer than its remote copy is
-    kept. Returns the relative paths copied; [] when nothing is there."""
-    import shutil
-
-    local_root = Path(local_root)
-
+    """Copy every file under `uri` to the same relative path under `local_root` but those `skip(rel)`
+    rejects (with `newer_only`, a local file newer than its remote copy is kept); returns them."""
     def copy() -> list[str]:
-        import pyarrow.fs
-
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         root = root.rstrip("/")
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -296,7 +243,7 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
             rel = info.path[len(root):].lstrip("/")
             if not rel or (skip is not None and skip(rel)):
                 continue
-            dest = local_root / rel
+            dest = Path(local_root) / rel
             mtime = info.mtime.timestamp() if info.mtime is not None else None
             if newer_only and dest.exists() and mtime is not None and dest.stat().st_mtime >= mtime:
                 continue
@@ -318,17 +265,198 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
     return _with_timeout(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
 
 
+# `skip` rules for `download`
 def no_checkpoints(rel: str) -> bool:
-    """`skip` for `download`: trial checkpoints (analysis retrains; it reads results only)."""
+    """Skip trial checkpoints (analysis retrains; it reads results only)."""
     return any(part.startswith("checkpoint_") for part in rel.split("/"))
 
 
 def top_level_driver_file(rel: str) -> bool:
-    """`skip` for `download` keeping only the driver's files at the top of the experiment."""
+    """Keep only the driver's files at the top of the experiment."""
     return "/" in rel or _matches(rel, RAY_FILES)
 
 
 def results_only(rel: str) -> bool:
-    """`skip` for `download` of a whole experiment: trial checkpoints (analysis retrains, it reads
-    results only) and Ray Tune's own state at the top."""
+    """Skip trial checkpoints and Ray Tune's own state at the top."""
     return no_checkpoints(rel) or ("/" not in rel and _matches(rel, RAY_FILES))
+
+
+def parent_and_name(path: str) -> tuple[str, str]:
+    """('s3://b/runs?opts', 'NAME') from 's3://b/runs/NAME?opts'; (str(parent), name) of a folder:
+    Tune's storage_path and run name."""
+    if not is_uri(path):
+        return str(Path(path).parent), Path(path).name
+    base, query = split_query(path)
+    parent, name = base.rsplit("/", 1)
+    return parent + query, name
+
+
+def can_restore(path: str) -> bool:
+    """Whether `path` (a folder or a URI) holds a Tune experiment; an unreachable URI is a UserError."""
+    from ray import tune  # analyze.py reads storage without Ray
+    try:
+        return tune.Tuner.can_restore(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's OSError, ArrowException
+        raise storage_error(path, e) from None
+
+
+@dataclass
+class Place:
+    """Where one experiment lives: the driver's local folder `exp` and, for a cloud --storage-path
+    (`storage`), the URI the trials go to and the driver's files are uploaded to ('' when local)."""
+    exp: Path
+    uri: str = ""
+    storage: str = ""
+    every_s: float = 60.0  # seconds between uploads while results come in
+    last_sync: float = float("-inf")
+
+    @property
+    def tune_path(self) -> str:
+        """What Tune writes to and restores from."""
+        return self.uri or str(self.exp)
+
+    def settings(self) -> dict[str, str]:
+        """The storage fields of search_settings.yaml: where the experiment is, and its local copy."""
+        if self.uri:
+            return {"storage_path": self.storage, "local_dir": str(self.exp.parent)}
+        return {"storage_path": str(self.exp.parent), "local_dir": ""}
+
+    def describe(self) -> str:
+        if self.uri:
+            return f"experiment: {redact(self.uri)} (the driver's files: {self.exp})"
+        return f"experiment: {shown(self.exp)}\nTensorBoard: {command('tensorboard', '--logdir', self.exp)}"
+
+    def resume_command(self) -> str:
+        """The command that continues this experiment (--storage-path left out when it is the default)."""
+        args: list = ["--resume", "--name", self.exp.name]
+        if self.uri:
+            args += ["--storage-path", self.storage]
+        elif shown(self.exp.parent) != "runs":
+            args += ["--storage-path", self.exp.parent]
+        return command("run_search.py", *args)
+
+    def upload(self, best_effort: bool = False) -> None:
+        """The driver's files to the URI (nothing to do for a local experiment)."""
+        if not self.uri:
+            return
+        try:
+            upload(driver_files(self.exp), self.exp, self.uri)
+        except UserError as e:
+            if not best_effort:
+                raise
+            print(f"warning: could not upload the driver's files: {e}", file=sys.stderr)
+
+    def sync(self, staging: str | None, force: bool = False) -> None:
+        """Upload during the search: when the study changes (`force`: a trial started or ended, so the
+        bucket's optuna.db is never older than the searcher state Tune uploads) and every `every_s`.
+        After a restore Tune uploads its copies of the driver's *.json from `staging` too: refresh them."""
+        if not self.uri or (not force and time.monotonic() - self.last_sync < self.every_s):
+            return
+        self.last_sync = time.monotonic()
+        for f in driver_files(self.exp) if staging and Path(staging).is_dir() else []:
+            dest = Path(staging) / f.name
+            if dest.exists():
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, dest)
+        self.upload(best_effort=True)
+
+    def fetch_results(self) -> None:
+        """The trials' results (not checkpoints) next to the driver's files, for the export."""
+        if self.uri:
+            download(self.uri, self.exp, skip=lambda rel: "/" not in rel or results_only(rel), newer_only=True)
+
+    def closing(self) -> str:
+        return (f"uploaded to {redact(self.uri)}; analyze it there (analysis/ goes to the bucket too): "
+                f"{command('analyze.py', redact(self.uri))}") if self.uri else ""
+
+
+# what a search leaves in its folder once Ray has started it (the settings and estimate come before)
+STARTED = ("tuner.pkl", "experiment_state-*.json", "optuna.db", "trial_*")
+LOCK_FILE = ".search.lock"
+
+
+def open_experiment(storage_path: str, name: str, default: str, resume: bool, local_dir: str = "") -> Place:
+    """The experiment --storage-path/--name (`default` when no --name is given), checked as below."""
+    if resume and not name:
+        raise UserError("--resume needs --name of the experiment to continue")
+    if is_uri(storage_path):
+        return cloud_experiment(storage_path, name or default, resume, local_dir)
+    return local_experiment(storage_path, name or default, bool(name), resume)
+
+
+def already_there(name: str, where: str) -> str:
+    """The one line refusing to start a second search in an experiment's folder."""
+    return (f"--name {name}: {where} already holds a search: continue it with --resume --name {shlex.quote(name)}, "
+            f"or start a new one with a fresh --name")
+
+
+def local_experiment(storage_path: str, name: str, given: bool, resume: bool) -> Place:
+    """STORAGE/NAME in a local --storage-path. Without --resume a given --name whose folder holds a
+    search that started is refused; a default name is made unique (NAME-2, ...)."""
+    storage = local_path(storage_path)
+    exp = storage / name
+    if resume:
+        if not can_restore(str(exp)):
+            raise UserError(f"--resume: no experiment at {exp}: check --name and --storage-path")
+    elif not given:
+        exp = next((e for i in range(1, 1000) if not (e := storage / (name if i == 1 else f"{name}-{i}")).exists()), None)
+        if exp is None:
+            raise UserError(f"{storage} holds 999 experiments named {name}*: pass --name")
+    elif exp.is_dir() and any(next(exp.glob(p), None) is not None for p in STARTED):
+        raise UserError(already_there(name, str(exp)))
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--storage-path {storage} is not writable ({e.strerror}): pick another folder") from None
+    return Place(exp)
+
+
+def cloud_experiment(storage_path: str, name: str, resume: bool, local_dir: str) -> Place:
+    """URI/NAME, reached now, before Ray starts, and the driver's local folder for it; --resume first
+    fetches the driver's files (a local copy newer than the URI's is kept) into the folder the
+    experiment began in (Ray's saved searcher opens optuna.db there), read from its settings."""
+    if any(c in name for c in "?#%"):  # they would change the URI's meaning
+        raise UserError(f"--name {name!r}: a cloud experiment's name can't hold ?, # or %: pick another --name")
+    uri = join(check_uri(storage_path), name)
+    check_reachable(uri)
+    local = local_dir
+    if resume:
+        if not can_restore(uri):
+            raise UserError(f"--resume: no experiment at {redact(uri)}: check --name and --storage-path")
+        if not local:
+            with tempfile.TemporaryDirectory() as tmp:
+                download(uri, Path(tmp), skip=lambda rel: rel != SETTINGS_FILE)
+                f = Path(tmp) / SETTINGS_FILE
+                local = str((yaml.safe_load(f.read_text()) or {}).get("local_dir") or "") if f.exists() else ""
+    elif can_restore(uri):
+        raise UserError(already_there(name, redact(uri)))
+    exp = mirror_dir(uri, local)
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if local_dir or not local:
+            raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
+        print(f"warning: {exp} (where the experiment began) can't be made here ({e.strerror}); using the cache")
+        exp = mirror_dir(uri, "")
+        exp.mkdir(parents=True, exist_ok=True)
+    if resume:
+        got = download(uri, exp, skip=top_level_driver_file, newer_only=True)
+        print(f"resume: the driver's files of {redact(uri)} are in {exp}" + (f" ({len(got)} fetched)" if got else ""))
+    return Place(exp, uri, storage_path)
+
+
+def claim(exp: Path) -> FileLock:
+    """An exclusive lock on the experiment folder while this search runs (released when the returned
+    lock is dropped or the process ends): a second search started on it at once stops in one line."""
+    exp.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(exp / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{exp} is being run by another search right now: wait for it, or start this one "
+                        f"with a fresh --name") from None
+    return lock

@@ -1,20 +1,11 @@
 """TensorBoard for a search: per trial, the epoch metrics against the global epoch, and the HParams view.
 
-Tune's own TBXLoggerCallback logs every result key as `ray/tune/<key>` against
-`training_iteration`, and its HParams entry (written only at the trial's end) carries the last
-result, not the trial's best. `EpochTensorBoard` replaces it (it subclasses TBXLoggerCallback, so
-Tune adds no second one) and writes, into each trial's folder:
-
-- scalars `val_acc`, `val_loss`, `train_loss`, `lr`, `stage`, `best_val_acc`, with step = the
-  result's `epoch` (the global epoch across all stages, as trainable/trial.py reports it);
-- an HParams session when the trial ends (TensorBoard keeps only a run's first session info, so
-  it is written once, with the outcome): the trial's hyper-parameters (TrialConfig's tunable
-  fields) plus `status` (analysis.outcome's name: completed, pruned, early-stopped, diverged, oom,
-  errored, out of time budget), and the session ends as a failure for diverged, oom and errored;
-  the view's metric columns are the scalars above, so `best_val_acc` shows each trial's best.
-  A trial interrupted by Ctrl-C gets no session: `--resume` continues it and writes its real end.
-
-`tensorboard --logdir STORAGE/NAME` then shows one run per trial folder.
+`EpochTensorBoard` replaces Tune's TBXLoggerCallback (a subclass, so Tune adds no second one), which
+logs every key against `training_iteration` and puts the last result, not the best, in HParams. Into
+each trial's folder it writes the SCALARS with step = the result's `epoch`, and when the trial ends one
+HParams session (TensorBoard keeps a run's first): the trial's hyper-parameters plus its outcome
+`status`, ending as a failure for diverged, oom and errored. A trial interrupted by Ctrl-C gets none:
+`--resume` writes its real end. torch's `hparams()` has no group name nor a failed session end.
 """
 from __future__ import annotations
 
@@ -24,10 +15,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 from ray.tune.logger import TBXLoggerCallback
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
 
 from analysis.outcome import OUT_OF_BUDGET, TrialView, is_failure, outcome
-from search.outcomes import end_reason
+from search.progress import end_reason
 from trainable.config import RUN_FIELDS, TrialConfig
 
 SCALARS = ("val_acc", "val_loss", "train_loss", "lr", "stage", "best_val_acc", "val_coarse_acc",
@@ -38,26 +33,18 @@ HPARAMS = tuple(f.name for f in fields(TrialConfig) if f.name not in RUN_FIELDS)
 
 def hparam_values(config: dict[str, Any]) -> dict[str, bool | float | str]:
     """The trial's hyper-parameters as HParams values (bool, number or string)."""
-    out = {}
-    for k in HPARAMS:
-        v = config.get(k)
-        if v is None:
-            continue
-        out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k in HPARAMS if (v := config.get(k)) is not None}
 
 
-def _hparams_summary(tag: str, **plugin_data):
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+def _hparams_summary(tag: str, **plugin_data) -> Summary:
     content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **plugin_data)
     meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
         plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()))
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
-def session_start(hparams: dict[str, bool | float | str], group: str):
-    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+def session_start(hparams: dict[str, bool | float | str], group: str) -> Summary:
     info = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
     for k, v in hparams.items():
         if isinstance(v, bool):
@@ -69,8 +56,7 @@ def session_start(hparams: dict[str, bool | float | str], group: str):
     return _hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=info)
 
 
-def session_end(failed: bool):
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+def session_end(failed: bool) -> Summary:
     status = api_pb2.Status.STATUS_FAILURE if failed else api_pb2.Status.STATUS_SUCCESS
     info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
     return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)
@@ -85,14 +71,7 @@ class EpochTensorBoard(TBXLoggerCallback):
         self._trial_writer: dict[Any, Any] = {}
         self._last_result: dict[Any, dict] = {}  # the latest epoch's result per trial
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment; writers don't pickle
-        return {"scalars": self.scalars, "flush_secs": self.flush_secs, "exp": self.exp}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
     def log_trial_start(self, trial) -> None:
-        from torch.utils.tensorboard import SummaryWriter
         if trial in self._trial_writer:
             self._trial_writer[trial].close()
         trial.init_local_path()
@@ -141,12 +120,8 @@ class EpochTensorBoard(TBXLoggerCallback):
 
 
 def upload_events(trial) -> None:
-    """Copy the trial's event files from the driver's staging folder to the experiment's storage:
-    Tune's last sync ran before on_experiment_end, so what it writes there would stay behind.
-    `trial.path` is a path on Tune's own storage filesystem (a bucket's has no scheme), so the copy
-    goes through that filesystem, local or cloud alike."""
-    import pyarrow.fs
-
+    """Copy the trial's event files from the driver's staging folder to its storage (Tune's last sync
+    ran before on_experiment_end), through Tune's storage filesystem: `trial.path` has no scheme."""
     src, fs, dest = Path(trial.local_path), trial.storage.storage_filesystem, str(trial.path)
     if isinstance(fs, pyarrow.fs.LocalFileSystem) and src.resolve() == Path(dest).resolve():
         return

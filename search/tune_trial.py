@@ -18,27 +18,18 @@ OOM_RETRIED = ".oom_retried"  # in the trial's folder: its first out-of-memory e
 
 
 def shares_a_gpu(resources: Mapping[str, float]) -> bool:
-    """Whether the trial holds part of a GPU (`--gpus-per-trial` 0.5, 1.5, ...): other trials
-    allocate on the same device, so its out-of-memory error may be theirs."""
+    """Whether the trial holds part of a GPU (0.5, 1.5, ...): its out-of-memory error may be another's."""
     gpus = float(resources.get("GPU", 0) or 0)
     return gpus > 0 and not gpus.is_integer()
 
 
 def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | None,
                  cuda_available: Callable[[], bool] | None = None) -> torch.device:
-    """The device a trial trains on, from the resources Ray gave it, never from what CUDA can see.
-
-    `gpus` is the trial's GPU request, `gpu_ids` what ray.get_gpu_ids() assigned, `cuda_visible`
-    the process's CUDA_VISIBLE_DEVICES. A trial that asked for no GPU runs on the CPU (and gets the
-    CPU memory budget) even when every GPU is visible: Ray 2.60 no longer blanks
-    CUDA_VISIBLE_DEVICES for such trials unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1
-    (ray-project/ray#54868), so torch.cuda.is_available() would put it on cuda:0. CUDA is not even
-    asked then. A trial given GPUs trains on the first: its position in CUDA_VISIBLE_DEVICES
-    (which Ray sets to the assigned ids, so normally cuda:0), or the id itself where Ray left the
-    variable unset (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), as Ray Train's get_devices does.
-    Logical GPUs on a machine without CUDA (`--gpus N` on a CPU box, the tests) mean the CPU.
-    `cuda_available` defaults to torch.cuda.is_available.
-    """
+    """The device a trial trains on, from its GPU request `gpus`, the ids ray.get_gpu_ids() gave it and
+    CUDA_VISIBLE_DEVICES, never from what CUDA can see: Ray 2.60 leaves the GPUs visible to a trial that
+    asked for none (ray-project/ray#54868), which then trains on the CPU. A trial given GPUs trains on
+    the first, at its position in CUDA_VISIBLE_DEVICES (or the id itself where Ray left it unset), as Ray
+    Train's get_devices does; logical GPUs without CUDA mean the CPU."""
     if gpus <= 0 or not gpu_ids or not (cuda_available or torch.cuda.is_available)():
         return torch.device("cpu")
     first = str(gpu_ids[0])
@@ -55,21 +46,16 @@ CUDA_CONTEXT_BYTES = 512 << 20  # a process's CUDA context and kernels: outside 
 
 
 def memory_fraction(gpus: float, total_bytes: int) -> float | None:
-    """The share of its GPU's memory a trial holding part of it (`--gpus-per-trial` 0.5) may
-    allocate, for torch.cuda.set_per_process_memory_fraction; None for a whole GPU.
-
-    Each process sharing the card also pays for its own CUDA context, which the cap does not
-    count: the cap leaves room for it, so the trials' allocations plus their contexts fit the card.
-    """
+    """The share of its GPU's memory a trial holding part of it may allocate (None for a whole GPU),
+    leaving room for each process's CUDA context, which the cap does not count."""
     if not 0 < gpus < 1:
         return None
     return max(gpus / 2, gpus - CUDA_CONTEXT_BYTES / total_bytes)
 
 
 def retry_first_oom(resources: Mapping[str, float], restarted: bool) -> bool:
-    """Re-raise an out-of-memory error so Tune restarts the trial from its checkpoint (up to
-    --max-failures), instead of ending it with status oom and a 0 for TPE: only on a shared GPU,
-    and only once; after a restart (or on a whole GPU, or on the CPU) the config is to blame."""
+    """Re-raise an out-of-memory error so Tune restarts the trial (instead of status oom): only on a
+    shared GPU, and once; after a restart, on a whole GPU or the CPU the config is to blame."""
     return shares_a_gpu(resources) and not restarted
 
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from trainable.config import coerce
+from trainable.config import TrialConfig
 from trainable.errors import UserError
 
 SEARCH_SPACES = ("default", "cpu", "tiny", "faults")
@@ -21,15 +21,14 @@ RECIPES = ("mobilenetv2_2stage_128", "mobilenetv2_2phase_96", "efficientnetv2_fr
            "bit_hyperrule", "efficientnetv2_cifar")
 NAMES = SEARCH_SPACES + RECIPES
 LISTED = tuple(n for n in NAMES if n != "faults")  # faults: test scaffolding, --space faults still runs it
-ALIASES = {"mobilenetv2_71": "mobilenetv2_2stage_128", "resnet50_84": "resnet50_3stage_224"}  # old names
 
 
 class Suggest:
-    """Optuna's suggest_* with --set overrides: a fixed name is returned (typed), not sampled."""
+    """Optuna's suggest_* with the --set values (typed as TrialConfig's fields: a space compares
+    them) returned, not sampled."""
 
     def __init__(self, trial: Any, fixed: dict[str, Any] | None = None):
-        # typed like TrialConfig's fields: a space compares them ("--set stages=3" is 3, not "3")
-        self.trial, self.fixed = trial, coerce(fixed or {})
+        self.trial, self.fixed = trial, fixed or {}
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
         if name in self.fixed:
@@ -74,7 +73,6 @@ class Space:
 
 
 def get_space(name: str) -> Space:
-    name = ALIASES.get(name, name)
     if name not in NAMES:
         raise UserError(f"unknown space {name!r}: choose one of {', '.join(LISTED)} (--list-spaces)")
     return importlib.import_module(f"spaces.{name}").SPACE
@@ -97,13 +95,12 @@ def scale_epochs(config: dict[str, Any], factor: float) -> dict[str, Any]:
 
 def recipe_config(name: str, fixed: dict[str, Any] | None = None, base: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
-    """A fixed recipe's complete config: TrialConfig defaults < `base` < the recipe < `fixed`."""
-    from trainable.config import TrialConfig
+    """A fixed recipe's complete config: TrialConfig defaults < `base` < the recipe < `fixed` (typed)."""
     space = get_space(name)
     if not space.recipe:
         raise UserError(f"{name} is a search space, not a recipe: choose from {', '.join(RECIPES)}")
     chosen = space.sample(Suggest(None, fixed), Options(space.backbones, space.max_epochs))
-    return TrialConfig.from_dict({**(base or {}), **chosen, **coerce(fixed or {})}).to_dict()
+    return TrialConfig.from_dict({**(base or {}), **chosen, **(fixed or {})}).to_dict()
 
 
 def split_budget(s: Suggest, o: Options, stages: int, stage1_max: int) -> dict[str, int]:

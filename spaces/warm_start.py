@@ -1,13 +1,10 @@
 """Warm start from expert knowledge: the hand-made recipes as the first points of a search.
 
-PriorBand (Mallik et al., NeurIPS 2023) and Quick-Tune (Arango et al., ICLR 2024) show that a
-search for fine-tuning hyper-parameters does far better when it starts from what experts already
-know than from random draws. Each pretrained recipe (spaces/, `recipe=True`) becomes one point of
-the search space per backbone it can run on: its own network when the space allows it, else its
-procedure on every allowed backbone. Its stage epochs (and patiences) are scaled into the trial's
-epoch budget, and the point is replayed through the space's own sample function, which both
-yields the parameters Optuna must be told (names it samples, values inside its distributions)
-and proves the recipe is a point of the space.
+A search for fine-tuning hyper-parameters does far better starting from what experts know than from
+random draws (PriorBand, Mallik et al. 2023; Quick-Tune, Arango et al. 2024). Each pretrained recipe
+becomes one point per backbone it can run on (its own if allowed, else every allowed one), its stage
+epochs and patiences scaled into the trial's budget, replayed through the space's sample function:
+that yields the parameters Optuna must be told and proves the recipe is a point of the space.
 """
 from __future__ import annotations
 
@@ -15,8 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config
-from trainable.config import TrialConfig, coerce
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config, scale_epochs
+from trainable.config import TrialConfig
 
 _STAGE_EPOCHS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
 
@@ -35,12 +34,9 @@ class OutsideSpace(ValueError):
 
 
 def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
-    """`config` with its stage epochs scaled proportionally to sum to `budget` (every stage that
-    had epochs keeps at least 1; largest remainders get the leftover epochs) and its patiences
-    scaled by the same factor (at least 1 where on).
-
-    Raises ValueError when `budget` is smaller than the number of stages with epochs.
-    """
+    """`config` with its stage epochs scaled to sum to `budget` (each stage that had epochs keeps >= 1,
+    largest remainders get the rest) and its patiences by the same factor; ValueError when `budget`
+    is fewer than its stages."""
     cfg = TrialConfig.from_dict(config)
     keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0 and (k != "stage3_epochs" or cfg.stages == 3)]
     if budget < len(keys):
@@ -58,7 +54,6 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
             break
         out[k] += 1
     # patiences scale as analyze --epochs-scale scales them; the stage epochs are the exact split above
-    from spaces import scale_epochs
     return {**scale_epochs(config, budget / total), **out}
 
 
@@ -70,11 +65,10 @@ class _Replay:
         self.config, self.params, self.distributions = config, {}, {}
 
     def _answer(self, name: str, dist: Any) -> Any:
-        import optuna
         if name not in self.config:
             raise OutsideSpace(f"the space samples {name}, which the recipe does not set")
         v = self.config[name]
-        ok = (v in dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
+        ok = (v in dist.choices if isinstance(dist, CategoricalDistribution)
               else isinstance(v, (int, float)) and not isinstance(v, bool) and dist.low <= v <= dist.high)
         if not ok:
             raise OutsideSpace(f"{name}={v!r} is outside the space's {dist}")
@@ -82,16 +76,13 @@ class _Replay:
         return v
 
     def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
-        import optuna
-        return self._answer(name, optuna.distributions.FloatDistribution(low, high, log=log))
+        return self._answer(name, FloatDistribution(low, high, log=log))
 
     def suggest_int(self, name: str, low: int, high: int) -> int:
-        import optuna
-        return self._answer(name, optuna.distributions.IntDistribution(low, high))
+        return self._answer(name, IntDistribution(low, high))
 
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        import optuna
-        return self._answer(name, optuna.distributions.CategoricalDistribution(list(choices)))
+        return self._answer(name, CategoricalDistribution(list(choices)))
 
 
 def as_point(name: str, config: dict[str, Any], space: Space, opts: Options, fixed: dict[str, Any]
@@ -108,13 +99,9 @@ def as_point(name: str, config: dict[str, Any], space: Space, opts: Options, fix
 
 def recipe_points(space: Space, opts: Options, base: dict[str, Any], fixed: dict[str, Any]
                   ) -> tuple[list[WarmPoint], list[str]]:
-    """The pretrained recipes as points of `space` (recipe order; each on its own backbone if
-    allowed, else on every allowed backbone), and one line per recipe that is not a point of it.
-
-    `base` holds the search-wide fields (pretrained, weights_dir, seed, compile), `fixed` the
-    user's --set values; both win over the recipe, as they do for every trial.
-    """
-    fixed = coerce(fixed)
+    """The pretrained recipes as points of `space`, backbone-major (every recipe on the first, cheapest
+    allowed backbone first, so a short budget sees each procedure once), and one line per recipe that
+    is not a point of it. `base` (search-wide fields) and `fixed` (--set, typed) win over the recipe."""
     skipped, seen = [], set()
     found: list[tuple[int, WarmPoint]] = []
     for recipe in RECIPES:
@@ -137,7 +124,4 @@ def recipe_points(space: Space, opts: Options, base: dict[str, Any], fixed: dict
             if key not in seen:  # --set can make two recipes the same point
                 seen.add(key)
                 found.append((list(opts.backbones).index(b) if b in opts.backbones else 0, point))
-    # backbone-major: every recipe on the first (cheapest) allowed backbone comes first, so a short
-    # time budget still sees each procedure once
-    points = [p for _, p in sorted(found, key=lambda t: t[0])]
-    return points, skipped
+    return [p for _, p in sorted(found, key=lambda t: t[0])], skipped

@@ -73,8 +73,8 @@ def test_join_puts_the_name_before_the_options(storage):
         URI,  # how Tuner.restore splits an experiment URI
     )
     assert URI(uri).name == "exp" and str(URI(uri).parent) == f"s3://b/runs{OPTS}"
-    from search.run import _parent_uri
-    assert _parent_uri(uri) == f"s3://b/runs{OPTS}"
+    from search.storage import parent_and_name
+    assert parent_and_name(uri) == (f"s3://b/runs{OPTS}", "exp")
 
 
 def test_pyarrow_and_ray_read_the_options():
@@ -309,10 +309,10 @@ def test_resume_from_the_uri_with_the_local_copy_gone(cloud_search, tmp_path):
 
 
 def test_the_callback_uploads_when_the_study_changes_and_keeps_rays_copies_current(s3, tmp_path):
-    import pickle
     from types import SimpleNamespace
 
-    from search.run import DriverFilesUpload
+    from search.progress import SearchLog
+    from search.storage import Place
 
     def in_bucket() -> str:
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
@@ -324,8 +324,8 @@ def test_the_callback_uploads_when_the_study_changes_and_keeps_rays_copies_curre
     (exp / "budget.json").write_text("9")
     (staging / "budget.json").write_text("1")  # what Ray fetched when it restored, and uploads with its state
     uri = f"s3://{BUCKET}/callback/exp{s3}"
-    cb = pickle.loads(pickle.dumps(DriverFilesUpload(exp, uri, every_s=3600)))  # as Tune restores it
-    trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+    cb = SearchLog(exp, out=lambda line: None, sync=Place(exp, uri, every_s=3600).sync)
+    trial = SimpleNamespace(trial_id="a", storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
     cb.on_trial_result(0, [], trial, {})  # the first result uploads
     assert in_bucket() == "9" and (staging / "budget.json").read_text() == "9"
     (exp / "budget.json").write_text("10")

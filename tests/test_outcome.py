@@ -33,8 +33,7 @@ from analysis.outcome import (
 )
 from report.curves import END_MARKER, STYLE
 from report.leaderboard import leaderboard_rows
-from search.outcomes import TrialEnds
-from search.progress import progress_line, progress_of, table_rows
+from search.progress import SearchLog, progress_line, progress_of, table_rows
 from search.tensorboard import EpochTensorBoard
 from trainable.config import TrialConfig
 
@@ -115,7 +114,7 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
     cases = {k: v for k, v in CASES.items() if v[3] in ("", search_end)}
     live = {k: LiveTrial(k, exp, rows, "RUNNING") for k, (rows, *_rest) in cases.items()}
     trials = list(live.values())
-    tb, ends = EpochTensorBoard(exp=exp), TrialEnds(exp)
+    tb, ends = EpochTensorBoard(exp=exp), SearchLog(exp, out=lambda line: None)
     for name, (rows, _status, errored, _cut, _expected) in cases.items():
         t = live[name]
         for cb in (tb, ends):

@@ -11,9 +11,7 @@ import pytest
 from search.progress import (
     METRIC_COLUMNS,
     PARAM_COLUMNS,
-    ProgressLine,
-    TrialTable,
-    console,
+    SearchLog,
     progress_line,
     progress_of,
     quiet_ray_console,
@@ -67,17 +65,20 @@ def test_the_trial_being_reported_counts_as_ended():
 
 def test_progress_line_prints_on_events_and_at_most_every_interval():
     out = []
-    cb = ProgressLine(every_s=1000, out=out.append)
+    cb = SearchLog(every_s=1000, out=out.append)
     cb.setup(total_num_samples=6)
     ts = trials()
     cb.on_step_end(iteration=1, trials=ts)
     assert out == []  # too soon
     cb.on_trial_complete(iteration=2, trials=ts, trial=ts[4])
     cb.on_trial_error(iteration=3, trials=ts, trial=ts[5])
-    assert len(out) == 2
-    cb.last_print -= 2000
+    assert len(out) == 2 and all(line.startswith("[search] ") for line in out)
+    cb.last_line -= 2000
     cb.on_step_end(iteration=4, trials=ts)
-    assert len(out) == 3
+    assert len(out) == 3 and out[-1].startswith("[search] ")
+    cb.last_table -= 2000
+    cb.on_step_end(iteration=5, trials=ts)
+    assert out[-1].startswith("Trial status: ") and "s1_lr" in out[-1]
 
 
 def test_table_has_the_chosen_columns():
@@ -103,11 +104,9 @@ def test_table_shows_an_explicit_augment_list_and_one_lr_format():
     assert cell["rec"]["val_acc"] == "0.0000" and cell["drawn"]["val_acc"] == "0.5000"  # accuracies: 4 decimals
 
 
-def test_console_is_ours_and_rays_stays_quiet(monkeypatch):
+def test_rays_console_stays_quiet(monkeypatch):
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
-    c = console()
-    assert c.verbose == 0 and c.progress_reporter is None
-    assert isinstance(c.callbacks[0], TrialTable) and isinstance(c.callbacks[1], ProgressLine)
+    quiet_ray_console()
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # the engine that prints nothing at verbose=0
 
 
@@ -159,7 +158,7 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
     from search.searcher import make_scheduler
     from search.tensorboard import SCALARS, EpochTensorBoard
     os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-    c = console(every_s=1)
+    quiet_ray_console()
     space = {"stage1_lr": tune.grid_search([0.01, 0.02, 0.1, 0.2]), "stage1_epochs": 1, "stage2_epochs": 2,
              "backbone": "resnet18", "stages": 2, "crash": tune.grid_search([False, True])}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -167,8 +166,8 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
         tune.Tuner(_trainable, param_space=space,
                    tune_config=tune.TuneConfig(scheduler=make_scheduler("asha", 3, 1, 2)),
                    run_config=tune.RunConfig(name="console", storage_path=str(tmp_path),
-                                             callbacks=[EpochTensorBoard(), *c.callbacks],
-                                             verbose=c.verbose, progress_reporter=c.progress_reporter)).fit()
+                                             callbacks=[EpochTensorBoard(), SearchLog(every_s=1)],
+                                             verbose=0, progress_reporter=None)).fit()
     finally:
         ray.shutdown()
     out = capfd.readouterr().out

@@ -17,7 +17,9 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from search.restore import ConcurrencyCap, read_results, rebuild_asha
+from search import ray_adapter
+from search.progress import SearchLog
+from search.restore import ConcurrencyCap, SearchHere, read_results, rebuild_asha, restore_tuner
 from search.searcher import make_scheduler
 from tests.conftest import REPO, run_cli
 from trainable.trial import FAULT_ENV
@@ -131,6 +133,26 @@ def _intervals(exp: Path) -> list[tuple[float, float, str]]:
         last = [r for r in rows if r["pid"] == rows[-1]["pid"]]
         out.append((last[0]["timestamp"] - last[0]["time_this_iter_s"], last[-1]["timestamp"], tid))
     return sorted(out)
+
+
+def _trainable(config):
+    pass
+
+
+def test_a_restored_tuner_gets_this_runs_callbacks_stopper_cap_and_searcher(tmp_path):
+    """What tuner.pkl pickled when the search began (its callbacks name the folder it began in) is
+    replaced; no Ray is needed to restore a Tuner, only to fit it."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+    searcher = OptunaSearch(space=lambda t: {"a": t.suggest_float("a", 0, 1)}, metric="val_acc", mode="max")
+    tune.Tuner(_trainable, tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler("asha", 4, 1, 2)),
+               run_config=tune.RunConfig(storage_path=str(tmp_path), name="e", callbacks=[SearchLog(tmp_path / "old")]))
+    now, stop = SearchLog(tmp_path / "e"), object()
+    tuner = restore_tuner(str(tmp_path / "e"), _trainable, 1, [now], stop)
+    rc, tc = ray_adapter.run_config(tuner), ray_adapter.tune_config(tuner)
+    assert rc.callbacks == [now] and rc.stop is stop
+    assert isinstance(tc.scheduler, ConcurrencyCap) and tc.scheduler.limit == 1
+    assert isinstance(tc.search_alg, SearchHere) and tc.search_alg.here == (str(tmp_path), "e")
 
 
 def test_max_concurrent_holds_for_trials_restored_as_errored(tmp_path, data_dir):

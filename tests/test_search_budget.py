@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from analysis.experiment import load_trials
-from search.budget import BUDGET_FILE, parse_duration
+from search.budget import BUDGET_FILE
+from search.settings import parse_duration
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
 from tests.conftest import REPO, WEIGHTS, run_cli
@@ -41,7 +42,7 @@ def _points(exp):
     s = yaml.safe_load((exp / "search_settings.yaml").read_text())
     base = {"pretrained": not s["no_pretrained"], "weights_dir": s["weights_dir"], "seed": 0, "compile": False}
     space = get_space("cpu")
-    return recipe_points(space, Options(("tf_efficientnet_lite0",), 2), base, {"input_size": "32"})[0]
+    return recipe_points(space, Options(("tf_efficientnet_lite0",), 2), base, {"input_size": 32})[0]
 
 
 def test_the_first_trials_are_the_recipe_points(budgeted):

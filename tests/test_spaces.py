@@ -11,8 +11,9 @@ import pytest
 from optuna.samplers import TPESampler
 
 from search.searcher import DefineByRun, make_searcher
+from search.settings import SearchSettings
 from spaces import LISTED, NAMES, Options, Suggest, get_space, split_budget
-from trainable.config import TrialConfig
+from trainable.config import TrialConfig, coerce
 from trainable.errors import UserError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -36,7 +37,7 @@ def _run(space_name: str, opts: Options | None = None, fixed: dict | None = None
     """(config, trial.params) of n asked-and-told trials."""
     space = get_space(space_name)
     opts = opts or Options(space.backbones, space.max_epochs)
-    dbr = DefineByRun(space, opts, dict(fixed or {}), BASE)
+    dbr = DefineByRun(space, opts, coerce(fixed or {}), BASE)  # typed once, as SearchSettings.fixed does
     study, rng, out = _study(multivariate), random.Random(0), []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -198,18 +199,11 @@ def test_plateau_patience_only_with_a_constant_schedule():
         assert ("plateau_patience" in params) == (cfg["schedule"] == "constant")
 
 
-def test_old_recipe_names_still_resolve():
-    assert get_space("mobilenetv2_71").name == "mobilenetv2_2stage_128"
-    assert get_space("resnet50_84").name == "resnet50_3stage_224"
-
-
 def test_fixed_unknown_or_bad_value_is_a_user_error():
-    space = get_space("tiny")
-    for fixed, fragment in (({"nope": "1"}, "unknown hyper-parameter(s) nope"),
-                            ({"stage1_epochs": "two"}, "stage1_epochs='two' is not a valid int")):
-        dbr = DefineByRun(space, Options(space.backbones, 4), fixed, BASE)
+    for item, fragment in (("nope=1", "unknown hyper-parameter(s) nope"),
+                           ("stage1_epochs=two", "stage1_epochs='two' is not a valid int")):
         with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-            dbr(_study().ask())
+            SearchSettings(set=[item]).fixed()
 
 
 # --- Suggest and split_budget --------------------------------------------------------------------
@@ -221,8 +215,9 @@ class _NoTrial:
         raise AssertionError(f"sampled {name}")
 
 
-def test_suggest_returns_fixed_values_typed():
-    s = Suggest(_NoTrial(), {"stages": "3", "stage1_lr": "1e-3", "freeze_bn": "no", "backbone": "resnet18"})
+def test_suggest_returns_the_set_values_typed():
+    fixed = SearchSettings(set=["stages=3", "stage1_lr=1e-3", "freeze_bn=no", "backbone=resnet18"]).fixed()
+    s = Suggest(_NoTrial(), fixed)
     assert s.cat("stages", [2, 3]) == 3
     assert s.float("stage1_lr", 1e-4, 1e-1, log=True) == 1e-3
     assert s.cat("freeze_bn", [False, True]) is False
@@ -252,7 +247,7 @@ def test_get_space_unknown():
 
 def test_define_by_run_pickles():
     space = get_space("default")
-    dbr = DefineByRun(space, Options(("resnet18", "resnet50"), 12), {"batch_size": "64"}, BASE)
+    dbr = DefineByRun(space, Options(("resnet18", "resnet50"), 12), {"batch_size": 64}, BASE)
     clone = pickle.loads(pickle.dumps(dbr))
     assert clone.space == dbr.space and clone.opts == dbr.opts and clone.fixed == dbr.fixed
     a, b = dbr(_study().ask()), clone(_study().ask())  # same seed, same sample

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from search.run import experiment_dir
 from search.settings import SearchSettings, parse_settings
-from search.storage import check_cluster_storage, check_uri, is_uri
-from spaces import get_space
+from search.storage import check_cluster_storage, check_uri, is_uri, open_experiment
 from trainable.errors import UserError
 
 
@@ -58,7 +56,7 @@ def test_bad_uris_are_user_errors(uri):
 def test_cloud_storage_is_reached_before_anything_else():  # the rest: tests/test_cloud_storage.py
     uri = "s3://bucket/runs?endpoint=127.0.0.1:9"  # not an option pyarrow knows: it says so at once
     with pytest.raises(UserError) as e:
-        experiment_dir(SearchSettings(storage_path=uri, name="x"), get_space("tiny"))
+        open_experiment(uri, "x", "", resume=False)
     assert "s3://bucket/runs/x?endpoint=127.0.0.1:9" in str(e.value) and "\n" not in str(e.value)
 
 

@@ -11,7 +11,8 @@ import optuna
 import pytest
 
 from analysis.study import WARM_CONFIG, study_url
-from search.budget import BudgetStopper, parse_duration, spent
+from search.budget import BudgetStopper, spent
+from search.settings import parse_duration
 from search.estimate import Speeds, asha_rungs, epoch_seconds, reach
 from search.searcher import make_searcher, stage_aware_grace, told_trials
 from spaces import RECIPES, Options, Suggest, get_space, recipe_config
@@ -84,7 +85,7 @@ def test_recipes_on_their_own_backbone_when_the_space_allows_it():
 
 
 def test_set_values_win_over_the_recipe_and_dedupe():
-    points, _ = recipe_points(CPU, Options(LITES, 4), BASE, {"input_size": "64", "backbone": LITES[1]})
+    points, _ = recipe_points(CPU, Options(LITES, 4), BASE, {"input_size": 64, "backbone": LITES[1]})
     assert points and all(p.config["input_size"] == 64 and p.config["backbone"] == LITES[1] for p in points)
 
 
@@ -226,7 +227,8 @@ def test_budget_stopper_counts_across_resume(tmp_path, monkeypatch):
     now[0] += 60
     assert not stop.stop_all()
     assert spent(tmp_path) == pytest.approx(60)  # saved (every 5 s at most)
-    restored = pickle.loads(pickle.dumps(stop))  # Tune restores the RunConfig's stopper
+    now[0] = 5.0  # a resumed search: another process, another clock; it builds its stopper afresh
+    restored = BudgetStopper(tmp_path, budget_s=100)
     now[0] += 30
     assert not restored.stop_all() and restored.left() == pytest.approx(10)
     now[0] += 11

@@ -1,0 +1,58 @@
+"""search/ray_adapter.py against the installed Ray: each private attribute it reaches for is there
+(a Ray upgrade that renamed one fails here, naming it, not silently in a resumed search). No Ray starts."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from ray import tune
+from ray.train._internal.storage import StorageContext
+from ray.tune.experiment import Experiment
+from ray.tune.search import SearchGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from search import ray_adapter
+from search.searcher import make_scheduler
+
+
+def _trainable(config):
+    pass
+
+
+def test_a_missing_attribute_names_itself():
+    with pytest.raises(ray_adapter.RayChanged, match="'_brackets'.*search/ray_adapter.py"):
+        ray_adapter.asha_bracket(SimpleNamespace())
+
+
+def test_asha_bracket_and_rungs():
+    bracket, time_attr, metric, op = ray_adapter.asha_bracket(make_scheduler("asha", 9, 1, 3))
+    assert (time_attr, metric, op) == ("epoch", "val_acc", 1.0)
+    bracket.on_result(SimpleNamespace(trial_id="a"), 1, 0.5)
+    assert ray_adapter.rung_sizes(bracket)[1] == 1
+
+
+def test_a_tuners_configs(tmp_path):
+    tuner = tune.Tuner(_trainable, tune_config=tune.TuneConfig(num_samples=3),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="e"))
+    assert ray_adapter.local_tuner(tuner) is not None
+    assert ray_adapter.tune_config(tuner).num_samples == 3
+    assert ray_adapter.run_config(tuner).name == "e"
+
+
+def test_a_restored_searchers_experiment_moves(tmp_path):
+    gen = SearchGenerator(OptunaSearch(space=lambda t: {"a": t.suggest_float("a", 0, 1)}, metric="m", mode="max"))
+    gen.add_configurations([Experiment("old", _trainable, storage_path=str(tmp_path / "was"))])
+    ray_adapter.move_storage(gen, str(tmp_path / "now"), "new")
+    storage = gen._experiment.storage
+    assert (storage.storage_fs_path, storage.experiment_dir_name) == (str(tmp_path / "now"), "new")
+
+
+def test_optuna_search_state():
+    study, ot_trials, told = ray_adapter.optuna_state(
+        OptunaSearch(space=lambda t: {"a": t.suggest_float("a", 0, 1)}, metric="m", mode="max"))
+    assert study is not None and ot_trials == {} and told == set()
+
+
+def test_the_driver_staging_folder():
+    assert isinstance(StorageContext.experiment_driver_staging_path, property)  # needs Ray to be read
+    assert ray_adapter.driver_staging_path(SimpleNamespace()) is None
