@@ -1,10 +1,8 @@
-"""What a search will cost, measured on the real device before the first trial and before Ray starts
-(Ray Tune has no estimate: ray-project/ray#6618).
+"""What a search will cost, measured on the real device before Ray starts (Ray Tune has none: #6618).
 
-A few timed steps per backbone x input size the space can choose, cached per device and thread count,
-turn any config into seconds per epoch. Over a few hundred configs drawn from the space, and the
-warm-start points, that gives a trial's mean cost run to the end (FIFO) or cut at ASHA's rungs, and
-the wall time at the concurrency given.
+A few timed steps per backbone x input size, cached per device and thread count, turn a config into
+seconds per epoch; over a few hundred configs drawn from the space and the warm-start points, that
+gives a trial's mean cost, run to the end (FIFO) or cut at ASHA's rungs, and the wall time.
 """
 from __future__ import annotations
 
@@ -38,11 +36,6 @@ BATCH, STEPS = 16, 3  # timed steps per measurement (after one untimed); the fas
 RATES = ("frozen", "train", "eval", "head")  # seconds per image of each kind of step (see measure)
 
 
-def cache_path() -> Path:
-    """Per-machine cache of measured step times (CIFAR_TUNE_CACHE overrides the folder)."""
-    return cache_root() / "speed.json"
-
-
 def device_key(device: Any, threads: int, precision: str = "auto") -> str:
     """The speed cache's key: device, threads, and the --precision when it is not the default."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
@@ -72,10 +65,9 @@ def _sgd_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prec: Prec
 
 
 def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> dict[str, float]:
-    """Seconds per image of a head-only training step ("frozen", stage 1), an all-trainable one
-    ("train", stages 2-3 costed as all trainable: an upper bound), an evaluation forward pass ("eval")
-    and a step of the head alone on cached features ("head"), at the trials' precision (random
-    weights: speed does not depend on them)."""
+    """Seconds per image of a head-only training step ("frozen"), an all-trainable one ("train": stage 2
+    costed so is an upper bound), an evaluation forward pass ("eval") and a step of the head alone on
+    cached features ("head"), at the trials' precision (random weights: speed does not depend on them)."""
     net = create_model(backbone, pretrained=False)
     prec = Precision.for_device(device, backbone, precision)
     prec.model_to(net)
@@ -112,7 +104,7 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
                log=print, precision: str = "auto") -> Speeds:
     """Measured speeds for every (backbone, size), reusing the per-machine cache."""
     key = device_key(device, threads, precision)
-    path = cache_path()
+    path = cache_root() / "speed.json"  # per machine: the step times do not depend on the experiment
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -138,10 +130,9 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
 
 
 def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) -> list[float]:
-    """Seconds of each planned epoch (training, then validation). A head-only stage on cached features
-    (trainable/features.py) pays forward passes over its images (and their mirrors) and the validation
-    images in its first epoch (an upper bound: a trial may find them cached), then head-only steps; a
-    one-epoch stage builds none (features.for_stage) and is costed uncached."""
+    """Seconds of each planned epoch, training and validation. A head-only stage on cached features pays
+    forward passes over its images, their mirrors and the validation images in its first epoch (an
+    upper bound: they may be cached), then head-only steps; a one-epoch stage caches none."""
     r = speeds.rates(cfg.backbone, cfg.input_size)
     out = []
     for st in plan_stages(cfg):

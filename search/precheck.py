@@ -73,21 +73,11 @@ def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str,
     first); decide num_samples and ASHA's max_t. Raises UserError, one line, for any config a trial
     would fail on."""
     fixed = coerce(fixed)  # unknown --set keys and values of the wrong type
-    define = DefineByRun(space, opts, fixed, base)
-    if space.recipe:
-        configs, sampled = draw(define, points=points)
-        opts = _recipe_budget(s, space, opts, configs[0])
-    else:
+    if not space.recipe:  # on the space's values of the same seeded draws as below
         check_budget(space, opts, fixed, points)
-        zero_ok = stages_that_may_be_empty(space, opts, fixed)
-
-        def checked(trial: optuna.Trial) -> dict[str, Any]:  # the searcher's own configs keep the budget too
-            cfg = define(trial)
-            problem = budget_problem(cfg, opts.max_epochs, fixed, zero_ok, space.name)
-            if problem:
-                raise UserError(problem)
-            return cfg
-        configs, sampled = draw(checked, points=points)
+    configs, sampled = draw(DefineByRun(space, opts, fixed, base), points=points)
+    if space.recipe:
+        opts = _recipe_budget(s, space, opts, configs[0])
     check_models(configs)
     if sampled:
         return Plan(space, opts, s.num_samples, configs, "")
