@@ -1,4 +1,4 @@
-"""What a search will cost, measured on the real device before Ray starts (Ray Tune has none: #6618).
+"""What a search will cost, measured on the real device before Ray starts (Ray Tune has none: ray#6618).
 
 A few timed steps per backbone x input size, cached per device and thread count, turn a config into
 seconds per epoch; over a few hundred configs drawn from the space and the warm-start points, that
