@@ -219,6 +219,7 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
                     budget_s=budget_s, rungs=rungs, n_warm=len(warm_cfgs),
                     warm_train_s=[f - v for (f, _), v in zip(warm_runs, warm_val)], warm_val_s=warm_val)
 
+
 def describe(e: Estimate) -> str:
     """The estimate as the lines the CLI prints."""
     lines = ["cost estimate (measured on this device; epochs = training + validation):",
