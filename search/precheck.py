@@ -73,7 +73,7 @@ def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str,
     first); decide num_samples and ASHA's max_t. Raises UserError, one line, for any config a trial
     would fail on."""
     fixed = coerce(fixed)  # unknown --set keys and values of the wrong type
-    if not space.recipe:  # on the space's values of the same seeded draws as below
+    if not space.recipe:  # the same seeded draws as below: their stage epochs are checked once, here
         check_budget(space, opts, fixed, points)
     configs, sampled = draw(DefineByRun(space, opts, fixed, base), points=points)
     if space.recipe:
