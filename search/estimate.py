@@ -1,105 +1,92 @@
-"""What a search will cost, measured on the real device before the first trial.
+"""What a search will cost, measured on the real device before Ray starts (Ray Tune has none: ray#6618).
 
-A few timed training steps per backbone x input size the space can choose (head-only steps for
-stage 1, all-trainable steps for stages 2-3, forward passes for validation), cached per device
-and thread count, turn any config into seconds per epoch. Over a few hundred configs drawn from
-the space (and the warm-start points), that gives the expected trial cost, the FIFO upper bound
-and the expected wall time with ASHA's rungs and the concurrency given. Ray Tune users have
-asked for this since 2019 (ray-project/ray#6618). No Ray here: it runs before Ray starts.
+A few timed steps per backbone x input size, cached per device and thread count, turn a config into
+seconds per epoch; over a few hundred configs drawn from the space and the warm-start points, that
+gives a trial's mean cost, run to the end (FIFO) or cut at ASHA's rungs, and the wall time.
 """
 from __future__ import annotations
 
 import json
 import os
 import statistics
-import time
-from dataclasses import dataclass, field
+import timeit
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+import torch.nn.functional as F
+
+from analysis.experiment import duration
+from search.precheck import draw
+from search.searcher import DefineByRun
 from spaces import Options, Space
-from trainable import atomic
+from trainable import atomic, features
+from trainable.augment import policy_for
 from trainable.cache import cache_root
 from trainable.config import TrialConfig
 from trainable.errors import UserError
+from trainable.loop import Precision
+from trainable.model import create_model, set_trainable, train_mode
+from trainable.stages import plan_stages
 
 ESTIMATE_FILE = "estimate.json"
 SAMPLES = 300  # configs drawn from the space for the expected cost
 BATCH, STEPS = 16, 3  # timed steps per measurement (after one untimed); the fastest counts
-
-
-def cache_path() -> Path:
-    """Per-machine cache of measured step times (CIFAR_TUNE_CACHE overrides the folder)."""
-    return cache_root() / "speed.json"
+RATES = ("frozen", "train", "eval", "head")  # seconds per image of each kind of step (see measure)
 
 
 def device_key(device: Any, threads: int, precision: str = "auto") -> str:
     """The speed cache's key: device, threads, and the --precision when it is not the default."""
-    import torch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
     return f"{name}|threads{threads}" + ("" if precision == "auto" else f"|{precision}")
 
 
-def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> dict[str, float]:
-    """Seconds per image for a head-only training step, an all-trainable step, an evaluation
-    forward pass and a training step of the head alone on cached features ("head"), at batch
-    BATCH and the trials' precision (random weights: speed does not depend on them)."""
-    import torch
-    import torch.nn.functional as F
+def _per_image(step: Callable[[], Any], device: Any) -> float:
+    """Seconds per image of `step` on a batch: the fastest of STEPS timed calls after an untimed one."""
+    def synced() -> None:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return min(timeit.repeat(synced, repeat=STEPS + 1, number=1)[1:]) / BATCH
 
-    from trainable.loop import Precision
-    from trainable.model import create_model, set_trainable, train_mode
+
+def _sgd_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prec: Precision) -> Callable[[], None]:
+    """One SGD step of `net`'s trainable parameters on (x, y), at the trials' precision."""
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        with prec.autocast():
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> dict[str, float]:
+    """Seconds per image of a head-only training step ("frozen"), an all-trainable one ("train": stage 2
+    costed so is an upper bound), an evaluation forward pass ("eval") and a step of the head alone on
+    cached features ("head"), at the trials' precision (random weights: speed does not depend on them)."""
     net = create_model(backbone, pretrained=False)
     prec = Precision.for_device(device, backbone, precision)
     prec.model_to(net)
     x = prec.prepare(torch.randn(BATCH, 3, size, size, device=device))
     y = torch.randint(0, 100, (BATCH,), device=device)
-    out: dict[str, float] = {}
+    out = {}
     for mode, top in (("frozen", 0), ("train", None)):
         set_trainable(net, top)
         train_mode(net)
-        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-        times = []
-        for i in range(STEPS + 1):
-            t0 = time.perf_counter()
-            with prec.autocast():
-                loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-        out[mode] = min(times) / BATCH
+        out[mode] = _per_image(_sgd_step(net, x, y, prec), device)
     net.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(STEPS + 1):
-            t0 = time.perf_counter()
-            with prec.autocast():
-                net(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-    out["eval"] = min(times) / BATCH
-    head = net.fine_head
-    f = torch.randn(BATCH, head.in_features, device=device)
-    opt = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
-    times = []
-    for i in range(STEPS + 1):
-        t0 = time.perf_counter()
+
+    def forward() -> None:
         with prec.autocast():
-            loss = F.cross_entropy(head(f), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    out["head"] = min(times) / BATCH
+            net(x)
+    with torch.inference_mode():
+        out["eval"] = _per_image(forward, device)
+    features_in = torch.randn(BATCH, net.fine_head.in_features, device=device)
+    out["head"] = _per_image(_sgd_step(net.fine_head, features_in, y, prec), device)
     return out
 
 
@@ -116,15 +103,14 @@ class Speeds:
 def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
                log=print, precision: str = "auto") -> Speeds:
     """Measured speeds for every (backbone, size), reusing the per-machine cache."""
-    import torch
     key = device_key(device, threads, precision)
-    path = cache_path()
+    path = cache_root() / "speed.json"  # per machine: the step times do not depend on the experiment
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     mine = cache.setdefault(key, {})
-    todo = sorted(c for c in combos if "head" not in mine.get(f"{c[0]}@{c[1]}", {}))  # "head": added later
+    todo = sorted((b, s) for b, s in combos if not set(RATES) <= mine.get(f"{b}@{s}", {}).keys())  # missing a rate: re-time
     if todo:
         log(f"estimate: timing {len(todo)} backbone x input size combination(s) on {key} "
             f"(cached in {path} for next time) ...")
@@ -144,15 +130,9 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
 
 
 def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) -> list[float]:
-    """Seconds of each planned epoch (training, then validation). Stage 2 is costed as all
-    trainable: an upper bound (its frozen lower blocks skip their backward pass). A head-only
-    stage on cached features (trainable/features.py) pays forward passes over its images (and
-    their mirrors) and the validation images in its first epoch, an upper bound (a trial that finds
-    them cached pays nothing), and head-only steps after that; a one-epoch stage builds none
-    (features.for_stage) and is costed uncached."""
-    from trainable import features
-    from trainable.augment import policy_for
-    from trainable.stages import plan_stages
+    """Seconds of each planned epoch, training and validation. A head-only stage on cached features pays
+    forward passes over its images, their mirrors and the validation images in its first epoch (an
+    upper bound: they may be cached), then head-only steps; a one-epoch stage caches none."""
     r = speeds.rates(cfg.backbone, cfg.input_size)
     out = []
     for st in plan_stages(cfg):
@@ -193,6 +173,7 @@ class Estimate:
     warm_train_s: list[float] = field(default_factory=list)  # each warm-start point's training seconds, whole plan
     warm_val_s: list[float] = field(default_factory=list)  # and its validation seconds (every epoch, whole val split)
     startup_s: float = 8.0  # a trial worker's start and model build (measured: 5-10 s on CPU)
+    n_warm: int = 0
 
     def wall(self, n: int, asha: bool) -> float:
         """Expected wall seconds for n trials, the warm-start points first."""
@@ -201,8 +182,6 @@ class Estimate:
         warm = (self.warm_asha_s if asha else self.warm_fifo_s) * (warm_n / max(1, self.n_warm))
         return (warm + warm_n * self.startup_s + max(0, n - warm_n) * per) / self.parallel
 
-    n_warm: int = 0
-
     def trials_in(self, budget_s: float, asha: bool) -> int:
         """How many trials fit in a time budget."""
         n = 0
@@ -210,58 +189,39 @@ class Estimate:
             n += 1
         return n
 
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-        return asdict(self)
-
 
 def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], warm: list,
              *, n_train: int, n_val: int, device: Any, threads: int, parallel: int,
              num_samples: int | None, budget_s: float | None, rungs: list[int], rf: int,
              seed: int = 0, log=print) -> Estimate:
     """The cost of the search described by the arguments (see the module docstring)."""
-    import optuna
-
-    from search.searcher import DefineByRun, _quiet_optuna
-    _quiet_optuna()
-    dbr = DefineByRun(space, opts, fixed, base)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
-    configs = []
-    for _ in range(SAMPLES if not space.recipe else 1):
-        t = study.ask()
-        configs.append(TrialConfig.from_dict(dbr(t)))
-        study.tell(t, 0.0)
+    define = DefineByRun(space, opts, fixed, base)
+    configs, _ = draw(lambda trial: TrialConfig.from_dict(define(trial)), draws=1 if space.recipe else SAMPLES,
+                      seed=seed)
     warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
     combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
     speeds = speeds_for(combos, device, threads, log=log, precision=base.get("precision", "auto"))
 
-    def cost(c: TrialConfig, asha: bool) -> float:
+    def costs(c: TrialConfig) -> tuple[float, float]:  # a whole trial's seconds: FIFO, and under ASHA
         secs = epoch_seconds(c, speeds, n_train, n_val)
-        return sum(s * (reach(e, rungs, rf) if asha else 1.0) for e, s in enumerate(secs, start=1))
-
-    def val_cost(c: TrialConfig) -> float:
-        return n_val * speeds.rates(c.backbone, c.input_size)["eval"] * c.total_epochs
-
+        return sum(secs), sum(s * reach(e, rungs, rf) for e, s in enumerate(secs, start=1))
+    runs, warm_runs = [costs(c) for c in configs], [costs(c) for c in warm_cfgs]
+    warm_val = [n_val * speeds.rates(c.backbone, c.input_size)["eval"] * c.total_epochs for c in warm_cfgs]
     per_combo = {}
     for b, s in sorted(combos):
         r = speeds.rates(b, s)
         per_combo[f"{b}@{s}"] = {"frozen_epoch_s": n_train * r["frozen"] + n_val * r["eval"],
                                  "train_epoch_s": n_train * r["train"] + n_val * r["eval"],
                                  "cached_epoch_s": (n_train + n_val) * r["head"]}
-    return Estimate(per_combo=per_combo,
-                    trial_fifo_s=statistics.fmean(cost(c, False) for c in configs),
-                    trial_asha_s=statistics.fmean(cost(c, True) for c in configs),
-                    warm_fifo_s=sum(cost(c, False) for c in warm_cfgs),
-                    warm_asha_s=sum(cost(c, True) for c in warm_cfgs),
-                    parallel=max(1, parallel), num_samples=num_samples, budget_s=budget_s,
-                    rungs=rungs, n_warm=len(warm_cfgs),
-                    warm_train_s=[cost(c, False) - val_cost(c) for c in warm_cfgs],
-                    warm_val_s=[val_cost(c) for c in warm_cfgs])
+    return Estimate(per_combo=per_combo, trial_fifo_s=statistics.fmean(f for f, _ in runs),
+                    trial_asha_s=statistics.fmean(a for _, a in runs), warm_fifo_s=sum(f for f, _ in warm_runs),
+                    warm_asha_s=sum(a for _, a in warm_runs), parallel=max(1, parallel), num_samples=num_samples,
+                    budget_s=budget_s, rungs=rungs, n_warm=len(warm_cfgs),
+                    warm_train_s=[f - v for (f, _), v in zip(warm_runs, warm_val)], warm_val_s=warm_val)
 
 
 def describe(e: Estimate) -> str:
     """The estimate as the lines the CLI prints."""
-    from search.progress import duration
     lines = ["cost estimate (measured on this device; epochs = training + validation):",
              "  backbone@size                      frozen epoch   trainable epoch   frozen, cached features"]
     for k, v in e.per_combo.items():
@@ -285,4 +245,4 @@ def describe(e: Estimate) -> str:
 
 def save(exp: Path, e: Estimate) -> None:
     exp.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(exp / ESTIMATE_FILE, json.dumps(e.to_dict(), indent=1) + "\n")
+    atomic.write_text(exp / ESTIMATE_FILE, json.dumps(asdict(e), indent=1) + "\n")

@@ -1,11 +1,10 @@
-"""How a search spends its budget, decided before the first trial and printed in a few lines.
+"""How a search spends its budget, decided before the first trial from the cost estimate.
 
-The recipe points (the warm start) run first. When they fit in a third of the budget at full
-fidelity they run whole; otherwise they are screened: each runs its whole stage plan on a fixed,
-stratified fraction of the training data (`TrialConfig.train_fraction`: a data subset keeps stage 2,
-which fewer epochs would cut off; FABOLAS, Klein et al. 2017), and the best third go on to full
-fidelity (successive halving among the priors, Jamieson & Talwalkar 2016; the screen-then-top-k
-shape of Egele et al. 2023). What is left is the searcher's (search/incumbent.py).
+The recipe points (the warm start) run first: whole when they fit in a third of the budget, else
+screened on a stratified fraction of the training data with their whole stage plans (a data subset
+keeps stage 2, which fewer epochs would cut off: FABOLAS, Klein et al. 2017), the best third then
+promoted to full fidelity (successive halving among the priors, Jamieson & Talwalkar 2016). What is
+left is the searcher's (search/incumbent.py).
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from search.progress import budget_text, duration
 from trainable import atomic
 
 PLAN_FILE = "budget_plan.json"
@@ -51,7 +51,6 @@ class BudgetPlan:
 
     def describe(self) -> str:
         """The plan as the CLI prints it."""
-        from search.progress import budget_text, duration
         if self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
@@ -83,19 +82,13 @@ def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: f
 def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, parallel: int,
                 own_trial_s: float, budget_s: float | None, num_samples: int | None,
                 screen: str = "auto") -> BudgetPlan:
-    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity (from the
-    cost estimate), `parallel` trials at once and a searcher trial of `own_trial_s` seconds.
-
-    Without a time budget the points fit when they are at most a third of `num_samples` (16 when
-    not given); `screen` "off" runs them whole whatever the budget.
-    """
+    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity, `parallel`
+    trials at once and a searcher trial of `own_trial_s` seconds. Without a time budget the points fit
+    when they are at most a third of `num_samples` (16 when not given); `screen` "off" runs them whole."""
     n = len(train_s)
     own_wall = own_trial_s / max(1, parallel)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
-    if budget_s is not None:
-        fits = full <= FIT_SHARE * budget_s
-    else:
-        fits = n <= FIT_SHARE * (num_samples or 16)
+    fits = full <= FIT_SHARE * budget_s if budget_s is not None else n <= FIT_SHARE * (num_samples or 16)
     if n == 0 or fits or screen == "off":
         return BudgetPlan(n, 1.0, 0, full, 0.0, own_wall, budget_s, num_samples)
     fraction = MAX_FRACTION

@@ -1,13 +1,9 @@
 """Every config a search can hand a trial, checked before Ray starts.
 
-Only a handful of mistakes show in the --set values alone; most appear in a combination with what
-the space samples (an odd --set batch_size with a sampled mixup_alpha, a --set stage1_epochs that
-leaves a sampled 3-stage plan no stage 2). So the space is sampled here the way the search will
-sample it, through the searcher's own DefineByRun, in a throwaway in-memory Optuna study with a
-seeded RandomSampler (many draws, so every branch of a conditional space is visited), and each
-config is checked: TrialConfig's validation, the epoch budget ASHA's max_t assumes, and one forward
-pass per backbone at the smallest input size it gets. A space with nothing left to sample (a fixed
-recipe, or every sampled name fixed by --set) runs once, or as seeded repeats when asked to.
+Most mistakes show only in a --set value combined with what the space samples (an odd batch_size with
+a sampled mixup_alpha, a stage1_epochs that leaves a 3-stage plan no stage 2). So the space is sampled
+here through the searcher's own DefineByRun, and each config is checked: TrialConfig's validation, the
+epoch budget ASHA's max_t assumes, and one forward pass per backbone at the smallest input size it gets.
 """
 from __future__ import annotations
 
@@ -15,10 +11,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import optuna
+import torch
+
+from search.searcher import DefineByRun, _quiet_optuna
 from search.settings import SearchSettings
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig, coerce
 from trainable.errors import UserError
+from trainable.model import create_model
 
 DRAWS = 64  # a two-way branch is missed with probability 2**-64
 STAGE_KEYS = ("stages", "stage1_epochs", "stage2_epochs", "stage3_epochs")
@@ -46,25 +47,37 @@ class RepeatSeeds:
         return {**self.sample(s, o), "seed": self.first_seed + s.trial.number}
 
 
+def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int = 0,
+         points: Sequence[dict[str, Any]] = ()) -> tuple[list[Any], bool]:
+    """`build(trial)` for each point (Optuna params, tried first) and `draws` seeded random trials of a
+    throwaway study, and whether any trial sampled a value. Random, not the searcher's sampler:
+    uniform draws visit every branch of a conditional space."""
+    _quiet_optuna()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for p in points:
+        study.enqueue_trial(dict(p))
+    out, sampled = [], False
+    for _ in range(len(points) + draws):
+        trial = study.ask()
+        out.append(build(trial))
+        study.tell(trial, 0.0)
+        sampled = sampled or bool(trial.params)
+        if not sampled and not points:
+            break  # nothing sampled: the space's flow is fixed, every draw would be this one
+    return out, sampled
+
+
 def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],
                 base: dict[str, Any], points: Sequence[dict[str, Any]] = ()) -> Plan:
-    """Sample and check the configs the search will run; decide num_samples and ASHA's max_t.
-
-    `points` are Optuna params to be tried first (a warm start), checked like the draws.
-    Raises UserError, one line, for any config a trial would fail on."""
+    """Sample and check the configs the search will run (`points`, Optuna params of a warm start,
+    first); decide num_samples and ASHA's max_t. Raises UserError, one line, for any config a trial
+    would fail on."""
     fixed = coerce(fixed)  # unknown --set keys and values of the wrong type
-    if space.recipe:
-        configs, sampled = sample_configs(space, opts, fixed, base, points=points)
-        opts = _recipe_budget(s, space, opts, configs[0])
-    else:
+    if not space.recipe:  # the same seeded draws as below: their stage epochs are checked once, here
         check_budget(space, opts, fixed, points)
-        zero_ok = stages_that_may_be_empty(space, opts, fixed)
-
-        def check(cfg: dict[str, Any]) -> None:  # the searcher's own configs keep the budget too
-            problem = budget_problem(cfg, opts.max_epochs, fixed, zero_ok, space.name)
-            if problem:
-                raise UserError(problem)
-        configs, sampled = sample_configs(space, opts, fixed, base, points=points, check=check)
+    configs, sampled = draw(DefineByRun(space, opts, fixed, base), points=points)
+    if space.recipe:
+        opts = _recipe_budget(s, space, opts, configs[0])
     check_models(configs)
     if sampled:
         return Plan(space, opts, s.num_samples, configs, "")
@@ -82,60 +95,17 @@ def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str,
                 configs, f"{head}running {s.num_samples} repeats with seeds {seeds}")
 
 
-def sample_configs(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], *,
-                   draws: int = DRAWS, seed: int = 0, points: Sequence[dict[str, Any]] = (),
-                   check: Callable[[dict[str, Any]], None] | None = None
-                   ) -> tuple[list[dict[str, Any]], bool]:
-    """Complete configs as the searcher's DefineByRun builds them, from a throwaway Optuna study
-    with a seeded RandomSampler, and whether the space sampled anything at all.
-
-    `check` sees each complete config."""
-    import optuna
-
-    from search.searcher import DefineByRun, _quiet_optuna
-    _quiet_optuna()
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    for p in points:
-        study.enqueue_trial(dict(p))
-    define = DefineByRun(space, opts, fixed, base)
-    configs, sampled = [], False
-    for _ in range(len(points) + draws):
-        trial = study.ask()
-        cfg = define(trial)
-        if check is not None:
-            check(cfg)
-        configs.append(cfg)
-        study.tell(trial, 0.0)
-        sampled = sampled or bool(trial.params)
-        if not sampled and not points:
-            break  # nothing sampled: the space's flow is fixed, every draw would be this one
-    return configs, sampled
-
-
-def _draws(space: Space, opts: Options, fixed: dict[str, Any], points: Sequence[dict[str, Any]] = (),
-           draws: int = DRAWS) -> list[dict[str, Any]]:
-    """The space's own values (no TrialConfig defaults, no validation) for seeded random draws."""
-    import optuna
-
-    from search.searcher import _quiet_optuna
-    _quiet_optuna()
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for p in points:
-        study.enqueue_trial(dict(p))
-    out = []
-    for _ in range(len(points) + draws):
-        trial = study.ask()
-        out.append({**space.sample(Suggest(trial, fixed), opts), **fixed})
-        study.tell(trial, 0.0)
-    return out
+def _space_values(space: Space, opts: Options, fixed: dict[str, Any],
+                  points: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The space's own values and the --set ones, per draw (no TrialConfig defaults, no validation)."""
+    return draw(lambda trial: {**space.sample(Suggest(trial, fixed), opts), **fixed}, points=points)[0]
 
 
 def stages_that_may_be_empty(space: Space, opts: Options, fixed: dict[str, Any]) -> set[int]:
     """The stages the space itself gives 0 epochs in some plan (a frozen feature extractor is
     stage 1 alone); a 0 anywhere else comes from the user's --set squeezing the budget."""
-    own = {k: v for k, v in fixed.items() if k not in STAGE_KEYS}
     empty = set()
-    for v in _draws(space, opts, own):
+    for v in _space_values(space, opts, {k: v for k, v in fixed.items() if k not in STAGE_KEYS}):
         stages = int(v.get("stages", TrialConfig.stages))
         empty |= {k for k in range(1, stages + 1) if v.get(f"stage{k}_epochs", 1) == 0}
     return empty
@@ -143,9 +113,9 @@ def stages_that_may_be_empty(space: Space, opts: Options, fixed: dict[str, Any])
 
 def budget_problem(cfg: dict[str, Any], max_t: int, fixed: dict[str, Any], zero_ok: set[int],
                    space_name: str) -> str:
-    """What is wrong with a config's stage epochs for a search whose trials all get `max_t`
-    epochs (ASHA's max_t), or ''. A stage may not get fewer than 0, nor a 0 the space would not
-    give it itself (unless the user set that 0); the stages must add up to max_t."""
+    """What is wrong with a config's stage epochs when every trial gets `max_t` epochs, or ''. A stage
+    may not get fewer than 0, nor a 0 the space would not give it (unless the user set that 0); the
+    stages must add up to max_t."""
     stages = int(cfg.get("stages", TrialConfig.stages))
     epochs = {k: int(cfg.get(f"stage{k}_epochs", getattr(TrialConfig, f"stage{k}_epochs")))
               for k in range(1, 4 if stages == 3 else 3)}
@@ -164,17 +134,15 @@ def budget_problem(cfg: dict[str, Any], max_t: int, fixed: dict[str, Any], zero_
 def _first_problem(space: Space, opts: Options, fixed: dict[str, Any],
                    points: Sequence[dict[str, Any]] = ()) -> str:
     zero_ok = stages_that_may_be_empty(space, opts, fixed)
-    for v in _draws(space, opts, fixed, points):
-        problem = budget_problem(v, opts.max_epochs, fixed, zero_ok, space.name)
-        if problem:
-            return problem
-    return ""
+    problems = (budget_problem(v, opts.max_epochs, fixed, zero_ok, space.name)
+                for v in _space_values(space, opts, fixed, points))
+    return next((p for p in problems if p), "")
 
 
 def check_budget(space: Space, opts: Options, fixed: dict[str, Any],
                  points: Sequence[dict[str, Any]] = ()) -> None:
-    """Every trial the space can sample under the user's --set values fits the epoch budget, or a
-    UserError names the first that does not and the fixes that were tried and work."""
+    """Every trial the space can sample under the --set values fits the epoch budget, or a UserError
+    names the first that does not and the fixes that were tried and work."""
     problem = _first_problem(space, opts, fixed, points)
     if not problem:
         return
@@ -193,8 +161,8 @@ def check_budget(space: Space, opts: Options, fixed: dict[str, Any],
 
 
 def check_warm_points(points: Sequence[Any], max_t: int) -> None:
-    """Warm-start points (spaces.warm_start.WarmPoint: .name, .config) are complete configs the
-    trials run as they are: each must be valid and fill the per-trial budget like any draw."""
+    """Warm-start points (spaces.warm_start.WarmPoint) run as they are: each must be a valid config
+    that fills the per-trial budget like any draw."""
     for p in points:
         cfg = TrialConfig.from_dict(p.config)
         if cfg.total_epochs != max_t:
@@ -212,15 +180,14 @@ def _recipe_budget(s: SearchSettings, space: Space, opts: Options, cfg: dict[str
 
 
 def check_models(configs: list[dict[str, Any]]) -> None:
-    """One training-mode forward pass of each backbone (random init, batch of 2) at the smallest
-    input size the configs give it: a size the network shrinks to nothing, or a stem it can't
-    take, fails here with one line instead of in every trial."""
+    """One training-mode forward pass of each backbone (random init) at the smallest input size the
+    configs give it: a size the network shrinks to nothing, or a stem it can't take, fails here with
+    one line instead of in every trial."""
     smallest: dict[tuple[str, bool], int] = {}
     for c in configs:
         key = (c["backbone"], bool(c["small_input_stem"]))
         smallest[key] = min(smallest.get(key, c["input_size"]), c["input_size"])
     for (backbone, stem), size in smallest.items():
-        from trainable.model import create_model
         net = create_model(backbone, pretrained=False, small_input_stem=stem)  # its UserErrors propagate
         err = forward_error(net, size)
         if err:
@@ -232,7 +199,6 @@ def check_models(configs: list[dict[str, Any]]) -> None:
 
 def forward_error(net: Any, size: int) -> str:
     """'' when a batch of 2 goes through `net` at `size` px, else the error's first line."""
-    import torch
     net.train()  # BatchNorm in training mode, as stages 2 and 3 run it
     try:
         with torch.no_grad():
