@@ -28,7 +28,7 @@ class Suggest:
     """Optuna's suggest_* with --set overrides: a fixed name is returned (typed), not sampled."""
 
     def __init__(self, trial: Any, fixed: dict[str, Any] | None = None):
-        # typed like TrialConfig's fields: a space compares them ("--set stages=3" is 3, not "3")
+        # typed like TrialConfig's fields: a space compares them ("--set stage3_epochs=3" is 3, not "3")
         self.trial, self.fixed = trial, coerce(fixed or {})
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
@@ -104,6 +104,14 @@ def recipe_config(name: str, fixed: dict[str, Any] | None = None, base: dict[str
         raise UserError(f"{name} is a search space, not a recipe: choose from {', '.join(RECIPES)}")
     chosen = space.sample(Suggest(None, fixed), Options(space.backbones, space.max_epochs))
     return TrialConfig.from_dict({**(base or {}), **chosen, **coerce(fixed or {})}).to_dict()
+
+
+def stage_count(s: Suggest, sample: bool = True) -> int:
+    """2 or 3 stages: a structural choice Optuna samples as "stages" (when `sample`), unless --set
+    stage3_epochs decides it (a config's stage plan is its stage epochs alone)."""
+    if "stage3_epochs" in s.fixed:
+        return 3 if s.fixed["stage3_epochs"] > 0 else 2
+    return s.cat("stages", [2, 3]) if sample else 2
 
 
 def split_budget(s: Suggest, o: Options, stages: int, stage1_max: int) -> dict[str, int]:

@@ -42,7 +42,7 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
     Raises ValueError when `budget` is smaller than the number of stages with epochs.
     """
     cfg = TrialConfig.from_dict(config)
-    keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0 and (k != "stage3_epochs" or cfg.stages == 3)]
+    keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0]
     if budget < len(keys):
         raise ValueError(f"a budget of {budget} epochs is fewer than the {len(keys)} stages of the plan")
     total = sum(getattr(cfg, k) for k in keys)
