@@ -67,7 +67,9 @@ class _Replay:
     checking it lies inside the distribution the space asks with."""
 
     def __init__(self, config: dict[str, Any]):
-        self.config, self.params, self.distributions = config, {}, {}
+        # "stages", a space's structural choice, is what the config's stage epochs say
+        self.config = {**config, "stages": 3 if config.get("stage3_epochs", 0) > 0 else 2}
+        self.params, self.distributions = {}, {}
 
     def _answer(self, name: str, dist: Any) -> Any:
         import optuna
