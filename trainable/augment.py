@@ -51,7 +51,7 @@ class AugPolicy:
     color_jitter: float  # amplitude of brightness/contrast/saturation factors
     erase_prob: float
     erase_area: tuple[float, float]  # fraction of the output image
-    # Defaulted (off) so policies written before these ops existed keep their meaning.
+    # off unless a policy names them
     perspective: float = 0.0  # max |px|, |py| of the homography's third row, normalised coords
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 1.0)  # Gaussian sigma range in source pixels
@@ -320,7 +320,7 @@ class DeviceAugment(torch.nn.Module):
 
 def normalisation_of(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std (0..1 units) the backbone's pretrained weights expect, from timm's config."""
-    import timm.data  # local: keeps this module importable and fast without timm
+    import timm.data  # lazy: validating a config parses its policy here, and timm takes seconds to import
 
     cfg = timm.data.resolve_data_config({}, model=model)
     return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])

@@ -119,7 +119,7 @@ class TrialConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
-        from trainable.augment import policy_for
+        from trainable.augment import policy_for  # lazy: the CLIs import this module before torch
         try:
             policy_for(self.aug_strength, self.augment)
         except ValueError as e:

@@ -388,8 +388,7 @@ def _extract_failed(archive: Path, tmp: Path, e: Exception, reason: str) -> User
 def _download(data_dir: Path) -> Path:
     """Fetch the official archive into the cache, then move its folder to `data_dir/cifar-100-python`
     (creating `data_dir` only then): a failed download leaves no folder behind."""
-    # torchvision is only needed for this rare path, so import it here (it pulls in torch).
-    from torchvision.datasets import CIFAR100
+    from torchvision.datasets import CIFAR100  # lazy: torch-free until a download (it pulls in torch)
     from torchvision.datasets.utils import download_url
 
     folder = data_dir / FOLDER

@@ -26,7 +26,3 @@ class EarlyStop:
 
     def state_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict) -> "EarlyStop":
-        return cls(**state)

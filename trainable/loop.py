@@ -65,8 +65,8 @@ class Precision:
         is the faster layout.
 
         On this project's 2-core CPU, channels_last trains tf_efficientnet_lite0 2-3.8x faster
-        and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster (issue 14's table;
-        `python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
+        and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster
+        (`python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
         NHWC-native. CPU_CONTIGUOUS lists backbones measured slower that way. On CUDA,
         channels_last is what cuDNN's tensor-core convolutions want under fp16/bf16.
         """
