@@ -1,11 +1,7 @@
 """One training epoch and one evaluation pass, over uint8 tensors that already live on the device.
 
 Batches are index slices of the on-device dataset; augmentation, mixup and normalisation happen
-batched on the device. Precision (TrialConfig.precision, `--precision`): "auto" is bf16 autocast
-on GPUs with native bf16 (compute capability 8.0+), fp16 autocast with a GradScaler on older ones,
-fp32 on the CPU; bf16 and fp16 also run on the CPU, through the same autocast path the GPU takes
-(the tests run it there). Both run the model in channels_last, the faster layout on each
-(benchmarks/layout.py).
+batched on the device, in the precision and memory layout `Precision` picks for it.
 """
 from __future__ import annotations
 
