@@ -111,6 +111,21 @@ def test_resume_mid_stage_continues_the_patience_count(monkeypatch, data, tmp_pa
     assert [r["epoch"] for r in resumed] == [3, 4, 5] and resumed[1]["early_stopped"]
 
 
+def test_a_non_finite_loss_ends_the_trial_at_once_with_status_diverged(monkeypatch, data):
+    real = trial.fit_epoch
+
+    def nan_in_epoch_2(t, *a, **k):  # faults come in through a function of the loop, not a hook in it
+        out = real(t, *a, **k)
+        return {**out, "train_loss": float("nan")} if t.at.epoch == 2 else out
+    monkeypatch.setattr(trial, "fit_epoch", nan_in_epoch_2)
+    rows, ckpts = [], []
+    _, last = run_trial({**BASE, "stage1_epochs": 1, "stage2_epochs": 2}, data.train, data.val,
+                        lambda m, c: (rows.append(m), ckpts.append(c)))
+    assert [r["status"] for r in rows] == ["ok", "diverged"] and ckpts[0] is not None and ckpts[1] is None
+    assert last == rows[-1] and last["val_acc"] == last["best_val_acc"] == 0.0  # never a candidate for best
+    assert last["error"] == "non-finite training loss in epoch 2" and "diverged" not in last
+
+
 def test_a_config_that_trains_on_val_loss_needs_val(data):
     with pytest.raises(ValueError, match="validation split"):
         run_trial({**BASE, "early_stop_patience": 2}, data.train, None, lambda m, c: None)
