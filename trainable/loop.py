@@ -174,15 +174,10 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
                 mix_generator: torch.Generator | None = None) -> dict:
     """One pass over (x, fine, coarse) in random order; returns train_loss and images_per_sec.
 
-    `mix_generator`: a CPU generator for mixup/cutmix's draws (mix_batch); one seeded from the
-    first draw of `generator` when not given."""
+    `mix_generator`: the CPU generator of mixup/cutmix's draws (mix_batch), given with `mix`."""
     train_mode(net, freeze_bn)
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    fine_to_coarse = None
-    if mix is not None:
-        fine_to_coarse = coarse_matrix(fine, coarse)
-        if mix_generator is None:
-            mix_generator = torch.Generator().manual_seed(int(perm[0]))
+    fine_to_coarse = coarse_matrix(fine, coarse) if mix is not None else None
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return make_batch(x, fine, coarse, idx, aug=aug, prec=prec, generator=generator, mix=mix,
