@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from timm.data import Mixup
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from trainable import features
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
@@ -142,13 +144,35 @@ class Checkpoint:
     stopper: dict | None = None
     config: dict[str, Any] | None = None  # for a reader of the checkpoint alone
 
-    def capture(self, t: Setup, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None, stopper: EarlyStop) -> Checkpoint:
+    def capture(self, t: Setup, opt: Optimizer, sched: LRScheduler, plateau: ReduceLROnPlateau | None,
+                stopper: EarlyStop) -> Checkpoint:
         """This position with the current states of the trial `t` and of its stage."""
         return replace(self, net=t.net.state_dict(), generator=t.gen.get_state(), mix_generator=t.mix_gen.get_state(),
                        scaler=t.scaler.state_dict() if t.scaler is not None else None, opt=opt.state_dict(),
                        sched=sched.state_dict(), plateau=plateau.state_dict() if plateau is not None else None,
                        stopper=stopper.state_dict(), config=t.cfg.to_dict())
+
+    def restore(self, t: Setup) -> None:
+        """Put the trial's saved model, random generators and loss scale back (none for a fresh trial)."""
+        if self.net is None:
+            return
+        t.net.load_state_dict(self.net)
+        t.gen.set_state(self.generator.cpu())
+        t.mix_gen.set_state(self.mix_generator.cpu())
+        if t.scaler is not None and self.scaler is not None:  # None: saved on a device without fp16
+            t.scaler.load_state_dict(self.scaler)
+
+    def enter_stage(self, s: Stage, opt: Optimizer, sched: LRScheduler,
+                    plateau: ReduceLROnPlateau | None, patience: int) -> EarlyStop:
+        """The stage's early stop; saved within stage `s`, its optimiser, schedule and plateau go on too."""
+        if self.stage != s.number:
+            self.stage, self.stage_epoch, self.stage_done = s.number, 0, False
+            return EarlyStop(patience)
+        opt.load_state_dict(self.opt)
+        sched.load_state_dict(self.sched)
+        if plateau is not None:
+            plateau.load_state_dict(self.plateau)
+        return EarlyStop(**self.stopper)
 
     def save(self, directory: Path) -> None:
         torch.save(vars(self), directory / CHECKPOINT_FILE)
@@ -207,12 +231,7 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
     plan = plan_stages(cfg)
     at.epoch, at.stage = ckpt.epoch + 1, ckpt.stage or plan[0].number
     t = _setup(cfg, train, val, device, at)
-    if ckpt.net is not None:
-        t.net.load_state_dict(ckpt.net)
-        t.gen.set_state(ckpt.generator.cpu())
-        t.mix_gen.set_state(ckpt.mix_generator.cpu())
-        if t.scaler is not None and ckpt.scaler is not None:  # None: saved on a device without fp16
-            t.scaler.load_state_dict(ckpt.scaler)
+    ckpt.restore(t)
     metrics: dict[str, Any] = {}
     for s in plan:
         if s.number < ckpt.stage or (s.number == ckpt.stage and ckpt.stage_done):
@@ -231,15 +250,8 @@ def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter
     cfg, at = t.cfg, t.at
     _, steps = batching(len(t.train), cfg.batch_size)
     opt, sched = build_optimizer(t.net, s, cfg, s.epochs * steps, t.prec.device)
-    plateau, stopper = build_plateau(opt, cfg), EarlyStop(cfg.early_stop_patience)
-    if ckpt.stage == s.number:  # saved within this stage: its optimiser, schedule and patiences go on
-        opt.load_state_dict(ckpt.opt)
-        sched.load_state_dict(ckpt.sched)
-        if plateau is not None:
-            plateau.load_state_dict(ckpt.plateau)
-        stopper = EarlyStop(**ckpt.stopper)
-    else:
-        ckpt.stage, ckpt.stage_epoch, ckpt.stage_done = s.number, 0, False
+    plateau = build_plateau(opt, cfg)
+    stopper = ckpt.enter_stage(s, opt, sched, plateau, cfg.early_stop_patience)
     cached = features.for_stage(cfg, s, t.net, epochs=min(s.epochs - ckpt.stage_epoch, last - ckpt.epoch),
                                 train_images=t.train.images, x=t.data[0], fine=t.data[1], coarse=t.data[2],
                                 val_images=t.val.images if t.val is not None else None, val=t.val_data,
@@ -274,8 +286,7 @@ def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter
     return metrics
 
 
-def fit_epoch(t: Setup, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-              cached: features.CachedStage | None) -> dict[str, Any]:
+def fit_epoch(t: Setup, opt: Optimizer, sched: LRScheduler, cached: features.CachedStage | None) -> dict[str, Any]:
     """One training epoch, on the stage's cached features when it has them, else on the augmented images."""
     cfg = t.cfg
     kw = dict(batch_size=cfg.batch_size, opt=opt, sched=sched, prec=t.prec, scaler=t.scaler,
