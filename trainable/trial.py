@@ -103,16 +103,15 @@ class Progress:
         self.metrics: dict[str, Any] = {}  # the epoch's metrics so far (training's, when validation fails)
 
     def oom_reason(self, cfg: TrialConfig) -> str:
-        where = {"setup": f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) "
-                          f"before epoch {self.epoch}",
-                 "training": f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, "
-                             f"input_size {cfg.input_size})",
-                 "validation": f"epoch {self.epoch} while validating (down to one image at a time, "
-                               f"input_size {cfg.input_size})",
-                 "checkpoint": f"epoch {self.epoch} while saving its checkpoint"}[self.phase]
-        fix = {"setup": "pick a smaller backbone or fewer images (--subset)",
-               "training": "lower batch_size or input_size", "validation": "lower input_size or pick a smaller backbone",
-               "checkpoint": "lower batch_size or input_size"}[self.phase]
+        where, fix = {
+            "setup": (f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) before epoch "
+                      f"{self.epoch}", "pick a smaller backbone or fewer images (--subset)"),
+            "training": (f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, input_size "
+                         f"{cfg.input_size})", "lower batch_size or input_size"),
+            "validation": (f"epoch {self.epoch} while validating (down to one image at a time, input_size "
+                           f"{cfg.input_size})", "lower input_size or pick a smaller backbone"),
+            "checkpoint": (f"epoch {self.epoch} while saving its checkpoint", "lower batch_size or input_size"),
+        }[self.phase]
         return f"out of memory in {where}: {fix}"
 
 
