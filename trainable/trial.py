@@ -2,8 +2,9 @@
 
 Ray Tune calls it in a search (search/tune_trial.py adapts it), analyze.py calls it to retrain the
 best config on train+val, and tests call it with a list as the reporter. Read top to bottom:
-`run_trial` sets the trial up and restores its checkpoint (`_train`), runs each stage of the plan
-(`_run_stage`, one `fit_epoch` and one `validate` per epoch) and saves a `Checkpoint` after every epoch.
+`run_trial` turns an out-of-memory error anywhere into a result; `_train` restores the `Checkpoint`
+and walks the stage plan; `_run_stage` runs one stage an epoch at a time (`fit_epoch`, `validate`)
+and saves the `Checkpoint` after each. Tests inject faults by monkeypatching these functions.
 """
 from __future__ import annotations
 
@@ -204,6 +205,7 @@ class Setup:
 
 
 def _setup(cfg: TrialConfig, train: Split, val: Split | None, device: torch.device, at: Progress) -> Setup:
+    """The trial's model, data on the device, augmentation and random generators, from its seed."""
     torch.manual_seed(cfg.seed)
     train = fidelity_subset(train, cfg.train_fraction, cfg.seed)
     prec = Precision.for_device(device, cfg.backbone, cfg.precision)
