@@ -1,4 +1,5 @@
 """Batched on-device augmentation for uint8 image tensors (airbench style: no PIL, no DataLoader).
+torchvision's v2 transforms take batches too, but draw one set of random parameters per call, not per image.
 
 The dataset lives on the device as uint8 [N,3,H,W]; every batch is augmented in a few tensor ops
 with independent random parameters per image, and resized to the backbone's input size in the

@@ -3,7 +3,8 @@
 Reads the official `cifar-100-python` archive layout (pickled dicts, by Python 2 or 3 at any
 protocol) with an unpickler that can build plain data and NumPy arrays and nothing else,
 validates every field, and keeps images as uint8 [N, 3, 32, 32]. Everything here is plain
-numpy + lists so the bundles pickle cheaply into Ray's object store.
+numpy + lists so the bundles pickle cheaply into Ray's object store. (torchvision's CIFAR100
+unpickles whatever the file holds and knows only its own folder layout; it serves the download.)
 """
 
 from __future__ import annotations
