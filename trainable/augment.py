@@ -2,8 +2,9 @@
 
 The dataset lives on the device as uint8 [N,3,H,W]; every batch is augmented in a few tensor ops
 with independent random parameters per image (torchvision's v2 transforms draw one set per call),
-and resized to the backbone's input size in the same resampling pass. Order: colour jitter, grayscale, blur (at source resolution), then one
-geometric resampling (flip/rotate/translate/zoom/perspective), normalisation, erasing.
+and resized to the backbone's input size in the same resampling pass. Order: colour jitter,
+grayscale, blur (at source resolution), then one geometric resampling (flip/rotate/translate/zoom/
+perspective), normalisation, erasing.
 
 `aug_policy(strength)` maps one search knob onto the policy, linearly in between the two ends:
 
