@@ -120,6 +120,7 @@ def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
     timm's EMA first as timm does), key prefixes of DataParallel/DDP, torch.compile, Lightning or a
     wrapping model, safetensors. The classifier is not loaded (the fine-tune replaces it), so one of
     any size or none at all is fine. UserError, one line, saying what does not fit and how to fix it.
+    (timm's load_checkpoint knows only timm's own keys and prefixes, and fails with a traceback.)
     """
     fix = f"save the state_dict of timm.create_model({name!r}) (torch.save(model.state_dict(), {path.name!r}))"
     state = _unwrap(_read_weights(path, fix))
