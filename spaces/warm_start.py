@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config
+from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config, space_view
 from trainable.config import TrialConfig, coerce
 
 _STAGE_EPOCHS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
@@ -67,8 +67,7 @@ class _Replay:
     checking it lies inside the distribution the space asks with."""
 
     def __init__(self, config: dict[str, Any]):
-        # "stages", a space's structural choice, is what the config's stage epochs say
-        self.config = {**config, "stages": 3 if config.get("stage3_epochs", 0) > 0 else 2}
+        self.config = space_view(config)
         self.params, self.distributions = {}, {}
 
     def _answer(self, name: str, dist: Any) -> Any:
