@@ -210,7 +210,9 @@ def param_cell(config: dict[str, Any], key: str) -> str:
     v = config.get(key)
     if key == "aug_strength" and config.get("augment"):
         return str(config["augment"])
-    if key == "stage3_lr" and config.get("stages") != 3:
+    if key == "stages":  # the plan's shape, from its stage epochs
+        return "3" if config.get("stage3_epochs") else "2"
+    if key == "stage3_lr" and not config.get("stage3_epochs"):
         return "-"
     if isinstance(v, float):
         return fmt_lr(v) if key.endswith("lr") else f"{v:.3g}"

@@ -162,7 +162,7 @@ def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, flo
     search's wall time and the search's fixed cost (wall minus every epoch's time)."""
     from analysis.experiment import load_trials
     e2 = ctx.sc.overhead_epochs
-    sets = {"stages": 2, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99, "input_size": size,
+    sets = {"stage3_epochs": 0, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99, "input_size": size,
             "batch_size": ctx.sc.overhead_batch, "aug_strength": 1.0}
     exp, wall = ctx.search(f"overhead-{size}px-{cpus}cpu", samples=1, cpus=cpus, subset=ctx.sc.subset,
                            max_epochs=1 + e2, sets=sets)
@@ -218,7 +218,7 @@ def section_overhead(ctx: Context) -> None:
                           f"{rate(few['train'])} img/s.")
     ctx.note("1", f"Data: `--subset {sc.subset}`: {n_train} training images ({steps} batches of {bs} an epoch, "
                   f"loop.batching), {n_val} validation images; {BACKBONE}. Tune trial: `run_search.py --space tiny "
-                  f"--warm-start none --num-samples 1 --scheduler fifo --cpus-per-trial {cpus}`, `--set stages=2 "
+                  f"--warm-start none --num-samples 1 --scheduler fifo --cpus-per-trial {cpus}`, `--set stage3_epochs=0 "
                   f"stage1_epochs=1 stage2_epochs={sc.overhead_epochs} unfreeze_depth=99 aug_strength=1`, in the "
                   f"trial's layout; timed: its all-trainable epochs by Tune's `time_this_iter_s` (training, "
                   f"evaluation, checkpoint, report), the in-loop rate by its own `train_seconds`.")
@@ -375,7 +375,7 @@ def section_memory(ctx: Context) -> None:
     n_images = len(d.train) + len(d.val)
     del d
     # every trial stays in stage 1 (head only) for the whole time box, on both datasets
-    sets = {"input_size": 16, "batch_size": 256, "stages": 2, "stage1_epochs": 50, "stage2_epochs": 1}
+    sets = {"input_size": 16, "batch_size": 256, "stage3_epochs": 0, "stage1_epochs": 50, "stage2_epochs": 1}
     m = {}
     for label, subset in [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else []):
         for n in (1, 2):
@@ -467,7 +467,7 @@ def section_stages(ctx: Context) -> None:
     from trainable.optim import build_optimizer
     from trainable.stages import plan_stages
     sc, b, t = ctx.sc, ctx.bench(), ctx.args.threads
-    cfg = TrialConfig(stages=3, stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
+    cfg = TrialConfig(stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
     s1, s2, s3 = plan_stages(cfg)
     names = ["stage 1 (head only)", f"stage 2 (top {cfg.unfreeze_depth} blocks)", "all trainable"]
     g = torch.Generator().manual_seed(3)

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table, run_cli  # noqa: E402
+from spaces import space_view  # noqa: E402
 from trainable import atomic  # noqa: E402
 from trainable.cache import cache_root  # noqa: E402
 
@@ -137,7 +138,7 @@ def _name(t) -> str:
             if {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"} == c:
                 return "recipe " + ot.user_attrs["warm_start"]
             m = ot.system_attrs.get(MOVE_ATTR)
-            if m and all(c.get(k) == v for k, v in ot.params.items()) and ot.params:
+            if m and all(space_view(c).get(k) == v for k, v in ot.params.items()) and ot.params:
                 parent = by_number.get(m["parent"])
                 origin = parent.user_attrs.get("warm_start", f"trial {m['parent']}") if parent else "?"
                 return f"move of {origin}: {', '.join(m['changed'])}"

@@ -48,7 +48,7 @@ def timed_trial(config: dict, train, val, cache: str, switch: str) -> tuple[list
 def part_epoch(a, data) -> str:
     out = []
     for size in a.sizes:
-        cfg = {"backbone": BACKBONE, "weights_dir": str(WEIGHTS), "stages": 2, "stage1_epochs": 2, "stage2_epochs": 0,
+        cfg = {"backbone": BACKBONE, "weights_dir": str(WEIGHTS), "stage3_epochs": 0, "stage1_epochs": 2, "stage2_epochs": 0,
                "input_size": size, "batch_size": 64, "aug_strength": 0.0, "optimizer": "adamw", "stage1_lr": 1e-3}
         with tempfile.TemporaryDirectory() as cache:
             off, off_t, _ = timed_trial(cfg, data.train, data.val, cache, "off")
@@ -102,7 +102,7 @@ def part_search(a, work: Path) -> str:
                     "--num-samples", 8, "--max-concurrent", 1, "--cpus-per-trial", 1, "--scheduler", "fifo",
                     "--subset", a.search_subset, "--data-dir", a.data_dir, "--seed", 0, "--max-epochs", 3,
                     "--storage-path", work / "runs", "--name", name]
-            for kv in ("stages=2", "stage1_epochs=3", "stage2_epochs=0", f"input_size={a.search_size}",
+            for kv in ("stage3_epochs=0", "stage1_epochs=3", "stage2_epochs=0", f"input_size={a.search_size}",
                        "batch_size=64", "aug_strength=0", "unfreeze_depth=1", "stage2_lr=0.001"):
                 args += ["--set", kv]
             env_before = dict(os.environ)

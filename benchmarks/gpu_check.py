@@ -61,7 +61,7 @@ def data(args):
 def trial_config(args, epochs: int) -> dict:
     from benchmarks.common import BACKBONE
     return {"backbone": BACKBONE, "pretrained": not args.no_pretrained, "weights_dir": args.weights_dir,
-            "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256, "stages": 3, "stage1_epochs": 0,
+            "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256, "stage1_epochs": 0,
             "stage2_epochs": 0, "stage3_epochs": epochs, "stage3_lr": 1e-3, "aug_strength": 0.5,
             "precision": "auto"}
 

@@ -31,7 +31,7 @@ def neighbours(base: dict) -> list[tuple[str, dict]]:
     sizes = [64, 96, 128, 160, 224, 288]
     i = sizes.index(base["input_size"]) if base["input_size"] in sizes else 4
     e = base["stage1_epochs"] + base["stage2_epochs"]
-    last1 = {"stages": 2, "stage1_epochs": e - 1, "stage2_epochs": 1}
+    last1 = {"stage3_epochs": 0, "stage1_epochs": e - 1, "stage2_epochs": 1}
     out = [("base (the recipe)", {}),
            ("head lr x3", {"stage1_lr": lr * 3}), ("head lr /3", {"stage1_lr": lr / 3}),
            ("head lr x10", {"stage1_lr": lr * 10}),

@@ -45,7 +45,7 @@ def trial_fn(b, size: int, bs: int, steps: int, strength: float):
     from trainable.loop import train_epoch
     from trainable.optim import build_optimizer
     from trainable.stages import plan_stages
-    cfg = TrialConfig(backbone=BACKBONE, stages=2, stage1_epochs=1, stage2_epochs=1000, unfreeze_depth=99,
+    cfg = TrialConfig(backbone=BACKBONE, stage1_epochs=1, stage2_epochs=1000, unfreeze_depth=99,
                       input_size=size, batch_size=bs, aug_strength=strength, optimizer="sgd")
     stage = plan_stages(cfg)[1]
     opt, sched = build_optimizer(b.net, stage, cfg, 1000 * steps, b.dev)

@@ -24,6 +24,7 @@ from matplotlib.ticker import NullFormatter
 from analysis.experiment import TrialRecord
 from analysis.study import METRIC, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
 from report.plots import COLOURS, figure, legend_below, save
+from spaces import space_view
 from trainable.config import RUN_FIELDS
 
 LOG_HINTS = ("_lr", "lr", "weight_decay")  # searched on a log scale whenever they vary
@@ -126,7 +127,7 @@ def saved_trials_study(saved, trials: list[TrialRecord]):
     study = optuna.create_study(direction="maximize", study_name="report")
     for t in done:
         # Tune's trial ids are not in the study: the trial whose config holds these values is it
-        rec = next((r for r in unmatched if all(_same(r.config.get(k), v) for k, v in t.params.items())), None)
+        rec = next((r for r in unmatched if all(_same(space_view(r.config).get(k), v) for k, v in t.params.items())), None)
         if rec is not None:
             unmatched.remove(rec)
         study.add_trial(optuna.trial.create_trial(

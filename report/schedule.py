@@ -97,7 +97,7 @@ def plot_schedule(trial: TrialRecord, path: Path) -> Path:
     ax.set_xlim(0, end)
     ax.set_xlabel(f"epoch (global; {sch.steps_per_epoch} optimiser steps per epoch)")
     ax.set_ylabel("learning rate (log scale)")
-    ax.set_title(f"Learning-rate schedule of the best trial {trial.trial_id}: {cfg.stages} stages, "
+    ax.set_title(f"Learning-rate schedule of the best trial {trial.trial_id}: {len(sch.stage_starts)} stages, "
                  f"{cfg.schedule}, warmup {cfg.warmup_frac:g} of each stage")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=3, fontsize=8)

@@ -8,6 +8,7 @@ from typing import Any
 from analysis.experiment import TrialRecord, rank
 from analysis.study import METRIC, MOVE_ATTR, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
 from report import html as h
+from spaces import space_view
 from trainable.config import RUN_FIELDS
 
 
@@ -41,7 +42,7 @@ def origins(exp: Path, trials: list[TrialRecord]) -> dict[str, str]:
         for ot in study.trials:
             warm = ot.user_attrs.get(WARM_CONFIG)
             if (warm is not None and _hp(warm) == hp) or (
-                    warm is None and ot.params and all(hp.get(k) == v for k, v in ot.params.items())
+                    warm is None and ot.params and all(space_view(hp).get(k) == v for k, v in ot.params.items())
                     and ot.system_attrs.get(MOVE_ATTR)):
                 out[t.trial_id] = origin(ot)
                 break

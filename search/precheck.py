@@ -22,7 +22,7 @@ from trainable.errors import UserError
 from trainable.model import create_model
 
 DRAWS = 64  # a two-way branch is missed with probability 2**-64
-STAGE_KEYS = ("stages", "stage1_epochs", "stage2_epochs", "stage3_epochs")
+STAGE_KEYS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
 PROBE_SIZES = (16, 24, 32, 48, 64, 96, 128, 160, 224, 288, 384, 512)
 
 
@@ -106,24 +106,21 @@ def stages_that_may_be_empty(space: Space, opts: Options, fixed: dict[str, Any])
     stage 1 alone); a 0 anywhere else comes from the user's --set squeezing the budget."""
     empty = set()
     for v in _space_values(space, opts, {k: v for k, v in fixed.items() if k not in STAGE_KEYS}):
-        stages = int(v.get("stages", TrialConfig.stages))
-        empty |= {k for k in range(1, stages + 1) if v.get(f"stage{k}_epochs", 1) == 0}
+        empty |= {k for k in (1, 2) if v.get(f"stage{k}_epochs", 1) == 0}
     return empty
 
 
 def budget_problem(cfg: dict[str, Any], max_t: int, fixed: dict[str, Any], zero_ok: set[int],
                    space_name: str) -> str:
-    """What is wrong with a config's stage epochs when every trial gets `max_t` epochs, or ''. A stage
-    may not get fewer than 0, nor a 0 the space would not give it (unless the user set that 0); the
-    stages must add up to max_t."""
-    stages = int(cfg.get("stages", TrialConfig.stages))
-    epochs = {k: int(cfg.get(f"stage{k}_epochs", getattr(TrialConfig, f"stage{k}_epochs")))
-              for k in range(1, 4 if stages == 3 else 3)}
-    plan = " + ".join(f"stage{k} {e}" for k, e in epochs.items())
+    """What is wrong with a config's stage epochs for a search whose trials all get `max_t`
+    epochs (ASHA's max_t), or ''. A stage may not get fewer than 0, nor a 0 the space would not
+    give it itself (unless the user set that 0); the stages must add up to max_t."""
+    epochs = {k: int(cfg.get(f"stage{k}_epochs", getattr(TrialConfig, f"stage{k}_epochs"))) for k in (1, 2, 3)}
+    plan = " + ".join(f"stage{k} {e}" for k, e in epochs.items() if k < 3 or e)
     given = [f"{k}={fixed[k]}" for k in STAGE_KEYS if k in fixed]
     cause = f"--set {', '.join(given)}" if given else f"space {space_name!r}"
     for k, e in epochs.items():
-        if e < 0 or (e == 0 and k not in zero_ok and f"stage{k}_epochs" not in fixed):
+        if e < 0 or (e == 0 and k < 3 and k not in zero_ok and f"stage{k}_epochs" not in fixed):  # 3: a 2-stage plan
             return f"{cause} leaves stage {k} {e} epochs of the {max_t}-epoch budget ({plan})"
     total = sum(epochs.values())
     if total != max_t:
@@ -147,14 +144,14 @@ def check_budget(space: Space, opts: Options, fixed: dict[str, Any],
     if not problem:
         return
     fixes = []
-    if "stages" not in fixed and not _first_problem(space, opts, {**fixed, "stages": 2}):
-        fixes.append("--set stages=2")
+    if "stage3_epochs" not in fixed and not _first_problem(space, opts, {**fixed, "stage3_epochs": 0}):
+        fixes.append("--set stage3_epochs=0")
     # the smallest budget that fits, if any does within reason
     m = next((m for m in range(opts.max_epochs + 1, 4 * opts.max_epochs + 9)
               if not _first_problem(space, dataclasses.replace(opts, max_epochs=m), fixed)), None)
     if m is not None:
         fixes.append(f"--max-epochs {m}")
-    set_epochs = [k for k in STAGE_KEYS[1:] if k in fixed]
+    set_epochs = [k for k in STAGE_KEYS if k in fixed]
     if set_epochs:
         fixes.append(f"drop --set {', '.join(set_epochs)} (the space splits --max-epochs itself)")
     raise UserError(f"{problem}: {' or '.join(fixes) if fixes else 'change the --set stage values'}")

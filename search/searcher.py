@@ -5,6 +5,7 @@ and the report read it; warm-start points are enqueued in it before Ray's Optuna
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.sam
     return IncumbentSampler(tpe, seed=seed) if kind == "incumbent" else tpe
 
 
+FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
+
+
 class FidelitySearch(OptunaSearch):
     """Ray's OptunaSearch telling Optuna each trial at its fidelity, and promoting the screen.
 
@@ -73,6 +77,11 @@ class FidelitySearch(OptunaSearch):
     def __init__(self, *args, promote: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.promote = promote
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        # Ray adds every sampled name to the config; a space's structural choice ("stages") is no field
+        config = super().suggest(trial_id)
+        return {k: v for k, v in config.items() if k in FIELDS} if isinstance(config, dict) else config
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

@@ -103,6 +103,20 @@ def recipe_config(name: str, fixed: dict[str, Any] | None = None, base: dict[str
     return TrialConfig.from_dict({**(base or {}), **chosen, **(fixed or {})}).to_dict()
 
 
+def space_view(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` as a space's Optuna params see it: its fields and the structural choice "stages"
+    the spaces sample (3 when stage 3 has epochs), so params can be matched against a config."""
+    return {**config, "stages": 3 if config.get("stage3_epochs", 0) > 0 else 2}
+
+
+def stage_count(s: Suggest, sample: bool = True) -> int:
+    """2 or 3 stages: a structural choice Optuna samples as "stages" (when `sample`), unless --set
+    stage3_epochs decides it (a config's stage plan is its stage epochs alone)."""
+    if "stage3_epochs" in s.fixed:
+        return 3 if s.fixed["stage3_epochs"] > 0 else 2
+    return s.cat("stages", [2, 3]) if sample else 2
+
+
 def split_budget(s: Suggest, o: Options, stages: int, stage1_max: int) -> dict[str, int]:
     """Share the epoch budget among stages: every trial runs exactly o.max_epochs epochs, so ASHA
     compares trials on one time axis. Stage 2 gets what stages 1 and 3 leave."""

@@ -14,7 +14,7 @@ LR = 0.003 * BATCH / 512  # the rule's lr is for batch 512; linear scaling (Goya
 
 def sample(s: Suggest, o: Options) -> dict:
     # everything trainable from the start: stage 3 alone, one lr for every block
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 3,
+    return {"backbone": s.cat("backbone", o.backbones), 
             "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": 20, "stage3_lr": LR,
             "layer_decay": 1.0, "backbone_lr_scale": 1.0,
             "optimizer": "sgd", "schedule": "step", "warmup_frac": 0.05, "weight_decay": 0.0,

@@ -9,7 +9,7 @@ EPOCHS = 20
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 3,
+    return {"backbone": s.cat("backbone", o.backbones), 
             "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": EPOCHS, "stage3_lr": 5e-4,
             "layer_decay": 1.0, "backbone_lr_scale": 1.0,
             "optimizer": "rmsprop", "schedule": "cosine", "warmup_frac": 1 / EPOCHS,  # 1 epoch

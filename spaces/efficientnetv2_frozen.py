@@ -4,7 +4,7 @@ from spaces import Options, Space, Suggest
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 2,
+    return {"backbone": s.cat("backbone", o.backbones), 
             "stage1_epochs": 30, "stage1_lr": 1e-3, "stage2_epochs": 0,  # stage 1 alone: frozen
             "optimizer": "adamw", "weight_decay": 0.0, "schedule": "constant", "warmup_frac": 0.0,
             "plateau_patience": 3, "plateau_factor": 0.2, "early_stop_patience": 6,

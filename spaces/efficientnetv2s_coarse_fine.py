@@ -6,7 +6,7 @@ from spaces import Options, Space, Suggest
 
 def sample(s: Suggest, o: Options) -> dict:
     return {"backbone": s.cat("backbone", o.backbones), "head": "coarse_to_fine", "coarse_loss_weight": 0.5,
-            "stages": 2, "stage1_epochs": 0, "stage2_epochs": 20, "unfreeze_depth": 3,
+            "stage1_epochs": 0, "stage2_epochs": 20, "unfreeze_depth": 3,
             "stage2_lr": 1e-3, "backbone_lr_scale": 0.1, "layer_decay": 1.0,
             "optimizer": "adamw", "weight_decay": 1e-4, "schedule": "cosine", "batch_size": 64,
             "label_smoothing": 0.1, "input_size": 224, "augment": "flip,rotate=15,translate=0.1"}

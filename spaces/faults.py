@@ -2,14 +2,14 @@
 
 A trial samples either a sane stage-1 learning rate or one so large that its loss overflows
 (diverges), and whether BatchNorm statistics stay frozen: with CIFAR_TUNE_FAULT=oom@2:freeze_bn=True
-(trainable/trial.py) those trials make an allocation the machine cannot satisfy (out of memory)
+(tests/fault_hook/sitecustomize.py) those trials make an allocation the machine cannot satisfy (out of memory)
 in epoch 2.
 """
 from spaces import Options, Space, Suggest
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 2,
+    return {"backbone": s.cat("backbone", o.backbones),
             "stage1_epochs": 1, "stage2_epochs": o.max_epochs - 1, "unfreeze_depth": 1,
             "input_size": 32, "batch_size": 32, "stage2_lr": 1e-3,
             "stage1_lr": s.cat("stage1_lr", [0.01, 1e12]),

@@ -5,7 +5,7 @@ to everything trainable from the first epoch (stage 3 alone: BiT, EfficientNetV2
 pretrained hand-made recipe's procedure is a point of the space (spaces/warm_start.py checks it
 and the search starts from them). Conditional parameters are asked only where they take effect.
 """
-from spaces import Options, Suggest
+from spaces import Options, Suggest, stage_count
 
 INPUT_SIZES = [64, 96, 128, 160, 224]
 WEIGHT_DECAYS = [0.0, 1e-5, 1e-4, 5e-4, 1e-3]  # categorical: the recipes' 0 has no log scale
@@ -21,7 +21,7 @@ def stage1_cap(max_epochs: int) -> int:
 def sample_finetune(s: Suggest, o: Options, input_sizes: list[int] = INPUT_SIZES) -> dict:
     """Sample one fine-tune over `o.max_epochs` epochs (every plan uses exactly all of them)."""
     m, cap = o.max_epochs, stage1_cap(o.max_epochs)
-    stages = s.cat("stages", [2, 3])
+    stages = stage_count(s)
     if stages == 3:  # stage 3 (everything) gets >= 1 epoch; stages 1 and 2 may be skipped
         e3 = s.int("stage3_epochs", 1, m)
         e1 = s.int("stage1_epochs", 0, min(cap, m - e3))
@@ -34,7 +34,7 @@ def sample_finetune(s: Suggest, o: Options, input_sizes: list[int] = INPUT_SIZES
         else:
             e3, e2 = 0, s.cat("stage2_epochs", sorted({0, *range(max(1, m - cap), m + 1)}))
             e1 = m - e2
-    v = {"backbone": s.cat("backbone", o.backbones), "stages": stages,
+    v = {"backbone": s.cat("backbone", o.backbones),
          "stage1_epochs": e1, "stage2_epochs": e2, "stage3_epochs": e3,
          "input_size": s.cat("input_size", input_sizes),
          "batch_size": s.cat("batch_size", [32, 64, 128]),

@@ -5,7 +5,7 @@ from spaces import Options, Space, Suggest
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 2, "unfreeze_depth": 3,
+    return {"backbone": s.cat("backbone", o.backbones), "unfreeze_depth": 3,
             "stage1_epochs": 10, "stage1_lr": 1e-3, "stage2_epochs": 10, "stage2_lr": 1e-5,
             "optimizer": "adamw", "weight_decay": 0.0, "schedule": "constant", "warmup_frac": 0.0,
             "batch_size": 32, "label_smoothing": 0.0, "input_size": 96, "augment": "flip,rotate=20",

@@ -4,7 +4,7 @@ from spaces import Options, Space, Suggest
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 2, "unfreeze_depth": 3,
+    return {"backbone": s.cat("backbone", o.backbones), "unfreeze_depth": 3,
             "stage1_epochs": 5, "stage1_lr": 1e-3, "stage2_epochs": 15, "stage2_lr": 1e-4,
             "optimizer": "adamw", "schedule": "cosine", "weight_decay": 1e-4, "batch_size": 128,
             "label_smoothing": 0.1, "input_size": 128, "augment": "flip,rotate=15,translate=0.1,zoom=0.1",

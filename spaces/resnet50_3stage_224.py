@@ -9,7 +9,7 @@ from spaces import Options, Space, Suggest
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    return {"backbone": s.cat("backbone", o.backbones), "stages": 3, "unfreeze_depth": 2,
+    return {"backbone": s.cat("backbone", o.backbones), "unfreeze_depth": 2,
             "stage1_epochs": 10, "stage1_lr": 1e-2, "stage2_epochs": 10, "stage2_lr": 5e-3,
             "stage3_epochs": 20, "stage3_lr": 2e-3, "backbone_lr_scale": 0.2, "layer_decay": 0.6,
             "optimizer": "sgd", "schedule": "onecycle", "weight_decay": 5e-4, "batch_size": 32,

@@ -8,7 +8,7 @@ from spaces import Options, Space, Suggest
 def sample(s: Suggest, o: Options) -> dict:
     # the whole network from the first epoch: stage 3 alone, one lr for every block
     return {"backbone": s.cat("backbone", o.backbones), "pretrained": False, "small_input_stem": True,
-            "stages": 3, "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": 50,
+            "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": 50,
             "stage3_lr": 1e-3, "layer_decay": 1.0, "backbone_lr_scale": 1.0,
             "optimizer": "adamw", "weight_decay": 5e-4, "schedule": "constant", "warmup_frac": 0.0,
             "plateau_patience": 5, "plateau_factor": 0.2, "early_stop_patience": 10,

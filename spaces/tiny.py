@@ -1,10 +1,10 @@
 """CPU smoke runs: three small backbones, 32-64 px, at most 4 epochs."""
-from spaces import Options, Space, Suggest, split_budget
+from spaces import Options, Space, Suggest, split_budget, stage_count
 
 
 def sample(s: Suggest, o: Options) -> dict:
-    stages = s.cat("stages", [2, 3]) if o.max_epochs >= 3 else 2
-    v = {"backbone": s.cat("backbone", o.backbones), "stages": stages,
+    stages = stage_count(s, sample=o.max_epochs >= 3)
+    v = {"backbone": s.cat("backbone", o.backbones),
          **split_budget(s, o, stages, stage1_max=1),
          "unfreeze_depth": s.int("unfreeze_depth", 1, 3),
          "input_size": s.cat("input_size", [32, 48, 64]),

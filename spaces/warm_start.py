@@ -14,7 +14,7 @@ from typing import Any
 
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config, scale_epochs
+from spaces import RECIPES, Options, Space, Suggest, get_space, recipe_config, scale_epochs, space_view
 from trainable.config import TrialConfig
 
 _STAGE_EPOCHS = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
@@ -38,7 +38,7 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
     largest remainders get the rest) and its patiences by the same factor; ValueError when `budget`
     is fewer than its stages."""
     cfg = TrialConfig.from_dict(config)
-    keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0 and (k != "stage3_epochs" or cfg.stages == 3)]
+    keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0]
     if budget < len(keys):
         raise ValueError(f"a budget of {budget} epochs is fewer than the {len(keys)} stages of the plan")
     total = sum(getattr(cfg, k) for k in keys)
@@ -62,7 +62,8 @@ class _Replay:
     checking it lies inside the distribution the space asks with."""
 
     def __init__(self, config: dict[str, Any]):
-        self.config, self.params, self.distributions = config, {}, {}
+        self.config = space_view(config)
+        self.params, self.distributions = {}, {}
 
     def _answer(self, name: str, dist: Any) -> Any:
         if name not in self.config:

@@ -97,7 +97,7 @@ CASES = [
     ("input-too-small", lambda t, d: ["--space", "vgg13_scratch", "--set", "input_size=16"],
      ["input_size 16 is too small for vgg13_bn", "input_size >= 32"]),
     ("stage1-squeezes-stage2", lambda t, d: ["--set", "stage1_epochs=3", "--max-epochs", "4"],
-     ["leaves stage 2 0 epochs", "--set stages=2"]),
+     ["leaves stage 2 0 epochs", "--set stage3_epochs=0"]),
     ("stage-epochs-over-budget", lambda t, d: ["--set", "stage2_epochs=5"], ["makes a trial", "ASHA's max_t"]),
     ("recipe-max-epochs", lambda t, d: ["--space", "mobilenetv2_2stage_128", "--max-epochs", "30"],
      ["--max-epochs 30 does not fit recipe", "20 epochs"]),

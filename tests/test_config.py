@@ -26,17 +26,17 @@ def _one_line(excinfo) -> str:
 def test_defaults():
     cfg = TrialConfig.from_dict({})
     assert cfg == TrialConfig()
-    assert cfg.backbone == "tf_efficientnet_lite0" and cfg.stages == 2 and cfg.total_epochs == 3
+    assert cfg.backbone == "tf_efficientnet_lite0" and cfg.total_epochs == 3
 
 
 def test_coerces_strings():
     cfg = TrialConfig.from_dict({"batch_size": "256", "freeze_bn": "true", "pretrained": "off",
-                                 "stage1_lr": "3e-2", "stages": "3", "stage3_epochs": "4",
+                                 "stage1_lr": "3e-2", "stage3_epochs": "4",
                                  "compile": "Yes", "backbone": "resnet18", "unfreeze_depth": 3.0})
     assert cfg.batch_size == 256 and isinstance(cfg.batch_size, int)
     assert cfg.freeze_bn is True and cfg.pretrained is False and cfg.compile is True
     assert cfg.stage1_lr == 0.03 and isinstance(cfg.stage1_lr, float)
-    assert cfg.stages == 3 and cfg.stage3_epochs == 4 and cfg.unfreeze_depth == 3
+    assert cfg.stage3_epochs == 4 and cfg.unfreeze_depth == 3
     assert isinstance(cfg.unfreeze_depth, int)
 
 
@@ -69,8 +69,6 @@ def test_uncoercible_values(key, value, fragment):
 
 
 @pytest.mark.parametrize("d, fragment", [
-    ({"stages": 4}, "stages must be 2 or 3"),
-    ({"stages": 3}, "a 3-stage plan needs stage3_epochs >= 1"),
     ({"unfreeze_depth": 0}, "unfreeze_depth must be >= 1"),
     ({"stage1_epochs": -1}, "stage epochs must be >= 0"),
     ({"stage1_epochs": 0, "stage2_epochs": 0}, "the stage plan has no epochs: give some stage epochs >= 1"),
@@ -121,7 +119,7 @@ def test_valid_batch_sizes(d):
 
 
 def test_round_trip():
-    d = {"backbone": "resnet18", "stages": 3, "stage3_epochs": 2, "stage3_lr": 2e-4,
+    d = {"backbone": "resnet18", "stage3_epochs": 2, "stage3_lr": 2e-4,
          "layer_decay": 0.6, "head": "coarse_to_fine", "input_size": 64, "schedule": "onecycle",
          "augment": "flip,rotate=10,blur=0.1", "early_stop_patience": 3, "small_input_stem": True}
     cfg = TrialConfig.from_dict(d)
@@ -136,8 +134,8 @@ def test_round_trip():
 @pytest.mark.parametrize("d, total", [
     ({}, 3),
     ({"stage1_epochs": 2, "stage2_epochs": 5}, 7),
-    ({"stage3_epochs": 9}, 3),  # ignored with 2 stages
-    ({"stages": 3, "stage1_epochs": 2, "stage2_epochs": 5, "stage3_epochs": 4}, 11),
+    ({"stage3_epochs": 9}, 12),  # the plan is the stage epochs: a stage 3 of 9
+    ({"stage1_epochs": 2, "stage2_epochs": 5, "stage3_epochs": 4}, 11),
 ])
 def test_total_epochs(d, total):
     assert TrialConfig.from_dict(d).total_epochs == total
@@ -151,9 +149,10 @@ def test_a_bad_augment_list_is_a_config_error():
 
 def test_coerce_is_typing_only():
     # no range checks: a partial --set dict can name a field another one must agree with
-    assert coerce({"stages": "3", "head": "flat"}) == {"stages": 3, "head": "flat"}
-    with pytest.raises(UserError):
-        coerce({"nope": 1})
+    assert coerce({"stage3_epochs": "3", "head": "flat"}) == {"stage3_epochs": 3, "head": "flat"}
+    for unknown in ({"nope": 1}, {"stages": 3}):  # the plan's shape is its stage epochs, not a field of its own
+        with pytest.raises(UserError, match="unknown hyper-parameter"):
+            coerce(unknown)
 
 
 # --- SearchSettings flags ------------------------------------------------------------------------

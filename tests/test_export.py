@@ -30,7 +30,7 @@ def _config(**kw) -> dict:
 
 
 def _row(trial_id: str, epoch: int, acc: float, **kw) -> str:
-    return json.dumps({"trial_id": trial_id, "epoch": epoch, "val_acc": acc, "diverged": False,
+    return json.dumps({"trial_id": trial_id, "epoch": epoch, "val_acc": acc,
                        "status": "ok", "training_iteration": epoch, **kw})
 
 
@@ -63,7 +63,7 @@ def exp(tmp_path) -> Path:
     _trial(e, "trial_steady", _config(backbone="mobilenetv2_100"), [0.4, NAN, 0.7, 0.8])
     # scored 0.95 and then diverged: never a candidate
     _trial(e, "trial_diverged", _config(stage1_lr=1.0), [0.95],
-           extra_lines=[_row("diverged", 2, 0.0, diverged=True, status="diverged",
+           extra_lines=[_row("diverged", 2, 0.0, status="diverged",
                              error="non-finite training loss in epoch 2")])
     # ran out of memory in epoch 2 (trainable.trial's failure row): never a candidate either
     _trial(e, "trial_oom", _config(batch_size=4096), [0.97],
@@ -167,7 +167,7 @@ def test_export_with_no_usable_trial(tmp_path):
     e = tmp_path / "exp"
     _trial(e, "trial_pending", _config())
     _trial(e, "trial_diverged", _config(), [0.5],
-           extra_lines=[_row("diverged", 2, 0.0, diverged=True, status="diverged")])
+           extra_lines=[_row("diverged", 2, 0.0, status="diverged")])
     _trial(e, "trial_nan", _config(), [NAN])
     with pytest.raises(UserError) as err:
         export_best(e, load_trials(e))
@@ -204,7 +204,7 @@ def test_read_best_config_plain_mapping(tmp_path):
 @pytest.mark.parametrize("text, fragment", [
     ("config: [1, 2\n", "cannot read config"),
     ("- a\n- b\n", "is not a mapping"),
-    ("config: {stages: 7}\n", "bad trial config: stages must be 2 or 3"),
+    ("config: {stage3_epochs: -1}\n", "bad trial config: stage epochs must be >= 0"),
     ("config: {learning_rate: 0.1}\n", "unknown hyper-parameter(s) learning_rate"),
 ])
 def test_read_best_config_errors(tmp_path, text, fragment):

@@ -12,9 +12,14 @@ import yaml
 
 from analysis.experiment import load_trials
 from tests.conftest import REPO, run_cli
-from trainable.trial import FAULT_ENV
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained"]
+HOOK = REPO / "tests" / "fault_hook"
+
+
+def fault_env(spec: str) -> dict[str, str]:
+    """The environment that makes a search's trials fail as `spec` says (tests/fault_hook/sitecustomize.py)."""
+    return {"CIFAR_TUNE_FAULT": spec, "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))}
 
 
 def free_port() -> int:
@@ -31,7 +36,7 @@ def _results(exp: Path) -> dict[str, str]:
 def test_faulty_trials_do_not_stop_the_search(tmp_path, data_dir):
     proc = run_cli("run_search.py", "--space", "faults", "--num-samples", 6, "--data-dir", data_dir,
                    "--storage-path", tmp_path, "--name", "faults", "--seed", 0, *QUICK, check=True,
-                   env={FAULT_ENV: "oom@2:freeze_bn=True"})  # half the space's trials run out of memory
+                   env=fault_env("oom@2:freeze_bn=True"))  # half the space's trials run out of memory
     trials = load_trials(tmp_path / "faults")
     by_status = {}
     for t in trials:
@@ -52,7 +57,7 @@ def test_faulty_trials_do_not_stop_the_search(tmp_path, data_dir):
 def test_crashed_worker_restarts_from_its_checkpoint(tmp_path, data_dir):
     run_cli("run_search.py", "--space", "tiny", "--num-samples", 1, "--max-epochs", 3, "--scheduler", "fifo",
             "--set", "input_size=32", "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "crash",
-            *QUICK, check=True, env={FAULT_ENV: "crash@2"})
+            *QUICK, check=True, env=fault_env("crash@2"))
     [trial] = load_trials(tmp_path / "crash")
     assert trial.status == "completed"
     rows = trial.results
@@ -68,7 +73,7 @@ def test_oom_on_a_shared_gpu_is_retried_once_from_the_checkpoint(tmp_path, data_
     run_cli("run_search.py", "--space", "tiny", "--num-samples", 1, "--max-epochs", 2, "--scheduler", "fifo",
             "--gpus", 1, "--gpus-per-trial", 0.5, "--cpus-per-trial", 1, "--set", "input_size=32",
             "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "shared", *args,
-            env={FAULT_ENV: "oom@2"})  # exits 2: no trial can be best
+            env=fault_env("oom@2"))  # exits 2: no trial can be best
     [trial] = load_trials(tmp_path / "shared")
     assert trial.status == "oom", (trial.status, trial.results)
     rows = trial.results
@@ -151,21 +156,28 @@ def test_node_lost_search_finishes_on_the_other_node(tmp_path, data_dir):
     assert actor_nodes == {victim.node_id, survivor.node_id}  # moved to the surviving node
 
 
-def test_fault_spec_picks_its_epoch_and_trials(monkeypatch):
-    """The test-only hook: no fault without the variable, only at its epoch, only where KEY=VALUE."""
+def test_fault_hook_picks_its_epoch_and_trials():
+    """The test-only hook wraps the trial's epoch: a fault only at its epoch, only where KEY=VALUE."""
+    import importlib.util
+    from types import SimpleNamespace
+
     import pytest
     import torch
 
     from trainable.config import TrialConfig
-    from trainable.trial import inject_fault
-    cfg = TrialConfig.from_dict({"freeze_bn": True})
-    inject_fault(cfg, 2, first_run=True)  # unset: nothing
-    monkeypatch.setenv(FAULT_ENV, "oom@2:freeze_bn=False")
-    inject_fault(cfg, 2, first_run=True)  # another trial's fault
-    monkeypatch.setenv(FAULT_ENV, "oom@2:freeze_bn=True")
-    inject_fault(cfg, 1, first_run=True)  # not yet
+    spec = importlib.util.spec_from_file_location("fault_hook", HOOK / "sitecustomize.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    run = SimpleNamespace(cfg=TrialConfig.from_dict({"freeze_bn": True}), at=SimpleNamespace(epoch=2))
+    for fault, epoch in [("oom@2:freeze_bn=False", 2), ("oom@2:freeze_bn=True", 1)]:  # another trial's; not yet
+        trial = SimpleNamespace(fit_epoch=lambda t: "trained")
+        hook.wrap(trial, fault)
+        run.at.epoch = epoch
+        assert trial.fit_epoch(run) == "trained"
+    run.at.epoch = 2
+    trial = SimpleNamespace(fit_epoch=lambda t: "trained")
+    hook.wrap(trial, "oom@2:freeze_bn=True")
     with pytest.raises((torch.OutOfMemoryError, RuntimeError, MemoryError)):
-        inject_fault(cfg, 2, first_run=True)
-    monkeypatch.setenv(FAULT_ENV, "explode@2")
+        trial.fit_epoch(run)
     with pytest.raises(ValueError, match="KIND@EPOCH"):
-        inject_fault(cfg, 2, first_run=True)
+        hook.wrap(trial, "explode@2")

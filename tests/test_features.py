@@ -24,7 +24,7 @@ LITE0 = (WEIGHTS / "tf_efficientnet_lite0.pth").is_file()
 # pretrained lite0 when the offline weights are here (the real case), else a random-init resnet18
 MODEL = ({"backbone": "tf_efficientnet_lite0", "weights_dir": str(WEIGHTS)} if LITE0
          else {"backbone": "resnet18", "pretrained": False})
-HEAD_ONLY = {**MODEL, "input_size": 48, "batch_size": 50, "aug_strength": 0.0, "stages": 2, "stage1_epochs": 2,
+HEAD_ONLY = {**MODEL, "input_size": 48, "batch_size": 50, "aug_strength": 0.0, "stage1_epochs": 2,
              "stage1_lr": 3e-3, "stage2_epochs": 1, "stage2_lr": 1e-3, "eval_batch_size": 64}
 
 
@@ -144,7 +144,7 @@ def test_search_trials_share_the_cache(tmp_path, data_dir):
     """Two search trials (their own Ray workers) with the same backbone and size: the first
     extracts the features, the second reads them, and their rows say so."""
     env = {"CIFAR_TUNE_CACHE": str(tmp_path / "cache")}
-    sets = ["--set", "stages=2", "--set", "stage1_epochs=2", "--set", "stage2_epochs=0", "--set", "aug_strength=0",
+    sets = ["--set", "stage3_epochs=0", "--set", "stage1_epochs=2", "--set", "stage2_epochs=0", "--set", "aug_strength=0",
             "--set", "mixup_alpha=0", "--set", "cutmix_alpha=0", "--set", "input_size=32", "--set", "batch_size=64"]
     run_cli("run_search.py", "--space", "tiny", "--backbones", "tf_efficientnet_lite0", "--weights-dir", WEIGHTS,
             "--num-samples", 2, "--max-concurrent", 1, "--cpus-per-trial", 1, "--scheduler", "fifo", "--max-epochs", 2,
@@ -180,7 +180,7 @@ def test_final_retrain_and_baselines_use_the_cache(tmp_path, cache, capsys):
 def test_the_estimate_costs_a_cached_head_only_epoch_as_the_head_alone(monkeypatch):
     from search.estimate import Speeds, epoch_seconds
     speeds = Speeds("k", {"tf_efficientnet_lite0@224": {"frozen": 0.05, "train": 0.2, "eval": 0.04, "head": 1e-5}})
-    cfg = TrialConfig.from_dict({"input_size": 224, "stages": 2, "stage1_epochs": 3, "stage2_epochs": 1,
+    cfg = TrialConfig.from_dict({"input_size": 224, "stage1_epochs": 3, "stage2_epochs": 1,
                                  "aug_strength": 0.0})
     extract = (900 * 2 + 100) * 0.04  # every image and its mirror, then the validation images
     head = 1000 * 1e-5

@@ -130,7 +130,7 @@ def test_before_any_full_fidelity_result_the_best_screen_trial_is_moved():
 # ------------------------------------------------------------------ fidelity, screen, promotion
 
 def test_low_fidelity_is_a_cut_plan_or_a_data_fraction_never_an_early_stop_or_a_failure():
-    cfg = {"config/stage1_epochs": 1, "config/stage2_epochs": 2, "config/stages": 2}
+    cfg = {"config/stage1_epochs": 1, "config/stage2_epochs": 2}
     assert low_fidelity({**cfg, "epoch": 1, "status": "ok"})  # ASHA stopped it at a rung
     assert not low_fidelity({**cfg, "epoch": 3, "status": "ok"})
     assert not low_fidelity({**cfg, "epoch": 2, "status": "ok", "early_stopped": True})
@@ -145,7 +145,7 @@ def _drive(searcher, n: int, score) -> list[dict]:
         c = searcher.suggest(f"t{i}")
         if c is None:
             break
-        epochs = c["stage1_epochs"] + c["stage2_epochs"] + (c["stage3_epochs"] if c["stages"] == 3 else 0)
+        epochs = c["stage1_epochs"] + c["stage2_epochs"] + c["stage3_epochs"]
         res = {"best_val_acc": score(c), "epoch": epochs, "status": "ok",
                **{f"config/{k}": v for k, v in c.items()}}
         for e in range(1, epochs + 1):

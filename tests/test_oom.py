@@ -50,7 +50,7 @@ def split(n, seed):
 
 what, overrides = sys.argv[1], json.loads(sys.argv[2])
 cfg = {"backbone": "tf_efficientnet_lite0", "pretrained": False, "input_size": 512, "batch_size": 2,
-       "eval_batch_size": 4, "aug_strength": 0.0, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 0,
+       "eval_batch_size": 4, "aug_strength": 0.0, "stage1_epochs": 1, "stage2_epochs": 0,
        **overrides}
 train, val = split(int(overrides.pop("n_train", 4)), 0), split(64, 1)
 cfg.pop("n_train", None)
@@ -116,7 +116,7 @@ def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(tmp_path):
 # --- every phase, and CUDA's kinds of out-of-memory error (raised where the allocation fails) -------
 
 BASE = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50, "aug_strength": 0.0,
-        "eval_batch_size": 200, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 2}
+        "eval_batch_size": 200, "stage1_epochs": 1, "stage2_epochs": 2}
 CUDA_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.8 GiB total)")
 OOM_ERRORS = [
     CUDA_OOM,

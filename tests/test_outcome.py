@@ -42,7 +42,7 @@ CONFIG = TrialConfig.from_dict({"stage1_epochs": 1, "stage2_epochs": 3, "early_s
 
 def row(epoch: int, **kw) -> dict:
     return {"epoch": epoch, "stage": 1 if epoch == 1 else 2, "val_acc": 0.1 * epoch,
-            "best_val_acc": 0.1 * epoch, "val_loss": 1.0, "status": "ok", "diverged": False, **kw}
+            "best_val_acc": 0.1 * epoch, "val_loss": 1.0, "status": "ok", **kw}
 
 
 # name -> (result rows, Tune's final status, Tune error, cut short by the search's end, expected outcome)
@@ -50,7 +50,7 @@ CASES = {
     "done": ([row(1), row(2), row(3), row(4)], "TERMINATED", False, "", COMPLETED),
     "pruned": ([row(1), row(2)], "TERMINATED", False, "", PRUNED),
     "patience": ([row(1), row(2), row(3, early_stopped=True)], "TERMINATED", False, "", EARLY_STOPPED),
-    "nan": ([row(1), row(2, status="diverged", diverged=True, val_acc=0.0, error="non-finite loss")],
+    "nan": ([row(1), row(2, status="diverged", val_acc=0.0, error="non-finite loss")],
             "TERMINATED", False, "", DIVERGED),
     # out of memory in its last planned epoch: not completed
     "oom": ([row(1), row(2), row(3), row(4, status="oom", val_acc=0.0, error="out of memory")],

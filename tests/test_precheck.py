@@ -79,15 +79,15 @@ def test_combinations_that_train_are_accepted(space, sets, backbones):
 
 @pytest.mark.parametrize("sets, max_epochs, words", [
     # the reported cases: a stage 1 that leaves a 3-stage plan no stage 2, or none at all
-    (["stage1_epochs=3"], 4, ["stage 2 0 epochs", "--set stages=2", "--max-epochs 5"]),
+    (["stage1_epochs=3"], 4, ["stage 2 0 epochs", "--set stage3_epochs=0", "--max-epochs 5"]),
     (["stage1_epochs=6"], 4, ["stage 2 -3 epochs", "--max-epochs 8"]),
     # stage epochs that add up to more than the budget (ASHA would cut every trial short)
     (["stage2_epochs=5"], 4, ["makes a trial", "ASHA's max_t", "drop --set stage2_epochs"]),
-    (["stages=2", "stage1_epochs=1", "stage2_epochs=5"], 4, ["makes a trial 6 epochs", "--max-epochs 6"]),
+    (["stage3_epochs=0", "stage1_epochs=1", "stage2_epochs=5"], 4, ["makes a trial 6 epochs", "--max-epochs 6"]),
     # ... or to less
     (["stage1_epochs=0", "stage2_epochs=0"], 4, ["stage1 0 + stage2 0 + stage3 2", "every trial gets 4"]),
-    (["stages=3"], 2, ["stage 3 0 epochs", "--max-epochs 3"]),
-    (["stages=3", "stage3_epochs=5"], 4, ["stage 2 -2 epochs", "--max-epochs 7"]),
+    (["stage3_epochs=1"], 2, ["stage 2 0 epochs", "--max-epochs 3"]),
+    (["stage3_epochs=5"], 4, ["stage 2 -2 epochs", "--max-epochs 7"]),
 ])
 def test_impossible_budgets(sets, max_epochs, words):
     msg = _error("tiny", *sets, max_epochs=max_epochs)
@@ -96,8 +96,8 @@ def test_impossible_budgets(sets, max_epochs, words):
 
 
 def test_every_config_fills_the_budget():
-    for sets, max_epochs in [([], None), (["stage1_epochs=3"], 5), (["stages=2", "stage1_epochs=3"], 4),
-                             (["stages=3"], 3), (["stage1_epochs=0", "stages=2"], 4)]:
+    for sets, max_epochs in [([], None), (["stage1_epochs=3"], 5), (["stage3_epochs=0", "stage1_epochs=3"], 4),
+                             (["stage3_epochs=1"], 3), (["stage1_epochs=0", "stage3_epochs=0"], 4)]:
         plan = _plan("tiny", *sets, max_epochs=max_epochs)
         assert {TrialConfig.from_dict(c).total_epochs for c in plan.configs} == {plan.opts.max_epochs}
 
@@ -112,7 +112,7 @@ def test_a_stage_the_space_leaves_out_itself_is_fine():
 
 
 def test_budget_problem_names_the_cause():
-    cfg = {"stages": 3, "stage1_epochs": 2, "stage2_epochs": 0, "stage3_epochs": 2}
+    cfg = {"stage1_epochs": 2, "stage2_epochs": 0, "stage3_epochs": 2}
     problem = budget_problem(cfg, 4, {"stage1_epochs": 2}, set(), "tiny")
     assert problem.startswith("--set stage1_epochs=2 leaves stage 2")
     assert budget_problem(cfg, 4, {}, {2}, "tiny") == ""  # a space that skips stage 2 itself

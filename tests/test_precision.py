@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 BASE = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50, "aug_strength": 0.0,
-        "eval_batch_size": 200, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 1}
+        "eval_batch_size": 200, "stage1_epochs": 1, "stage2_epochs": 1}
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from tests.conftest import run_cli
 from tests.fake_cifar import write_fake_cifar
 
 # a model that trains in seconds: random init, 1 epoch per stage, 32 px
-TINY_CONFIG = {"backbone": "resnet18", "pretrained": False, "stages": 2, "stage1_epochs": 1,
+TINY_CONFIG = {"backbone": "resnet18", "pretrained": False, "stage1_epochs": 1,
                "stage2_epochs": 1, "input_size": 32, "batch_size": 64, "aug_strength": 0.0}
 
 

@@ -23,7 +23,7 @@ from search.progress import (
 class FakeTrial:
     def __init__(self, trial_id, tune_status, epoch=0, planned=3, best=None, seconds=None, **result):
         self.trial_id, self.status = trial_id, tune_status
-        self.config = {"backbone": "resnet18", "stages": 2, "stage1_epochs": 1,
+        self.config = {"backbone": "resnet18", "stage1_epochs": 1,
                        "stage2_epochs": planned - 1, "stage1_lr": 0.01, "stage3_lr": 0.5}
         self.last_result = {"epoch": epoch, "stage": 1 + (epoch > 1), "val_acc": best,
                             "best_val_acc": best, "time_total_s": seconds, **result} if epoch else {}
@@ -32,7 +32,7 @@ class FakeTrial:
 def trials():
     return [FakeTrial("done", "TERMINATED", epoch=3, best=0.30, seconds=100),
             FakeTrial("asha", "TERMINATED", epoch=1, best=0.10, seconds=20),
-            FakeTrial("nan", "TERMINATED", epoch=2, best=0.0, seconds=30, status="diverged", diverged=True),
+            FakeTrial("nan", "TERMINATED", epoch=2, best=0.0, seconds=30, status="diverged"),
             FakeTrial("crash", "ERROR", epoch=1, best=0.12),
             FakeTrial("run", "RUNNING", epoch=2, best=0.25),
             FakeTrial("wait", "PENDING")]
@@ -146,7 +146,7 @@ def _trainable(config):
         if config.get("crash") and epoch == 2:
             raise RuntimeError("injected trial failure")
         tune.report({"epoch": epoch, "stage": 1 if epoch == 1 else 2, "lr": 0.1, "train_loss": 1.0,
-                     "val_acc": acc, "val_loss": 1.0, "best_val_acc": best, "diverged": False, "status": "ok"})
+                     "val_acc": acc, "val_loss": 1.0, "best_val_acc": best, "status": "ok"})
 
 
 def test_wired_into_a_real_tuner(tmp_path, capfd):
@@ -160,7 +160,7 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
     os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
     quiet_ray_console()
     space = {"stage1_lr": tune.grid_search([0.01, 0.02, 0.1, 0.2]), "stage1_epochs": 1, "stage2_epochs": 2,
-             "backbone": "resnet18", "stages": 2, "crash": tune.grid_search([False, True])}
+             "backbone": "resnet18", "crash": tune.grid_search([False, True])}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tune.Tuner(_trainable, param_space=space,

@@ -22,7 +22,7 @@ from search.progress import SearchLog
 from search.restore import ConcurrencyCap, SearchHere, read_results, rebuild_asha, restore_tuner
 from search.searcher import make_scheduler
 from tests.conftest import REPO, run_cli
-from trainable.trial import FAULT_ENV
+from tests.test_faults import fault_env
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained",
          "--space", "tiny", "--set", "input_size=32", "--grace-period", 1]
@@ -160,7 +160,7 @@ def test_max_concurrent_holds_for_trials_restored_as_errored(tmp_path, data_dir)
             "--max-epochs", 4,
             "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "errored", *QUICK,
             "--set", "input_size=96"]  # after QUICK's 32 px: runs of several seconds, so an overlap would show
-    run_cli("run_search.py", *args, check=True, env={FAULT_ENV: "crash@2"})
+    run_cli("run_search.py", *args, check=True, env=fault_env("crash@2"))
     exp = tmp_path / "errored"
     assert all([r["epoch"] for r in rows] == [1] for rows in read_results(exp).values())  # all crashed
     run_cli("run_search.py", "--resume", "--name", "errored", "--storage-path", tmp_path,

@@ -21,7 +21,7 @@ from trainable.trial import run_trial
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "batch_size": 50, "aug_strength": 0.0,
-       "eval_batch_size": 200, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 3, "schedule": "cosine",
+       "eval_batch_size": 200, "stage1_epochs": 1, "stage2_epochs": 3, "schedule": "cosine",
        "warmup_frac": 0.1, "stage1_lr": 0.01, "stage2_lr": 0.01, "unfreeze_depth": 1}
 
 

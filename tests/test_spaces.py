@@ -22,6 +22,11 @@ N_TRIALS = 40  # beyond TPE's 10 random start-up trials, so the model-based samp
 BASE = {"pretrained": False, "weights_dir": "", "seed": 0, "compile": False}
 FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 STAGE3_ONLY = {"stage3_lr", "stage3_epochs"}
+STRUCTURE = {"stages"}  # a choice Optuna samples; the config holds the stage epochs it leads to
+
+
+def _stages(cfg: dict) -> int:
+    return 3 if cfg["stage3_epochs"] > 0 else 2
 
 
 def _study(multivariate: bool = False) -> optuna.Study:
@@ -54,7 +59,7 @@ def _check_complete(cfg: dict, params: dict) -> TrialConfig:
     tc = TrialConfig.from_dict(cfg)  # validates
     assert tc.to_dict() == cfg  # already fully typed and resolved
     for k, v in params.items():  # every sampled value reaches the config unchanged
-        assert cfg[k] == v, k
+        assert k in STRUCTURE or cfg[k] == v, k
     for k, v in BASE.items():
         assert cfg[k] == v
     return tc
@@ -72,16 +77,16 @@ def test_space_gives_complete_valid_configs(name):
         assert cfg["backbone"] in space.backbones
         if not space.recipe:
             assert tc.total_epochs == space.max_epochs
-        if tc.stages == 2:
+        if tc.stage3_epochs == 0:
             assert not STAGE3_ONLY & set(params), params  # TPE never sees a meaningless value
             assert cfg["stage3_epochs"] == 0
-        assert set(params) <= FIELDS
+        assert set(params) <= FIELDS | STRUCTURE
     if space.recipe:  # a fixed point: nothing sampled, the same config every time
         assert all(params == {} for _, params in results)
         assert all(cfg == results[0][0] for cfg, _ in results)
         assert TrialConfig.from_dict(results[0][0]).total_epochs == space.max_epochs
     elif name in ("default", "tiny"):  # both plans are explored, and the search really varies things
-        assert {cfg["stages"] for cfg, _ in results} == {2, 3}
+        assert {_stages(cfg) for cfg, _ in results} == {2, 3}
         assert len({cfg["stage1_lr"] for cfg, _ in results}) > N_TRIALS // 2
 
 
@@ -90,7 +95,7 @@ def test_faults_space_samples_sane_and_failing_trials():
     for cfg, params in results:
         assert set(params) <= {"backbone", "stage1_lr", "freeze_bn"}
         assert cfg["stage1_lr"] in (0.01, 1e12) and cfg["freeze_bn"] in (False, True)
-        assert (cfg["stages"], cfg["stage1_epochs"], cfg["stage2_epochs"]) == (2, 1, 1)
+        assert (cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["stage3_epochs"]) == (1, 1, 0)
     assert {(cfg["stage1_lr"], cfg["freeze_bn"]) for cfg, _ in results} == \
         {(0.01, False), (0.01, True), (1e12, False), (1e12, True)}
 
@@ -99,11 +104,11 @@ def test_faults_space_samples_sane_and_failing_trials():
 def test_finetune_space_params_sampled_only_where_they_act(name):
     seen3 = frozen = False
     for cfg, params in _run(name, n=60):
-        assert ("stage3_lr" in params) == (cfg["stages"] == 3)
+        assert ("stage3_lr" in params) == (_stages(cfg) == 3)
         assert ("stage1_lr" in params) == (cfg["stage1_epochs"] > 0)
         assert ("unfreeze_depth" in params) == ("stage2_lr" in params) == (cfg["stage2_epochs"] > 0)
         assert ("layer_decay" in params) == (cfg["stage2_epochs"] + cfg["stage3_epochs"] > 0)
-        if cfg["stages"] == 3:
+        if _stages(cfg) == 3:
             seen3 = True
             assert 1e-5 <= cfg["stage3_lr"] <= 3e-2 and cfg["stage3_epochs"] >= 1
         frozen |= cfg["stage1_epochs"] == get_space(name).max_epochs  # a frozen feature extractor
@@ -127,7 +132,7 @@ def test_tiny_space_is_cpu_sized():
         assert TrialConfig.from_dict(cfg).total_epochs <= 4
         assert cfg["batch_size"] in (32, 64)
         assert cfg["stage1_epochs"] == 1 and "stage1_epochs" not in params  # a one-value range
-        if cfg["stages"] == 3:
+        if _stages(cfg) == 3:
             assert (cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["stage3_epochs"]) == (1, 2, 1)
             assert "stage3_lr" in params and "layer_decay" not in params  # tiny keeps the default
 
@@ -140,7 +145,7 @@ def test_narrowed_epoch_budget_is_filled_exactly(name, max_epochs):
     for cfg, params in _run(name, Options(space.backbones, max_epochs), n=25):
         tc = _check_complete(cfg, params)
         assert tc.total_epochs == max_epochs
-        stages.add(tc.stages)
+        stages.add(_stages(cfg))
     if name == "tiny":
         assert stages == ({2} if max_epochs < 3 else {2, 3})  # tiny's 3 stages need 3 epochs
     else:  # every plan of the fine-tune space fits any budget (stage 3 alone is a plan)
@@ -167,21 +172,21 @@ def test_fixed_values_win_and_are_not_sampled():
         assert not set(fixed) & set(params)
 
 
-def test_fixed_three_stages_samples_the_stage3_params():
-    results = _run("default", fixed={"stages": "3"}, n=20)
+def test_fixed_stage3_epochs_make_three_stages_and_sample_the_stage3_lr():
+    results = _run("default", fixed={"stage3_epochs": "5"}, n=20)
     for cfg, params in results:
         tc = _check_complete(cfg, params)
-        assert tc.stages == 3 and tc.stage3_epochs >= 1 and tc.total_epochs == 30
-        assert "stages" not in params and {"stage3_lr", "stage3_epochs"} <= set(params)
+        assert tc.stage3_epochs == 5 and tc.total_epochs == 30
+        assert "stages" not in params and "stage3_lr" in params
 
 
 def test_fixed_two_stages_never_samples_stage3():
-    for cfg, params in _run("tiny", fixed={"stages": 2}, n=15):
-        assert cfg["stages"] == 2 and not STAGE3_ONLY & set(params)
+    for cfg, params in _run("tiny", fixed={"stage3_epochs": 0}, n=15):
+        assert cfg["stage3_epochs"] == 0 and not (STAGE3_ONLY | STRUCTURE) & set(params)
 
 
 def test_fixed_epochs_in_the_budget_split():
-    for cfg, params in _run("tiny", fixed={"stages": "3", "stage3_epochs": "1"}, n=10):
+    for cfg, params in _run("tiny", fixed={"stage3_epochs": "1"}, n=10):
         assert (cfg["stage1_epochs"], cfg["stage2_epochs"], cfg["stage3_epochs"]) == (1, 2, 1)
         assert "stage3_epochs" not in params
 
@@ -216,9 +221,9 @@ class _NoTrial:
 
 
 def test_suggest_returns_the_set_values_typed():
-    fixed = SearchSettings(set=["stages=3", "stage1_lr=1e-3", "freeze_bn=no", "backbone=resnet18"]).fixed()
+    fixed = SearchSettings(set=["stage3_epochs=3", "stage1_lr=1e-3", "freeze_bn=no", "backbone=resnet18"]).fixed()
     s = Suggest(_NoTrial(), fixed)
-    assert s.cat("stages", [2, 3]) == 3
+    assert s.int("stage3_epochs", 1, 9) == 3
     assert s.float("stage1_lr", 1e-4, 1e-1, log=True) == 1e-3
     assert s.cat("freeze_bn", [False, True]) is False
     assert s.cat("backbone", ["resnet18", "resnet50"]) == "resnet18"

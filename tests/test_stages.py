@@ -12,8 +12,8 @@ def _cfg(**kw) -> TrialConfig:
     return TrialConfig.from_dict(kw)
 
 
-TWO = dict(stages=2, unfreeze_depth=3, stage1_epochs=2, stage1_lr=0.01, stage2_epochs=5, stage2_lr=0.002)
-THREE = dict(TWO, stages=3, stage3_epochs=4, stage3_lr=0.0005, layer_decay=0.5)
+TWO = dict(unfreeze_depth=3, stage1_epochs=2, stage1_lr=0.01, stage2_epochs=5, stage2_lr=0.002)
+THREE = dict(TWO, stage3_epochs=4, stage3_lr=0.0005, layer_decay=0.5)
 
 
 # --- plan_stages ---------------------------------------------------------------------------------
@@ -23,9 +23,10 @@ def test_plan_two_stages():
     assert plan == [Stage(1, 0, 2, 0.01, 0, 0.8, 0.5), Stage(2, 2, 5, 0.002, 3, 0.8, 0.5)]
 
 
-def test_plan_two_stages_ignores_stage3_fields():
-    plan = plan_stages(_cfg(**TWO, stage3_epochs=9, stage3_lr=0.5, layer_decay=0.3))
-    assert len(plan) == 2 and plan[-1].first_epoch + plan[-1].epochs == 7
+def test_the_plan_is_the_stage_epochs_alone():
+    assert len(plan_stages(_cfg(**TWO, stage3_lr=0.5, layer_decay=0.3))) == 2  # stage 3's lr, no epochs: no stage 3
+    plan = plan_stages(_cfg(**TWO, stage3_epochs=9))
+    assert [s.number for s in plan] == [1, 2, 3] and plan[-1].first_epoch + plan[-1].epochs == 16
 
 
 def test_plan_three_stages():
@@ -82,16 +83,16 @@ def test_backbone_lr_scale_sets_the_top_block_relative_to_the_head():
 # --- skipped stages ------------------------------------------------------------------------------
 
 def test_a_stage_with_no_epochs_is_skipped():
-    frozen = plan_stages(_cfg(stages=2, stage1_epochs=4, stage2_epochs=0))  # a frozen feature extractor
+    frozen = plan_stages(_cfg(stage1_epochs=4, stage2_epochs=0))  # a frozen feature extractor
     assert [(s.number, s.first_epoch, s.epochs, s.top_blocks) for s in frozen] == [(1, 0, 4, 0)]
-    scratch = plan_stages(_cfg(stages=3, stage1_epochs=0, stage2_epochs=0, stage3_epochs=6))
+    scratch = plan_stages(_cfg(stage1_epochs=0, stage2_epochs=0, stage3_epochs=6))
     assert [(s.number, s.first_epoch, s.epochs, s.top_blocks) for s in scratch] == [(3, 0, 6, None)]
-    no_head_stage = plan_stages(_cfg(stages=2, stage1_epochs=0, stage2_epochs=3, unfreeze_depth=2))
+    no_head_stage = plan_stages(_cfg(stage1_epochs=0, stage2_epochs=3, unfreeze_depth=2))
     assert [(s.number, s.first_epoch) for s in no_head_stage] == [(2, 0)]
 
 
 def test_a_plan_needs_some_epochs():
     with pytest.raises(UserError, match="no epochs"):
-        _cfg(stages=2, stage1_epochs=0, stage2_epochs=0)
+        _cfg(stage1_epochs=0, stage2_epochs=0)
     with pytest.raises(UserError, match=">= 0"):
         _cfg(stage1_epochs=-1)

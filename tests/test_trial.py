@@ -46,7 +46,7 @@ def _run(config: dict, data, **kw) -> list[dict]:
 # --- early stopping -------------------------------------------------------------------------------
 
 def test_early_stopping_ends_each_stage_then_the_trial(monkeypatch, data):
-    cfg = {"stages": 2, "stage1_epochs": 5, "stage2_epochs": 5, "early_stop_patience": 2}
+    cfg = {"stage1_epochs": 5, "stage2_epochs": 5, "early_stop_patience": 2}
     # stage 1: a low at epoch 2, then two epochs without one -> ends after epoch 4 (of 5)
     # stage 2: a fresh count; a low at its epoch 1, two worse -> ends after epoch 3 (of 5)
     _script_val_loss(monkeypatch, [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.9, 0.1])
@@ -60,20 +60,20 @@ def test_early_stopping_ends_each_stage_then_the_trial(monkeypatch, data):
 
 def test_a_stage_that_runs_its_course_is_not_early_stopped(monkeypatch, data):
     _script_val_loss(monkeypatch, [1.0, 1.1, 1.2])  # 2 bad epochs, but the last is the stage's last
-    rows = _run({"stages": 2, "stage1_epochs": 1, "stage2_epochs": 2, "early_stop_patience": 2}, data)
+    rows = _run({"stage1_epochs": 1, "stage2_epochs": 2, "early_stop_patience": 2}, data)
     assert [r["early_stopped"] for r in rows] == [False, False, False]
 
 
 def test_without_patience_nothing_stops(monkeypatch, data):
     _script_val_loss(monkeypatch, [1.0, 2.0, 3.0, 4.0])
-    rows = _run({"stages": 2, "stage1_epochs": 2, "stage2_epochs": 2}, data)
+    rows = _run({"stage1_epochs": 2, "stage2_epochs": 2}, data)
     assert len(rows) == 4 and not any(r["early_stopped"] for r in rows)
 
 
 # --- reduce-on-plateau ------------------------------------------------------------------------------
 
 def test_plateau_cuts_the_lr_after_patience_epochs(monkeypatch, data):
-    cfg = {"stages": 2, "stage1_epochs": 6, "stage2_epochs": 0, "stage1_lr": 1e-2, "schedule": "constant",
+    cfg = {"stage1_epochs": 6, "stage2_epochs": 0, "stage1_lr": 1e-2, "schedule": "constant",
            "warmup_frac": 0.0, "plateau_patience": 2, "plateau_factor": 0.1}
     _script_val_loss(monkeypatch, [1.0, 1.1, 1.2, 1.3, 1.4, 0.5])
     lrs = [r["lr"] for r in _run(cfg, data)]  # the lr each epoch trained with
@@ -82,7 +82,7 @@ def test_plateau_cuts_the_lr_after_patience_epochs(monkeypatch, data):
 
 
 def test_constant_schedule_warms_up_then_stays_flat(data):
-    cfg = {"stages": 2, "stage1_epochs": 3, "stage2_epochs": 0, "stage1_lr": 1e-2, "schedule": "constant",
+    cfg = {"stage1_epochs": 3, "stage2_epochs": 0, "stage1_lr": 1e-2, "schedule": "constant",
            "warmup_frac": 0.5}
     lrs = [r["lr"] for r in _run(cfg, data)]  # 3 epochs x 6 steps; warmup 9 steps
     assert lrs[0] < 1e-2 and lrs[1:] == pytest.approx([1e-2, 1e-2])
@@ -91,7 +91,7 @@ def test_constant_schedule_warms_up_then_stays_flat(data):
 # --- resuming keeps the callbacks' state ----------------------------------------------------------
 
 def test_resume_mid_stage_continues_the_patience_count(monkeypatch, data, tmp_path):
-    cfg = {**BASE, "stages": 2, "stage1_epochs": 6, "stage2_epochs": 1, "early_stop_patience": 3,
+    cfg = {**BASE, "stage1_epochs": 6, "stage2_epochs": 1, "early_stop_patience": 3,
            "schedule": "constant", "warmup_frac": 0.0, "plateau_patience": 2, "plateau_factor": 0.5}
     losses = [1.0, 1.1, 1.2, 1.3, 0.2, 0.1]  # stage 1 stops after epoch 4 (3 bad epochs)
     saved = tmp_path / "after_epoch_2"
@@ -111,6 +111,21 @@ def test_resume_mid_stage_continues_the_patience_count(monkeypatch, data, tmp_pa
     assert [r["epoch"] for r in resumed] == [3, 4, 5] and resumed[1]["early_stopped"]
 
 
+def test_a_non_finite_loss_ends_the_trial_at_once_with_status_diverged(monkeypatch, data):
+    real = trial.fit_epoch
+
+    def nan_in_epoch_2(t, *a, **k):  # faults come in through a function of the loop, not a hook in it
+        out = real(t, *a, **k)
+        return {**out, "train_loss": float("nan")} if t.at.epoch == 2 else out
+    monkeypatch.setattr(trial, "fit_epoch", nan_in_epoch_2)
+    rows, ckpts = [], []
+    _, last = run_trial({**BASE, "stage1_epochs": 1, "stage2_epochs": 2}, data.train, data.val,
+                        lambda m, c: (rows.append(m), ckpts.append(c)))
+    assert [r["status"] for r in rows] == ["ok", "diverged"] and ckpts[0] is not None and ckpts[1] is None
+    assert last == rows[-1] and last["val_acc"] == last["best_val_acc"] == 0.0  # never a candidate for best
+    assert last["error"] == "non-finite training loss in epoch 2" and "diverged" not in last
+
+
 def test_a_config_that_trains_on_val_loss_needs_val(data):
     with pytest.raises(ValueError, match="validation split"):
         run_trial({**BASE, "early_stop_patience": 2}, data.train, None, lambda m, c: None)
@@ -119,14 +134,14 @@ def test_a_config_that_trains_on_val_loss_needs_val(data):
 # --- heads and from-scratch training --------------------------------------------------------------
 
 def test_coarse_to_fine_head_reports_both_heads_and_learns_superclasses(data):
-    rows = _run({"head": "coarse_to_fine", "stages": 3, "stage1_epochs": 1, "stage2_epochs": 1,
+    rows = _run({"head": "coarse_to_fine", "stage1_epochs": 1, "stage2_epochs": 1,
                  "stage3_epochs": 4, "stage1_lr": 0.05, "stage2_lr": 0.05, "stage3_lr": 0.05,
                  "layer_decay": 1.0}, data)
     for r in rows:
         assert {"val_acc", "val_coarse_acc", "val_coarse_head_acc", "val_coarse_head_loss"} <= set(r)
     assert max(r["val_coarse_head_acc"] for r in rows) > 2 * (1 / 20)  # twice chance
     assert rows[-1]["val_coarse_head_loss"] < rows[0]["val_coarse_head_loss"]
-    flat = _run({"stages": 2, "stage1_epochs": 1, "stage2_epochs": 1}, data)
+    flat = _run({"stage1_epochs": 1, "stage2_epochs": 1}, data)
     assert "val_coarse_head_acc" not in flat[-1] and "val_coarse_acc" in flat[-1]
 
 

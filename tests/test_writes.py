@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # trains in seconds: timm's 0.36 M-parameter test network, 32 px, one epoch per stage
 TINY = {"backbone": "test_efficientnet", "pretrained": False, "input_size": 32, "batch_size": 50,
-        "aug_strength": 0.0, "eval_batch_size": 200, "stages": 2, "stage1_epochs": 1, "stage2_epochs": 1,
+        "aug_strength": 0.0, "eval_batch_size": 200, "stage1_epochs": 1, "stage2_epochs": 1,
         "unfreeze_depth": 1}
 
 

@@ -49,7 +49,7 @@ class Files:
     def torch_save(self, obj: Any, path: str | Path) -> None:
         """`torch.save(obj)` to `path`, serialised in memory first so its size is known and any write
         error is the operating system's (torch's own file writer reports a full disk as a RuntimeError)."""
-        import torch
+        import torch  # lazy: the torch-free read side (report, analysis) writes through this module too
         buf = io.BytesIO()
         torch.save(obj, buf)
         self.write_bytes(path, buf.getbuffer())

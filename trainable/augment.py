@@ -1,9 +1,10 @@
 """Batched on-device augmentation for uint8 image tensors (airbench style: no PIL, no DataLoader).
 
 The dataset lives on the device as uint8 [N,3,H,W]; every batch is augmented in a few tensor ops
-with independent random parameters per image, and resized to the backbone's input size in the
-same resampling pass. Order: colour jitter, grayscale, blur (at source resolution), then one
-geometric resampling (flip/rotate/translate/zoom/perspective), normalisation, erasing.
+with independent random parameters per image (torchvision's v2 transforms draw one set per call),
+and resized to the backbone's input size in the same resampling pass. Order: colour jitter,
+grayscale, blur (at source resolution), then one geometric resampling (flip/rotate/translate/zoom/
+perspective), normalisation, erasing.
 
 `aug_policy(strength)` maps one search knob onto the policy, linearly in between the two ends:
 
@@ -51,7 +52,7 @@ class AugPolicy:
     color_jitter: float  # amplitude of brightness/contrast/saturation factors
     erase_prob: float
     erase_area: tuple[float, float]  # fraction of the output image
-    # Defaulted (off) so policies written before these ops existed keep their meaning.
+    # off unless a policy names them
     perspective: float = 0.0  # max |px|, |py| of the homography's third row, normalised coords
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 1.0)  # Gaussian sigma range in source pixels
@@ -320,7 +321,7 @@ class DeviceAugment(torch.nn.Module):
 
 def normalisation_of(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std (0..1 units) the backbone's pretrained weights expect, from timm's config."""
-    import timm.data  # local: keeps this module importable and fast without timm
+    import timm.data  # lazy: validating a config parses its policy here, and timm takes seconds to import
 
     cfg = timm.data.resolve_data_config({}, model=model)
     return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])

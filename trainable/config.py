@@ -32,8 +32,7 @@ class TrialConfig:
     small_input_stem: bool = False  # 32 px from scratch: ResNet gets a 3x3/1 stem, no max-pool; VGG a pooled linear head
     head: Head = "flat"  # "flat" (100 classes) or "coarse_to_fine" (20-superclass logits feed the fine head)
     coarse_loss_weight: float = 0.3  # weight of the coarse head's loss (coarse_to_fine)
-    # --- stage plan (see trainable/stages.py); a stage with 0 epochs is skipped
-    stages: int = 2  # 2: head, then top blocks; 3: adds the whole network with layer-wise lr decay
+    # --- stage plan (trainable/stages.py): head, then top blocks, then everything; 0 epochs skip a stage
     unfreeze_depth: int = 2  # stage 2 trains the top `unfreeze_depth` backbone blocks + head
     stage1_epochs: int = 1
     stage1_lr: float = 1e-2
@@ -76,7 +75,7 @@ class TrialConfig:
 
     @property
     def total_epochs(self) -> int:
-        return self.stage1_epochs + self.stage2_epochs + (self.stage3_epochs if self.stages == 3 else 0)
+        return self.stage1_epochs + self.stage2_epochs + self.stage3_epochs
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
@@ -90,10 +89,8 @@ class TrialConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.stages in (2, 3), "stages must be 2 or 3"),
             (self.unfreeze_depth >= 1, "unfreeze_depth must be >= 1"),
             (min(self.stage1_epochs, self.stage2_epochs, self.stage3_epochs) >= 0, "stage epochs must be >= 0"),
-            (self.stages == 2 or self.stage3_epochs >= 1, "a 3-stage plan needs stage3_epochs >= 1"),
             (self.total_epochs >= 1, "the stage plan has no epochs: give some stage epochs >= 1"),
             (self.backbone_lr_scale > 0, "backbone_lr_scale must be > 0"),
             (all(lr > 0 for lr in (self.stage1_lr, self.stage2_lr, self.stage3_lr)), "learning rates must be > 0"),
@@ -122,7 +119,7 @@ class TrialConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
-        from trainable.augment import policy_for
+        from trainable.augment import policy_for  # lazy: the CLIs import this module before torch
         try:
             policy_for(self.aug_strength, self.augment)
         except ValueError as e:

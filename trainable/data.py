@@ -3,7 +3,8 @@
 Reads the official `cifar-100-python` archive layout (pickled dicts, by Python 2 or 3 at any
 protocol) with an unpickler that can build plain data and NumPy arrays and nothing else,
 validates every field, and keeps images as uint8 [N, 3, 32, 32]. Everything here is plain
-numpy + lists so the bundles pickle cheaply into Ray's object store.
+numpy + lists so the bundles pickle cheaply into Ray's object store. (torchvision's CIFAR100
+unpickles whatever the file holds and knows only its own folder layout; it serves the download.)
 """
 
 from __future__ import annotations
@@ -388,8 +389,7 @@ def _extract_failed(archive: Path, tmp: Path, e: Exception, reason: str) -> User
 def _download(data_dir: Path) -> Path:
     """Fetch the official archive into the cache, then move its folder to `data_dir/cifar-100-python`
     (creating `data_dir` only then): a failed download leaves no folder behind."""
-    # torchvision is only needed for this rare path, so import it here (it pulls in torch).
-    from torchvision.datasets import CIFAR100
+    from torchvision.datasets import CIFAR100  # lazy: torch-free until a download (it pulls in torch)
     from torchvision.datasets.utils import download_url
 
     folder = data_dir / FOLDER

@@ -2,6 +2,7 @@
 
 Each stage is a fit of its own (progressive unfreezing recipes stop each phase separately); when
 the last stage stops, the trial ends. Independent of ASHA, which compares trials with each other.
+(torch has no early stopping; Tune's stoppers end a whole trial, not one of its stages.)
 """
 from __future__ import annotations
 
@@ -26,7 +27,3 @@ class EarlyStop:
 
     def state_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict) -> "EarlyStop":
-        return cls(**state)

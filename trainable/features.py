@@ -219,6 +219,23 @@ class CachedStage:
         return evaluate_outputs(forward, fine, coarse, batch_size=batch_size)
 
 
+def _no_room(root: Path, n_feats: int, width: int) -> str:
+    """Why `n_feats` float32 feature vectors of `width` do not fit in `root` or the trial's memory ('' if they do)."""
+    need, budget = n_feats * width * 4, int(CACHE_SHARE * trial_budget(torch.get_num_threads()))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free if os.access(root, os.W_OK) else 0
+    except OSError:
+        free = 0
+    if not free:
+        return f"{root} cannot be written (set CIFAR_TUNE_CACHE to a writable folder)"
+    if need <= min(budget, free):
+        return ""
+    over = (f"the budget of {budget / 2 ** 20:,.0f} MiB ({CACHE_SHARE:.0%} of this trial's share of the node's RAM)"
+            if need > budget else f"the {free / 2 ** 20:,.0f} MiB free in {root}")
+    return f"its {n_feats} feature vectors need {need / 2 ** 20:,.0f} MiB, over {over}"
+
+
 def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, epochs: int, train_images: np.ndarray, x: torch.Tensor,
               fine: torch.Tensor, coarse: torch.Tensor, val_images: np.ndarray | None,
               val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, mean, std, prec: Precision,
@@ -237,22 +254,10 @@ def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, epochs: int, train_im
     mirror = policy_for(cfg.aug_strength, cfg.augment).flip
     n_feats = x.shape[0] * (2 if mirror else 1) + (val[0].shape[0] if val is not None else 0)
     width = (net.coarse_head if net.coarse_head is not None else net.fine_head).in_features
-    need, budget = n_feats * width * 4, int(CACHE_SHARE * trial_budget(torch.get_num_threads()))
     root = cache_root() / "features"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(root).free if os.access(root, os.W_OK) else 0
-    except OSError:
-        free = 0
-    if not free:
-        log(f"feature cache: off for stage {stage.number}: {root} cannot be written (set CIFAR_TUNE_CACHE "
-            f"to a writable folder); it runs uncached")
-        return None
-    if need > min(budget, free):
-        log(f"feature cache: off for stage {stage.number}: its {n_feats} feature vectors need "
-            f"{need / 2 ** 20:,.0f} MiB, over " + (f"the budget of {budget / 2 ** 20:,.0f} MiB ({CACHE_SHARE:.0%} of "
-            f"this trial's share of the node's RAM)" if need > budget else f"the {free / 2 ** 20:,.0f} MiB "
-            f"free in {root}") + "; it runs uncached")
+    no_room = _no_room(root, n_feats, width)
+    if no_room:
+        log(f"feature cache: off for stage {stage.number}: {no_room}; it runs uncached")
         return None
     t0 = time.perf_counter()
     key = (FORMAT, cfg.backbone, weights_digest(net.backbone), cfg.input_size, prec.name, prec.channels_last,

@@ -1,11 +1,7 @@
 """One training epoch and one evaluation pass, over uint8 tensors that already live on the device.
 
 Batches are index slices of the on-device dataset; augmentation, mixup and normalisation happen
-batched on the device. Precision (TrialConfig.precision, `--precision`): "auto" is bf16 autocast
-on GPUs with native bf16 (compute capability 8.0+), fp16 autocast with a GradScaler on older ones,
-fp32 on the CPU; bf16 and fp16 also run on the CPU, through the same autocast path the GPU takes
-(the tests run it there). Both run the model in channels_last, the faster layout on each
-(benchmarks/layout.py).
+batched on the device, in the precision and memory layout `Precision` picks for it.
 """
 from __future__ import annotations
 
@@ -65,8 +61,8 @@ class Precision:
         is the faster layout.
 
         On this project's 2-core CPU, channels_last trains tf_efficientnet_lite0 2-3.8x faster
-        and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster (issue 14's table;
-        `python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
+        and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster
+        (`python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
         NHWC-native. CPU_CONTIGUOUS lists backbones measured slower that way. On CUDA,
         channels_last is what cuDNN's tensor-core convolutions want under fp16/bf16.
         """
@@ -178,15 +174,10 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
                 mix_generator: torch.Generator | None = None) -> dict:
     """One pass over (x, fine, coarse) in random order; returns train_loss and images_per_sec.
 
-    `mix_generator`: a CPU generator for mixup/cutmix's draws (mix_batch); one seeded from the
-    first draw of `generator` when not given."""
+    `mix_generator`: the CPU generator of mixup/cutmix's draws (mix_batch), given with `mix`."""
     train_mode(net, freeze_bn)
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    fine_to_coarse = None
-    if mix is not None:
-        fine_to_coarse = coarse_matrix(fine, coarse)
-        if mix_generator is None:
-            mix_generator = torch.Generator().manual_seed(int(perm[0]))
+    fine_to_coarse = coarse_matrix(fine, coarse) if mix is not None else None
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return make_batch(x, fine, coarse, idx, aug=aug, prec=prec, generator=generator, mix=mix,

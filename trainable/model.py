@@ -5,13 +5,18 @@ stage), so "unfreeze depth k" means the top k blocks of any backbone without a p
 """
 from __future__ import annotations
 
+import argparse
+import pickle
 import socket
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import timm
 import torch
-from timm.models import group_parameters
+from huggingface_hub import constants, try_to_load_from_cache
+from timm.models import group_parameters, load_state_dict
 from torch import nn
 
 from trainable.config import HEADS
@@ -115,6 +120,7 @@ def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
     timm's EMA first as timm does), key prefixes of DataParallel/DDP, torch.compile, Lightning or a
     wrapping model, safetensors. The classifier is not loaded (the fine-tune replaces it), so one of
     any size or none at all is fine. UserError, one line, saying what does not fit and how to fix it.
+    (timm's load_checkpoint knows only timm's own keys and prefixes, and fails with a traceback.)
     """
     fix = f"save the state_dict of timm.create_model({name!r}) (torch.save(model.state_dict(), {path.name!r}))"
     state = _unwrap(_read_weights(path, fix))
@@ -151,10 +157,6 @@ _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "net.", "network.",
 def _read_weights(path: Path, fix: str) -> dict:
     """The file's top-level object via timm's loader (safetensors; a state_dict under timm's keys,
     DDP/compile prefixes cleaned), with only tensors and plain data unpickled."""
-    import pickle
-    import zipfile
-
-    from timm.models import load_state_dict
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             return load_state_dict(str(path), use_ema=True)
@@ -179,9 +181,6 @@ def _unreadable(path: Path, e: Exception, fix: str) -> UserError:
 
 def _harmless_globals() -> list:
     """Plain-data types training checkpoints hold besides tensors (timm's args, NumPy metrics)."""
-    import argparse
-
-    import numpy as np
     scalar = np.int64(0).__reduce__()[0]  # the function NumPy pickles its scalars with
     dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
     return [argparse.Namespace, scalar, np.dtype, *dtypes]
@@ -230,8 +229,6 @@ def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
     if hub_id and _in_hf_cache(hub_id):
         return
-    from huggingface_hub import constants
-
     host = urlparse(constants.ENDPOINT).hostname or ""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -241,8 +238,6 @@ def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
 
 
 def _in_hf_cache(hub_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     repo = hub_id.split("@")[0]
     return any(isinstance(try_to_load_from_cache(repo, f), str)
                for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.optim import RMSpropTF
 from torch import nn
+from torch.optim import lr_scheduler as S
 
 from trainable.config import TrialConfig
 from trainable.model import Net, set_trainable
@@ -43,7 +45,6 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
     elif cfg.optimizer == "rmsprop":
         # TensorFlow's RMSProp as EfficientNet(V2) trained with it (decay 0.9, momentum 0.9, eps 1e-3);
         # torch's RMSprop puts eps outside the sqrt and behaves differently at these settings
-        from timm.optim import RMSpropTF
         opt = RMSpropTF(groups, lr=stage.lr, alpha=0.9, momentum=0.9, eps=1e-3, foreach=True)  # it has no fused kernel
     else:
         opt = torch.optim.AdamW(groups, lr=stage.lr, **fused)
@@ -64,7 +65,6 @@ def build_schedule(opt: torch.optim.Optimizer, cfg: TrialConfig, steps: int
     stage, or the lr held (plateau cuts then stay: LinearLR is chainable). onecycle is
     OneCycleLR, whose rise from max_lr/25 over pct_start = warmup_frac is its own warm-up.
     """
-    from torch.optim import lr_scheduler as S
     total = max(1, steps)
     if cfg.schedule == "onecycle":
         pct = max(cfg.warmup_frac, 0.01)
@@ -89,7 +89,7 @@ def build_plateau(opt: torch.optim.Optimizer, cfg: TrialConfig
     val_loss (Keras's counting; torch's `patience` allows that many bad epochs *before* the cut)."""
     if cfg.plateau_patience <= 0:
         return None
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+    return S.ReduceLROnPlateau(
         opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience - 1)
 
 

@@ -37,10 +37,8 @@ def adapt_small_input(backbone: nn.Module, name: str) -> None:
         nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm's
         backbone.maxpool = nn.Identity()
     elif isinstance(backbone, VGG):
-        # at 32 px the five max-pools leave 512x1x1; timm's pre_logits (7x7 conv to 4096, ~100M params)
-        # would upsample that to 7x7. The CIFAR VGG head is features -> global pool -> linear; as
-        # create_model has already called reset_classifier(0), num_classes is 0 and forward_head
-        # returns the 512 pooled features.
+        # at 32 px the max-pools leave 512x1x1, which timm's pre_logits (7x7 conv, ~100M params) would
+        # upsample: the CIFAR head is a global pool (num_classes is 0 already: the 512 pooled features)
         backbone.pre_logits = nn.Identity()
         backbone.head = ClassifierHead(backbone.num_features, backbone.num_classes, pool_type="avg",
                                        drop_rate=backbone.drop_rate, **get_device_dtype(backbone))
@@ -115,8 +113,7 @@ class AlexNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# timm >= 1.0 reads a module-level `default_cfgs` when register_model runs; no url/hf_hub_id means
-# has_weights is False, so pretrained=True only warns and keeps the random init (no download)
+# register_model reads this module's default_cfgs; without a url, pretrained=True keeps the random init
 default_cfgs = generate_default_cfgs({
     "alexnet": dict(url="", num_classes=1000, input_size=(3, 32, 32), pool_size=(3, 3), crop_pct=1.0,
                     interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,

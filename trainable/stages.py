@@ -25,10 +25,8 @@ class Stage:
 
 
 def plan_stages(cfg: TrialConfig) -> list[Stage]:
-    spec = [(cfg.stage1_epochs, cfg.stage1_lr, 0),
-            (cfg.stage2_epochs, cfg.stage2_lr, cfg.unfreeze_depth)]
-    if cfg.stages == 3:
-        spec.append((cfg.stage3_epochs, cfg.stage3_lr, None))
+    spec = [(cfg.stage1_epochs, cfg.stage1_lr, 0), (cfg.stage2_epochs, cfg.stage2_lr, cfg.unfreeze_depth),
+            (cfg.stage3_epochs, cfg.stage3_lr, None)]
     plan, start = [], 0
     for number, (epochs, lr, top) in enumerate(spec, start=1):
         if epochs > 0:

@@ -1,19 +1,25 @@
 """One trial: a multi-stage fine-tune as a plain function of (config, data, reporter).
 
 Ray Tune calls it in a search (search/tune_trial.py adapts it), analyze.py calls it to retrain the
-best config on train+val, and tests call it with a list as the reporter.
+best config on train+val, and tests call it with a list as the reporter. Read top to bottom:
+`run_trial` turns an out-of-memory error anywhere into a result; `_train` restores the `Checkpoint`
+and walks the stage plan; `_run_stage` runs one stage an epoch at a time (`fit_epoch`, `validate`)
+and saves the `Checkpoint` after each. Tests inject faults by monkeypatching these functions.
 """
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from timm.data import Mixup
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from trainable import features
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
@@ -24,11 +30,12 @@ from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoc
 from trainable.memory import is_out_of_memory
 from trainable.model import Net, create_model
 from trainable.optim import build_optimizer, build_plateau, count_trainable, head_lr
-from trainable.stages import plan_stages
+from trainable.stages import Stage, plan_stages
 
 # reporter(metrics, checkpoint_dir or None); the directory is only valid during the call
 Reporter = Callable[[dict[str, Any], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, fine labels, coarse labels
 
 
 def pick_device() -> torch.device:
@@ -39,7 +46,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def to_device(split: Split, device: torch.device) -> Tensors:
     """uint8 images and int64 labels on the device, once per trial.
 
     On the CPU this is a zero-copy view of the (read-only, shared) object-store arrays.
@@ -54,7 +61,7 @@ def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.T
 def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
               restore: Path | None = None, checkpoint: bool = True, stop_after_epoch: int | None = None,
               raise_oom: bool = False, device: torch.device | None = None) -> tuple[Net | None, dict[str, Any]]:
-    """Fine-tune through every stage, reporting once per epoch; returns the model and last metrics.
+    """Fine-tune through every stage, reporting once per epoch; returns the model and the last metrics reported.
 
     `restore` is a checkpoint directory written by an earlier call: training continues at the
     epoch after it. With `val` None (the final retrain) only training metrics are reported, so a
@@ -70,9 +77,10 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
         raise ValueError("early_stop_patience/plateau_patience need a validation split")
     if stop_after_epoch is not None and stop_after_epoch < 1:
         raise ValueError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
-    at = _Progress()
+    at = Progress()
     try:
-        return _train(cfg, train, val, report, restore, checkpoint, stop_after_epoch, at, device)
+        return _train(cfg, train, val, report, at, restore=restore, save=checkpoint,
+                      last=stop_after_epoch or cfg.total_epochs, device=device)
     except (MemoryError, RuntimeError) as e:
         if raise_oom or not is_out_of_memory(e):
             raise
@@ -80,12 +88,12 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
     # out of the except block: the traceback's frames (and their tensors) are released first
     if at.device is not None and at.device.type == "cuda":
         torch.cuda.empty_cache()
-    metrics = {**at.metrics, "epoch": at.epoch, "stage": at.stage}
-    report(failure_result(metrics, "oom", reason), None)  # retrying cannot help; the search goes on
-    return at.net, {**metrics, "status": "oom", "error": reason}
+    failed = failure_result({**at.metrics, "epoch": at.epoch, "stage": at.stage}, "oom", reason)
+    report(failed, None)  # retrying cannot help; the search goes on
+    return at.net, failed
 
 
-class _Progress:
+class Progress:
     """Where a trial is, so an out-of-memory error anywhere in it can say where and what to lower."""
 
     def __init__(self) -> None:
@@ -96,136 +104,16 @@ class _Progress:
         self.metrics: dict[str, Any] = {}  # the epoch's metrics so far (training's, when validation fails)
 
     def oom_reason(self, cfg: TrialConfig) -> str:
-        where = {"setup": f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) "
-                          f"before epoch {self.epoch}",
-                 "training": f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, "
-                             f"input_size {cfg.input_size})",
-                 "validation": f"epoch {self.epoch} while validating (down to one image at a time, "
-                               f"input_size {cfg.input_size})",
-                 "checkpoint": f"epoch {self.epoch} while saving its checkpoint"}[self.phase]
-        fix = {"setup": "pick a smaller backbone or fewer images (--subset)",
-               "training": "lower batch_size or input_size", "validation": "lower input_size or pick a smaller backbone",
-               "checkpoint": "lower batch_size or input_size"}[self.phase]
+        where, fix = {
+            "setup": (f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) before epoch "
+                      f"{self.epoch}", "pick a smaller backbone or fewer images (--subset)"),
+            "training": (f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, input_size "
+                         f"{cfg.input_size})", "lower batch_size or input_size"),
+            "validation": (f"epoch {self.epoch} while validating (down to one image at a time, input_size "
+                           f"{cfg.input_size})", "lower input_size or pick a smaller backbone"),
+            "checkpoint": (f"epoch {self.epoch} while saving its checkpoint", "lower batch_size or input_size"),
+        }[self.phase]
         return f"out of memory in {where}: {fix}"
-
-
-def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, restore: Path | None,
-           checkpoint: bool, stop_after_epoch: int | None, at: _Progress,
-           device: torch.device | None = None) -> tuple[Net, dict[str, Any]]:
-    torch.manual_seed(cfg.seed)
-    train = fidelity_subset(train, cfg.train_fraction, cfg.seed)
-    device = at.device = device if device is not None else pick_device()
-    if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
-        torch.cuda.set_device(device)
-    prec = Precision.for_device(device, cfg.backbone, cfg.precision)
-    state = _load(restore, device) if restore is not None else None
-    done = state["epoch"] if state else 0  # epochs trained so far, over all stages
-    plan = plan_stages(cfg)
-    at.epoch, at.stage = done + 1, state["stage"] if state else plan[0].number
-    net = at.net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
-                                head=cfg.head, small_input_stem=cfg.small_input_stem)
-    mean, std = normalisation_of(net.backbone)
-    prec.model_to(net)
-    model = torch.compile(net) if cfg.compile else net
-    x, fine, coarse = to_device(train, device)
-    val_t = to_device(val, device) if val is not None else None
-    eval_bs = cfg.eval_batch_size  # halved for good if validation runs out of memory (loop.evaluate)
-
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    mix_gen = torch.Generator().manual_seed(cfg.seed)  # mixup/cutmix draws (loop.mix_batch): on the CPU, no sync
-    aug = DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, mean, std)
-    mix = make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing)
-    scaler = prec.grad_scaler()  # fp16 only; bf16 and fp32 step the optimiser directly
-    _, steps_per_epoch = batching(len(train), cfg.batch_size)
-
-    best = state["best"] if state else {"val_acc": -1.0, "epoch": 0}
-    if state:
-        net.load_state_dict(state["net"])
-        gen.set_state(state["generator"].cpu())
-        if state.get("mix_generator") is not None:
-            mix_gen.set_state(state["mix_generator"])
-        if scaler is not None and state.get("scaler"):  # the loss scale it had learned, not 2**16 again
-            scaler.load_state_dict(state["scaler"])
-    last = stop_after_epoch or cfg.total_epochs
-    metrics: dict[str, Any] = {}
-    for s in plan:
-        resuming = state is not None and state["stage"] == s.number
-        if state is not None and (s.number < state["stage"] or (resuming and state["stage_done"])):
-            continue  # finished before the checkpoint
-        if done >= last:
-            break
-        opt, sched = build_optimizer(net, s, cfg, s.epochs * steps_per_epoch, device)
-        plateau = build_plateau(opt, cfg)
-        stopper = EarlyStop(cfg.early_stop_patience)
-        stage_epoch = 0
-        if resuming:
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            if plateau is not None:
-                plateau.load_state_dict(state["plateau"])
-            stopper = EarlyStop.from_state(state["stopper"])
-            stage_epoch = state["stage_epoch"]
-        cached = features.for_stage(cfg, s, net, epochs=min(s.epochs - stage_epoch, last - done),
-                                    train_images=train.images, x=x, fine=fine, coarse=coarse,
-                                    val_images=val.images if val is not None else None, val=val_t, mean=mean,
-                                    std=std, prec=prec, batch_size=eval_bs)
-        while stage_epoch < s.epochs and done < last:
-            at.phase, at.epoch, at.stage, at.metrics = "training", done + 1, s.number, {}
-            inject_fault(cfg, done + 1, first_run=restore is None)
-            if cached is not None:
-                tr = cached.train_epoch(batch_size=cfg.batch_size, opt=opt, sched=sched, prec=prec, scaler=scaler,
-                                        smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                                        generator=gen)
-            else:
-                tr = {**train_epoch(model, x, fine, coarse, aug=aug, batch_size=cfg.batch_size, opt=opt,
-                                    sched=sched, prec=prec, scaler=scaler, mix=mix,
-                                    smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight,
-                                    generator=gen, freeze_bn=cfg.freeze_bn, mix_generator=mix_gen),
-                      "feature_cache": "off"}
-            done, stage_epoch = done + 1, stage_epoch + 1
-            metrics = at.metrics = {"epoch": done, "stage": s.number, "lr": head_lr(opt),
-                                    "trainable_params": count_trainable(net), **tr}
-            if not math.isfinite(tr["train_loss"]):
-                # a diverged trial stops at once and is never a candidate for best
-                report(failure_result(metrics, "diverged", f"non-finite training loss in epoch {done}"), None)
-                return net, {**metrics, "status": "diverged"}
-            stopped = False
-            if val_t is not None:
-                at.phase = "validation"
-                ev = cached.evaluate(batch_size=eval_bs, prec=prec) if cached is not None else \
-                    evaluate(model, *val_t, input_size=cfg.input_size, mean=mean, std=std, batch_size=eval_bs,
-                             prec=prec)
-                if ev["batch_size"] < eval_bs:
-                    print(f"validation ran out of memory at eval_batch_size {eval_bs}: it goes on at "
-                          f"{ev['batch_size']} (the same results, less memory)", flush=True)
-                eval_bs = ev.pop("batch_size")
-                if ev["acc"] > best["val_acc"]:
-                    best = {"val_acc": ev["acc"], "epoch": done}
-                metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=best["val_acc"],
-                               best_epoch=best["epoch"])
-                if plateau is not None:
-                    plateau.step(ev["loss"])
-                stopped = stopper.update(ev["loss"]) and stage_epoch < s.epochs
-            # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
-            metrics.update(diverged=False, status="ok", early_stopped=stopped)
-            stage_done = stopped or stage_epoch == s.epochs
-            at.phase = "checkpoint"
-            if not checkpoint:
-                report(metrics, None)
-            else:
-                with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-                    state_now = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                 "plateau": plateau.state_dict() if plateau is not None else None,
-                                 "stopper": stopper.state_dict(), "epoch": done, "stage": s.number,
-                                 "stage_epoch": stage_epoch, "stage_done": stage_done, "best": best,
-                                 "generator": gen.get_state(), "mix_generator": mix_gen.get_state(),
-                                 "config": cfg.to_dict(),
-                                 "scaler": scaler.state_dict() if scaler is not None else None}
-                    torch.save(state_now, Path(tmp) / CHECKPOINT_FILE)  # a private dir: Tune copies it on report
-                    report(metrics, Path(tmp))
-            if stopped:
-                break
-    return net, metrics
 
 
 def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
@@ -233,37 +121,201 @@ def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[st
 
     It scores 0 for ASHA and the searcher, so TPE learns to avoid that region; export never
     picks it (analysis/experiment.py skips non-"ok" rows)."""
-    return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "diverged": status == "diverged",
-            "status": status, "error": reason}
+    return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "status": status, "error": reason}
 
 
-# Test scaffolding, not a hyper-parameter: the tests that cause faults for real set
-# CIFAR_TUNE_FAULT=KIND@EPOCH[:KEY=VALUE], e.g. "crash@2" or "oom@2:seed=1": at the start of global
-# epoch EPOCH (of the trials whose config has KEY=VALUE) "crash" kills the worker process (once: not
-# again after a restart) and "oom" makes an allocation no machine can satisfy. Ray's workers inherit
-# the driver's environment.
-FAULT_ENV = "CIFAR_TUNE_FAULT"
+@dataclass
+class Checkpoint:
+    """Where a trial is and every state it needs to go on from there; saved after each epoch."""
+    epoch: int = 0  # epochs trained, over all stages
+    stage: int = 0  # the stage of the last epoch trained (0: none yet)
+    stage_epoch: int = 0  # epochs trained in that stage
+    stage_done: bool = False  # that stage ran its course or stopped early
+    best: dict[str, float] = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    # the trial's states (None until the first save) ...
+    net: dict | None = None
+    generator: torch.Tensor | None = None
+    mix_generator: torch.Tensor | None = None
+    scaler: dict | None = None  # fp16's GradScaler: the loss scale it had learned, not 2**16 again
+    # ... and the stage's
+    opt: dict | None = None
+    sched: dict | None = None
+    plateau: dict | None = None
+    stopper: dict | None = None
+    config: dict[str, Any] | None = None  # for a reader of the checkpoint alone
 
+    def capture(self, t: Setup, opt: Optimizer, sched: LRScheduler, plateau: ReduceLROnPlateau | None,
+                stopper: EarlyStop) -> Checkpoint:
+        """This position with the current states of the trial `t` and of its stage."""
+        return replace(self, net=t.net.state_dict(), generator=t.gen.get_state(), mix_generator=t.mix_gen.get_state(),
+                       scaler=t.scaler.state_dict() if t.scaler is not None else None, opt=opt.state_dict(),
+                       sched=sched.state_dict(), plateau=plateau.state_dict() if plateau is not None else None,
+                       stopper=stopper.state_dict(), config=t.cfg.to_dict())
 
-def inject_fault(cfg: TrialConfig, epoch: int, first_run: bool) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return
-    kind_epoch, _, condition = spec.partition(":")
-    kind, _, at = kind_epoch.partition("@")
-    if kind not in ("crash", "oom") or not at.isdigit():
-        raise ValueError(f"{FAULT_ENV}={spec!r}: write KIND@EPOCH[:KEY=VALUE], KIND crash or oom")
-    if int(at) != epoch:
-        return
-    if condition:
-        key, _, value = condition.partition("=")
-        if str(getattr(cfg, key.strip())) != value.strip():
+    def restore(self, t: Setup) -> None:
+        """Put the trial's saved model, random generators and loss scale back (none for a fresh trial)."""
+        if self.net is None:
             return
-    if kind == "crash" and first_run:
-        os._exit(17)  # die like an OOM-killed worker: no exception, no cleanup
-    if kind == "oom":
-        torch.empty(1 << 60, dtype=torch.uint8)  # a real allocator failure (1 EiB)
+        t.net.load_state_dict(self.net)
+        t.gen.set_state(self.generator.cpu())
+        t.mix_gen.set_state(self.mix_generator.cpu())
+        if t.scaler is not None and self.scaler is not None:  # None: saved on a device without fp16
+            t.scaler.load_state_dict(self.scaler)
+
+    def enter_stage(self, s: Stage, opt: Optimizer, sched: LRScheduler,
+                    plateau: ReduceLROnPlateau | None, patience: int) -> EarlyStop:
+        """The stage's early stop; saved within stage `s`, its optimiser, schedule and plateau go on too."""
+        if self.stage != s.number:
+            self.stage, self.stage_epoch, self.stage_done = s.number, 0, False
+            return EarlyStop(patience)
+        opt.load_state_dict(self.opt)
+        sched.load_state_dict(self.sched)
+        if plateau is not None:
+            plateau.load_state_dict(self.plateau)
+        return EarlyStop(**self.stopper)
+
+    def save(self, directory: Path) -> None:
+        torch.save(vars(self), directory / CHECKPOINT_FILE)
+
+    @classmethod
+    def load(cls, directory: Path, device: torch.device) -> Checkpoint:
+        return cls(**torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True))
 
 
-def _load(directory: Path, device: torch.device) -> dict:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+@dataclass
+class Setup:
+    """A trial set up on its device: what each of its stages and epochs uses."""
+    cfg: TrialConfig
+    at: Progress
+    net: Net
+    model: torch.nn.Module  # net, or its torch.compile'd form
+    prec: Precision
+    train: Split  # the uint8 arrays (the feature cache keys on them) ...
+    val: Split | None
+    data: Tensors  # ... and the same on the device
+    val_data: Tensors | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    aug: DeviceAugment
+    mix: Mixup | None
+    scaler: torch.amp.GradScaler | None  # fp16 only; bf16 and fp32 step the optimiser directly
+    gen: torch.Generator  # shuffling and augmentation, on the device
+    mix_gen: torch.Generator  # mixup/cutmix draws (loop.mix_batch): on the CPU, no sync
+    eval_bs: int  # halved for good when validation runs out of memory (loop.evaluate)
+
+
+def _setup(cfg: TrialConfig, train: Split, val: Split | None, device: torch.device, at: Progress) -> Setup:
+    """The trial's model, data on the device, augmentation and random generators, from its seed."""
+    torch.manual_seed(cfg.seed)
+    train = fidelity_subset(train, cfg.train_fraction, cfg.seed)
+    prec = Precision.for_device(device, cfg.backbone, cfg.precision)
+    net = at.net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
+                                head=cfg.head, small_input_stem=cfg.small_input_stem)
+    mean, std = normalisation_of(net.backbone)
+    prec.model_to(net)
+    return Setup(cfg=cfg, at=at, net=net, model=torch.compile(net) if cfg.compile else net, prec=prec,
+                 train=train, val=val, data=to_device(train, device),
+                 val_data=to_device(val, device) if val is not None else None, mean=mean, std=std,
+                 aug=DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, mean, std),
+                 mix=make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing), scaler=prec.grad_scaler(),
+                 gen=torch.Generator(device=device).manual_seed(cfg.seed), mix_gen=torch.Generator().manual_seed(cfg.seed),
+                 eval_bs=cfg.eval_batch_size)
+
+
+def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, at: Progress, *,
+           restore: Path | None, save: bool, last: int, device: torch.device | None) -> tuple[Net, dict[str, Any]]:
+    """Restore the checkpoint, then run the stages it has not finished up to global epoch `last`."""
+    device = at.device = device if device is not None else pick_device()
+    if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
+        torch.cuda.set_device(device)
+    ckpt = Checkpoint.load(restore, device) if restore is not None else Checkpoint()
+    plan = plan_stages(cfg)
+    at.epoch, at.stage = ckpt.epoch + 1, ckpt.stage or plan[0].number
+    t = _setup(cfg, train, val, device, at)
+    ckpt.restore(t)
+    metrics: dict[str, Any] = {}
+    for s in plan:
+        if s.number < ckpt.stage or (s.number == ckpt.stage and ckpt.stage_done):
+            continue  # finished before the checkpoint
+        if ckpt.epoch >= last:
+            break
+        metrics = _run_stage(t, s, ckpt, last, report, save)
+        if metrics["status"] != "ok":
+            break
+    return t.net, metrics
+
+
+def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter, save: bool) -> dict[str, Any]:
+    """Train stage `s` from where `ckpt` left it to its end, its early stop or global epoch `last`,
+    reporting (and saving `ckpt`) after every epoch; returns the last metrics reported."""
+    cfg, at = t.cfg, t.at
+    _, steps = batching(len(t.train), cfg.batch_size)
+    opt, sched = build_optimizer(t.net, s, cfg, s.epochs * steps, t.prec.device)
+    plateau = build_plateau(opt, cfg)
+    stopper = ckpt.enter_stage(s, opt, sched, plateau, cfg.early_stop_patience)
+    cached = features.for_stage(cfg, s, t.net, epochs=min(s.epochs - ckpt.stage_epoch, last - ckpt.epoch),
+                                train_images=t.train.images, x=t.data[0], fine=t.data[1], coarse=t.data[2],
+                                val_images=t.val.images if t.val is not None else None, val=t.val_data,
+                                mean=t.mean, std=t.std, prec=t.prec, batch_size=t.eval_bs)
+    metrics: dict[str, Any] = {}
+    while not ckpt.stage_done and ckpt.epoch < last:
+        at.phase, at.epoch, at.stage, at.metrics = "training", ckpt.epoch + 1, s.number, {}
+        tr = fit_epoch(t, opt, sched, cached)
+        ckpt.epoch, ckpt.stage_epoch = ckpt.epoch + 1, ckpt.stage_epoch + 1
+        metrics = at.metrics = {"epoch": ckpt.epoch, "stage": s.number, "lr": head_lr(opt),
+                                "trainable_params": count_trainable(t.net), **tr}
+        if not math.isfinite(tr["train_loss"]):  # it stops at once and is never a candidate for best
+            metrics = failure_result(metrics, "diverged", f"non-finite training loss in epoch {ckpt.epoch}")
+            report(metrics, None)
+            return metrics
+        stopped = False
+        if t.val_data is not None:
+            at.phase = "validation"
+            ev = validate(t, cached)
+            if ev["acc"] > ckpt.best["val_acc"]:
+                ckpt.best = {"val_acc": ev["acc"], "epoch": ckpt.epoch}
+            metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=ckpt.best["val_acc"],
+                           best_epoch=ckpt.best["epoch"])
+            if plateau is not None:
+                plateau.step(ev["loss"])
+            stopped = stopper.update(ev["loss"]) and ckpt.stage_epoch < s.epochs
+        # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
+        metrics.update(status="ok", early_stopped=stopped)
+        ckpt.stage_done = stopped or ckpt.stage_epoch == s.epochs
+        at.phase = "checkpoint"
+        _report(report, metrics, ckpt.capture(t, opt, sched, plateau, stopper) if save else None)
+    return metrics
+
+
+def fit_epoch(t: Setup, opt: Optimizer, sched: LRScheduler, cached: features.CachedStage | None) -> dict[str, Any]:
+    """One training epoch, on the stage's cached features when it has them, else on the augmented images."""
+    cfg = t.cfg
+    kw = dict(batch_size=cfg.batch_size, opt=opt, sched=sched, prec=t.prec, scaler=t.scaler,
+              smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight, generator=t.gen)
+    if cached is not None:
+        return cached.train_epoch(**kw)
+    return {**train_epoch(t.model, *t.data, aug=t.aug, mix=t.mix, freeze_bn=cfg.freeze_bn,
+                          mix_generator=t.mix_gen, **kw), "feature_cache": "off"}
+
+
+def validate(t: Setup, cached: features.CachedStage | None) -> dict[str, Any]:
+    """The epoch's validation metrics (loop.evaluate's); a batch size that ran out of memory is not tried again."""
+    if cached is not None:
+        ev = cached.evaluate(batch_size=t.eval_bs, prec=t.prec)
+    else:
+        ev = evaluate(t.model, *t.val_data, input_size=t.cfg.input_size, mean=t.mean, std=t.std,
+                      batch_size=t.eval_bs, prec=t.prec)
+    if ev["batch_size"] < t.eval_bs:
+        print(f"validation ran out of memory at eval_batch_size {t.eval_bs}: it goes on at "
+              f"{ev['batch_size']} (the same results, less memory)", flush=True)
+    t.eval_bs = ev.pop("batch_size")
+    return ev
+
+
+def _report(report: Reporter, metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
+    if ckpt is None:
+        report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:  # a private dir: Tune copies it on report
+        ckpt.save(Path(tmp))
+        report(metrics, Path(tmp))
