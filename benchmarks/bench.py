@@ -94,9 +94,9 @@ class Context:
         """run_search.py's flags for one of the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
         a = self.args
         return flags(sets, gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none",
-                     max_concurrent=1, scheduler="fifo", seed=a.seed, data_dir=a.data_dir,
-                     storage_path=self.work / "runs", name=name, weights_dir=a.weights_dir or None,
-                     no_pretrained=not a.weights_dir, **opts)
+                     seed=a.seed, data_dir=a.data_dir, storage_path=self.work / "runs", name=name,
+                     weights_dir=a.weights_dir or None, no_pretrained=not a.weights_dir,
+                     **{"max_concurrent": 1, "scheduler": "fifo", **opts})
 
     def search(self, name: str, watch=None, sets: dict | None = None, **opts) -> tuple[Path, float]:
         """A whole search through run_search.py: (its experiment folder, its wall seconds)."""
@@ -192,16 +192,12 @@ def section_overhead(ctx: Context) -> None:
         if i == 0:
             thread_scaling(ctx, size, tr, after, bs * steps)
     ctx.note("1", f"Data: `--subset {sc.subset}`: {len(ctx.data().train)} training images ({steps} batches of {bs} an "
-                  f"epoch, loop.batching), {len(ctx.data().val)} validation images; {BACKBONE}. Tune trial: "
-                  f"`run_search.py --space tiny --warm-start none --num-samples 1 --scheduler fifo --cpus-per-trial "
-                  f"{cpus}`, `--set stages=2 stage1_epochs=1 stage2_epochs={sc.overhead_epochs} unfreeze_depth=99 "
-                  f"aug_strength=1`; timed: its all-trainable epochs by Tune's `time_this_iter_s`, the in-loop rate by "
-                  f"its own `train_seconds`.")
-    ctx.note("1", f"Ceiling (`bench.ceiling`, torch's Timer, no Ray): the model alone in channels_last, every layer "
-                  f"trainable, forward + label-smoothed CE + backward + SGD step on one fixed batch of {bs} times "
-                  f"{steps} steps, plus inference_mode forward passes scaled to the validation images. At "
-                  f"{' and '.join(map(str, counts))} thread(s), >= {sc.ceiling_s:g} s of steps each, right before "
-                  f"and after the trial; the faster thread count is taken.")
+                  f"epoch), {len(ctx.data().val)} validation images; {BACKBONE}. Trial: `run_search.py --space tiny "
+                  f"--num-samples 1 --cpus-per-trial {cpus}` `--set stages=2 stage1_epochs=1 stage2_epochs="
+                  f"{sc.overhead_epochs} unfreeze_depth=99 aug_strength=1`, its all-trainable epochs timed by Tune's "
+                  f"`time_this_iter_s`, in-loop by its `train_seconds`. Ceiling: `bench.ceiling` at "
+                  f"{' and '.join(map(str, counts))} thread(s), >= {sc.ceiling_s:g} s each, right before and after "
+                  f"the trial; the faster thread count is taken.")
 
 
 def thread_scaling(ctx: Context, size: int, tr: dict, after: dict, images: int) -> None:
@@ -251,10 +247,9 @@ def section_headroom(ctx: Context) -> None:
         pipe, model = sc.pipe_batches * sc.batch / s["pipe"], sc.batch / s["model"]
         ctx.add_rates("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step", pipe, model,
                       "≥ 5", pipe >= 5 * model, digits=1)
-    ctx.note("2", f"Batch {sc.batch}, {t} torch thread(s), {b.dev.type}; the contenders alternate for {sc.rounds} "
-                  f"round(s) of torch's Timer (a warm-up call, then >= {sc.call_s:g} s of calls). Pipeline = "
-                  f"`bench.pipeline_fn` ({sc.pipe_batches} batches a call); model = `common.model_fn`, forward + "
-                  f"label-smoothed CE + backward + SGD step of {BACKBONE} on one fixed batch, in the trial's layout.")
+    ctx.note("2", f"Batch {sc.batch}, {t} torch thread(s), {b.dev.type}, {sc.rounds} alternating round(s) of >= "
+                  f"{sc.call_s:g} s; pipeline = `bench.pipeline_fn` ({sc.pipe_batches} batches a call), model = "
+                  f"`common.model_fn` in the trial's layout.")
 
 
 class PILSet(torch.utils.data.Dataset):
@@ -301,10 +296,8 @@ def section_dataloader(ctx: Context) -> None:
         ctx.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
                 rate(sc.dl_batches * sc.batch / s["ours"]) + " img/s", rate(sc.dl_batches * sc.batch / s["dl"]) + " img/s",
                 f"{ratio:.2f}×", "≥ 10× at 224" if last else "(info)", verdict(ratio >= 10) if last else "—")
-    ctx.note("3", f"DataLoader (`bench.dataloader_fn`) with num_workers = {workers} (the cores) against our pipeline "
-                  f"(`bench.pipeline_fn`) on {t} torch thread(s), a trial's share with `--cpus-per-trial {t}`; batch "
-                  f"{sc.batch}, {sc.dl_batches} batches a call, {sc.dl_rounds} alternating round(s) of torch's "
-                  f"Timer (a warm-up call and a timed call each turn).")
+    ctx.note("3", f"`bench.dataloader_fn` (num_workers = {workers}, the cores) against `bench.pipeline_fn` on {t} "
+                  f"torch thread(s); batch {sc.batch}, {sc.dl_batches} batches a call, {sc.dl_rounds} alternating round(s).")
 
 
 # ----------------------------------------------------------------------------- 4. memory
@@ -471,11 +464,9 @@ def section_stages(ctx: Context) -> None:
     ctx.add("6", f"  {n2} / {n3}", f"{m2:,.0f} ms", f"{m3:,.0f} ms", f"{m2 / m3:.2f}")
     ctx.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
             f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed", verdict(grads == 0 and not moved))
-    ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s) of torch's Timer; a step = "
-                  f"forward + loss + backward + optimiser + lr-schedule step on one fixed batch (no data work: it is "
-                  f"the same in every stage), with the stages of trainable.stages.plan_stages and the trial's own "
-                  f"`build_optimizer` param groups and `train_mode`. The stage-1 check: one step from a clean slate, "
-                  f"then which backbone parameters have a gradient and whether BatchNorm running means moved.")
+    ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s); a step on one fixed "
+                  f"batch with the stages of `plan_stages` and the trial's `build_optimizer` and `train_mode`. The check: "
+                  f"one stage-1 step from a clean slate, backbone gradients and BatchNorm running means after it.")
 
 
 # ----------------------------------------------------------------------------- main

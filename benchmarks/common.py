@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 from analysis.command import command
 from trainable import atomic
@@ -105,6 +104,7 @@ class Results(dict):
 def per_call(fn: Callable[[], object], threads: int, min_seconds: float) -> float:
     """Mean seconds per call of `fn` at `threads` torch threads: torch's Timer (one warm-up call,
     then calls until `min_seconds` have passed; it synchronises CUDA)."""
+    from torch.utils.benchmark import Timer  # at import it warns about CUDA_HOME on a CPU machine: only when timing
     return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_seconds).mean
 
 
