@@ -269,7 +269,8 @@ def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, s
     """The usual way at aug_strength 1's amplitudes, cheapest order for PIL (geometry and colour at
     32 px, then one resize); a fresh iterator per call (workers start, as at every epoch without
     persistent_workers); timm Mixup on each batch in the main process."""
-    tf = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
+    tf = T.Compose([T.RandomHorizontalFlip(),
+                    T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
                     T.ColorJitter(0.4, 0.4, 0.4), T.Resize(size, antialias=True), T.ToTensor(), T.Normalize(mean, std),
                     T.RandomErasing(p=0.25, scale=(0.02, 0.2), value=0)])
     loader = torch.utils.data.DataLoader(PILSet(split, tf), batch_size=bs, shuffle=True, drop_last=True,
@@ -463,7 +464,8 @@ def section_stages(ctx: Context) -> None:
     ctx.add("6", f"  {n1} / {n3}", f"{m1:,.0f} ms", f"{m3:,.0f} ms", f"{m1 / m3:.2f}")
     ctx.add("6", f"  {n2} / {n3}", f"{m2:,.0f} ms", f"{m3:,.0f} ms", f"{m2 / m3:.2f}")
     ctx.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
-            f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed", verdict(grads == 0 and not moved))
+            f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed",
+            verdict(grads == 0 and not moved))
     ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s); a step on one fixed "
                   f"batch with the stages of `plan_stages` and the trial's `build_optimizer` and `train_mode`. The check: "
                   f"one stage-1 step from a clean slate, backbone gradients and BatchNorm running means after it.")
@@ -478,6 +480,7 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
 def parse(argv):
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
     p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of 1-6")
+    # without the file: random init (''), which runs at the same speed
     p.set_defaults(weights_dir=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "")
     p.add_argument("--threads", type=int, default=1, help="torch threads of sections 2, 3, 6; --cpus-per-trial of 4, 5")
     p.add_argument("--overhead-cpus", type=int, default=min(2, os.cpu_count() or 1),

@@ -39,15 +39,16 @@ MiB = 2 ** 20
 
 # ----------------------------------------------------------------------------- the command line and the header
 
-def parser(doc: str, *, data: bool = True, work_dir: str | None = None, quick: str = "") -> argparse.ArgumentParser:
+def parser(doc: str, *, data: bool = True, work_dir: str | None = None, work_help: str = "runs/ and logs/",
+           quick: str = "") -> argparse.ArgumentParser:
     """The script's options with the shared ones: --data-dir/--weights-dir (`data`), --work-dir (its
-    default; None: none), --quick (its help; '': none)."""
+    default, '' a new temp folder; None: no such option), --quick (its help; '': no such option)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if data:
         p.add_argument("--data-dir", default=str(DATA), help="folder holding cifar-100-python/")
-        p.add_argument("--weights-dir", default=str(WEIGHTS), help="offline weights, <timm name>.pth ('' = random init)")
+        p.add_argument("--weights-dir", default=str(WEIGHTS), help="folder of offline weights (<timm name>.pth)")
     if work_dir is not None:
-        p.add_argument("--work-dir", default=work_dir, help="where runs and logs go" + ("" if work_dir else " (a new temp folder)"))
+        p.add_argument("--work-dir", default=work_dir, help=work_help + ("" if work_dir else " (default: a new temp folder)"))
     if quick:
         p.add_argument("--quick", action="store_true", help=quick)
     return p

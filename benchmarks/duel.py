@@ -52,7 +52,8 @@ HEAD = ["contender", "seeds", "test_acc % (mean)", "per seed", "vs (d), pts [95 
 
 
 def parse(argv: list[str] | None):
-    p = parser(__doc__, work_dir="/tmp/duel", quick="smoke run: 3 per class, 2 epochs, 64 px, one seed")
+    p = parser(__doc__, work_dir="/tmp/duel", work_help="runs/, logs/ and duel.json (kept: a re-run resumes)",
+               quick="smoke run: 3 per class, 2 epochs, 64 px, one seed")
     p.add_argument("--seeds", default="0,1,2", help="one split (and searcher/trial seed) per seed")
     p.add_argument("--contenders", default="d,a@1,a@0.5,c@1",
                    help="d first; others as NAME@MULTIPLE of (d)'s wall time (names: " + ", ".join(FLAGS) + ")")
@@ -202,7 +203,8 @@ def table_row(name: str, mult: float, runs: list[tuple[dict, dict]]) -> list:
     tests = [r["test_acc"] for r, _ in runs]
     mean = {k: statistics.fmean(r[k] for r, _ in runs) for k in ("wall_s", "trials", "epochs")}
     row = [LABELS[name], len(runs), f"{100 * statistics.fmean(tests):.1f}", " ".join(f"{100 * t:.1f}" for t in tests), "-",
-           f"{mean['wall_s']:.0f} s", f"{mean['trials']:.1f}", f"{mean['epochs']:.1f}", "-", "; ".join(r["winner"] for r, _ in runs)]
+           f"{mean['wall_s']:.0f} s", f"{mean['trials']:.1f}", f"{mean['epochs']:.1f}", "-",
+           "; ".join(r["winner"] for r, _ in runs)]
     if name != "d":
         beats = [next((ts for ts, v in r["curve"] if v > d["best_val_acc"]), None) for r, d in runs]
         row[0] += f", {mult:g}x"

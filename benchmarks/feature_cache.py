@@ -77,7 +77,8 @@ def part_epoch(a, work: Path) -> str:
         (off, off_t, _), (built, built_t, _), (hit, _, _) = runs.values()
         assert [r["feature_cache"] for r in built] == ["built", "hit"] and hit[0]["feature_cache"] == "hit"
         ratio = built_t[1] / off_t[1]
-        rows.append([f"{size} px", f"{off_t[1]:.1f} s", f"{built_t[1]:.3f} s", f"{ratio:.1%}", "yes" if ratio <= 0.05 else "**NO**",
+        rows.append([f"{size} px", f"{off_t[1]:.1f} s", f"{built_t[1]:.3f} s", f"{ratio:.1%}",
+                     "yes" if ratio <= 0.05 else "**NO**",
                      f"{built[0]['feature_seconds']:.1f} s", f"{hit[0]['feature_seconds']:.2f} s",
                      f"{abs(built[1]['val_loss'] - off[1]['val_loss']):.1e}"])
         print(md_table(EPOCH_HEAD, rows[-1:]), flush=True)
@@ -95,7 +96,8 @@ def part_recipe(a, work: Path) -> str:
         for switch in ("off", "on"):
             with cache(switch, folder):
                 res, _, wall = timed_trial(cfg, data)
-            rows.append([switch, f"{wall:.0f} s", len(res), f"{res[-1]['val_acc']:.1%}", ", ".join(r["feature_cache"] for r in res)])
+            rows.append([switch, f"{wall:.0f} s", len(res), f"{res[-1]['val_acc']:.1%}",
+                         ", ".join(r["feature_cache"] for r in res)])
             print(md_table(RECIPE_HEAD, rows[-1:]), flush=True)
     return (f"The efficientnetv2_frozen recipe point in the duel setting ({BACKBONE}, `--subset {a.recipe_subset}`, val "
             f"fraction 0.25, {a.recipe_size} px, {a.recipe_epochs} epochs):\n\n" + md_table(RECIPE_HEAD, rows)
@@ -115,7 +117,8 @@ def part_search(a, work: Path) -> str:
         with tempfile.TemporaryDirectory() as folder, cache(switch, folder):
             wall = run_cli("run_search.py", args, work / "logs" / f"{name}.log")
         trials = load_trials(work / "runs" / name)
-        rows.append([switch, f"{wall:.0f} s", len(trials), f"{sum(r['time_this_iter_s'] for t in trials for r in t.results):.0f} s",
+        epochs_s = sum(r["time_this_iter_s"] for t in trials for r in t.results)
+        rows.append([switch, f"{wall:.0f} s", len(trials), f"{epochs_s:.0f} s",
                      f"{max(t.best['val_acc'] for t in trials if t.best):.1%}",
                      ", ".join(sorted({r["feature_cache"] for t in trials for r in t.results}))])
         print(md_table(SEARCH_HEAD, rows[-1:]), flush=True)

@@ -169,5 +169,6 @@ def test_duel_and_headroom_resume_from_their_json_and_print_their_tables(tmp_pat
     res = {"0:" + cands[0][0]: {"status": "ok", "val_acc": 0.5, "test_acc": 0.48, "train_s": 10.0},
            "0:" + cands[1][0]: {"status": "ok", "val_acc": 0.52, "test_acc": 0.5, "train_s": 5.0}}
     args = headroom.parse([])
-    table = headroom.markdown(args, Invocation("headroom.py", []), {**base, **dict.fromkeys(headroom.SHOWN, "x")}, cands, res, [0])
+    shown = {**base, **dict.fromkeys(headroom.SHOWN, "x")}
+    table = headroom.markdown(args, Invocation("headroom.py", []), shown, cands, res, [0])
     assert "| 1 | head lr x3 | 52.0 | 50.0 | +2.0 | 50.0 | 5 s |" in table and "| 2 | head lr /3 | - | - | - | - | - |" in table
