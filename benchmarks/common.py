@@ -81,6 +81,7 @@ class Invocation:
 
 
 def md_table(head: list[str], rows: list) -> str:
+    """A markdown table (pandas' to_markdown would need tabulate, which the project does not install)."""
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
