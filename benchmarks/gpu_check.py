@@ -28,12 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np
-import ray
 import torch
-from ray import tune
 
 from benchmarks.common import BACKBONE, make_bench, model_fn, sync
-from search.tune_trial import tune_trial
 from trainable.data import Split, prepare_search_data
 from trainable.loop import Precision
 from trainable.trial import CHECKPOINT_FILE, run_trial
@@ -136,6 +133,10 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
 
 def shared(n_gpus: int, args, train, val) -> tuple[bool, str]:
     """Two trials per GPU at 0.5 GPU each, through Tune and search/tune_trial.tune_trial."""
+    import ray  # Ray only here: without a GPU the script ends before it, in seconds
+    from ray import tune
+
+    from search.tune_trial import tune_trial
     cpus = os.cpu_count() or 1
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # from any cwd
     ray.init(address="local", num_gpus=n_gpus, num_cpus=cpus, include_dashboard=False,
