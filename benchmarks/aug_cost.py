@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import md_table, per_call  # noqa: E402
-from trainable.augment import DeviceAugment, aug_policy  # noqa: E402
+from benchmarks.common import md_table, parser, per_call
+from trainable.augment import DeviceAugment, aug_policy
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser(__doc__, data=False).parse_args(argv)
     now = aug_policy(1.0)
     before = dataclasses.replace(now, perspective=0.0, blur_prob=0.0, grayscale_prob=0.0)
     x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -1,23 +1,18 @@
-"""python benchmarks/bench.py [--quick] [--sections 1,2,...]: is the search spending its compute on
-the model? Prints one markdown table of ratios and how each was measured (paste it into
-BENCHMARKS.md):
+"""python benchmarks/bench.py [--quick] [--sections 1,2,...]: is the search spending its compute on the
+model? Prints one markdown table of ratios and notes on how each was measured (for BENCHMARKS.md):
 
-  1. trial overhead      a real trial (run_search.py) vs the ceiling: the model's own forward +
-                         backward + step on a fixed batch and its forward pass, nothing else;
-                         32 and 128 px; and a 1-CPU vs a 2-CPU trial
+  1. trial overhead      a real trial (run_search.py) vs the ceiling, the model alone (training step and
+                         forward pass), at 32 and 128 px; and a 1-CPU vs a 2-CPU trial
   2. pipeline headroom   the trial's per-batch data work alone vs the model's training step
   3. vs the usual way    that data work vs a torchvision DataLoader over PIL images (workers = cores)
   4. memory              whole-search PSS (psutil) with 1 vs 2 concurrent trials on the full file
   5. search efficiency   the same seeded random configs under ASHA and FIFO: epochs, wall, best val_acc
   6. stage cost          step time of stage 1 (head only) vs stage 2 vs all layers
 
-Timings use torch.utils.benchmark.Timer; contenders timed in the same process alternate. --quick
-shrinks every part (a smoke run, not a record).
+Contenders timed in one process alternate rounds of torch's Timer. --quick shrinks every part (a smoke run).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import sys
@@ -28,24 +23,24 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import psutil
+import torch
+from PIL import Image
+from torchvision import transforms as T
 
-from benchmarks.common import (  # noqa: E402
-    BACKBONE,
-    DATA,
-    WEIGHTS,
-    MiB,
-    alternate,
-    command_line,
-    machine,
-    make_bench,
-    md_table,
-    model_fn,
-    per_call,
-    rate,
-    run_cli,
-    step,
-)
+from analysis.experiment import load_trials
+from analysis.study import METRIC
+from benchmarks.common import (BACKBONE, WEIGHTS, MiB, Invocation, alternate, flags, make_bench, md_table, model_fn,
+                               parser, per_call, rate, run_cli, step)
+from search.searcher import stage_aware_grace
+from spaces import get_space
+from trainable.augment import DeviceAugment, aug_policy
+from trainable.config import TrialConfig
+from trainable.data import prepare_search_data
+from trainable.loop import batching, coarse_matrix, make_batch, make_mixup
+from trainable.model import train_mode
+from trainable.optim import build_optimizer
+from trainable.stages import plan_stages
 
 FULL = dict(subset=20, overhead_sizes=(32, 128), overhead_batch=64, overhead_epochs=3, ceiling_s=5.0,
             sizes=(32, 96, 224), batch=64, rounds=3, pipe_batches=10, call_s=1.0, dl_rounds=2, dl_batches=10,
@@ -59,6 +54,7 @@ QUICK = {**FULL, **dict(subset=5, overhead_sizes=(32, 64), overhead_batch=32, ov
 TITLES = {"1": "Trial overhead", "2": "Pipeline headroom", "3": "Against the usual DataLoader",
           "4": "Memory", "5": "Search efficiency (ASHA vs FIFO)", "6": "Stage cost"}
 HEAD = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
+MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
 
 
 def verdict(ok: bool) -> str:
@@ -66,6 +62,8 @@ def verdict(ok: bool) -> str:
 
 
 class Context:
+    """What the sections share: options, scale, the data and model (built once), the rows and notes."""
+
     def __init__(self, args, sc):
         self.args, self.sc, self.work = args, sc, Path(args.work_dir)
         self.rows, self.notes, self._data, self._bench = [], {}, None, None
@@ -73,12 +71,16 @@ class Context:
     def add(self, *row) -> None:
         self.rows.append(list(row) + ["—"] * (len(HEAD) - len(row)))
 
+    def add_rates(self, section: str, what: str, ours: float, base: float, target: str = "—", ok: bool | None = None,
+                  digits: int = 3) -> None:
+        self.add(section, what, rate(ours) + " img/s", rate(base) + " img/s", f"{ours / base:.{digits}f}", target,
+                 "—" if ok is None else verdict(ok))
+
     def note(self, section: str, text: str) -> None:
         self.notes.setdefault(section, []).append(text)
 
     def data(self):
         if self._data is None:
-            from trainable.data import prepare_search_data
             self._data = prepare_search_data(self.args.data_dir, subset=self.sc.subset, val_fraction=0.1,
                                              seed=self.args.seed, download=False)
         return self._data
@@ -88,22 +90,18 @@ class Context:
             self._bench = make_bench(self.data().train, self.args.weights_dir)
         return self._bench
 
-    def search_args(self, name: str, *, samples: int, cpus: int, subset, max_epochs, sets: dict,
-                    concurrent: int = 1, scheduler: str = "fifo", extra: tuple = ()) -> list[str]:
-        """run_search.py's flags for one of the benchmark's searches (space tiny, lite0, no warm start)."""
+    def search_flags(self, name: str, sets: dict | None = None, **opts) -> list[str]:
+        """run_search.py's flags for one of the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
         a = self.args
-        args = ["--gpus", torch.cuda.device_count(), "--space", "tiny", "--backbones", BACKBONE,
-                "--warm-start", "none", "--num-samples", samples, "--max-concurrent", concurrent,
-                "--cpus-per-trial", cpus, "--scheduler", scheduler, "--seed", a.seed, "--data-dir", a.data_dir,
-                "--storage-path", self.work / "runs", "--name", name, *extra]
-        args += ["--weights-dir", a.weights_dir] if a.weights_dir else ["--no-pretrained"]
-        args += (["--subset", subset] if subset else []) + (["--max-epochs", max_epochs] if max_epochs else [])
-        return [str(x) for x in args + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+        return flags(sets, gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none",
+                     seed=a.seed, data_dir=a.data_dir, storage_path=self.work / "runs", name=name,
+                     weights_dir=a.weights_dir or None, no_pretrained=not a.weights_dir,
+                     **{"max_concurrent": 1, "scheduler": "fifo", **opts})
 
-    def search(self, name: str, watch=None, **kw) -> tuple[Path, float]:
+    def search(self, name: str, watch=None, sets: dict | None = None, **opts) -> tuple[Path, float]:
         """A whole search through run_search.py: (its experiment folder, its wall seconds)."""
         print(f"  search {name} ...", flush=True)
-        wall = run_cli("run_search.py", self.search_args(name, **kw), self.work / "logs" / f"{name}.log",
+        wall = run_cli("run_search.py", self.search_flags(name, sets, **opts), self.work / "logs" / f"{name}.log",
                        watch=watch, timeout=1800)
         return self.work / "runs" / name, wall
 
@@ -113,13 +111,10 @@ class Context:
 def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple[float, float]]:
     """{threads: (seconds of one epoch's training steps, seconds of its evaluation pass)} at the
     machine's limit: the model alone in channels_last (its faster layout, benchmarks/layout.py),
-    every layer trainable, forward + label-smoothed CE + backward + SGD step on one fixed batch, times
-    the trial's steps per epoch (loop.batching); plus the forward pass under inference_mode on a
-    fixed batch of the trial's eval_batch_size, times the validation images."""
-    from trainable.config import TrialConfig
-    from trainable.loop import batching
-    d, sc = ctx.data(), ctx.sc
-    bs, steps = batching(len(d.train), sc.overhead_batch)
+    every layer trainable, on one fixed batch, times the trial's steps per epoch (loop.batching);
+    plus the forward pass under inference_mode of a batch of eval_batch_size, times the val images."""
+    d = ctx.data()
+    bs, steps = batching(len(d.train), ctx.sc.overhead_batch)
     b = make_bench(d.train, ctx.args.weights_dir, channels_last=True)
     train = model_fn(b, size, bs)
     eb = min(TrialConfig().eval_batch_size, len(d.val))
@@ -131,9 +126,9 @@ def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple
     out = {}
     for t in counts:
         b.net.train()
-        t_step = per_call(train, t, sc.ceiling_s)
+        t_step = per_call(train, t, ctx.sc.ceiling_s)
         b.net.eval()
-        out[t] = (steps * t_step, per_call(forward, t, sc.ceiling_s / 4) * len(d.val) / eb)
+        out[t] = (steps * t_step, per_call(forward, t, ctx.sc.ceiling_s / 4) * len(d.val) / eb)
     return out
 
 
@@ -142,8 +137,7 @@ def ceiling_rates(runs: list[dict[int, tuple[float, float]]], images: int) -> di
     epoch (training + evaluation), and the evaluation seconds."""
     out = {}
     for t in runs[0]:
-        train_s = sum(r[t][0] for r in runs) / len(runs)
-        eval_s = sum(r[t][1] for r in runs) / len(runs)
+        train_s, eval_s = (sum(r[t][i] for r in runs) / len(runs) for i in (0, 1))
         out[t] = {"train": images / train_s, "whole": images / (train_s + eval_s), "eval_s": eval_s}
     return out
 
@@ -160,12 +154,11 @@ def trial_rates(rows: list[dict]) -> dict:
 def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, float]:
     """One Tune trial: 1 head-only epoch, then all-trainable epochs (timed); its rates, the
     search's wall time and the search's fixed cost (wall minus every epoch's time)."""
-    from analysis.experiment import load_trials
     e2 = ctx.sc.overhead_epochs
     sets = {"stage3_epochs": 0, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99, "input_size": size,
             "batch_size": ctx.sc.overhead_batch, "aug_strength": 1.0}
-    exp, wall = ctx.search(f"overhead-{size}px-{cpus}cpu", samples=1, cpus=cpus, subset=ctx.sc.subset,
-                           max_epochs=1 + e2, sets=sets)
+    exp, wall = ctx.search(f"overhead-{size}px-{cpus}cpu", sets=sets, num_samples=1, cpus_per_trial=cpus,
+                           subset=ctx.sc.subset, max_epochs=1 + e2)
     (trial,) = load_trials(exp)
     rows = [r for r in trial.results if r["epoch"] >= 2]
     if len(rows) != e2:
@@ -176,10 +169,7 @@ def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, flo
 def section_overhead(ctx: Context) -> None:
     sc, cpus = ctx.sc, ctx.args.overhead_cpus
     counts = tuple(sorted({1, cpus}))  # the ceiling takes the faster of 1 thread and the trial's CPUs
-    other = 1 if cpus > 1 else (2 if (os.cpu_count() or 1) >= 2 else None)
-    n_train, n_val = len(ctx.data().train), len(ctx.data().val)
-    from trainable.loop import batching
-    bs, steps = batching(n_train, sc.overhead_batch)
+    bs, steps = batching(len(ctx.data().train), sc.overhead_batch)
     for i, size in enumerate(sc.overhead_sizes):
         before = ceiling(ctx, size, counts)  # the two ceiling runs bracket the trial: their spread is the drift
         tr, wall, fixed = overhead_trial(ctx, size, cpus)
@@ -187,12 +177,11 @@ def section_overhead(ctx: Context) -> None:
         per = ceiling_rates([before, after], bs * steps)
         t_best = max(per, key=lambda t: per[t]["whole"])
         ce = per[t_best]
-        ctx.add("1", f"Trial overhead at {size} px: whole all-trainable epoch, Tune trial ({cpus} CPU(s)) / ceiling "
-                     f"(the model alone, channels_last, {t_best} thread(s))", rate(tr["whole"]) + " img/s",
-                rate(ce["whole"]) + " img/s", f"{tr['whole'] / ce['whole']:.3f}", "≥ 0.90",
-                verdict(tr["whole"] >= 0.9 * ce["whole"]))
-        ctx.add("1", "  of which the training steps alone (in-loop clock / ceiling's training steps)",
-                rate(tr["train"]) + " img/s", rate(ce["train"]) + " img/s", f"{tr['train'] / ce['train']:.3f}")
+        ctx.add_rates("1", f"Trial overhead at {size} px: whole all-trainable epoch, Tune trial ({cpus} CPU(s)) / ceiling "
+                           f"(the model alone, channels_last, {t_best} thread(s))", tr["whole"], ce["whole"], "≥ 0.90",
+                      tr["whole"] >= 0.9 * ce["whole"])
+        ctx.add_rates("1", "  of which the training steps alone (in-loop clock / ceiling's training steps)",
+                      tr["train"], ce["train"])
         b_, a_ = ceiling_rates([before], bs * steps), ceiling_rates([after], bs * steps)
         ctx.note("1", f"{size} px: ceiling whole-epoch rates by thread count: " + "; ".join(
             f"{t} thread(s) {rate(v['whole'])} img/s (before {rate(b_[t]['whole'])}, after {rate(a_[t]['whole'])})"
@@ -200,47 +189,42 @@ def section_overhead(ctx: Context) -> None:
             f"(evaluation + checkpoint + report), ceiling {ce['eval_s']:.2f} s (forward passes only). The "
             f"search's fixed cost (Ray start, the worker's start, reading the data, building the model, "
             f"shutdown): {fixed:.0f} s of the {wall:.0f} s it took.")
-        if i == 0 and other is not None:  # thread scaling: the same trial with the other CPU count
-            o_tr, _, _ = overhead_trial(ctx, size, other)
-            o_ce = ceiling_rates(([{other: after[other]}] if other in after else []) + [ceiling(ctx, size, (other,))],
-                                 bs * steps)[other]
-            (hi, many), (lo, few) = sorted([(cpus, tr), (other, o_tr)], key=lambda p: p[0], reverse=True)
-            ctx.add("1", f"Thread scaling at {size} px: whole all-trainable epoch, trial with `--cpus-per-trial "
-                         f"{hi}` / `--cpus-per-trial {lo}`", rate(many["whole"]) + " img/s",
-                    rate(few["whole"]) + " img/s", f"{many['whole'] / few['whole']:.2f}", "> 1",
-                    verdict(many["whole"] > few["whole"]))
-            ctx.add("1", f"  the {other}-CPU trial / ceiling (channels_last, {other} thread(s))",
-                    rate(o_tr["whole"]) + " img/s", rate(o_ce["whole"]) + " img/s",
-                    f"{o_tr['whole'] / o_ce['whole']:.3f}")
-            ctx.note("1", f"Thread scaling: the {other}-CPU trial ran right after the {cpus}-CPU one's closing "
-                          f"ceiling run, then one more {other}-thread ceiling run closed its bracket. In-loop "
-                          f"(training steps only): {hi} CPU(s) {rate(many['train'])} img/s, {lo} CPU(s) "
-                          f"{rate(few['train'])} img/s.")
-    ctx.note("1", f"Data: `--subset {sc.subset}`: {n_train} training images ({steps} batches of {bs} an epoch, "
-                  f"loop.batching), {n_val} validation images; {BACKBONE}. Tune trial: `run_search.py --space tiny "
-                  f"--warm-start none --num-samples 1 --scheduler fifo --cpus-per-trial {cpus}`, `--set stage3_epochs=0 "
-                  f"stage1_epochs=1 stage2_epochs={sc.overhead_epochs} unfreeze_depth=99 aug_strength=1`, in the "
-                  f"trial's layout; timed: its all-trainable epochs by Tune's `time_this_iter_s` (training, "
-                  f"evaluation, checkpoint, report), the in-loop rate by its own `train_seconds`.")
-    ctx.note("1", f"Ceiling (`bench.ceiling`, torch's Timer, no Ray): the model alone in channels_last, every layer "
-                  f"trainable, forward + label-smoothed CE + backward + SGD step on one fixed batch of {bs} times "
-                  f"{steps} steps, plus inference_mode forward passes of a fixed batch scaled to the {n_val} "
-                  f"validation images; no data work, lr schedule, report or checkpoint. At "
-                  f"{' and '.join(map(str, counts))} thread(s), >= {sc.ceiling_s:g} s of steps each, right before "
-                  f"and after the trial; the faster thread count is taken.")
+        if i == 0:
+            thread_scaling(ctx, size, tr, after, bs * steps)
+    ctx.note("1", f"Data: `--subset {sc.subset}`: {len(ctx.data().train)} training images ({steps} batches of {bs} an "
+                  f"epoch), {len(ctx.data().val)} validation images; {BACKBONE}. Trial: `run_search.py --space tiny "
+                  f"--num-samples 1 --cpus-per-trial {cpus}` `--set stage3_epochs=0 stage1_epochs=1 stage2_epochs="
+                  f"{sc.overhead_epochs} unfreeze_depth=99 aug_strength=1`, its all-trainable epochs timed by Tune's "
+                  f"`time_this_iter_s`, in-loop by its `train_seconds`. Ceiling: `bench.ceiling` at "
+                  f"{' and '.join(map(str, counts))} thread(s), >= {sc.ceiling_s:g} s each, right before and after "
+                  f"the trial; the faster thread count is taken.")
+
+
+def thread_scaling(ctx: Context, size: int, tr: dict, after: dict, images: int) -> None:
+    """The trial of section 1 again with the other CPU count (1 if it had more, else 2), and its ceiling."""
+    cpus = ctx.args.overhead_cpus
+    other = 1 if cpus > 1 else (2 if (os.cpu_count() or 1) >= 2 else None)
+    if other is None:
+        return
+    o_tr, _, _ = overhead_trial(ctx, size, other)
+    o_ce = ceiling_rates(([{other: after[other]}] if other in after else []) + [ceiling(ctx, size, (other,))],
+                         images)[other]
+    (hi, many), (lo, few) = sorted([(cpus, tr), (other, o_tr)], key=lambda p: p[0], reverse=True)
+    ctx.add_rates("1", f"Thread scaling at {size} px: whole all-trainable epoch, trial with `--cpus-per-trial "
+                       f"{hi}` / `--cpus-per-trial {lo}`", many["whole"], few["whole"], "> 1",
+                  many["whole"] > few["whole"], digits=2)
+    ctx.add_rates("1", f"  the {other}-CPU trial / ceiling (channels_last, {other} thread(s))", o_tr["whole"], o_ce["whole"])
+    ctx.note("1", f"Thread scaling: the {other}-CPU trial ran right after the {cpus}-CPU one's closing ceiling run, "
+                  f"then one more {other}-thread ceiling run closed its bracket. In-loop (training steps only): {hi} "
+                  f"CPU(s) {rate(many['train'])} img/s, {lo} CPU(s) {rate(few['train'])} img/s.")
 
 
 # ----------------------------------------------------------------------------- 2 + 3. pipelines
 
-MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
-
-
 def pipeline_fn(b, size: int, bs: int, batches: int):
     """The trial's per-batch data work, loop.make_batch as loop.train_epoch calls it: a random index
-    slice of the on-device uint8 images, DeviceAugment at aug_strength 1, mixup/cutmix
-    (loop.mix_batch), the precision's layout; `batches` batches per call."""
-    from trainable.augment import DeviceAugment, aug_policy
-    from trainable.loop import coarse_matrix, make_batch, make_mixup
+    slice of the on-device uint8 images, DeviceAugment at aug_strength 1, mixup/cutmix, the
+    precision's layout; `batches` batches per call."""
     aug, mix = DeviceAugment(aug_policy(1.0), size, b.mean, b.std), make_mixup(*MIXUP)
     f2c, g, mg = coarse_matrix(b.fine, b.coarse), torch.Generator(b.dev).manual_seed(1), torch.Generator().manual_seed(1)
     n = b.x.shape[0]
@@ -261,12 +245,11 @@ def section_headroom(ctx: Context) -> None:
         s = alternate({"pipe": pipeline_fn(b, size, sc.batch, sc.pipe_batches), "model": model_fn(b, size, sc.batch)},
                       sc.rounds, t, sc.call_s)
         pipe, model = sc.pipe_batches * sc.batch / s["pipe"], sc.batch / s["model"]
-        ctx.add("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step", rate(pipe) + " img/s",
-                rate(model) + " img/s", f"{pipe / model:.1f}", "≥ 5", verdict(pipe >= 5 * model))
-    ctx.note("2", f"Batch {sc.batch}, {t} torch thread(s), {b.dev.type}; the contenders alternate for {sc.rounds} "
-                  f"round(s) of torch's Timer (a warm-up call, then >= {sc.call_s:g} s of calls). Pipeline = "
-                  f"`bench.pipeline_fn` ({sc.pipe_batches} batches a call); model = `common.model_fn`, forward + "
-                  f"label-smoothed CE + backward + SGD step of {BACKBONE} on one fixed batch, in the trial's layout.")
+        ctx.add_rates("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step", pipe, model,
+                      "≥ 5", pipe >= 5 * model, digits=1)
+    ctx.note("2", f"Batch {sc.batch}, {t} torch thread(s), {b.dev.type}, {sc.rounds} alternating round(s) of >= "
+                  f"{sc.call_s:g} s; pipeline = `bench.pipeline_fn` ({sc.pipe_batches} batches a call), model = "
+                  f"`common.model_fn` in the trial's layout.")
 
 
 class PILSet(torch.utils.data.Dataset):
@@ -279,7 +262,6 @@ class PILSet(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        from PIL import Image
         return self.transform(Image.fromarray(self.data[i])), int(self.labels[i])
 
 
@@ -287,10 +269,8 @@ def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, s
     """The usual way at aug_strength 1's amplitudes, cheapest order for PIL (geometry and colour at
     32 px, then one resize); a fresh iterator per call (workers start, as at every epoch without
     persistent_workers); timm Mixup on each batch in the main process."""
-    from torchvision import transforms as T
-
-    from trainable.loop import make_mixup
-    tf = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
+    tf = T.Compose([T.RandomHorizontalFlip(),
+                    T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
                     T.ColorJitter(0.4, 0.4, 0.4), T.Resize(size, antialias=True), T.ToTensor(), T.Normalize(mean, std),
                     T.RandomErasing(p=0.25, scale=(0.02, 0.2), value=0)])
     loader = torch.utils.data.DataLoader(PILSet(split, tf), batch_size=bs, shuffle=True, drop_last=True,
@@ -313,15 +293,12 @@ def section_dataloader(ctx: Context) -> None:
         s = alternate({"ours": pipeline_fn(b, size, sc.batch, sc.dl_batches),
                        "dl": dataloader_fn(ctx.data().train, size, sc.batch, sc.dl_batches, workers, b.mean, b.std,
                                            b.dev)}, sc.dl_rounds, t, 0.0)
-        ratio = s["dl"] / s["ours"]
-        last = size == max(sc.sizes)
+        ratio, last = s["dl"] / s["ours"], size == max(sc.sizes)
         ctx.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
                 rate(sc.dl_batches * sc.batch / s["ours"]) + " img/s", rate(sc.dl_batches * sc.batch / s["dl"]) + " img/s",
                 f"{ratio:.2f}×", "≥ 10× at 224" if last else "(info)", verdict(ratio >= 10) if last else "—")
-    ctx.note("3", f"DataLoader (`bench.dataloader_fn`) with num_workers = {workers} (the cores) against our pipeline "
-                  f"(`bench.pipeline_fn`) on {t} torch thread(s), a trial's share with `--cpus-per-trial {t}`; batch "
-                  f"{sc.batch}, {sc.dl_batches} batches a call, {sc.dl_rounds} alternating round(s) of torch's "
-                  f"Timer (a warm-up call and a timed call each turn).")
+    ctx.note("3", f"`bench.dataloader_fn` (num_workers = {workers}, the cores) against `bench.pipeline_fn` on {t} "
+                  f"torch thread(s); batch {sc.batch}, {sc.dl_batches} batches a call, {sc.dl_rounds} alternating round(s).")
 
 
 # ----------------------------------------------------------------------------- 4. memory
@@ -337,7 +314,6 @@ class TreeMemory:
         self.parts, self.at_peak, self.max_workers, self.samples = {}, 0, 0, 0
 
     def __call__(self, proc) -> bool:
-        import psutil
         try:
             root = psutil.Process(proc.pid)
             procs = [root] + root.children(recursive=True)
@@ -368,7 +344,6 @@ class TreeMemory:
 
 
 def section_memory(ctx: Context) -> None:
-    from trainable.data import prepare_search_data
     sc, cpus = ctx.sc, ctx.args.threads
     d = prepare_search_data(ctx.args.data_dir, subset=None, val_fraction=0.1, seed=ctx.args.seed, download=False)
     data_mib = sum(a.nbytes for s in (d.train, d.val) for a in (s.images, s.fine, s.coarse)) / MiB
@@ -380,8 +355,8 @@ def section_memory(ctx: Context) -> None:
     for label, subset in [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else []):
         for n in (1, 2):
             m[label, n] = TreeMemory(sc.mem_timebox, n)
-            ctx.search(f"memory-{label}-{n}", samples=n, concurrent=n, cpus=cpus, subset=subset, max_epochs=51,
-                       sets=sets, watch=m[label, n])
+            ctx.search(f"memory-{label}-{n}", watch=m[label, n], sets=sets, num_samples=n, max_concurrent=n,
+                       cpus_per_trial=cpus, subset=subset, max_epochs=51)
             if m[label, n].max_workers < n:
                 ctx.note("4", f"WARNING: run {label}/{n} never had {n} trial workers alive at once.")
     f1, f2 = m["full", 1], m["full", 2]
@@ -416,16 +391,12 @@ def section_memory(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- 5. ASHA vs FIFO
 
 def section_search(ctx: Context) -> None:
-    from analysis.experiment import load_trials
-    from analysis.study import METRIC
-    from search.searcher import stage_aware_grace
-    from spaces import get_space
     sc, res = ctx.sc, {}
     for sched in ("asha", "fifo"):
-        exp, wall = ctx.search(f"search-{sched}", samples=sc.search_samples, concurrent=2, cpus=ctx.args.threads,
-                               scheduler=sched, subset=sc.search_subset, max_epochs=sc.search_max_epochs,
-                               sets=sc.search_sets, extra=("--sampler", "random", "--grace-period", 1,
-                                                             "--val-fraction", sc.search_val_fraction))
+        exp, wall = ctx.search(f"search-{sched}", sets=sc.search_sets, num_samples=sc.search_samples, max_concurrent=2,
+                               cpus_per_trial=ctx.args.threads, scheduler=sched, subset=sc.search_subset,
+                               max_epochs=sc.search_max_epochs, sampler="random", grace_period=1,
+                               val_fraction=sc.search_val_fraction)
         trials = load_trials(exp)
         res[sched] = {"wall": wall, "trials": trials, "epochs": sum(t.epochs_run for t in trials),
                       "best": max((t.best[METRIC] for t in trials if t.best), default=float("nan")),
@@ -438,8 +409,6 @@ def section_search(ctx: Context) -> None:
             "within 1 point", verdict(diff >= -1.0))
     ctx.add("5", "  wall time of the whole search", f"{a['wall']:.0f} s", f"{f['wall']:.0f} s", f"{a['wall'] / f['wall']:.2f}")
     grace = stage_aware_grace(get_space("tiny"), sc.search_max_epochs or get_space("tiny").max_epochs)
-    n_val = round(sc.search_val_fraction * sc.search_subset) * 100
-    common = len(set(a["configs"]) & set(f["configs"]))
     by_epochs = {}
     for t in a["trials"]:
         by_epochs[t.epochs_run] = by_epochs.get(t.epochs_run, 0) + 1
@@ -450,10 +419,11 @@ def section_search(ctx: Context) -> None:
                   + (f" --max-epochs {sc.search_max_epochs}" if sc.search_max_epochs else "")
                   + f"` with `--scheduler asha --grace-period 1` (reduction factor 3; the search's default rung is "
                   f"stage-aware, epoch {grace} here, which benchmarks/rungs.py measures) and with `--scheduler "
-                  f"fifo`. Validation: {n_val} images. Best val_acc = the best epoch of the best trial.")
-    ctx.note("5", f"Identical configs: {'yes' if a['configs'] == f['configs'] else 'NO'} ({common} of "
-                  f"{len(f['configs'])} params.json in both searches): Optuna's own RandomSampler with the seed draws "
-                  f"them independently of the results.")
+                  f"fifo`. Validation: {round(sc.search_val_fraction * sc.search_subset) * 100} images. Best val_acc = "
+                  f"the best epoch of the best trial.")
+    ctx.note("5", f"Identical configs: {'yes' if a['configs'] == f['configs'] else 'NO'} "
+                  f"({len(set(a['configs']) & set(f['configs']))} of {len(f['configs'])} params.json in both searches): "
+                  f"Optuna's own RandomSampler with the seed draws them independently of the results.")
     ctx.note("5", "ASHA trials by epochs run: " + ", ".join(f"{n} trial(s) {e} epoch(s)" for e, n in sorted(by_epochs.items()))
                   + f"; FIFO ran every trial to the end ({f['epochs']} epochs). Wall times include each search's "
                   f"fixed cost (Ray start and shutdown, a worker start and model build per trial).")
@@ -462,13 +432,9 @@ def section_search(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- 6. stage cost
 
 def section_stages(ctx: Context) -> None:
-    from trainable.config import TrialConfig
-    from trainable.model import train_mode
-    from trainable.optim import build_optimizer
-    from trainable.stages import plan_stages
     sc, b, t = ctx.sc, ctx.bench(), ctx.args.threads
     cfg = TrialConfig(stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
-    s1, s2, s3 = plan_stages(cfg)
+    stages = plan_stages(cfg)
     names = ["stage 1 (head only)", f"stage 2 (top {cfg.unfreeze_depth} blocks)", "all trainable"]
     g = torch.Generator().manual_seed(3)
     x = b.prec.prepare(torch.randn(sc.stage_batch, 3, sc.stage_input, sc.stage_input, generator=g).to(b.dev))
@@ -479,30 +445,30 @@ def section_stages(ctx: Context) -> None:
         state["opt"], state["sched"] = build_optimizer(b.net, stage, cfg, 10_000, b.dev)
         train_mode(b.net, cfg.freeze_bn)
 
+    def one_step():
+        step(b.net, state["opt"], x, y, b.prec, state["sched"])
+
     # the functional check first, on a clean slate: stage 1 must stop at the head
     b.net.zero_grad(set_to_none=True)
-    setup(s1)
+    setup(stages[0])
     bn = [m for m in b.net.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     before = torch.cat([m.running_mean.flatten() for m in bn]).clone()
-    step(b.net, state["opt"], x, y, b.prec, state["sched"])
+    one_step()
     grads = sum(p.grad is not None for p in b.net.backbone.parameters())
     n_params = sum(1 for _ in b.net.backbone.parameters())
     moved = not torch.equal(before, torch.cat([m.running_mean.flatten() for m in bn]))
-    ms = alternate({n: (lambda: step(b.net, state["opt"], x, y, b.prec, state["sched"])) for n in names},
-                   sc.rounds, t, sc.call_s, setups={n: (lambda s=s: setup(s)) for n, s in zip(names, (s1, s2, s3))})
-    ms = {k: 1000 * v for k, v in ms.items()}
-    n1, n2, n3 = names
-    ctx.add("6", f"Stage cost at {sc.stage_input} px: step time, {n1} / {n2}", f"{ms[n1]:,.0f} ms", f"{ms[n2]:,.0f} ms",
-            f"{ms[n1] / ms[n2]:.2f}")
-    ctx.add("6", f"  {n1} / {n3}", f"{ms[n1]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{ms[n1] / ms[n3]:.2f}")
-    ctx.add("6", f"  {n2} / {n3}", f"{ms[n2]:,.0f} ms", f"{ms[n3]:,.0f} ms", f"{ms[n2] / ms[n3]:.2f}")
+    ms = alternate(dict.fromkeys(names, one_step), sc.rounds, t, sc.call_s,
+                   setups={n: (lambda s=s: setup(s)) for n, s in zip(names, stages)})
+    (n1, m1), (n2, m2), (n3, m3) = ((n, 1000 * ms[n]) for n in names)
+    ctx.add("6", f"Stage cost at {sc.stage_input} px: step time, {n1} / {n2}", f"{m1:,.0f} ms", f"{m2:,.0f} ms", f"{m1 / m2:.2f}")
+    ctx.add("6", f"  {n1} / {n3}", f"{m1:,.0f} ms", f"{m3:,.0f} ms", f"{m1 / m3:.2f}")
+    ctx.add("6", f"  {n2} / {n3}", f"{m2:,.0f} ms", f"{m3:,.0f} ms", f"{m2 / m3:.2f}")
     ctx.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
-            f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed", verdict(grads == 0 and not moved))
-    ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s) of torch's Timer; a step = "
-                  f"forward + loss + backward + optimiser + lr-schedule step on one fixed batch (no data work: it is "
-                  f"the same in every stage), with the stages of trainable.stages.plan_stages and the trial's own "
-                  f"`build_optimizer` param groups and `train_mode`. The stage-1 check: one step from a clean slate, "
-                  f"then which backbone parameters have a gradient and whether BatchNorm running means moved.")
+            f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed",
+            verdict(grads == 0 and not moved))
+    ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s); a step on one fixed "
+                  f"batch with the stages of `plan_stages` and the trial's `build_optimizer` and `train_mode`. The check: "
+                  f"one stage-1 step from a clean slate, backbone gradients and BatchNorm running means after it.")
 
 
 # ----------------------------------------------------------------------------- main
@@ -512,16 +478,13 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="shrink every part (a smoke run)")
+    p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
     p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of 1-6")
-    p.add_argument("--data-dir", default=str(DATA), help="folder holding cifar-100-python/")
-    p.add_argument("--weights-dir", default=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "",
-                   help="offline weights ('' = random init: the same speed)")
+    # without the file: random init (''), which runs at the same speed
+    p.set_defaults(weights_dir=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "")
     p.add_argument("--threads", type=int, default=1, help="torch threads of sections 2, 3, 6; --cpus-per-trial of 4, 5")
     p.add_argument("--overhead-cpus", type=int, default=min(2, os.cpu_count() or 1),
                    help="section 1: the trial's --cpus-per-trial (its ceiling takes the faster of 1 thread and this)")
-    p.add_argument("--work-dir", default="", help="where searches and logs go (default: a new temp folder)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="cifar-tune-bench-")
@@ -531,24 +494,20 @@ def parse(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
+    a, run = parse(argv), Invocation("bench.py", argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if set(sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
         print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
         return 2
     ctx = Context(a, SimpleNamespace(**(QUICK if a.quick else FULL)))
-    cmd = command_line("bench.py", argv)
-    t0, load0 = time.time(), os.getloadavg()[0]
     for s in sections:
         print(f"[bench] {s}. {TITLES[s]} ...", flush=True)
         ts = time.time()
         RUNNERS[s](ctx)
         ctx.note(s, f"Section time: {time.time() - ts:.0f} s.")
-    date = datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n- Command: `{cmd}`, started {date} (took {(time.time() - t0) / 60:.1f} min, load {load0:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}){' (--quick: a smoke run, not a record)' if a.quick else ''}\n"
-          f"- Machine: {machine()}\n- Data: `{a.data_dir}`; weights: `{a.weights_dir or 'random init'}`; "
-          f"searches and logs in {a.work_dir}\n\n" + md_table(HEAD, ctx.rows))
+    print("\n" + run.header(" (--quick: a smoke run, not a record)" if a.quick else "")
+          + f"\n- Data: `{a.data_dir}`; weights: `{a.weights_dir or 'random init'}`; searches and logs in {a.work_dir}\n\n"
+          + md_table(HEAD, ctx.rows))
     for s in sections:
         print(f"\n### {s}. {TITLES[s]}\n\n" + "\n".join(f"- {n}" for n in ctx.notes.get(s, [])))
     return 0

@@ -1,22 +1,34 @@
-"""What the benchmark scripts share: paths, the machine line, a markdown table, timing with
-torch.utils.benchmark.Timer, the model-only ceiling step, and the project's CLIs run as a user runs
-them (a subprocess of their own, optionally watched while it runs)."""
+"""The one harness of the benchmark scripts: paths, the argument boilerplate, the header each prints
+(command as typed, start, load, machine), markdown tables, torch's Timer in alternating rounds, the
+model-only ceiling step, the project's CLIs run as a user runs them, and the results-json file a
+re-run resumes from."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from analysis.command import command
+from trainable import atomic
+from trainable.augment import normalisation_of
+from trainable.loop import Precision
+from trainable.model import create_model, set_trainable, train_mode
+from trainable.trial import pick_device, to_device
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyimagenet100-32"  # the real-image stand-in (not CIFAR-100)
@@ -25,24 +37,51 @@ BACKBONE = "tf_efficientnet_lite0"
 MiB = 2 ** 20
 
 
+# ----------------------------------------------------------------------------- the command line and the header
+
+def parser(doc: str, *, data: bool = True, work_dir: str | None = None, work_help: str = "runs/ and logs/",
+           quick: str = "") -> argparse.ArgumentParser:
+    """The script's options with the shared ones: --data-dir/--weights-dir (`data`), --work-dir (its
+    default, '' a new temp folder; None: no such option), --quick (its help; '': no such option)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if data:
+        p.add_argument("--data-dir", default=str(DATA), help="folder holding cifar-100-python/")
+        p.add_argument("--weights-dir", default=str(WEIGHTS), help="folder of offline weights (<timm name>.pth)")
+    if work_dir is not None:
+        p.add_argument("--work-dir", default=work_dir, help=work_help + ("" if work_dir else " (default: a new temp folder)"))
+    if quick:
+        p.add_argument("--quick", action="store_true", help=quick)
+    return p
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command as it was typed, for a benchmark's "Command:" line (argv None: sys.argv's)."""
-    from analysis.command import command
     return command(f"benchmarks/{script}", *(sys.argv[1:] if argv is None else list(argv)))
 
 
 def machine() -> str:
-    import ray
-    import timm
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor() or "unknown CPU")
     gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return (f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, GPU: {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, timm {timm.__version__}, ray {ray.__version__}")
+            f"torch {torch.__version__}, timm {version('timm')}, ray {version('ray')}")
+
+
+class Invocation:
+    """One run of a script: its command as typed, start time and load, for the header it prints last."""
+
+    def __init__(self, script: str, argv: list[str] | None):
+        self.command, self.t0, self.load0 = command_line(script, argv), time.time(), os.getloadavg()[0]
+
+    def header(self, note: str = "") -> str:
+        start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.t0))
+        return (f"- Command: `{self.command}`, started {start} (took {(time.time() - self.t0) / 60:.1f} min; load "
+                f"{self.load0:.1f} -> {os.getloadavg()[0]:.1f}){note}\n- Machine: {machine()}")
 
 
 def md_table(head: list[str], rows: list) -> str:
+    """A markdown table (pandas' to_markdown would need tabulate, which the project does not install)."""
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
@@ -51,24 +90,37 @@ def rate(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+class Results(dict):
+    """Results kept in a json file, rewritten after every run: a re-run skips what is there."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        super().__init__(json.loads(self.path.read_text()) if self.path.exists() else {})
+
+    def save(self) -> None:
+        atomic.write_text(self.path, json.dumps(self, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- timing in one process
+
 def per_call(fn: Callable[[], object], threads: int, min_seconds: float) -> float:
     """Mean seconds per call of `fn` at `threads` torch threads: torch's Timer (one warm-up call,
     then calls until `min_seconds` have passed; it synchronises CUDA)."""
-    from torch.utils.benchmark import Timer
+    from torch.utils.benchmark import Timer  # at import it warns about CUDA_HOME on a CPU machine: only when timing
     return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_seconds).mean
 
 
-def alternate(fns: dict, rounds: int, threads: int | dict, min_seconds: float,
-              setups: dict | None = None) -> dict:
+def alternate(fns: dict, rounds: int, threads: int | dict, min_seconds: float, setups: dict | None = None,
+              reduce: Callable = statistics.fmean) -> dict:
     """Seconds per call of each contender, timed in turn for `rounds` rounds (load from other
-    processes hits them alike); `threads` for all or per contender; `setups[name]` runs untimed
-    before each of its turns."""
-    total = dict.fromkeys(fns, 0.0)
+    processes hits them alike) and `reduce`d over the rounds; `threads` for all or per contender;
+    `setups[name]` runs untimed before each of its turns."""
+    times = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             (setups or {}).get(name, lambda: None)()
-            total[name] += per_call(fn, threads[name] if isinstance(threads, dict) else threads, min_seconds)
-    return {k: v / rounds for k, v in total.items()}
+            times[name].append(per_call(fn, threads[name] if isinstance(threads, dict) else threads, min_seconds))
+    return {k: reduce(v) for k, v in times.items()}
 
 
 def sync(dev: torch.device) -> None:
@@ -99,15 +151,11 @@ class Bench:
     mean: tuple
     std: tuple
     dev: torch.device
-    prec: object  # trainable.loop.Precision
+    prec: Precision
 
 
 def make_bench(train, weights_dir: str, channels_last: bool | None = None, backbone: str = BACKBONE) -> Bench:
     """`channels_last` None: the layout a trial picks (loop.Precision.for_device); True/False forces one."""
-    from trainable.augment import normalisation_of
-    from trainable.loop import Precision
-    from trainable.model import create_model
-    from trainable.trial import pick_device, to_device
     dev = pick_device()
     net = create_model(backbone, pretrained=bool(weights_dir), weights_dir=weights_dir)
     prec = Precision.for_device(dev, backbone)
@@ -121,7 +169,6 @@ def model_fn(b: Bench, size: int, bs: int, steps: int = 1, fused: bool = False) 
     """The ceiling: `steps` forward+backward+SGD steps of the whole network (every layer trainable)
     on one fixed batch, nothing else; returns the images it trained on. `fused`: torch's fused
     SGD kernel instead of its default (on the CPU, a Python loop over the tensors)."""
-    from trainable.model import set_trainable, train_mode
     set_trainable(b.net, None)
     train_mode(b.net)
     opt = torch.optim.SGD(b.net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -137,11 +184,22 @@ def model_fn(b: Bench, size: int, bs: int, steps: int = 1, fused: bool = False) 
     return run
 
 
+# ----------------------------------------------------------------------------- the project's CLIs
+
+def flags(sets: dict | None = None, **opts) -> list[str]:
+    """Command-line flags: num_samples=4 -> --num-samples 4 (None and False left out, True the bare
+    flag); `sets` {k: v} -> --set k=v (run_search.py's fixed values)."""
+    out = [x for k, v in opts.items() if v is not None and v is not False
+           for x in [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])]
+    return out + [x for k, v in (sets or {}).items() for x in ("--set", f"{k}={v}")]
+
+
 def run_cli(script: str, args: list, log: Path, *, watch: Callable[[subprocess.Popen], bool] | None = None,
             timeout: float = 4 * 3600) -> float:
     """Run one of the project's CLIs (`run_search.py`, on a free dashboard port, or `analyze.py`) in
-    a session of its own; returns its wall seconds. `watch(proc)` is called every second and may return True to stop it like a
-    user's Ctrl-C (SIGINT: Tune saves its state, Ray shuts down). Raises on any other failure."""
+    a session of its own; returns its wall seconds. `watch(proc)` is called every second and may
+    return True to stop it like a user's Ctrl-C (SIGINT: Tune saves its state, Ray shuts down).
+    Raises on any other failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if script == "run_search.py":  # not 8265: other people's searches and tests on this machine race for it
         with socket.socket() as sock:

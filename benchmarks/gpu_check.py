@@ -15,6 +15,7 @@ check is that the path runs, not what it learns).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
@@ -26,15 +27,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+
+from benchmarks.common import BACKBONE, make_bench, model_fn, sync
+from trainable.data import Split, prepare_search_data
+from trainable.loop import Precision
+from trainable.trial import CHECKPOINT_FILE, run_trial
 
 NO_GPU = "gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False): nothing to check"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights-dir", default="", help="offline weights (<timm name>.pth); '' = the hub")
     p.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
     p.add_argument("--data-dir", default="./data", help="folder holding cifar-100-python/ (random images without it)")
@@ -47,22 +52,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def data(args):
-    from trainable.data import Split, prepare_search_data
+def data(args) -> tuple[Split, Split]:
     if (Path(args.data_dir) / "cifar-100-python").is_dir():
         d = prepare_search_data(args.data_dir, subset=args.subset, val_fraction=0.2, seed=0, download=False)
         return d.train, d.val
     r = np.random.default_rng(0)
-    make = lambda n: Split(r.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),  # noqa: E731
-                           r.integers(0, 100, n), r.integers(0, 20, n))
-    return make(args.images), make(max(args.images // 4, 2))
+    n, n_val = args.images, max(args.images // 4, 2)
+    return tuple(Split(r.integers(0, 256, (k, 3, 32, 32), dtype=np.uint8), r.integers(0, 100, k), r.integers(0, 20, k))
+                 for k in (n, n_val))
 
 
 def trial_config(args, epochs: int) -> dict:
-    from benchmarks.common import BACKBONE
     return {"backbone": BACKBONE, "pretrained": not args.no_pretrained, "weights_dir": args.weights_dir,
-            "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256, "stage1_epochs": 0,
-            "stage2_epochs": 0, "stage3_epochs": epochs, "stage3_lr": 1e-3, "aug_strength": 0.5,
+            "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256,
+            "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": epochs, "stage3_lr": 1e-3, "aug_strength": 0.5,
             "precision": "auto"}
 
 
@@ -75,7 +78,7 @@ class Checks:
         self.total += 1
         try:
             ok, detail = fn()
-        except Exception as e:  # noqa: BLE001 - every failure is a result here
+        except Exception as e:  # every failure is a result here
             ok, detail = False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         self.failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {name:<18} {detail}", flush=True)
@@ -83,22 +86,15 @@ class Checks:
 
 def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
     """train, resume and throughput on `dev` (a GPU; the CPU in the tests, at a small size)."""
-    from benchmarks.common import make_bench, model_fn, sync
-    from trainable.loop import Precision
-    from trainable.trial import CHECKPOINT_FILE, run_trial
-
     tag = f"gpu{dev.index}" if dev.type == "cuda" else "cpu"
-    prec = Precision.for_device(dev, trial_config(args, 2)["backbone"])
-    about = "the CPU"
+    prec, about = Precision.for_device(dev, BACKBONE), "the CPU"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # the ceiling's bench (common.make_bench) and "cuda" alone mean this GPU
         props = torch.cuda.get_device_properties(dev)
-        about = (f"{props.name}, compute capability {props.major}.{props.minor}, "
-                 f"{props.total_memory / 2**30:.1f} GiB")
-    print(f"{tag}: {about}: precision {prec.name}"
-          f"{' with a GradScaler' if prec.amp_dtype == torch.float16 else ''}", flush=True)
-    work = Path(tempfile.mkdtemp(prefix=f"gpu-check-{tag}-"))
-    rows: list[dict] = []
+        about = f"{props.name}, compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.1f} GiB"
+    print(f"{tag}: {about}: precision {prec.name}{' with a GradScaler' if prec.amp_dtype == torch.float16 else ''}",
+          flush=True)
+    work, rows = Path(tempfile.mkdtemp(prefix=f"gpu-check-{tag}-")), []
 
     def keep(m, ckpt):
         rows.append(m)
@@ -107,8 +103,7 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
 
     def train_epoch():
         _, last = run_trial(trial_config(args, 2), train, val, keep, stop_after_epoch=1, device=dev)
-        ok = last.get("status") == "ok" and math.isfinite(last["train_loss"]) \
-            and (work / "epoch1" / CHECKPOINT_FILE).is_file()
+        ok = last.get("status") == "ok" and math.isfinite(last["train_loss"]) and (work / "epoch1" / CHECKPOINT_FILE).is_file()
         return ok, (f"epoch 1, {args.input_size} px, {prec.name}: train_loss {last.get('train_loss', float('nan')):.3f}, "
                     f"val_acc {last.get('val_acc', 0):.3f}, {last.get('images_per_sec', 0):.0f} img/s"
                     + ("" if ok else f", status {last.get('status')} {last.get('error', '')}"))
@@ -121,8 +116,7 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
 
     def throughput():
         rate = max(r["images_per_sec"] for r in rows if r.get("status") == "ok")
-        bench = make_bench(train, args.weights_dir)
-        step = model_fn(bench, args.input_size, args.batch_size, steps=10)
+        step = model_fn(make_bench(train, args.weights_dir), args.input_size, args.batch_size, steps=10)
         step()  # warm-up
         sync(dev)
         t0 = time.perf_counter()
@@ -132,39 +126,32 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
         return rate >= args.min_ratio * ceiling, (f"trial {rate:.0f} img/s = {rate / ceiling:.0%} of the "
                                                  f"model-only ceiling {ceiling:.0f} img/s (pass: >= {args.min_ratio:.0%})")
 
-    checks.run(f"{tag} train", train_epoch)
-    checks.run(f"{tag} resume", resume)
-    checks.run(f"{tag} throughput", throughput)
+    for name, fn in (("train", train_epoch), ("resume", resume), ("throughput", throughput)):
+        checks.run(f"{tag} {name}", fn)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def check_shared(n_gpus: int, args, train, val, checks: Checks) -> None:
+def shared(n_gpus: int, args, train, val) -> tuple[bool, str]:
     """Two trials per GPU at 0.5 GPU each, through Tune and search/tune_trial.tune_trial."""
-    def shared():
-        import logging
+    import ray  # Ray only here: without a GPU the script ends before it, in seconds
+    from ray import tune
 
-        import ray
-        from ray import tune
-
-        from search.tune_trial import tune_trial
-        cpus = os.cpu_count() or 1
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # from any cwd
-        ray.init(address="local", num_gpus=n_gpus, num_cpus=cpus, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-        storage = tempfile.mkdtemp(prefix="gpu-check-shared-")
-        try:
-            trainable = tune.with_resources(tune.with_parameters(tune_trial, train=train, val=val),
-                                            {"cpu": min(2.0, cpus / (2 * n_gpus)), "gpu": 0.5})
-            grid = tune.Tuner(trainable, param_space=trial_config(args, 1),
-                              tune_config=tune.TuneConfig(num_samples=2 * n_gpus),
-                              run_config=tune.RunConfig(storage_path=storage, name="shared", verbose=0)).fit()
-            statuses = [(r.metrics or {}).get("status", f"error: {r.error}") for r in grid]
-        finally:
-            ray.shutdown()
-            shutil.rmtree(storage, ignore_errors=True)
-        ok = statuses == ["ok"] * (2 * n_gpus)
-        return ok, f"{2 * n_gpus} trials at 0.5 GPU each on {n_gpus} GPU(s): {statuses}"
-    checks.run("shared gpu (0.5)", shared)
+    from search.tune_trial import tune_trial
+    cpus = os.cpu_count() or 1
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # from any cwd
+    ray.init(address="local", num_gpus=n_gpus, num_cpus=cpus, include_dashboard=False,
+             logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    storage = tempfile.mkdtemp(prefix="gpu-check-shared-")
+    try:
+        trainable = tune.with_resources(tune.with_parameters(tune_trial, train=train, val=val),
+                                        {"cpu": min(2.0, cpus / (2 * n_gpus)), "gpu": 0.5})
+        grid = tune.Tuner(trainable, param_space=trial_config(args, 1), tune_config=tune.TuneConfig(num_samples=2 * n_gpus),
+                          run_config=tune.RunConfig(storage_path=storage, name="shared", verbose=0)).fit()
+        statuses = [(r.metrics or {}).get("status", f"error: {r.error}") for r in grid]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
+    return statuses == ["ok"] * (2 * n_gpus), f"{2 * n_gpus} trials at 0.5 GPU each on {n_gpus} GPU(s): {statuses}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(torch.cuda.device_count()):
         check_device(torch.device("cuda", i), args, train, val, checks)
     if not args.skip_shared:
-        check_shared(torch.cuda.device_count(), args, train, val, checks)
+        checks.run("shared gpu (0.5)", lambda: shared(torch.cuda.device_count(), args, train, val))
     print(f"gpu-check: {checks.total - checks.failed} of {checks.total} checks passed", flush=True)
     return 1 if checks.failed else 0
 

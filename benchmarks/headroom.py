@@ -13,48 +13,54 @@ not CIFAR-100 accuracies. Runs in-process (no Ray): every run is a plain trainab
 """
 from __future__ import annotations
 
-import argparse
-import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, WEIGHTS, command_line, machine, md_table  # noqa: E402
-from trainable import atomic  # noqa: E402
+import torch
+
+from benchmarks.common import Invocation, Results, md_table, parser
+from spaces import recipe_config
+from spaces.warm_start import fit_epochs
+from trainable.augment import normalisation_of
+from trainable.config import TrialConfig
+from trainable.data import load_cifar100, prepare_search_data
+from trainable.loop import Precision, evaluate
+from trainable.trial import run_trial, to_device
+
+HEAD = ["#", "change", "val_acc %", "test_acc %", "test vs base (pts)", "test per seed", "train time"]
+SHOWN = ("backbone", "stage1_epochs", "stage1_lr", "optimizer", "schedule", "plateau_patience", "early_stop_patience",
+         "batch_size", "input_size", "augment")
 
 
 def neighbours(base: dict) -> list[tuple[str, dict]]:
     """(label, config changes) for the base and its one-change neighbours; `base` is a complete config."""
-    lr = base["stage1_lr"]
-    sizes = [64, 96, 128, 160, 224, 288]
+    lr, sizes = base["stage1_lr"], [64, 96, 128, 160, 224, 288]
     i = sizes.index(base["input_size"]) if base["input_size"] in sizes else 4
-    e = base["stage1_epochs"] + base["stage2_epochs"]
-    last1 = {"stage3_epochs": 0, "stage1_epochs": e - 1, "stage2_epochs": 1}
-    out = [("base (the recipe)", {}),
-           ("head lr x3", {"stage1_lr": lr * 3}), ("head lr /3", {"stage1_lr": lr / 3}),
-           ("head lr x10", {"stage1_lr": lr * 10}),
-           ("label smoothing 0.1", {"label_smoothing": 0.1}),
-           ("weight decay 1e-4", {"weight_decay": 1e-4}), ("weight decay 1e-2", {"weight_decay": 1e-2}),
-           (f"input {sizes[i - 1]} px", {"input_size": sizes[i - 1]}),
-           (f"input {sizes[min(i + 1, 5)]} px (outside the space)", {"input_size": sizes[min(i + 1, 5)]}),
-           ("cosine, no plateau/early stop", {"schedule": "cosine", "warmup_frac": 0.1, "plateau_patience": 0,
-                                              "early_stop_patience": 0}),
-           ("constant, no plateau/early stop", {"plateau_patience": 0, "early_stop_patience": 0}),
-           ("batch 32", {"batch_size": 32}), ("batch 128", {"batch_size": 128}),
-           ("top 1 block, last epoch, lr 1e-4", {**last1, "unfreeze_depth": 1, "stage2_lr": 1e-4}),
-           ("top 2 blocks, last epoch, lr 1e-4", {**last1, "unfreeze_depth": 2, "stage2_lr": 1e-4}),
-           ("top 2 blocks, last epoch, lr 1e-3", {**last1, "unfreeze_depth": 2, "stage2_lr": 1e-3}),
-           ("light aug (strength 0.25)", {"augment": "", "aug_strength": 0.25}),
-           ("next bigger backbone (lite1)", {"backbone": "tf_efficientnet_lite1"})]
-    return out
+    last1 = {"stage3_epochs": 0, "stage1_epochs": base["stage1_epochs"] + base["stage2_epochs"] - 1, "stage2_epochs": 1}
+    return [("base (the recipe)", {}),
+            ("head lr x3", {"stage1_lr": lr * 3}), ("head lr /3", {"stage1_lr": lr / 3}),
+            ("head lr x10", {"stage1_lr": lr * 10}),
+            ("label smoothing 0.1", {"label_smoothing": 0.1}),
+            ("weight decay 1e-4", {"weight_decay": 1e-4}), ("weight decay 1e-2", {"weight_decay": 1e-2}),
+            (f"input {sizes[i - 1]} px", {"input_size": sizes[i - 1]}),
+            (f"input {sizes[min(i + 1, 5)]} px (outside the space)", {"input_size": sizes[min(i + 1, 5)]}),
+            ("cosine, no plateau/early stop", {"schedule": "cosine", "warmup_frac": 0.1, "plateau_patience": 0,
+                                               "early_stop_patience": 0}),
+            ("constant, no plateau/early stop", {"plateau_patience": 0, "early_stop_patience": 0}),
+            ("batch 32", {"batch_size": 32}), ("batch 128", {"batch_size": 128}),
+            ("top 1 block, last epoch, lr 1e-4", {**last1, "unfreeze_depth": 1, "stage2_lr": 1e-4}),
+            ("top 2 blocks, last epoch, lr 1e-4", {**last1, "unfreeze_depth": 2, "stage2_lr": 1e-4}),
+            ("top 2 blocks, last epoch, lr 1e-3", {**last1, "unfreeze_depth": 2, "stage2_lr": 1e-3}),
+            ("light aug (strength 0.25)", {"augment": "", "aug_strength": 0.25}),
+            ("next bigger backbone (lite1)", {"backbone": "tf_efficientnet_lite1"})]
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--weights-dir", default=str(WEIGHTS))
+def parse(argv: list[str] | None):
+    p = parser(__doc__)
     p.add_argument("--subset", type=int, default=20, help="training images per class (train+val)")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--max-epochs", type=int, default=3, help="the recipe's epochs are fitted into this budget")
@@ -67,11 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_one(cfg: dict, data, test) -> dict:
-    import torch
-
-    from trainable.augment import normalisation_of
-    from trainable.loop import Precision, evaluate
-    from trainable.trial import run_trial, to_device
+    """Train `cfg` to the end: its best val_acc and its last epoch's test_acc."""
     rows: list[dict] = []
     t0 = time.time()
     net, last = run_trial(cfg, data.train, data.val, lambda m, _c: rows.append(m), checkpoint=False)
@@ -89,69 +91,55 @@ def run_one(cfg: dict, data, test) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spaces import recipe_config
-    from spaces.warm_start import fit_epochs
-    from trainable.config import TrialConfig
-    from trainable.data import load_cifar100, prepare_search_data
-    a = parse(argv)
-    command = command_line("headroom.py", argv)
-    t_all = time.time()
+    a, run = parse(argv), Invocation("headroom.py", argv)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    base0 = recipe_config(a.recipe, base={"pretrained": True, "weights_dir": a.weights_dir, "compile": False})
-    base0 = fit_epochs({**base0, "backbone": a.backbone}, a.max_epochs)
-    cands = neighbours(base0)
-    only = [int(i) for i in a.only.split(",") if i.strip()]  # run in this order
+    base = recipe_config(a.recipe, base={"pretrained": True, "weights_dir": a.weights_dir, "compile": False})
+    base = fit_epochs({**base, "backbone": a.backbone}, a.max_epochs)
+    cands = neighbours(base)
     test = load_cifar100(a.data_dir, splits=("test",), download=False).test
-    out = Path(a.out)
-    results: dict = json.loads(out.read_text()) if out.exists() else {}
+    results = Results(a.out)
     for seed in seeds:
-        data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=a.val_fraction, seed=seed,
-                                   download=False)
-        for i in only or range(len(cands)):
+        data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=a.val_fraction, seed=seed, download=False)
+        for i in [int(i) for i in a.only.split(",") if i.strip()] or range(len(cands)):  # --only: in that order
             label, change = cands[i]
             key = f"{seed}:{label}"
-            if key in results:
-                continue
-            cfg = TrialConfig.from_dict({**base0, **change, "seed": seed}).to_dict()
-            print(f"[headroom] seed {seed} #{i} {label} ...", flush=True)
-            results[key] = {**run_one(cfg, data, test), "row": i, "label": label, "seed": seed}
-            print(f"[headroom]   {results[key]}", flush=True)
-            atomic.write_text(out, json.dumps(results, indent=1) + "\n")
-    print("\n" + markdown(a, command, base0, cands, results, seeds, time.time() - t_all))
+            if key not in results:
+                print(f"[headroom] seed {seed} #{i} {label} ...", flush=True)
+                cfg = TrialConfig.from_dict({**base, **change, "seed": seed}).to_dict()
+                results[key] = {**run_one(cfg, data, test), "row": i, "label": label, "seed": seed}
+                print(f"[headroom]   {results[key]}", flush=True)
+                results.save()
+    print("\n" + markdown(a, run, base, cands, results, seeds))
     return 0
 
 
-def markdown(a, command: str, base: dict, cands: list, results: dict, seeds: list[int], total_s: float) -> str:
+def markdown(a, run: Invocation, base: dict, cands: list, results: dict, seeds: list[int]) -> str:
     def cell(seed: int, label: str, k: str) -> float | None:
         r = results.get(f"{seed}:{label}", {})
         return r.get(k) if r.get("status") == "ok" else None
 
     def mean(vs: list) -> float | None:
         vs = [v for v in vs if v is not None]
-        return sum(vs) / len(vs) if vs else None
+        return statistics.fmean(vs) if vs else None
 
     def pct(v: float | None) -> str:
         return f"{100 * v:.1f}" if v is not None else "-"
 
-    base_test = {s: cell(s, cands[0][0], "test_acc") for s in seeds}
     rows = []
     for i, (label, _change) in enumerate(cands):
         tests = [cell(s, label, "test_acc") for s in seeds]
-        diffs = [t - base_test[s] for s, t in zip(seeds, tests) if t is not None and base_test[s] is not None]
+        diffs = [t - b for t, b in zip(tests, (cell(s, cands[0][0], "test_acc") for s in seeds)) if None not in (t, b)]
         secs = mean([results.get(f"{s}:{label}", {}).get("train_s") for s in seeds])
         rows.append([i, label, pct(mean([cell(s, label, "val_acc") for s in seeds])), pct(mean(tests)),
-                     f"{100 * mean(diffs):+.1f}" if diffs else "-",
-                     " ".join(pct(t) for t in tests), f"{secs:.0f} s" if secs else "-"])
-    show = {k: base[k] for k in ("backbone", "stage1_epochs", "stage1_lr", "optimizer", "schedule",
-                                 "plateau_patience", "early_stop_patience", "batch_size", "input_size", "augment")}
+                     f"{100 * mean(diffs):+.1f}" if diffs else "-", " ".join(pct(t) for t in tests),
+                     f"{secs:.0f} s" if secs else "-"])
     return "\n".join([
-        f"- Command: `{command}` (took {total_s / 60:.1f} min)", f"- Machine: {machine()}",
+        run.header(),
         f"- Data: the stand-in (ImageNet photos in CIFAR-100's format; **not CIFAR-100**), `--subset {a.subset}` "
         f"per class, val fraction {a.val_fraction}, seeds {','.join(map(str, seeds))}: trained on the train split, "
         f"val_acc on the val split (best epoch), test_acc on the whole test file (last epoch).",
-        f"- Base: recipe `{a.recipe}` fitted into {a.max_epochs} epochs: {show}", "",
-        md_table(["#", "change", "val_acc %", "test_acc %", "test vs base (pts)", "test per seed", "train time"],
-                 rows)])
+        f"- Base: recipe `{a.recipe}` fitted into {a.max_epochs} epochs: {({k: base[k] for k in SHOWN})}", "",
+        md_table(HEAD, rows)])
 
 
 if __name__ == "__main__":

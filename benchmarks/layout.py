@@ -11,20 +11,18 @@ in trainable/loop.py's CPU_CONTIGUOUS. `name:small` builds the backbone with sma
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import alternate, md_table, rate, step  # noqa: E402
-from trainable.model import create_model, set_trainable, train_mode  # noqa: E402
+from benchmarks.common import Invocation, alternate, md_table, parser, rate, step
+from trainable.model import create_model, set_trainable, train_mode
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
                      "mobilenetv2_100", "resnet18", "resnet50", "vgg13_bn:small")
@@ -41,6 +39,17 @@ def parse_spec(spec: str) -> tuple[str, bool]:
     return name, flag == "small"
 
 
+def contender(net, x, y, mode: str):
+    """(the timed call, its untimed setup) of one layout in one mode."""
+    if mode == "forward":
+        def forward():
+            with torch.inference_mode():
+                net(x)
+        return forward, net.eval
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return (lambda: step(net, opt, x, y)), (lambda: train_mode(net))
+
+
 def measure(spec: str, size: int, *, batch: int, thread_counts: tuple[int, ...], rounds: int,
             call_seconds: float) -> list[dict]:
     """Rows {backbone, size, mode, threads, layout, rate (img/s)}: both layouts start from the same
@@ -50,24 +59,14 @@ def measure(spec: str, size: int, *, batch: int, thread_counts: tuple[int, ...],
     base = create_model(name, pretrained=False, small_input_stem=small)
     set_trainable(base, None)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
-    nets = {"contiguous": base, "channels_last": copy.deepcopy(base).to(memory_format=torch.channels_last)}
-    xs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    nets = {"contiguous": (base, x), "channels_last": (copy.deepcopy(base).to(memory_format=torch.channels_last),
+                                                       x.contiguous(memory_format=torch.channels_last))}
     rows = []
     for mode in MODES:
-        fns, setups = {}, {}
-        for lay, net in nets.items():
-            opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-            setup = (lambda net=net: train_mode(net)) if mode == "train" else net.eval
-
-            def fn(net=net, opt=opt, xb=xs[lay], mode=mode):
-                if mode == "train":
-                    step(net, opt, xb, y)
-                else:
-                    with torch.inference_mode():
-                        net(xb)
-            for t in thread_counts:  # torch's Timer sets each contender's threads itself
-                fns[lay, t], setups[lay, t] = fn, setup
-        secs = alternate(fns, rounds, {k: k[1] for k in fns}, call_seconds, setups)
+        made = {lay: contender(net, xb, y, mode) for lay, (net, xb) in nets.items()}
+        keys = [(lay, t) for lay in made for t in thread_counts]  # torch's Timer sets each contender's threads itself
+        secs = alternate({k: made[k[0]][0] for k in keys}, rounds, {k: k[1] for k in keys}, call_seconds,
+                         {k: made[k[0]][1] for k in keys})
         rows += [{"backbone": spec, "size": size, "mode": mode, "threads": t, "layout": lay, "rate": batch / s}
                  for (lay, t), s in secs.items()]
         print(f"  {spec} {size} px {mode}: " + ", ".join(f"{r['layout']}/{r['threads']} {rate(r['rate'])}"
@@ -104,10 +103,12 @@ def cpu_contiguous(v: dict[str, dict]) -> frozenset[str]:
 def table(rows: list[dict]) -> str:
     """One row per (backbone, size, mode, threads, layout); the ratio sits on the channels_last row."""
     rs, specs = ratios(rows), list(dict.fromkeys(r["backbone"] for r in rows))
-    key = lambda r: (specs.index(r["backbone"]), r["size"], MODES.index(r["mode"]), r["threads"], LAYOUTS.index(r["layout"]))  # noqa: E731
-    body = [[r["backbone"], f"{r['size']} px", r["mode"], r["threads"], r["layout"], rate(r["rate"]),
-             f"{rs[k]:.2f}" if r["layout"] == "channels_last" and (k := (r["backbone"], r["size"], r["mode"], r["threads"])) in rs else ""]
-            for r in sorted(rows, key=key)]
+    body = []
+    for r in sorted(rows, key=lambda r: (specs.index(r["backbone"]), r["size"], MODES.index(r["mode"]), r["threads"],
+                                         LAYOUTS.index(r["layout"]))):
+        k = (r["backbone"], r["size"], r["mode"], r["threads"])
+        body.append([r["backbone"], f"{r['size']} px", r["mode"], r["threads"], r["layout"], rate(r["rate"]),
+                     f"{rs[k]:.2f}" if r["layout"] == "channels_last" and k in rs else ""])
     return md_table(["backbone", "size", "mode", "threads", "layout", "img/s", "ratio channels_last/contiguous"], body)
 
 
@@ -121,28 +122,24 @@ def summary(v: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: lite0 at 32 px, batch 8, 1 round of short calls")
+    p = parser(__doc__, data=False, quick="smoke run: lite0 at 32 px, batch 8, 1 round of short calls")
     p.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES), help="timm names; name:small = small_input_stem")
     p.add_argument("--sizes", default="32,128")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", default=",".join(str(t) for t in sorted({1, min(2, os.cpu_count() or 1)})))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--call-seconds", type=float, default=2.0, help="least timed seconds per contender and turn")
-    a = p.parse_args(argv)
+    a, run = p.parse_args(argv), Invocation("layout.py", argv)
     if a.quick:
         a.backbones, a.sizes, a.batch, a.rounds, a.call_seconds = "tf_efficientnet_lite0", "32", 8, 1, 0.2
     specs = [s for s in a.backbones.split(",") if s.strip()]
     for s in specs:
         parse_spec(s)  # a typo fails now, not after an hour of measuring
     counts = tuple(int(t) for t in a.threads.split(","))
-    t0, load0 = time.time(), os.getloadavg()[0]
     rows = [r for s in specs for size in map(int, a.sizes.split(","))
             for r in measure(s, size, batch=a.batch, thread_counts=counts, rounds=a.rounds, call_seconds=a.call_seconds)]
-    print(f"\n- Command: `python benchmarks/layout.py {' '.join(sys.argv[1:] if argv is None else argv)}`, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (took {(time.time() - t0) / 60:.1f} min); load "
-          f"{load0:.2f} -> {os.getloadavg()[0]:.2f}; batch {a.batch}, {a.rounds} alternating round(s) of >= "
-          f"{a.call_seconds:g} s per contender\n\n{table(rows)}\n\n{summary(verdicts(rows))}")
+    print("\n" + run.header(f"; batch {a.batch}, {a.rounds} alternating round(s) of >= {a.call_seconds:g} s per contender")
+          + f"\n\n{table(rows)}\n\n{summary(verdicts(rows))}")
     return 0
 
 

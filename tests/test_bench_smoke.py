@@ -71,12 +71,18 @@ def test_trial_rates_split_training_from_the_rest():
     assert t["other_s"] == pytest.approx(0.5) and t["images_per_epoch"] == pytest.approx(200.0)
 
 
-def test_search_args_are_run_search_flags(ctx):
+def test_search_flags_are_run_search_flags(ctx):
     from search.settings import parse_settings
-    s = parse_settings(ctx.search_args("n", samples=2, cpus=1, subset=5, max_epochs=2, sets={"input_size": 16},
-                                       concurrent=2, scheduler="asha", extra=("--sampler", "random")))
+    s = parse_settings(ctx.search_flags("n", {"input_size": 16}, num_samples=2, cpus_per_trial=1, subset=5, max_epochs=2,
+                                        max_concurrent=2, scheduler="asha", sampler="random"))
     assert (s.num_samples, s.max_concurrent, s.scheduler, s.subset, s.no_pretrained) == (2, 2, "asha", 5, True)
     assert (s.sampler, s.warm_start, s.space, s.set) == ("random", "none", "tiny", ["input_size=16"])
+
+
+def test_flags_leave_out_none_and_false():
+    from benchmarks.common import flags
+    assert flags({"a": 1}, num_samples=4, subset=None, no_pretrained=True, quick=False, gpus=0) == \
+        ["--num-samples", "4", "--no-pretrained", "--gpus", "0", "--set", "a=1"]
 
 
 def test_tree_memory_reads_this_process_and_waits_for_trial_workers():
@@ -143,3 +149,26 @@ def test_benchmarks_print_the_command_as_typed(monkeypatch):
     monkeypatch.chdir(PROJECT)
     assert command_line("duel.py", ["--budget", "965s", "--work-dir", "/tmp/a b"]) == \
         f"{python()} benchmarks/duel.py --budget 965s --work-dir '/tmp/a b'"
+
+
+def test_duel_and_headroom_resume_from_their_json_and_print_their_tables(tmp_path):
+    """A re-run reads what the last one saved: duel.json {seed: {contender: result}}, headroom {seed:label: result}."""
+    from benchmarks import duel, headroom
+    from benchmarks.common import Invocation, Results
+    assert duel.contenders("a@1,c@0.5") == [("d", 1.0), ("a", 1.0), ("c", 0.5)]
+    one = {"wall_s": 100.0, "trials": 7, "epochs": 21, "best_val_acc": 0.4, "winner": "recipe x", "curve": [[10.0, 0.4]],
+           "test_acc": 0.4, "retrain_s": 9.0, "budget_s": None}
+    saved = Results(tmp_path / "duel.json")
+    saved["0"] = {"d": one, "a@1": {**one, "curve": [[5.0, 0.3], [50.0, 0.45]], "test_acc": 0.42, "budget_s": 100.0}}
+    saved.save()
+    a = duel.parse(["--work-dir", str(tmp_path), "--seeds", "0", "--contenders", "a@1"])
+    text = duel.markdown(a, Invocation("duel.py", []), Results(tmp_path / "duel.json"), [0], duel.contenders(a.contenders))
+    assert "| (a) the search as users run it, 1x | 1 | 42.0 | 42.0 | +2.0 | 100 s | 7.0 | 21.0 | 50 s | recipe x |" in text
+    base = {"stage1_lr": 1e-3, "input_size": 224, "stage1_epochs": 3, "stage2_epochs": 0}
+    cands = headroom.neighbours(base)
+    res = {"0:" + cands[0][0]: {"status": "ok", "val_acc": 0.5, "test_acc": 0.48, "train_s": 10.0},
+           "0:" + cands[1][0]: {"status": "ok", "val_acc": 0.52, "test_acc": 0.5, "train_s": 5.0}}
+    args = headroom.parse([])
+    shown = {**base, **dict.fromkeys(headroom.SHOWN, "x")}
+    table = headroom.markdown(args, Invocation("headroom.py", []), shown, cands, res, [0])
+    assert "| 1 | head lr x3 | 52.0 | 50.0 | +2.0 | 50.0 | 5 s |" in table and "| 2 | head lr /3 | - | - | - | - | - |" in table
