@@ -21,6 +21,7 @@ from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
 from trainable.memory import is_out_of_memory
+from trainable.model import create_model
 from trainable.trial import run_trial, to_device
 
 FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
@@ -88,7 +89,6 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
 
 def load_trained(path: Path, device: torch.device | str = "cpu"):
     """(net, checkpoint dict) from a model.pt written above; no pretrained download needed."""
-    from trainable.model import create_model
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TrialConfig.from_dict(ckpt["config"])
     net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)

@@ -33,6 +33,14 @@ def study_url(exp: Path) -> str:
     return URL.create("sqlite", database=str(study_path(exp))).render_as_string(hide_password=False)
 
 
+def load_study(exp: Path) -> optuna.Study | None:
+    """The experiment's saved Optuna study; None without optuna.db."""
+    if not (Path(exp) / STUDY_FILE).is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
+
+
 def enable_wal(db: Path) -> None:
     """SQLite's write-ahead log for `db` (kept in the file): readers such as optuna-dashboard no
     longer block the searcher's writes, nor it theirs. Left as it is when another connection holds

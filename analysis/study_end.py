@@ -19,6 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from analysis.experiment import TrialRecord, load_trials
 from analysis.outcome import (
     COMPLETED,
@@ -74,8 +77,6 @@ def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counte
     the search can run nothing more (`search_over`); else only trials that ended by themselves
     are settled. `why` the search is over, for trials it never started ("not started: WHY").
     Returns how many trials went to each outcome name. No study file: nothing to do."""
-    import optuna
-    from optuna.trial import TrialState
     if not (Path(exp) / STUDY_FILE).is_file():
         return Counter()
     storage = optuna.storages.RDBStorage(study_url(exp))
@@ -111,6 +112,5 @@ def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counte
 
 
 def _fail(storage: Any, trial_id: int, reason: str) -> None:
-    from optuna.trial import TrialState
     storage.set_trial_user_attr(trial_id, REASON, reason)
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
