@@ -67,8 +67,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def analyze(args: argparse.Namespace) -> Path:
-    from search.storage import is_uri  # lazy: importing the read side loads no search/ module (tests/test_layers.py)
-    if is_uri(args.experiment):
+    from search import storage  # lazy: importing the read side loads no search/ module (tests/test_layers.py)
+    if storage.is_uri(args.experiment):
         return _analyze_cloud(args)
     exp = Path(args.experiment).expanduser().resolve()
     trials = load_trials(exp) if exp.is_dir() else []
@@ -121,41 +121,33 @@ def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: Fina
 def _analyze_cloud(args: argparse.Namespace) -> Path:
     """analyze.py s3://BUCKET/runs/NAME: the experiment's files but its checkpoints (the retrain needs
     none) fetched into a local folder, analyzed there, and its analysis/ uploaded back to the URI."""
-    from search.storage import (  # lazy, as in analyze()
-        check_reachable,
-        check_uri,
-        download,
-        join,
-        mirror_dir,
-        redact,
-        results_only,
-        upload,
-    )
+    from search import storage  # lazy, as in analyze()
     what = "analyze.py"
-    uri = check_uri(args.experiment, what=what)
-    check_reachable(uri, write=False, what=what)
-    exp = mirror_dir(uri, args.local_dir)
+    uri = storage.check_uri(args.experiment, what=what)
+    storage.check_reachable(uri, write=False, what=what)
+    exp = storage.mirror_dir(uri, args.local_dir)
     try:
         exp.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
-    fetched = download(uri, exp, skip=results_only, newer_only=True, what=what)
+    fetched = storage.download(uri, exp, skip=storage.results_only, newer_only=True, what=what)
     if not any(exp.iterdir()):
         exp.rmdir()
-        raise UserError(f"{redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
-    print(f"experiment {redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
+        raise UserError(f"{storage.redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
+    print(f"experiment {storage.redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
+    out = None
     try:
         out = analyze(argparse.Namespace(**{**vars(args), "experiment": str(exp)}))
-    finally:
+    finally:  # what a failed analysis wrote is uploaded too
         files = [f for f in (exp / "analysis").rglob("*") if f.is_file()]
-        if files:
-            try:
-                upload(files, exp, uri, what=what)
-            except UserError as e:
-                if sys.exc_info()[0] is None:
-                    raise UserError(f"the analysis is in {exp / 'analysis'} but was not uploaded: {e}") from None
-                print(f"warning: {e}", file=sys.stderr)
-    print(f"analysis: {out} and {redact(join(uri, 'analysis'))}")
+        try:
+            if files:
+                storage.upload(files, exp, uri, what=what)
+        except UserError as e:
+            if out is not None:
+                raise UserError(f"the analysis is in {exp / 'analysis'} but was not uploaded: {e}") from None
+            print(f"warning: {e}", file=sys.stderr)  # the analysis's own error follows
+    print(f"analysis: {out} and {storage.redact(storage.join(uri, 'analysis'))}")
     return out
 
 

@@ -200,7 +200,7 @@ _FORMATS = (
                                                  b"msf1"),
      "a HEIC/HEIF photo, which this Pillow cannot read",
      "install the pillow-heif plugin (pip install pillow-heif) or convert it to JPEG"),
-    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis") and not _pillow_reads("avif"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis") and not features.check("avif"),
      "an AVIF image, which this Pillow cannot read", "use Pillow 11.3 or later or convert it to PNG or JPEG"),
     (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis"),
      "an AVIF image Pillow's AVIF decoder cannot open", "it may be damaged: convert an intact copy to PNG or JPEG"),
@@ -211,10 +211,6 @@ _FORMATS = (
     (lambda h: h[4:8] == b"ftyp", "a video or other ISO media file, not a still image",
      "pass a still image (PNG, JPEG, ...)"),
 )
-
-
-def _pillow_reads(feature: str) -> bool:
-    return bool(features.check(feature))
 
 
 def _not_readable(label: str, head: bytes) -> UserError:

@@ -49,24 +49,7 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
         raise UserError(f"the retrain failed: {last['status']} in epoch {last['epoch']}: "
                         f"lower the learning rates {FIX}")
     train_seconds = time.perf_counter() - t0
-    device = next(net.parameters()).device  # the test pass runs where (and as) the retrain trained
-    mean, std = normalisation_of(net.backbone)
-    try:
-        test = to_device(data.test, device)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
-                        f"images there: free memory on the device and run it again") from None
-    try:
-        ev = evaluate(net, *test, input_size=cfg.input_size, mean=mean, std=std,
-                      batch_size=cfg.eval_batch_size, prec=Precision.for_device(device, cfg.backbone, cfg.precision),
-                      return_predictions=True)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"the test pass ran out of memory on {device.type} even one image at a time "
-                        f"(input_size {cfg.input_size}): lower input_size {FIX}") from None
+    ev, mean, std = _test_pass(net, data, cfg)
     metrics = {"test_acc": ev["acc"], "test_top5": ev["top5"], "test_coarse_acc": ev["coarse_acc"],
                "test_loss": ev["loss"], "epochs": int(last["epoch"]), "planned_epochs": cfg.total_epochs,
                "cut_at_epoch": cut,
@@ -85,6 +68,28 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                          out_dir / "test_predictions.pt")
         files.write_text(out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _test_pass(net: torch.nn.Module, data: FinalData, cfg: TrialConfig) -> tuple[dict[str, Any], tuple, tuple]:
+    """(evaluate's results with predictions, mean, std) on the test set, where (and as) the retrain trained."""
+    device = next(net.parameters()).device
+    mean, std = normalisation_of(net.backbone)
+    try:
+        test = to_device(data.test, device)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
+                        f"images there: free memory on the device and run it again") from None
+    try:
+        ev = evaluate(net, *test, input_size=cfg.input_size, mean=mean, std=std, batch_size=cfg.eval_batch_size,
+                      prec=Precision.for_device(device, cfg.backbone, cfg.precision), return_predictions=True)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"the test pass ran out of memory on {device.type} even one image at a time "
+                        f"(input_size {cfg.input_size}): lower input_size {FIX}") from None
+    return ev, mean, std
 
 
 def load_trained(path: Path, device: torch.device | str = "cpu"):

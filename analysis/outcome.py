@@ -53,9 +53,7 @@ class TrialView:
 def failure_status(row: dict[str, Any]) -> str:
     """The failure a result row reports ("diverged", "oom"), "" for a normal epoch."""
     status = str(row.get("status", "ok"))
-    if status != "ok":
-        return status
-    return DIVERGED if row.get("diverged") else ""
+    return "" if status == "ok" else status
 
 
 def planned_epochs(config: dict[str, Any]) -> int | None:
