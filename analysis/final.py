@@ -7,6 +7,7 @@ it did in the search, since there is nothing else to watch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -70,25 +71,28 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
     return metrics
 
 
+@contextlib.contextmanager
+def _out_of_memory_is(message: str):
+    """Running out of memory in the block is a UserError with `message`; other errors pass unchanged."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(message) from None
+
+
 def _test_pass(net: torch.nn.Module, data: FinalData, cfg: TrialConfig) -> tuple[dict[str, Any], tuple, tuple]:
     """(evaluate's results with predictions, mean, std) on the test set, where (and as) the retrain trained."""
     device = next(net.parameters()).device
     mean, std = normalisation_of(net.backbone)
-    try:
+    with _out_of_memory_is(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
+                           f"images there: free memory on the device and run it again"):
         test = to_device(data.test, device)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
-                        f"images there: free memory on the device and run it again") from None
-    try:
+    with _out_of_memory_is(f"the test pass ran out of memory on {device.type} even one image at a time "
+                           f"(input_size {cfg.input_size}): lower input_size {FIX}"):
         ev = evaluate(net, *test, input_size=cfg.input_size, mean=mean, std=std, batch_size=cfg.eval_batch_size,
                       prec=Precision.for_device(device, cfg.backbone, cfg.precision), return_predictions=True)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"the test pass ran out of memory on {device.type} even one image at a time "
-                        f"(input_size {cfg.input_size}): lower input_size {FIX}") from None
     return ev, mean, std
 
 
