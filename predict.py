@@ -71,15 +71,10 @@ def load_model(path: str | Path) -> Model:
 
 
 def read_image(src: str | Path | IO[bytes], name: str = "") -> Image.Image:
-    """The picture a person sees in an image file: upright, 8-bit RGB, transparency over white.
-
-    `src` is a path or a binary file object; `name` labels it in errors (default: the path).
-    Reads the first frame of an animated or multi-page file, applies the EXIF orientation, brings
-    any mode and bit depth to 8-bit RGB (16-bit and float data scaled, not clipped) and an embedded
-    ICC profile to sRGB. A PNG whose metadata exceeds Pillow's text limits (PngImagePlugin.MAX_TEXT_CHUNK,
-    MAX_TEXT_MEMORY) is read without the oversize metadata, as a viewer shows it. UserError naming the
-    file and the reason when it is missing, empty, not an image, in a format Pillow cannot read,
-    truncated, corrupt, or larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+    """The picture a person sees in an image file (module docstring), from a path or a binary file
+    object; `name` labels it in errors (default: the path). A PNG whose metadata exceeds Pillow's text
+    limits is read without the oversize metadata. UserError naming the file and the reason when it is
+    missing, empty, not an image, in a format Pillow cannot read, damaged, or over Image.MAX_IMAGE_PIXELS.
     """
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
