@@ -221,9 +221,10 @@ def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None
     left otherwise. `planned`: expected seconds per epoch (analysis/retrain_time.py)."""
     total = cut or TrialConfig.from_dict(config).total_epochs
     bar = tqdm(total=total, unit="epoch", desc="train", disable=not sys.stderr.isatty())
-    eta, t0, done = Eta(planned, total), time.monotonic(), [0]
+    eta, t0, done = Eta(planned, total), time.monotonic(), 0
 
     def on_epoch(m: dict) -> None:
+        nonlocal done
         info = {"stage": m["stage"], "loss": f"{m['train_loss']:.3f}", "img/s": f"{m['images_per_sec']:.0f}"}
         if "val_loss" in m:  # a config that trains on val_loss watches the val split
             info.update(val_loss=f"{m['val_loss']:.3f}", val_acc=f"{m['val_acc']:.3f}")
@@ -232,8 +233,8 @@ def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None
         bar.update(1)
         bar.set_postfix(info)
         if bar.disable:  # a terminal's bar shows its own ETA
-            done[0] += 1
-            left = eta.left(done[0], time.monotonic() - t0)
+            done += 1
+            left = eta.left(done, time.monotonic() - t0)
             info["eta"] = duration(left) if left is not None else "?"
             print(f"  epoch {m['epoch']}/{total} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     try:
