@@ -3,6 +3,7 @@ the searcher keeps (search/searcher.py writes it, report/importance.py reads it)
 study's SQLite database is opened so readers never cost the search a result."""
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -39,6 +40,16 @@ def load_study(exp: Path) -> optuna.Study | None:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
+
+
+def holds(config: dict[str, Any], params: dict[str, Any]) -> bool:
+    """Whether a trial's config holds every value an Optuna trial sampled (numbers to rounding): how a
+    Tune trial is matched to its Optuna trial, since their ids differ."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+        return a == b
+    return all(same(config.get(k), v) for k, v in params.items())
 
 
 def enable_wal(db: Path) -> None:

@@ -31,7 +31,7 @@ from analysis.outcome import (
     OUT_OF_BUDGET,
     is_failure,
 )
-from analysis.study import STUDY_FILE, STUDY_NAME, study_url
+from analysis.study import STUDY_FILE, STUDY_NAME, holds, study_url
 
 STEP, VALUE = "training_iteration", "best_val_acc"  # what Ray's OptunaSearch reports per result
 REASON = "status"  # the user attr holding how the trial ended (as warm-start told trials carry it)
@@ -67,7 +67,7 @@ def _match(ot, trials: list[TrialRecord]) -> TrialRecord | None:
     (configs resolve every name) and every value Optuna was told among its results; one Optuna
     was told nothing stands for a trial that reported nothing."""
     steps = {int(k): float(v) for k, v in ot.intermediate_values.items()}
-    return next((t for t in trials if all(t.config.get(k) == v for k, v in ot.params.items())
+    return next((t for t in trials if holds(t.config, ot.params)
                  and _agrees(steps, _reported(t)) and (steps or not t.results)), None)
 
 

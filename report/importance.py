@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from analysis.experiment import TrialRecord
-from analysis.study import WARM_CONFIG, load_study
+from analysis.study import WARM_CONFIG, holds, load_study
 from report.plots import COLOURS, figure, legend_below, save
 
 # fANOVA is only as good as the random forest it fits to the trials, which needs trials that cover
@@ -43,19 +43,12 @@ def search_trials(saved: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if "warm_start" not in t.user_attrs or WARM_CONFIG in t.user_attrs]
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
 def _tagged_copy(done: list[optuna.trial.FrozenTrial], trials: list[TrialRecord]) -> optuna.Study:
-    """An in-memory study of `done`, each tagged with its Tune trial's id and status for the plots
-    (Tune's ids are not in the study: the trial whose config holds the sampled values is it)."""
+    """An in-memory study of `done`, each tagged with its Tune trial's id and status for the plots."""
     unmatched = list(trials)
     study = optuna.create_study(direction="maximize", study_name="report")
     for t in done:
-        rec = next((r for r in unmatched if all(_same(r.config.get(k), v) for k, v in t.params.items())), None)
+        rec = next((r for r in unmatched if holds(r.config, t.params)), None)
         if rec is not None:
             unmatched.remove(rec)
         study.add_trial(optuna.trial.create_trial(

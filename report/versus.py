@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.experiment import TrialRecord, rank
-from analysis.study import METRIC, MOVE_ATTR, WARM_CONFIG, load_study
+from analysis.study import METRIC, MOVE_ATTR, WARM_CONFIG, holds, load_study
 from report import html as h
 from report.plots import figure, save
 from trainable.config import RUN_FIELDS
@@ -41,7 +41,7 @@ def origins(exp: Path, trials: list[TrialRecord]) -> dict[str, str]:
         for ot in study.trials:
             warm = ot.user_attrs.get(WARM_CONFIG)
             if (warm is not None and _hp(warm) == hp) or (
-                    warm is None and ot.params and all(hp.get(k) == v for k, v in ot.params.items())
+                    warm is None and ot.params and holds(hp, ot.params)
                     and ot.system_attrs.get(MOVE_ATTR)):
                 out[t.trial_id] = origin(ot)
                 break
