@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from analysis.baselines import baseline_configs, comparison_rows, run_baseline, save_comparison
 from analysis.command import command, examples
+from analysis.experiment import (
+    SETTINGS_FILE,
+    TrialRecord,
+    duration,
+    export_best,
+    leaderboard,
+    load_trials,
+    read_best_config,
+    read_best_file,
+    read_settings,
+)
+from analysis.final import retrain_and_test
+from analysis.retrain_time import Eta, expected_epochs
+from report import write_report
+from report.comparison import comparison_text
+from trainable.config import TrialConfig
+from trainable.data import FinalData, prepare_final_data
 from trainable.errors import UserError
+from trainable.memory import limit_memory, trial_budget
+from trainable.trial import pick_device
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -42,107 +67,93 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def analyze(args: argparse.Namespace) -> Path:
-    from analysis.experiment import (
-        export_best,
-        leaderboard,
-        load_trials,
-        read_best_config,
-        read_settings,
-    )
-    from search.storage import is_uri
-    if is_uri(args.experiment):
+    from search import storage  # lazy: importing the read side loads no search/ module (tests/test_layers.py)
+    if storage.is_uri(args.experiment):
         return _analyze_cloud(args)
     exp = Path(args.experiment).expanduser().resolve()
     trials = load_trials(exp) if exp.is_dir() else []
-    if not exp.is_dir() or not (trials or (exp / "search_settings.yaml").exists()):
+    if not exp.is_dir() or not (trials or (exp / SETTINGS_FILE).exists()):
         raise UserError(f"{exp} is not an experiment folder: pass the STORAGE/NAME folder run_search.py wrote")
     settings = read_settings(exp)
     best = export_best(exp, trials)  # raises a clear error when no trial finished an epoch
     print(leaderboard(trials))
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
-    config = read_best_config(Path(args.config)) if args.config else best["config"]
-    selected = config  # the trial whose epoch times predict the retrain's: the one with this config
-    cut = retrain_cut(_best_epoch_of(Path(args.config)) if args.config else best["best_epoch"], config,
-                      full_schedule=args.full_schedule)
+    if args.config:
+        selected, best_epoch = read_best_config(Path(args.config)), _best_epoch_of(Path(args.config))
+    else:
+        selected, best_epoch = best["config"], best["best_epoch"]
+    cut = retrain_cut(best_epoch, selected, full_schedule=args.full_schedule)
+    config = selected  # `selected` finds the trial whose epoch times predict the retrain's
     if args.weights_dir is not None:
         config = {**config, "weights_dir": str(Path(args.weights_dir).resolve()) if args.weights_dir else ""}
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
     if not names and (args.set or args.epochs_scale != 1):
         raise UserError("--set and --epochs-scale apply to --baselines recipes: add --baselines NAME[,NAME...]")
-    from analysis.baselines import baseline_configs
     baselines = baseline_configs(names, args.set, {"weights_dir": config["weights_dir"], "seed": config["seed"]},
                                  args.epochs_scale) if names else {}  # all checked before any training
     if args.no_retrain and not baselines:
         return _report(exp)
-    from trainable.data import prepare_final_data
-    data_dir = args.data_dir or settings.get("data_dir") or "./data"
-    data = prepare_final_data(data_dir, subset=settings.get("subset"), seed=int(settings.get("seed", 0)),
-                              val_fraction=float(settings.get("val_fraction", 0.1)))
+    data = prepare_final_data(args.data_dir or settings.get("data_dir") or "./data", subset=settings.get("subset"),
+                              seed=int(settings.get("seed", 0)), val_fraction=float(settings.get("val_fraction", 0.1)))
     _limit_cpu_memory()
     if not args.no_retrain:
-        from analysis.final import retrain_and_test
-        from trainable.config import TrialConfig
-        planned = TrialConfig.from_dict(config).total_epochs
-        if cut is not None:
-            print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
-                  f"(--full-schedule retrains all {planned})")
-        print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
-        per_epoch = _expected_retrain(trials, selected, config, data, cut or planned)
-        with _epoch_bar(config, cut, per_epoch) as on_epoch:
-            metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
-        print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
-              f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
+        _retrain(trials, selected, config, data, out, cut)
     if baselines:
         _compare(args, best, config, baselines, data, out)
     return _report(exp)
 
 
+def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: FinalData, out: Path,
+             cut: int | None) -> None:
+    planned = TrialConfig.from_dict(config).total_epochs
+    if cut is not None:
+        print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
+              f"(--full-schedule retrains all {planned})")
+    print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
+    per_epoch = _expected_retrain(trials, selected, config, data, cut or planned)
+    with _epoch_bar(config, cut, per_epoch) as on_epoch:
+        metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
+    print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
+          f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
+
+
 def _analyze_cloud(args: argparse.Namespace) -> Path:
     """analyze.py s3://BUCKET/runs/NAME: the experiment's files but its checkpoints (the retrain needs
     none) fetched into a local folder, analyzed there, and its analysis/ uploaded back to the URI."""
-    from search.storage import (
-        check_reachable,
-        check_uri,
-        download,
-        join,
-        mirror_dir,
-        redact,
-        results_only,
-        upload,
-    )
+    from search import storage  # lazy, as in analyze()
     what = "analyze.py"
-    uri = check_uri(args.experiment, what=what)
-    check_reachable(uri, write=False, what=what)
-    exp = mirror_dir(uri, args.local_dir)
+    uri = storage.check_uri(args.experiment, what=what)
+    storage.check_reachable(uri, write=False, what=what)
+    exp = storage.mirror_dir(uri, args.local_dir)
     try:
         exp.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
-    fetched = download(uri, exp, skip=results_only, newer_only=True, what=what)
+    fetched = storage.download(uri, exp, skip=storage.results_only, newer_only=True, what=what)
     if not any(exp.iterdir()):
         exp.rmdir()
-        raise UserError(f"{redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
-    print(f"experiment {redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
+        raise UserError(f"{storage.redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
+    print(f"experiment {storage.redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
+    out = None
     try:
         out = analyze(argparse.Namespace(**{**vars(args), "experiment": str(exp)}))
-    finally:
+    finally:  # what a failed analysis wrote is uploaded too
         files = [f for f in (exp / "analysis").rglob("*") if f.is_file()]
-        if files:
-            try:
-                upload(files, exp, uri, what=what)
-            except UserError as e:
-                if sys.exc_info()[0] is None:
-                    raise UserError(f"the analysis is in {exp / 'analysis'} but was not uploaded: {e}") from None
-                print(f"warning: {e}", file=sys.stderr)
-    print(f"analysis: {out} and {redact(join(uri, 'analysis'))}")
+        try:
+            if files:
+                storage.upload(files, exp, uri, what=what)
+        except UserError as e:
+            if out is not None:
+                raise UserError(f"the analysis is in {exp / 'analysis'} but was not uploaded: {e}") from None
+            print(f"warning: {e}", file=sys.stderr)  # the analysis's own error follows
+    print(f"analysis: {out} and {storage.redact(storage.join(uri, 'analysis'))}")
     return out
 
 
 def retrain_cut(best_epoch: int | None, config: dict, *, full_schedule: bool = False) -> int | None:
     """The global epoch the retrain stops after: the selected trial's best epoch when it comes before
     the config's last planned epoch (the trial was chosen there, not at its end); None = the whole plan."""
-    from trainable.config import TrialConfig
     if full_schedule or best_epoch is None or best_epoch < 1:
         return None
     return int(best_epoch) if best_epoch < TrialConfig.from_dict(config).total_epochs else None
@@ -151,8 +162,7 @@ def retrain_cut(best_epoch: int | None, config: dict, *, full_schedule: bool = F
 def _best_epoch_of(path: Path) -> int | None:
     """The best_epoch a best_config.yaml/json carries (a plain mapping of hyper-parameters has none),
     so its retrain_command retrains what analyze.py without --config would."""
-    import yaml
-    data = yaml.safe_load(path.read_text())  # read_best_config has already checked the file
+    data = read_best_file(path)
     epoch = data.get("best_epoch") if "config" in data else None
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
@@ -160,21 +170,11 @@ def _best_epoch_of(path: Path) -> int | None:
 def _limit_cpu_memory() -> None:
     """On the CPU, give the retrain a memory budget (80 % of RAM) as a search gives its trials, so
     running out is an error that says what to lower instead of the kernel killing the process."""
-    import os
-
-    from trainable.memory import limit_memory, trial_budget
-    from trainable.trial import pick_device
     if pick_device().type == "cpu":
         limit_memory(trial_budget(os.cpu_count() or 1))
 
 
-def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data, out: Path) -> None:
-    import json
-
-    from analysis.baselines import comparison_rows, run_baseline, save_comparison
-    from report.comparison import text_table
-    from trainable.config import TrialConfig
-
+def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data: FinalData, out: Path) -> None:
     results = {}
     for name, cfg in baselines.items():
         print(f"\nbaseline {name}: {cfg['backbone']}, {cfg['input_size']} px, "
@@ -191,16 +191,14 @@ def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict
         print("no retrain of the best config yet (analysis/test_metrics.json): the table has recipes only")
     rows = comparison_rows(best_row, results)
     save_comparison(rows, out, {"epochs_scale": args.epochs_scale, "overrides": args.set})
-    print("\n" + text_table(rows))
+    print("\n" + comparison_text(rows))
 
 
-def _expected_retrain(trials: list, selected: dict, config: dict, data, epochs: int) -> list[float] | None:
+def _expected_retrain(trials: list[TrialRecord], selected: dict, config: dict, data: FinalData,
+                      epochs: int) -> list[float] | None:
     """Print the retrain's expected time, from the search trial with the `selected` config (its
     epoch times, scaled to the retrain's training images); returns the planned seconds per epoch
     (None, and a line saying so, when no trial of the experiment has that config)."""
-    from analysis.experiment import duration
-    from analysis.retrain_time import expected_epochs
-    from trainable.config import TrialConfig
     def hp(c: dict) -> dict:  # the same config at another fidelity (a screen trial) times it too
         return {k: v for k, v in c.items() if k != "train_fraction"}
     same = [t for t in trials if hp(t.config) == hp(selected)]
@@ -221,18 +219,12 @@ def _expected_retrain(trials: list, selected: dict, config: dict, data, epochs: 
 def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None = None):
     """A progress bar over the retrain's epochs on a terminal; one line per epoch with the time
     left otherwise. `planned`: expected seconds per epoch (analysis/retrain_time.py)."""
-    import time
-
-    from tqdm import tqdm
-
-    from analysis.experiment import duration
-    from analysis.retrain_time import Eta
-    from trainable.config import TrialConfig
     total = cut or TrialConfig.from_dict(config).total_epochs
     bar = tqdm(total=total, unit="epoch", desc="train", disable=not sys.stderr.isatty())
-    eta, t0, done = Eta(planned, total), time.monotonic(), [0]
+    eta, t0, done = Eta(planned, total), time.monotonic(), 0
 
     def on_epoch(m: dict) -> None:
+        nonlocal done
         info = {"stage": m["stage"], "loss": f"{m['train_loss']:.3f}", "img/s": f"{m['images_per_sec']:.0f}"}
         if "val_loss" in m:  # a config that trains on val_loss watches the val split
             info.update(val_loss=f"{m['val_loss']:.3f}", val_acc=f"{m['val_acc']:.3f}")
@@ -241,8 +233,8 @@ def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None
         bar.update(1)
         bar.set_postfix(info)
         if bar.disable:  # a terminal's bar shows its own ETA
-            done[0] += 1
-            left = eta.left(done[0], time.monotonic() - t0)
+            done += 1
+            left = eta.left(done, time.monotonic() - t0)
             info["eta"] = duration(left) if left is not None else "?"
             print(f"  epoch {m['epoch']}/{total} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     try:
@@ -252,7 +244,6 @@ def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None
 
 
 def _report(exp: Path) -> Path:
-    from report import write_report
     print(f"report: {write_report(exp)}")
     return exp / "analysis"
 

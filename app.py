@@ -12,6 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+import altair as alt
+import pandas as pd
+import streamlit as st
+from PIL import Image
+from streamlit import runtime
+
+from trainable.errors import UserError
+
 ROOT_ENV = "CIFAR_TUNE_RUNS"
 
 
@@ -25,7 +33,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def image_types() -> list[str]:
     """Every file extension Pillow can open (the uploader refuses the rest before reading them)."""
-    from PIL import Image
     Image.init()
     return sorted({ext.lstrip(".").lower() for ext, fmt in Image.registered_extensions().items()
                    if fmt in Image.OPEN})
@@ -52,31 +59,45 @@ def launch(args: argparse.Namespace) -> None:
     os.execv(sys.executable, cmd)  # becomes the server: Ctrl-C and kill reach Streamlit itself
 
 
-def page(args: argparse.Namespace) -> None:
-    import altair as alt
-    import pandas as pd
-    import streamlit as st
+@st.cache_resource(max_entries=4, show_spinner="loading the model ...")
+def cached_model(path: str, mtime: float):  # mtime: a retrained model.pt is reloaded
+    from predict import load_model  # lazy: the launcher execs Streamlit without loading torch
+    return load_model(path)
 
-    from predict import load_model, probabilities, read_image, to_model_input
-    from trainable.errors import UserError
 
-    @st.cache_resource(max_entries=4, show_spinner="loading the model ...")
-    def cached_model(path: str, mtime: float):  # mtime: a retrained model.pt is reloaded
-        return load_model(path)
-
-    st.set_page_config(page_title="cifar-tune: predict", layout="centered")
-    st.title("What does the model see?")
-    root = Path(args.root).expanduser().resolve()
+def pick_model(root: Path) -> Path | None:
+    """The model.pt chosen among those under root, or typed in; None when there is none."""
     models = find_models(root)
     labels = {str(p.relative_to(root)) if p.is_relative_to(root) else str(p): p for p in models}
-    if models:
-        choice = st.selectbox(f"Trained model (found under {root})", list(labels))
-    else:
-        choice = None
+    choice = st.selectbox(f"Trained model (found under {root})", list(labels)) if models else None
+    if not models:
         st.info(f"No analysis/model.pt under {root}: run analyze.py on an experiment, start the app "
                 f"with --root pointing at the runs folder, or type a path below.")
     typed = st.text_input("…or the path of a model.pt", value="", placeholder="runs/NAME/analysis/model.pt")
-    path = Path(typed).expanduser() if typed.strip() else labels.get(choice) if choice else None
+    return Path(typed).expanduser() if typed.strip() else labels.get(choice) if choice else None
+
+
+def probability_chart(names: list[str], probs: list[float]) -> alt.Chart:
+    """Every class's probability as a bar, most likely first and in red."""
+    df = pd.DataFrame({"class": names, "probability": probs})
+    df["shown as"] = ["predicted class"] + ["other classes"] * (len(df) - 1)
+    return (alt.Chart(df, title=f"Probability of each of the {len(df)} classes")
+            .mark_bar()
+            .encode(x=alt.X("probability:Q", title="probability", axis=alt.Axis(format="%")),
+                    y=alt.Y("class:N", sort="-x", title="class (most likely first)",
+                            axis=alt.Axis(labelLimit=200, labelOverlap=False)),
+                    color=alt.Color("shown as:N", title=None, legend=alt.Legend(orient="bottom"),
+                                    scale=alt.Scale(domain=["predicted class", "other classes"],
+                                                    range=["#d62728", "#1f77b4"])),
+                    tooltip=["class", alt.Tooltip("probability:Q", format=".2%")])
+            .properties(height=17 * len(df)))  # room for every class name
+
+
+def page(args: argparse.Namespace) -> None:
+    from predict import probabilities, read_image, to_model_input  # lazy, as in cached_model
+    st.set_page_config(page_title="cifar-tune: predict", layout="centered")
+    st.title("What does the model see?")
+    path = pick_model(Path(args.root).expanduser().resolve())
     if path is None:
         return
     try:
@@ -84,11 +105,8 @@ def page(args: argparse.Namespace) -> None:
     except UserError as e:
         st.error(str(e))
         return
-    cfg = f"{len(model.names)} classes, input {model.input_size} px"
-    st.caption(f"model: {path} ({cfg})")
-
-    upload = st.file_uploader("Image (any size: it is shrunk to 32×32 like the training images)",
-                              type=image_types())
+    st.caption(f"model: {path} ({len(model.names)} classes, input {model.input_size} px)")
+    upload = st.file_uploader("Image (any size: it is shrunk to 32×32 like the training images)", type=image_types())
     if upload is None:
         return
     try:
@@ -98,39 +116,17 @@ def page(args: argparse.Namespace) -> None:
         return
     probs = probabilities(model, [to_model_input(picture)])[0]
     order = probs.argsort(descending=True).tolist()
-    best = order[0]
     left, right = st.columns([1, 2])
     left.image(picture, caption=upload.name, width="stretch")  # not the raw file: Pillow decoded it
-    right.metric("Predicted class", model.names[best])
-    right.metric("Probability", f"{float(probs[best]):.1%}")
+    right.metric("Predicted class", model.names[order[0]])
+    right.metric("Probability", f"{float(probs[order[0]]):.1%}")
     right.caption("Next: " + ", ".join(f"{model.names[i]} {float(probs[i]):.1%}" for i in order[1:5]))
-
-    df = pd.DataFrame({"class": [model.names[i] for i in order],
-                       "probability": [float(probs[i]) for i in order]})
-    df["shown as"] = ["predicted class"] + ["other classes"] * (len(df) - 1)
-    chart = (alt.Chart(df, title=f"Probability of each of the {len(df)} classes")
-             .mark_bar()
-             .encode(x=alt.X("probability:Q", title="probability", axis=alt.Axis(format="%")),
-                     y=alt.Y("class:N", sort="-x", title="class (most likely first)",
-                             axis=alt.Axis(labelLimit=200, labelOverlap=False)),
-                     color=alt.Color("shown as:N", title=None, legend=alt.Legend(orient="bottom"),
-                                     scale=alt.Scale(domain=["predicted class", "other classes"],
-                                                     range=["#d62728", "#1f77b4"])),
-                     tooltip=["class", alt.Tooltip("probability:Q", format=".2%")])
-             .properties(height=17 * len(df)))  # room for every class name
-    st.altair_chart(chart, width="stretch")
-
-
-def running_under_streamlit() -> bool:
-    try:
-        from streamlit import runtime
-    except ImportError:
-        return False
-    return runtime.exists()
+    st.altair_chart(probability_chart([model.names[i] for i in order], [float(probs[i]) for i in order]),
+                    width="stretch")
 
 
 if __name__ == "__main__":
-    if running_under_streamlit():
+    if runtime.exists():
         page(parse(sys.argv[1:]))
     else:
         launch(parse())

@@ -9,22 +9,35 @@ input_size, its mean/std): the same path the test images took. app.py uses these
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
+import pickle
 import re
+import struct
 import sys
+import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, features
 
 from analysis.command import command, examples
+from analysis.final import load_trained
+from trainable.augment import eval_transform
 from trainable.errors import UserError
+from trainable.loop import halving_batches
 
-if TYPE_CHECKING:  # annotations only: both load lazily where they are used
-    import torch
-    from PIL import Image
+try:  # phones save HEIC: Pillow opens it when the pillow-heif plugin is installed
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
 
 SOURCE_SIZE = 32  # the dataset's image size: every image is brought to it first
 
@@ -41,10 +54,6 @@ class Model:
 
 def load_model(path: str | Path) -> Model:
     """The trained model of an analysis/model.pt; UserError when it is missing or not one."""
-    import pickle
-    import zipfile
-
-    from analysis.final import load_trained
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"{p} is a folder, not a model file: pass the analysis/model.pt that analyze.py wrote")
@@ -61,39 +70,36 @@ def load_model(path: str | Path) -> Model:
                  tuple(ckpt["mean"]), tuple(ckpt["std"]), p)
 
 
-def read_image(src: str | Path | IO[bytes], name: str = "") -> "Image.Image":
-    """The picture a person sees in an image file: upright, 8-bit RGB, transparency over white.
-
-    `src` is a path or a binary file object; `name` labels it in errors (default: the path).
-    Reads the first frame of an animated or multi-page file, applies the EXIF orientation, brings
-    any mode and bit depth to 8-bit RGB (16-bit and float data scaled, not clipped) and an embedded
-    ICC profile to sRGB. A PNG whose metadata exceeds Pillow's text limits (PngImagePlugin.MAX_TEXT_CHUNK,
-    MAX_TEXT_MEMORY) is read without the oversize metadata, as a viewer shows it. UserError naming the
-    file and the reason when it is missing, empty, not an image, in a format Pillow cannot read,
-    truncated, corrupt, or larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+def read_image(src: str | Path | IO[bytes], name: str = "") -> Image.Image:
+    """The picture a person sees in an image file (module docstring), from a path or a binary file
+    object; `name` labels it in errors (default: the path). A PNG whose metadata exceeds Pillow's text
+    limits is read without the oversize metadata. UserError naming the file and the reason when it is
+    missing, empty, not an image, in a format Pillow cannot read, damaged, or over Image.MAX_IMAGE_PIXELS.
     """
-    import struct
-
-    from PIL import Image
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise UserError(f"image {label} not found: check the path")
+    data = b""
     try:
-        _optional_plugins()
-        if _size_of(src) == 0:
+        if isinstance(src, (str, Path)):
+            data = Path(src).read_bytes()
+        else:
+            src.seek(0)
+            data = src.read()
+        if not data:
             raise UserError(f"{label} is an empty file (0 bytes): pass the image itself, not an empty copy")
         try:
-            return _decode(src, label)
+            return _decode(io.BytesIO(data), label)
         except ValueError as e:
             if "MAX_TEXT" not in str(e):  # Pillow's limits on PNG text and ICC chunks
                 raise
-            png, icc = _png_within_metadata_limits(_bytes_of(src), e)
+            png, icc = _png_within_metadata_limits(data, e)
             return _decode(io.BytesIO(png), label, icc)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         raise _too_big(label, int(found.group(1)) if found else None) from None
     except Image.UnidentifiedImageError:
-        raise _not_readable(label, _head_of(src)) from None
+        raise _not_readable(label, data[:512]) from None
     except PermissionError as e:
         raise UserError(f"cannot read image {label} ({e.strerror}): check its permissions") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, MemoryError) as e:
@@ -104,28 +110,13 @@ def read_image(src: str | Path | IO[bytes], name: str = "") -> "Image.Image":
                         f"pass an intact copy of the image") from None
 
 
-@functools.cache
-def _optional_plugins() -> None:
-    """Pillow's HEIC/HEIF opener when the pillow-heif plugin is installed (phones save HEIC)."""
-    try:
-        from pillow_heif import register_heif_opener
-    except ImportError:
-        return
-    register_heif_opener()
-
-
-def _decode(src: str | Path | IO[bytes], label: str, icc: bytes | None = None) -> "Image.Image":
+def _decode(src: IO[bytes], label: str, icc: bytes | None = None) -> Image.Image:
     """read_image's decoding, Pillow's exceptions unchanged; `icc` replaces the file's own profile."""
-    import warnings
-
-    from PIL import Image, ImageOps
     with warnings.catch_warnings():
         # Pillow's warnings about a damaged file would add lines to the one-line error (or to a
         # prediction that worked); it only warns between 1x and 2x its pixel limit: refused too
         warnings.filterwarnings("ignore", module=r"PIL\.")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        if hasattr(src, "seek"):
-            src.seek(0)
         with Image.open(src) as im:
             _check_pixels(im.size, label)  # also when another thread reset the warning filter
             im.load()  # the first frame: what a viewer shows of an animated or multi-page file
@@ -147,9 +138,6 @@ def _png_within_metadata_limits(data: bytes, error: Exception) -> tuple[bytes, b
     when within ICC_LIMIT), a text chunk stays while it and the text kept so far fit Pillow's
     limits. Re-raises `error` when `data` is not a PNG's chunk sequence.
     """
-    import struct
-
-    from PIL import PngImagePlugin
     sig = b"\x89PNG\r\n\x1a\n"
     if not data.startswith(sig):
         raise error
@@ -201,41 +189,13 @@ def _text_size(kind: bytes, body: bytes, limit: int) -> int | None:
     return None if v is None or len(v) > limit else len(v)
 
 
-def _size_of(src: str | Path | IO[bytes]) -> int | None:
-    if isinstance(src, (str, Path)):
-        return Path(src).stat().st_size
-    try:
-        return src.seek(0, io.SEEK_END)
-    except (AttributeError, OSError):
-        return None
-
-
-def _bytes_of(src: str | Path | IO[bytes]) -> bytes:
-    if isinstance(src, (str, Path)):
-        return Path(src).read_bytes()
-    src.seek(0)
-    return src.read()
-
-
-def _head_of(src: str | Path | IO[bytes]) -> bytes:
-    """The file's first 512 bytes (b"" when they cannot be read)."""
-    try:
-        if isinstance(src, (str, Path)):
-            with open(src, "rb") as f:
-                return f.read(512)
-        src.seek(0)
-        return src.read(512)
-    except (OSError, AttributeError):
-        return b""
-
-
 # first bytes of formats people have as pictures that Pillow does not open: (test, what it is, advice)
 _FORMATS = (
     (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1",
                                                  b"msf1"),
      "a HEIC/HEIF photo, which this Pillow cannot read",
      "install the pillow-heif plugin (pip install pillow-heif) or convert it to JPEG"),
-    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis") and not _pillow_reads("avif"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis") and not features.check("avif"),
      "an AVIF image, which this Pillow cannot read", "use Pillow 11.3 or later or convert it to PNG or JPEG"),
     (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis"),
      "an AVIF image Pillow's AVIF decoder cannot open", "it may be damaged: convert an intact copy to PNG or JPEG"),
@@ -248,11 +208,6 @@ _FORMATS = (
 )
 
 
-def _pillow_reads(feature: str) -> bool:
-    from PIL import features
-    return bool(features.check(feature))
-
-
 def _not_readable(label: str, head: bytes) -> UserError:
     """Why Pillow found no image in a file: a format it does not read, or not an image at all."""
     for test, fmt, advice in _FORMATS:
@@ -263,21 +218,18 @@ def _not_readable(label: str, head: bytes) -> UserError:
 
 
 def _too_big(label: str, pixels: int | None) -> UserError:
-    from PIL import Image
     size = f"{pixels:,} pixels, " if pixels else ""
     return UserError(f"{label} is too large to decode safely ({size}over the limit of "
                      f"{Image.MAX_IMAGE_PIXELS:,} pixels, PIL.Image.MAX_IMAGE_PIXELS): pass a smaller image")
 
 
 def _check_pixels(size: tuple[int, int], label: str) -> None:
-    from PIL import Image
     if Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
         raise _too_big(label, size[0] * size[1])
 
 
-def _to_rgb(im: "Image.Image") -> "Image.Image":
+def _to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB of a loaded image in any mode, alpha composited over white."""
-    from PIL import Image
     icc = im.info.get("icc_profile")
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = _high_depth_to_8bit(im)
@@ -295,7 +247,7 @@ def _to_rgb(im: "Image.Image") -> "Image.Image":
     return im
 
 
-def _high_depth_to_8bit(im: "Image.Image") -> "Image.Image":
+def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
     """L (LA with a tRNS grey) from 16-bit, 32-bit integer or float data, scaled to 0..255.
 
     Pillow's own convert clips these to 0..255, which turns a 16-bit photo white. 16-bit data is
@@ -303,8 +255,6 @@ def _high_depth_to_8bit(im: "Image.Image") -> "Image.Image":
     16-bit PGM and some TIFFs); floats within 0..1 or 0..255 are taken on that scale; anything
     else is stretched from its minimum to its maximum.
     """
-    import numpy as np
-    from PIL import Image
     raw = np.asarray(im)
     a = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
@@ -323,12 +273,10 @@ def _high_depth_to_8bit(im: "Image.Image") -> "Image.Image":
     return gray
 
 
-def _to_srgb(im: "Image.Image", icc: bytes) -> "Image.Image":
+def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
     """`im` moved from its embedded ICC profile to sRGB (as viewers show it); unchanged when the
     profile is unusable or does not fit the mode, since the pixels are still a fair picture."""
-    import io
 
-    from PIL import ImageCms
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
@@ -336,28 +284,21 @@ def _to_srgb(im: "Image.Image", icc: bytes) -> "Image.Image":
         return im
 
 
-def to_model_input(rgb: "Image.Image") -> "torch.Tensor":
+def to_model_input(rgb: Image.Image) -> torch.Tensor:
     """uint8 tensor [3, 32, 32]: an RGB image shrunk like the dataset's images (box filter)."""
-    import numpy as np
-    import torch
-    from PIL import Image
     small = rgb.convert("RGB").resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BOX)
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image(src: str | Path | IO[bytes], name: str = "") -> "torch.Tensor":
+def load_image(src: str | Path | IO[bytes], name: str = "") -> torch.Tensor:
     """uint8 tensor [3, 32, 32] the model gets for an image file path or binary file object."""
     return to_model_input(read_image(src, name))
 
 
-def probabilities(model: Model, images: list, batch_size: int = 64) -> "torch.Tensor":
+def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Tensor:
     """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a
     time (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory where
     that is an error (a GPU, a memory limit) rather than the kernel killing the process."""
-    import torch
-
-    from trainable.augment import eval_transform
-    from trainable.loop import halving_batches
     x = torch.stack(images)
 
     def step(rows: slice) -> torch.Tensor:

@@ -15,6 +15,7 @@ from trainable import atomic
 from trainable.config import TrialConfig, coerce, split_assignment
 from trainable.data import FinalData
 from trainable.errors import UserError
+from trainable.model import check_weights
 
 COMPARISON = "comparison.json"
 
@@ -37,7 +38,6 @@ def parse_overrides(items: list[str], names: list[str]) -> dict[str, dict[str, A
 def baseline_configs(names: list[str], overrides: list[str], base: dict[str, Any],
                      epochs_scale: float) -> dict[str, dict[str, Any]]:
     """Each recipe's complete config, checked (names, values, weights) before anything trains."""
-    from trainable.model import check_weights
     unknown = [n for n in names if n not in RECIPES]
     if unknown or not names:
         raise UserError(f"--baselines {','.join(unknown) or '(empty)'}: choose recipes from "

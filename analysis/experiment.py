@@ -9,18 +9,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from analysis.command import command
-from analysis.outcome import (
-    TrialView,
-    failure_status,
-    outcome,
-    planned_epochs,
-    read_ends,
-)
+from analysis.outcome import TrialView, failure_status, outcome, planned_epochs, read_ends
 from analysis.study import METRIC
 from trainable import atomic
 from trainable.config import TrialConfig
@@ -35,7 +29,7 @@ class TrialRecord:
     path: Path
     config: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
-    error: str = ""  # first line of Tune's error.txt, when the trial failed
+    error: str = ""  # last line of Tune's error.txt, when the trial failed
     ended_by_search: str = ""  # analysis.outcome.INTERRUPTED / OUT_OF_BUDGET, from trial_ends.json
 
     @property
@@ -45,6 +39,11 @@ class TrialRecord:
     @property
     def epochs_run(self) -> int:
         return max((int(r.get("epoch", 0)) for r in self.results), default=0)
+
+    @property
+    def full_fidelity(self) -> bool:
+        """Trained on all of the training split (a screen trial, search/plan.py, trains on a fraction)."""
+        return float(self.config.get("train_fraction", 1.0)) >= 1.0
 
     @property
     def failure(self) -> dict[str, Any] | None:
@@ -58,31 +57,49 @@ class TrialRecord:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """The result row of the best epoch (highest val_acc), None if there is none."""
+        """The result row of the best epoch (highest val_acc); None for a failed trial or one without any."""
         if self.failure is not None:
-            return None  # a diverged or out-of-memory trial is never a candidate
-        rows = [r for r in self.results if _finite(r.get(METRIC))]
+            return None
+        rows = [r for r in self.results if isinstance(r.get(METRIC), (int, float)) and math.isfinite(r[METRIC])]
         return max(rows, key=lambda r: r[METRIC]) if rows else None
-
-    @property
-    def view(self) -> TrialView:
-        last = self.failure or (self.results[-1] if self.results else {})
-        return TrialView(self.config, last, errored=bool(self.error), ended_by_search=self.ended_by_search)
 
     @property
     def status(self) -> str:
         """How the trial ended: analysis.outcome's rule."""
-        return outcome(self.view)
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+        last = self.failure or (self.results[-1] if self.results else {})
+        return outcome(TrialView(self.config, last, errored=bool(self.error), ended_by_search=self.ended_by_search))
 
 
 def trial_id_of(folder: Path) -> str:
-    """The Tune trial id a trial folder is named after (search/run.py trial_dirname: trial_ID), so a
-    trial that never reported shows the same id format as the others; other names as they are."""
+    """The Tune trial id a trial folder is named after (search/run.py trial_dirname: trial_ID)."""
     return Path(folder).name.removeprefix("trial_")
+
+
+def _json_lines(path: Path) -> list[Any]:
+    """The JSON values of a file's lines, skipping a line a killed driver cut short."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _read_trial(d: Path, ends: dict[str, str]) -> TrialRecord:
+    try:
+        config = json.loads((d / "params.json").read_text())
+    except (OSError, json.JSONDecodeError):  # missing, or written half by a killed driver
+        config = {}
+    results = _json_lines(d / "result.json")
+    rec = TrialRecord(str(results[-1].get("trial_id", trial_id_of(d))) if results else trial_id_of(d), d,
+                      config if isinstance(config, dict) else {}, results)
+    err = d / "error.txt"
+    if err.exists():
+        lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
+        rec.error = lines[-1][:200] if lines else "error"
+    rec.ended_by_search = ends.get(rec.trial_id, ends.get(trial_id_of(d), ""))
+    return rec
 
 
 def load_trials(exp_dir: Path) -> list[TrialRecord]:
@@ -91,40 +108,14 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
     exp_dir = Path(exp_dir)
     ends = read_ends(exp_dir)
     folders = sorted({p.parent for p in exp_dir.glob("*/params.json")} | set(exp_dir.glob("trial_*")))
-    records = []
-    for d in folders:
-        if not d.is_dir():
-            continue
-        params = d / "params.json"
-        try:
-            config = json.loads(params.read_text()) if params.exists() else {}
-        except (OSError, json.JSONDecodeError):  # written half by a killed driver
-            config = {}
-        rec = TrialRecord(trial_id=trial_id_of(d), path=d, config=config if isinstance(config, dict) else {})
-        res = d / "result.json"
-        if res.exists():
-            for line in res.read_text().splitlines():
-                try:
-                    rec.results.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a killed driver
-                    continue
-        if rec.results:
-            rec.trial_id = str(rec.results[-1].get("trial_id", rec.trial_id))
-        err = d / "error.txt"
-        if err.exists():
-            lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
-            rec.error = lines[-1][:200] if lines else "error"
-        rec.ended_by_search = ends.get(rec.trial_id, ends.get(trial_id_of(d), ""))
-        records.append(rec)
-    return records
+    return [_read_trial(d, ends) for d in folders if d.is_dir()]
 
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a usable best epoch, best first; a screen trial (trained on a fraction of the
-    data: search/plan.py) ranks below every full-fidelity one, whose val_acc it can't be compared with."""
+    """Trials with a usable best epoch, best first; a screen trial ranks below every full-fidelity
+    one, whose val_acc it can't be compared with."""
     usable = [t for t in trials if t.best is not None]
-    return sorted(usable, key=lambda t: (float(t.config.get("train_fraction", 1.0)) >= 1.0, t.best[METRIC]),
-                  reverse=True)
+    return sorted(usable, key=lambda t: (t.full_fidelity, t.best[METRIC]), reverse=True)
 
 
 def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
@@ -132,8 +123,7 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
     ranked = rank(trials)
     if not ranked:
         raise UserError(f"{exp_dir} holds no trial with a finished epoch: run or resume the search first")
-    best = ranked[0]
-    exp_dir = Path(exp_dir)
+    best, exp_dir = ranked[0], Path(exp_dir)
     out = {
         "trial_id": best.trial_id,
         "best_val_acc": float(best.best[METRIC]),
@@ -149,16 +139,22 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
     return out
 
 
-def read_best_config(path: Path) -> dict[str, Any]:
-    """The `config` of a best_config.yaml/json (or a plain mapping of hyper-parameters)."""
+def read_best_file(path: Path) -> dict[str, Any]:
+    """A best_config.yaml/json as a mapping (or a plain mapping of hyper-parameters)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot read config {path} ({type(e).__name__}): pass a best_config.yaml") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} is not a mapping: pass a best_config.yaml")
+    return data
+
+
+def read_best_config(path: Path) -> dict[str, Any]:
+    """The `config` of a best_config.yaml/json (or a plain mapping of hyper-parameters), validated."""
+    data = read_best_file(path)
     cfg = data.get("config", data)
-    TrialConfig.from_dict(cfg)  # validates
+    TrialConfig.from_dict(cfg)
     return cfg
 
 
@@ -204,9 +200,8 @@ def fmt_lr(v: float) -> str:
 
 
 def param_cell(config: dict[str, Any], key: str) -> str:
-    """One hyper-parameter of `config` for a table cell: learning rates by fmt_lr; under aug_strength
-    the explicit augment list when one is set (it overrides the strength); "-" for stage 3's lr in
-    a 2-stage plan (it has none); other floats to 3 significant digits."""
+    """One hyper-parameter for a table cell: learning rates by fmt_lr; under aug_strength the explicit
+    augment list when one overrides it; "-" for stage 3's lr in a 2-stage plan; other floats to 3 digits."""
     v = config.get(key)
     if key == "aug_strength" and config.get("augment"):
         return str(config["augment"])
@@ -220,22 +215,27 @@ def param_cell(config: dict[str, Any], key: str) -> str:
 
 
 def param_cells(config: dict[str, Any], columns: list[str] = PARAM_COLUMNS) -> list[str]:
-    """`config`'s values under `columns`, each as param_cell shows it."""
     return [param_cell(config, k) for k in columns]
 
 
+def text_table(head: list[str], rows: list[list[str]], numeric: Iterable[int] = ()) -> str:
+    """Every plain-text table's layout: columns as wide as their widest cell, a dashed rule under the
+    header, `numeric` columns right-aligned."""
+    numeric = set(numeric)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
 def leaderboard(trials: list[TrialRecord], top: int = 10) -> str:
-    """A plain-text table of the top trials and their key parameters."""
-    head = ["#", "trial", "val_acc", "@epoch", "epochs", "status"] + PARAM_HEADS
-    rows = []
-    for i, t in enumerate(rank(trials)[:top], start=1):
-        rows.append([str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]),
-                     f"{t.epochs_run}/{t.planned_epochs}", t.status] + param_cells(t.config))
+    """A plain-text table of the top trials and their key parameters, then the trials without a result."""
+    rows = [[str(i), t.trial_id, f"{t.best[METRIC]:.4f}", str(t.best["epoch"]), f"{t.epochs_run}/{t.planned_epochs}",
+             t.status, *param_cells(t.config)] for i, t in enumerate(rank(trials)[:top], start=1)]
+    lines = [text_table(["#", "trial", "val_acc", "@epoch", "epochs", "status", *PARAM_HEADS], rows)]
     others = [t for t in trials if t.best is None]
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows]
     if others:
         lines.append(f"\n{len(others)} trial(s) without a usable result:")
-    for t in others:
-        lines.append(f"   {t.trial_id}: {t.status}" + (f" ({t.reason})" if t.reason else ""))
+    lines += [f"   {t.trial_id}: {t.status}" + (f" ({t.reason})" if t.reason else "") for t in others]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ it did in the search, since there is nothing else to watch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from trainable.data import FinalData
 from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
 from trainable.memory import is_out_of_memory
+from trainable.model import create_model
 from trainable.trial import run_trial, to_device
 
 FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
@@ -48,24 +50,7 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
         raise UserError(f"the retrain failed: {last['status']} in epoch {last['epoch']}: "
                         f"lower the learning rates {FIX}")
     train_seconds = time.perf_counter() - t0
-    device = next(net.parameters()).device  # the test pass runs where (and as) the retrain trained
-    mean, std = normalisation_of(net.backbone)
-    try:
-        test = to_device(data.test, device)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
-                        f"images there: free memory on the device and run it again") from None
-    try:
-        ev = evaluate(net, *test, input_size=cfg.input_size, mean=mean, std=std,
-                      batch_size=cfg.eval_batch_size, prec=Precision.for_device(device, cfg.backbone, cfg.precision),
-                      return_predictions=True)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"the test pass ran out of memory on {device.type} even one image at a time "
-                        f"(input_size {cfg.input_size}): lower input_size {FIX}") from None
+    ev, mean, std = _test_pass(net, data, cfg)
     metrics = {"test_acc": ev["acc"], "test_top5": ev["top5"], "test_coarse_acc": ev["coarse_acc"],
                "test_loss": ev["loss"], "epochs": int(last["epoch"]), "planned_epochs": cfg.total_epochs,
                "cut_at_epoch": cut,
@@ -86,9 +71,33 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
     return metrics
 
 
+@contextlib.contextmanager
+def _out_of_memory_is(message: str):
+    """Running out of memory in the block is a UserError with `message`; other errors pass unchanged."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(message) from None
+
+
+def _test_pass(net: torch.nn.Module, data: FinalData, cfg: TrialConfig) -> tuple[dict[str, Any], tuple, tuple]:
+    """(evaluate's results with predictions, mean, std) on the test set, where (and as) the retrain trained."""
+    device = next(net.parameters()).device
+    mean, std = normalisation_of(net.backbone)
+    with _out_of_memory_is(f"the test pass ran out of memory on {device.type} copying the {len(data.test)} test "
+                           f"images there: free memory on the device and run it again"):
+        test = to_device(data.test, device)
+    with _out_of_memory_is(f"the test pass ran out of memory on {device.type} even one image at a time "
+                           f"(input_size {cfg.input_size}): lower input_size {FIX}"):
+        ev = evaluate(net, *test, input_size=cfg.input_size, mean=mean, std=std, batch_size=cfg.eval_batch_size,
+                      prec=Precision.for_device(device, cfg.backbone, cfg.precision), return_predictions=True)
+    return ev, mean, std
+
+
 def load_trained(path: Path, device: torch.device | str = "cpu"):
     """(net, checkpoint dict) from a model.pt written above; no pretrained download needed."""
-    from trainable.model import create_model
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TrialConfig.from_dict(ckpt["config"])
     net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)

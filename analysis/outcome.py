@@ -14,6 +14,7 @@ from typing import Any
 
 from trainable import atomic
 from trainable.config import TrialConfig
+from trainable.stages import plan_stages
 
 COMPLETED = "completed"  # ran every planned epoch
 PRUNED = "pruned"  # ASHA stopped it at a rung
@@ -29,6 +30,7 @@ NOT_STARTED = "not started"  # no epoch reported
 
 FAILED = frozenset({DIVERGED, OOM, ERRORED})  # never a candidate; counted as failed
 ENDED_BY_SEARCH = frozenset({INTERRUPTED, OUT_OF_BUDGET})
+_ALL = frozenset({COMPLETED, PRUNED, EARLY_STOPPED, RUNNING, PENDING, NOT_STARTED}) | FAILED | ENDED_BY_SEARCH
 ENDS_FILE = "trial_ends.json"  # {trial_id: INTERRUPTED | OUT_OF_BUDGET}, written by search/progress.py
 
 
@@ -64,7 +66,6 @@ def planned_epochs(config: dict[str, Any]) -> int | None:
 
 def early_stopped(config: dict[str, Any], last: dict[str, Any]) -> bool:
     """The trial's own patience ended its last stage (and so the trial)."""
-    from trainable.stages import plan_stages
     try:
         last_stage = plan_stages(TrialConfig.from_dict(config))[-1].number
     except Exception:  # noqa: BLE001 - not this project's config
@@ -96,10 +97,6 @@ def outcome(v: TrialView) -> str:
 
 def is_failure(name: str) -> bool:
     return name in FAILED or name not in _ALL
-
-
-_ALL = frozenset({COMPLETED, PRUNED, EARLY_STOPPED, INTERRUPTED, OUT_OF_BUDGET, RUNNING, PENDING,
-                  NOT_STARTED}) | FAILED
 
 
 def read_ends(exp: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@ the searcher keeps (search/searcher.py writes it, report/importance.py reads it)
 study's SQLite database is opened so readers never cost the search a result."""
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import optuna
 from sqlalchemy.engine import URL
+
+from spaces import space_view
 
 METRIC, MODE = "val_acc", "max"  # what every trial reports each epoch (trainable/trial.py), and its direction
 STUDY_FILE, STUDY_NAME = "optuna.db", "search"
@@ -31,6 +34,26 @@ def study_url(exp: Path) -> str:
     """The experiment's Optuna storage URL (SQLite), its path escaped as SQLAlchemy parses it back:
     a folder named `a%20b`, `x?y`, `#1` or `{n}` opens that folder."""
     return URL.create("sqlite", database=str(study_path(exp))).render_as_string(hide_password=False)
+
+
+def load_study(exp: Path) -> optuna.Study | None:
+    """The experiment's saved Optuna study; None without optuna.db."""
+    if not (Path(exp) / STUDY_FILE).is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
+
+
+def holds(config: dict[str, Any], params: dict[str, Any]) -> bool:
+    """Whether a trial's config holds every value an Optuna trial sampled (numbers to rounding): how a
+    Tune trial is matched to its Optuna trial, since their ids differ. The config is seen as the
+    space sees it (`space_view`: the structural "stages" choice derived from the stage epochs)."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+        return a == b
+    view = space_view(config)
+    return all(same(view.get(k), v) for k, v in params.items())
 
 
 def enable_wal(db: Path) -> None:

@@ -19,6 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from analysis.experiment import TrialRecord, load_trials
 from analysis.outcome import (
     COMPLETED,
@@ -28,8 +31,7 @@ from analysis.outcome import (
     OUT_OF_BUDGET,
     is_failure,
 )
-from analysis.study import STUDY_FILE, STUDY_NAME, study_url
-from spaces import space_view
+from analysis.study import STUDY_FILE, STUDY_NAME, holds, study_url
 
 STEP, VALUE = "training_iteration", "best_val_acc"  # what Ray's OptunaSearch reports per result
 REASON = "status"  # the user attr holding how the trial ended (as warm-start told trials carry it)
@@ -65,7 +67,7 @@ def _match(ot, trials: list[TrialRecord]) -> TrialRecord | None:
     (configs resolve every name) and every value Optuna was told among its results; one Optuna
     was told nothing stands for a trial that reported nothing."""
     steps = {int(k): float(v) for k, v in ot.intermediate_values.items()}
-    return next((t for t in trials if all(space_view(t.config).get(k) == v for k, v in ot.params.items())
+    return next((t for t in trials if holds(t.config, ot.params)
                  and _agrees(steps, _reported(t)) and (steps or not t.results)), None)
 
 
@@ -75,8 +77,6 @@ def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counte
     the search can run nothing more (`search_over`); else only trials that ended by themselves
     are settled. `why` the search is over, for trials it never started ("not started: WHY").
     Returns how many trials went to each outcome name. No study file: nothing to do."""
-    import optuna
-    from optuna.trial import TrialState
     if not (Path(exp) / STUDY_FILE).is_file():
         return Counter()
     storage = optuna.storages.RDBStorage(study_url(exp))
@@ -112,6 +112,5 @@ def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counte
 
 
 def _fail(storage: Any, trial_id: int, reason: str) -> None:
-    from optuna.trial import TrialState
     storage.set_trial_user_attr(trial_id, REASON, reason)
     storage.set_trial_state_values(trial_id, TrialState.FAIL)

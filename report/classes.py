@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from report.plots import COLOURS, figure, legend_below, save
 
@@ -32,7 +33,6 @@ def class_results(predictions: np.ndarray, labels: np.ndarray, names: list[str])
 
 def load_class_results(analysis: Path) -> ClassResults | None:
     """None when the retrain's files are not there (e.g. analyze.py --no-retrain)."""
-    import torch
     preds, model = analysis / "test_predictions.pt", analysis / "model.pt"
     if not (preds.exists() and model.exists()):
         return None
@@ -62,11 +62,8 @@ def plot_classes(r: ClassResults, path: Path, k: int = 10) -> Path:
     best, worst = ranked_classes(r, k)
     fig, axes = figure(11, max(3.5, 0.32 * max(len(best), 1) + 1.6), ncols=2, squeeze=False)
     mean = float(np.diag(r.confusion).sum() / max(1, r.confusion.sum()))
-    ties = [f" ({n} classes tie at {v:.0%})" if (n := int(np.sum((r.accuracy == v) & (r.support > 0)))) > len(idx)
-            else "" for idx, v in ((best, r.accuracy[best[0]] if best else 0), (worst, r.accuracy[worst[0]] if worst else 0))]
-    for ax, idx, kind, tie, colour in ((axes[0][0], best, "best", ties[0], COLOURS[2]),
-                                       (axes[0][1], worst, "worst", ties[1], COLOURS[3])):
-        idx = idx[::-1]  # first at the top
+    for ax, shown, kind, colour in ((axes[0][0], best, "best", COLOURS[2]), (axes[0][1], worst, "worst", COLOURS[3])):
+        idx = shown[::-1]  # first at the top
         bars = ax.barh([r.names[i] for i in idx], [r.accuracy[i] for i in idx], color=colour,
                        label=f"test accuracy of a {kind} class")
         ax.bar_label(bars, labels=[f"{r.accuracy[i]:.0%} of {r.support[i]}" for i in idx],
@@ -76,11 +73,19 @@ def plot_classes(r: ClassResults, path: Path, k: int = 10) -> Path:
         ax.set_xticks(np.linspace(0, 1, 6))
         ax.set_xlabel("test accuracy of the class")
         ax.set_ylabel("class")
-        ax.set_title(f"{len(idx)} {kind} classes{tie}")
+        ax.set_title(f"{len(idx)} {kind} classes{_tie(r, shown)}")
         ax.grid(axis="x", alpha=0.3)
     legend_below(fig, *axes[0])
     fig.suptitle("Retrained model: per-class test accuracy")
     return save(fig, path)
+
+
+def _tie(r: ClassResults, shown: list[int]) -> str:
+    """" (N classes tie at X%)" when more classes than shown share the accuracy of the first shown."""
+    if not shown:
+        return ""
+    n = int(np.sum((r.accuracy == r.accuracy[shown[0]]) & (r.support > 0)))
+    return f" ({n} classes tie at {r.accuracy[shown[0]]:.0%})" if n > len(shown) else ""
 
 
 def plot_confusions(r: ClassResults, path: Path, k: int = 10) -> Path | None:

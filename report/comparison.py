@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from analysis.baselines import COMPARISON
+from analysis.experiment import text_table
 from report import html as h
 
 HEAD = ["recipe", "backbone", "pretrained", "input px", "epochs run/planned", "train images",
@@ -20,16 +22,12 @@ def cells(r: dict[str, Any]) -> list[str]:
                     h.pct(r["test_acc"]), h.pct(r["test_coarse_acc"])]
 
 
-def text_table(rows: list[dict[str, Any]]) -> str:
-    table = [HEAD] + [cells(r) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEAD))]
-    line = lambda row: "  ".join(c.rjust(w) if i in NUMERIC else c.ljust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([line(table[0]), "  ".join("-" * w for w in widths), *map(line, table[1:])])
+def comparison_text(rows: list[dict[str, Any]]) -> str:
+    return text_table(HEAD, [cells(r) for r in rows], numeric=NUMERIC)
 
 
 def load(out_dir: Path) -> dict[str, Any] | None:
-    p = Path(out_dir) / "comparison.json"
+    p = Path(out_dir) / COMPARISON
     return json.loads(p.read_text()) if p.exists() else None
 
 

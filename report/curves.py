@@ -9,6 +9,7 @@ from analysis.experiment import TrialRecord, rank
 from analysis.outcome import (
     COMPLETED,
     EARLY_STOPPED,
+    ERRORED,
     INTERRUPTED,
     OUT_OF_BUDGET,
     PRUNED,
@@ -22,6 +23,9 @@ STAGE_MARKERS = {1: "o", 2: "s", 3: "^"}
 # line style and end marker per analysis.outcome name; anything else (errored, diverged, oom): dotted, x
 STYLE = {COMPLETED: "-", EARLY_STOPPED: "-", PRUNED: "--", INTERRUPTED: "-.", OUT_OF_BUDGET: "-."}
 END_MARKER = {PRUNED: "X", EARLY_STOPPED: "s", INTERRUPTED: ">", OUT_OF_BUDGET: ">"}
+READING = [(COMPLETED, "ran every epoch"), (PRUNED, "pruned by ASHA"),
+           (EARLY_STOPPED, "early-stopped by its own patience"), (INTERRUPTED, "cut short: interrupted / time budget"),
+           (ERRORED, "errored / diverged / out of memory")]  # the legend's line styles
 NAMED = len(COLOURS)  # the top trials get a colour and a legend entry; the rest are grey
 
 
@@ -78,12 +82,8 @@ def plot_curves(trials: list[TrialRecord], path: Path) -> Path:
         handles[NAMED] = Line2D([], [], color=OTHER, label=f"{len(order) - NAMED} more trials")
     fig.legend(handles=[handles[k] for k in sorted(handles)], title="trial (rank by best val_acc)", loc="outside right upper",
                fontsize=8, title_fontsize=9)
-    styles = [Line2D([], [], color="black", ls="-", label="ran every epoch"),
-              Line2D([], [], color="black", ls="--", marker="X", markersize=9, label="pruned by ASHA"),
-              Line2D([], [], color="black", ls="-", marker="s", markersize=7, label="early-stopped by its own patience"),
-              Line2D([], [], color="black", ls="-.", marker=">", markersize=8,
-                     label="cut short: interrupted / time budget"),
-              Line2D([], [], color="black", ls=":", marker="x", markersize=9, label="errored / diverged / out of memory")]
+    styles = [Line2D([], [], color="black", ls=STYLE.get(status, ":"), marker=_end_marker(status), markersize=8,
+                     label=label) for status, label in READING]
     styles += [Line2D([], [], color="black", ls="", marker=m, label=f"stage {s} epoch")
                for s, m in STAGE_MARKERS.items()]
     fig.legend(handles=styles, title="how to read", loc="outside right lower", fontsize=8, title_fontsize=9)

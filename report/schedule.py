@@ -12,9 +12,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from analysis.experiment import TrialRecord
 from report.plots import COLOURS, figure, save
 from trainable.config import TrialConfig
+from trainable.model import create_model
+from trainable.optim import build_optimizer, head_lr
 from trainable.stages import plan_stages
 
 FALLBACK_STEPS = 50  # per epoch, when the trial's results don't tell
@@ -39,10 +43,6 @@ def steps_per_epoch(trial: TrialRecord) -> int:
 
 
 def compute_schedule(config: dict, steps: int) -> Schedule:
-    import torch
-
-    from trainable.model import create_model
-    from trainable.optim import build_optimizer, head_lr
     cfg = TrialConfig.from_dict(config)
     net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)
     xs, head, low, starts = [], [], [], []

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis.experiment import TrialRecord, rank
-from analysis.study import METRIC, MOVE_ATTR, STUDY_FILE, STUDY_NAME, WARM_CONFIG, study_url
+from analysis.study import METRIC, MOVE_ATTR, WARM_CONFIG, holds, load_study
 from report import html as h
-from spaces import space_view
+from report.plots import figure, save
 from trainable.config import RUN_FIELDS
 
 
@@ -19,12 +19,11 @@ def _hp(config: dict[str, Any]) -> dict[str, Any]:
 def origins(exp: Path, trials: list[TrialRecord]) -> dict[str, str]:
     """{trial_id: where its config came from}: "recipe NAME", "move of <origin>: names", or absent
     (a model proposal, or no study to read)."""
-    import optuna
-    if not (exp / STUDY_FILE).exists():
-        return {}
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
+        study = load_study(exp)
     except Exception:  # noqa: BLE001 - a study this code can't read: no origins
+        return {}
+    if study is None:
         return {}
     by_number = {t.number: t for t in study.trials}
 
@@ -42,7 +41,7 @@ def origins(exp: Path, trials: list[TrialRecord]) -> dict[str, str]:
         for ot in study.trials:
             warm = ot.user_attrs.get(WARM_CONFIG)
             if (warm is not None and _hp(warm) == hp) or (
-                    warm is None and ot.params and all(space_view(hp).get(k) == v for k, v in ot.params.items())
+                    warm is None and ot.params and holds(hp, ot.params)
                     and ot.system_attrs.get(MOVE_ATTR)):
                 out[t.trial_id] = origin(ot)
                 break
@@ -52,7 +51,7 @@ def origins(exp: Path, trials: list[TrialRecord]) -> dict[str, str]:
 def best_recipe(trials: list[TrialRecord], where: dict[str, str]) -> TrialRecord | None:
     """The best full-fidelity trial that ran a recipe point unchanged."""
     recipes = [t for t in rank(trials) if where.get(t.trial_id, "").startswith("recipe ")
-               and " + " not in where[t.trial_id] and float(t.config.get("train_fraction", 1.0)) >= 1.0]
+               and " + " not in where[t.trial_id] and t.full_fidelity]
     return recipes[0] if recipes else None
 
 
@@ -84,9 +83,8 @@ def section(exp: Path, trials: list[TrialRecord], out: Path) -> str:
 
 def plot_incumbent(trials: list[TrialRecord], recipe_value: float, path: Path) -> Path | None:
     """The best full-fidelity val_acc so far against seconds since the first result."""
-    from report.plots import figure, save
     rows = sorted((r["timestamp"], r[METRIC]) for t in trials for r in t.results
-                  if float(t.config.get("train_fraction", 1.0)) >= 1.0 and r.get("status", "ok") == "ok"
+                  if t.full_fidelity and r.get("status", "ok") == "ok"
                   and isinstance(r.get(METRIC), float) and "timestamp" in r)
     if not rows:
         return None

@@ -185,7 +185,8 @@ def test_empty_experiment_folder(tmp_path):
 def test_leaderboard(exp):
     lines = leaderboard(load_trials(exp)).splitlines()
     assert lines[0].split()[:6] == ["#", "trial", "val_acc", "@epoch", "epochs", "status"]
-    first, second = lines[1].split(), lines[2].split()
+    assert set(lines[1].replace(" ", "")) == {"-"}  # the dashed rule every text table has
+    first, second = lines[2].split(), lines[3].split()
     assert first[:6] == ["1", "peak", "0.9000", "2", "4/4", "completed"] and first[6] == "resnet18"
     assert second[:3] == ["2", "steady", "0.8000"]
     tail = "\n".join(lines)

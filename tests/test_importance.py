@@ -1,6 +1,5 @@
 """report/importance.py: importance comes from the search's saved Optuna study (optuna.db), where a
-conditional parameter exists only in the trials that sampled it; params.json only for experiments
-without one."""
+conditional parameter exists only in the trials that sampled it."""
 from __future__ import annotations
 
 import json
@@ -12,12 +11,8 @@ import pytest
 
 from analysis.experiment import load_trials
 from report.build import write_report
-from report.importance import (
-    STUDY_FILE,
-    STUDY_NAME,
-    compute_importance,
-    load_saved_study,
-)
+from analysis.study import STUDY_FILE, STUDY_NAME, WARM_CONFIG, load_study
+from report.importance import compute_importance
 from trainable.config import TrialConfig
 
 N_TRIALS = 24
@@ -34,12 +29,12 @@ def _objective(trial: optuna.Trial) -> float:
     return 0.6 - 0.05 * abs(math.log10(lr) + 2.5) - (0.15 if schedule == "constant" else 0.0)
 
 
-def _experiment(root: Path, save_study: bool = True, n_trials: int = N_TRIALS) -> Path:
+def _experiment(root: Path, n_trials: int = N_TRIALS) -> Path:
     """An experiment folder as a search leaves it: trial_*/params.json (every field, defaults
     included) and result.json, and the Optuna study in optuna.db."""
     exp = root / "exp"
     exp.mkdir()
-    storage = f"sqlite:///{(exp / STUDY_FILE).resolve()}" if save_study else None
+    storage = f"sqlite:///{(exp / STUDY_FILE).resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=3))
@@ -68,22 +63,11 @@ def test_conditional_parameter_gets_no_share_from_its_default(tmp_path):
     assert {t.user_attrs["status"] for t in imp.study.trials} == {"completed"}
 
 
-def test_params_json_fallback_is_what_the_study_fixes(tmp_path):
-    """The same trials without optuna.db (an experiment from before it was saved): the old method,
-    said so in the note, and it does credit plateau_patience's default, which the study avoids."""
-    exp = _experiment(tmp_path, save_study=False)
-    assert load_saved_study(exp) is None
-    imp = compute_importance(load_trials(exp))
-    assert "no optuna.db" in imp.note and "params.json" in imp.note
-    assert imp.values["plateau_patience"] > 0.1, imp.values
-
-
 def test_report_uses_the_saved_study(tmp_path):
     exp = _experiment(tmp_path)
     page = write_report(exp).read_text()
     assert (exp / "analysis" / "param_importance.png").exists()
     assert "not sampled in every trial: plateau_patience" in page
-    assert "no optuna.db" not in page
 
 
 def test_unfinished_trials_of_the_study_are_ignored(tmp_path):
@@ -102,11 +86,17 @@ def test_unfinished_trials_of_the_study_are_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 9])
-def test_too_few_trials_without_a_study(tmp_path, n):
-    exp = _experiment(tmp_path, save_study=False)
-    trials = load_trials(exp)[:n]
-    imp = compute_importance(trials, exp)
-    assert not imp.values and "needs at least 10" in imp.note
+def test_too_few_trials(tmp_path, n):
+    imp = compute_importance(load_trials(_experiment(tmp_path, n_trials=n)), tmp_path / "exp")
+    assert not imp.values and f"{n} finished trial(s): importance needs at least 10" in imp.note
+
+
+def test_no_study_no_importance(tmp_path):
+    exp = _experiment(tmp_path)
+    (exp / STUDY_FILE).unlink()
+    assert load_study(exp) is None
+    imp = compute_importance(load_trials(exp))
+    assert not imp.values and "0 finished trial(s)" in imp.note
 
 
 def test_too_few_trials_show_a_sentence_not_a_chart(tmp_path):
@@ -124,9 +114,8 @@ def test_too_few_trials_show_a_sentence_not_a_chart(tmp_path):
 def test_trials_told_from_earlier_experiments_stay_out(tmp_path):
     """--warm-start DIR tells the searcher another experiment's trials: they are in optuna.db but
     were not run by this search. Enqueued recipe points were, and count."""
-    from analysis.study import WARM_CONFIG
     exp = _experiment(tmp_path)
-    saved = load_saved_study(exp)
+    saved = load_study(exp)
     dist = {"stage1_lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
             "schedule": optuna.distributions.CategoricalDistribution(["cosine", "onecycle", "constant"]),
             "aug_strength": optuna.distributions.FloatDistribution(0.0, 1.0)}

@@ -16,7 +16,7 @@ import yaml
 from analysis.experiment import load_trials, rank
 from report import write_report
 from report.classes import class_results, ranked_classes, top_confusions
-from report.importance import compute_importance, infer_distributions
+from report.importance import compute_importance
 from report.schedule import compute_schedule, steps_per_epoch
 from tests.conftest import run_cli
 from tests.fake_cifar import write_fake_cifar
@@ -126,25 +126,10 @@ def test_class_results_and_confusions():
     assert top_confusions(r, k=3) == [(1, 2, 2), (3, 0, 1), (0, 1, 1)]
 
 
-def test_distributions_are_inferred_from_values():
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-    d = infer_distributions([{"backbone": "a", "stage1_lr": 1e-3, "aug_strength": 0.01, "stages": 2, "seed": 0},
-                             {"backbone": "b", "stage1_lr": 2e-3, "aug_strength": 0.9, "stages": 3, "seed": 0}])
-    assert isinstance(d["backbone"], CategoricalDistribution)
-    assert isinstance(d["stages"], IntDistribution)
-    assert isinstance(d["stage1_lr"], FloatDistribution) and d["stage1_lr"].log
-    assert isinstance(d["aug_strength"], FloatDistribution) and not d["aug_strength"].log
-    assert "seed" not in d  # never varied (and not a hyper-parameter)
-
-
 def test_importance_over_the_real_trials(experiment):
     imp = compute_importance(load_trials(experiment))
     if imp.values:
         assert abs(sum(imp.values.values()) - 1) < 1e-6
-        assert imp.evaluator in ("fANOVA", "PED-ANOVA")
+        assert imp.evaluator == "fANOVA"
     else:
         assert imp.note
