@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ray import tune
 
-from analysis.experiment import PARAM_COLUMNS, duration, fmt, param_cells
+from analysis.experiment import PARAM_COLUMNS, duration, fmt, param_cells, text_table
 from analysis.outcome import (
     ENDED_BY_SEARCH,
     INTERRUPTED,
@@ -159,12 +159,6 @@ def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: in
     return head, rows[:max_rows], max(0, len(rows) - max_rows)
 
 
-def render_table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
-
-
 class SearchLog(tune.Callback):
     """Records when each trial started and whether it ended by itself or by the scheduler (those
     left at the experiment's end were cut short by it), and prints the progress line and the table
@@ -256,7 +250,7 @@ class SearchLog(tune.Callback):
             counts[name] = counts.get(name, 0) + 1
         status = " | ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}",
-                 render_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
+                 text_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
         self.out("\n".join(lines))
         self.last_table = time.monotonic()
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from analysis.experiment import text_table
 from search.progress import (
     METRIC_COLUMNS,
     PARAM_COLUMNS,
@@ -15,7 +16,6 @@ from search.progress import (
     progress_line,
     progress_of,
     quiet_ray_console,
-    render_table,
     table_rows,
 )
 
@@ -88,7 +88,7 @@ def test_table_has_the_chosen_columns():
     assert rows[2][1] == "pruned"
     assert rows[1][PARAM_COLUMNS.index("stage3_lr") + 2] == "-"  # a 2-stage trial has no stage 3
     assert rows[3][1] == "diverged"
-    lines = render_table(head, rows).splitlines()
+    lines = text_table(head, rows).splitlines()
     assert lines[0].index("backbone") == lines[2].index("resnet18")  # columns line up
 
 
