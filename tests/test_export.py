@@ -11,6 +11,7 @@ import yaml
 from analysis.command import PROJECT, python, shown
 from analysis.experiment import (
     SETTINGS_FILE,
+    TrialRecord,
     export_best,
     leaderboard,
     load_trials,
@@ -216,3 +217,15 @@ def test_read_best_config_errors(tmp_path, text, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="cannot read config"):
         read_best_config(tmp_path / "missing.yaml")
+
+
+def test_equal_val_acc_is_broken_by_the_lower_val_loss(tmp_path):
+    """A duel's seed exported a 3-stage plan over the recipe it tied on 250 val images, though its
+    val_loss was 3.33 against 2.83: equal accuracies are ranked by the finer measure."""
+    row = {"epoch": 2, "training_iteration": 2, "status": "ok"}
+    cfg = {"stage1_epochs": 1, "stage2_epochs": 1, "stage3_epochs": 0}
+    first = TrialRecord("a", tmp_path / "a", cfg, [{**row, "val_acc": 0.36, "val_loss": 3.33}])
+    second = TrialRecord("b", tmp_path / "b", cfg, [{**row, "val_acc": 0.36, "val_loss": 2.83}])
+    better = TrialRecord("c", tmp_path / "c", cfg, [{**row, "val_acc": 0.37, "val_loss": 4.0}])
+    no_loss = TrialRecord("d", tmp_path / "d", cfg, [{**row, "val_acc": 0.36}])
+    assert [t.trial_id for t in rank([no_loss, first, second, better])] == ["c", "b", "a", "d"]
