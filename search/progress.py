@@ -165,10 +165,11 @@ class SearchLog(tune.Callback):
     from that record. `budget`: the search's BudgetStopper, whose left() bounds the ETA; `sync`:
     storage.Place.sync, called (staging folder, force) when the study may have changed."""
 
-    def __init__(self, exp: Path | None = None, every_s: float = EVERY_S, out: Callable[[str], None] = print,
+    def __init__(self, exp: Path | None = None, every_s: float = EVERY_S, out: Callable[[str], None] | None = None,
                  prior_trial_s: float | None = None, budget=None, max_rows: int = MAX_ROWS,
                  sync: Callable[[str | None, bool], None] | None = None):
         self.exp = Path(exp) if exp is not None else None
+        # out None: print, looked up when called (Tune pickles callbacks; a swapped builtins.print won't pickle)
         self.every_s, self.out, self.prior_trial_s, self.budget, self.max_rows = every_s, out, prior_trial_s, budget, max_rows
         self.sync = sync
         self.total: int | None = None
@@ -235,7 +236,7 @@ class SearchLog(tune.Callback):
         seconds = {k: now - t0 for k, t0 in self.started.items()} | self.ended
         p = progress_of(trials, self.total, seconds=seconds, prior_trial_s=self.prior_trial_s, **which)
         self.parallel = max(self.parallel, p.running + ("ended" in which or "failed" in which))
-        self.out(progress_line(p, now - self.start, self.parallel, self.budget.left() if self.budget else None))
+        (self.out or print)(progress_line(p, now - self.start, self.parallel, self.budget.left() if self.budget else None))
         self.last_line = now
 
     def print_table(self, trials: list, cut: dict[str, str] | None = None) -> None:
@@ -251,7 +252,7 @@ class SearchLog(tune.Callback):
         status = " | ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}",
                  text_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
-        self.out("\n".join(lines))
+        (self.out or print)("\n".join(lines))
         self.last_table = time.monotonic()
 
 

@@ -31,13 +31,18 @@ def wrap(trial, spec: str) -> None:
     kind, epoch, key, value = parse(spec)
     real = trial.fit_epoch
 
+    fresh = []  # whether this process's trial started without a checkpoint, judged at its first epoch
+    # (later, tune.get_checkpoint() returns the checkpoint this run itself reported)
+
     def fit_epoch(t, *args, **kwargs):
+        if not fresh:
+            from ray import tune
+            fresh.append(tune.get_checkpoint() is None)
         if t.at.epoch == epoch and (not key or str(getattr(t.cfg, key)) == value):
             if kind == "oom":
                 import torch
                 torch.empty(1 << 60, dtype=torch.uint8)  # a real allocator failure (1 EiB)
-            from ray import tune
-            if tune.get_checkpoint() is None:  # a first run, not a restart from a checkpoint
+            if fresh[0]:  # a first run, not a restart from a checkpoint
                 os._exit(17)  # die like an OOM-killed worker: no exception, no cleanup
         return real(t, *args, **kwargs)
     trial.fit_epoch = fit_epoch
