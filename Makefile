@@ -39,7 +39,7 @@ app: $(RUNTIME)
 bench: $(BENCH)
 	$(PY) benchmarks/bench.py $(ARGS)
 
-# the search against the hand-made recipes at equal budget, over seeds (one seed's (d) and (a) at 1x took 45 min at --subset 10 on a loaded 2-core machine); prints its table for BENCHMARKS.md
+# the search against the hand-made recipes at equal budget, over seeds (one seed's (d) and (a) at 1x: about 30 min at --subset 10 on a quiet 2-core machine); prints its table for BENCHMARKS.md
 duel: $(RUNTIME)
 	$(PY) benchmarks/duel.py $(ARGS)
 
