@@ -230,13 +230,11 @@ def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Gener
         (name, sign), = own["dirs"].items()
         if sign and name in parent.params:
             return {name: sign}
-    children = [t.system_attrs[MOVE_ATTR] for t in trials if (t.system_attrs.get(MOVE_ATTR) or {}).get("parent") == parent.number]
-    tried = {(n, s) for m in children for n, s in m.get("dirs", {}).items()}
-    ended = [t for t in trials if (t.system_attrs.get(MOVE_ATTR) or {}).get("parent") == parent.number
-             and t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not _beat_parent(t)]
-    for t in ended:
+    children = [t for t in trials if (t.system_attrs.get(MOVE_ATTR) or {}).get("parent") == parent.number]
+    tried = {(n, s) for t in children for n, s in t.system_attrs[MOVE_ATTR].get("dirs", {}).items()}
+    for t in children:
         dirs = t.system_attrs[MOVE_ATTR].get("dirs", {})
-        if len(dirs) == 1:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not _beat_parent(t) and len(dirs) == 1:
             (name, sign), = dirs.items()
             if sign and (name, -sign) not in tried and name in parent.params:
                 return {name: -sign}
