@@ -32,7 +32,7 @@ from trainable.stages import plan_stages
 
 ESTIMATE_FILE = "estimate.json"
 SAMPLES = 300  # configs drawn from the space for the expected cost
-BATCH, STEPS = 16, 3  # timed steps per measurement (after one untimed); the fastest counts
+STEPS = 2  # timed steps per measurement (after one untimed); the fastest counts
 RATES = ("frozen", "train", "eval", "head")  # seconds per image of each kind of step (see measure)
 
 
@@ -42,13 +42,13 @@ def device_key(device: Any, threads: int, precision: str = "auto") -> str:
     return f"{name}|threads{threads}" + ("" if precision == "auto" else f"|{precision}")
 
 
-def _per_image(step: Callable[[], Any], device: Any) -> float:
-    """Seconds per image of `step` on a batch: the fastest of STEPS timed calls after an untimed one."""
+def _per_image(step: Callable[[], Any], device: Any, batch: int) -> float:
+    """Seconds per image of `step` on `batch` images: the fastest of STEPS timed calls after an untimed one."""
     def synced() -> None:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return min(timeit.repeat(synced, repeat=STEPS + 1, number=1)[1:]) / BATCH
+    return min(timeit.repeat(synced, repeat=STEPS + 1, number=1)[1:]) / batch
 
 
 def _sgd_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prec: Precision) -> Callable[[], None]:
@@ -64,29 +64,31 @@ def _sgd_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prec: Prec
     return step
 
 
-def measure(backbone: str, size: int, device: Any, precision: str = "auto") -> dict[str, float]:
+def measure(backbone: str, size: int, device: Any, precision: str = "auto", batch: int = 64) -> dict[str, float]:
     """Seconds per image of a head-only training step ("frozen"), an all-trainable one ("train": stage 2
     costed so is an upper bound), an evaluation forward pass ("eval") and a step of the head alone on
-    cached features ("head"), at the trials' precision (random weights: speed does not depend on them)."""
+    cached features ("head"), at the trials' precision and batch size (random weights: speed does not
+    depend on them; the batch does: on CPU, lite0@224 all-trainable costs 1.7x more per image at batch
+    64 than at 16, memory-bound)."""
     net = create_model(backbone, pretrained=False)
     prec = Precision.for_device(device, backbone, precision)
     prec.model_to(net)
-    x = prec.prepare(torch.randn(BATCH, 3, size, size, device=device))
-    y = torch.randint(0, 100, (BATCH,), device=device)
+    x = prec.prepare(torch.randn(batch, 3, size, size, device=device))
+    y = torch.randint(0, 100, (batch,), device=device)
     out = {}
     for mode, top in (("frozen", 0), ("train", None)):
         set_trainable(net, top)
         train_mode(net)
-        out[mode] = _per_image(_sgd_step(net, x, y, prec), device)
+        out[mode] = _per_image(_sgd_step(net, x, y, prec), device, batch)
     net.eval()
 
     def forward() -> None:
         with prec.autocast():
             net(x)
     with torch.inference_mode():
-        out["eval"] = _per_image(forward, device)
-    features_in = torch.randn(BATCH, net.fine_head.in_features, device=device)
-    out["head"] = _per_image(_sgd_step(net.fine_head, features_in, y, prec), device)
+        out["eval"] = _per_image(forward, device, batch)
+    features_in = torch.randn(batch, net.fine_head.in_features, device=device)
+    out["head"] = _per_image(_sgd_step(net.fine_head, features_in, y, prec), device, batch)
     return out
 
 
@@ -101,9 +103,9 @@ class Speeds:
 
 
 def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
-               log=print, precision: str = "auto") -> Speeds:
-    """Measured speeds for every (backbone, size), reusing the per-machine cache."""
-    key = device_key(device, threads, precision)
+               log=print, precision: str = "auto", batch: int = 64) -> Speeds:
+    """Measured speeds for every (backbone, size) at `batch` images a step, reusing the per-machine cache."""
+    key = f"{device_key(device, threads, precision)}|batch{batch}"
     path = cache_root() / "speed.json"  # per machine: the step times do not depend on the experiment
     try:
         cache = json.loads(path.read_text())
@@ -118,7 +120,7 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
         torch.set_num_threads(threads)
         try:
             for b, s in todo:
-                mine[f"{b}@{s}"] = measure(b, s, device, precision)
+                mine[f"{b}@{s}"] = measure(b, s, device, precision, batch)
         finally:
             torch.set_num_threads(old)
         try:  # a cache: a full disk costs the next run a re-timing, not this search
@@ -200,7 +202,8 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
                       seed=seed)
     warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
     combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
-    speeds = speeds_for(combos, device, threads, log=log, precision=base.get("precision", "auto"))
+    batch = statistics.median_low(c.batch_size for c in configs + warm_cfgs)  # one timing per combo: the typical batch
+    speeds = speeds_for(combos, device, threads, log=log, precision=base.get("precision", "auto"), batch=batch)
 
     def costs(c: TrialConfig) -> tuple[float, float]:  # a whole trial's seconds: FIFO, and under ASHA
         secs = epoch_seconds(c, speeds, n_train, n_val)

@@ -43,7 +43,7 @@ def test_a_space_that_samples_nothing_is_drawn_once():
 
 
 def _fake_measure(calls):
-    def measure(backbone, size, device, precision="auto"):
+    def measure(backbone, size, device, precision="auto", batch=64):
         calls.append((backbone, size))
         return dict.fromkeys(est.RATES, 1e-3 * size)
     return measure
@@ -66,6 +66,8 @@ def test_speeds_are_measured_once_per_machine(tmp_path, monkeypatch):
     assert calls[-1] == ("resnet18", 32)  # an entry without every rate is measured again
     est.speeds_for({("resnet18", 32)}, cpu, 2, log=logs.append, precision="bf16")
     assert len(calls) == 4  # another thread count and precision: another key
+    est.speeds_for({("resnet18", 32)}, cpu, 2, log=logs.append, precision="bf16", batch=128)
+    assert len(calls) == 5  # per-image cost depends on the batch: another key
 
 
 def test_an_unwritable_speed_cache_only_warns(tmp_path, monkeypatch):
@@ -80,6 +82,6 @@ def test_an_unwritable_speed_cache_only_warns(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("one_thread")
 def test_measure_times_every_kind_of_step():
     """A few steps of a real network: a step of the head alone on features is the cheapest."""
-    r = est.measure("resnet18", 32, torch.device("cpu"))
+    r = est.measure("resnet18", 32, torch.device("cpu"), batch=8)
     assert set(r) == set(est.RATES) and all(v > 0 for v in r.values())
     assert min(r["train"], r["frozen"]) > r["head"]

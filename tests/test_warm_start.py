@@ -253,10 +253,11 @@ def test_estimate_without_training(monkeypatch):
     import torch
 
     from search import estimate as est
-    calls, precisions = [], []
+    calls, precisions, batches = [], [], []
 
-    def fake_speeds(combos, device, threads, log=print, precision="auto"):
+    def fake_speeds(combos, device, threads, log=print, precision="auto", batch=64):
         calls.append(combos)
+        batches.append(batch)
         precisions.append(precision)
         return Speeds("fake", {f"{b}@{s}": {"frozen": 1e-4 * s, "train": 3e-4 * s, "eval": 5e-5 * s, "head": 1e-6 * s} for b, s in combos})
     monkeypatch.setattr(est, "speeds_for", fake_speeds)
@@ -269,6 +270,7 @@ def test_estimate_without_training(monkeypatch):
     est.estimate(CPU, opts, {}, {**BASE, "precision": "bf16"}, points, n_train=800, n_val=200,
                  device=torch.device("cpu"), threads=1, parallel=2, num_samples=20, budget_s=600, rungs=[3], rf=3)
     assert precisions == ["auto", "bf16"]  # the trials' --precision is what gets timed
+    assert batches == [64, 64]  # the median batch of the space's draws and the recipe points
     assert est.device_key(torch.device("cpu"), 2, "bf16").endswith("|threads2|bf16")
     assert "|bf16" not in est.device_key(torch.device("cpu"), 2)  # the default keeps its cache
     assert e.wall(20, True) < e.wall(20, False)
