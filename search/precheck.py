@@ -17,7 +17,7 @@ import torch
 from search.searcher import DefineByRun, _quiet_optuna
 from search.settings import SearchSettings
 from spaces import Options, Space, Suggest
-from trainable.config import TrialConfig, coerce
+from trainable.config import TrialConfig
 from trainable.errors import UserError
 from trainable.model import create_model
 
@@ -67,25 +67,25 @@ def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int 
     return out, sampled
 
 
-def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],
-                base: dict[str, Any], points: Sequence[dict[str, Any]] = ()) -> Plan:
-    """Sample and check the configs the search will run (`points`, Optuna params of a warm start,
-    first); decide num_samples and ASHA's max_t. Raises UserError, one line, for any config a trial
-    would fail on."""
-    fixed = coerce(fixed)  # unknown --set keys and values of the wrong type
-    if not space.recipe:  # the same seeded draws as below: their stage epochs are checked once, here
-        check_budget(space, opts, fixed, points)
-    configs, sampled = draw(DefineByRun(space, opts, fixed, base), points=points)
-    if space.recipe:
-        opts = _recipe_budget(s, space, opts, configs[0])
+def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any]) -> Plan:
+    """Sample and check the configs the search will run (`fixed`: the typed --set values); decide
+    num_samples and ASHA's max_t. Raises UserError, one line, for any config a trial would fail on."""
+    if not space.recipe:
+        check_budget(space, opts, fixed)
+    configs, sampled = draw(DefineByRun(space, opts, fixed, base))
+    if space.recipe:  # its epochs are part of it: ASHA's max_t is its total, and --max-epochs must agree
+        total = TrialConfig.from_dict(configs[0]).total_epochs
+        if s.max_epochs is not None and s.max_epochs != total:
+            raise UserError(f"--max-epochs {s.max_epochs} does not fit recipe {space.name!r}: it trains {total} "
+                            f"epochs; drop --max-epochs, or --set its stage epochs (stage1_epochs, ...)")
+        opts = dataclasses.replace(opts, max_epochs=total)
     check_models(configs)
     if sampled:
         return Plan(space, opts, s.num_samples, configs, "")
     what = "a fixed recipe" if space.recipe else "--set fixes every parameter it samples"
     head = f"space {space.name!r} has nothing left to sample ({what}): "
     if s.num_samples is None or s.num_samples == 1:
-        more = ("" if s.num_samples == 1 else
-                f"; --num-samples N runs N repeats with seeds {s.seed}, {s.seed + 1}, ...")
+        more = "" if s.num_samples == 1 else f"; --num-samples N runs N repeats with seeds {s.seed}, {s.seed + 1}, ..."
         return Plan(space, opts, 1, configs, f"{head}running it once{more}")
     if "seed" in fixed:
         raise UserError(f"--set seed={fixed['seed']} gives all {s.num_samples} repeats of {space.name!r} "
@@ -95,85 +95,48 @@ def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str,
                 configs, f"{head}running {s.num_samples} repeats with seeds {seeds}")
 
 
-def _space_values(space: Space, opts: Options, fixed: dict[str, Any],
-                  points: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """The space's own values and the --set ones, per draw (no TrialConfig defaults, no validation)."""
-    return draw(lambda trial: {**space.sample(Suggest(trial, fixed), opts), **fixed}, points=points)[0]
+def budget_problem(space: Space, opts: Options, fixed: dict[str, Any]) -> str:
+    """What is wrong with the stage epochs of the first config the space samples under `fixed`, when
+    every trial gets opts.max_epochs (ASHA's max_t), or ''. A stage may not get fewer than 0, nor a 0
+    the space would not give it itself (a frozen feature extractor is stage 1 alone) unless the user
+    set that 0; the stages must add up to max_t."""
+    def values(f: dict[str, Any]) -> list[dict[str, Any]]:  # the space's own values and --set's, per draw
+        return draw(lambda trial: {**space.sample(Suggest(trial, f), opts), **f})[0]
 
-
-def stages_that_may_be_empty(space: Space, opts: Options, fixed: dict[str, Any]) -> set[int]:
-    """The stages the space itself gives 0 epochs in some plan (a frozen feature extractor is
-    stage 1 alone); a 0 anywhere else comes from the user's --set squeezing the budget."""
-    empty = set()
-    for v in _space_values(space, opts, {k: v for k, v in fixed.items() if k not in STAGE_KEYS}):
-        empty |= {k for k in (1, 2) if v.get(f"stage{k}_epochs", 1) == 0}
-    return empty
-
-
-def budget_problem(cfg: dict[str, Any], max_t: int, fixed: dict[str, Any], zero_ok: set[int],
-                   space_name: str) -> str:
-    """What is wrong with a config's stage epochs for a search whose trials all get `max_t`
-    epochs (ASHA's max_t), or ''. A stage may not get fewer than 0, nor a 0 the space would not
-    give it itself (unless the user set that 0); the stages must add up to max_t."""
-    epochs = {k: int(cfg.get(f"stage{k}_epochs", getattr(TrialConfig, f"stage{k}_epochs"))) for k in (1, 2, 3)}
-    plan = " + ".join(f"stage{k} {e}" for k, e in epochs.items() if k < 3 or e)
+    unset = values({k: v for k, v in fixed.items() if k not in STAGE_KEYS})
+    zero_ok = {k for v in unset for k in (1, 2) if v.get(f"stage{k}_epochs", 1) == 0}
     given = [f"{k}={fixed[k]}" for k in STAGE_KEYS if k in fixed]
-    cause = f"--set {', '.join(given)}" if given else f"space {space_name!r}"
-    for k, e in epochs.items():
-        if e < 0 or (e == 0 and k < 3 and k not in zero_ok and f"stage{k}_epochs" not in fixed):  # 3: a 2-stage plan
-            return f"{cause} leaves stage {k} {e} epochs of the {max_t}-epoch budget ({plan})"
-    total = sum(epochs.values())
-    if total != max_t:
-        return f"{cause} makes a trial {total} epochs ({plan}) but every trial gets {max_t} (ASHA's max_t)"
+    cause = f"--set {', '.join(given)}" if given else f"space {space.name!r}"
+    for cfg in values(fixed):
+        epochs = {k: int(cfg.get(f"stage{k}_epochs", getattr(TrialConfig, f"stage{k}_epochs"))) for k in (1, 2, 3)}
+        plan = " + ".join(f"stage{k} {e}" for k, e in epochs.items() if k < 3 or e)
+        for k, e in epochs.items():
+            if e < 0 or (e == 0 and k < 3 and k not in zero_ok and f"stage{k}_epochs" not in fixed):  # 3: a 2-stage plan
+                return f"{cause} leaves stage {k} {e} epochs of the {opts.max_epochs}-epoch budget ({plan})"
+        if sum(epochs.values()) != opts.max_epochs:
+            return (f"{cause} makes a trial {sum(epochs.values())} epochs ({plan}) but every trial gets "
+                    f"{opts.max_epochs} (ASHA's max_t)")
     return ""
 
 
-def _first_problem(space: Space, opts: Options, fixed: dict[str, Any],
-                   points: Sequence[dict[str, Any]] = ()) -> str:
-    zero_ok = stages_that_may_be_empty(space, opts, fixed)
-    problems = (budget_problem(v, opts.max_epochs, fixed, zero_ok, space.name)
-                for v in _space_values(space, opts, fixed, points))
-    return next((p for p in problems if p), "")
-
-
-def check_budget(space: Space, opts: Options, fixed: dict[str, Any],
-                 points: Sequence[dict[str, Any]] = ()) -> None:
+def check_budget(space: Space, opts: Options, fixed: dict[str, Any]) -> None:
     """Every trial the space can sample under the --set values fits the epoch budget, or a UserError
     names the first that does not and the fixes that were tried and work."""
-    problem = _first_problem(space, opts, fixed, points)
+    problem = budget_problem(space, opts, fixed)
     if not problem:
         return
     fixes = []
-    if "stage3_epochs" not in fixed and not _first_problem(space, opts, {**fixed, "stage3_epochs": 0}):
+    if "stage3_epochs" not in fixed and not budget_problem(space, opts, {**fixed, "stage3_epochs": 0}):
         fixes.append("--set stage3_epochs=0")
     # the smallest budget that fits, if any does within reason
     m = next((m for m in range(opts.max_epochs + 1, 4 * opts.max_epochs + 9)
-              if not _first_problem(space, dataclasses.replace(opts, max_epochs=m), fixed)), None)
+              if not budget_problem(space, dataclasses.replace(opts, max_epochs=m), fixed)), None)
     if m is not None:
         fixes.append(f"--max-epochs {m}")
     set_epochs = [k for k in STAGE_KEYS if k in fixed]
     if set_epochs:
         fixes.append(f"drop --set {', '.join(set_epochs)} (the space splits --max-epochs itself)")
     raise UserError(f"{problem}: {' or '.join(fixes) if fixes else 'change the --set stage values'}")
-
-
-def check_warm_points(points: Sequence[Any], max_t: int) -> None:
-    """Warm-start points (spaces.warm_start.WarmPoint) run as they are: each must be a valid config
-    that fills the per-trial budget like any draw."""
-    for p in points:
-        cfg = TrialConfig.from_dict(p.config)
-        if cfg.total_epochs != max_t:
-            raise UserError(f"warm-start point {p.name} trains {cfg.total_epochs} epochs but every trial "
-                            f"gets {max_t} (ASHA's max_t): pass --warm-start none, or report this as a bug")
-
-
-def _recipe_budget(s: SearchSettings, space: Space, opts: Options, cfg: dict[str, Any]) -> Options:
-    """A recipe's epochs are part of it: ASHA's max_t is its total, and --max-epochs must agree."""
-    total = TrialConfig.from_dict(cfg).total_epochs
-    if s.max_epochs is not None and s.max_epochs != total:
-        raise UserError(f"--max-epochs {s.max_epochs} does not fit recipe {space.name!r}: it trains {total} "
-                        f"epochs; drop --max-epochs, or --set its stage epochs (stage1_epochs, ...)")
-    return dataclasses.replace(opts, max_epochs=total)
 
 
 def check_models(configs: list[dict[str, Any]]) -> None:

@@ -1,5 +1,5 @@
 """The search, end to end: resolve the settings, check every config before Ray starts, load the data
-once, run the Tuner, export the best config."""
+once, estimate the cost and plan the budget, run the Tuner, export the best config."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import timm
 import torch
 from ray import tune
 
@@ -21,12 +20,12 @@ from analysis.study import METRIC, MODE, resume_study_at
 from analysis.study_end import search_over, settle_study
 from search import estimate, plan
 from search.budget import BudgetStopper, exhausted
-from search.precheck import check_warm_points, plan_search
+from search.precheck import plan_search
 from search.progress import SearchLog, quiet_ray_console
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.restore import restore_tuner
 from search.searcher import make_scheduler, make_searcher, stage_aware_grace, told_trials
-from search.settings import SearchSettings, check_settings
+from search.settings import SearchSettings
 from search.storage import Place, claim, open_experiment, parent_and_name
 from search.tensorboard import EpochTensorBoard
 from search.tune_trial import tune_trial
@@ -41,7 +40,7 @@ DEFAULT_SAMPLES = 16
 
 @dataclass
 class Search:
-    """One search, resolved once: its settings, resources, where it is stored and the space it samples."""
+    """One search, resolved once: its settings, resources, where it is stored and what its trials get."""
     s: SearchSettings
     res: Resources
     place: Place
@@ -54,33 +53,45 @@ class Search:
     def exp(self) -> Path:
         return self.place.exp
 
+    @property
+    def num_samples(self) -> int:
+        """Tune's: --num-samples; with a time budget and none given, until it is spent (-1); else 16."""
+        if self.s.num_samples is not None:
+            return self.s.num_samples
+        return -1 if self.s.time_budget else DEFAULT_SAMPLES
+
+    @property
+    def grace_period(self) -> int:
+        """--grace-period, or the stage-aware default (search/searcher.py)."""
+        given = self.s.grace_period
+        return given if given is not None else stage_aware_grace(self.space, self.opts.max_epochs)
+
 
 def run_search(s: SearchSettings) -> Path:
     """Run (or resume) a search; returns the experiment folder."""
     job = resolve(s)
-    data = prepare_search_data(job.s.data_dir, subset=job.s.subset, val_fraction=job.s.val_fraction, seed=job.s.seed)
+    s = job.s
+    data = prepare_search_data(s.data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")
-    check_backbones(job.opts, job.fixed, job.base)
-    points, told = warm_start(job.s, job.space, job.opts, job.fixed, job.base) if not job.s.resume else ([], [])
-    check_warm_points(points, job.opts.max_epochs)
-    est = cost_estimate(job, points, data)
-    budget_plan = make_plan(job.s, est)
-    if budget_plan is not None:
-        print(budget_plan.describe(), flush=True)
-    if job.s.estimate:
+    if job.base["pretrained"]:  # weights that can't be had fail before Ray, and the hub cache fills once
+        for b in [job.fixed["backbone"]] if "backbone" in job.fixed else job.opts.backbones:
+            create_model(b, pretrained=True, weights_dir=job.base["weights_dir"])
+    points, told = ([], []) if s.resume else warm_start(s, job.space, job.opts, job.fixed, job.base)
+    est, budget_plan = (None, None) if s.resume else estimate_and_plan(job, points, data)
+    if s.estimate:
         return job.exp
     lock = claim(job.exp)  # noqa: F841 - held until this search returns
-    if not job.s.resume:
-        write_settings(job.exp, {**job.s.to_dict(), "space": job.space.name, "name": job.exp.name, **job.place.settings()})
-        if est is not None:
-            estimate.save(job.exp, est)
+    if not s.resume:
+        write_settings(job.exp, {**dataclasses.asdict(s), "space": job.space.name, "name": job.exp.name,
+                                 **job.place.settings()})
+        estimate.save(job.exp, est)
         if budget_plan is not None:
             plan.save(job.exp, budget_plan)
     job.place.upload()
     # Tune warns every few seconds that syncing experiment state is slow; it is local and fine
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    start_ray(job.s, job.res)
+    start_ray(s, job.res)
     try:
         tuner = build_tuner(job, data, points, told, est, budget_plan)
         del data  # the object store holds it now; the driver's heap copy would only cost memory
@@ -96,9 +107,8 @@ def run_search(s: SearchSettings) -> Path:
 
 
 def resolve(s: SearchSettings) -> Search:
-    """The settings checked and resolved (a resumed search's own saved settings decide the data and
-    the space), the experiment opened, and every config the search can give a trial checked."""
-    check_settings(s)
+    """The settings resolved (a resumed search's own saved settings decide the data and the space), the
+    experiment opened, and every config the search can give a trial checked."""
     res = plan_resources(s)
     if s.resume:
         place = open_experiment(s.storage_path, s.name, "", True, s.local_dir)
@@ -109,15 +119,14 @@ def resolve(s: SearchSettings) -> Search:
         if s.time_budget and exhausted(place.exp):
             raise UserError(f"--resume: {place.exp.name} has spent its --time-budget of {s.time_budget}: nothing "
                             f"is left to run; see its results with {command('analyze.py', place.exp, '--no-retrain')}")
-        space, opts = resolve_space(s)
-    else:
-        space, opts = resolve_space(s)
+    space, opts = resolve_space(s)
+    if not s.resume:
         place = open_experiment(s.storage_path, s.name, f"{space.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
                                 False, s.local_dir)
     s = dataclasses.replace(s, data_dir=str(Path(s.data_dir).expanduser().resolve()),
                             weights_dir=str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else "")
     fixed, base = s.fixed(), s.trial_base()
-    checked = plan_search(s, space, opts, fixed, base)  # every config a trial can get, checked before Ray
+    checked = plan_search(s, space, opts, fixed, base)
     if checked.note:
         print(checked.note)
     s = dataclasses.replace(s, num_samples=checked.num_samples)
@@ -144,14 +153,6 @@ def resolve_space(s: SearchSettings) -> tuple[Space, Options]:
         raise UserError(f"--max-epochs {s.max_epochs} is fewer than space {space.name!r} needs "
                         f"({space.min_epochs}: one epoch per stage at least): raise it")
     return space, Options(backbones, space.max_epochs if s.max_epochs is None or space.recipe else s.max_epochs)
-
-
-def num_samples(s: SearchSettings) -> int:
-    """--num-samples; with a time budget and none given, until the budget is spent (-1, Tune's "no
-    limit"); else 16."""
-    if s.num_samples is not None:
-        return s.num_samples
-    return -1 if s.time_budget else DEFAULT_SAMPLES
 
 
 def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],
@@ -185,20 +186,29 @@ def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, 
     return points, told
 
 
-def check_backbones(opts: Options, fixed: dict[str, Any], base: dict[str, Any]) -> None:
-    """Unknown backbones, and pretrained weights that can't be had, fail before Ray starts."""
-    names = [fixed["backbone"]] if "backbone" in fixed else list(opts.backbones)
-    for b in names:
-        if not timm.is_model(b):
-            raise UserError(f"unknown backbone {b!r}: use a timm model name (see timm.list_models())")
-    if base["pretrained"]:
-        for b in names:  # also fills the hub cache once, instead of once per trial
-            create_model(b, pretrained=True, weights_dir=base["weights_dir"])
-
-
-def grace_period(job: Search) -> int:
-    """--grace-period, or the stage-aware default (search/searcher.py)."""
-    return job.s.grace_period if job.s.grace_period is not None else stage_aware_grace(job.space, job.opts.max_epochs)
+def estimate_and_plan(job: Search, points: list, data: SearchData) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:
+    """Measure (or read from the cache) and print what the search will cost, then the budget plan made
+    from it (None when every trial is the searcher's own)."""
+    s, res = job.s, job.res
+    device = torch.device("cuda:0" if res.gpus > 0 and torch.cuda.is_available() else "cpu")
+    rungs = estimate.asha_rungs(job.grace_period, s.reduction_factor, job.opts.max_epochs) if s.scheduler == "asha" else []
+    parallel = int(res.cpus // res.trial["cpu"])  # trials at once: Ray schedules on CPUs and GPUs alike
+    if res.trial["gpu"] > 0:
+        parallel = min(parallel, int(res.gpus / res.trial["gpu"] + 1e-9))
+    est = estimate.estimate(job.space, job.opts, job.fixed, job.base, points, n_train=len(data.train),
+                            n_val=len(data.val), device=device, threads=int(res.trial["cpu"]),
+                            parallel=max(1, min(parallel, s.max_concurrent) if s.max_concurrent else parallel),
+                            num_samples=job.num_samples if job.num_samples > 0 else None, budget_s=s.budget_s(),
+                            rungs=rungs, rf=s.reduction_factor, seed=s.seed)
+    print(estimate.describe(est), flush=True)
+    if not est.n_warm:
+        return est, None
+    trial_s = est.trial_asha_s if s.scheduler == "asha" else est.trial_fifo_s
+    budget_plan = plan.plan_budget(est.warm_train_s, est.warm_val_s, startup_s=est.startup_s, parallel=est.parallel,
+                                   own_trial_s=trial_s + est.startup_s, budget_s=s.budget_s(),
+                                   num_samples=s.num_samples, screen=s.screen)
+    print(budget_plan.describe(), flush=True)
+    return est, budget_plan
 
 
 def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan) -> tune.Tuner:
@@ -220,8 +230,8 @@ def build_tuner(job: Search, data: SearchData, points: list, told: list, est, bu
         search_alg=make_searcher(job.space, job.opts, job.fixed, job.base, s.seed, exp, points, told, s.sampler,
                                  screen_fraction=budget_plan.screen_fraction if budget_plan else 1.0,
                                  promote=budget_plan.promote if budget_plan else 0),
-        scheduler=make_scheduler(s.scheduler, job.opts.max_epochs, grace_period(job), s.reduction_factor),
-        num_samples=num_samples(s), max_concurrent_trials=s.max_concurrent or None,
+        scheduler=make_scheduler(s.scheduler, job.opts.max_epochs, job.grace_period, s.reduction_factor),
+        num_samples=job.num_samples, max_concurrent_trials=s.max_concurrent or None,
         trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -231,7 +241,7 @@ def finish(job: Search) -> None:
     job.place.fetch_results()
     trials = load_trials(job.exp)
     spent = exhausted(job.exp)  # the study told how each trial ended, before the upload below
-    settle_study(job.exp, search_over(trials, num_samples(job.s), spent),
+    settle_study(job.exp, search_over(trials, job.num_samples, spent),
                  "the time budget ran out" if spent else "the search ended")
     if INTERRUPTED in read_ends(job.exp).values():
         print(f"interrupted: continue it with {job.place.resume_command()}")
@@ -243,43 +253,6 @@ def finish(job: Search) -> None:
           f"{best['retrain_command']}")
     if job.place.closing():
         print(job.place.closing())
-
-
-def parallel_trials(s: SearchSettings, res: Resources) -> int:
-    """How many trials run at once on the local resources (and --max-concurrent)."""
-    n = int(res.cpus // res.trial["cpu"])  # Ray schedules on CPUs and GPUs alike
-    if res.trial["gpu"] > 0:
-        n = min(n, int(res.gpus / res.trial["gpu"] + 1e-9))
-    return max(1, min(n, s.max_concurrent) if s.max_concurrent else n)
-
-
-def cost_estimate(job: Search, points: list, data: SearchData):
-    """Measure (or read from the cache) and print what the search will cost; None on --resume."""
-    s, res = job.s, job.res
-    if s.resume:
-        return None
-    device = torch.device("cuda:0" if res.gpus > 0 and torch.cuda.is_available() else "cpu")
-    rungs = estimate.asha_rungs(grace_period(job), s.reduction_factor, job.opts.max_epochs) if s.scheduler == "asha" else []
-    n = num_samples(s)
-    est = estimate.estimate(job.space, job.opts, job.fixed, job.base, points, n_train=len(data.train),
-                            n_val=len(data.val), device=device, threads=int(res.trial["cpu"]),
-                            parallel=parallel_trials(s, res), num_samples=n if n > 0 else None,
-                            budget_s=s.budget_s(),
-                            rungs=rungs, rf=s.reduction_factor, seed=s.seed)
-    print(estimate.describe(est), flush=True)
-    return est
-
-
-def make_plan(s: SearchSettings, est) -> plan.BudgetPlan | None:
-    """The budget plan from the cost estimate; None on --resume (the saved searcher goes on with the
-    plan it began) or when every trial is the searcher's own."""
-    if est is None or not est.n_warm:
-        return None
-    trial_s = est.trial_asha_s if s.scheduler == "asha" else est.trial_fifo_s
-    return plan.plan_budget(est.warm_train_s, est.warm_val_s, startup_s=est.startup_s, parallel=est.parallel,
-                            own_trial_s=trial_s + est.startup_s,
-                            budget_s=s.budget_s(),
-                            num_samples=s.num_samples, screen=s.screen)
 
 
 def trial_dirname(trial) -> str:

@@ -18,10 +18,11 @@ import yaml
 
 from analysis.command import command, examples
 from spaces import NAMES
-from trainable.config import PrecisionName, coerce, split_assignment
+from trainable.config import PrecisionName, as_type, coerce, split_assignment
 from trainable.errors import UserError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+NAME_MAX = 255  # bytes of one folder name on common filesystems
 
 
 def parse_duration(text: str) -> float:
@@ -41,41 +42,18 @@ def parse_duration(text: str) -> float:
 
 def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
          choices: tuple[str, ...] = (), check: Callable[[Any], str] | None = None) -> Any:
-    """A setting: its flag's help, type and group; `choices` (a fixed set) or `check` (value -> what
-    is wrong with it, '' when nothing) are applied by `check_settings` to flags and --config alike."""
+    """A setting: its flag's help, type (None: a switch) and group; `choices` or `check` (value -> what
+    is wrong with it, '' when nothing) apply to flags and --config alike (`check_settings`)."""
     return field(default=default, metadata={"help": text, "type": kind, "group": group,
                                             "choices": choices, "check": check})
 
 
-def _at_least(lo: float, what: str = "") -> Callable[[Any], str]:
-    return lambda v: "" if v >= lo else f"must be >= {lo:g}{what}"
+def _must(ok: Callable[[Any], bool], problem: str) -> Callable[[Any], str]:
+    return lambda v: "" if ok(v) else problem  # nan fails every comparison: refused
 
 
-def _above(lo: float) -> Callable[[Any], str]:
-    return lambda v: "" if v > lo else f"must be > {lo:g}"  # False for nan too
-
-
-def _between(lo: float, hi: float, what: str = "") -> Callable[[Any], str]:
-    return lambda v: "" if lo <= v <= hi else f"must be {lo:g}..{hi:g}{what}"
-
-
-def _fraction(v: float) -> str:
-    return "" if 0 < v < 1 else "must be between 0 and 1 (e.g. 0.1)"
-
-
-def _duration(v: str) -> str:
-    parse_duration(v)  # its UserError names the forms it takes
-    return ""
-
-
-def _assignments(items: list[str]) -> str:
-    for item in items:
-        split_assignment(item)  # its UserError shows the form
-    return ""
-
-
-def _space(v: str) -> str:
-    return "" if v in NAMES else "is an unknown space: see --list-spaces"
+def _at_least(lo: int, hint: str = "") -> Callable[[Any], str]:
+    return _must(lambda v: v >= lo, f"must be >= {lo}{hint}")
 
 
 def _bindable_host(v: str) -> str:
@@ -92,9 +70,6 @@ def _bindable_host(v: str) -> str:
             except OSError:
                 continue
     return "is not an address of this machine: use 127.0.0.1 (or 0.0.0.0 for every interface)"
-
-
-NAME_MAX = 255  # bytes of one folder name on common filesystems
 
 
 def folder_name_problem(name: str) -> str:
@@ -120,69 +95,76 @@ class SearchSettings:
     gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", int, "resources",
                             check=_at_least(0, ": pass 0 for CPU only"))
     gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", float,
-                                       "resources", check=_above(0))
+                                        "resources", check=_must(lambda v: v > 0, "must be > 0"))
     cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources",
-                                     check=_at_least(1))
+                                      check=_at_least(1))
     max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources",
                                check=_at_least(0))
     address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", str, "resources")
-    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources",
-                               check=_bindable_host)
+    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str,
+                               "resources", check=_bindable_host)
     dashboard_port: int | None = _opt(None, "Ray dashboard port (default: 8265, or the next free one; 0: any free port; "
                                             "a given port that is taken: any free one)", int, "resources",
-                                     check=_between(0, 65535))
+                                      check=_must(lambda v: 0 <= v <= 65535, "must be 0..65535"))
     # the search
     space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)", str,
-                             check=_space)
+                             check=_must(lambda v: v in NAMES, "is an unknown space: see --list-spaces"))
     backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
     num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int,
                                    check=_at_least(1))
-    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str, check=_duration)
+    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is "
+                                "left)", str)
     warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', "
-                                      "or earlier experiment folders DIR[,DIR...] whose finished trials the searcher is told first "
-                                      "(combine: recipes,DIR)", str)
-    estimate: bool = _opt(False, "measure and print the search's cost estimate, then exit without training", None)
-    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int, check=_at_least(1))
-    grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the space's "
-                                          "longest head-only stage 1, so every trial is judged with trained blocks)", int, check=_at_least(1))
+                                      "or earlier experiment folders DIR[,DIR...] whose finished trials the searcher is "
+                                      "told first (combine: recipes,DIR)", str)
+    estimate: bool = _opt(False, "measure and print the search's cost estimate, then exit without training")
+    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int,
+                                  check=_at_least(1))
+    grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the "
+                                          "space's longest head-only stage 1, so every trial is judged with trained "
+                                          "blocks)", int, check=_at_least(1))
     reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int, check=_at_least(2))
-    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str, choices=("asha", "fifo"))
-    sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the best "
-                                     "config mixed with TPE), tpe (model-based) or random", str,
+    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str,
+                          choices=("asha", "fifo"))
+    sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the "
+                                     "best config mixed with TPE), tpe (model-based) or random", str,
                         choices=("incumbent", "tpe", "random"))
-    screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a fraction "
-                               "of the data first and promote the best (the budget plan says so); off: run them whole", str,
-                       choices=("auto", "off"))
-    compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)", None)
-    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on the CPU), fp32, bf16 or fp16", str, choices=get_args(PrecisionName))
+    screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a "
+                               "fraction of the data first and promote the best (the budget plan says so); off: run "
+                               "them whole", str, choices=("auto", "off"))
+    compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)")
+    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, "
+                                  "fp32 on the CPU), fp32, bf16 or fp16", str, choices=get_args(PrecisionName))
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int, check=_at_least(0))
-    seed: int = _opt(0, "seed of the searcher, the data split and the trials", int, check=_between(0, 2**31 - 1))
-    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str, check=_assignments)
+    seed: int = _opt(0, "seed of the searcher, the data split and the trials", int,
+                     check=_must(lambda v: 0 <= v <= 2**31 - 1, f"must be 0..{2**31 - 1:g}"))
+    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
     # data and weights
     data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", str, "data")
-    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data", check=_at_least(1))
-    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data", check=_fraction)
+    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data",
+                              check=_at_least(1))
+    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data",
+                               check=_must(lambda v: 0 < v < 1, "must be between 0 and 1 (e.g. 0.1)"))
     weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
     no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
     # output
-    storage_path: str = _opt("./runs", "where experiments are written: a folder (on a multi-node cluster one every node "
-                                       "shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", str, "output")
-    storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster (NFS, ...)", None, "output")
+    storage_path: str = _opt("./runs", "where experiments are written: a folder (on a multi-node cluster one every "
+                                       "node shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", str,
+                             "output")
+    storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster "
+                                       "(NFS, ...)", None, "output")
     local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
-                              "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
-                              "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
+                              "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it "
+                              "ends); it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str,
+                          "output")
     name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=folder_name_problem)
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
     list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
 
-    def fixed_params(self) -> dict[str, str]:
-        """The --set KEY=VALUE pairs as given."""
-        return dict(split_assignment(item) for item in self.set or [])
-
     def fixed(self) -> dict[str, Any]:
         """The --set values typed as TrialConfig's fields (UserError for an unknown key or a bad value)."""
-        return coerce(self.fixed_params())
+        return coerce(dict(split_assignment(item) for item in self.set or []))
 
     def trial_base(self) -> dict[str, Any]:
         """The search-wide fields of every trial's config (below a space's and --set's values)."""
@@ -193,13 +175,10 @@ class SearchSettings:
         """--time-budget in seconds (None without one)."""
         return parse_duration(self.time_budget) if self.time_budget else None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def check_settings(s: SearchSettings) -> None:
-    """Every setting's value against its field's `choices` and `check` (None and '' mean the
-    default and are not checked). Raises UserError, one line naming the flag and the fix."""
+    """Every setting against its field's `choices` and `check` (None and '' are the defaults, not
+    checked), --time-budget and the form of --set. Raises UserError naming the flag and the fix."""
     for f in fields(s):
         value, meta = getattr(s, f.name), f.metadata
         if value is None or value == "":
@@ -210,6 +189,9 @@ def check_settings(s: SearchSettings) -> None:
         problem = meta["check"](value) if meta["check"] else ""
         if problem:
             raise UserError(f"{flag} {value!r} {problem}")
+    s.budget_s()  # parse_duration's UserError names the forms it takes
+    for item in s.set or []:
+        split_assignment(item)  # its UserError shows the form
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -232,10 +214,9 @@ def build_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "set":
             group.add_argument(flag, action="append", metavar="KEY=VALUE", help=meta["help"])
-        elif meta["type"] is None:  # booleans are switches
+        elif meta["type"] is None:
             group.add_argument(flag, action="store_true", help=meta["help"])
-        else:
-            # a help text that explains its own default gets no second "(default: None)"
+        else:  # a help text that explains its own default gets no second "(default: None)"
             own = "default" in meta["help"]
             group.add_argument(flag, type=meta["type"], default=f.default, choices=meta["choices"] or None,
                                help=meta["help"] + ("%(default).0s" if own else ""))
@@ -262,50 +243,44 @@ def parse_settings(argv: list[str] | None = None) -> SearchSettings:
 
 
 def load_yaml_settings(path: str) -> dict[str, Any]:
-    p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise UserError(f"cannot read --config {path}: {e.strerror}; check the path") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
         raise UserError(f"--config {path} is not valid YAML{at}: fix the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, type(None))):
         raise UserError(f"--config {path} must be a mapping of option: value, not {type(data).__name__}")
-    known = {f.name: f for f in fields(SearchSettings)}
+    known = {f.name: f for f in fields(SearchSettings) if f.name != "config"}
     out = {}
-    for key, value in data.items():
+    for key, value in (data or {}).items():
         name = str(key).replace("-", "_")
-        if name not in known or name == "config":
+        if name not in known:
             raise UserError(f"--config {path}: {key!r} is not a setting; see run_search.py --help")
         out[name] = _yaml_value(known[name], value, f"--config {path}: {key!r}")
     return out
 
 
 def _yaml_value(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """A YAML value as the flag would have parsed it (argparse leaves non-string defaults alone).
-    trainable.config.coerce types TrialConfig's fields, with its own messages and truthy strings."""
+    """A YAML value as its flag would have parsed it (argparse types string defaults only)."""
+    typ = f.metadata["type"]
     if value is None and f.default is None:
         return None
     if f.name == "set":  # a list of KEY=VALUE, one KEY=VALUE, or a mapping of them
-        items = [value] if isinstance(value, str) else [f"{k}={v}" for k, v in value.items()] \
-            if isinstance(value, dict) else value
+        items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
+        items = [items] if isinstance(items, str) else items
         if isinstance(items, list) and all(isinstance(i, str) for i in items):
             return items
         raise UserError(f"{where} must be a list of KEY=VALUE strings or a mapping, not {value!r}")
-    typ = f.metadata["type"]
-    if typ is None:  # a switch: not a truthy string
+    if typ is None:  # a switch takes a YAML boolean, not a truthy string
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, not {value!r}")
-    if not isinstance(value, (bool, list, dict, type(None))):
+    if not isinstance(value, (bool, list, dict)):
         try:
-            if typ is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return typ(value)
-        except ValueError:
+            return as_type(typ, value)
+        except (TypeError, ValueError, OverflowError):
             pass
     raise UserError(f"{where} must be {'an' if typ is int else 'a'} {typ.__name__}, not {value!r}")

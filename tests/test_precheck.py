@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from search.precheck import RepeatSeeds, budget_problem, check_warm_points, plan_search
+from search.precheck import RepeatSeeds, budget_problem, plan_search
 from search.settings import SearchSettings
-from spaces import Options, Suggest, get_space
+from spaces import Options, Space, Suggest, get_space
 from tests.conftest import run_cli
 from trainable.config import TrialConfig
 from trainable.errors import UserError
@@ -26,7 +26,7 @@ def _plan(space: str, *sets: str, max_epochs: int | None = None, num_samples: in
     sp = get_space(space)
     s = SearchSettings(space=space, set=list(sets), max_epochs=max_epochs, num_samples=num_samples, seed=seed)
     opts = Options(backbones or sp.backbones, sp.max_epochs if max_epochs is None or sp.recipe else max_epochs)
-    return plan_search(s, sp, opts, s.fixed_params(), {**BASE, "seed": seed})
+    return plan_search(s, sp, opts, s.fixed(), {**BASE, "seed": seed})
 
 
 def _error(*args, **kw) -> str:
@@ -37,10 +37,10 @@ def _error(*args, **kw) -> str:
     return msg
 
 
-# --- combinations that used to fail inside every trial --------------------------------------------
+# --- combinations that would fail inside every trial ----------------------------------------------
 
 @pytest.mark.parametrize("space, sets, words", [
-    # the reported case: timm Mixup asserts an even batch
+    # timm Mixup asserts an even batch
     ("tiny", ["batch_size=33", "mixup_alpha=0.2"], ["even batch_size", "use 32 or 34, not 33"]),
     ("tiny", ["batch_size=7", "cutmix_alpha=1.0"], ["even batch_size", "not 7"]),
     # an odd batch against a space that samples mixup/cutmix itself
@@ -78,7 +78,7 @@ def test_combinations_that_train_are_accepted(space, sets, backbones):
 # --- stage epochs against the per-trial budget (ASHA's max_t) -------------------------------------
 
 @pytest.mark.parametrize("sets, max_epochs, words", [
-    # the reported cases: a stage 1 that leaves a 3-stage plan no stage 2, or none at all
+    # a stage 1 that leaves a 3-stage plan no stage 2, or none at all
     (["stage1_epochs=3"], 4, ["stage 2 0 epochs", "--set stage3_epochs=0", "--max-epochs 5"]),
     (["stage1_epochs=6"], 4, ["stage 2 -3 epochs", "--max-epochs 8"]),
     # stage epochs that add up to more than the budget (ASHA would cut every trial short)
@@ -112,22 +112,15 @@ def test_a_stage_the_space_leaves_out_itself_is_fine():
 
 
 def test_budget_problem_names_the_cause():
-    cfg = {"stage1_epochs": 2, "stage2_epochs": 0, "stage3_epochs": 2}
-    problem = budget_problem(cfg, 4, {"stage1_epochs": 2}, set(), "tiny")
-    assert problem.startswith("--set stage1_epochs=2 leaves stage 2")
-    assert budget_problem(cfg, 4, {}, {2}, "tiny") == ""  # a space that skips stage 2 itself
-    assert budget_problem(cfg, 4, {"stage2_epochs": 0}, set(), "tiny") == ""  # the user skipped it
-    assert "space 'tiny' makes a trial 4 epochs" in budget_problem(cfg, 5, {}, {2}, "tiny")
-
-
-def test_warm_points_must_fill_the_budget():
-    from types import SimpleNamespace
-    good = SimpleNamespace(name="r@a", config={"stage1_epochs": 1, "stage2_epochs": 3})
-    check_warm_points([good], 4)
-    bad = SimpleNamespace(name="r@b", config={"stage1_epochs": 5, "stage2_epochs": 15})
-    with pytest.raises(UserError) as e:
-        check_warm_points([good, bad], 4)
-    assert "r@b trains 20 epochs" in str(e.value)
+    tiny, cpu = get_space("tiny"), get_space("cpu")
+    squeezed = {"stage1_epochs": 2, "stage3_epochs": 2}
+    problem = budget_problem(tiny, Options(tiny.backbones, 4), squeezed)
+    assert problem.startswith("--set stage1_epochs=2, stage3_epochs=2 leaves stage 2 0 epochs"), problem
+    assert budget_problem(tiny, Options(tiny.backbones, 4), {**squeezed, "stage2_epochs": 0}) == ""  # the user's 0
+    assert budget_problem(cpu, Options(cpu.backbones, 4), {}) == ""  # a space that skips stage 2 itself
+    short = Space("short", "", ("resnet18",), 4, 2, sample=lambda s, o: {"stage1_epochs": 1, "stage2_epochs": 2})
+    assert budget_problem(short, Options(short.backbones, 4), {}) == (
+        "space 'short' makes a trial 3 epochs (stage1 1 + stage2 2) but every trial gets 4 (ASHA's max_t)")
 
 
 def test_recipe_budget_is_its_own_epochs():
@@ -143,7 +136,7 @@ def test_recipe_budget_is_its_own_epochs():
 # --- a space with nothing left to sample ----------------------------------------------------------
 
 @pytest.mark.parametrize("space, sets, backbones", [
-    ("mobilenetv2_2stage_128", [], None),  # the reported case: a fixed recipe
+    ("mobilenetv2_2stage_128", [], None),  # a fixed recipe
     ("resnet50_3stage_224", [], None),
     ("faults", ["stage1_lr=0.01", "freeze_bn=false"], ("resnet18",)),  # a search space that --set fixes entirely
 ])

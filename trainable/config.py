@@ -153,19 +153,22 @@ def coerce(d: dict[str, Any]) -> dict[str, Any]:
                         f"valid ones are the fields of TrialConfig in trainable/config.py")
     out = {}
     for k, v in d.items():
-        typ = types[k]
         try:
-            if v is None:
-                raise TypeError(k)
-            if typ is bool:
-                out[k] = _to_bool(v)
-            elif typ is int and isinstance(v, float) and not v.is_integer():
-                raise ValueError(v)  # int(2.5) would silently be 2
-            else:
-                out[k] = typ(v)
+            out[k] = as_type(types[k], v)
         except (TypeError, ValueError, OverflowError):
-            raise UserError(f"hyper-parameter {k}={v!r} is not a valid {typ.__name__}") from None
+            raise UserError(f"hyper-parameter {k}={v!r} is not a valid {types[k].__name__}") from None
     return out
+
+
+def as_type(typ: type, v: Any) -> Any:
+    """`v` as `typ` ("256" -> 256, "true" -> True, 3.0 -> 3); TypeError or ValueError for None, 2.5 for an int..."""
+    if v is None:
+        raise TypeError("None")
+    if typ is bool:
+        return _to_bool(v)
+    if typ is int and isinstance(v, float) and not v.is_integer():
+        raise ValueError(v)  # int(2.5) would silently be 2
+    return typ(v)
 
 
 def _to_bool(v: Any) -> bool:
