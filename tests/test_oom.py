@@ -71,11 +71,19 @@ else:
 """
 
 
+def _children(*runs: tuple) -> list[dict]:
+    """Each (what, overrides, *extra) run as a CHILD; they run at once (each on one thread)."""
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, what, json.dumps(overrides), *extra], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for what, overrides, *extra in runs]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]  # an escaped OOM would be a traceback here
+    return [{**json.loads(out.strip().splitlines()[-1]), "stdout": out} for out, _ in outs]
+
+
 def _child(what: str, overrides: dict, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, what, json.dumps(overrides), *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]  # an escaped OOM would be a traceback here
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stdout": proc.stdout}
+    return _children((what, overrides, *extra))[0]
 
 
 # --- real allocator failures under the budget --------------------------------------------------------
@@ -83,7 +91,7 @@ def _child(what: str, overrides: dict, *extra: str) -> dict:
 def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
     """64 images at 512 px in one batch do not fit the budget; halved, they do: the trial goes on
     with the numbers a small batch gives (the budget is not simply too small for anything)."""
-    halved, small = _child("trial", {"eval_batch_size": 64}), _child("trial", {"eval_batch_size": 4})
+    halved, small = _children(("trial", {"eval_batch_size": 64}), ("trial", {"eval_batch_size": 4}))
     assert [r["status"] for r in halved["rows"]] == [r["status"] for r in small["rows"]] == ["ok"]
     assert halved["rows"][0]["val_acc"] == small["rows"][0]["val_acc"]
     assert halved["rows"][0]["val_loss"] == pytest.approx(small["rows"][0]["val_loss"], rel=1e-5)
