@@ -71,27 +71,36 @@ else:
 """
 
 
-def _children(*runs: tuple) -> list[dict]:
-    """Each (what, overrides, *extra) run as a CHILD; they run at once (each on one thread)."""
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, what, json.dumps(overrides), *extra], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for what, overrides, *extra in runs]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]  # an escaped OOM would be a traceback here
-    return [{**json.loads(out.strip().splitlines()[-1]), "stdout": out} for out, _ in outs]
+# each a CHILD run: name -> (what, overrides[, output folder of a final retrain])
+RUNS = {"halved": ("trial", {"eval_batch_size": 64}), "small": ("trial", {"eval_batch_size": 4}),
+        "train_oom": ("trial", {"batch_size": 128, "n_train": 128}),
+        "final_halved": ("final", {"eval_batch_size": 64}, "a"),
+        "final_oom": ("final", {"batch_size": 128, "n_train": 128}, "b")}
 
 
-def _child(what: str, overrides: dict, *extra: str) -> dict:
-    return _children((what, overrides, *extra))[0]
+@pytest.fixture(scope="module")
+def children(tmp_path_factory) -> tuple[Path, dict]:
+    """Every run in RUNS started at once (each on one thread): (root of their folders, name -> (code, out, err))."""
+    root = tmp_path_factory.mktemp("children")
+    procs = {name: subprocess.Popen([sys.executable, "-c", CHILD, what, json.dumps(overrides), *(str(root / e) for e in out)],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (what, overrides, *out) in RUNS.items()}
+    outs = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    return root, {name: (procs[name].returncode, *outs[name]) for name in procs}
+
+
+def _child(children, name: str) -> dict:
+    code, out, err = children[1][name]
+    assert code == 0, err[-3000:]  # an escaped OOM would be a traceback here
+    return {**json.loads(out.strip().splitlines()[-1]), "stdout": out}
 
 
 # --- real allocator failures under the budget --------------------------------------------------------
 
-def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
+def test_a_validation_batch_over_the_budget_is_halved_until_it_fits(children):
     """64 images at 512 px in one batch do not fit the budget; halved, they do: the trial goes on
     with the numbers a small batch gives (the budget is not simply too small for anything)."""
-    halved, small = _children(("trial", {"eval_batch_size": 64}), ("trial", {"eval_batch_size": 4}))
+    halved, small = _child(children, "halved"), _child(children, "small")
     assert [r["status"] for r in halved["rows"]] == [r["status"] for r in small["rows"]] == ["ok"]
     assert halved["rows"][0]["val_acc"] == small["rows"][0]["val_acc"]
     assert halved["rows"][0]["val_loss"] == pytest.approx(small["rows"][0]["val_loss"], rel=1e-5)
@@ -99,23 +108,20 @@ def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
     assert "ran out of memory" not in small["stdout"]
 
 
-def test_oom_in_training_ends_the_trial_with_status_oom():
-    out = _child("trial", {"batch_size": 128, "n_train": 128})
-    [row] = out["rows"]
+def test_oom_in_training_ends_the_trial_with_status_oom(children):
+    [row] = _child(children, "train_oom")["rows"]
     assert row["status"] == "oom" and row["epoch"] == 1 and "train_loss" not in row
     assert "while training (batch_size 128, input_size 512): lower batch_size or input_size" in row["error"]
 
 
-def test_a_final_test_batch_over_the_budget_is_halved_until_it_fits(tmp_path):
+def test_a_final_test_batch_over_the_budget_is_halved_until_it_fits(children):
     # trains on 4 images at batch 2, then tests 64 images: one batch of 64 does not fit, halves do
-    out = _child("final", {"eval_batch_size": 64}, str(tmp_path / "a"))
-    assert out["error"] is None
-    assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_images"] == 64
+    assert _child(children, "final_halved")["error"] is None
+    assert json.loads((children[0] / "a" / "test_metrics.json").read_text())["test_images"] == 64
 
 
-def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(tmp_path):
-    out = _child("final", {"batch_size": 128, "n_train": 128}, str(tmp_path / "b"))
-    msg = out["error"]
+def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(children):
+    msg = _child(children, "final_oom")["error"]
     assert msg and "\n" not in msg
     assert msg.startswith("the retrain ran out of memory in epoch 1 while training (batch_size 128")
     assert "lower batch_size or input_size" in msg
