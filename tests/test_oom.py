@@ -85,7 +85,11 @@ def children(tmp_path_factory) -> tuple[Path, dict]:
     procs = {name: subprocess.Popen([sys.executable, "-c", CHILD, what, json.dumps(overrides), *(str(root / e) for e in out)],
                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (what, overrides, *out) in RUNS.items()}
-    outs = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    try:
+        outs = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()  # after a timeout: none left running
     return root, {name: (procs[name].returncode, *outs[name]) for name in procs}
 
 
