@@ -50,3 +50,25 @@ def run_cli(script: str, *args: str, timeout: float = 900, check: bool = False,
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+E2E_SAMPLES = 6
+
+
+@pytest.fixture(scope="session")
+def e2e_search(tmp_path_factory, data_dir, weights_args) -> tuple[Path, subprocess.CompletedProcess]:
+    """One search through the CLI (tiny space, 2 logical GPUs), shared by the tests that only read
+    what it wrote (test_e2e, test_report): (experiment folder, the finished process)."""
+    storage = tmp_path_factory.mktemp("runs")
+    proc = run_cli("run_search.py", "--space", "tiny", "--gpus", "2", "--cpus-per-trial", "1",
+                   "--num-samples", E2E_SAMPLES, "--subset", 30, "--data-dir", data_dir,
+                   "--storage-path", storage, "--name", "e2e", "--seed", 0, *weights_args, check=True)
+    return storage / "e2e", proc
+
+
+@pytest.fixture(scope="session")
+def e2e_analyzed(e2e_search) -> tuple[Path, subprocess.CompletedProcess]:
+    """The shared search's best config retrained, tested and reported by analyze.py."""
+    exp = e2e_search[0]
+    return exp, run_cli("analyze.py", exp, check=True)
+

@@ -61,8 +61,6 @@ def browser():
 def app(browser, tmp_path_factory):
     """(url, model path, image) with the app serving a freshly trained tiny model."""
     root = tmp_path_factory.mktemp("app")
-    model_path, test = make_tiny_model(root)
-    image = save_png(test.images[3], root / "upload.png", size=96)
     port = _free_port()
     log = open(root / "streamlit.log", "w")
     # as a user starts it: app.py becomes `streamlit run` on 127.0.0.1, headless, no usage statistics
@@ -70,6 +68,9 @@ def app(browser, tmp_path_factory):
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
+        # trained while Streamlit starts: the app looks for models when the page loads, not before
+        model_path, test = make_tiny_model(root)
+        image = save_png(test.images[3], root / "upload.png", size=96)
         deadline = time.monotonic() + START_TIMEOUT
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:

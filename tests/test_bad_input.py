@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+import analyze
+import run_search
+from tests.conftest import REPO, run_cli
 from tests.fake_cifar import write_fake_cifar, write_pickle
 
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -119,9 +122,9 @@ def _wrong_weights(t: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
-def test_run_search_bad_input(case, tmp_path):
-    name, setup, words = case
+def _setup(case, tmp_path: Path) -> tuple[list, Path]:
+    """The CLI arguments of one case, its data set up (or broken) as the case says; and Ray's would-be folder."""
+    name, setup, _ = case
     data = write_fake_cifar(tmp_path / "data", train_per_class=3, test_per_class=1)
     base = ["--space", "tiny", "--data-dir", data, "--storage-path", tmp_path / "runs", "--no-pretrained"]
     if isinstance(setup, str):
@@ -131,24 +134,52 @@ def test_run_search_bad_input(case, tmp_path):
         extra = setup(tmp_path, data)
     if "--no-pretrained" not in extra and "--weights-dir" in extra:
         base.remove("--no-pretrained")
-    ray_tmp = tmp_path / "ray"  # a Ray started by this run would create its session here
-    proc = run_cli("run_search.py", *base, *extra, timeout=120, env={**OFFLINE, "RAY_TMPDIR": str(ray_tmp)})
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
+    return [str(a) for a in (*base, *extra)], tmp_path / "ray"  # a Ray started by this run would create its session here
+
+
+def _check_refused(case, tmp_path: Path, code: int, err: str, out: str, ray_tmp: Path) -> None:
+    name, _, words = case
+    lines = err.strip().splitlines()
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert "Traceback" not in err + out
     if name == "missing-data":  # a mistyped --data-dir: no folder (or lock file) made for it
         assert not (tmp_path / "nowhere").exists()
     for w in words:
         assert w in lines[0], lines[0]
-    assert not ray_tmp.exists(), "a Ray cluster was started before the input was checked"
+    ray = sys.modules.get("ray")
+    assert not ray_tmp.exists() and not (ray and ray.is_initialized()), "a Ray cluster was started before the input was checked"
     assert not Path(MARKER).exists()
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_run_search_bad_input(case, tmp_path, monkeypatch, capsys):
+    """In this process (a traceback would fail the test as it would show the user one); the one
+    case below runs the CLI as a process, for its exit code and a stderr holding only the message."""
+    argv, ray_tmp = _setup(case, tmp_path)
+    for k, v in {**OFFLINE, "RAY_TMPDIR": str(ray_tmp)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(REPO)
+    code = run_search.main(argv)
+    captured = capsys.readouterr()
+    _check_refused(case, tmp_path, code, captured.err, captured.out, ray_tmp)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "code-in-pickle"], ids=lambda c: c[0])
+def test_run_search_bad_input_as_a_process(case, tmp_path):
+    argv, ray_tmp = _setup(case, tmp_path)
+    proc = run_cli("run_search.py", *argv, timeout=120, env={**OFFLINE, "RAY_TMPDIR": str(ray_tmp)})
+    _check_refused(case, tmp_path, proc.returncode, proc.stderr, proc.stdout, ray_tmp)
+
+
 @pytest.mark.parametrize("make", ["not-an-experiment", "no-finished-trial"])
-def test_analyze_bad_input(make, tmp_path):
+def test_analyze_bad_input(make, tmp_path, capsys):
     target = tmp_path if make == "not-an-experiment" else _experiment_without_results(tmp_path)
-    proc = run_cli("analyze.py", target, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    if make == "not-an-experiment":  # as a process: its exit code, and nothing on stderr but the message
+        proc = run_cli("analyze.py", target, timeout=120)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = analyze.main([str(target)]), capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert ("not an experiment" if make == "not-an-experiment" else "no trial") in lines[0]

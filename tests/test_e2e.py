@@ -1,4 +1,5 @@
-"""The whole job through the CLIs, as a user runs it: search (tiny space, 2 logical GPUs), then analyze."""
+"""The whole job through the CLIs, as a user runs it: search (tiny space, 2 logical GPUs; the
+`e2e_search` fixture in conftest.py, which test_report.py reads too), then analyze."""
 from __future__ import annotations
 
 import json
@@ -8,46 +9,37 @@ import pytest
 import torch
 import yaml
 
+import analyze
 from analysis.experiment import load_trials
+from tests.conftest import E2E_SAMPLES as SAMPLES
 from tests.conftest import run_cli
 from trainable.config import TrialConfig
 
-SAMPLES = 6
 
-
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory, data_dir, weights_args):
-    storage = tmp_path_factory.mktemp("runs")
-    proc = run_cli("run_search.py", "--space", "tiny", "--gpus", "2", "--cpus-per-trial", "1",
-                   "--num-samples", SAMPLES, "--subset", 50, "--data-dir", data_dir,
-                   "--storage-path", storage, "--name", "e2e", "--seed", 0, *weights_args, check=True)
-    return storage / "e2e", proc
-
-
-def test_search_completes_with_every_trial(experiment):
-    exp, proc = experiment
+def test_search_completes_with_every_trial(e2e_search):
+    exp, proc = e2e_search
     trials = load_trials(exp)
     assert len(trials) == SAMPLES
     assert all(t.status in ("completed", "pruned") for t in trials), [t.status for t in trials]
     assert "best: trial" in proc.stdout
 
 
-def test_asha_pruned_a_trial(experiment):
-    trials = load_trials(experiment[0])
+def test_asha_pruned_a_trial(e2e_search):
+    trials = load_trials(e2e_search[0])
     assert any(t.status == "pruned" for t in trials)
     assert any(t.status == "completed" for t in trials)
 
 
-def test_params_json_is_complete_and_rerunnable(experiment):
-    for t in load_trials(experiment[0]):
+def test_params_json_is_complete_and_rerunnable(e2e_search):
+    for t in load_trials(e2e_search[0]):
         assert set(t.config) == {f.name for f in fields(TrialConfig)}
         cfg = TrialConfig.from_dict(t.config)
         assert cfg.backbone in ("tf_efficientnet_lite0", "resnet18", "mobilenetv2_100")
         assert 32 <= cfg.input_size <= 64 and cfg.total_epochs <= 4
 
 
-def test_trials_report_every_epoch(experiment):
-    for t in load_trials(experiment[0]):
+def test_trials_report_every_epoch(e2e_search):
+    for t in load_trials(e2e_search[0]):
         epochs = [r["epoch"] for r in t.results]
         assert epochs == list(range(1, len(epochs) + 1))
         for r in t.results:
@@ -55,8 +47,8 @@ def test_trials_report_every_epoch(experiment):
             assert r["images_per_sec"] > 0
 
 
-def test_best_config_round_trips(experiment):
-    exp = experiment[0]
+def test_best_config_round_trips(e2e_search):
+    exp = e2e_search[0]
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     assert best == json.loads((exp / "best_config.json").read_text())
     trials = {t.trial_id: t for t in load_trials(exp)}
@@ -67,9 +59,8 @@ def test_best_config_round_trips(experiment):
     assert "analyze.py" in best["retrain_command"]
 
 
-def test_analyze_retrains_and_tests_above_chance(experiment):
-    exp = experiment[0]
-    run_cli("analyze.py", exp, check=True)
+def test_analyze_retrains_and_tests_above_chance(e2e_analyzed):
+    exp = e2e_analyzed[0]
     metrics = json.loads((exp / "analysis" / "test_metrics.json").read_text())
     assert set(metrics) >= {"test_acc", "test_top5", "test_coarse_acc", "test_loss", "epochs", "train_seconds"}
     assert metrics["test_acc"] > 3 * 0.01  # chance is 1 %
@@ -77,8 +68,8 @@ def test_analyze_retrains_and_tests_above_chance(experiment):
     assert ckpt["config"]["backbone"] and len(ckpt["fine_names"]) == 100
 
 
-def test_each_trial_keeps_its_last_and_best_checkpoint(experiment):
-    for t in load_trials(experiment[0]):
+def test_each_trial_keeps_its_last_and_best_checkpoint(e2e_search):
+    for t in load_trials(e2e_search[0]):
         kept = sorted(int(p.name.split("_")[1]) + 1 for p in t.path.glob("checkpoint_*"))  # -> epoch
         acc = {int(r["epoch"]): r["val_acc"] for r in t.results}
         best_epochs = {e for e, a in acc.items() if a == t.best["val_acc"]}  # ties: Tune may keep either
@@ -89,11 +80,9 @@ def test_each_trial_keeps_its_last_and_best_checkpoint(experiment):
 BASELINES = ("alexnet_scratch", "efficientnetv2s_coarse_fine")
 
 
-def test_analyze_compares_the_search_best_with_recipes(experiment, weights_args):
-    exp = experiment[0]
+def test_analyze_compares_the_search_best_with_recipes(e2e_analyzed, weights_args):
+    exp = e2e_analyzed[0]
     out = exp / "analysis"
-    if not (out / "test_metrics.json").exists():  # the retrain test did not run first (-k)
-        run_cli("analyze.py", exp, check=True)
     best = json.loads((out / "test_metrics.json").read_text())
     pretrained = "--weights-dir" in weights_args  # the search's weights folder serves the recipes too
     proc = run_cli("analyze.py", exp, "--no-retrain", "--baselines", ",".join(BASELINES), "--epochs-scale", 0.05,
@@ -126,11 +115,17 @@ def test_analyze_compares_the_search_best_with_recipes(experiment, weights_args)
     (["--set", "pretrained=false"], "add --baselines"),
     (["--baselines", "mobilenetv2_2phase_96", "--weights-dir", "/nonexistent"], "no weights file"),
 ])
-def test_analyze_bad_baseline_input_is_one_line_and_keeps_results(experiment, args, fragment):
-    exp = experiment[0]
+def test_analyze_bad_baseline_input_is_one_line_and_keeps_results(e2e_search, args, fragment, capsys):
+    """In this process (a traceback fails the test); the first case as a process, for its exit code
+    and a stderr holding only the message."""
+    exp = e2e_search[0]
     written = {p: p.read_bytes() for p in (exp / "analysis").glob("*.json")}
-    proc = run_cli("analyze.py", exp, "--no-retrain", *args, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if args == ["--baselines", "tiny"]:
+        proc = run_cli("analyze.py", exp, "--no-retrain", *args, timeout=120)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = analyze.main([str(exp), "--no-retrain", *args]), capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
     assert {p: p.read_bytes() for p in written} == written

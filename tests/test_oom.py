@@ -71,19 +71,40 @@ else:
 """
 
 
-def _child(what: str, overrides: dict, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, what, json.dumps(overrides), *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]  # an escaped OOM would be a traceback here
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stdout": proc.stdout}
+# each a CHILD run: name -> (what, overrides[, output folder of a final retrain])
+RUNS = {"halved": ("trial", {"eval_batch_size": 64}), "small": ("trial", {"eval_batch_size": 4}),
+        "train_oom": ("trial", {"batch_size": 128, "n_train": 128}),
+        "final_halved": ("final", {"eval_batch_size": 64}, "a"),
+        "final_oom": ("final", {"batch_size": 128, "n_train": 128}, "b")}
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory) -> tuple[Path, dict]:
+    """Every run in RUNS started at once (each on one thread): (root of their folders, name -> (code, out, err))."""
+    root = tmp_path_factory.mktemp("children")
+    procs = {name: subprocess.Popen([sys.executable, "-c", CHILD, what, json.dumps(overrides), *(str(root / e) for e in out)],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (what, overrides, *out) in RUNS.items()}
+    try:
+        outs = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()  # after a timeout: none left running
+    return root, {name: (procs[name].returncode, *outs[name]) for name in procs}
+
+
+def _child(children, name: str) -> dict:
+    code, out, err = children[1][name]
+    assert code == 0, err[-3000:]  # an escaped OOM would be a traceback here
+    return {**json.loads(out.strip().splitlines()[-1]), "stdout": out}
 
 
 # --- real allocator failures under the budget --------------------------------------------------------
 
-def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
+def test_a_validation_batch_over_the_budget_is_halved_until_it_fits(children):
     """64 images at 512 px in one batch do not fit the budget; halved, they do: the trial goes on
     with the numbers a small batch gives (the budget is not simply too small for anything)."""
-    halved, small = _child("trial", {"eval_batch_size": 64}), _child("trial", {"eval_batch_size": 4})
+    halved, small = _child(children, "halved"), _child(children, "small")
     assert [r["status"] for r in halved["rows"]] == [r["status"] for r in small["rows"]] == ["ok"]
     assert halved["rows"][0]["val_acc"] == small["rows"][0]["val_acc"]
     assert halved["rows"][0]["val_loss"] == pytest.approx(small["rows"][0]["val_loss"], rel=1e-5)
@@ -91,23 +112,20 @@ def test_a_validation_batch_over_the_budget_is_halved_until_it_fits():
     assert "ran out of memory" not in small["stdout"]
 
 
-def test_oom_in_training_ends_the_trial_with_status_oom():
-    out = _child("trial", {"batch_size": 128, "n_train": 128})
-    [row] = out["rows"]
+def test_oom_in_training_ends_the_trial_with_status_oom(children):
+    [row] = _child(children, "train_oom")["rows"]
     assert row["status"] == "oom" and row["epoch"] == 1 and "train_loss" not in row
     assert "while training (batch_size 128, input_size 512): lower batch_size or input_size" in row["error"]
 
 
-def test_a_final_test_batch_over_the_budget_is_halved_until_it_fits(tmp_path):
+def test_a_final_test_batch_over_the_budget_is_halved_until_it_fits(children):
     # trains on 4 images at batch 2, then tests 64 images: one batch of 64 does not fit, halves do
-    out = _child("final", {"eval_batch_size": 64}, str(tmp_path / "a"))
-    assert out["error"] is None
-    assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_images"] == 64
+    assert _child(children, "final_halved")["error"] is None
+    assert json.loads((children[0] / "a" / "test_metrics.json").read_text())["test_images"] == 64
 
 
-def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(tmp_path):
-    out = _child("final", {"batch_size": 128, "n_train": 128}, str(tmp_path / "b"))
-    msg = out["error"]
+def test_oom_in_the_final_retrain_is_one_line_saying_what_to_lower(children):
+    msg = _child(children, "final_oom")["error"]
     assert msg and "\n" not in msg
     assert msg.startswith("the retrain ran out of memory in epoch 1 while training (batch_size 128")
     assert "lower batch_size or input_size" in msg

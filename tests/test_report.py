@@ -6,7 +6,6 @@ import html
 import json
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,6 @@ from report import write_report
 from report.classes import class_results, ranked_classes, top_confusions
 from report.importance import compute_importance
 from report.schedule import compute_schedule, steps_per_epoch
-from tests.conftest import run_cli
-from tests.fake_cifar import write_fake_cifar
 from trainable.config import TrialConfig
 from trainable.stages import plan_stages
 
@@ -27,22 +24,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["val_acc_curves.png", "lr_schedule.png", "class_accuracy.png"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory) -> Path:
-    """A real search (3 trials, CPU, random init) and its analysis, through the CLIs."""
-    root = tmp_path_factory.mktemp("report")
-    data = write_fake_cifar(root / "fake_cifar_data", train_per_class=10, test_per_class=3)
-    run_cli("run_search.py", "--space", "tiny", "--num-samples", 3, "--subset", 5, "--gpus", 0,
-            "--no-pretrained", "--backbones", "resnet18", "--data-dir", data, "--dashboard-port", _free_port(),
-            "--storage-path", root / "runs", "--name", "rep", "--seed", 0, check=True)
-    exp = root / "runs" / "rep"
-    proc = run_cli("analyze.py", exp, check=True)  # retrains, tests, and writes the report
+def experiment(e2e_analyzed) -> Path:
+    """A real search and its analysis through the CLIs: the one test_e2e.py runs (conftest.py)."""
+    exp, proc = e2e_analyzed
     assert "report: " in proc.stdout
     return exp
 

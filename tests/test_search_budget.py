@@ -10,6 +10,7 @@ import time
 import pytest
 import yaml
 
+import run_search
 from analysis.experiment import load_trials
 from search.budget import BUDGET_FILE
 from search.settings import parse_duration
@@ -70,24 +71,27 @@ def test_the_budget_ends_the_search_and_the_best_is_exported(budgeted):
         assert all(r.get("status", "ok") == "ok" for r in t.results)
 
 
-def test_resume_gets_only_what_is_left_of_the_budget(budgeted, data_dir):
+def test_resume_gets_only_what_is_left_of_the_budget(budgeted, data_dir, capsys):
+    """main() in this process (tests/test_bad_input.py runs a refusal as a process)."""
     exp, _, _ = budgeted
     before = {t.trial_id: t.epochs_run for t in load_trials(exp)}
     t0 = time.monotonic()
-    proc = run_cli("run_search.py", *_args(data_dir, exp.parent, "budget"), "--resume")
+    code = run_search.main([*map(str, _args(data_dir, exp.parent, "budget")), "--resume"])
+    out, err = capsys.readouterr()
     after = {t.trial_id: t.epochs_run for t in load_trials(exp)}
-    assert after == before, proc.stdout[-3000:]  # nothing left to spend: no new trial, no new epoch
-    assert proc.returncode == 2 and "has spent its --time-budget of 45s" in proc.stderr, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    check_command(printed_after(proc.stderr.split("see its results with", 1)[1], ""))
+    assert after == before, out[-3000:]  # nothing left to spend: no new trial, no new epoch
+    assert code == 2 and "has spent its --time-budget of 45s" in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1
+    check_command(printed_after(err.split("see its results with", 1)[1], ""))
     assert time.monotonic() - t0 < 60  # said before Ray starts
 
 
-def test_estimate_exits_without_training(tmp_path, data_dir):
-    proc = run_cli("run_search.py", *_args(data_dir, tmp_path, "est"), "--estimate", "--num-samples", 8,
-                   env={"CIFAR_TUNE_CACHE": str(tmp_path / "cache")}, check=True)
-    assert "cost estimate" in proc.stdout and "8 trials: at most" in proc.stdout
-    assert "tf_efficientnet_lite0@32" in proc.stdout
+def test_estimate_exits_without_training(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("CIFAR_TUNE_CACHE", str(tmp_path / "cache"))
+    code = run_search.main([*map(str, _args(data_dir, tmp_path, "est")), "--estimate", "--num-samples", "8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "cost estimate" in out and "8 trials: at most" in out
+    assert "tf_efficientnet_lite0@32" in out
     assert not (tmp_path / "est").exists()  # no experiment, no Ray
     assert json.loads((tmp_path / "cache" / "speed.json").read_text())  # measured once, cached
 
