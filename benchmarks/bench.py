@@ -457,7 +457,7 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
            "5": section_search, "6": section_stages}
 
 
-def options(argv):
+def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
     p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of 1-6")
     # without the file: random init (''), which runs at the same speed
@@ -469,11 +469,6 @@ def options(argv):
     a, run = parse(p, "bench.py", argv, FULL, QUICK)
     a.data_dir = str(Path(a.data_dir).resolve())
     a.weights_dir = str(Path(a.weights_dir).resolve()) if a.weights_dir else ""
-    return a, run
-
-
-def main(argv: list[str] | None = None) -> int:
-    a, run = options(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if set(sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
         print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
