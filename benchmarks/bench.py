@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
+from collections import Counter
+from functools import cached_property
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,13 +30,12 @@ from torchvision import transforms as T
 
 from analysis.experiment import load_trials
 from analysis.study import METRIC
-from benchmarks.common import (BACKBONE, WEIGHTS, MiB, Invocation, alternate, flags, make_bench, md_table, model_fn,
-                               parser, per_call, rate, run_cli, step)
+from benchmarks.common import (BACKBONE, WEIGHTS, MiB, alternate, forward_fn, make_bench, md_table, model_fn, parse,
+                               parser, per_call, rate, search, split, step, verdict)
 from search.searcher import stage_aware_grace
 from spaces import get_space
 from trainable.augment import DeviceAugment, aug_policy
 from trainable.config import TrialConfig
-from trainable.data import prepare_search_data
 from trainable.loop import batching, coarse_matrix, make_batch, make_mixup
 from trainable.model import train_mode
 from trainable.optim import build_optimizer
@@ -57,16 +56,11 @@ HEAD = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
 MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
 
 
-def verdict(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
-
-
 class Context:
-    """What the sections share: options, scale, the data and model (built once), the rows and notes."""
+    """What the sections share: the options and scale (`a`), the data and model (built once), the rows and notes."""
 
-    def __init__(self, args, sc):
-        self.args, self.sc, self.work = args, sc, Path(args.work_dir)
-        self.rows, self.notes, self._data, self._bench = [], {}, None, None
+    def __init__(self, a):
+        self.a, self.rows, self.notes = a, [], {}
 
     def add(self, *row) -> None:
         self.rows.append(list(row) + ["—"] * (len(HEAD) - len(row)))
@@ -79,31 +73,24 @@ class Context:
     def note(self, section: str, text: str) -> None:
         self.notes.setdefault(section, []).append(text)
 
+    @cached_property
     def data(self):
-        if self._data is None:
-            self._data = prepare_search_data(self.args.data_dir, subset=self.sc.subset, val_fraction=0.1,
-                                             seed=self.args.seed, download=False)
-        return self._data
+        return split(self.a, self.a.subset, seed=self.a.seed)
 
+    @cached_property
     def bench(self):
-        if self._bench is None:
-            self._bench = make_bench(self.data().train, self.args.weights_dir)
-        return self._bench
+        return make_bench(self.data.train, self.a.weights_dir)
 
-    def search_flags(self, name: str, sets: dict | None = None, **opts) -> list[str]:
-        """run_search.py's flags for one of the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
-        a = self.args
-        return flags(sets, gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none",
-                     seed=a.seed, data_dir=a.data_dir, storage_path=self.work / "runs", name=name,
-                     weights_dir=a.weights_dir or None, no_pretrained=not a.weights_dir,
-                     **{"max_concurrent": 1, "scheduler": "fifo", **opts})
+    def search_opts(self, **opts) -> dict:
+        """run_search.py's options for one of the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
+        a = self.a
+        return dict(gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none", seed=a.seed,
+                    weights_dir=a.weights_dir or None, no_pretrained=not a.weights_dir,
+                    **{"max_concurrent": 1, "scheduler": "fifo", **opts})
 
     def search(self, name: str, watch=None, sets: dict | None = None, **opts) -> tuple[Path, float]:
-        """A whole search through run_search.py: (its experiment folder, its wall seconds)."""
         print(f"  search {name} ...", flush=True)
-        wall = run_cli("run_search.py", self.search_flags(name, sets, **opts), self.work / "logs" / f"{name}.log",
-                       watch=watch, timeout=1800)
-        return self.work / "runs" / name, wall
+        return search(self.a, name, sets, watch=watch, timeout=1800, **self.search_opts(**opts))
 
 
 # ----------------------------------------------------------------------------- 1. trial overhead
@@ -113,22 +100,17 @@ def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple
     machine's limit: the model alone in channels_last (its faster layout, benchmarks/layout.py),
     every layer trainable, on one fixed batch, times the trial's steps per epoch (loop.batching);
     plus the forward pass under inference_mode of a batch of eval_batch_size, times the val images."""
-    d = ctx.data()
-    bs, steps = batching(len(d.train), ctx.sc.overhead_batch)
-    b = make_bench(d.train, ctx.args.weights_dir, channels_last=True)
+    d = ctx.data
+    bs, steps = batching(len(d.train), ctx.a.overhead_batch)
+    b = make_bench(d.train, ctx.a.weights_dir, channels_last=True)
     train = model_fn(b, size, bs)
     eb = min(TrialConfig().eval_batch_size, len(d.val))
-    xe = b.prec.prepare(torch.randn(eb, 3, size, size, device=b.dev))
-
-    def forward():
-        with torch.inference_mode():
-            b.net(xe)
-    out = {}
+    forward, out = forward_fn(b.net, b.prec.prepare(torch.randn(eb, 3, size, size, device=b.dev))), {}
     for t in counts:
         b.net.train()
-        t_step = per_call(train, t, ctx.sc.ceiling_s)
+        t_step = per_call(train, t, ctx.a.ceiling_s)
         b.net.eval()
-        out[t] = (steps * t_step, per_call(forward, t, ctx.sc.ceiling_s / 4) * len(d.val) / eb)
+        out[t] = (steps * t_step, per_call(forward, t, ctx.a.ceiling_s / 4) * len(d.val) / eb)
     return out
 
 
@@ -154,23 +136,23 @@ def trial_rates(rows: list[dict]) -> dict:
 def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, float]:
     """One Tune trial: 1 head-only epoch, then all-trainable epochs (timed); its rates, the
     search's wall time and the search's fixed cost (wall minus every epoch's time)."""
-    e2 = ctx.sc.overhead_epochs
+    e2 = ctx.a.overhead_epochs
     sets = {"stage3_epochs": 0, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99, "input_size": size,
-            "batch_size": ctx.sc.overhead_batch, "aug_strength": 1.0}
+            "batch_size": ctx.a.overhead_batch, "aug_strength": 1.0}
     exp, wall = ctx.search(f"overhead-{size}px-{cpus}cpu", sets=sets, num_samples=1, cpus_per_trial=cpus,
-                           subset=ctx.sc.subset, max_epochs=1 + e2)
+                           subset=ctx.a.subset, max_epochs=1 + e2)
     (trial,) = load_trials(exp)
     rows = [r for r in trial.results if r["epoch"] >= 2]
     if len(rows) != e2:
-        raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {ctx.work / 'logs'}")
+        raise RuntimeError(f"the overhead trial reported {len(trial.results)} epochs; see {ctx.a.work_dir}/logs")
     return trial_rates(rows), wall, wall - sum(r["time_this_iter_s"] for r in trial.results)
 
 
 def section_overhead(ctx: Context) -> None:
-    sc, cpus = ctx.sc, ctx.args.overhead_cpus
+    a, cpus = ctx.a, ctx.a.overhead_cpus
     counts = tuple(sorted({1, cpus}))  # the ceiling takes the faster of 1 thread and the trial's CPUs
-    bs, steps = batching(len(ctx.data().train), sc.overhead_batch)
-    for i, size in enumerate(sc.overhead_sizes):
+    bs, steps = batching(len(ctx.data.train), a.overhead_batch)
+    for i, size in enumerate(a.overhead_sizes):
         before = ceiling(ctx, size, counts)  # the two ceiling runs bracket the trial: their spread is the drift
         tr, wall, fixed = overhead_trial(ctx, size, cpus)
         after = ceiling(ctx, size, counts)
@@ -191,18 +173,18 @@ def section_overhead(ctx: Context) -> None:
             f"shutdown): {fixed:.0f} s of the {wall:.0f} s it took.")
         if i == 0:
             thread_scaling(ctx, size, tr, after, bs * steps)
-    ctx.note("1", f"Data: `--subset {sc.subset}`: {len(ctx.data().train)} training images ({steps} batches of {bs} an "
-                  f"epoch), {len(ctx.data().val)} validation images; {BACKBONE}. Trial: `run_search.py --space tiny "
+    ctx.note("1", f"Data: `--subset {a.subset}`: {len(ctx.data.train)} training images ({steps} batches of {bs} an "
+                  f"epoch), {len(ctx.data.val)} validation images; {BACKBONE}. Trial: `run_search.py --space tiny "
                   f"--num-samples 1 --cpus-per-trial {cpus}` `--set stage3_epochs=0 stage1_epochs=1 stage2_epochs="
-                  f"{sc.overhead_epochs} unfreeze_depth=99 aug_strength=1`, its all-trainable epochs timed by Tune's "
+                  f"{a.overhead_epochs} unfreeze_depth=99 aug_strength=1`, its all-trainable epochs timed by Tune's "
                   f"`time_this_iter_s`, in-loop by its `train_seconds`. Ceiling: `bench.ceiling` at "
-                  f"{' and '.join(map(str, counts))} thread(s), >= {sc.ceiling_s:g} s each, right before and after "
+                  f"{' and '.join(map(str, counts))} thread(s), >= {a.ceiling_s:g} s each, right before and after "
                   f"the trial; the faster thread count is taken.")
 
 
 def thread_scaling(ctx: Context, size: int, tr: dict, after: dict, images: int) -> None:
     """The trial of section 1 again with the other CPU count (1 if it had more, else 2), and its ceiling."""
-    cpus = ctx.args.overhead_cpus
+    cpus = ctx.a.overhead_cpus
     other = 1 if cpus > 1 else (2 if (os.cpu_count() or 1) >= 2 else None)
     if other is None:
         return
@@ -240,15 +222,15 @@ def pipeline_fn(b, size: int, bs: int, batches: int):
 
 
 def section_headroom(ctx: Context) -> None:
-    sc, b, t = ctx.sc, ctx.bench(), ctx.args.threads
-    for size in sc.sizes:
-        s = alternate({"pipe": pipeline_fn(b, size, sc.batch, sc.pipe_batches), "model": model_fn(b, size, sc.batch)},
-                      sc.rounds, t, sc.call_s)
-        pipe, model = sc.pipe_batches * sc.batch / s["pipe"], sc.batch / s["model"]
+    a, b, t = ctx.a, ctx.bench, ctx.a.threads
+    for size in a.sizes:
+        s = alternate({"pipe": pipeline_fn(b, size, a.batch, a.pipe_batches), "model": model_fn(b, size, a.batch)},
+                      a.rounds, t, a.call_s)
+        pipe, model = a.pipe_batches * a.batch / s["pipe"], a.batch / s["model"]
         ctx.add_rates("2", f"Pipeline headroom at {size} px: augmentation+mixup / model train step", pipe, model,
                       "≥ 5", pipe >= 5 * model, digits=1)
-    ctx.note("2", f"Batch {sc.batch}, {t} torch thread(s), {b.dev.type}, {sc.rounds} alternating round(s) of >= "
-                  f"{sc.call_s:g} s; pipeline = `bench.pipeline_fn` ({sc.pipe_batches} batches a call), model = "
+    ctx.note("2", f"Batch {a.batch}, {t} torch thread(s), {b.dev.type}, {a.rounds} alternating round(s) of >= "
+                  f"{a.call_s:g} s; pipeline = `bench.pipeline_fn` ({a.pipe_batches} batches a call), model = "
                   f"`common.model_fn` in the trial's layout.")
 
 
@@ -288,17 +270,17 @@ def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, s
 
 
 def section_dataloader(ctx: Context) -> None:
-    sc, b, t, workers = ctx.sc, ctx.bench(), ctx.args.threads, os.cpu_count() or 1
-    for size in sc.sizes:
-        s = alternate({"ours": pipeline_fn(b, size, sc.batch, sc.dl_batches),
-                       "dl": dataloader_fn(ctx.data().train, size, sc.batch, sc.dl_batches, workers, b.mean, b.std,
-                                           b.dev)}, sc.dl_rounds, t, 0.0)
-        ratio, last = s["dl"] / s["ours"], size == max(sc.sizes)
+    a, b, t, workers = ctx.a, ctx.bench, ctx.a.threads, os.cpu_count() or 1
+    for size in a.sizes:
+        s = alternate({"ours": pipeline_fn(b, size, a.batch, a.dl_batches),
+                       "dl": dataloader_fn(ctx.data.train, size, a.batch, a.dl_batches, workers, b.mean, b.std,
+                                           b.dev)}, a.dl_rounds, t, 0.0)
+        ratio, last = s["dl"] / s["ours"], size == max(a.sizes)
         ctx.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
-                rate(sc.dl_batches * sc.batch / s["ours"]) + " img/s", rate(sc.dl_batches * sc.batch / s["dl"]) + " img/s",
+                rate(a.dl_batches * a.batch / s["ours"]) + " img/s", rate(a.dl_batches * a.batch / s["dl"]) + " img/s",
                 f"{ratio:.2f}×", "≥ 10× at 224" if last else "(info)", verdict(ratio >= 10) if last else "—")
     ctx.note("3", f"`bench.dataloader_fn` (num_workers = {workers}, the cores) against `bench.pipeline_fn` on {t} "
-                  f"torch thread(s); batch {sc.batch}, {sc.dl_batches} batches a call, {sc.dl_rounds} alternating round(s).")
+                  f"torch thread(s); batch {a.batch}, {a.dl_batches} batches a call, {a.dl_rounds} alternating round(s).")
 
 
 # ----------------------------------------------------------------------------- 4. memory
@@ -344,17 +326,17 @@ class TreeMemory:
 
 
 def section_memory(ctx: Context) -> None:
-    sc, cpus = ctx.sc, ctx.args.threads
-    d = prepare_search_data(ctx.args.data_dir, subset=None, val_fraction=0.1, seed=ctx.args.seed, download=False)
-    data_mib = sum(a.nbytes for s in (d.train, d.val) for a in (s.images, s.fine, s.coarse)) / MiB
+    a, cpus = ctx.a, ctx.a.threads
+    d = split(a, None, seed=a.seed)
+    data_mib = sum(x.nbytes for s in (d.train, d.val) for x in (s.images, s.fine, s.coarse)) / MiB
     n_images = len(d.train) + len(d.val)
     del d
     # every trial stays in stage 1 (head only) for the whole time box, on both datasets
     sets = {"input_size": 16, "batch_size": 256, "stage3_epochs": 0, "stage1_epochs": 50, "stage2_epochs": 1}
     m = {}
-    for label, subset in [("full", None)] + ([("control", sc.mem_control_subset)] if sc.mem_control_subset else []):
+    for label, subset in [("full", None)] + ([("control", a.mem_control_subset)] if a.mem_control_subset else []):
         for n in (1, 2):
-            m[label, n] = TreeMemory(sc.mem_timebox, n)
+            m[label, n] = TreeMemory(a.mem_timebox, n)
             ctx.search(f"memory-{label}-{n}", watch=m[label, n], sets=sets, num_samples=n, max_concurrent=n,
                        cpus_per_trial=cpus, subset=subset, max_epochs=51)
             if m[label, n].max_workers < n:
@@ -366,17 +348,17 @@ def section_memory(ctx: Context) -> None:
             verdict(extra < data_mib / 3))
     if ("control", 2) in m:
         c_extra = (m["control", 2].pss - m["control", 1].pss) / MiB
-        ctx.add("4", f"  of which due to the data (minus the same pair on a {sc.mem_control_subset}/class subset)",
+        ctx.add("4", f"  of which due to the data (minus the same pair on a {a.mem_control_subset}/class subset)",
                 f"{extra - c_extra:+,.0f} MiB", f"dataset {data_mib:,.0f} MiB",
                 f"{(extra - c_extra) / data_mib:.2f} × dataset", "< 0.33 × dataset", verdict(extra - c_extra < data_mib / 3))
-        ctx.note("4", f"The control pair (the same searches on `--subset {sc.mem_control_subset}`) measures what a "
+        ctx.note("4", f"The control pair (the same searches on `--subset {a.mem_control_subset}`) measures what a "
                       f"second trial's own process costs however the data is shared: +{c_extra:,.0f} MiB.")
     ctx.add("4", "  peak RSS sum, 2 vs 1 (counts shared pages once per process)", f"{f2.rss / MiB:,.0f} MiB",
             f"{f1.rss / MiB:,.0f} MiB", f"+{(f2.rss - f1.rss) / MiB:,.0f} MiB")
     ctx.note("4", f"Dataset: the full training file as train+val, {n_images} images = {data_mib:.1f} MiB. Searches: "
                   f"`run_search.py --num-samples N --max-concurrent N --cpus-per-trial {cpus}` (N = 1, 2) "
                   + " ".join(f"`--set {k}={v}`" for k, v in sets.items()) + ", stopped like a user's Ctrl-C once "
-                  f"every trial worker has lived {sc.mem_timebox:.0f} s. `bench.TreeMemory`: psutil "
+                  f"every trial worker has lived {a.mem_timebox:.0f} s. `bench.TreeMemory`: psutil "
                   f"`memory_full_info()` summed over the search's process tree every second (PSS counts Ray's "
                   f"shared object store once, the RSS sum once per process that touched it). One trial worker had "
                   f"up to {f2.plasma_rss / MiB:.0f} MiB of the object store resident (PSS share "
@@ -391,35 +373,33 @@ def section_memory(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- 5. ASHA vs FIFO
 
 def section_search(ctx: Context) -> None:
-    sc, res = ctx.sc, {}
+    o, res = ctx.a, {}
     for sched in ("asha", "fifo"):
-        exp, wall = ctx.search(f"search-{sched}", sets=sc.search_sets, num_samples=sc.search_samples, max_concurrent=2,
-                               cpus_per_trial=ctx.args.threads, scheduler=sched, subset=sc.search_subset,
-                               max_epochs=sc.search_max_epochs, sampler="random", grace_period=1,
-                               val_fraction=sc.search_val_fraction)
+        exp, wall = ctx.search(f"search-{sched}", sets=o.search_sets, num_samples=o.search_samples, max_concurrent=2,
+                               cpus_per_trial=o.threads, scheduler=sched, subset=o.search_subset,
+                               max_epochs=o.search_max_epochs, sampler="random", grace_period=1,
+                               val_fraction=o.search_val_fraction)
         trials = load_trials(exp)
         res[sched] = {"wall": wall, "trials": trials, "epochs": sum(t.epochs_run for t in trials),
                       "best": max((t.best[METRIC] for t in trials if t.best), default=float("nan")),
                       "configs": sorted(json.dumps(t.config, sort_keys=True) for t in trials)}
     a, f = res["asha"], res["fifo"]
-    ctx.add("5", f"Search: epochs spent, ASHA / FIFO ({sc.search_samples} identical configs)", f"{a['epochs']} epochs",
+    ctx.add("5", f"Search: epochs spent, ASHA / FIFO ({o.search_samples} identical configs)", f"{a['epochs']} epochs",
             f"{f['epochs']} epochs", f"{a['epochs'] / f['epochs']:.2f}", "≤ 0.40", verdict(a["epochs"] <= 0.4 * f["epochs"]))
     diff = 100 * (a["best"] - f["best"])
     ctx.add("5", "  best val_acc found", f"{100 * a['best']:.1f} %", f"{100 * f['best']:.1f} %", f"{diff:+.1f} points",
             "within 1 point", verdict(diff >= -1.0))
     ctx.add("5", "  wall time of the whole search", f"{a['wall']:.0f} s", f"{f['wall']:.0f} s", f"{a['wall'] / f['wall']:.2f}")
-    grace = stage_aware_grace(get_space("tiny"), sc.search_max_epochs or get_space("tiny").max_epochs)
-    by_epochs = {}
-    for t in a["trials"]:
-        by_epochs[t.epochs_run] = by_epochs.get(t.epochs_run, 0) + 1
+    grace = stage_aware_grace(get_space("tiny"), o.search_max_epochs or get_space("tiny").max_epochs)
+    by_epochs = Counter(t.epochs_run for t in a["trials"])
     ctx.note("5", f"`run_search.py --space tiny --backbones {BACKBONE} --warm-start none --sampler random --num-samples "
-                  f"{sc.search_samples} --max-concurrent 2 --cpus-per-trial {ctx.args.threads} --subset "
-                  f"{sc.search_subset} --val-fraction {sc.search_val_fraction} --seed {ctx.args.seed}"
-                  + "".join(f" --set {k}={v}" for k, v in sc.search_sets.items())
-                  + (f" --max-epochs {sc.search_max_epochs}" if sc.search_max_epochs else "")
+                  f"{o.search_samples} --max-concurrent 2 --cpus-per-trial {o.threads} --subset "
+                  f"{o.search_subset} --val-fraction {o.search_val_fraction} --seed {o.seed}"
+                  + "".join(f" --set {k}={v}" for k, v in o.search_sets.items())
+                  + (f" --max-epochs {o.search_max_epochs}" if o.search_max_epochs else "")
                   + f"` with `--scheduler asha --grace-period 1` (reduction factor 3; the search's default rung is "
                   f"stage-aware, epoch {grace} here, which benchmarks/rungs.py measures) and with `--scheduler "
-                  f"fifo`. Validation: {round(sc.search_val_fraction * sc.search_subset) * 100} images. Best val_acc = "
+                  f"fifo`. Validation: {round(o.search_val_fraction * o.search_subset) * 100} images. Best val_acc = "
                   f"the best epoch of the best trial.")
     ctx.note("5", f"Identical configs: {'yes' if a['configs'] == f['configs'] else 'NO'} "
                   f"({len(set(a['configs']) & set(f['configs']))} of {len(f['configs'])} params.json in both searches): "
@@ -432,13 +412,13 @@ def section_search(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- 6. stage cost
 
 def section_stages(ctx: Context) -> None:
-    sc, b, t = ctx.sc, ctx.bench(), ctx.args.threads
+    a, b, t = ctx.a, ctx.bench, ctx.a.threads
     cfg = TrialConfig(stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
     stages = plan_stages(cfg)
     names = ["stage 1 (head only)", f"stage 2 (top {cfg.unfreeze_depth} blocks)", "all trainable"]
     g = torch.Generator().manual_seed(3)
-    x = b.prec.prepare(torch.randn(sc.stage_batch, 3, sc.stage_input, sc.stage_input, generator=g).to(b.dev))
-    y = torch.randint(0, 100, (sc.stage_batch,), generator=g).to(b.dev)
+    x = b.prec.prepare(torch.randn(a.stage_batch, 3, a.stage_input, a.stage_input, generator=g).to(b.dev))
+    y = torch.randint(0, 100, (a.stage_batch,), generator=g).to(b.dev)
     state = {}
 
     def setup(stage):  # untimed: the trial's own optimiser, param groups and train_mode for this stage
@@ -457,16 +437,16 @@ def section_stages(ctx: Context) -> None:
     grads = sum(p.grad is not None for p in b.net.backbone.parameters())
     n_params = sum(1 for _ in b.net.backbone.parameters())
     moved = not torch.equal(before, torch.cat([m.running_mean.flatten() for m in bn]))
-    ms = alternate(dict.fromkeys(names, one_step), sc.rounds, t, sc.call_s,
+    ms = alternate(dict.fromkeys(names, one_step), a.rounds, t, a.call_s,
                    setups={n: (lambda s=s: setup(s)) for n, s in zip(names, stages)})
     (n1, m1), (n2, m2), (n3, m3) = ((n, 1000 * ms[n]) for n in names)
-    ctx.add("6", f"Stage cost at {sc.stage_input} px: step time, {n1} / {n2}", f"{m1:,.0f} ms", f"{m2:,.0f} ms", f"{m1 / m2:.2f}")
+    ctx.add("6", f"Stage cost at {a.stage_input} px: step time, {n1} / {n2}", f"{m1:,.0f} ms", f"{m2:,.0f} ms", f"{m1 / m2:.2f}")
     ctx.add("6", f"  {n1} / {n3}", f"{m1:,.0f} ms", f"{m3:,.0f} ms", f"{m1 / m3:.2f}")
     ctx.add("6", f"  {n2} / {n3}", f"{m2:,.0f} ms", f"{m3:,.0f} ms", f"{m2 / m3:.2f}")
     ctx.add("6", "  stage 1 backward stops at the head (backbone params with a gradient; BN stats)",
             f"{grads} of {n_params}; {'moved' if moved else 'fixed'}", "—", "—", "0; fixed",
             verdict(grads == 0 and not moved))
-    ctx.note("6", f"Batch {sc.stage_batch}, {t} thread(s), {sc.rounds} alternating round(s); a step on one fixed "
+    ctx.note("6", f"Batch {a.stage_batch}, {t} thread(s), {a.rounds} alternating round(s); a step on one fixed "
                   f"batch with the stages of `plan_stages` and the trial's `build_optimizer` and `train_mode`. The check: "
                   f"one stage-1 step from a clean slate, backbone gradients and BatchNorm running means after it.")
 
@@ -477,7 +457,7 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
            "5": section_search, "6": section_stages}
 
 
-def parse(argv):
+def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
     p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of 1-6")
     # without the file: random init (''), which runs at the same speed
@@ -486,20 +466,14 @@ def parse(argv):
     p.add_argument("--overhead-cpus", type=int, default=min(2, os.cpu_count() or 1),
                    help="section 1: the trial's --cpus-per-trial (its ceiling takes the faster of 1 thread and this)")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="cifar-tune-bench-")
+    a, run = parse(p, "bench.py", argv, FULL, QUICK)
     a.data_dir = str(Path(a.data_dir).resolve())
     a.weights_dir = str(Path(a.weights_dir).resolve()) if a.weights_dir else ""
-    return a
-
-
-def main(argv: list[str] | None = None) -> int:
-    a, run = parse(argv), Invocation("bench.py", argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if set(sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
         print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
         return 2
-    ctx = Context(a, SimpleNamespace(**(QUICK if a.quick else FULL)))
+    ctx = Context(a)
     for s in sections:
         print(f"[bench] {s}. {TITLES[s]} ...", flush=True)
         ts = time.time()

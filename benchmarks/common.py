@@ -1,7 +1,7 @@
-"""The one harness of the benchmark scripts: paths, the argument boilerplate, the header each prints
-(command as typed, start, load, machine), markdown tables, torch's Timer in alternating rounds, the
-model-only ceiling step, the project's CLIs run as a user runs them, and the results-json file a
-re-run resumes from."""
+"""The one harness of the benchmark scripts: paths, the options they share and their parsing, the
+header each prints (command as typed, start, load, machine), the data split, markdown tables,
+torch's Timer in alternating rounds, the model-only ceiling step, the project's CLIs run as a user
+runs them, and the results-json file a re-run resumes from."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from analysis.command import command
 from trainable import atomic
 from trainable.augment import normalisation_of
+from trainable.data import prepare_search_data
 from trainable.loop import Precision
 from trainable.model import create_model, set_trainable, train_mode
 from trainable.trial import pick_device, to_device
@@ -52,6 +54,24 @@ def parser(doc: str, *, data: bool = True, work_dir: str | None = None, work_hel
     if quick:
         p.add_argument("--quick", action="store_true", help=quick)
     return p
+
+
+def parse(p: argparse.ArgumentParser, script: str, argv: list[str] | None, full: dict | None = None,
+          quick: dict | None = None):
+    """(the options, the run's Invocation). An option or knob still None takes its value from `quick`
+    under --quick (where it has it), else from `full`; a --work-dir of '' becomes a new temp folder."""
+    a = p.parse_args(argv)
+    for k, v in {**(full or {}), **((quick or {}) if getattr(a, "quick", False) else {})}.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    if getattr(a, "work_dir", None) == "":
+        a.work_dir = tempfile.mkdtemp(prefix=f"{Path(script).stem}-")
+    return a, Invocation(script, argv)
+
+
+def split(a, subset: int | None, val_fraction: float = 0.1, seed: int = 0):
+    """The search's train/val split of --data-dir (never downloads)."""
+    return prepare_search_data(a.data_dir, subset=subset, val_fraction=val_fraction, seed=seed, download=False)
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -90,6 +110,10 @@ def rate(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
 class Results(dict):
     """Results kept in a json file, rewritten after every run: a re-run skips what is there."""
 
@@ -121,11 +145,6 @@ def alternate(fns: dict, rounds: int, threads: int | dict, min_seconds: float, s
             (setups or {}).get(name, lambda: None)()
             times[name].append(per_call(fn, threads[name] if isinstance(threads, dict) else threads, min_seconds))
     return {k: reduce(v) for k, v in times.items()}
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -184,6 +203,14 @@ def model_fn(b: Bench, size: int, bs: int, steps: int = 1, fused: bool = False) 
     return run
 
 
+def forward_fn(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """The forward pass of `x` under inference_mode."""
+    def forward():
+        with torch.inference_mode():
+            net(x)
+    return forward
+
+
 # ----------------------------------------------------------------------------- the project's CLIs
 
 def flags(sets: dict | None = None, **opts) -> list[str]:
@@ -227,3 +254,12 @@ def run_cli(script: str, args: list, log: Path, *, watch: Callable[[subprocess.P
     if proc.returncode != 0 and not stopped:  # stopped: Tune saved what it had; the caller reads that
         raise RuntimeError(f"{script} exited {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
     return time.time() - t0
+
+
+def search(a, name: str, sets: dict | None = None, *, log: Path | None = None, watch=None, timeout: float = 4 * 3600,
+           **opts) -> tuple[Path, float]:
+    """A whole search through run_search.py in WORK/runs/NAME (log: WORK/logs/NAME.log): (its folder, its wall seconds)."""
+    work = Path(a.work_dir)
+    args = flags(sets, **opts, data_dir=a.data_dir, storage_path=work / "runs", name=name)
+    return work / "runs" / name, run_cli("run_search.py", args, log or work / "logs" / f"{name}.log", watch=watch,
+                                         timeout=timeout)

@@ -27,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from analysis.experiment import load_trials
-from benchmarks.common import BACKBONE, Invocation, flags, md_table, parser, run_cli
+from benchmarks.common import BACKBONE, md_table, parse, parser, search, split, verdict
 from spaces import recipe_config
 from spaces.warm_start import fit_epochs
 from trainable.cache import ENV
-from trainable.data import prepare_search_data
 from trainable.features import SWITCH_ENV
 from trainable.trial import run_trial
 
@@ -63,8 +62,8 @@ def ratio_line(rows: list) -> str:
     return f"\n\nwall time cached / uncached: {float(rows[1][1][:-2]) / float(rows[0][1][:-2]):.2f}"
 
 
-def part_epoch(a, work: Path) -> str:
-    data = prepare_search_data(a.data_dir, subset=a.epoch_subset, val_fraction=0.1, seed=0, download=False)
+def part_epoch(a) -> str:
+    data = split(a, a.epoch_subset)
     rows = []
     for size in a.sizes:
         cfg = {"backbone": BACKBONE, "weights_dir": a.weights_dir, "stage3_epochs": 0, "stage1_epochs": 2, "stage2_epochs": 0,
@@ -78,7 +77,7 @@ def part_epoch(a, work: Path) -> str:
         assert [r["feature_cache"] for r in built] == ["built", "hit"] and hit[0]["feature_cache"] == "hit"
         ratio = built_t[1] / off_t[1]
         rows.append([f"{size} px", f"{off_t[1]:.1f} s", f"{built_t[1]:.3f} s", f"{ratio:.1%}",
-                     "yes" if ratio <= 0.05 else "**NO**",
+                     verdict(ratio <= 0.05),
                      f"{built[0]['feature_seconds']:.1f} s", f"{hit[0]['feature_seconds']:.2f} s",
                      f"{abs(built[1]['val_loss'] - off[1]['val_loss']):.1e}"])
         print(md_table(EPOCH_HEAD, rows[-1:]), flush=True)
@@ -86,8 +85,8 @@ def part_epoch(a, work: Path) -> str:
             f"validation images), batch 64, flip only, AdamW:\n\n" + md_table(EPOCH_HEAD, rows))
 
 
-def part_recipe(a, work: Path) -> str:
-    data = prepare_search_data(a.data_dir, subset=a.recipe_subset, val_fraction=0.25, seed=0, download=False)
+def part_recipe(a) -> str:
+    data = split(a, a.recipe_subset, 0.25)
     cfg = fit_epochs(recipe_config("efficientnetv2_frozen", {"backbone": BACKBONE}, {"weights_dir": a.weights_dir}),
                      a.recipe_epochs)
     cfg["input_size"] = a.recipe_size
@@ -105,18 +104,15 @@ def part_recipe(a, work: Path) -> str:
             f"batch {cfg['batch_size']}, {len(data.train)} training and {len(data.val)} validation images")
 
 
-def part_search(a, work: Path) -> str:
-    rows = []
+def part_search(a) -> str:
+    rows, sets = [], {"stage3_epochs": 0, "stage1_epochs": 3, "stage2_epochs": 0, "input_size": a.search_size,
+                      "batch_size": 64, "aug_strength": 0, "unfreeze_depth": 1, "stage2_lr": 0.001}
     for switch in ("off", "on"):
-        name = f"heads-{switch}"
-        args = flags({"stage3_epochs": 0, "stage1_epochs": 3, "stage2_epochs": 0, "input_size": a.search_size, "batch_size": 64,
-                      "aug_strength": 0, "unfreeze_depth": 1, "stage2_lr": 0.001},
-                     space="tiny", backbones=BACKBONE, weights_dir=a.weights_dir, warm_start="none", num_samples=8,
-                     max_concurrent=1, cpus_per_trial=1, scheduler="fifo", subset=a.search_subset, data_dir=a.data_dir,
-                     seed=0, max_epochs=3, storage_path=work / "runs", name=name)
         with tempfile.TemporaryDirectory() as folder, cache(switch, folder):
-            wall = run_cli("run_search.py", args, work / "logs" / f"{name}.log")
-        trials = load_trials(work / "runs" / name)
+            exp, wall = search(a, f"heads-{switch}", sets, space="tiny", backbones=BACKBONE, weights_dir=a.weights_dir,
+                               warm_start="none", num_samples=8, max_concurrent=1, cpus_per_trial=1, scheduler="fifo",
+                               subset=a.search_subset, seed=0, max_epochs=3)
+        trials = load_trials(exp)
         epochs_s = sum(r["time_this_iter_s"] for t in trials for r in t.results)
         rows.append([switch, f"{wall:.0f} s", len(trials), f"{epochs_s:.0f} s",
                      f"{max(t.best['val_acc'] for t in trials if t.best):.1%}",
@@ -124,7 +120,7 @@ def part_search(a, work: Path) -> str:
         print(md_table(SEARCH_HEAD, rows[-1:]), flush=True)
     return (f"A search of 8 trials on {BACKBONE} varying only stage1_lr and the head (flat or coarse_to_fine), 3 "
             f"head-only epochs at {a.search_size} px, `--subset {a.search_subset}`, FIFO, one trial at a time, 1 CPU "
-            f"each; logs in {work / 'logs'}:\n\n" + md_table(SEARCH_HEAD, rows) + ratio_line(rows))
+            f"each; logs in {Path(a.work_dir) / 'logs'}:\n\n" + md_table(SEARCH_HEAD, rows) + ratio_line(rows))
 
 
 PARTS = {"epoch": part_epoch, "recipe": part_recipe, "search": part_search}
@@ -137,12 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe-subset", type=int, help="images per class for the recipe part (default 20, the duel's)")
     p.add_argument("--search-subset", type=int, help="images per class for the search part (default 10)")
     p.add_argument("--search-size", type=int, help="input size of the search part (default 96)")
-    a, run = p.parse_args(argv), Invocation("feature_cache.py", argv)
-    for k, v in (QUICK if a.quick else FULL).items():
-        setattr(a, k, v if getattr(a, k, None) is None else getattr(a, k))
+    a, run = parse(p, "feature_cache.py", argv, FULL, QUICK)
     torch.set_num_threads(1)
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="feature-cache-"))
-    out = [part(a, work) for name, part in PARTS.items() if name in a.parts.split(",")]
+    out = [part(a) for name, part in PARTS.items() if name in a.parts.split(",")]
     print("\n" + run.header("; 1 torch thread") + "\n\n" + "\n\n".join(out))
 
 

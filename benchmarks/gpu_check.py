@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +29,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np
 import torch
 
-from benchmarks.common import BACKBONE, make_bench, model_fn, sync
-from trainable.data import Split, prepare_search_data
+from benchmarks.common import BACKBONE, make_bench, model_fn, per_call, split
+from trainable.data import Split
 from trainable.loop import Precision
 from trainable.trial import CHECKPOINT_FILE, run_trial
 
@@ -54,7 +53,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def data(args) -> tuple[Split, Split]:
     if (Path(args.data_dir) / "cifar-100-python").is_dir():
-        d = prepare_search_data(args.data_dir, subset=args.subset, val_fraction=0.2, seed=0, download=False)
+        d = split(args, args.subset, 0.2)
         return d.train, d.val
     r = np.random.default_rng(0)
     n, n_val = args.images, max(args.images // 4, 2)
@@ -116,13 +115,8 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
 
     def throughput():
         rate = max(r["images_per_sec"] for r in rows if r.get("status") == "ok")
-        step = model_fn(make_bench(train, args.weights_dir), args.input_size, args.batch_size, steps=10)
-        step()  # warm-up
-        sync(dev)
-        t0 = time.perf_counter()
-        n = step()
-        sync(dev)
-        ceiling = n / (time.perf_counter() - t0)
+        steps = model_fn(make_bench(train, args.weights_dir), args.input_size, args.batch_size, steps=10)
+        ceiling = 10 * args.batch_size / per_call(steps, torch.get_num_threads(), 0.0)  # a warm-up call, then one timed
         return rate >= args.min_ratio * ceiling, (f"trial {rate:.0f} img/s = {rate / ceiling:.0%} of the "
                                                  f"model-only ceiling {ceiling:.0f} img/s (pass: >= {args.min_ratio:.0%})")
 

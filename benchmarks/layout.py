@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import Invocation, alternate, md_table, parser, rate, step
+from benchmarks.common import alternate, forward_fn, md_table, parse, parser, rate, step
 from trainable.model import create_model, set_trainable, train_mode
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
@@ -42,10 +42,7 @@ def parse_spec(spec: str) -> tuple[str, bool]:
 def contender(net, x, y, mode: str):
     """(the timed call, its untimed setup) of one layout in one mode."""
     if mode == "forward":
-        def forward():
-            with torch.inference_mode():
-                net(x)
-        return forward, net.eval
+        return forward_fn(net, x), net.eval
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return (lambda: step(net, opt, x, y)), (lambda: train_mode(net))
 
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default=",".join(str(t) for t in sorted({1, min(2, os.cpu_count() or 1)})))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--call-seconds", type=float, default=2.0, help="least timed seconds per contender and turn")
-    a, run = p.parse_args(argv), Invocation("layout.py", argv)
+    a, run = parse(p, "layout.py", argv)
     if a.quick:
         a.backbones, a.sizes, a.batch, a.rounds, a.call_seconds = "tf_efficientnet_lite0", "32", 8, 1, 0.2
     specs = [s for s in a.backbones.split(",") if s.strip()]

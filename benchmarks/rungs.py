@@ -22,7 +22,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from analysis.experiment import load_trials
-from benchmarks.common import Invocation, flags, md_table, parser, run_cli
+from benchmarks.common import md_table, parse, parser, search
 from search.searcher import stage_aware_grace
 from spaces import get_space
 
@@ -44,30 +44,13 @@ def correlations(trials: list, rungs: list[int], last: int) -> dict[int, tuple[f
     return out
 
 
-def parse(argv: list[str] | None):
+def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="/tmp/rungs", quick="4 trials, 3 images per class, 64 px")
-    p.add_argument("--num-samples", type=int, help="default 12")
-    p.add_argument("--max-epochs", type=int, help="default 4")
-    p.add_argument("--subset", type=int, help="default 10")
-    p.add_argument("--backbones", help="default tf_efficientnet_lite0")
+    for k, v in OWN.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), help=f"default {v}")
     p.add_argument("--experiment", default="", help="measure an existing FIFO experiment (e.g. the duel's "
                                                      "contender d, /tmp/duel/runs/d) instead of running one")
-    return p.parse_args(argv)
-
-
-def fifo_search(a) -> tuple[Path, float]:
-    """A new FIFO search of random configs in WORK/runs/fifo: (its folder, its wall seconds)."""
-    exp = Path(a.work_dir) / "runs" / "fifo"
-    shutil.rmtree(exp, ignore_errors=True)
-    args = flags({"input_size": 64} if a.quick else None, gpus=0, space="cpu", backbones=a.backbones,
-                 max_epochs=a.max_epochs, subset=a.subset, val_fraction=0.2, num_samples=a.num_samples, scheduler="fifo",
-                 sampler="random", warm_start="none", seed=1, data_dir=a.data_dir, weights_dir=a.weights_dir,
-                 storage_path=exp.parent, name="fifo")
-    return exp, run_cli("run_search.py", args, Path(a.work_dir) / "fifo.log")
-
-
-def main(argv: list[str] | None = None) -> int:
-    a, run = parse(argv), Invocation("rungs.py", argv)
+    a, run = parse(p, "rungs.py", argv)
     given = [k for k in OWN if getattr(a, k) is not None]
     if a.experiment and given:
         print(f"error: {', '.join('--' + k.replace('_', '-') for k in given)}: --experiment measures that experiment's "
@@ -83,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
         if a.quick:
             a.num_samples, a.subset = 4, 3
-        exp, _ = fifo_search(a)
+        shutil.rmtree(Path(a.work_dir) / "runs" / "fifo", ignore_errors=True)  # a new FIFO search of random configs
+        exp, _ = search(a, "fifo", {"input_size": 64} if a.quick else None, log=Path(a.work_dir) / "fifo.log", gpus=0,
+                        space="cpu", backbones=a.backbones, max_epochs=a.max_epochs, subset=a.subset, val_fraction=0.2,
+                        num_samples=a.num_samples, scheduler="fifo", sampler="random", warm_start="none", seed=1,
+                        weights_dir=a.weights_dir)
         what = "random configs of the `cpu` space"
     grace = stage_aware_grace(get_space("cpu"), a.max_epochs)
     trials = load_trials(exp)

@@ -18,10 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import BACKBONE, Invocation, alternate, make_bench, md_table, model_fn, parser, rate
+from benchmarks.common import BACKBONE, alternate, make_bench, md_table, model_fn, parse, parser, rate, split
 from trainable.augment import DeviceAugment, policy_for
 from trainable.config import TrialConfig
-from trainable.data import prepare_search_data
 from trainable.loop import train_epoch
 from trainable.optim import build_optimizer
 from trainable.stages import plan_stages
@@ -79,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--call-seconds", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--profile", action="store_true")
-    a, run = p.parse_args(argv), Invocation("step_gap.py", argv)
-    train = prepare_search_data(a.data_dir, subset=5, val_fraction=0.1, seed=0, download=False).train
+    a, run = parse(p, "step_gap.py", argv)
+    train = split(a, 5).train
     torch.set_num_threads(a.threads)
     rows = []
     for size in map(int, a.sizes.split(",")):

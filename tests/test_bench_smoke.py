@@ -20,14 +20,13 @@ def ctx():
     n = 24
     split = Split(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 100, n).astype(np.int64),
                   rng.integers(0, 20, n).astype(np.int64))
-    sc = SimpleNamespace(**{**bench.QUICK, "sizes": (32, 48), "batch": 4, "pipe_batches": 2, "dl_batches": 2,
-                            "stage_input": 32, "stage_batch": 4, "call_s": 0.0, "ceiling_s": 0.0,
-                            "overhead_batch": 8})
-    args = SimpleNamespace(threads=1, seed=0, weights_dir="", data_dir="d", work_dir="/tmp/unused")
+    a = SimpleNamespace(**{**bench.QUICK, "sizes": (32, 48), "batch": 4, "pipe_batches": 2, "dl_batches": 2,
+                           "stage_input": 32, "stage_batch": 4, "call_s": 0.0, "ceiling_s": 0.0, "overhead_batch": 8},
+                        threads=1, seed=0, weights_dir="", data_dir="d", work_dir="/tmp/unused")
     before = torch.get_num_threads()
     torch.manual_seed(0)
-    c = bench.Context(args, sc)
-    c._data = SimpleNamespace(train=split, val=split)  # random init and images: the same speed
+    c = bench.Context(a)
+    c.data = SimpleNamespace(train=split, val=split)  # random init and images: the same speed
     yield c
     torch.set_num_threads(before)
 
@@ -39,16 +38,16 @@ def test_headroom_and_stage_cost_run_and_stage_one_stops_at_the_head(ctx):
     assert [r[1] for r in ctx.rows[:2]] == [f"Pipeline headroom at {s} px: augmentation+mixup / model train step"
                                             for s in (32, 48)]
     check = rows["  stage 1 backward stops at the head (backbone params with a gradient; BN stats)"]
-    n = sum(1 for _ in ctx.bench().net.backbone.parameters())
+    n = sum(1 for _ in ctx.bench.net.backbone.parameters())
     assert check[2:] == [f"0 of {n}; fixed", "—", "—", "0; fixed", "yes"]
 
 
 def test_dataloader_baseline_and_pipeline_make_the_batches(ctx):
-    b = ctx.bench()
+    b = ctx.bench
     assert bench.pipeline_fn(b, 48, 4, 2)() == 8
-    run = bench.dataloader_fn(ctx.data().train, 48, 4, 2, 0, b.mean, b.std, b.dev)
+    run = bench.dataloader_fn(ctx.data.train, 48, 4, 2, 0, b.mean, b.std, b.dev)
     assert run() == 8
-    x, y = bench.PILSet(ctx.data().train, lambda im: np.asarray(im))[0]
+    x, y = bench.PILSet(ctx.data.train, lambda im: np.asarray(im))[0]
     assert x.shape == (32, 32, 3) and isinstance(y, int)
 
 
@@ -72,9 +71,10 @@ def test_trial_rates_split_training_from_the_rest():
 
 
 def test_search_flags_are_run_search_flags(ctx):
+    from benchmarks.common import flags
     from search.settings import parse_settings
-    s = parse_settings(ctx.search_flags("n", {"input_size": 16}, num_samples=2, cpus_per_trial=1, subset=5, max_epochs=2,
-                                        max_concurrent=2, scheduler="asha", sampler="random"))
+    s = parse_settings(flags({"input_size": 16}, **ctx.search_opts(num_samples=2, cpus_per_trial=1, subset=5, max_epochs=2,
+                                                                   max_concurrent=2, scheduler="asha", sampler="random")))
     assert (s.num_samples, s.max_concurrent, s.scheduler, s.subset, s.no_pretrained) == (2, 2, "asha", 5, True)
     assert (s.sampler, s.warm_start, s.space, s.set) == ("random", "none", "tiny", ["input_size=16"])
 
