@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     if device.type == "cpu":  # past its share an allocation fails: status oom, search goes on
         limit_memory(trial_budget(cpus))
     elif (share := memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)) is not None:
-        torch.cuda.set_per_process_memory_fraction(share, device)  # the same on a shared GPU, not another trial's error
+        torch.cuda.set_per_process_memory_fraction(share, device)  # a shared GPU: past its share it fails here, not in another trial
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)

@@ -101,8 +101,8 @@ def test_the_printed_table_counts_every_trial_and_shows_the_first_rows(monkeypat
     cb.print_table(trials(), cut={})  # at the search's end: every trial
     during, end = (text.splitlines() for text in out)
     assert during[0].startswith("Trial status: 1 completed | 1 diverged | 1 errored | 1 pending | 1 pruned | 1 running |")
-    assert len(during) == 2 + 4 + 1 and during[-1] == "... and 2 more trials"
-    assert len(end) == 2 + 6 and "more trials" not in out[1]
+    assert len(during) == 1 + 2 + 4 + 1 and during[-1] == "... and 2 more trials"  # status, header and rule, rows
+    assert len(end) == 1 + 2 + 6 and "more trials" not in out[1]
 
 
 def test_table_shows_an_explicit_augment_list_and_one_lr_format():

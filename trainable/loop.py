@@ -67,7 +67,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return next(k for k, v in _AMP_DTYPES.items() if v == self.amp_dtype)
+        return {dtype: name for name, dtype in _AMP_DTYPES.items()}[self.amp_dtype]
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """fp16 needs loss scaling against gradient underflow; bf16 (fp32's exponent range) and
@@ -80,7 +80,7 @@ class Precision:
                       else torch.preserve_format)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
