@@ -65,7 +65,6 @@ class EpochTensorBoard(TBXLoggerCallback):
             self._trial_writer[trial].close()
         trial.init_local_path()
         self._trial_writer[trial] = SummaryWriter(log_dir=str(trial.local_path), flush_secs=self.flush_secs)
-        self._last_result.setdefault(trial, {})
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial not in self._trial_writer:
