@@ -10,25 +10,17 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ray import tune
+from ray.tune.experiment import Trial
 
 from analysis.experiment import PARAM_COLUMNS, duration, fmt, param_cells, text_table
-from analysis.outcome import (
-    ENDED_BY_SEARCH,
-    INTERRUPTED,
-    NOT_STARTED,
-    OUT_OF_BUDGET,
-    PRUNED,
-    TrialView,
-    failure_status,
-    is_failure,
-    outcome,
-    write_ends,
-)
+from analysis.outcome import (ENDED_BY_SEARCH, INTERRUPTED, NOT_STARTED, OUT_OF_BUDGET, PRUNED, TrialView, failure_status,
+                              is_failure, outcome, write_ends)
 from analysis.study import METRIC
 from search.budget import exhausted
 from search.ray_adapter import driver_staging_path
@@ -38,15 +30,15 @@ SHORT = {"unfreeze_depth": "unfreeze", "input_size": "input", "aug_strength": "a
          "stage1_lr": "s1_lr", "stage2_lr": "s2_lr", "stage3_lr": "s3_lr", "best_val_acc": "best"}
 EVERY_S = 30.0
 MAX_ROWS = 20
-RUNNING, TERMINATED, ERROR = "RUNNING", "TERMINATED", "ERROR"  # ray.tune.experiment.Trial statuses
+ROW_ORDER = {Trial.RUNNING: 0, Trial.TERMINATED: 1, Trial.PAUSED: 2, Trial.PENDING: 3, Trial.ERROR: 4}
 
 
-def status_of(trial, status: str | None = None, ended_by_search: str = "") -> str:
-    """The trial's outcome (analysis.outcome); `status` overrides Tune's (a callback hears of an end
-    before Tune updates the trial)."""
+def outcome_of(trial, cut: dict[str, str], status: str = "") -> str:
+    """The trial's outcome (analysis.outcome); `cut`: {trial_id: reason} of the trials the search's end
+    cut short; `status` overrides Tune's (a callback hears of an end before Tune updates the trial)."""
     status = status or trial.status
-    return outcome(TrialView(trial.config or {}, trial.last_result or {}, errored=status == ERROR,
-                             live=status, ended_by_search=ended_by_search))
+    return outcome(TrialView(trial.config or {}, trial.last_result or {}, errored=status == Trial.ERROR,
+                             live=status, ended_by_search=cut.get(str(trial.trial_id), "")))
 
 
 def end_reason(exp: Path | None) -> str:
@@ -93,27 +85,25 @@ class Progress:
         return work / max(1, parallel)
 
 
-def progress_of(trials: list, total: int | None, ended: Any = None, failed: Any = None,
-                seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,
-                cut: dict[str, str] | None = None) -> Progress:
+def progress_of(trials: list, total: int | None, ended=None, failed=None, seconds: dict[str, float] | None = None,
+                prior_trial_s: float | None = None, cut: dict[str, str] | None = None) -> Progress:
     """Counts over the trials; `ended`/`failed`: the trial Tune reports as such right now.
     `seconds`: wall time per trial id (else Tune's time_total_s); `cut`: trials the search's end cut short."""
     p = Progress(total, prior_trial_s=prior_trial_s)
-    seconds, cut = seconds or {}, cut or {}
     for t in trials:
-        status = ERROR if t is failed else TERMINATED if t is ended else t.status
-        secs = seconds.get(str(t.trial_id), (t.last_result or {}).get("time_total_s"))
-        name = status_of(t, status, cut.get(str(t.trial_id), ""))
-        if status in (ERROR, TERMINATED) and is_failure(name):  # errored, diverged, oom
+        status = Trial.ERROR if t is failed else Trial.TERMINATED if t is ended else t.status
+        secs = (seconds or {}).get(str(t.trial_id), (t.last_result or {}).get("time_total_s"))
+        name = outcome_of(t, cut or {}, status)
+        if status in (Trial.ERROR, Trial.TERMINATED) and is_failure(name):  # errored, diverged, oom
             p.failed += 1
-        elif status == TERMINATED and name in ENDED_BY_SEARCH:  # not finished: --resume continues it
+        elif status == Trial.TERMINATED and name in ENDED_BY_SEARCH:  # not finished: --resume continues it
             p.cut_short, p.cut_reason = p.cut_short + 1, name
-        elif status == TERMINATED and name != NOT_STARTED:  # cleanup marks unstarted ones terminated too
+        elif status == Trial.TERMINATED and name != NOT_STARTED:  # cleanup marks unstarted ones terminated too
             p.done += 1
             p.pruned += name == PRUNED
             if isinstance(secs, (int, float)):
                 p.trial_seconds.append(float(secs))
-        elif status == RUNNING:
+        elif status == Trial.RUNNING:
             p.running += 1
             p.running_seconds.append(float(secs) if isinstance(secs, (int, float)) else 0.0)
         score = best_score(t)
@@ -143,20 +133,15 @@ def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float
     return "[search] " + " | ".join(parts)
 
 
-def table_rows(trials: list, params: list[str], metrics: list[str], max_rows: int = MAX_ROWS,
-               cut: dict[str, str] | None = None) -> tuple[list[str], list[list[str]], int]:
-    """(header, rows, trials left out): running trials first, then by best val_acc."""
-    cut = cut or {}
-    order = {RUNNING: 0, TERMINATED: 1, "PAUSED": 2, "PENDING": 3, ERROR: 4}
-
+def table_rows(trials: list, cut: dict[str, str] | None = None, params: list[str] = PARAM_COLUMNS,
+               metrics: list[str] = METRIC_COLUMNS) -> tuple[list[str], list[list[str]]]:
+    """(header, a row per trial): running trials first, then by best val_acc; the status column is the outcome."""
     def key(t):
         score = best_score(t)
-        return order.get(t.status, 5), -(score if score is not None else -1.0)
-    rows = [[str(t.trial_id), status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))]
-            + param_cells(t.config or {}, params) + [fmt((t.last_result or {}).get(k)) for k in metrics]
-            for t in sorted(trials, key=key)]
-    head = ["trial", "status"] + [SHORT.get(k, k) for k in params + metrics]
-    return head, rows[:max_rows], max(0, len(rows) - max_rows)
+        return ROW_ORDER.get(t.status, 5), -(score if score is not None else -1.0)
+    rows = [[str(t.trial_id), outcome_of(t, cut or {})] + param_cells(t.config or {}, params)
+            + [fmt((t.last_result or {}).get(k)) for k in metrics] for t in sorted(trials, key=key)]
+    return ["trial", "status"] + [SHORT.get(k, k) for k in params + metrics], rows
 
 
 class SearchLog(tune.Callback):
@@ -166,12 +151,10 @@ class SearchLog(tune.Callback):
     storage.Place.sync, called (staging folder, force) when the study may have changed."""
 
     def __init__(self, exp: Path | None = None, every_s: float = EVERY_S, out: Callable[[str], None] | None = None,
-                 prior_trial_s: float | None = None, budget=None, max_rows: int = MAX_ROWS,
-                 sync: Callable[[str | None, bool], None] | None = None):
+                 prior_trial_s: float | None = None, budget=None, sync: Callable[[str | None, bool], None] | None = None):
         self.exp = Path(exp) if exp is not None else None
         # out None: print, looked up when called (Tune pickles callbacks; a swapped builtins.print won't pickle)
-        self.every_s, self.out, self.prior_trial_s, self.budget, self.max_rows = every_s, out, prior_trial_s, budget, max_rows
-        self.sync = sync
+        self.every_s, self.out, self.prior_trial_s, self.budget, self.sync = every_s, out, prior_trial_s, budget, sync
         self.total: int | None = None
         self.start = self.last_line = self.last_table = time.monotonic()
         self.parallel = 1  # most trials seen running at once
@@ -186,7 +169,7 @@ class SearchLog(tune.Callback):
         """{trial_id: INTERRUPTED | OUT_OF_BUDGET} for the started trials that never ended."""
         reason = end_reason(self.exp)
         return {str(t.trial_id): reason for t in trials
-                if str(t.trial_id) in self.started and str(t.trial_id) not in self.ended and t.status != ERROR}
+                if str(t.trial_id) in self.started and str(t.trial_id) not in self.ended and t.status != Trial.ERROR}
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info):
         self.started.setdefault(str(trial.trial_id), time.monotonic())
@@ -197,17 +180,13 @@ class SearchLog(tune.Callback):
         self._sync(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
-        self._end(trial)
-        self.print_line(trials, ended=trial)
-        self._sync(trial, force=True)
+        self._end(trials, trial, ended=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
-        self._end(trial)
-        self.print_line(trials, failed=trial)
-        self._sync(trial, force=True)
+        self._end(trials, trial, failed=trial)
 
     def on_step_end(self, iteration: int, trials: list, **info):
-        running = sum(t.status == RUNNING for t in trials)
+        running = sum(t.status == Trial.RUNNING for t in trials)
         self.parallel = max(self.parallel, running)
         if trials and time.monotonic() - self.last_table >= self.every_s:
             self.print_table(trials)
@@ -227,9 +206,11 @@ class SearchLog(tune.Callback):
         if self.sync is not None:
             self.sync(driver_staging_path(trial), force)
 
-    def _end(self, trial) -> None:
+    def _end(self, trials: list, trial, **which) -> None:
         t0 = self.started.get(str(trial.trial_id), time.monotonic())
         self.ended[str(trial.trial_id)] = time.monotonic() - t0
+        self.print_line(trials, **which)
+        self._sync(trial, force=True)
 
     def print_line(self, trials: list, **which) -> None:
         now = time.monotonic()
@@ -241,36 +222,25 @@ class SearchLog(tune.Callback):
 
     def print_table(self, trials: list, cut: dict[str, str] | None = None) -> None:
         """The table with fixed columns; at the end (`cut` given) every trial, cut-short ones as such."""
-        end = cut is not None
-        cut = cut or {}
-        head, rows, more = table_rows(trials, PARAM_COLUMNS, METRIC_COLUMNS,
-                                      max_rows=len(trials) if end else self.max_rows, cut=cut)
-        counts: dict[str, int] = {}
-        for t in trials:
-            name = status_of(t, ended_by_search=cut.get(str(t.trial_id), ""))
-            counts[name] = counts.get(name, 0) + 1
-        status = " | ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}",
-                 text_table(head, rows)] + ([f"... and {more} more trials"] if more else [])
+        head, rows = table_rows(trials, cut)
+        shown = rows if cut is not None else rows[:MAX_ROWS]
+        status = " | ".join(f"{n} {s}" for s, n in sorted(Counter(row[1] for row in rows).items()))
+        lines = [f"Trial status: {status} | elapsed {duration(time.monotonic() - self.start)}", text_table(head, shown)]
+        if len(rows) > len(shown):
+            lines.append(f"... and {len(rows) - len(shown)} more trials")
         (self.out or print)("\n".join(lines))
         self.last_table = time.monotonic()
 
 
-class _DropLines(logging.Filter):
-    """Drops a Ray log record that contradicts this console (see quiet_ray_console)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if "Resume experiment with:" in msg:  # Tuner.restore(...): run.py prints the --resume command
-            return False
-        if msg.startswith("Failed to fetch metrics"):  # kept unless every trial named never started
-            fails = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
-            return not fails or not all("FileNotFoundError" in ln for ln in fails)
-        return True
-
-
-_FILTER = _DropLines()
-_FILTERED_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+def _drop_contradicting(record: logging.LogRecord) -> bool:
+    """False for a Ray log record that contradicts this console (see quiet_ray_console)."""
+    msg = record.getMessage()
+    if "Resume experiment with:" in msg:  # Tuner.restore(...): run.py prints the --resume command
+        return False
+    if msg.startswith("Failed to fetch metrics"):  # kept unless every trial named never started
+        fails = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
+        return not fails or not all("FileNotFoundError" in ln for ln in fails)
+    return True
 
 
 def quiet_ray_console() -> None:
@@ -280,7 +250,7 @@ def quiet_ray_console() -> None:
     line after Ctrl-C (the CLI prints the --resume command) and its `Failed to fetch metrics` warning
     for trials that never started (the summary lists them as not started)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    for name in _FILTERED_LOGGERS:
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
         logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+        if _drop_contradicting not in logger.filters:
+            logger.addFilter(_drop_contradicting)

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+from google.protobuf.struct_pb2 import Struct
 from ray.tune.logger import TBXLoggerCallback
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo, SessionStartInfo
 from torch.utils.tensorboard import SummaryWriter
 
 from analysis.outcome import OUT_OF_BUDGET, TrialView, is_failure, outcome
@@ -31,35 +33,22 @@ STEP = "epoch"
 HPARAMS = tuple(f.name for f in fields(TrialConfig) if f.name not in RUN_FIELDS)
 
 
-def hparam_values(config: dict[str, Any]) -> dict[str, bool | float | str]:
-    """The trial's hyper-parameters as HParams values (bool, number or string)."""
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-            for k in HPARAMS if (v := config.get(k)) is not None}
+def hparams_session(config: dict[str, Any], status: str, group: str) -> list[Summary]:
+    """The trial's HParams session: its hyper-parameters and outcome `status`, ended as a failure for a failed one."""
+    hparams = Struct()  # protobuf Values, bool, number or string by the Python type
+    hparams.update({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                    for k in HPARAMS if (v := config.get(k)) is not None} | {"status": status})
+    start = SessionStartInfo(hparams=hparams.fields, group_name=group, start_time_secs=time.time())
+    end = SessionEndInfo(status=api_pb2.Status.STATUS_FAILURE if is_failure(status) else api_pb2.Status.STATUS_SUCCESS,
+                         end_time_secs=time.time())
+    return [_summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+            _summary(metadata.SESSION_END_INFO_TAG, session_end_info=end)]
 
 
-def _hparams_summary(tag: str, **plugin_data) -> Summary:
-    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **plugin_data)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
-        plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()))
-    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
-
-
-def session_start(hparams: dict[str, bool | float | str], group: str) -> Summary:
-    info = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
-    for k, v in hparams.items():
-        if isinstance(v, bool):
-            info.hparams[k].bool_value = v
-        elif isinstance(v, (int, float)):
-            info.hparams[k].number_value = float(v)
-        else:
-            info.hparams[k].string_value = v
-    return _hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=info)
-
-
-def session_end(failed: bool) -> Summary:
-    status = api_pb2.Status.STATUS_FAILURE if failed else api_pb2.Status.STATUS_SUCCESS
-    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
-    return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)
+def _summary(tag: str, **info) -> Summary:
+    content = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **info).SerializeToString()
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content)
+    return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
 
 
 class EpochTensorBoard(TBXLoggerCallback):
@@ -68,16 +57,14 @@ class EpochTensorBoard(TBXLoggerCallback):
     def __init__(self, scalars: tuple[str, ...] = SCALARS, flush_secs: int = 30, exp=None):
         # no super().__init__(): it imports tensorboardX, which this class doesn't use
         self.scalars, self.flush_secs, self.exp = tuple(scalars), flush_secs, exp
-        self._trial_writer: dict[Any, Any] = {}
+        self._trial_writer: dict[Any, SummaryWriter] = {}
         self._last_result: dict[Any, dict] = {}  # the latest epoch's result per trial
 
     def log_trial_start(self, trial) -> None:
         if trial in self._trial_writer:
             self._trial_writer[trial].close()
         trial.init_local_path()
-        writer = SummaryWriter(log_dir=str(trial.local_path), flush_secs=self.flush_secs)
-        self._trial_writer[trial] = writer
-        self._last_result.setdefault(trial, {})
+        self._trial_writer[trial] = SummaryWriter(log_dir=str(trial.local_path), flush_secs=self.flush_secs)
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial not in self._trial_writer:
@@ -98,13 +85,10 @@ class EpochTensorBoard(TBXLoggerCallback):
         writer = self._trial_writer.pop(trial, None)
         if writer is None:
             return
-        last = self._last_result.pop(trial, {})
-        status = outcome(TrialView(trial.config or {}, last, errored=failed, live="TERMINATED",
-                                   ended_by_search=ended_by_search))
-        # TensorBoard keeps the first session info of a run, so it is written once, at the end
-        writer.file_writer.add_summary(session_start({**hparam_values(trial.config), "status": status},
-                                                     group=str(trial.trial_id)))
-        writer.file_writer.add_summary(session_end(is_failure(status)))
+        status = outcome(TrialView(trial.config or {}, self._last_result.pop(trial, {}), errored=failed,
+                                   live="TERMINATED", ended_by_search=ended_by_search))
+        for summary in hparams_session(trial.config or {}, status, group=str(trial.trial_id)):
+            writer.file_writer.add_summary(summary)
         writer.close()
 
     def on_experiment_end(self, trials: list, **info) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -66,31 +67,25 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(cpus)
     ctx = tune.get_context()
-    gpus = float(ctx.get_trial_resources().required_resources.get("GPU", 0) or 0)
+    resources = ctx.get_trial_resources().required_resources
+    gpus = float(resources.get("GPU", 0) or 0)
     gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []  # [] outside a Ray worker (tests)
     device = trial_device(gpus, gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if device.type == "cpu":  # past its share an allocation fails: status oom, search goes on
         limit_memory(trial_budget(cpus))
-    else:  # on a shared GPU, past its share: the same, not the other trial's out-of-memory error
-        share = memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)
-        if share is not None:
-            torch.cuda.set_per_process_memory_fraction(share, device)
+    elif (share := memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)) is not None:
+        torch.cuda.set_per_process_memory_fraction(share, device)  # a shared GPU: past its share it fails here, not in another trial
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=ckpt)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
 
     checkpoint = tune.get_checkpoint()
     # a restart from a checkpoint, or one before the first checkpoint that the marker remembers
     marker = Path(ctx.get_trial_dir()) / OOM_RETRIED
-    retry = retry_first_oom(ctx.get_trial_resources().required_resources,
-                            restarted=checkpoint is not None or marker.exists())
-    try:
-        if checkpoint is None:
-            run_trial(config, train, val, report, raise_oom=retry, device=device)
-            return
-        with checkpoint.as_directory() as restore:  # a restarted trial continues where it stopped
-            run_trial(config, train, val, report, restore=Path(restore), raise_oom=retry, device=device)
+    retry = retry_first_oom(resources, restarted=checkpoint is not None or marker.exists())
+    try:  # a restarted trial continues where its checkpoint stopped
+        with (checkpoint.as_directory() if checkpoint is not None else nullcontext()) as restore:
+            run_trial(config, train, val, report, restore=Path(restore) if restore else None, raise_oom=retry, device=device)
     except (MemoryError, RuntimeError) as e:
         if retry and is_out_of_memory(e):
             marker.parent.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
     on_disk = {t.trial_id: t.status for t in load_trials(exp)}
     assert on_disk == expected
     # the console's table at the end of the search
-    _, rows, _ = table_rows(trials, ["backbone"], ["epoch"], max_rows=99, cut=cut_short)
+    _, rows = table_rows(trials, cut_short, params=["backbone"], metrics=["epoch"])
     assert {r[0]: r[1] for r in rows} == expected
     p = progress_of(trials, total=len(trials), cut=cut_short)
     assert (p.failed, p.pruned, p.cut_short) == (3, 1, 1)  # diverged, oom, errored; only ASHA's cut is pruned
@@ -207,7 +207,7 @@ def test_a_trial_that_never_ran_is_not_started_though_tune_gave_it_a_row(tmp_pat
     assert outcome(TrialView(CONFIG, t.last_result, live="TERMINATED")) == NOT_STARTED
     p = progress_of([t], total=4)
     assert (p.done, p.pruned) == (0, 0)
-    _, rows, _ = table_rows([t], ["backbone"], ["epoch"])
+    _, rows = table_rows([t], params=["backbone"], metrics=["epoch"])
     assert rows[0][1] == NOT_STARTED
 
 

@@ -82,9 +82,9 @@ def test_progress_line_prints_on_events_and_at_most_every_interval():
 
 
 def test_table_has_the_chosen_columns():
-    head, rows, more = table_rows(trials(), PARAM_COLUMNS, METRIC_COLUMNS, max_rows=4)
+    head, rows = table_rows(trials(), params=PARAM_COLUMNS, metrics=METRIC_COLUMNS)
     assert head[:3] == ["trial", "status", "backbone"] and head[-1] == "best"
-    assert [r[0] for r in rows] == ["run", "done", "asha", "nan"] and more == 2
+    assert [r[0] for r in rows] == ["run", "done", "asha", "nan", "wait", "crash"]
     assert rows[2][1] == "pruned"
     assert rows[1][PARAM_COLUMNS.index("stage3_lr") + 2] == "-"  # a 2-stage trial has no stage 3
     assert rows[3][1] == "diverged"
@@ -92,11 +92,24 @@ def test_table_has_the_chosen_columns():
     assert lines[0].index("backbone") == lines[2].index("resnet18")  # columns line up
 
 
+def test_the_printed_table_counts_every_trial_and_shows_the_first_rows(monkeypatch):
+    import search.progress
+    monkeypatch.setattr(search.progress, "MAX_ROWS", 4)
+    out: list[str] = []
+    cb = SearchLog(out=out.append)
+    cb.print_table(trials())
+    cb.print_table(trials(), cut={})  # at the search's end: every trial
+    during, end = (text.splitlines() for text in out)
+    assert during[0].startswith("Trial status: 1 completed | 1 diverged | 1 errored | 1 pending | 1 pruned | 1 running |")
+    assert len(during) == 1 + 2 + 4 + 1 and during[-1] == "... and 2 more trials"  # status, header and rule, rows
+    assert len(end) == 1 + 2 + 6 and "more trials" not in out[1]
+
+
 def test_table_shows_an_explicit_augment_list_and_one_lr_format():
     t, r = FakeTrial("rec", "RUNNING", epoch=1, best=0.0), FakeTrial("drawn", "RUNNING", epoch=1, best=0.5)
     t.config.update(augment="flip,rotate=15", aug_strength=0.5, stage1_lr=0.001, stage2_lr=1e-05)
     r.config.update(aug_strength=0.5, stage1_lr=0.01, stage2_lr=0.00025)
-    head, rows, _ = table_rows([t, r], PARAM_COLUMNS, METRIC_COLUMNS)
+    head, rows = table_rows([t, r])
     cell = {row[0]: dict(zip(head, row)) for row in rows}
     assert cell["rec"]["aug"] == "flip,rotate=15" and cell["drawn"]["aug"] == "0.5"
     assert (cell["rec"]["s1_lr"], cell["rec"]["s2_lr"]) == ("1e-3", "1e-5")

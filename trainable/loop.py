@@ -9,6 +9,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -23,29 +24,25 @@ from trainable.model import NUM_COARSE, NUM_FINE, Net, train_mode
 
 # backbones that train slower in channels_last on the CPU (benchmarks/layout.py); none measured so far
 CPU_CONTIGUOUS: frozenset[str] = frozenset()
-
-
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
-    """fp32, bf16 or fp16 for training on `device`; `requested` other than "auto" wins.
-
-    "auto": fp32 on the CPU; on CUDA bf16 only where the GPU has it natively (compute capability
-    8.0+: A100, RTX 30xx/40xx, L4, H100), else fp16 (V100 7.0, T4 7.5), which needs a GradScaler.
-    torch.cuda.is_bf16_supported() is not the test: by default it also counts emulated bf16
-    (a bf16 tensor can be created on a V100/T4, but its math is slow or unsupported), and it asks
-    the current device, not necessarily this one. ROCm GPUs have bf16 (as torch says).
-    """
+    """fp32, bf16 or fp16 for training on `device`; `requested` other than "auto" wins. "auto": fp32 on
+    the CPU, bf16 where the GPU has it natively (ROCm, CUDA compute capability 8.0+), else fp16 (V100,
+    T4: with a GradScaler). Not torch.cuda.is_bf16_supported(): it counts emulated bf16 (slow) too and
+    asks the current device, not necessarily this one."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "fp32"
-    if torch.version.hip:
-        return "bf16"
-    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    return "bf16" if _native_bf16(device) else "fp16"
+
+
+def _native_bf16(device: torch.device) -> bool:
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @dataclass
@@ -57,18 +54,11 @@ class Precision:
 
     @classmethod
     def for_device(cls, device: torch.device, backbone: str = "", precision: str = "auto") -> "Precision":
-        """The precision choose_precision picks (or `precision` forces); channels_last wherever it
-        is the faster layout.
-
-        On this project's 2-core CPU, channels_last trains tf_efficientnet_lite0 2-3.8x faster
-        and runs mobilenetv2/resnet18 forward passes 1.25-1.8x faster
-        (`python benchmarks/layout.py` measures any backbone): oneDNN's convolutions are
-        NHWC-native. CPU_CONTIGUOUS lists backbones measured slower that way. On CUDA,
-        channels_last is what cuDNN's tensor-core convolutions want under fp16/bf16.
-        """
+        """The precision choose_precision picks (or `precision` forces), in channels_last but for the
+        CPU_CONTIGUOUS backbones: oneDNN's CPU convolutions are NHWC-native (lite0 trains 2-3.8x faster on
+        this project's 2-core CPU, benchmarks/layout.py) and so are cuDNN's tensor-core ones under fp16/bf16."""
         name = choose_precision(device, precision)
-        if name == "bf16" and device.type == "cuda" and not torch.version.hip \
-                and torch.cuda.get_device_capability(device) < (8, 0):
+        if name == "bf16" and device.type == "cuda" and not _native_bf16(device):
             warnings.warn(f"precision bf16 on {torch.cuda.get_device_name(device)} (compute capability "
                           f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated: "
                           f"slow; fp16 (precision auto) is this GPU's fast mixed precision", stacklevel=2)
@@ -77,7 +67,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return {dtype: name for name, dtype in _AMP_DTYPES.items()}[self.amp_dtype]
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """fp16 needs loss scaling against gradient underflow; bf16 (fp32's exponent range) and
@@ -90,9 +80,7 @@ class Precision:
                       else torch.preserve_format)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -120,12 +108,10 @@ def mix_batch(mix: Mixup, x: torch.Tensor, fine: torch.Tensor, fine_to_coarse: t
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mixed images, soft fine targets (B, NUM_FINE), soft coarse targets (B, NUM_COARSE)).
 
-    timm draws lambda and the cutmix box from numpy's global RNG; seeding it from the trial's own
-    CPU `generator` (saved in its checkpoint) makes a run reproducible and a resumed run continue
-    identically. The coarse target is the fine one times the fine-to-coarse matrix: mixing and
-    label smoothing are linear, so this is exact for mixup and cutmix alike (each CIFAR-100
-    superclass holds 5 fine classes, so smoothing over 100 classes sums to smoothing over 20).
-    """
+    timm draws lambda and the cutmix box from numpy's global RNG: seeded from the trial's own CPU
+    `generator` (in its checkpoint), a resumed run continues identically. The coarse target is the
+    fine one times the fine-to-coarse matrix, exact because mixing and label smoothing are linear
+    (each CIFAR-100 superclass holds 5 fine classes: smoothing over 100 sums to smoothing over 20)."""
     np.random.seed(int(torch.randint(2**31 - 1, (), generator=generator)))
     x, soft_fine = mix(x, fine)
     soft_coarse = soft_fine @ fine_to_coarse
@@ -136,11 +122,10 @@ def _loss(out, fine, coarse, smoothing: float, coarse_weight: float):
     """Cross-entropy over hard targets (long) or soft ones (mixup's float rows); plus the coarse
     head's, weighted, when the model has one."""
     fine_logits, coarse_logits = out if isinstance(out, tuple) else (out, None)
-    soft = fine.is_floating_point()  # soft targets already carry the label smoothing
-    loss = F.cross_entropy(fine_logits, fine, label_smoothing=0.0 if soft else smoothing)
+    smoothing = 0.0 if fine.is_floating_point() else smoothing  # soft targets already carry it
+    loss = F.cross_entropy(fine_logits, fine, label_smoothing=smoothing)
     if coarse_logits is not None:
-        loss = loss + coarse_weight * F.cross_entropy(coarse_logits, coarse,
-                                                      label_smoothing=0.0 if soft else smoothing)
+        loss = loss + coarse_weight * F.cross_entropy(coarse_logits, coarse, label_smoothing=smoothing)
     return loss
 
 
@@ -172,16 +157,12 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
                 scaler: torch.amp.GradScaler | None, mix: Mixup | None, smoothing: float,
                 coarse_weight: float, generator: torch.Generator, freeze_bn: bool = False,
                 mix_generator: torch.Generator | None = None) -> dict:
-    """One pass over (x, fine, coarse) in random order; returns train_loss and images_per_sec.
-
-    `mix_generator`: the CPU generator of mixup/cutmix's draws (mix_batch), given with `mix`."""
+    """One pass over (x, fine, coarse) in random order (train_steps' metrics); `mix_generator`: the CPU
+    generator of mixup/cutmix's draws (mix_batch), given with `mix`."""
     train_mode(net, freeze_bn)
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    fine_to_coarse = coarse_matrix(fine, coarse) if mix is not None else None
-
-    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return make_batch(x, fine, coarse, idx, aug=aug, prec=prec, generator=generator, mix=mix,
-                          fine_to_coarse=fine_to_coarse, mix_generator=mix_generator)
+    batch = partial(make_batch, x, fine, coarse, aug=aug, prec=prec, generator=generator, mix=mix,
+                    fine_to_coarse=coarse_matrix(fine, coarse) if mix is not None else None, mix_generator=mix_generator)
     return train_steps(net, perm, batch, batch_size=batch_size, opt=opt, sched=sched, prec=prec, scaler=scaler,
                        smoothing=smoothing, coarse_weight=coarse_weight)
 
@@ -224,14 +205,10 @@ T = TypeVar("T")
 def halving_batches(n: int, batch_size: int, step: Callable[[slice], T], device: torch.device | None = None
                     ) -> tuple[list[T], int]:
     """`step(rows)` over rows [0, n) in slices of `batch_size`; a slice that runs out of memory is
-    retried at half its size, and the rest continue at that size. For inference only: its results
-    must not depend on how the rows are split (eval-mode BatchNorm uses its running statistics).
-
-    Returns the per-slice results in row order and the size to start from next time: `batch_size`,
-    or half the last slice that failed (which may have been the short last one), so the failed
-    tries are not repeated. Raises the out-of-memory error when a single row does not fit, and any
-    other error as it is.
-    """
+    retried at half its size, and the rest continue at that size. For inference only: results must
+    not depend on how the rows are split (eval-mode BatchNorm uses its running statistics).
+    Returns the per-slice results in row order and the size to start from next time (half the last
+    slice that failed), so failed tries are not repeated; raises when a single row does not fit."""
     out: list[T] = []
     i, bs = 0, max(1, batch_size)
     while i < n:
@@ -255,12 +232,9 @@ def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor
              input_size: int, mean, std, batch_size: int, prec: Precision,
              return_predictions: bool = False) -> dict:
     """Loss, top-1, top-5 and superclass accuracy (the fine prediction's superclass is right: comparable
-    across heads); with a coarse-to-fine head also the coarse head's own loss and accuracy.
-
-    x: uint8 [N, 3, H, W] on the device, fine/coarse: long [N]. Batches of `batch_size` images that
-    run out of memory are halved (`halving_batches`); "batch_size" in the result is the size that
-    worked, the same numbers either way.
-    """
+    across heads); with a coarse-to-fine head also the coarse head's own loss and accuracy. x: uint8
+    [N, 3, H, W] on the device, fine/coarse: long [N]. Batches that run out of memory are halved
+    (`halving_batches`): "batch_size" in the result is the size that worked, the numbers the same."""
     net.eval()
 
     def forward(rows: slice):

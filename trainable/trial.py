@@ -3,8 +3,9 @@
 Ray Tune calls it in a search (search/tune_trial.py adapts it), analyze.py calls it to retrain the
 best config on train+val, and tests call it with a list as the reporter. Read top to bottom:
 `run_trial` turns an out-of-memory error anywhere into a result; `_train` restores the `Checkpoint`
-and walks the stage plan; `_run_stage` runs one stage an epoch at a time (`fit_epoch`, `validate`)
-and saves the `Checkpoint` after each. Tests inject faults by monkeypatching these functions.
+and walks the stage plan; `_run_stage` runs one stage an epoch at a time (`fit_epoch`, `validate`);
+`_save` reports each epoch with the `Checkpoint`. Then the state they pass around: `Checkpoint`,
+`Setup`, `Progress`. Tests inject faults by monkeypatching these functions.
 """
 from __future__ import annotations
 
@@ -38,39 +39,17 @@ CHECKPOINT_FILE = "state.pt"
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, fine labels, coarse labels
 
 
-def pick_device() -> torch.device:
-    """Outside Ray (the retrain, gpu_check): the current CUDA device when there is one, else the CPU.
-
-    A search trial does not ask this: search/tune_trial.py decides from the GPUs Ray assigned it
-    (a CPU trial may still see every GPU) and passes run_trial its `device`."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def to_device(split: Split, device: torch.device) -> Tensors:
-    """uint8 images and int64 labels on the device, once per trial.
-
-    On the CPU this is a zero-copy view of the (read-only, shared) object-store arrays.
-    """
-    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write
-        warnings.simplefilter("ignore", UserWarning)
-        return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in
-                     (split.images, split.fine.astype(np.int64, copy=False),
-                      split.coarse.astype(np.int64, copy=False)))
-
-
 def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
               restore: Path | None = None, checkpoint: bool = True, stop_after_epoch: int | None = None,
               raise_oom: bool = False, device: torch.device | None = None) -> tuple[Net | None, dict[str, Any]]:
     """Fine-tune through every stage, reporting once per epoch; returns the model and the last metrics reported.
 
-    `restore` is a checkpoint directory written by an earlier call: training continues at the
-    epoch after it. With `val` None (the final retrain) only training metrics are reported, so a
-    config that trains on val_loss (early stopping, reduce-on-plateau) needs `val`.
-    `stop_after_epoch` k ends the trial after global epoch k: the same stage plan and lr schedule
-    (built for every planned epoch), cut there. Running out of memory anywhere (setup, training,
-    validation, checkpoint) ends the trial with status "oom" and its reason, or re-raises the
-    error with `raise_oom` (the caller retries); the model is None when it ran out before one existed.
-    `device` is where to train (default pick_device()); config's `precision` says how.
+    `restore`: a checkpoint directory an earlier call reported; training continues after its epoch.
+    With `val` None (the final retrain) only training metrics are reported, so a config that trains
+    on val_loss (early stopping, reduce-on-plateau) needs `val`. `stop_after_epoch` k ends the trial
+    after global epoch k of the same plan and lr schedule. Running out of memory anywhere ends the
+    trial with status "oom" and its reason (the model None if none existed yet), or re-raises with
+    `raise_oom` (the caller retries). `device`: where to train (default pick_device()).
     """
     cfg = TrialConfig.from_dict(config)
     if val is None and cfg.uses_val:
@@ -93,35 +72,104 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
     return at.net, failed
 
 
-class Progress:
-    """Where a trial is, so an out-of-memory error anywhere in it can say where and what to lower."""
+def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, at: Progress, *,
+           restore: Path | None, save: bool, last: int, device: torch.device | None) -> tuple[Net, dict[str, Any]]:
+    """Restore the checkpoint, then run the stages it has not finished up to global epoch `last`."""
+    device = at.device = device if device is not None else pick_device()
+    if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
+        torch.cuda.set_device(device)
+    ckpt = Checkpoint.load(restore, device) if restore is not None else Checkpoint()
+    plan = plan_stages(cfg)
+    at.epoch, at.stage = ckpt.epoch + 1, ckpt.stage or plan[0].number
+    t = _setup(cfg, train, val, device, at)
+    ckpt.restore(t)
+    metrics: dict[str, Any] = {}
+    for s in plan:
+        if s.number < ckpt.stage or (s.number == ckpt.stage and ckpt.stage_done):
+            continue  # finished before the checkpoint
+        if ckpt.epoch >= last:
+            break
+        metrics = _run_stage(t, s, ckpt, last, report, save)
+        if metrics["status"] != "ok":
+            break
+    return t.net, metrics
 
-    def __init__(self) -> None:
-        self.phase = "setup"  # setup, training, validation, checkpoint
-        self.epoch, self.stage = 0, 0  # the 1-based global epoch being worked on, and its stage
-        self.net: Net | None = None
-        self.device: torch.device | None = None
-        self.metrics: dict[str, Any] = {}  # the epoch's metrics so far (training's, when validation fails)
 
-    def oom_reason(self, cfg: TrialConfig) -> str:
-        where, fix = {
-            "setup": (f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) before epoch "
-                      f"{self.epoch}", "pick a smaller backbone or fewer images (--subset)"),
-            "training": (f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, input_size "
-                         f"{cfg.input_size})", "lower batch_size or input_size"),
-            "validation": (f"epoch {self.epoch} while validating (down to one image at a time, input_size "
-                           f"{cfg.input_size})", "lower input_size or pick a smaller backbone"),
-            "checkpoint": (f"epoch {self.epoch} while saving its checkpoint", "lower batch_size or input_size"),
-        }[self.phase]
-        return f"out of memory in {where}: {fix}"
+def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter, save: bool) -> dict[str, Any]:
+    """Train stage `s` from where `ckpt` left it to its end, its early stop or global epoch `last`,
+    reporting (and saving `ckpt`) after every epoch; returns the last metrics reported."""
+    cfg, at = t.cfg, t.at
+    _, steps = batching(len(t.train), cfg.batch_size)
+    opt, sched = build_optimizer(t.net, s, cfg, s.epochs * steps, t.prec.device)
+    plateau = build_plateau(opt, cfg)
+    stopper = ckpt.enter_stage(s, opt, sched, plateau, cfg.early_stop_patience)
+    cached = features.for_stage(cfg, s, t.net, epochs=min(s.epochs - ckpt.stage_epoch, last - ckpt.epoch),
+                                train_images=t.train.images, x=t.data[0], fine=t.data[1], coarse=t.data[2],
+                                val_images=t.val.images if t.val is not None else None, val=t.val_data,
+                                mean=t.aug.mean, std=t.aug.std, prec=t.prec, batch_size=t.eval_bs)
+    metrics: dict[str, Any] = {}
+    while not ckpt.stage_done and ckpt.epoch < last:
+        at.phase, at.epoch, at.stage, at.metrics = "training", ckpt.epoch + 1, s.number, {}
+        tr = fit_epoch(t, opt, sched, cached)
+        ckpt.epoch, ckpt.stage_epoch = ckpt.epoch + 1, ckpt.stage_epoch + 1
+        metrics = at.metrics = {"epoch": ckpt.epoch, "stage": s.number, "lr": head_lr(opt),
+                                "trainable_params": count_trainable(t.net), **tr}
+        if not math.isfinite(tr["train_loss"]):  # it stops at once and is never a candidate for best
+            metrics = failure_result(metrics, "diverged", f"non-finite training loss in epoch {ckpt.epoch}")
+            report(metrics, None)
+            return metrics
+        stopped = False
+        if t.val_data is not None:
+            at.phase = "validation"
+            ev = validate(t, cached)
+            if ev["acc"] > ckpt.best["val_acc"]:
+                ckpt.best = {"val_acc": ev["acc"], "epoch": ckpt.epoch}
+            metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=ckpt.best["val_acc"],
+                           best_epoch=ckpt.best["epoch"])
+            if plateau is not None:
+                plateau.step(ev["loss"])
+            stopped = stopper.update(ev["loss"]) and ckpt.stage_epoch < s.epochs
+        # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
+        metrics.update(status="ok", early_stopped=stopped)
+        ckpt.stage_done = stopped or ckpt.stage_epoch == s.epochs
+        at.phase = "checkpoint"
+        _save(report, metrics, ckpt.capture(t, opt, sched, plateau, stopper) if save else None)
+    return metrics
 
 
-def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
-    """The last result of a trial that failed in a way a retry cannot fix (divergence, OOM).
+def fit_epoch(t: Setup, opt: Optimizer, sched: LRScheduler, cached: features.CachedStage | None) -> dict[str, Any]:
+    """One training epoch, on the stage's cached features when it has them, else on the augmented images."""
+    cfg = t.cfg
+    kw = dict(batch_size=cfg.batch_size, opt=opt, sched=sched, prec=t.prec, scaler=t.scaler,
+              smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight, generator=t.gen)
+    if cached is not None:
+        return cached.train_epoch(**kw)
+    return {**train_epoch(t.model, *t.data, aug=t.aug, mix=t.mix, freeze_bn=cfg.freeze_bn,
+                          mix_generator=t.mix_gen, **kw), "feature_cache": "off"}
 
-    It scores 0 for ASHA and the searcher, so TPE learns to avoid that region; export never
-    picks it (analysis/experiment.py skips non-"ok" rows)."""
-    return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "status": status, "error": reason}
+
+def validate(t: Setup, cached: features.CachedStage | None) -> dict[str, Any]:
+    """The epoch's validation metrics (loop.evaluate's); a batch size that ran out of memory is not tried again."""
+    if cached is not None:
+        ev = cached.evaluate(batch_size=t.eval_bs, prec=t.prec)
+    else:
+        ev = evaluate(t.model, *t.val_data, input_size=t.cfg.input_size, mean=t.aug.mean, std=t.aug.std,
+                      batch_size=t.eval_bs, prec=t.prec)
+    if ev["batch_size"] < t.eval_bs:
+        print(f"validation ran out of memory at eval_batch_size {t.eval_bs}: it goes on at "
+              f"{ev['batch_size']} (the same results, less memory)", flush=True)
+    t.eval_bs = ev.pop("batch_size")
+    return ev
+
+
+def _save(report: Reporter, metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
+    """Report the epoch, with its checkpoint written to a private folder (Tune copies it during the call)."""
+    if ckpt is None:
+        report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        ckpt.save(Path(tmp))
+        report(metrics, Path(tmp))
 
 
 @dataclass
@@ -194,9 +242,7 @@ class Setup:
     val: Split | None
     data: Tensors  # ... and the same on the device
     val_data: Tensors | None
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    aug: DeviceAugment
+    aug: DeviceAugment  # its mean and std normalise every input the net sees
     mix: Mixup | None
     scaler: torch.amp.GradScaler | None  # fp16 only; bf16 and fp32 step the optimiser directly
     gen: torch.Generator  # shuffling and augmentation, on the device
@@ -211,111 +257,55 @@ def _setup(cfg: TrialConfig, train: Split, val: Split | None, device: torch.devi
     prec = Precision.for_device(device, cfg.backbone, cfg.precision)
     net = at.net = create_model(cfg.backbone, pretrained=cfg.pretrained, weights_dir=cfg.weights_dir,
                                 head=cfg.head, small_input_stem=cfg.small_input_stem)
-    mean, std = normalisation_of(net.backbone)
     prec.model_to(net)
     return Setup(cfg=cfg, at=at, net=net, model=torch.compile(net) if cfg.compile else net, prec=prec,
                  train=train, val=val, data=to_device(train, device),
-                 val_data=to_device(val, device) if val is not None else None, mean=mean, std=std,
-                 aug=DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, mean, std),
+                 val_data=to_device(val, device) if val is not None else None,
+                 aug=DeviceAugment(policy_for(cfg.aug_strength, cfg.augment), cfg.input_size, *normalisation_of(net.backbone)),
                  mix=make_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing), scaler=prec.grad_scaler(),
                  gen=torch.Generator(device=device).manual_seed(cfg.seed), mix_gen=torch.Generator().manual_seed(cfg.seed),
                  eval_bs=cfg.eval_batch_size)
 
 
-def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, at: Progress, *,
-           restore: Path | None, save: bool, last: int, device: torch.device | None) -> tuple[Net, dict[str, Any]]:
-    """Restore the checkpoint, then run the stages it has not finished up to global epoch `last`."""
-    device = at.device = device if device is not None else pick_device()
-    if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
-        torch.cuda.set_device(device)
-    ckpt = Checkpoint.load(restore, device) if restore is not None else Checkpoint()
-    plan = plan_stages(cfg)
-    at.epoch, at.stage = ckpt.epoch + 1, ckpt.stage or plan[0].number
-    t = _setup(cfg, train, val, device, at)
-    ckpt.restore(t)
-    metrics: dict[str, Any] = {}
-    for s in plan:
-        if s.number < ckpt.stage or (s.number == ckpt.stage and ckpt.stage_done):
-            continue  # finished before the checkpoint
-        if ckpt.epoch >= last:
-            break
-        metrics = _run_stage(t, s, ckpt, last, report, save)
-        if metrics["status"] != "ok":
-            break
-    return t.net, metrics
+@dataclass
+class Progress:
+    """Where a trial is, so an out-of-memory error anywhere in it can say where and what to lower."""
+    phase: str = "setup"  # setup, training, validation, checkpoint
+    epoch: int = 0  # the 1-based global epoch being worked on ...
+    stage: int = 0  # ... and its stage
+    net: Net | None = None
+    device: torch.device | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # the epoch's so far (training's, when validation fails)
+
+    def oom_reason(self, cfg: TrialConfig) -> str:
+        where, fix = {
+            "setup": (f"setting up (model {cfg.backbone} and data on {self.device or 'the device'}) before epoch "
+                      f"{self.epoch}", "pick a smaller backbone or fewer images (--subset)"),
+            "training": (f"epoch {self.epoch} while training (batch_size {cfg.batch_size}, input_size "
+                         f"{cfg.input_size})", "lower batch_size or input_size"),
+            "validation": (f"epoch {self.epoch} while validating (down to one image at a time, input_size "
+                           f"{cfg.input_size})", "lower input_size or pick a smaller backbone"),
+            "checkpoint": (f"epoch {self.epoch} while saving its checkpoint", "lower batch_size or input_size"),
+        }[self.phase]
+        return f"out of memory in {where}: {fix}"
 
 
-def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter, save: bool) -> dict[str, Any]:
-    """Train stage `s` from where `ckpt` left it to its end, its early stop or global epoch `last`,
-    reporting (and saving `ckpt`) after every epoch; returns the last metrics reported."""
-    cfg, at = t.cfg, t.at
-    _, steps = batching(len(t.train), cfg.batch_size)
-    opt, sched = build_optimizer(t.net, s, cfg, s.epochs * steps, t.prec.device)
-    plateau = build_plateau(opt, cfg)
-    stopper = ckpt.enter_stage(s, opt, sched, plateau, cfg.early_stop_patience)
-    cached = features.for_stage(cfg, s, t.net, epochs=min(s.epochs - ckpt.stage_epoch, last - ckpt.epoch),
-                                train_images=t.train.images, x=t.data[0], fine=t.data[1], coarse=t.data[2],
-                                val_images=t.val.images if t.val is not None else None, val=t.val_data,
-                                mean=t.mean, std=t.std, prec=t.prec, batch_size=t.eval_bs)
-    metrics: dict[str, Any] = {}
-    while not ckpt.stage_done and ckpt.epoch < last:
-        at.phase, at.epoch, at.stage, at.metrics = "training", ckpt.epoch + 1, s.number, {}
-        tr = fit_epoch(t, opt, sched, cached)
-        ckpt.epoch, ckpt.stage_epoch = ckpt.epoch + 1, ckpt.stage_epoch + 1
-        metrics = at.metrics = {"epoch": ckpt.epoch, "stage": s.number, "lr": head_lr(opt),
-                                "trainable_params": count_trainable(t.net), **tr}
-        if not math.isfinite(tr["train_loss"]):  # it stops at once and is never a candidate for best
-            metrics = failure_result(metrics, "diverged", f"non-finite training loss in epoch {ckpt.epoch}")
-            report(metrics, None)
-            return metrics
-        stopped = False
-        if t.val_data is not None:
-            at.phase = "validation"
-            ev = validate(t, cached)
-            if ev["acc"] > ckpt.best["val_acc"]:
-                ckpt.best = {"val_acc": ev["acc"], "epoch": ckpt.epoch}
-            metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=ckpt.best["val_acc"],
-                           best_epoch=ckpt.best["epoch"])
-            if plateau is not None:
-                plateau.step(ev["loss"])
-            stopped = stopper.update(ev["loss"]) and ckpt.stage_epoch < s.epochs
-        # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
-        metrics.update(status="ok", early_stopped=stopped)
-        ckpt.stage_done = stopped or ckpt.stage_epoch == s.epochs
-        at.phase = "checkpoint"
-        _report(report, metrics, ckpt.capture(t, opt, sched, plateau, stopper) if save else None)
-    return metrics
+def failure_result(metrics: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    """The last result of a trial that failed in a way a retry cannot fix (divergence, OOM): it scores
+    0 for ASHA and the searcher, so TPE learns to avoid that region; export never picks it."""
+    return {**metrics, "val_acc": 0.0, "best_val_acc": 0.0, "status": status, "error": reason}
 
 
-def fit_epoch(t: Setup, opt: Optimizer, sched: LRScheduler, cached: features.CachedStage | None) -> dict[str, Any]:
-    """One training epoch, on the stage's cached features when it has them, else on the augmented images."""
-    cfg = t.cfg
-    kw = dict(batch_size=cfg.batch_size, opt=opt, sched=sched, prec=t.prec, scaler=t.scaler,
-              smoothing=cfg.label_smoothing, coarse_weight=cfg.coarse_loss_weight, generator=t.gen)
-    if cached is not None:
-        return cached.train_epoch(**kw)
-    return {**train_epoch(t.model, *t.data, aug=t.aug, mix=t.mix, freeze_bn=cfg.freeze_bn,
-                          mix_generator=t.mix_gen, **kw), "feature_cache": "off"}
+def pick_device() -> torch.device:
+    """Outside Ray (the retrain, gpu_check): the current CUDA device when there is one, else the CPU.
+    A search trial gets its `device` from search/tune_trial.py, from the GPUs Ray assigned it."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def validate(t: Setup, cached: features.CachedStage | None) -> dict[str, Any]:
-    """The epoch's validation metrics (loop.evaluate's); a batch size that ran out of memory is not tried again."""
-    if cached is not None:
-        ev = cached.evaluate(batch_size=t.eval_bs, prec=t.prec)
-    else:
-        ev = evaluate(t.model, *t.val_data, input_size=t.cfg.input_size, mean=t.mean, std=t.std,
-                      batch_size=t.eval_bs, prec=t.prec)
-    if ev["batch_size"] < t.eval_bs:
-        print(f"validation ran out of memory at eval_batch_size {t.eval_bs}: it goes on at "
-              f"{ev['batch_size']} (the same results, less memory)", flush=True)
-    t.eval_bs = ev.pop("batch_size")
-    return ev
-
-
-def _report(report: Reporter, metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
-    if ckpt is None:
-        report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:  # a private dir: Tune copies it on report
-        ckpt.save(Path(tmp))
-        report(metrics, Path(tmp))
+def to_device(split: Split, device: torch.device) -> Tensors:
+    """uint8 images and int64 labels on the device, once per trial (on the CPU, a zero-copy view)."""
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in
+                     (split.images, split.fine.astype(np.int64, copy=False),
+                      split.coarse.astype(np.int64, copy=False)))
