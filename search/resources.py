@@ -14,6 +14,7 @@ from search.settings import SearchSettings
 from search.storage import check_cluster_storage
 from trainable.errors import UserError
 
+
 @dataclass(frozen=True)
 class Resources:
     gpus: int  # total GPUs for a local Ray

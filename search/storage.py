@@ -3,8 +3,8 @@
 Ray Tune writes trial checkpoints from the node the trial runs on, so on a multi-node cluster the storage
 must be one every node reaches (ray-project/ray#37177): a cloud URI (s3://, gs://, any filesystem pyarrow
 knows) or a folder mounted at the same path on every node. With a URI, Tune writes the trials there itself;
-the driver's own files (optuna.db, settings, budget, estimate, best_config) live in a local folder that
-`Place` uploads, because Tune syncs only its own state.
+the driver's own files (optuna.db, settings, budget, estimate, best_config) are opened before Tune's staging
+folder exists and written after fit returns, so they live in a local folder that `Place` uploads.
 """
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ _FIXES = {
     "hdfs": "check the namenode address, and that Java and libhdfs are installed (JAVA_HOME, HADOOP_HOME)",
 }
 _FIXES.update(gcs=_FIXES["gs"], abfss=_FIXES["abfs"], viewfs=_FIXES["hdfs"])
+
+
+def _fix(uri: str) -> str:
+    return _FIXES.get(uri_scheme(uri), "check the address and the credentials")
 
 
 def uri_scheme(path: str) -> str:
@@ -135,8 +139,8 @@ def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared
 
 def storage_error(uri: str, e: BaseException, what: str = "--storage-path") -> UserError:
     """pyarrow's error reaching `uri` (first line, cut short) as one line naming the URI and the fix."""
-    fix = ("fix the URI's ?options (pyarrow.fs.FileSystem.from_uri's query parameters)"  # ArrowInvalid: a bad URI
-           if isinstance(e, ValueError) else _FIXES.get(uri_scheme(uri), "check the address and the credentials"))
+    fix = ("fix the URI's ?options (pyarrow.fs.FileSystem.from_uri's query parameters)"
+           if isinstance(e, ValueError) else _fix(uri))  # pyarrow's ArrowInvalid: a bad URI
     text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     return UserError(f"{what} {redact(uri)} cannot be reached ({text if len(text) <= 160 else text[:157] + '...'}): {fix}")
 
@@ -155,8 +159,7 @@ def _in_time(fn, uri: str, what: str, timeout_s: float):
     t.start()
     t.join(timeout_s)
     if t.is_alive():
-        fix = _FIXES.get(uri_scheme(uri), "check the address and the credentials")
-        raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {fix} "
+        raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {_fix(uri)} "
                         f"and the network (CIFAR_TUNE_STORAGE_TIMEOUT_S waits longer)")
     error = out.get("error")
     if error is not None:
