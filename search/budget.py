@@ -1,9 +1,8 @@
 """A wall-clock budget for a search that survives --resume.
 
-Tune's own `time_budget_s` starts counting afresh when a search is restored, so a resumed search
-would get the whole budget again; this stopper keeps the time already spent in the experiment
-folder (`budget.json`) and stops every trial once the sum reaches the budget. Trials still
-running are stopped by Tune like ASHA stops them: every finished epoch and checkpoint counts.
+Tune's own `time_budget_s` starts afresh when a search is restored; this stopper keeps the time spent
+over all runs in the experiment folder (budget.json) and stops every trial, as ASHA stops them (each
+finished epoch and checkpoint counts), once the sum reaches the budget.
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ def _read(exp: Path) -> tuple[float, float]:
 
 
 def spent(exp: Path) -> float:
-    """Seconds of the budget the experiment has used so far (0 for a new one)."""
     return _read(exp)[0]
 
 
@@ -43,9 +41,6 @@ class BudgetStopper(tune.Stopper):
 
     def __init__(self, exp: Path, budget_s: float, save_every_s: float = 5.0):
         self.exp, self.budget_s, self.save_every_s = Path(exp), float(budget_s), save_every_s
-        self._start()
-
-    def _start(self) -> None:
         self.before = spent(self.exp)  # the earlier runs' share (a resumed search)
         self.t0 = self.last_save = time.monotonic()
 
@@ -57,16 +52,14 @@ class BudgetStopper(tune.Stopper):
 
     def save(self) -> None:
         self.last_save = time.monotonic()
-        atomic.write_text(self.exp / BUDGET_FILE, json.dumps(
-            {"budget_s": self.budget_s, "spent_s": round(self.used(), 1)}) + "\n")
+        state = {"budget_s": self.budget_s, "spent_s": round(self.used(), 1)}
+        atomic.write_text(self.exp / BUDGET_FILE, json.dumps(state) + "\n")
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False  # no single trial is stopped for its own sake
 
     def stop_all(self) -> bool:
-        if time.monotonic() - self.last_save >= self.save_every_s:
+        over = self.used() >= self.budget_s
+        if over or time.monotonic() - self.last_save >= self.save_every_s:
             self.save()
-        if self.used() >= self.budget_s:
-            self.save()
-            return True
-        return False
+        return over

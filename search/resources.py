@@ -14,8 +14,6 @@ from search.settings import SearchSettings
 from search.storage import check_cluster_storage
 from trainable.errors import UserError
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
 
 @dataclass(frozen=True)
 class Resources:
@@ -61,7 +59,7 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
         if note:
             print(note)
         return
-    if s.dashboard_host not in LOCAL_HOSTS:
+    if s.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the Ray dashboard listens on {s.dashboard_host}: anyone who can reach that "
               f"address and has the token can submit code to this cluster")
     port = dashboard_port(s.dashboard_host, s.dashboard_port)
@@ -76,18 +74,12 @@ def start_ray(s: SearchSettings, res: Resources) -> None:
 def dashboard_port(host: str, port: int | None) -> int | None:
     """The dashboard_port for ray.init: None lets Ray bind 8265 or the next free one itself (so two
     searches starting at once never pick the same port); a given port that is taken: 0, any free one."""
-    if port is None or port == 0 or _port_free(host, port):
+    if port is None or port == 0:
         return port
-    print(f"the Ray dashboard takes a free port: {port} is taken (another search?)")
-    return 0
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Another search (or Ray) may hold the port."""
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
-            return True
-        except OSError:
-            return False
-
+            return port
+        except OSError:  # another search (or Ray) holds it
+            print(f"the Ray dashboard takes a free port: {port} is taken (another search?)")
+            return 0

@@ -1,13 +1,11 @@
 """Resuming a search: what Ray Tune 2.60's `Tuner.restore` gets wrong, put right.
 
-1. ASHA's rungs: Tune saves the searcher but not the scheduler's state (ray-project/ray#30838). The
-   rungs are rebuilt by replaying every trial's `result.json`; a rung holds each trial's first result
-   at or past its epoch, which depends only on that trial's results, so the replay is exact.
-2. `max_concurrent_trials` holds only for new trials: restored ones all start at once
-   (ray-project/ray#40652). `ConcurrencyCap` parks those over the limit as PAUSED.
+1. Tune saves the searcher but not ASHA's rungs (ray-project/ray#30838): they are rebuilt by replaying
+   every trial's result.json, which is exact since a rung holds each trial's first result at its epoch.
+2. `max_concurrent_trials` holds only for new trials (ray-project/ray#40652): `ConcurrencyCap` parks
+   restored ones over the limit as PAUSED.
 3. The restored searcher creates new trials where the experiment was pickled, not where it is now.
-4. The callbacks and stopper pickled in tuner.pkl name the folder the search began in: this run's
-   replace them.
+4. The callbacks and stopper pickled in tuner.pkl name the folder the search began in: this run's replace them.
 """
 from __future__ import annotations
 
@@ -24,13 +22,13 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from search import ray_adapter
-from search.storage import filesystem_and_path, parent_and_name
+from search.storage import is_uri, local_path, parent_and_name
 
 
 def read_results(exp: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Every trial's results in the order reported, {trial_id: [result, ...]}, from a local folder or
     a pyarrow URI; a half-written last line (the driver killed mid-write) is skipped."""
-    fs, root = filesystem_and_path(str(exp))
+    fs, root = pyarrow.fs.FileSystem.from_uri(str(exp) if is_uri(str(exp)) else str(local_path(exp)))
     out: dict[str, list[dict[str, Any]]] = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
         path = f"{info.path}/result.json"
@@ -58,13 +56,10 @@ def rebuild_asha(scheduler: AsyncHyperBandScheduler, results: dict[str, list[dic
         trial = SimpleNamespace(trial_id=trial_id)  # the bracket reads nothing else of a Trial
         for r in rows:
             t, value = r.get(time_attr), r.get(metric)
-            if _is_number(t) and _is_number(value):  # as Tune's ASHA: else no decision
+            # as Tune's ASHA: a result without a finite time and a number is no decision
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isinf(x) for x in (t, value)):
                 bracket.on_result(trial, t, op * value)
     return ray_adapter.rung_sizes(bracket)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isinf(x)
 
 
 class ConcurrencyCap(TrialScheduler):
@@ -112,25 +107,19 @@ for _name in ("set_search_properties", "on_trial_error", "on_trial_result", "on_
 
 
 class SearchHere(SearchGenerator):
-    """Tune's SearchGenerator whose restored state creates new trials where the experiment is now."""
+    """The restored searcher wrapped as Tune wraps it (a ConcurrencyLimiter for `max_concurrent` > 0,
+    then a SearchGenerator), whose restored state creates new trials at `exp` (a folder or a URI)."""
 
-    def __init__(self, searcher: Any, storage_path: str, name: str):
-        super().__init__(searcher)
-        self.here = (storage_path, name)
+    def __init__(self, search_alg: Any, max_concurrent: int, exp: str | Path):
+        while isinstance(search_alg, (SearchGenerator, ConcurrencyLimiter)):
+            search_alg = search_alg.searcher
+        super().__init__(ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent) if max_concurrent > 0
+                         else search_alg)
+        self.here = parent_and_name(str(exp))
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         ray_adapter.move_storage(self, *self.here)
-
-
-def search_here(search_alg: Any, max_concurrent: int, exp: str | Path) -> SearchHere:
-    """The restored searcher wrapped as Tune wraps it (ConcurrencyLimiter when --max-concurrent,
-    then SearchGenerator), for the experiment at `exp` (a folder or a URI)."""
-    while isinstance(search_alg, (SearchGenerator, ConcurrencyLimiter)):
-        search_alg = search_alg.searcher
-    if max_concurrent > 0:
-        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
-    return SearchHere(search_alg, *parent_and_name(str(exp)))
 
 
 def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, callbacks: list, stop: Any) -> Any:
@@ -144,7 +133,7 @@ def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, callback
     rc, tc = ray_adapter.run_config(tuner), ray_adapter.tune_config(tuner)
     rc.callbacks, rc.stop = callbacks, stop
     if tc.search_alg is not None:  # Tune would wrap it itself, without SearchHere
-        tc.search_alg, tc.max_concurrent_trials = search_here(tc.search_alg, tc.max_concurrent_trials or 0, exp), None
+        tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, tc.max_concurrent_trials or 0, exp), None
     if isinstance(tc.scheduler, AsyncHyperBandScheduler):
         rungs = rebuild_asha(tc.scheduler, read_results(exp))
         print("resume: ASHA's rungs rebuilt from the results on disk: "

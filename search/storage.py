@@ -1,11 +1,10 @@
 """Where an experiment is stored: a local folder, a shared mount, or a cloud URI.
 
-Ray Tune writes trial checkpoints from the node the trial runs on, so on a multi-node cluster the
-storage must be one every node reaches (ray-project/ray#37177): a cloud URI (s3://, gs://, any
-filesystem pyarrow knows) or a folder mounted at the same path on every node (NFS, ...).
-With a URI, Tune writes the trials there itself; the driver's own files (optuna.db, settings,
-budget, estimate, best_config) are opened before Tune's staging folder exists and written after
-fit returns, so they live in a local folder that `Place` uploads (Tune syncs only its own state).
+Ray Tune writes trial checkpoints from the node the trial runs on, so on a multi-node cluster the storage
+must be one every node reaches (ray-project/ray#37177): a cloud URI (s3://, gs://, any filesystem pyarrow
+knows) or a folder mounted at the same path on every node. With a URI, Tune writes the trials there itself;
+the driver's own files (optuna.db, settings, budget, estimate, best_config) are opened before Tune's staging
+folder exists and written after fit returns, so they live in a local folder that `Place` uploads.
 """
 from __future__ import annotations
 
@@ -19,23 +18,44 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-import yaml
 from filelock import FileLock, Timeout
 
 from analysis.command import command, shown
-from analysis.experiment import SETTINGS_FILE
+from analysis.experiment import SETTINGS_FILE, read_settings
 from trainable.atomic import write_error
 from trainable.cache import cache_root
 from trainable.errors import UserError
 
 # the URI schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is a local path)
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
+PROBE_TIMEOUT_S = float(os.environ.get("CIFAR_TUNE_STORAGE_TIMEOUT_S", "60"))
+# Ray Tune's own files at the top of an experiment: never uploaded from the driver's copy (Ray's are newer)
+RAY_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
+             "searcher-state-*.pkl", "tuner.pkl", "trainable.pkl", ".validate_storage_marker",
+             "*.lock", "*-journal", "*-wal", "*-shm", ".write-test-*", ".tmp*")
+# what a search leaves in its folder once Ray has started it (the settings and estimate come before)
+STARTED = ("tuner.pkl", "experiment_state-*.json", "optuna.db", "trial_*")
+LOCK_FILE = ".search.lock"
+_FIXES = {
+    "s3": "check the bucket name and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; "
+          "another S3 store: add ?endpoint_override=HOST:PORT&region=...)",
+    "gs": "check the bucket name and the credentials (gcloud auth application-default login, or "
+          "GOOGLE_APPLICATION_CREDENTIALS)",
+    "abfs": "check the container and the Azure credentials (az login, or AZURE_STORAGE_ACCOUNT_KEY)",
+    "hdfs": "check the namenode address, and that Java and libhdfs are installed (JAVA_HOME, HADOOP_HOME)",
+}
+_FIXES.update(gcs=_FIXES["gs"], abfss=_FIXES["abfs"], viewfs=_FIXES["hdfs"])
+
+
+def _fix(uri: str) -> str:
+    return _FIXES.get(uri_scheme(uri), "check the address and the credentials")
 
 
 def uri_scheme(path: str) -> str:
@@ -58,14 +78,12 @@ def split_query(uri: str) -> tuple[str, str]:
 def redact(uri: str) -> str:
     """The URI to print: the values of query options that look like secrets hidden."""
     base, query = split_query(uri)
-    if not query:
-        return base
     parts = []
-    for item in query[1:].split("&"):
+    for item in query[1:].split("&") if query else []:
         key, sep, value = item.partition("=")
         secret = any(w in key.lower() for w in ("secret", "token", "password", "key", "credential"))
         parts.append(f"{key}{sep}***" if secret and value and key != "endpoint_override" else item)
-    return f"{base}?{'&'.join(parts)}"
+    return f"{base}?{'&'.join(parts)}" if parts else base
 
 
 def check_uri(path: str, what: str = "--storage-path") -> str:
@@ -95,15 +113,18 @@ def join(storage: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{query}"
 
 
-def filesystem_and_path(path: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and the path on it, of a local folder or a URI (as Ray Tune resolves them)."""
-    return pyarrow.fs.FileSystem.from_uri(path) if is_uri(path) else (pyarrow.fs.LocalFileSystem(), str(local_path(path)))
+def parent_and_name(path: str) -> tuple[str, str]:
+    """Tune's storage_path and run name: ('s3://b/runs?opts', 'NAME') from 's3://b/runs/NAME?opts'."""
+    if not is_uri(path):
+        return str(Path(path).parent), Path(path).name
+    base, query = split_query(path)
+    parent, name = base.rsplit("/", 1)
+    return parent + query, name
 
 
 def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared: bool) -> str | None:
     """Can every node of the cluster (`ray.nodes()`) write to `storage_path`? A UserError for a local
-    folder when alive nodes are on several machines, unless `shared` (mounted on every node); else a
-    line to print, or None."""
+    folder when alive nodes are on several machines, unless `shared`; else a line to print, or None."""
     # Ray nodes on one machine (ray.cluster_utils, several raylets a host) share its folders
     alive = len({n.get("NodeManagerAddress") or n.get("NodeID") for n in nodes if n.get("Alive")})
     if alive <= 1 or is_uri(storage_path):
@@ -116,38 +137,17 @@ def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared
                     f"(NFS, ...) and add --storage-shared, or a cloud URI (s3://BUCKET/runs, gs://BUCKET/runs)")
 
 
-PROBE_TIMEOUT_S = float(os.environ.get("CIFAR_TUNE_STORAGE_TIMEOUT_S", "60"))
-# Ray Tune's own files at the top of an experiment: never uploaded from the mirror (Ray's are newer)
-RAY_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
-             "searcher-state-*.pkl", "tuner.pkl", "trainable.pkl", ".validate_storage_marker",
-             "*.lock", "*-journal", "*-wal", "*-shm", ".write-test-*", ".tmp*")
-
-_FIXES = {
-    "s3": "check the bucket name and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; "
-          "another S3 store: add ?endpoint_override=HOST:PORT&region=...)",
-    "gs": "check the bucket name and the credentials (gcloud auth application-default login, or "
-          "GOOGLE_APPLICATION_CREDENTIALS)",
-    "abfs": "check the container and the Azure credentials (az login, or AZURE_STORAGE_ACCOUNT_KEY)",
-    "hdfs": "check the namenode address, and that Java and libhdfs are installed (JAVA_HOME, HADOOP_HOME)",
-}
-
-
-def _fix(scheme: str) -> str:
-    return _FIXES.get({"gcs": "gs", "abfss": "abfs", "viewfs": "hdfs"}.get(scheme, scheme),
-                      "check the address and the credentials")
-
-
 def storage_error(uri: str, e: BaseException, what: str = "--storage-path") -> UserError:
     """pyarrow's error reaching `uri` (first line, cut short) as one line naming the URI and the fix."""
     fix = ("fix the URI's ?options (pyarrow.fs.FileSystem.from_uri's query parameters)"
-           if isinstance(e, ValueError) else _fix(uri_scheme(uri)))  # pyarrow's ArrowInvalid: a bad URI
+           if isinstance(e, ValueError) else _fix(uri))  # pyarrow's ArrowInvalid: a bad URI
     text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     return UserError(f"{what} {redact(uri)} cannot be reached ({text if len(text) <= 160 else text[:157] + '...'}): {fix}")
 
 
-def _with_timeout(fn, uri: str, what: str, timeout_s: float):
-    """fn() in a thread; a UserError when it raises or takes longer than `timeout_s` (pyarrow's GCS
-    client retries for minutes without credentials or network)."""
+def _in_time(fn, uri: str, what: str, timeout_s: float):
+    """fn() in a daemon thread, its error as one line; a UserError after `timeout_s` (pyarrow has no
+    overall timeout, and its GCS client retries for minutes without credentials or network)."""
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -159,12 +159,11 @@ def _with_timeout(fn, uri: str, what: str, timeout_s: float):
     t.start()
     t.join(timeout_s)
     if t.is_alive():
-        raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {_fix(uri_scheme(uri))} "
+        raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {_fix(uri)} "
                         f"and the network (CIFAR_TUNE_STORAGE_TIMEOUT_S waits longer)")
-    if isinstance(out.get("error"), UserError):
-        raise out["error"]
-    if "error" in out:
-        raise storage_error(uri, out["error"], what) from None
+    error = out.get("error")
+    if error is not None:
+        raise (error if isinstance(error, UserError) else storage_error(uri, error, what)) from None
     return out.get("value")
 
 
@@ -181,7 +180,16 @@ def check_reachable(uri: str, *, write: bool = True, what: str = "--storage-path
         with fs.open_output_stream(marker) as f:
             f.write(b"")
         fs.delete_file(marker)
-    _with_timeout(probe, uri, what, PROBE_TIMEOUT_S if timeout_s is None else timeout_s)
+    _in_time(probe, uri, what, PROBE_TIMEOUT_S if timeout_s is None else timeout_s)
+
+
+def can_restore(path: str) -> bool:
+    """Whether `path` (a folder or a URI) holds a Tune experiment; an unreachable URI is a UserError."""
+    from ray import tune  # analyze.py reads storage without Ray
+    try:
+        return tune.Tuner.can_restore(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's OSError, ArrowException
+        raise storage_error(path, e) from None
 
 
 def mirror_dir(uri: str, local_dir: str = "") -> Path:
@@ -194,13 +202,18 @@ def mirror_dir(uri: str, local_dir: str = "") -> Path:
     return (cache_root() / "runs" / scheme / Path(*[p for p in rest.split("/") if p not in ("", ".", "..")])).resolve()
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
+def kind(rel: str) -> str:
+    """What the file at `rel` in an experiment is: 'checkpoint', 'trial' (a result), 'ray' (Tune's state) or 'driver'."""
+    if any(part.startswith("checkpoint_") for part in rel.split("/")):
+        return "checkpoint"
+    if "/" in rel:
+        return "trial"
+    return "ray" if any(fnmatch.fnmatch(rel, p) for p in RAY_FILES) else "driver"
 
 
 def driver_files(exp: Path) -> list[Path]:
     """The driver's own files at the top of the local experiment folder (not Ray Tune's)."""
-    return sorted(p for p in exp.iterdir() if p.is_file() and not _matches(p.name, RAY_FILES)) if exp.is_dir() else []
+    return sorted(p for p in exp.iterdir() if p.is_file() and kind(p.name) == "driver") if exp.is_dir() else []
 
 
 def upload(files: list[Path], local_root: Path, uri: str, what: str = "--storage-path") -> list[str]:
@@ -208,14 +221,13 @@ def upload(files: list[Path], local_root: Path, uri: str, what: str = "--storage
     A SQLite database goes as a snapshot through sqlite's backup API (the driver may be writing it)."""
     def copy() -> list[str]:
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-        done = []
-        for f in files:
-            done.append(Path(f).relative_to(local_root).as_posix())
+        rels = [Path(f).relative_to(local_root).as_posix() for f in files]
+        for f, rel in zip(files, rels):
             with tempfile.TemporaryDirectory() as tmp:
                 src = _sqlite_snapshot(Path(f), Path(tmp)) if Path(f).suffix == ".db" else Path(f)
-                pyarrow.fs.copy_files(str(src), f"{root.rstrip('/')}/{done[-1]}", destination_filesystem=fs)
-        return done
-    return _with_timeout(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
+                pyarrow.fs.copy_files(str(src), f"{root.rstrip('/')}/{rel}", destination_filesystem=fs)
+        return rels
+    return _in_time(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
 
 
 def _sqlite_snapshot(db: Path, tmp: Path) -> Path:
@@ -228,20 +240,18 @@ def _sqlite_snapshot(db: Path, tmp: Path) -> Path:
         return db
 
 
-def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
+def download(uri: str, local_root: Path, keep: Collection[str], *, newer_only: bool = False,
              what: str = "--storage-path") -> list[str]:
-    """Copy every file under `uri` to the same relative path under `local_root` but those `skip(rel)`
-    rejects (with `newer_only`, a local file newer than its remote copy is kept); returns them."""
+    """Copy the files under `uri` whose `kind` (or relative path) is in `keep` to the same relative paths
+    under `local_root`, each complete or not at all; with `newer_only` a local file newer than the remote
+    is kept. Returns them. (pyarrow.fs.copy_files copies a whole tree: no filter, no newer-only.)"""
     def copy() -> list[str]:
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         root = root.rstrip("/")
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
         done = []
-        for info in infos:
-            if info.type != pyarrow.fs.FileType.File:
-                continue
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True)):
             rel = info.path[len(root):].lstrip("/")
-            if not rel or (skip is not None and skip(rel)):
+            if info.type != pyarrow.fs.FileType.File or not rel or (kind(rel) not in keep and rel not in keep):
                 continue
             dest = Path(local_root) / rel
             mtime = info.mtime.timestamp() if info.mtime is not None else None
@@ -254,7 +264,7 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
                     shutil.copyfileobj(fin, fout, 8 << 20)
                 part.replace(dest)
             except OSError as e:
-                part.unlink(missing_ok=True)  # no half-fetched file left behind
+                part.unlink(missing_ok=True)
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise write_error(dest, e, info.size or 0) from None
                 raise
@@ -262,42 +272,7 @@ def download(uri: str, local_root: Path, *, skip=None, newer_only: bool = False,
                 os.utime(dest, (mtime, mtime))
             done.append(rel)
         return done
-    return _with_timeout(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
-
-
-# `skip` rules for `download`
-def no_checkpoints(rel: str) -> bool:
-    """Skip trial checkpoints (analysis retrains; it reads results only)."""
-    return any(part.startswith("checkpoint_") for part in rel.split("/"))
-
-
-def top_level_driver_file(rel: str) -> bool:
-    """Keep only the driver's files at the top of the experiment."""
-    return "/" in rel or _matches(rel, RAY_FILES)
-
-
-def results_only(rel: str) -> bool:
-    """Skip trial checkpoints and Ray Tune's own state at the top."""
-    return no_checkpoints(rel) or ("/" not in rel and _matches(rel, RAY_FILES))
-
-
-def parent_and_name(path: str) -> tuple[str, str]:
-    """('s3://b/runs?opts', 'NAME') from 's3://b/runs/NAME?opts'; (str(parent), name) of a folder:
-    Tune's storage_path and run name."""
-    if not is_uri(path):
-        return str(Path(path).parent), Path(path).name
-    base, query = split_query(path)
-    parent, name = base.rsplit("/", 1)
-    return parent + query, name
-
-
-def can_restore(path: str) -> bool:
-    """Whether `path` (a folder or a URI) holds a Tune experiment; an unreachable URI is a UserError."""
-    from ray import tune  # analyze.py reads storage without Ray
-    try:
-        return tune.Tuner.can_restore(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow's OSError, ArrowException
-        raise storage_error(path, e) from None
+    return _in_time(copy, uri, what, max(PROBE_TIMEOUT_S, 600.0))
 
 
 @dataclass
@@ -364,25 +339,11 @@ class Place:
     def fetch_results(self) -> None:
         """The trials' results (not checkpoints) next to the driver's files, for the export."""
         if self.uri:
-            download(self.uri, self.exp, skip=lambda rel: "/" not in rel or results_only(rel), newer_only=True)
+            download(self.uri, self.exp, ("trial",), newer_only=True)
 
     def closing(self) -> str:
         return (f"uploaded to {redact(self.uri)}; analyze it there (analysis/ goes to the bucket too): "
                 f"{command('analyze.py', redact(self.uri))}") if self.uri else ""
-
-
-# what a search leaves in its folder once Ray has started it (the settings and estimate come before)
-STARTED = ("tuner.pkl", "experiment_state-*.json", "optuna.db", "trial_*")
-LOCK_FILE = ".search.lock"
-
-
-def open_experiment(storage_path: str, name: str, default: str, resume: bool, local_dir: str = "") -> Place:
-    """The experiment --storage-path/--name (`default` when no --name is given), checked as below."""
-    if resume and not name:
-        raise UserError("--resume needs --name of the experiment to continue")
-    if is_uri(storage_path):
-        return cloud_experiment(storage_path, name or default, resume, local_dir)
-    return local_experiment(storage_path, name or default, bool(name), resume)
 
 
 def already_there(name: str, where: str) -> str:
@@ -391,18 +352,23 @@ def already_there(name: str, where: str) -> str:
             f"or start a new one with a fresh --name")
 
 
-def local_experiment(storage_path: str, name: str, given: bool, resume: bool) -> Place:
-    """STORAGE/NAME in a local --storage-path. Without --resume a given --name whose folder holds a
-    search that started is refused; a default name is made unique (NAME-2, ...)."""
+def open_experiment(storage_path: str, name: str, default: str, resume: bool, local_dir: str = "") -> Place:
+    """The experiment STORAGE/NAME (`default` without --name), checked before Ray starts: --resume needs
+    one there; a new search refuses a given --name that holds a search and makes a default one unique."""
+    if resume and not name:
+        raise UserError("--resume needs --name of the experiment to continue")
+    if is_uri(storage_path):
+        return _open_cloud(storage_path, name or default, resume, local_dir)
     storage = local_path(storage_path)
-    exp = storage / name
+    exp = storage / (name or default)
     if resume:
         if not can_restore(str(exp)):
             raise UserError(f"--resume: no experiment at {exp}: check --name and --storage-path")
-    elif not given:
-        exp = next((e for i in range(1, 1000) if not (e := storage / (name if i == 1 else f"{name}-{i}")).exists()), None)
+    elif not name:  # the first free one of NAME, NAME-2, NAME-3, ...
+        exp = next((storage / n for n in [default, *(f"{default}-{i}" for i in range(2, 1000))]
+                    if not (storage / n).exists()), None)
         if exp is None:
-            raise UserError(f"{storage} holds 999 experiments named {name}*: pass --name")
+            raise UserError(f"{storage} holds 999 experiments named {default}*: pass --name")
     elif exp.is_dir() and any(next(exp.glob(p), None) is not None for p in STARTED):
         raise UserError(already_there(name, str(exp)))
     try:
@@ -415,10 +381,10 @@ def local_experiment(storage_path: str, name: str, given: bool, resume: bool) ->
     return Place(exp)
 
 
-def cloud_experiment(storage_path: str, name: str, resume: bool, local_dir: str) -> Place:
-    """URI/NAME, reached now, before Ray starts, and the driver's local folder for it; --resume first
-    fetches the driver's files (a local copy newer than the URI's is kept) into the folder the
-    experiment began in (Ray's saved searcher opens optuna.db there), read from its settings."""
+def _open_cloud(storage_path: str, name: str, resume: bool, local_dir: str) -> Place:
+    """URI/NAME, reached before Ray starts, and the driver's local folder for it; --resume fetches the
+    driver's files (a local copy newer than the URI's is kept) into the folder the experiment began in
+    (Ray's saved searcher opens optuna.db there), read from its settings."""
     if any(c in name for c in "?#%"):  # they would change the URI's meaning
         raise UserError(f"--name {name!r}: a cloud experiment's name can't hold ?, # or %: pick another --name")
     uri = join(check_uri(storage_path), name)
@@ -429,9 +395,8 @@ def cloud_experiment(storage_path: str, name: str, resume: bool, local_dir: str)
             raise UserError(f"--resume: no experiment at {redact(uri)}: check --name and --storage-path")
         if not local:
             with tempfile.TemporaryDirectory() as tmp:
-                download(uri, Path(tmp), skip=lambda rel: rel != SETTINGS_FILE)
-                f = Path(tmp) / SETTINGS_FILE
-                local = str((yaml.safe_load(f.read_text()) or {}).get("local_dir") or "") if f.exists() else ""
+                download(uri, Path(tmp), (SETTINGS_FILE,))
+                local = str(read_settings(Path(tmp)).get("local_dir") or "")
     elif can_restore(uri):
         raise UserError(already_there(name, redact(uri)))
     exp = mirror_dir(uri, local)
@@ -444,7 +409,7 @@ def cloud_experiment(storage_path: str, name: str, resume: bool, local_dir: str)
         exp = mirror_dir(uri, "")
         exp.mkdir(parents=True, exist_ok=True)
     if resume:
-        got = download(uri, exp, skip=top_level_driver_file, newer_only=True)
+        got = download(uri, exp, ("driver",), newer_only=True)
         print(f"resume: the driver's files of {redact(uri)} are in {exp}" + (f" ({len(got)} fetched)" if got else ""))
     return Place(exp, uri, storage_path)
 

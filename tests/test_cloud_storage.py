@@ -16,10 +16,9 @@ from search.storage import (
     download,
     driver_files,
     join,
+    kind,
     mirror_dir,
-    no_checkpoints,
     redact,
-    results_only,
     split_query,
     upload,
 )
@@ -168,6 +167,13 @@ def test_no_credentials_is_one_line_exit_2(s3, tmp_path):
 
 # --- moving files: the driver's own, the trials' results, never the checkpoints -------------------
 
+@pytest.mark.parametrize("rel, expected", [("optuna.db", "driver"), ("tuner.pkl", "ray"), ("experiment_state-1.json", "ray"),
+                                           ("trial_a/result.json", "trial"), ("trial_a/x.lock", "trial"),
+                                           ("trial_a/checkpoint_000001/state.pt", "checkpoint")])
+def test_each_file_of_an_experiment_has_a_kind(rel, expected):
+    assert kind(rel) == expected
+
+
 def test_upload_and_download_round_trip(s3, tmp_path):
     uri = f"s3://{BUCKET}/unit/exp{s3}"
     local = tmp_path / "exp"
@@ -193,15 +199,15 @@ def test_upload_and_download_round_trip(s3, tmp_path):
                                       "trial_a/checkpoint_000001/state.pt", "tuner.pkl"}
 
     fresh = tmp_path / "fresh"
-    got = download(uri, fresh, skip=results_only)
+    got = download(uri, fresh, ("driver", "trial"))
     assert sorted(got) == ["optuna.db", "search_settings.yaml", "trial_a/result.json"]
     assert sqlite3.connect(fresh / "optuna.db").execute("select x from t").fetchall() == [(1,)]
-    assert download(uri, fresh, skip=no_checkpoints, newer_only=True) == ["tuner.pkl"]  # the rest is current
+    assert download(uri, fresh, ("driver", "ray", "trial"), newer_only=True) == ["tuner.pkl"]  # the rest is current
     (fresh / "search_settings.yaml").write_text("seed: 1\n")  # newer here: kept
     os.utime(fresh / "search_settings.yaml", (time.time() + 60, time.time() + 60))
-    assert download(uri, fresh, skip=no_checkpoints, newer_only=True) == []
+    assert download(uri, fresh, ("driver", "ray", "trial"), newer_only=True) == []
     assert (fresh / "search_settings.yaml").read_text() == "seed: 1\n"
-    assert download(f"s3://{BUCKET}/unit/nothing-here{s3}", tmp_path / "none") == []
+    assert download(f"s3://{BUCKET}/unit/nothing-here{s3}", tmp_path / "none", ("driver",)) == []
 
 
 # --- the whole job through the CLIs: search into the bucket, analyze it, resume it elsewhere ------
@@ -225,7 +231,7 @@ def trial_results(uri: str) -> dict[str, int]:
 
 def bucket_study(uri: str, tmp: Path) -> list[tuple[int, str]]:
     """(number, state) of each trial of the bucket's optuna.db."""
-    download(uri, tmp, skip=lambda rel: rel != "optuna.db")
+    download(uri, tmp, ("optuna.db",))
     return sqlite3.connect(tmp / "optuna.db").execute("select number, state from trials order by number").fetchall()
 
 
