@@ -72,3 +72,12 @@ def e2e_analyzed(e2e_search) -> tuple[Path, subprocess.CompletedProcess]:
     exp = e2e_search[0]
     return exp, run_cli("analyze.py", exp, check=True)
 
+
+
+@pytest.fixture(autouse=True)
+def _no_moved_study_between_tests():
+    """A CLI called in this process with --resume points every later unpickled study at its folder
+    (one search per process in real use); each test starts without that."""
+    yield
+    import analysis.study  # here, not at the top: conftest stays import-light for the pure tests
+    analysis.study._moved_to.clear()
