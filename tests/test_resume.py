@@ -156,17 +156,17 @@ def test_a_restored_tuner_gets_this_runs_callbacks_stopper_cap_and_searcher(tmp_
 
 
 def test_max_concurrent_holds_for_trials_restored_as_errored(tmp_path, data_dir):
-    args = ["--num-samples", 3, "--max-concurrent", 1, "--max-failures", 0, "--scheduler", "fifo",
-            "--max-epochs", 4,
+    args = ["--num-samples", 2, "--max-concurrent", 1, "--max-failures", 0, "--scheduler", "fifo",
+            "--max-epochs", 3,
             "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "errored", *QUICK,
             "--set", "input_size=96"]  # after QUICK's 32 px: runs of several seconds, so an overlap would show
     run_cli("run_search.py", *args, check=True, env=fault_env("crash@2"))
     exp = tmp_path / "errored"
     assert all([r["epoch"] for r in rows] == [1] for rows in read_results(exp).values())  # all crashed
     run_cli("run_search.py", "--resume", "--name", "errored", "--storage-path", tmp_path,
-            "--num-samples", 3, "--grace-period", 1, check=True)
+            "--num-samples", 2, "--grace-period", 1, check=True)
     runs = _intervals(exp)
-    assert len(runs) == 3 and all(b - a > 1.5 for a, b, _ in runs), runs  # long enough to overlap
+    assert len(runs) == 2 and all(b - a > 1.5 for a, b, _ in runs), runs  # long enough to overlap
     for (_, end, a), (start, _, b) in zip(runs, runs[1:]):
         assert start >= end - 1.0, f"trials {a} and {b} trained at the same time: {runs}"  # 1 s: int timestamps
 
