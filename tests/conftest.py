@@ -53,6 +53,15 @@ def run_cli(script: str, *args: str, timeout: float = 900, check: bool = False,
 
 
 E2E_SAMPLES = 6
+SHARED_SEARCH = ("test_e2e", "test_report")  # the files that read the one e2e search
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) a test file runs whole on one worker, so
+    its module fixtures (a search, a Ray) are built once; the files reading the shared search go together."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group("e2e" if module in SHARED_SEARCH else module))
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +80,6 @@ def e2e_analyzed(e2e_search) -> tuple[Path, subprocess.CompletedProcess]:
     """The shared search's best config retrained, tested and reported by analyze.py."""
     exp = e2e_search[0]
     return exp, run_cli("analyze.py", exp, check=True)
-
 
 
 @pytest.fixture(autouse=True)
