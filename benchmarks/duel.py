@@ -123,21 +123,34 @@ def summarise(exp: Path, wall: float, start: float) -> dict:
             "curve": incumbent_curve(trials, start)}
 
 
+def lineage(ot, by_number: dict) -> str:
+    """'recipe NAME' for a warm-start trial, else its chain of local moves back to the recipe (or the
+    searcher's own proposal) it started from: 'efficientnetv2_frozen + stage1_lr, stage1_lr, weight_decay'."""
+    changed = []
+    while ot is not None and "warm_start" not in ot.user_attrs:
+        m = ot.system_attrs.get(MOVE_ATTR)
+        if not m:
+            return f"trial {ot.number} (a model proposal)" + (f" + {', '.join(changed)}" if changed else "")
+        changed = [", ".join(m["changed"])] + changed
+        ot = by_number.get(m["parent"])
+    origin = "recipe " + ot.user_attrs["warm_start"] if ot is not None else "?"
+    return origin + (f" + {', '.join(changed)}" if changed else "")
+
+
 def winner(t) -> str:
-    """The winner's warm-start recipe (or the local move that changed one), else key parameters."""
+    """How the winner was reached (`lineage`), else key parameters. Its Optuna trial is the one holding
+    its config whose value is its last val_acc (two trials of one study may propose one config)."""
     c = {k: v for k, v in t.config.items() if k != "train_fraction"}
+    last = t.results[-1].get("val_acc") if t.results else None
     try:
-        by_number = {ot.number: ot for ot in optuna.load_study(study_name=STUDY_NAME, storage=study_url(t.path.parent)).trials}
-        for ot in by_number.values():
-            if {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"} == c:
-                return "recipe " + ot.user_attrs["warm_start"]
-            m = ot.system_attrs.get(MOVE_ATTR)
-            if m and ot.params and all(space_view(c).get(k) == v for k, v in ot.params.items()):
-                parent = by_number.get(m["parent"])
-                origin = parent.user_attrs.get("warm_start", f"trial {m['parent']}") if parent else "?"
-                return f"move of {origin}: {', '.join(m['changed'])}"
+        trials = optuna.load_study(study_name=STUDY_NAME, storage=study_url(t.path.parent)).trials
     except Exception:  # no study: name it by its parameters
-        pass
+        trials = []
+    by_number = {ot.number: ot for ot in trials}
+    for ot in sorted(trials, key=lambda ot: ot.value != last):  # the trial with its value first
+        warm = {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"}
+        if warm == c or (ot.params and all(space_view(c).get(k) == v for k, v in ot.params.items())):
+            return lineage(ot, by_number)
     return (f"{c['backbone'].replace('tf_efficientnet_', '')} {c['input_size']} px, stages "
             f"{c['stage1_epochs']}/{c['stage2_epochs']}/{c['stage3_epochs']}, {c['optimizer']}")
 
