@@ -172,3 +172,17 @@ def test_duel_and_headroom_resume_from_their_json_and_print_their_tables(tmp_pat
     shown = {**base, **dict.fromkeys(headroom.SHOWN, "x")}
     table = headroom.markdown(args, Invocation("headroom.py", []), shown, cands, res, [0])
     assert "| 1 | head lr x3 | 52.0 | 50.0 | +2.0 | 50.0 | 5 s |" in table and "| 2 | head lr /3 | - | - | - | - | - |" in table
+
+
+@pytest.mark.parametrize("name", ["invert", "bgr"])
+def test_shift_writes_the_same_images_shifted_and_the_loader_reads_them(tmp_path, name):
+    from benchmarks import shift
+    from tests.fake_cifar import write_fake_cifar
+    from trainable.data import load_cifar100
+    src = write_fake_cifar(tmp_path / "src", train_per_class=2, test_per_class=1)
+    assert shift.main([str(src), str(tmp_path / "out"), "--shift", name]) == 0
+    a, b = (load_cifar100(d, splits=("train", "test"), download=False) for d in (src, tmp_path / "out"))
+    for before, after in ((a.train, b.train), (a.test, b.test)):
+        assert (after.fine == before.fine).all() and (after.coarse == before.coarse).all()
+        want = 255 - before.images if name == "invert" else before.images[:, ::-1]
+        assert (after.images == want).all() and not (after.images == before.images).all()
