@@ -1,11 +1,8 @@
-"""How a search spends its budget, decided before the first trial from the cost estimate.
-
-The recipe points (the warm start) run first: whole when they fit in a third of the budget, else
-screened on a stratified fraction of the training data with their whole stage plans (a data subset
-keeps stage 2, which fewer epochs would cut off: FABOLAS, Klein et al. 2017), the best third then
-promoted to full fidelity (successive halving among the priors, Jamieson & Talwalkar 2016). What is
-left is the searcher's (search/incumbent.py).
-"""
+"""How a search spends its budget, decided before the first trial from the cost estimate. The recipe points
+(the warm start) run first: whole when they fit in a third of the budget, else screened on a stratified
+fraction of the training data with their whole stage plans (a data subset keeps stage 2, which fewer epochs
+would cut off: FABOLAS, Klein et al. 2017), the best third then promoted to full fidelity (successive halving
+among the priors, Jamieson & Talwalkar 2016). What is left is the searcher's (search/incumbent.py)."""
 from __future__ import annotations
 
 import json
@@ -50,7 +47,6 @@ class BudgetPlan:
         return None
 
     def describe(self) -> str:
-        """The plan as the CLI prints it."""
         if self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
@@ -82,9 +78,8 @@ def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: f
 def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, parallel: int,
                 own_trial_s: float, budget_s: float | None, num_samples: int | None,
                 screen: str = "auto") -> BudgetPlan:
-    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity, `parallel`
-    trials at once and a searcher trial of `own_trial_s` seconds. Without a time budget the points fit
-    when they are at most a third of `num_samples` (16 when not given); `screen` "off" runs them whole."""
+    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity. Without a time budget
+    the points fit when they are at most a third of `num_samples` (16 when not given)."""
     n = len(train_s)
     own_wall = own_trial_s / max(1, parallel)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
