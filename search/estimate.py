@@ -8,7 +8,7 @@ import json
 import os
 import statistics
 import timeit
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,19 +89,10 @@ def measure(backbone: str, size: int, device: Any, precision: str = "auto", batc
     return out
 
 
-@dataclass
-class Speeds:
-    """Seconds per image per (backbone, input size) on one device, measured or from the cache."""
-    key: str
-    table: dict[str, dict[str, float]] = field(default_factory=dict)  # "backbone@size" -> rates
-
-    def rates(self, backbone: str, size: int) -> dict[str, float]:
-        return self.table[f"{backbone}@{size}"]
-
-
 def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
-               log=print, precision: str = "auto", batch: int = 64) -> Speeds:
-    """Speeds for every (backbone, size) at `batch` images a step; those not in the machine's cache are timed."""
+               log=print, precision: str = "auto", batch: int = 64) -> dict[str, dict[str, float]]:
+    """"backbone@size" -> seconds per image of each of RATES at `batch` images a step, for every (backbone, size)
+    in `combos` (and whatever else the machine's cache holds for this device); those not cached are timed."""
     key = f"{device_key(device, threads, precision)}|batch{batch}"
     path = cache_root() / "speed.json"  # per machine: the step times do not depend on the experiment
     try:
@@ -111,7 +102,7 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
     mine = cache.setdefault(key, {})
     todo = sorted((b, s) for b, s in combos if not set(RATES) <= mine.get(f"{b}@{s}", {}).keys())  # missing a rate: re-time
     if not todo:
-        return Speeds(key, mine)
+        return mine
     log(f"estimate: timing {len(todo)} backbone x input size combination(s) on {key} (cached in {path} for next time) ...")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -125,14 +116,14 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
         atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
     except (OSError, UserError) as e:
         log(f"warning: step times not cached: {e}")
-    return Speeds(key, mine)
+    return mine
 
 
-def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) -> list[float]:
+def epoch_seconds(cfg: TrialConfig, speeds: dict[str, dict[str, float]], n_train: int, n_val: int) -> list[float]:
     """Seconds of each planned epoch, training and validation. A head-only stage on cached features pays
     forward passes over its images, their mirrors and the validation images in its first epoch (an
     upper bound: they may be cached), then head-only steps; a one-epoch stage caches none."""
-    r = speeds.rates(cfg.backbone, cfg.input_size)
+    r = speeds[f"{cfg.backbone}@{cfg.input_size}"]
     out = []
     for st in plan_stages(cfg):
         if features.enabled() and features.why_not_cached(cfg, st) is None and st.epochs >= 2:
@@ -189,7 +180,7 @@ class Estimate:
 def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], warm: list,
              *, n_train: int, n_val: int, device: Any, threads: int, parallel: int,
              num_samples: int | None, budget_s: float | None, rungs: list[int], rf: int,
-             seed: int = 0, log=print) -> Estimate:
+             seed: int = 0) -> Estimate:
     """The cost of the search described by the arguments (see the module docstring)."""
     define = DefineByRun(space, opts, fixed, base)
     configs, _ = draw(lambda trial: TrialConfig.from_dict(define(trial)), draws=1 if space.recipe else SAMPLES,
@@ -197,16 +188,16 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
     warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
     combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
     batch = statistics.median_low(c.batch_size for c in configs + warm_cfgs)  # one timing per combo: the typical batch
-    speeds = speeds_for(combos, device, threads, log=log, precision=base.get("precision", "auto"), batch=batch)
+    speeds = speeds_for(combos, device, threads, precision=base.get("precision", "auto"), batch=batch)
 
     def costs(c: TrialConfig) -> tuple[float, float]:  # a whole trial's seconds: FIFO, and under ASHA
         secs = epoch_seconds(c, speeds, n_train, n_val)
         return sum(secs), sum(s * reach(e, rungs, rf) for e, s in enumerate(secs, start=1))
     runs, warm_runs = [costs(c) for c in configs], [costs(c) for c in warm_cfgs]
-    warm_val = [n_val * speeds.rates(c.backbone, c.input_size)["eval"] * c.total_epochs for c in warm_cfgs]
+    warm_val = [n_val * speeds[f"{c.backbone}@{c.input_size}"]["eval"] * c.total_epochs for c in warm_cfgs]
     per_combo = {}
     for b, s in sorted(combos):
-        r = speeds.rates(b, s)
+        r = speeds[f"{b}@{s}"]
         per_combo[f"{b}@{s}"] = {"frozen_epoch_s": n_train * r["frozen"] + n_val * r["eval"],
                                  "train_epoch_s": n_train * r["train"] + n_val * r["eval"],
                                  "cached_epoch_s": (n_train + n_val) * r["head"]}

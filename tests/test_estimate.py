@@ -56,11 +56,11 @@ def test_speeds_are_measured_once_per_machine(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     speeds = est.speeds_for({("resnet18", 32), ("resnet18", 64)}, cpu, 1, log=logs.append)
     assert sorted(calls) == [("resnet18", 32), ("resnet18", 64)] and "timing 2" in logs[0]
-    assert speeds.rates("resnet18", 64)["train"] == pytest.approx(0.064)
+    assert speeds["resnet18@64"]["train"] == pytest.approx(0.064)
     est.speeds_for({("resnet18", 32)}, cpu, 1, log=logs.append)
     assert len(calls) == 2 and len(logs) == 1  # from the cache, silently
     cache = json.loads((tmp_path / "speed.json").read_text())
-    del cache[speeds.key]["resnet18@32"]["head"]
+    del cache[f"{est.device_key(cpu, 1)}|batch64"]["resnet18@32"]["head"]
     (tmp_path / "speed.json").write_text(json.dumps(cache))
     est.speeds_for({("resnet18", 32)}, cpu, 1, log=logs.append)
     assert calls[-1] == ("resnet18", 32)  # an entry without every rate is measured again
@@ -76,7 +76,7 @@ def test_an_unwritable_speed_cache_only_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(est, "measure", _fake_measure([]))
     logs = []
     speeds = est.speeds_for({("resnet18", 32)}, torch.device("cpu"), 1, log=logs.append)
-    assert speeds.rates("resnet18", 32) and logs[-1].startswith("warning: step times not cached")
+    assert speeds["resnet18@32"] and logs[-1].startswith("warning: step times not cached")
 
 
 @pytest.mark.usefixtures("one_thread")
