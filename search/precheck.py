@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import optuna
 import torch
@@ -44,21 +44,18 @@ class RepeatSeeds:
         return {**self.sample(s, o), "seed": self.first_seed + s.trial.number}
 
 
-def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int = 0,
-         points: Sequence[dict[str, Any]] = ()) -> tuple[list[Any], bool]:
-    """`build(trial)` for each point (Optuna params, tried first) and `draws` seeded random trials, and whether
-    any trial sampled a value. Random, not the searcher's sampler: it visits every branch of a conditional space."""
+def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int = 0) -> tuple[list[Any], bool]:
+    """`build(trial)` for `draws` seeded random trials, and whether any trial sampled a value. Random, not the
+    searcher's sampler: it visits every branch of a conditional space."""
     _quiet_optuna()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    for p in points:
-        study.enqueue_trial(dict(p))
     out, sampled = [], False
-    for _ in range(len(points) + draws):
+    for _ in range(draws):
         trial = study.ask()
         out.append(build(trial))
         study.tell(trial, 0.0)
         sampled = sampled or bool(trial.params)
-        if not sampled and not points:
+        if not sampled:
             break  # nothing sampled: the space's flow is fixed, every draw would be this one
     return out, sampled
 

@@ -29,11 +29,6 @@ def test_the_precheck_and_the_estimate_draw_the_same_seeded_configs():
     assert sampled and len(first) == 5 and first == again and first != other
 
 
-def test_points_come_first_then_the_draws():
-    configs, sampled = draw(lambda trial: trial.suggest_float("lr", 0, 1), draws=3, points=[{"lr": 0.125}])
-    assert sampled and configs[0] == 0.125 and len(configs) == 4
-
-
 def test_a_space_that_samples_nothing_is_drawn_once():
     configs, sampled = _configs(get_space("mobilenetv2_2stage_128"), draws=50)
     assert not sampled and len(configs) == 1
