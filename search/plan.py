@@ -50,8 +50,8 @@ class BudgetPlan:
                              f"{budget_text(self.budget_needed())}")
         return "\n".join(lines)
 
-    def budget_needed(self, own: int = 2 * MIN_OWN_TRIALS) -> float:
-        return self.screen_s + self.promote_s + own * self.own_trial_s
+    def budget_needed(self) -> float:
+        return self.screen_s + self.promote_s + 2 * MIN_OWN_TRIALS * self.own_trial_s
 
 
 def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: float, parallel: int) -> float:

@@ -3,6 +3,7 @@ from it (timm train.py style: YAML values become the parser's defaults, explicit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import socket
 import sys
@@ -56,12 +57,9 @@ def _bindable_host(v: str) -> str:
     except (OSError, UnicodeError):
         return "is not a host name or address: use 127.0.0.1 (or 0.0.0.0 for every interface)"
     for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            try:
-                sock.bind((addr[0], 0))
-                return ""
-            except OSError:
-                continue
+        with socket.socket(family, kind, proto) as sock, contextlib.suppress(OSError):
+            sock.bind((addr[0], 0))
+            return ""
     return "is not an address of this machine: use 127.0.0.1 (or 0.0.0.0 for every interface)"
 
 
