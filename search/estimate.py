@@ -1,16 +1,14 @@
-"""What a search will cost, measured on the real device before Ray starts (Ray Tune has none: ray#6618).
-
-A few timed steps per backbone x input size, cached per device and thread count, turn a config into
-seconds per epoch; over a few hundred configs drawn from the space and the warm-start points, that
-gives a trial's mean cost, run to the end (FIFO) or cut at ASHA's rungs, and the wall time.
-"""
+"""What a search will cost, measured on the real device before Ray starts (Ray Tune has none: ray#6618):
+a few timed steps per backbone x input size (cached per machine) price each epoch of a few hundred configs
+drawn from the space and of the warm-start points; that gives a trial's mean cost, FIFO or under ASHA."""
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import statistics
 import timeit
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +31,7 @@ from trainable.stages import plan_stages
 ESTIMATE_FILE = "estimate.json"
 SAMPLES = 300  # configs drawn from the space for the expected cost
 STEPS = 2  # timed steps per measurement (after one untimed); the fastest counts
+STARTUP_S = 8.0  # a trial worker's start and model build (measured: 5-10 s on CPU)
 RATES = ("frozen", "train", "eval", "head")  # seconds per image of each kind of step (see measure)
 
 
@@ -65,11 +64,9 @@ def _sgd_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prec: Prec
 
 
 def measure(backbone: str, size: int, device: Any, precision: str = "auto", batch: int = 64) -> dict[str, float]:
-    """Seconds per image of a head-only training step ("frozen"), an all-trainable one ("train": stage 2
-    costed so is an upper bound), an evaluation forward pass ("eval") and a step of the head alone on
-    cached features ("head"), at the trials' precision and batch size (random weights: speed does not
-    depend on them; the batch does: on CPU, lite0@224 all-trainable costs 1.7x more per image at batch
-    64 than at 16, memory-bound)."""
+    """Seconds per image of a head-only training step ("frozen"), an all-trainable one ("train": an upper
+    bound for stage 2), an evaluation forward pass ("eval") and a head step on cached features ("head"), at
+    the trials' precision and batch size (per-image cost depends on the batch, not on the weights)."""
     net = create_model(backbone, pretrained=False)
     prec = Precision.for_device(device, backbone, precision)
     prec.model_to(net)
@@ -92,19 +89,10 @@ def measure(backbone: str, size: int, device: Any, precision: str = "auto", batc
     return out
 
 
-@dataclass
-class Speeds:
-    """Seconds per image per (backbone, input size) on one device, measured or from the cache."""
-    key: str
-    table: dict[str, dict[str, float]] = field(default_factory=dict)  # "backbone@size" -> rates
-
-    def rates(self, backbone: str, size: int) -> dict[str, float]:
-        return self.table[f"{backbone}@{size}"]
-
-
 def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
-               log=print, precision: str = "auto", batch: int = 64) -> Speeds:
-    """Measured speeds for every (backbone, size) at `batch` images a step, reusing the per-machine cache."""
+               log=print, precision: str = "auto", batch: int = 64) -> dict[str, dict[str, float]]:
+    """"backbone@size" -> seconds per image of each of RATES at `batch` images a step, for every (backbone, size)
+    in `combos` (and whatever else the machine's cache holds for this device); those not cached are timed."""
     key = f"{device_key(device, threads, precision)}|batch{batch}"
     path = cache_root() / "speed.json"  # per machine: the step times do not depend on the experiment
     try:
@@ -113,29 +101,29 @@ def speeds_for(combos: set[tuple[str, int]], device: Any, threads: int,
         cache = {}
     mine = cache.setdefault(key, {})
     todo = sorted((b, s) for b, s in combos if not set(RATES) <= mine.get(f"{b}@{s}", {}).keys())  # missing a rate: re-time
-    if todo:
-        log(f"estimate: timing {len(todo)} backbone x input size combination(s) on {key} "
-            f"(cached in {path} for next time) ...")
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for b, s in todo:
-                mine[f"{b}@{s}"] = measure(b, s, device, precision, batch)
-        finally:
-            torch.set_num_threads(old)
-        try:  # a cache: a full disk costs the next run a re-timing, not this search
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
-        except (OSError, UserError) as e:
-            log(f"warning: step times not cached: {e}")
-    return Speeds(key, {f"{b}@{s}": mine[f"{b}@{s}"] for b, s in combos})
+    if not todo:
+        return mine
+    log(f"estimate: timing {len(todo)} backbone x input size combination(s) on {key} (cached in {path} for next time) ...")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b, s in todo:
+            mine[f"{b}@{s}"] = measure(b, s, device, precision, batch)
+    finally:
+        torch.set_num_threads(old)
+    try:  # a cache: a full disk costs the next run a re-timing, not this search
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, json.dumps(cache, indent=1) + "\n")
+    except (OSError, UserError) as e:
+        log(f"warning: step times not cached: {e}")
+    return mine
 
 
-def epoch_seconds(cfg: TrialConfig, speeds: Speeds, n_train: int, n_val: int) -> list[float]:
+def epoch_seconds(cfg: TrialConfig, speeds: dict[str, dict[str, float]], n_train: int, n_val: int) -> list[float]:
     """Seconds of each planned epoch, training and validation. A head-only stage on cached features pays
     forward passes over its images, their mirrors and the validation images in its first epoch (an
     upper bound: they may be cached), then head-only steps; a one-epoch stage caches none."""
-    r = speeds.rates(cfg.backbone, cfg.input_size)
+    r = speeds[f"{cfg.backbone}@{cfg.input_size}"]
     out = []
     for st in plan_stages(cfg):
         if features.enabled() and features.why_not_cached(cfg, st) is None and st.epochs >= 2:
@@ -172,10 +160,10 @@ class Estimate:
     num_samples: int | None
     budget_s: float | None
     rungs: list[int]
-    warm_train_s: list[float] = field(default_factory=list)  # each warm-start point's training seconds, whole plan
-    warm_val_s: list[float] = field(default_factory=list)  # and its validation seconds (every epoch, whole val split)
-    startup_s: float = 8.0  # a trial worker's start and model build (measured: 5-10 s on CPU)
-    n_warm: int = 0
+    warm_train_s: list[float]  # each warm-start point's training seconds, whole plan
+    warm_val_s: list[float]  # and its validation seconds (every epoch, whole val split)
+    startup_s: float  # a trial worker's start and model build
+    n_warm: int
 
     def wall(self, n: int, asha: bool) -> float:
         """Expected wall seconds for n trials, the warm-start points first."""
@@ -185,17 +173,14 @@ class Estimate:
         return (warm + warm_n * self.startup_s + max(0, n - warm_n) * per) / self.parallel
 
     def trials_in(self, budget_s: float, asha: bool) -> int:
-        """How many trials fit in a time budget."""
-        n = 0
-        while self.wall(n + 1, asha) <= budget_s and n < 100000:
-            n += 1
-        return n
+        """How many trials fit in a time budget (wall grows with n: a bisection)."""
+        return bisect.bisect_right(range(1, 100001), budget_s, key=lambda n: self.wall(n, asha))
 
 
 def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], warm: list,
              *, n_train: int, n_val: int, device: Any, threads: int, parallel: int,
              num_samples: int | None, budget_s: float | None, rungs: list[int], rf: int,
-             seed: int = 0, log=print) -> Estimate:
+             seed: int = 0) -> Estimate:
     """The cost of the search described by the arguments (see the module docstring)."""
     define = DefineByRun(space, opts, fixed, base)
     configs, _ = draw(lambda trial: TrialConfig.from_dict(define(trial)), draws=1 if space.recipe else SAMPLES,
@@ -203,24 +188,24 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
     warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
     combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
     batch = statistics.median_low(c.batch_size for c in configs + warm_cfgs)  # one timing per combo: the typical batch
-    speeds = speeds_for(combos, device, threads, log=log, precision=base.get("precision", "auto"), batch=batch)
+    speeds = speeds_for(combos, device, threads, precision=base.get("precision", "auto"), batch=batch)
 
     def costs(c: TrialConfig) -> tuple[float, float]:  # a whole trial's seconds: FIFO, and under ASHA
         secs = epoch_seconds(c, speeds, n_train, n_val)
         return sum(secs), sum(s * reach(e, rungs, rf) for e, s in enumerate(secs, start=1))
     runs, warm_runs = [costs(c) for c in configs], [costs(c) for c in warm_cfgs]
-    warm_val = [n_val * speeds.rates(c.backbone, c.input_size)["eval"] * c.total_epochs for c in warm_cfgs]
+    warm_val = [n_val * speeds[f"{c.backbone}@{c.input_size}"]["eval"] * c.total_epochs for c in warm_cfgs]
     per_combo = {}
     for b, s in sorted(combos):
-        r = speeds.rates(b, s)
+        r = speeds[f"{b}@{s}"]
         per_combo[f"{b}@{s}"] = {"frozen_epoch_s": n_train * r["frozen"] + n_val * r["eval"],
                                  "train_epoch_s": n_train * r["train"] + n_val * r["eval"],
                                  "cached_epoch_s": (n_train + n_val) * r["head"]}
     return Estimate(per_combo=per_combo, trial_fifo_s=statistics.fmean(f for f, _ in runs),
                     trial_asha_s=statistics.fmean(a for _, a in runs), warm_fifo_s=sum(f for f, _ in warm_runs),
                     warm_asha_s=sum(a for _, a in warm_runs), parallel=max(1, parallel), num_samples=num_samples,
-                    budget_s=budget_s, rungs=rungs, n_warm=len(warm_cfgs),
-                    warm_train_s=[f - v for (f, _), v in zip(warm_runs, warm_val)], warm_val_s=warm_val)
+                    budget_s=budget_s, rungs=rungs, warm_train_s=[f - v for (f, _), v in zip(warm_runs, warm_val)],
+                    warm_val_s=warm_val, startup_s=STARTUP_S, n_warm=len(warm_cfgs))
 
 
 def describe(e: Estimate) -> str:

@@ -1,18 +1,14 @@
-"""How a search spends its budget, decided before the first trial from the cost estimate.
-
-The recipe points (the warm start) run first: whole when they fit in a third of the budget, else
-screened on a stratified fraction of the training data with their whole stage plans (a data subset
-keeps stage 2, which fewer epochs would cut off: FABOLAS, Klein et al. 2017), the best third then
-promoted to full fidelity (successive halving among the priors, Jamieson & Talwalkar 2016). What is
-left is the searcher's (search/incumbent.py).
-"""
+"""How a search spends its budget, decided before the first trial from the cost estimate. The recipe points
+(the warm start) run first: whole when they fit in a third of the budget, else screened on a stratified
+fraction of the training data with their whole stage plans (a data subset keeps stage 2, which fewer epochs
+would cut off: FABOLAS, Klein et al. 2017), the best third then promoted to full fidelity (successive halving
+among the priors, Jamieson & Talwalkar 2016). What is left is the searcher's (search/incumbent.py)."""
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from search.progress import budget_text, duration
 from trainable import atomic
@@ -35,73 +31,60 @@ class BudgetPlan:
     own_trial_s: float  # expected wall seconds per trial of the searcher's own (parallel trials counted)
     budget_s: float | None  # --time-budget, if any
     num_samples: int | None  # --num-samples, if given
-
-    @property
-    def own_s(self) -> float | None:
-        """Seconds left for the searcher's own proposals (None without a time budget)."""
-        return None if self.budget_s is None else max(0.0, self.budget_s - self.screen_s - self.promote_s)
-
-    @property
-    def own_trials(self) -> int | None:
-        if self.budget_s is not None:
-            return int(self.own_s / self.own_trial_s) if self.own_trial_s > 0 else 0
-        if self.num_samples is not None:
-            return max(0, self.num_samples - self.points - self.promote)
-        return None
+    own_s: float | None  # seconds left for the searcher's own proposals (None without a time budget)
+    own_trials: int | None  # how many of them (None with neither a time budget nor --num-samples)
 
     def describe(self) -> str:
-        """The plan as the CLI prints it."""
         if self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
             lines = [f"budget plan: screen the {self.points} recipe point(s) on {self.screen_fraction:.0%} of the "
                      f"training data, whole stage plans (~{duration(self.screen_s)}),",
                      f"  then promote the best {self.promote} to full fidelity (~{duration(self.promote_s)})"]
-        own = self.own_trials
-        if own is not None:
+        if self.own_trials is not None:
             left = f" (~{duration(self.own_s)})" if self.own_s is not None else ""
-            lines.append(f"  then the search's own proposals around the best config: about {own} trial(s){left}")
-            if own < MIN_OWN_TRIALS and self.budget_s is not None:
+            lines.append(f"  then the search's own proposals around the best config: about {self.own_trials} trial(s){left}")
+            if self.own_trials < MIN_OWN_TRIALS and self.budget_s is not None:
                 lines.append(f"note: that is too few for the search to improve on the recipes; it gets "
                              f"{MIN_OWN_TRIALS * 2} trials of its own from about --time-budget "
                              f"{budget_text(self.budget_needed())}")
         return "\n".join(lines)
 
-    def budget_needed(self, own: int = 2 * MIN_OWN_TRIALS) -> float:
-        return self.screen_s + self.promote_s + own * self.own_trial_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "own_s": self.own_s, "own_trials": self.own_trials}
+    def budget_needed(self) -> float:
+        return self.screen_s + self.promote_s + 2 * MIN_OWN_TRIALS * self.own_trial_s
 
 
 def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: float, parallel: int) -> float:
     """Expected wall seconds of running every point at `fraction` of the training data."""
-    return (fraction * sum(train_s) + sum(val_s) + startup_s * len(train_s)) / max(1, parallel)
+    return (fraction * sum(train_s) + sum(val_s) + startup_s * len(train_s)) / parallel
 
 
 def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, parallel: int,
                 own_trial_s: float, budget_s: float | None, num_samples: int | None,
                 screen: str = "auto") -> BudgetPlan:
-    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity, `parallel`
-    trials at once and a searcher trial of `own_trial_s` seconds. Without a time budget the points fit
-    when they are at most a third of `num_samples` (16 when not given); `screen` "off" runs them whole."""
-    n = len(train_s)
-    own_wall = own_trial_s / max(1, parallel)
+    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity. Without a time budget
+    the points fit when they are at most a third of `num_samples` (16 when not given)."""
+    n, parallel = len(train_s), max(1, parallel)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
     fits = full <= FIT_SHARE * budget_s if budget_s is not None else n <= FIT_SHARE * (num_samples or 16)
-    if n == 0 or fits or screen == "off":
-        return BudgetPlan(n, 1.0, 0, full, 0.0, own_wall, budget_s, num_samples)
-    fraction = MAX_FRACTION
-    if budget_s is not None and sum(train_s) > 0:
-        room = SCREEN_SHARE * budget_s * max(1, parallel) - sum(val_s) - startup_s * n
-        fraction = min(MAX_FRACTION, max(MIN_FRACTION, room / sum(train_s)))
-    fraction = round(fraction, 3)
-    promote = max(1, math.ceil(n / ETA))
-    mean_full = full / n * max(1, parallel)  # one point run whole, seconds
-    return BudgetPlan(n, fraction, promote, wall(train_s, val_s, fraction, startup_s, parallel),
-                      promote * mean_full / max(1, parallel), own_wall, budget_s, num_samples)
+    fraction, promote, first_s = 1.0, 0, full
+    if not (n == 0 or fits or screen == "off"):
+        fraction = MAX_FRACTION
+        if budget_s is not None and sum(train_s) > 0:
+            room = SCREEN_SHARE * budget_s * parallel - sum(val_s) - startup_s * n
+            fraction = min(MAX_FRACTION, max(MIN_FRACTION, room / sum(train_s)))
+        fraction, promote = round(fraction, 3), max(1, math.ceil(n / ETA))
+        first_s = wall(train_s, val_s, fraction, startup_s, parallel)
+    promote_s = promote * full / n if promote else 0.0  # a promoted point runs whole
+    own_wall = own_trial_s / parallel
+    own_s = None if budget_s is None else max(0.0, budget_s - first_s - promote_s)
+    if own_s is not None:
+        own_trials = int(own_s / own_wall) if own_wall > 0 else 0
+    else:
+        own_trials = max(0, num_samples - n - promote) if num_samples is not None else None
+    return BudgetPlan(n, fraction, promote, first_s, promote_s, own_wall, budget_s, num_samples, own_s, own_trials)
 
 
 def save(exp: Path, plan: BudgetPlan) -> None:
     exp.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(Path(exp) / PLAN_FILE, json.dumps(plan.to_dict(), indent=1) + "\n")
+    atomic.write_text(Path(exp) / PLAN_FILE, json.dumps(asdict(plan), indent=1) + "\n")

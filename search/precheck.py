@@ -1,15 +1,12 @@
-"""Every config a search can hand a trial, checked before Ray starts.
-
-Most mistakes show only in a --set value combined with what the space samples (an odd batch_size with
-a sampled mixup_alpha, a stage1_epochs that leaves a 3-stage plan no stage 2). So the space is sampled
-here through the searcher's own DefineByRun, and each config is checked: TrialConfig's validation, the
-epoch budget ASHA's max_t assumes, and one forward pass per backbone at the smallest input size it gets.
-"""
+"""Every config a search can hand a trial, checked before Ray starts. Most mistakes show only in a --set value
+combined with what the space samples (an odd batch_size with a sampled mixup_alpha), so the space is sampled
+through the searcher's own DefineByRun and each config checked: TrialConfig's validation, the epoch budget
+ASHA's max_t assumes, and one forward pass per backbone at the smallest input size it gets."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import optuna
 import torch
@@ -47,22 +44,18 @@ class RepeatSeeds:
         return {**self.sample(s, o), "seed": self.first_seed + s.trial.number}
 
 
-def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int = 0,
-         points: Sequence[dict[str, Any]] = ()) -> tuple[list[Any], bool]:
-    """`build(trial)` for each point (Optuna params, tried first) and `draws` seeded random trials of a
-    throwaway study, and whether any trial sampled a value. Random, not the searcher's sampler:
-    uniform draws visit every branch of a conditional space."""
+def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int = 0) -> tuple[list[Any], bool]:
+    """`build(trial)` for `draws` seeded random trials, and whether any trial sampled a value. Random, not the
+    searcher's sampler: it visits every branch of a conditional space."""
     _quiet_optuna()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    for p in points:
-        study.enqueue_trial(dict(p))
     out, sampled = [], False
-    for _ in range(len(points) + draws):
+    for _ in range(draws):
         trial = study.ask()
         out.append(build(trial))
         study.tell(trial, 0.0)
         sampled = sampled or bool(trial.params)
-        if not sampled and not points:
+        if not sampled:
             break  # nothing sampled: the space's flow is fixed, every draw would be this one
     return out, sampled
 
@@ -96,10 +89,9 @@ def plan_search(s: SearchSettings, space: Space, opts: Options, fixed: dict[str,
 
 
 def budget_problem(space: Space, opts: Options, fixed: dict[str, Any]) -> str:
-    """What is wrong with the stage epochs of the first config the space samples under `fixed`, when
-    every trial gets opts.max_epochs (ASHA's max_t), or ''. A stage may not get fewer than 0, nor a 0
-    the space would not give it itself (a frozen feature extractor is stage 1 alone) unless the user
-    set that 0; the stages must add up to max_t."""
+    """What is wrong with the stage epochs of the first config the space samples under `fixed`, or ''. A
+    stage may not get fewer than 0, nor a 0 the space would not give it itself (a frozen feature extractor
+    is stage 1 alone) unless the user set that 0; the stages must add up to opts.max_epochs (ASHA's max_t)."""
     def values(f: dict[str, Any]) -> list[dict[str, Any]]:  # the space's own values and --set's, per draw
         return draw(lambda trial: {**space.sample(Suggest(trial, f), opts), **f})[0]
 
@@ -120,8 +112,7 @@ def budget_problem(space: Space, opts: Options, fixed: dict[str, Any]) -> str:
 
 
 def check_budget(space: Space, opts: Options, fixed: dict[str, Any]) -> None:
-    """Every trial the space can sample under the --set values fits the epoch budget, or a UserError
-    names the first that does not and the fixes that were tried and work."""
+    """A UserError naming the first sampled trial that does not fit the epoch budget, and the fixes that work."""
     problem = budget_problem(space, opts, fixed)
     if not problem:
         return
@@ -140,9 +131,8 @@ def check_budget(space: Space, opts: Options, fixed: dict[str, Any]) -> None:
 
 
 def check_models(configs: list[dict[str, Any]]) -> None:
-    """One training-mode forward pass of each backbone (random init) at the smallest input size the
-    configs give it: a size the network shrinks to nothing, or a stem it can't take, fails here with
-    one line instead of in every trial."""
+    """One training-mode forward pass of each backbone (random init) at the smallest input size the configs
+    give it: a size the network shrinks to nothing fails here with one line instead of in every trial."""
     smallest: dict[tuple[str, bool], int] = {}
     for c in configs:
         key = (c["backbone"], bool(c["small_input_stem"]))

@@ -48,29 +48,14 @@ class Search:
     opts: Options
     fixed: dict[str, Any]  # the --set values, typed
     base: dict[str, Any]  # the search-wide run fields every trial gets
-
-    @property
-    def exp(self) -> Path:
-        return self.place.exp
-
-    @property
-    def num_samples(self) -> int:
-        """Tune's: --num-samples; with a time budget and none given, until it is spent (-1); else 16."""
-        if self.s.num_samples is not None:
-            return self.s.num_samples
-        return -1 if self.s.time_budget else DEFAULT_SAMPLES
-
-    @property
-    def grace_period(self) -> int:
-        """--grace-period, or the stage-aware default (search/searcher.py)."""
-        given = self.s.grace_period
-        return given if given is not None else stage_aware_grace(self.space, self.opts.max_epochs)
+    num_samples: int  # Tune's: -1 runs until the time budget is spent
+    grace_period: int  # ASHA's
 
 
 def run_search(s: SearchSettings) -> Path:
     """Run (or resume) a search; returns the experiment folder."""
     job = resolve(s)
-    s = job.s
+    s, exp = job.s, job.place.exp
     data = prepare_search_data(s.data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")
@@ -80,14 +65,13 @@ def run_search(s: SearchSettings) -> Path:
     points, told = ([], []) if s.resume else warm_start(s, job.space, job.opts, job.fixed, job.base)
     est, budget_plan = (None, None) if s.resume else estimate_and_plan(job, points, data)
     if s.estimate:
-        return job.exp
-    lock = claim(job.exp)  # noqa: F841 - held until this search returns
+        return exp
+    lock = claim(exp)  # noqa: F841 - held until this search returns
     if not s.resume:
-        write_settings(job.exp, {**dataclasses.asdict(s), "space": job.space.name, "name": job.exp.name,
-                                 **job.place.settings()})
-        estimate.save(job.exp, est)
+        write_settings(exp, {**dataclasses.asdict(s), "space": job.space.name, "name": exp.name, **job.place.settings()})
+        estimate.save(exp, est)
         if budget_plan is not None:
-            plan.save(job.exp, budget_plan)
+            plan.save(exp, budget_plan)
     job.place.upload()
     # Tune warns every few seconds that syncing experiment state is slow; it is local and fine
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -103,7 +87,7 @@ def run_search(s: SearchSettings) -> Path:
     finally:
         ray.shutdown()
     finish(job)
-    return job.exp
+    return exp
 
 
 def resolve(s: SearchSettings) -> Search:
@@ -130,7 +114,9 @@ def resolve(s: SearchSettings) -> Search:
     if checked.note:
         print(checked.note)
     s = dataclasses.replace(s, num_samples=checked.num_samples)
-    return Search(s, res, place, checked.space, checked.opts, fixed, base)
+    num_samples = s.num_samples if s.num_samples is not None else -1 if s.time_budget else DEFAULT_SAMPLES
+    grace = s.grace_period if s.grace_period is not None else stage_aware_grace(checked.space, checked.opts.max_epochs)
+    return Search(s, res, place, checked.space, checked.opts, fixed, base, num_samples, grace)
 
 
 def resolve_space(s: SearchSettings) -> tuple[Space, Options]:
@@ -187,19 +173,20 @@ def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, 
 
 
 def estimate_and_plan(job: Search, points: list, data: SearchData) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:
-    """Measure (or read from the cache) and print what the search will cost, then the budget plan made
-    from it (None when every trial is the searcher's own)."""
+    """Print what the search will cost (measured, or from the cache), then the budget plan made from it
+    (None when every trial is the searcher's own)."""
     s, res = job.s, job.res
-    device = torch.device("cuda:0" if res.gpus > 0 and torch.cuda.is_available() else "cpu")
-    rungs = estimate.asha_rungs(job.grace_period, s.reduction_factor, job.opts.max_epochs) if s.scheduler == "asha" else []
     parallel = int(res.cpus // res.trial["cpu"])  # trials at once: Ray schedules on CPUs and GPUs alike
     if res.trial["gpu"] > 0:
         parallel = min(parallel, int(res.gpus / res.trial["gpu"] + 1e-9))
-    est = estimate.estimate(job.space, job.opts, job.fixed, job.base, points, n_train=len(data.train),
-                            n_val=len(data.val), device=device, threads=int(res.trial["cpu"]),
-                            parallel=max(1, min(parallel, s.max_concurrent) if s.max_concurrent else parallel),
-                            num_samples=job.num_samples if job.num_samples > 0 else None, budget_s=s.budget_s(),
-                            rungs=rungs, rf=s.reduction_factor, seed=s.seed)
+    if s.max_concurrent:
+        parallel = min(parallel, s.max_concurrent)
+    est = estimate.estimate(
+        job.space, job.opts, job.fixed, job.base, points, n_train=len(data.train), n_val=len(data.val),
+        device=torch.device("cuda:0" if res.gpus > 0 and torch.cuda.is_available() else "cpu"),
+        threads=int(res.trial["cpu"]), parallel=max(1, parallel), num_samples=job.num_samples if job.num_samples > 0 else None,
+        budget_s=s.budget_s(), rf=s.reduction_factor, seed=s.seed,
+        rungs=estimate.asha_rungs(job.grace_period, s.reduction_factor, job.opts.max_epochs) if s.scheduler == "asha" else [])
     print(estimate.describe(est), flush=True)
     if not est.n_warm:
         return est, None
@@ -212,7 +199,7 @@ def estimate_and_plan(job: Search, points: list, data: SearchData) -> tuple[esti
 
 
 def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan) -> tune.Tuner:
-    s, exp = job.s, job.exp
+    s, exp = job.s, job.place.exp
     trainable = tune.with_resources(tune.with_parameters(tune_trial, train=data.train, val=data.val), job.res.trial)
     stop = BudgetStopper(exp, s.budget_s()) if s.time_budget else None
     prior = est.trial_asha_s + est.startup_s if est is not None else None
@@ -226,30 +213,29 @@ def build_tuner(job: Search, data: SearchData, points: list, told: list, est, bu
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1,  # the best; Tune also keeps the latest
                                                 checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
+    searcher = make_searcher(job.space, job.opts, job.fixed, job.base, s.seed, exp, points, told, s.sampler,
+                             screen_fraction=budget_plan.screen_fraction if budget_plan else 1.0,
+                             promote=budget_plan.promote if budget_plan else 0)
     tune_config = tune.TuneConfig(
-        search_alg=make_searcher(job.space, job.opts, job.fixed, job.base, s.seed, exp, points, told, s.sampler,
-                                 screen_fraction=budget_plan.screen_fraction if budget_plan else 1.0,
-                                 promote=budget_plan.promote if budget_plan else 0),
-        scheduler=make_scheduler(s.scheduler, job.opts.max_epochs, job.grace_period, s.reduction_factor),
-        num_samples=job.num_samples, max_concurrent_trials=s.max_concurrent or None,
-        trial_dirname_creator=trial_dirname)
+        search_alg=searcher, scheduler=make_scheduler(s.scheduler, job.opts.max_epochs, job.grace_period, s.reduction_factor),
+        num_samples=job.num_samples, max_concurrent_trials=s.max_concurrent or None, trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 def finish(job: Search) -> None:
     """Settle the study, export the best config and print the leaderboard and what to do next."""
+    exp = job.place.exp
     job.place.fetch_results()
-    trials = load_trials(job.exp)
-    spent = exhausted(job.exp)  # the study told how each trial ended, before the upload below
-    settle_study(job.exp, search_over(trials, job.num_samples, spent),
-                 "the time budget ran out" if spent else "the search ended")
-    if INTERRUPTED in read_ends(job.exp).values():
+    trials = load_trials(exp)
+    spent = exhausted(exp)  # the study told how each trial ended, before the upload below
+    settle_study(exp, search_over(trials, job.num_samples, spent), "the time budget ran out" if spent else "the search ended")
+    if INTERRUPTED in read_ends(exp).values():
         print(f"interrupted: continue it with {job.place.resume_command()}")
-    best = export_best(job.exp, trials)
+    best = export_best(exp, trials)
     job.place.upload()
     print(leaderboard(trials))
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch "
-          f"{best['best_epoch']}\nwrote {job.exp / 'best_config.yaml'}\nretrain and test it: "
+          f"{best['best_epoch']}\nwrote {exp / 'best_config.yaml'}\nretrain and test it: "
           f"{best['retrain_command']}")
     if job.place.closing():
         print(job.place.closing())

@@ -1,16 +1,13 @@
-"""SearchSettings: every run_search.py knob, defined once.
-
-The argparse CLI and the `--config` YAML loader are derived from this dataclass (timm train.py
-style: YAML values become the parser's defaults, explicit flags still win).
-"""
+"""SearchSettings: every run_search.py knob, defined once. The CLI and the `--config` YAML loader are derived
+from it (timm train.py style: YAML values become the parser's defaults, explicit flags still win)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import re
 import socket
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, get_args
 
@@ -28,13 +25,10 @@ NAME_MAX = 255  # bytes of one folder name on common filesystems
 def parse_duration(text: str) -> float:
     """"90m", "1.5h", "600s", "600" (seconds), "1h30m" -> seconds. Raises UserError."""
     t = text.strip().lower().replace(" ", "")
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
-        if not parts or "".join(n + u for n, u in parts) != t:
-            raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    t = t + "s" if re.fullmatch(r"[\d.]+", t) else t  # a bare number is seconds
+    if not re.fullmatch(r"(\d+(\.\d+)?[smhd])+", t):
+        raise UserError(f"--time-budget {text!r} is not a duration: write e.g. 90m, 2h, 1h30m or 600s")
+    seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", t))
     if seconds <= 0:
         raise UserError(f"--time-budget {text!r} must be more than 0")
     return seconds
@@ -63,12 +57,9 @@ def _bindable_host(v: str) -> str:
     except (OSError, UnicodeError):
         return "is not a host name or address: use 127.0.0.1 (or 0.0.0.0 for every interface)"
     for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            try:
-                sock.bind((addr[0], 0))
-                return ""
-            except OSError:
-                continue
+        with socket.socket(family, kind, proto) as sock, contextlib.suppress(OSError):
+            sock.bind((addr[0], 0))
+            return ""
     return "is not an address of this machine: use 127.0.0.1 (or 0.0.0.0 for every interface)"
 
 
@@ -98,13 +89,12 @@ class SearchSettings:
                                         "resources", check=_must(lambda v: v > 0, "must be > 0"))
     cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources",
                                       check=_at_least(1))
-    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources",
-                               check=_at_least(0))
+    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources", check=_at_least(0))
     address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", str, "resources")
-    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str,
-                               "resources", check=_bindable_host)
-    dashboard_port: int | None = _opt(None, "Ray dashboard port (default: 8265, or the next free one; 0: any free port; "
-                                            "a given port that is taken: any free one)", int, "resources",
+    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources",
+                               check=_bindable_host)
+    dashboard_port: int | None = _opt(None, "Ray dashboard port (default: 8265, or the next free one; 0: any free port; a given "
+                                            "port that is taken: any free one)", int, "resources",
                                       check=_must(lambda v: 0 <= v <= 65535, "must be 0..65535"))
     # the search
     space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)", str,
@@ -112,51 +102,46 @@ class SearchSettings:
     backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
     num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int,
                                    check=_at_least(1))
-    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is "
-                                "left)", str)
-    warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', "
-                                      "or earlier experiment folders DIR[,DIR...] whose finished trials the searcher is "
-                                      "told first (combine: recipes,DIR)", str)
+    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str)
+    warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', or "
+                                      "earlier experiment folders DIR[,DIR...] whose finished trials the searcher is told "
+                                      "first (combine: recipes,DIR)", str)
     estimate: bool = _opt(False, "measure and print the search's cost estimate, then exit without training")
-    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int,
-                                  check=_at_least(1))
-    grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the "
-                                          "space's longest head-only stage 1, so every trial is judged with trained "
-                                          "blocks)", int, check=_at_least(1))
+    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int, check=_at_least(1))
+    grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the space's "
+                                          "longest head-only stage 1, so every trial is judged with trained blocks)", int,
+                                    check=_at_least(1))
     reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int, check=_at_least(2))
     scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str,
                           choices=("asha", "fifo"))
-    sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the "
-                                     "best config mixed with TPE), tpe (model-based) or random", str,
+    sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the best "
+                                     "config mixed with TPE), tpe (model-based) or random", str,
                         choices=("incumbent", "tpe", "random"))
-    screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a "
-                               "fraction of the data first and promote the best (the budget plan says so); off: run "
-                               "them whole", str, choices=("auto", "off"))
+    screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a fraction of "
+                               "the data first and promote the best (the budget plan says so); off: run them whole", str,
+                       choices=("auto", "off"))
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)")
-    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, "
-                                  "fp32 on the CPU), fp32, bf16 or fp16", str, choices=get_args(PrecisionName))
+    precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on "
+                                  "the CPU), fp32, bf16 or fp16", str, choices=get_args(PrecisionName))
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int, check=_at_least(0))
     seed: int = _opt(0, "seed of the searcher, the data split and the trials", int,
                      check=_must(lambda v: 0 <= v <= 2**31 - 1, f"must be 0..{2**31 - 1:g}"))
     set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
     # data and weights
     data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", str, "data")
-    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data",
-                              check=_at_least(1))
+    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data", check=_at_least(1))
     val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data",
                                check=_must(lambda v: 0 < v < 1, "must be between 0 and 1 (e.g. 0.1)"))
     weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
     no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
     # output
-    storage_path: str = _opt("./runs", "where experiments are written: a folder (on a multi-node cluster one every "
-                                       "node shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", str,
-                             "output")
-    storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster "
-                                       "(NFS, ...)", None, "output")
+    storage_path: str = _opt("./runs", "where experiments are written: a folder (on a multi-node cluster one every node "
+                                       "shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", str, "output")
+    storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster (NFS, ...)",
+                                None, "output")
     local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
-                              "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it "
-                              "ends); it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str,
-                          "output")
+                              "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
+                              "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
     name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=folder_name_problem)
     resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
     config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
@@ -172,7 +157,6 @@ class SearchSettings:
                 "compile": self.compile, "precision": self.precision}
 
     def budget_s(self) -> float | None:
-        """--time-budget in seconds (None without one)."""
         return parse_duration(self.time_budget) if self.time_budget else None
 
 
@@ -263,9 +247,9 @@ def load_yaml_settings(path: str) -> dict[str, Any]:
     return out
 
 
-def _yaml_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _yaml_value(f: Field, value: Any, where: str) -> Any:
     """A YAML value as its flag would have parsed it (argparse types string defaults only)."""
-    typ = f.metadata["type"]
+    kind = f.metadata["type"]
     if value is None and f.default is None:
         return None
     if f.name == "set":  # a list of KEY=VALUE, one KEY=VALUE, or a mapping of them
@@ -274,13 +258,13 @@ def _yaml_value(f: dataclasses.Field, value: Any, where: str) -> Any:
         if isinstance(items, list) and all(isinstance(i, str) for i in items):
             return items
         raise UserError(f"{where} must be a list of KEY=VALUE strings or a mapping, not {value!r}")
-    if typ is None:  # a switch takes a YAML boolean, not a truthy string
+    if kind is None:  # a switch takes a YAML boolean, not a truthy string
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, not {value!r}")
-    if not isinstance(value, (bool, list, dict)):
-        try:
-            return as_type(typ, value)
-        except (TypeError, ValueError, OverflowError):
-            pass
-    raise UserError(f"{where} must be {'an' if typ is int else 'a'} {typ.__name__}, not {value!r}")
+    try:
+        if not isinstance(value, (bool, list, dict)):
+            return as_type(kind, value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise UserError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, not {value!r}")

@@ -29,11 +29,6 @@ def test_the_precheck_and_the_estimate_draw_the_same_seeded_configs():
     assert sampled and len(first) == 5 and first == again and first != other
 
 
-def test_points_come_first_then_the_draws():
-    configs, sampled = draw(lambda trial: trial.suggest_float("lr", 0, 1), draws=3, points=[{"lr": 0.125}])
-    assert sampled and configs[0] == 0.125 and len(configs) == 4
-
-
 def test_a_space_that_samples_nothing_is_drawn_once():
     configs, sampled = _configs(get_space("mobilenetv2_2stage_128"), draws=50)
     assert not sampled and len(configs) == 1
@@ -56,11 +51,11 @@ def test_speeds_are_measured_once_per_machine(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     speeds = est.speeds_for({("resnet18", 32), ("resnet18", 64)}, cpu, 1, log=logs.append)
     assert sorted(calls) == [("resnet18", 32), ("resnet18", 64)] and "timing 2" in logs[0]
-    assert speeds.rates("resnet18", 64)["train"] == pytest.approx(0.064)
+    assert speeds["resnet18@64"]["train"] == pytest.approx(0.064)
     est.speeds_for({("resnet18", 32)}, cpu, 1, log=logs.append)
     assert len(calls) == 2 and len(logs) == 1  # from the cache, silently
     cache = json.loads((tmp_path / "speed.json").read_text())
-    del cache[speeds.key]["resnet18@32"]["head"]
+    del cache[f"{est.device_key(cpu, 1)}|batch64"]["resnet18@32"]["head"]
     (tmp_path / "speed.json").write_text(json.dumps(cache))
     est.speeds_for({("resnet18", 32)}, cpu, 1, log=logs.append)
     assert calls[-1] == ("resnet18", 32)  # an entry without every rate is measured again
@@ -76,7 +71,7 @@ def test_an_unwritable_speed_cache_only_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(est, "measure", _fake_measure([]))
     logs = []
     speeds = est.speeds_for({("resnet18", 32)}, torch.device("cpu"), 1, log=logs.append)
-    assert speeds.rates("resnet18", 32) and logs[-1].startswith("warning: step times not cached")
+    assert speeds["resnet18@32"] and logs[-1].startswith("warning: step times not cached")
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import pytest
 from analysis.study import WARM_CONFIG, study_url
 from search.budget import BudgetStopper, spent
 from search.settings import parse_duration
-from search.estimate import Speeds, asha_rungs, epoch_seconds, reach
+from search.estimate import asha_rungs, epoch_seconds, reach
 from search.searcher import make_searcher, stage_aware_grace, told_trials
 from spaces import RECIPES, Options, Suggest, get_space, recipe_config
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs, recipe_points
@@ -239,7 +239,7 @@ def test_budget_stopper_counts_across_resume(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ cost estimate
 
 def test_epoch_costs_follow_the_stage_plan():
-    speeds = Speeds("fake", {"b@64": {"frozen": 0.01, "train": 0.03, "eval": 0.005}})
+    speeds = {"b@64": {"frozen": 0.01, "train": 0.03, "eval": 0.005}}
     cfg = TrialConfig.from_dict({"backbone": "b", "input_size": 64, "stage1_epochs": 1, "stage2_epochs": 2})
     assert epoch_seconds(cfg, speeds, n_train=100, n_val=20) == pytest.approx([1.1, 3.1, 3.1])
 
@@ -259,7 +259,7 @@ def test_estimate_without_training(monkeypatch):
         calls.append(combos)
         batches.append(batch)
         precisions.append(precision)
-        return Speeds("fake", {f"{b}@{s}": {"frozen": 1e-4 * s, "train": 3e-4 * s, "eval": 5e-5 * s, "head": 1e-6 * s} for b, s in combos})
+        return {f"{b}@{s}": {"frozen": 1e-4 * s, "train": 3e-4 * s, "eval": 5e-5 * s, "head": 1e-6 * s} for b, s in combos}
     monkeypatch.setattr(est, "speeds_for", fake_speeds)
     opts = Options(LITES, 4)
     points, _ = recipe_points(CPU, opts, BASE, {})
