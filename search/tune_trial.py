@@ -36,6 +36,12 @@ def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | 
     return torch.device("cuda", visible.index(first))
 
 
+def retry_first_oom(gpus: float, restarted: bool) -> bool:
+    """Re-raise an out-of-memory error so Tune restarts the trial (not status oom) only on part of a GPU
+    (0.5, 1.5), where it may be another trial's, and once: after a restart the config is to blame."""
+    return not gpus.is_integer() and not restarted
+
+
 def memory_fraction(gpus: float, total_bytes: int) -> float | None:
     """The share of its GPU's memory a trial holding part of it may allocate (None for a whole GPU),
     leaving room for each process's CUDA context, which the cap does not count."""
@@ -57,16 +63,15 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     if device.type == "cpu":  # past its share an allocation fails: status oom, search goes on
         limit_memory(trial_budget(cpus))
     elif (share := memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)) is not None:
-        torch.cuda.set_per_process_memory_fraction(share, device)  # a shared GPU: past its share it fails here, not in another trial
+        torch.cuda.set_per_process_memory_fraction(share, device)  # past its share it fails here, not in another trial
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
 
     checkpoint = tune.get_checkpoint()
     marker = Path(ctx.get_trial_dir()) / OOM_RETRIED
-    # on part of a GPU (0.5, 1.5) an out-of-memory error may be another trial's: the first is re-raised for Tune to
-    # restart the trial (not status oom); after a restart (a checkpoint, or the marker before one) the config is to blame
-    retry = not gpus.is_integer() and checkpoint is None and not marker.exists()
+    # a restart from a checkpoint, or one before the first checkpoint that the marker remembers
+    retry = retry_first_oom(gpus, restarted=checkpoint is not None or marker.exists())
     try:  # a restarted trial continues where its checkpoint stopped
         with (checkpoint.as_directory() if checkpoint is not None else nullcontext()) as restore:
             run_trial(config, train, val, report, restore=Path(restore) if restore else None, raise_oom=retry, device=device)
