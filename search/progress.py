@@ -66,6 +66,25 @@ class Progress:
     best: tuple[float, str] | None = None  # the best score and its trial
     prior_trial_s: float | None = None  # the pre-launch cost estimate of a trial (search/estimate.py)
 
+    @classmethod
+    def of(cls, trials: list, total: int | None, seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,
+           cut: dict[str, str] | None = None, ending: tuple | None = None) -> Progress:
+        """`seconds`: wall time per trial id (else Tune's time_total_s); `cut`: the trials the search's end cut
+        short; `ending`: (trial, Tune status) of the trial whose end is being reported, before Tune marks it."""
+        p = cls(total, prior_trial_s=prior_trial_s)
+        for t in trials:
+            status = ending[1] if ending and t is ending[0] else t.status
+            name = outcome_of(t, cut or {}, status)
+            secs = (seconds or {}).get(str(t.trial_id), (t.last_result or {}).get("time_total_s"))
+            secs = float(secs) if isinstance(secs, (int, float)) else None
+            if status == Trial.RUNNING:
+                p.runs.append((RUNNING, secs))
+            elif status == Trial.TERMINATED and name != NOT_STARTED or status == Trial.ERROR and is_failure(name):
+                p.runs.append((name, secs))  # Tune's cleanup marks the trials it never started terminated too
+        scores = [(score, str(t.trial_id)) for t in trials if (score := best_score(t)) is not None]
+        p.best = max(scores, key=lambda s: s[0], default=None)
+        return p
+
     def count(self, names) -> int:
         return sum(name in names for name, _ in self.runs)
 
@@ -80,47 +99,28 @@ class Progress:
         not_started = max(0, self.total - len(self.runs) + self.count(ENDED_BY_SEARCH))
         return (not_started * mean + sum(max(0.0, mean - s) for s in running)) / max(1, parallel)
 
-
-def progress_of(trials: list, total: int | None, seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,
-                cut: dict[str, str] | None = None, ending: tuple | None = None) -> Progress:
-    """`seconds`: wall time per trial id (else Tune's time_total_s); `cut`: the trials the search's end cut
-    short; `ending`: (trial, Tune status) of the trial whose end is being reported, before Tune marks it."""
-    p = Progress(total, prior_trial_s=prior_trial_s)
-    for t in trials:
-        status = ending[1] if ending and t is ending[0] else t.status
-        name = outcome_of(t, cut or {}, status)
-        secs = (seconds or {}).get(str(t.trial_id), (t.last_result or {}).get("time_total_s"))
-        secs = float(secs) if isinstance(secs, (int, float)) else None
-        if status == Trial.RUNNING:
-            p.runs.append((RUNNING, secs))
-        elif status == Trial.TERMINATED and name != NOT_STARTED or status == Trial.ERROR and is_failure(name):
-            p.runs.append((name, secs))  # not NOT_STARTED: Tune's cleanup marks the trials it never started terminated
-    scores = [(score, str(t.trial_id)) for t in trials if (score := best_score(t)) is not None]
-    p.best = max(scores, key=lambda s: s[0], default=None)
-    return p
-
-
-def progress_line(p: Progress, elapsed: float, parallel: int, budget_left: float | None = None) -> str:
-    """The one-line summary; `budget_left`: seconds left of a --time-budget, which bounds the ETA."""
-    cut = [name for name, _ in p.runs if name in ENDED_BY_SEARCH]
-    finished = len(p.runs) - len(cut) - p.count({RUNNING})
-    parts = [f"{finished}/{'?' if p.total is None else p.total} trials finished", f"{p.count({RUNNING})} running",
-             f"{p.count({PRUNED})} pruned", f"{sum(is_failure(name) for name, _ in p.runs)} failed"]
-    if cut:
-        parts.append(f"{len(cut)} {cut[-1]}")
-    parts += [f"best {METRIC} " + (f"{p.best[0]:.4f} ({p.best[1]})" if p.best is not None else "-"),
-              f"elapsed {duration(elapsed)}"]
-    eta = p.eta(parallel)
-    if cut:
-        parts.append("search interrupted: --resume continues it" if cut[-1] == INTERRUPTED
-                     else "search stopped: the time budget is spent")
-    elif p.total is not None and finished >= p.total:
-        parts.append("done")
-    elif budget_left is not None:
-        parts.append(f"time budget: {duration(budget_left if eta is None else min(eta, budget_left))} left")
-    else:
-        parts.append(f"about {duration(eta)} left" if eta is not None else "time left: known after the first trial ends")
-    return "[search] " + " | ".join(parts)
+    def line(self, elapsed: float, parallel: int, budget_left: float | None = None) -> str:
+        """The one-line summary; `budget_left`: seconds left of a --time-budget, which bounds the ETA."""
+        cut = [name for name, _ in self.runs if name in ENDED_BY_SEARCH]
+        finished = len(self.runs) - len(cut) - self.count({RUNNING})
+        parts = [f"{finished}/{'?' if self.total is None else self.total} trials finished",
+                 f"{self.count({RUNNING})} running", f"{self.count({PRUNED})} pruned",
+                 f"{sum(is_failure(name) for name, _ in self.runs)} failed"]
+        if cut:
+            parts.append(f"{len(cut)} {cut[-1]}")
+        parts += [f"best {METRIC} " + (f"{self.best[0]:.4f} ({self.best[1]})" if self.best is not None else "-"),
+                  f"elapsed {duration(elapsed)}"]
+        eta = self.eta(parallel)
+        if cut:
+            parts.append("search interrupted: --resume continues it" if cut[-1] == INTERRUPTED
+                         else "search stopped: the time budget is spent")
+        elif self.total is not None and finished >= self.total:
+            parts.append("done")
+        elif budget_left is not None:
+            parts.append(f"time budget: {duration(budget_left if eta is None else min(eta, budget_left))} left")
+        else:
+            parts.append(f"about {duration(eta)} left" if eta is not None else "time left: known after the first trial ends")
+        return "[search] " + " | ".join(parts)
 
 
 def table_rows(trials: list, cut: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -196,9 +196,9 @@ class SearchLog(tune.Callback):
     def print_line(self, trials: list, ending: tuple | None = None, cut: dict[str, str] | None = None) -> None:
         now = time.monotonic()
         seconds = {k: now - t0 for k, t0 in self.started.items()} | self.ended
-        p = progress_of(trials, self.total, seconds, self.prior_trial_s, cut, ending)
+        p = Progress.of(trials, self.total, seconds, self.prior_trial_s, cut, ending)
         self.parallel = max(self.parallel, p.count({RUNNING}) + (ending is not None))
-        print(progress_line(p, now - self.start, self.parallel, self.budget.left() if self.budget else None))
+        print(p.line(now - self.start, self.parallel, self.budget.left() if self.budget else None))
         self.last_line = now
 
     def print_table(self, trials: list, cut: dict[str, str] | None = None) -> None:
@@ -218,7 +218,7 @@ def _drop_contradicting(record: logging.LogRecord) -> bool:
     metrics` warning where every trial named never started (the table says not started)."""
     msg = record.getMessage()
     fails = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
-    never_started = msg.startswith("Failed to fetch metrics") and fails and all("FileNotFoundError" in ln for ln in fails)
+    never_started = msg.startswith("Failed to fetch metrics") and bool(fails) and all("FileNotFoundError" in ln for ln in fails)
     return "Resume experiment with:" not in msg and not never_started
 
 
@@ -228,6 +228,4 @@ def quiet_ray_console() -> None:
     errors at verbose=0) and the lines _drop_contradicting drops."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
-        logger = logging.getLogger(name)
-        if _drop_contradicting not in logger.filters:
-            logger.addFilter(_drop_contradicting)
+        logging.getLogger(name).addFilter(_drop_contradicting)  # a filter already there is not added again

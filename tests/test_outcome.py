@@ -33,7 +33,7 @@ from analysis.outcome import (
 )
 from report.curves import END_MARKER, STYLE
 from report.leaderboard import leaderboard_rows
-from search.progress import SearchLog, progress_line, progress_of, table_rows
+from search.progress import Progress, SearchLog, table_rows
 from search.tensorboard import EpochTensorBoard
 from trainable.config import TrialConfig
 
@@ -148,7 +148,7 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
     # the console's table at the end of the search
     _, rows = table_rows(trials, cut_short)
     assert {r[0]: r[1] for r in rows} == expected
-    line = progress_line(progress_of(trials, total=len(trials), cut=cut_short), elapsed=10, parallel=1)
+    line = Progress.of(trials, total=len(trials), cut=cut_short).line(elapsed=10, parallel=1)
     # diverged, oom, errored are failed; only ASHA's cut is pruned
     assert f"| 1 pruned | 3 failed | 1 {search_end} |" in line
     # TensorBoard's HParams status, failure for the three failures; an interrupted trial gets no
@@ -204,7 +204,7 @@ def test_a_trial_that_never_ran_is_not_started_though_tune_gave_it_a_row(tmp_pat
     TERMINATED: not pruned, not finished."""
     t = LiveTrial("idle", tmp_path, [{"trial_id": "idle", "done": False}], "TERMINATED")
     assert outcome(TrialView(CONFIG, t.last_result, live="TERMINATED")) == NOT_STARTED
-    assert "[search] 0/4 trials finished | 0 running | 0 pruned" in progress_line(progress_of([t], total=4), 0, 1)
+    assert "[search] 0/4 trials finished | 0 running | 0 pruned" in Progress.of([t], total=4).line(0, 1)
     _, rows = table_rows([t])
     assert rows[0][1] == NOT_STARTED
 

@@ -10,7 +10,7 @@ import pytest
 
 from analysis.experiment import text_table
 from analysis.outcome import COMPLETED, RUNNING
-from search.progress import PARAM_COLUMNS, Progress, SearchLog, progress_line, progress_of, quiet_ray_console, table_rows
+from search.progress import PARAM_COLUMNS, Progress, SearchLog, quiet_ray_console, table_rows
 
 
 class FakeTrial:
@@ -32,12 +32,12 @@ def trials():
 
 
 def test_counts_best_and_time_left():
-    p = progress_of(trials(), total=10)
+    p = Progress.of(trials(), total=10)
     # mean trial 60 s (100 s, 20 s); 5 not started; the running one has run 0 s of its 60
     assert p.eta(parallel=2) == pytest.approx((5 * 60 + 60) / 2)
-    timed = progress_of(trials(), total=10, seconds={"done": 130, "asha": 30, "run": 50})
+    timed = Progress.of(trials(), total=10, seconds={"done": 130, "asha": 30, "run": 50})
     assert timed.eta(parallel=2) == pytest.approx((5 * 80 + 30) / 2)  # wall times win over Tune's
-    line = progress_line(p, elapsed=125, parallel=2)
+    line = p.line(elapsed=125, parallel=2)
     assert line.startswith("[search] 4/10 trials finished")  # 2 finished, 2 failed: diverged counts as failed
     for part in ("1 running", "1 pruned", "2 failed", "best val_acc 0.3000 (done)",
                  "elapsed 2m05s", "about 3m00s left"):
@@ -48,11 +48,11 @@ def test_counts_best_and_time_left():
 def test_the_trial_being_reported_counts_as_ended():
     ts = trials()
     running = ts[4]
-    ended = progress_line(progress_of(ts, 10, ending=(running, "TERMINATED")), 5, 1)
+    ended = Progress.of(ts, 10, ending=(running, "TERMINATED")).line(5, 1)
     assert "5/10 trials finished | 0 running | 2 pruned | 2 failed" in ended
-    failed = progress_line(progress_of(ts, 10, ending=(running, "ERROR")), 5, 1)
+    failed = Progress.of(ts, 10, ending=(running, "ERROR")).line(5, 1)
     assert "5/10 trials finished | 0 running | 1 pruned | 3 failed" in failed
-    first = progress_line(progress_of([FakeTrial("r", "RUNNING", epoch=1, best=0.1)], 4), 5, 1)
+    first = Progress.of([FakeTrial("r", "RUNNING", epoch=1, best=0.1)], 4).line(5, 1)
     assert "known after the first trial ends" in first
 
 
@@ -196,14 +196,14 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
 def test_eta_uses_the_cost_estimate_until_a_trial_ends():
     p = Progress(total=4, runs=[(RUNNING, 30.0), (RUNNING, 10.0)], prior_trial_s=100.0)
     assert p.eta(parallel=2) == pytest.approx((2 * 100 + 70 + 90) / 2)  # 2 not started + the rest of 2
-    assert "about 3m00s left" in progress_line(p, elapsed=40, parallel=2)
+    assert "about 3m00s left" in p.line(elapsed=40, parallel=2)
     p.runs.append((COMPLETED, 50.0))  # the first measured trial replaces the estimate
     assert p.eta(parallel=2) == pytest.approx((1 * 50 + 20 + 40) / 2)
     assert Progress(total=4).eta(1) is None
 
 
 def test_progress_line_shows_the_time_budget_left():
-    line = progress_line(Progress(total=None, runs=[(RUNNING, None)]), elapsed=10, parallel=1, budget_left=125)
+    line = Progress(total=None, runs=[(RUNNING, None)]).line(elapsed=10, parallel=1, budget_left=125)
     assert "time budget: 2m05s left" in line
     bounded = Progress(total=3, prior_trial_s=1000.0)
-    assert "time budget: 1m00s left" in progress_line(bounded, elapsed=0, parallel=1, budget_left=60)
+    assert "time budget: 1m00s left" in bounded.line(elapsed=0, parallel=1, budget_left=60)
