@@ -34,8 +34,7 @@ ROW_ORDER = {Trial.RUNNING: 0, Trial.TERMINATED: 1, Trial.PAUSED: 2, Trial.PENDI
 
 
 def outcome_of(trial, cut: dict[str, str], status: str = "") -> str:
-    """The trial's outcome (analysis.outcome); `cut`: {trial_id: reason} of the trials the search's end
-    cut short; `status` overrides Tune's (a callback hears of an end before Tune updates the trial)."""
+    """The trial's outcome; `cut`: the trials the search's end cut short; `status`: Tune's, unless given."""
     status = status or trial.status
     return outcome(TrialView(trial.config or {}, trial.last_result or {}, errored=status == Trial.ERROR,
                              live=status, ended_by_search=cut.get(str(trial.trial_id), "")))

@@ -52,8 +52,7 @@ def memory_fraction(gpus: float, total_bytes: int) -> float | None:
 
 def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     """Tune's function trainable; `train`/`val` arrive through the object store (one copy a node)."""
-    # Ray sets OMP_NUM_THREADS from the trial's CPUs; torch must use the same count or trials
-    # sharing a node oversubscribe its cores
+    # Ray sets OMP_NUM_THREADS from the trial's CPUs: torch uses as many, or trials sharing a node oversubscribe it
     cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(cpus)
     ctx = tune.get_context()
