@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,15 @@ from trainable.memory import is_out_of_memory, limit_memory, trial_budget
 from trainable.trial import run_trial
 
 OOM_RETRIED = ".oom_retried"  # in the trial's folder: its first out-of-memory error was retried
+CUDA_CONTEXT_BYTES = 512 << 20  # a process's CUDA context and kernels: outside the caching allocator
 
 
-def shares_a_gpu(resources: Mapping[str, float]) -> bool:
-    """Whether the trial holds part of a GPU (0.5, 1.5, ...): its out-of-memory error may be another's."""
-    gpus = float(resources.get("GPU", 0) or 0)
-    return gpus > 0 and not gpus.is_integer()
-
-
-def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | None,
-                 cuda_available: Callable[[], bool] | None = None) -> torch.device:
-    """The device a trial trains on, from its GPU request `gpus`, the ids ray.get_gpu_ids() gave it and
+def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | None) -> torch.device:
+    """The device a trial trains on, from its GPU request, the ids ray.get_gpu_ids() gave it and
     CUDA_VISIBLE_DEVICES, never from what CUDA can see: Ray 2.60 leaves the GPUs visible to a trial that
-    asked for none (ray-project/ray#54868), which then trains on the CPU. A trial given GPUs trains on
-    the first, at its position in CUDA_VISIBLE_DEVICES (or the id itself where Ray left it unset), as Ray
-    Train's get_devices does; logical GPUs without CUDA mean the CPU."""
-    if gpus <= 0 or not gpu_ids or not (cuda_available or torch.cuda.is_available)():
+    asked for none (ray-project/ray#54868). A trial given GPUs trains on the first, at its position in
+    CUDA_VISIBLE_DEVICES (or the id itself where Ray left it unset), as Ray Train's get_devices does."""
+    if gpus <= 0 or not gpu_ids or not torch.cuda.is_available():
         return torch.device("cpu")
     first = str(gpu_ids[0])
     if cuda_visible is None:
@@ -43,7 +36,10 @@ def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | 
     return torch.device("cuda", visible.index(first))
 
 
-CUDA_CONTEXT_BYTES = 512 << 20  # a process's CUDA context and kernels: outside the caching allocator
+def retry_first_oom(gpus: float, restarted: bool) -> bool:
+    """Re-raise an out-of-memory error so Tune restarts the trial (not status oom) only on part of a GPU
+    (0.5, 1.5), where it may be another trial's, and once: after a restart the config is to blame."""
+    return not gpus.is_integer() and not restarted
 
 
 def memory_fraction(gpus: float, total_bytes: int) -> float | None:
@@ -54,35 +50,27 @@ def memory_fraction(gpus: float, total_bytes: int) -> float | None:
     return max(gpus / 2, gpus - CUDA_CONTEXT_BYTES / total_bytes)
 
 
-def retry_first_oom(resources: Mapping[str, float], restarted: bool) -> bool:
-    """Re-raise an out-of-memory error so Tune restarts the trial (instead of status oom): only on a
-    shared GPU, and once; after a restart, on a whole GPU or the CPU the config is to blame."""
-    return shares_a_gpu(resources) and not restarted
-
-
 def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     """Tune's function trainable; `train`/`val` arrive through the object store (one copy a node)."""
-    # Ray sets OMP_NUM_THREADS from the trial's CPUs; torch must use the same count or trials
-    # sharing a node oversubscribe its cores
+    # Ray sets OMP_NUM_THREADS from the trial's CPUs: torch uses as many, or trials sharing a node oversubscribe it
     cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(cpus)
     ctx = tune.get_context()
-    resources = ctx.get_trial_resources().required_resources
-    gpus = float(resources.get("GPU", 0) or 0)
+    gpus = float(ctx.get_trial_resources().required_resources.get("GPU", 0) or 0)
     gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []  # [] outside a Ray worker (tests)
     device = trial_device(gpus, gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if device.type == "cpu":  # past its share an allocation fails: status oom, search goes on
         limit_memory(trial_budget(cpus))
     elif (share := memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)) is not None:
-        torch.cuda.set_per_process_memory_fraction(share, device)  # a shared GPU: past its share it fails here, not in another trial
+        torch.cuda.set_per_process_memory_fraction(share, device)  # past its share it fails here, not in another trial
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
 
     checkpoint = tune.get_checkpoint()
-    # a restart from a checkpoint, or one before the first checkpoint that the marker remembers
     marker = Path(ctx.get_trial_dir()) / OOM_RETRIED
-    retry = retry_first_oom(resources, restarted=checkpoint is not None or marker.exists())
+    # a restart from a checkpoint, or one before the first checkpoint that the marker remembers
+    retry = retry_first_oom(gpus, restarted=checkpoint is not None or marker.exists())
     try:  # a restarted trial continues where its checkpoint stopped
         with (checkpoint.as_directory() if checkpoint is not None else nullcontext()) as restore:
             run_trial(config, train, val, report, restore=Path(restore) if restore else None, raise_oom=retry, device=device)

@@ -330,7 +330,7 @@ def test_the_callback_uploads_when_the_study_changes_and_keeps_rays_copies_curre
     (exp / "budget.json").write_text("9")
     (staging / "budget.json").write_text("1")  # what Ray fetched when it restored, and uploads with its state
     uri = f"s3://{BUCKET}/callback/exp{s3}"
-    cb = SearchLog(exp, out=lambda line: None, sync=Place(exp, uri, every_s=3600).sync)
+    cb = SearchLog(exp, sync=Place(exp, uri, every_s=3600).sync)
     trial = SimpleNamespace(trial_id="a", storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
     cb.on_trial_result(0, [], trial, {})  # the first result uploads
     assert in_bucket() == "9" and (staging / "budget.json").read_text() == "9"

@@ -31,18 +31,20 @@ def _no_cuda_query():
     (1, [3], None, torch.device("cuda", 3)),  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: the id itself
     (2, ["0", "1"], "0,1", torch.device("cuda", 0)),  # one trial trains on one GPU: the first
 ])
-def test_the_device_follows_the_assigned_gpus(gpus, ids, visible, expected):
-    query = (lambda: True) if gpus > 0 else _no_cuda_query
-    assert trial_device(gpus, ids, visible, cuda_available=query) == expected
+def test_the_device_follows_the_assigned_gpus(monkeypatch, gpus, ids, visible, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", (lambda: True) if gpus > 0 else _no_cuda_query)
+    assert trial_device(gpus, ids, visible) == expected
 
 
-def test_logical_gpus_without_cuda_mean_the_cpu():
-    assert trial_device(1, ["0"], "0", cuda_available=lambda: False) == CPU
+def test_logical_gpus_without_cuda_mean_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trial_device(1, ["0"], "0") == CPU
 
 
-def test_an_assigned_gpu_missing_from_cuda_visible_devices_is_an_error():
+def test_an_assigned_gpu_missing_from_cuda_visible_devices_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="Ray assigned GPU 3 but CUDA_VISIBLE_DEVICES is '0,1'"):
-        trial_device(1, ["3"], "0,1", cuda_available=lambda: True)
+        trial_device(1, ["3"], "0,1")
 
 
 @pytest.mark.parametrize("gpus, total, expected", [
@@ -117,7 +119,7 @@ def ray_with_gpus():
 
 
 @pytest.mark.parametrize("override", ["0", "1"])
-def test_under_either_ray_setting_only_trials_given_a_gpu_use_one(ray_with_gpus, override):
+def test_under_either_ray_setting_only_trials_given_a_gpu_use_one(ray_with_gpus, override, monkeypatch):
     ray = ray_with_gpus
 
     def assigned():  # runs in the worker: what Ray gave it
@@ -132,9 +134,11 @@ def test_under_either_ray_setting_only_trials_given_a_gpu_use_one(ray_with_gpus,
     # the setting changes what a CPU trial sees: blanked (1) or every GPU (0, Ray's new default)
     assert cpu_ids == [] and cpu_visible == ("" if override == "1" else "0,1")
     # ...but not where it trains, even where CUDA would say a GPU is there
-    assert trial_device(0, cpu_ids, cpu_visible, cuda_available=_no_cuda_query) == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", _no_cuda_query)
+    assert trial_device(0, cpu_ids, cpu_visible) == CPU
     assert len(gpu_ids) == 1 and gpu_visible == str(gpu_ids[0])
-    assert trial_device(1, gpu_ids, gpu_visible, cuda_available=lambda: True) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trial_device(1, gpu_ids, gpu_visible) == torch.device("cuda", 0)
 
 
 # --- benchmarks/gpu_check.py ----------------------------------------------------------------------------

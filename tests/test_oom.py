@@ -19,7 +19,7 @@ from numpy._core._exceptions import _ArrayMemoryError
 
 from analysis import final
 from search import tune_trial as search_trainable
-from search.tune_trial import retry_first_oom, shares_a_gpu
+from search.tune_trial import retry_first_oom
 from tests.conftest import REPO
 from tests.fake_cifar import random_split
 from trainable import trial
@@ -306,20 +306,10 @@ def test_a_trial_validates_its_later_epochs_at_the_size_that_fitted(monkeypatch,
 
 # --- a shared GPU: the first OOM is retried --------------------------------------------------------
 
-@pytest.mark.parametrize("resources, shared", [
-    ({"CPU": 1.0, "GPU": 0.5}, True), ({"CPU": 2.0, "GPU": 0.25}, True), ({"GPU": 1.5}, True),
-    ({"CPU": 2.0, "GPU": 1.0}, False), ({"GPU": 2}, False), ({"CPU": 1.0}, False), ({"CPU": 1, "GPU": 0}, False),
-])
-def test_a_fractional_gpu_is_shared(resources, shared):
-    assert shares_a_gpu(resources) is shared
-    assert retry_first_oom(resources, restarted=False) is shared
-    assert retry_first_oom(resources, restarted=True) is False
-
-
-def test_the_resources_tune_hands_a_trial_are_read_as_ray_gives_them():
-    from ray.tune.execution.placement_groups import PlacementGroupFactory
-    assert shares_a_gpu(PlacementGroupFactory([{"CPU": 2, "GPU": 0.5}]).required_resources)
-    assert not shares_a_gpu(PlacementGroupFactory([{"CPU": 2, "GPU": 1}]).required_resources)
+@pytest.mark.parametrize("gpus, shared", [(0.5, True), (0.25, True), (1.5, True), (1.0, False), (2.0, False), (0.0, False)])
+def test_a_fractional_gpu_is_shared(gpus, shared):
+    assert retry_first_oom(gpus, restarted=False) is shared
+    assert retry_first_oom(gpus, restarted=True) is False
 
 
 class _FakeTune:

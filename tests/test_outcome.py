@@ -33,7 +33,7 @@ from analysis.outcome import (
 )
 from report.curves import END_MARKER, STYLE
 from report.leaderboard import leaderboard_rows
-from search.progress import SearchLog, progress_line, progress_of, table_rows
+from search.progress import Progress, SearchLog, table_rows
 from search.tensorboard import EpochTensorBoard
 from trainable.config import TrialConfig
 
@@ -114,7 +114,7 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
     cases = {k: v for k, v in CASES.items() if v[3] in ("", search_end)}
     live = {k: LiveTrial(k, exp, rows, "RUNNING") for k, (rows, *_rest) in cases.items()}
     trials = list(live.values())
-    tb, ends = EpochTensorBoard(exp=exp), SearchLog(exp, out=lambda line: None)
+    tb, ends = EpochTensorBoard(exp=exp), SearchLog(exp)
     for name, (rows, _status, errored, _cut, _expected) in cases.items():
         t = live[name]
         for cb in (tb, ends):
@@ -136,22 +136,21 @@ def test_every_consumer_shows_the_same_outcome(tmp_path, search_end):
         t.status = status
     for t in trials:  # Tune's cleanup marks everything left TERMINATED before on_experiment_end
         t.status = "ERROR" if t.status == "ERROR" else "TERMINATED"
-    cut_short = ends.cut_short(trials)
     tb.on_experiment_end(trials=trials)
     ends.on_experiment_end(trials=trials)
 
     expected = {k: v[4] for k, v in cases.items()}
+    cut_short = read_ends(exp)
     assert cut_short == {k: search_end for k, v in cases.items() if v[3]}
-    assert read_ends(exp) == cut_short
     # the read side: trial folders + trial_ends.json
     on_disk = {t.trial_id: t.status for t in load_trials(exp)}
     assert on_disk == expected
     # the console's table at the end of the search
-    _, rows = table_rows(trials, cut_short, params=["backbone"], metrics=["epoch"])
+    _, rows = table_rows(trials, cut_short)
     assert {r[0]: r[1] for r in rows} == expected
-    p = progress_of(trials, total=len(trials), cut=cut_short)
-    assert (p.failed, p.pruned, p.cut_short) == (3, 1, 1)  # diverged, oom, errored; only ASHA's cut is pruned
-    assert f"| 1 {search_end} |" in progress_line(p, elapsed=10, parallel=1)
+    line = Progress.of(trials, total=len(trials), cut=cut_short).line(elapsed=10, parallel=1)
+    # diverged, oom, errored are failed; only ASHA's cut is pruned
+    assert f"| 1 pruned | 3 failed | 1 {search_end} |" in line
     # TensorBoard's HParams status, failure for the three failures; an interrupted trial gets no
     # session (its resume writes one)
     for name, want in expected.items():
@@ -205,9 +204,8 @@ def test_a_trial_that_never_ran_is_not_started_though_tune_gave_it_a_row(tmp_pat
     TERMINATED: not pruned, not finished."""
     t = LiveTrial("idle", tmp_path, [{"trial_id": "idle", "done": False}], "TERMINATED")
     assert outcome(TrialView(CONFIG, t.last_result, live="TERMINATED")) == NOT_STARTED
-    p = progress_of([t], total=4)
-    assert (p.done, p.pruned) == (0, 0)
-    _, rows = table_rows([t], params=["backbone"], metrics=["epoch"])
+    assert "[search] 0/4 trials finished | 0 running | 0 pruned" in Progress.of([t], total=4).line(0, 1)
+    _, rows = table_rows([t])
     assert rows[0][1] == NOT_STARTED
 
 

@@ -9,15 +9,8 @@ import time
 import pytest
 
 from analysis.experiment import text_table
-from search.progress import (
-    METRIC_COLUMNS,
-    PARAM_COLUMNS,
-    SearchLog,
-    progress_line,
-    progress_of,
-    quiet_ray_console,
-    table_rows,
-)
+from analysis.outcome import COMPLETED, RUNNING
+from search.progress import PARAM_COLUMNS, Progress, SearchLog, quiet_ray_console, table_rows
 
 
 class FakeTrial:
@@ -39,15 +32,13 @@ def trials():
 
 
 def test_counts_best_and_time_left():
-    p = progress_of(trials(), total=10)
-    assert (p.done, p.pruned, p.failed, p.running) == (2, 1, 2, 1)  # diverged counts as failed
-    assert (p.best, p.best_trial) == (0.30, "done")
+    p = Progress.of(trials(), total=10)
     # mean trial 60 s (100 s, 20 s); 5 not started; the running one has run 0 s of its 60
     assert p.eta(parallel=2) == pytest.approx((5 * 60 + 60) / 2)
-    timed = progress_of(trials(), total=10, seconds={"done": 130, "asha": 30, "run": 50})
+    timed = Progress.of(trials(), total=10, seconds={"done": 130, "asha": 30, "run": 50})
     assert timed.eta(parallel=2) == pytest.approx((5 * 80 + 30) / 2)  # wall times win over Tune's
-    line = progress_line(p, elapsed=125, parallel=2)
-    assert line.startswith("[search] 4/10 trials finished")
+    line = p.line(elapsed=125, parallel=2)
+    assert line.startswith("[search] 4/10 trials finished")  # 2 finished, 2 failed: diverged counts as failed
     for part in ("1 running", "1 pruned", "2 failed", "best val_acc 0.3000 (done)",
                  "elapsed 2m05s", "about 3m00s left"):
         assert part in line
@@ -57,32 +48,35 @@ def test_counts_best_and_time_left():
 def test_the_trial_being_reported_counts_as_ended():
     ts = trials()
     running = ts[4]
-    assert progress_of(ts, 10, ended=running).done == 3
-    assert progress_of(ts, 10, failed=running).failed == 3
-    first = progress_line(progress_of([FakeTrial("r", "RUNNING", epoch=1, best=0.1)], 4), 5, 1)
+    ended = Progress.of(ts, 10, ending=(running, "TERMINATED")).line(5, 1)
+    assert "5/10 trials finished | 0 running | 2 pruned | 2 failed" in ended
+    failed = Progress.of(ts, 10, ending=(running, "ERROR")).line(5, 1)
+    assert "5/10 trials finished | 0 running | 1 pruned | 3 failed" in failed
+    first = Progress.of([FakeTrial("r", "RUNNING", epoch=1, best=0.1)], 4).line(5, 1)
     assert "known after the first trial ends" in first
 
 
-def test_progress_line_prints_on_events_and_at_most_every_interval():
-    out = []
-    cb = SearchLog(every_s=1000, out=out.append)
+def test_progress_line_prints_on_events_and_at_most_every_interval(tmp_path, capsys):
+    cb = SearchLog(tmp_path, every_s=1000)
     cb.setup(total_num_samples=6)
     ts = trials()
     cb.on_step_end(iteration=1, trials=ts)
-    assert out == []  # too soon
+    assert capsys.readouterr().out == ""  # too soon
     cb.on_trial_complete(iteration=2, trials=ts, trial=ts[4])
     cb.on_trial_error(iteration=3, trials=ts, trial=ts[5])
+    out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all(line.startswith("[search] ") for line in out)
     cb.last_line -= 2000
     cb.on_step_end(iteration=4, trials=ts)
-    assert len(out) == 3 and out[-1].startswith("[search] ")
+    assert capsys.readouterr().out.startswith("[search] ")
     cb.last_table -= 2000
     cb.on_step_end(iteration=5, trials=ts)
-    assert out[-1].startswith("Trial status: ") and "s1_lr" in out[-1]
+    out = capsys.readouterr().out
+    assert out.startswith("Trial status: ") and "s1_lr" in out
 
 
 def test_table_has_the_chosen_columns():
-    head, rows = table_rows(trials(), params=PARAM_COLUMNS, metrics=METRIC_COLUMNS)
+    head, rows = table_rows(trials())
     assert head[:3] == ["trial", "status", "backbone"] and head[-1] == "best"
     assert [r[0] for r in rows] == ["run", "done", "asha", "nan", "wait", "crash"]
     assert rows[2][1] == "pruned"
@@ -92,17 +86,17 @@ def test_table_has_the_chosen_columns():
     assert lines[0].index("backbone") == lines[2].index("resnet18")  # columns line up
 
 
-def test_the_printed_table_counts_every_trial_and_shows_the_first_rows(monkeypatch):
+def test_the_printed_table_counts_every_trial_and_shows_the_first_rows(monkeypatch, tmp_path, capsys):
     import search.progress
     monkeypatch.setattr(search.progress, "MAX_ROWS", 4)
-    out: list[str] = []
-    cb = SearchLog(out=out.append)
+    cb = SearchLog(tmp_path)
     cb.print_table(trials())
+    during = capsys.readouterr().out.splitlines()
     cb.print_table(trials(), cut={})  # at the search's end: every trial
-    during, end = (text.splitlines() for text in out)
+    end = capsys.readouterr().out.splitlines()
     assert during[0].startswith("Trial status: 1 completed | 1 diverged | 1 errored | 1 pending | 1 pruned | 1 running |")
     assert len(during) == 1 + 2 + 4 + 1 and during[-1] == "... and 2 more trials"  # status, header and rule, rows
-    assert len(end) == 1 + 2 + 6 and "more trials" not in out[1]
+    assert len(end) == 1 + 2 + 6 and not any("more trials" in line for line in end)
 
 
 def test_table_shows_an_explicit_augment_list_and_one_lr_format():
@@ -179,7 +173,7 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
         tune.Tuner(_trainable, param_space=space,
                    tune_config=tune.TuneConfig(scheduler=make_scheduler("asha", 3, 1, 2)),
                    run_config=tune.RunConfig(name="console", storage_path=str(tmp_path),
-                                             callbacks=[EpochTensorBoard(), SearchLog(every_s=1)],
+                                             callbacks=[EpochTensorBoard(), SearchLog(tmp_path, every_s=1)],
                                              verbose=0, progress_reporter=None)).fit()
     finally:
         ray.shutdown()
@@ -200,18 +194,16 @@ def test_wired_into_a_real_tuner(tmp_path, capfd):
 
 
 def test_eta_uses_the_cost_estimate_until_a_trial_ends():
-    from search.progress import Progress, progress_line
-    p = Progress(total=4, running=2, running_seconds=[30.0, 10.0], prior_trial_s=100.0)
+    p = Progress(total=4, runs=[(RUNNING, 30.0), (RUNNING, 10.0)], prior_trial_s=100.0)
     assert p.eta(parallel=2) == pytest.approx((2 * 100 + 70 + 90) / 2)  # 2 not started + the rest of 2
-    assert "about 3m00s left" in progress_line(p, elapsed=40, parallel=2)
-    p.trial_seconds.append(50.0)  # the first measured trial replaces the estimate
-    assert p.eta(parallel=2) == pytest.approx((2 * 50 + 20 + 40) / 2)
+    assert "about 3m00s left" in p.line(elapsed=40, parallel=2)
+    p.runs.append((COMPLETED, 50.0))  # the first measured trial replaces the estimate
+    assert p.eta(parallel=2) == pytest.approx((1 * 50 + 20 + 40) / 2)
     assert Progress(total=4).eta(1) is None
 
 
 def test_progress_line_shows_the_time_budget_left():
-    from search.progress import Progress, progress_line
-    line = progress_line(Progress(total=None, running=1), elapsed=10, parallel=1, budget_left=125)
+    line = Progress(total=None, runs=[(RUNNING, None)]).line(elapsed=10, parallel=1, budget_left=125)
     assert "time budget: 2m05s left" in line
     bounded = Progress(total=3, prior_trial_s=1000.0)
-    assert "time budget: 1m00s left" in progress_line(bounded, elapsed=0, parallel=1, budget_left=60)
+    assert "time budget: 1m00s left" in bounded.line(elapsed=0, parallel=1, budget_left=60)

@@ -95,7 +95,7 @@ def test_hparams_session_per_trial(logged):
 
 def test_replaces_tunes_default_logger_and_pickles():
     """A TBXLoggerCallback subclass, so Tune adds no second TensorBoard logger; Tune pickles it."""
-    cb = EpochTensorBoard(flush_secs=5)
+    cb = EpochTensorBoard(exp=Path("exp"))
     assert isinstance(cb, TBXLoggerCallback)
     again = pickle.loads(pickle.dumps(cb))
-    assert again.flush_secs == 5 and again._trial_writer == {}
+    assert again.exp == Path("exp") and again.writers == {}
