@@ -72,8 +72,8 @@ def redact(uri: str) -> str:
 def check_uri(path: str, what: str = "--storage-path") -> str:
     """The URI without a trailing slash, if pyarrow knows its scheme and it names a bucket; else a UserError."""
     base, query = split_query(path)
-    scheme, _, rest = base.partition("://")
-    scheme, rest = scheme.lower(), rest.strip("/")
+    scheme, sep, rest = base.partition("://")
+    scheme, rest = scheme.lower() if sep else "", rest.strip("/")
     if scheme not in URI_SCHEMES:
         raise UserError(f"{what} {redact(path)}: {scheme}:// is not a storage pyarrow knows: use "
                         f"s3://BUCKET/runs, gs://BUCKET/runs, hdfs:// or abfs://, or a folder")
@@ -117,9 +117,9 @@ def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared
 
 
 def _in_time(fn, uri: str, what: str, timeout_s: float):
-    """fn(), pyarrow's error as one line naming the URI and the fix, given up after `timeout_s` (pyarrow has no
-    overall timeout: its GCS client retries for minutes). A daemon thread: a ThreadPoolExecutor's would hold
-    the exit until fn returns."""
+    """fn(), pyarrow's error as one line naming the URI and the fix, given up after `timeout_s`: pyarrow has no
+    overall timeout (its GCS client retries for minutes), and a daemon thread, unlike a ThreadPoolExecutor's,
+    does not hold up the exit while it hangs."""
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -130,7 +130,7 @@ def _in_time(fn, uri: str, what: str, timeout_s: float):
     thread = threading.Thread(target=run, daemon=True, name="storage-probe")
     thread.start()
     thread.join(timeout_s)
-    fix = _FIXES.get(split_query(uri)[0].partition("://")[0].lower(), "check the address and the credentials")
+    fix = _FIXES.get(uri.partition("://")[0].lower(), "check the address and the credentials")
     if thread.is_alive():
         raise UserError(f"{what} {redact(uri)} did not answer within {timeout_s:.0f} s: {fix} "
                         f"and the network (CIFAR_TUNE_STORAGE_TIMEOUT_S waits longer)")
@@ -264,9 +264,9 @@ class Place:
         return f"experiment: {shown(self.exp)}\nTensorBoard: {command('tensorboard', '--logdir', self.exp)}"
 
     def resume_command(self) -> str:
-        args = ["--resume", "--name", self.exp.name]
+        args: list[str | Path] = ["--resume", "--name", self.exp.name]
         if self.uri or shown(self.exp.parent) != "runs":  # the default --storage-path goes without saying
-            args += ["--storage-path", self.storage or str(self.exp.parent)]
+            args += ["--storage-path", self.storage or self.exp.parent]  # a Path is printed as `shown` prints it
         return command("run_search.py", *args)
 
     def upload(self, best_effort: bool = False) -> None:
