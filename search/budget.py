@@ -1,8 +1,6 @@
-"""A wall-clock budget for a search that survives --resume.
-
-Tune's own `time_budget_s` starts afresh when a search is restored; this stopper keeps the time spent
-over all runs in the experiment folder (budget.json) and stops every trial, as ASHA stops them (each
-finished epoch and checkpoint counts), once the sum reaches the budget.
+"""A wall-clock budget for a search that survives --resume (Tune's `time_budget_s` starts afresh on a restore):
+the time spent over all runs is kept in the experiment folder (budget.json), and once it reaches the budget
+every trial stops, as ASHA stops them (each finished epoch and checkpoint counts).
 """
 from __future__ import annotations
 
@@ -50,16 +48,13 @@ class BudgetStopper(tune.Stopper):
     def left(self) -> float:
         return max(0.0, self.budget_s - self.used())
 
-    def save(self) -> None:
-        self.last_save = time.monotonic()
-        state = {"budget_s": self.budget_s, "spent_s": round(self.used(), 1)}
-        atomic.write_text(self.exp / BUDGET_FILE, json.dumps(state) + "\n")
-
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False  # no single trial is stopped for its own sake
 
     def stop_all(self) -> bool:
-        over = self.used() >= self.budget_s
-        if over or time.monotonic() - self.last_save >= self.save_every_s:
-            self.save()
-        return over
+        used = self.used()
+        if used >= self.budget_s or time.monotonic() - self.last_save >= self.save_every_s:
+            self.last_save = time.monotonic()
+            state = {"budget_s": self.budget_s, "spent_s": round(used, 1)}
+            atomic.write_text(self.exp / BUDGET_FILE, json.dumps(state) + "\n")
+        return used >= self.budget_s

@@ -1,12 +1,13 @@
-"""Every use of Ray Tune's private attributes, in one place (tests/test_ray_adapter.py checks each on
-the installed Ray, naming the attribute a new version changed).
-
-Tune 2.60 has no public way to: rebuild ASHA's rungs after `Tuner.restore` (ray-project/ray#30838),
-give a restored Tuner a scheduler, callbacks or stopper of this run, move a restored searcher's
-experiment to where the folder is now, or tell Optuna a trial's state other than COMPLETE.
+"""Every use of Ray Tune's private attributes, in one place (tests/test_ray_adapter.py checks each on the
+installed Ray, naming the attribute a new version changed). Tune 2.60 has no public way to: rebuild ASHA's
+rungs after `Tuner.restore` (ray-project/ray#30838), give a restored Tuner this run's scheduler, callbacks or
+stopper, move a restored searcher's experiment to where the folder is now, or tell Optuna a trial's state
+other than COMPLETE.
 """
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -25,30 +26,27 @@ def _get(obj: Any, name: str) -> Any:
                          f"search/ray_adapter.py must follow the new version") from None
 
 
-def local_tuner(tuner: Any) -> Any | None:
-    """The TunerInternal of a Tuner (None through Ray Client, where it lives in a remote actor)."""
-    return None if "_remote_tuner" in vars(tuner) else _get(tuner, "_local_tuner")
+def configs(tuner: Any) -> tuple[Any, Any] | None:
+    """(TuneConfig, RunConfig) of a Tuner, where `Tuner.restore` unpickled the scheduler, searcher, callbacks
+    and stopper; None through Ray Client, where the Tuner lives in a remote actor."""
+    if "_remote_tuner" in vars(tuner):
+        return None
+    local = _get(tuner, "_local_tuner")
+    return _get(local, "_tune_config"), _get(local, "_run_config")
 
 
-def tune_config(tuner: Any) -> Any:
-    """The restored TuneConfig: where Tune unpickled the scheduler and searcher of tuner.pkl."""
-    return _get(local_tuner(tuner), "_tune_config")
-
-
-def run_config(tuner: Any) -> Any:
-    return _get(local_tuner(tuner), "_run_config")
-
-
-def asha_bracket(scheduler: Any) -> tuple[Any, str, str, float | None]:
-    """(the one bracket, time attribute, metric, metric sign) of an AsyncHyperBandScheduler."""
-    brackets = _get(scheduler, "_brackets")
-    if len(brackets) != 1:  # Tune assigns trials to brackets at random and saves not which
-        raise ValueError(f"can only rebuild a one-bracket ASHA, not {len(brackets)}")
-    return brackets[0], _get(scheduler, "_time_attr"), _get(scheduler, "_metric"), _get(scheduler, "_metric_op")
-
-
-def rung_sizes(bracket: Any) -> dict[float, int]:
-    """{milestone: trials recorded} of an ASHA bracket."""
+def rebuild_asha(scheduler: Any, results: dict[str, list[dict[str, Any]]]) -> dict[float, int]:
+    """Record every result ({trial_id: [result, ...]}) in the rungs of a fresh ASHA with the search's own
+    settings, as the live scheduler did; returns {rung: trials}."""
+    bracket = _get(scheduler, "_brackets")[0]  # one bracket: Tune assigns trials to brackets at random, saving not which
+    time_attr, metric, op = _get(scheduler, "_time_attr"), _get(scheduler, "_metric"), _get(scheduler, "_metric_op")
+    for trial_id, rows in results.items():
+        trial = SimpleNamespace(trial_id=trial_id)  # the bracket reads nothing else of a Trial
+        for r in rows:
+            t, value = r.get(time_attr), r.get(metric)
+            # as Tune's ASHA: a result without a finite time and a number is no decision
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isinf(x) for x in (t, value)):
+                bracket.on_result(trial, t, op * value)
     return {milestone: len(recorded) for milestone, recorded in _get(bracket, "_rungs")}
 
 

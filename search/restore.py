@@ -1,7 +1,7 @@
 """Resuming a search: what Ray Tune 2.60's `Tuner.restore` gets wrong, put right.
 
-1. Tune saves the searcher but not ASHA's rungs (ray-project/ray#30838): they are rebuilt by replaying
-   every trial's result.json, which is exact since a rung holds each trial's first result at its epoch.
+1. Tune saves the searcher but not ASHA's rungs (ray-project/ray#30838): replaying every trial's result.json
+   rebuilds them (search/ray_adapter.py), exactly, since a rung holds each trial's first result at its epoch.
 2. `max_concurrent_trials` holds only for new trials (ray-project/ray#40652): `ConcurrencyCap` parks
    restored ones over the limit as PAUSED.
 3. The restored searcher creates new trials where the experiment was pickled, not where it is now.
@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pyarrow.fs
@@ -26,40 +24,23 @@ from search.storage import is_uri, local_path, parent_and_name
 
 
 def read_results(exp: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Every trial's results in the order reported, {trial_id: [result, ...]}, from a local folder or
-    a pyarrow URI; a half-written last line (the driver killed mid-write) is skipped."""
+    """Every trial's results in the order reported, {trial_id: [result, ...]}, from a folder or a URI; a
+    half-written last line (the driver killed mid-write) is skipped."""
     fs, root = pyarrow.fs.FileSystem.from_uri(str(exp) if is_uri(str(exp)) else str(local_path(exp)))
     out: dict[str, list[dict[str, Any]]] = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
         path = f"{info.path}/result.json"
-        if info.type != pyarrow.fs.FileType.Directory or fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
             continue
         with fs.open_input_stream(path) as f:
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-        for line in lines:
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(result, dict) and "trial_id" in result:
-                out.setdefault(str(result["trial_id"]), []).append(result)
+            for line in f.read().decode("utf-8", errors="replace").splitlines():
+                try:
+                    result = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(result, dict) and "trial_id" in result:
+                    out.setdefault(str(result["trial_id"]), []).append(result)
     return out
-
-
-def rebuild_asha(scheduler: AsyncHyperBandScheduler, results: dict[str, list[dict[str, Any]]]) -> dict[float, int]:
-    """Record every result in the rungs of a fresh one-bracket ASHA (the search's own settings) as the
-    live scheduler did; returns {rung: trials}."""
-    bracket, time_attr, metric, op = ray_adapter.asha_bracket(scheduler)
-    if op is None:
-        raise ValueError("ASHA has no metric/mode: it can't rank the results it is given")
-    for trial_id, rows in results.items():
-        trial = SimpleNamespace(trial_id=trial_id)  # the bracket reads nothing else of a Trial
-        for r in rows:
-            t, value = r.get(time_attr), r.get(metric)
-            # as Tune's ASHA: a result without a finite time and a number is no decision
-            if all(isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isinf(x) for x in (t, value)):
-                bracket.on_result(trial, t, op * value)
-    return ray_adapter.rung_sizes(bracket)
 
 
 class ConcurrencyCap(TrialScheduler):
@@ -67,9 +48,10 @@ class ConcurrencyCap(TrialScheduler):
 
     def __init__(self, inner: TrialScheduler, limit: int):
         super().__init__()
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, not {limit}")
         self.inner, self.limit = inner, limit
+
+    metric = property(lambda self: self.inner.metric)
+    supports_buffered_results = property(lambda self: self.inner.supports_buffered_results)
 
     def _active(self, tune_controller: Any, besides: Trial | None = None) -> int:
         return sum(1 for t in tune_controller.get_trials()
@@ -87,14 +69,6 @@ class ConcurrencyCap(TrialScheduler):
             return None
         return self.inner.choose_trial_to_run(tune_controller)
 
-    @property
-    def metric(self) -> str | None:
-        return self.inner.metric
-
-    @property
-    def supports_buffered_results(self) -> bool:
-        return self.inner.supports_buffered_results
-
 
 def _delegate(name: str):
     return lambda self, *args, **kwargs: getattr(self.inner, name)(*args, **kwargs)
@@ -107,14 +81,13 @@ for _name in ("set_search_properties", "on_trial_error", "on_trial_result", "on_
 
 
 class SearchHere(SearchGenerator):
-    """The restored searcher wrapped as Tune wraps it (a ConcurrencyLimiter for `max_concurrent` > 0,
-    then a SearchGenerator), whose restored state creates new trials at `exp` (a folder or a URI)."""
+    """The restored searcher wrapped as Tune wraps it (a ConcurrencyLimiter for `max_concurrent` > 0, then a
+    SearchGenerator), whose restored state creates new trials at `exp` (a folder or a URI)."""
 
     def __init__(self, search_alg: Any, max_concurrent: int, exp: str | Path):
         while isinstance(search_alg, (SearchGenerator, ConcurrencyLimiter)):
             search_alg = search_alg.searcher
-        super().__init__(ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent) if max_concurrent > 0
-                         else search_alg)
+        super().__init__(ConcurrencyLimiter(search_alg, max_concurrent) if max_concurrent > 0 else search_alg)
         self.here = parent_and_name(str(exp))
 
     def set_state(self, state: dict) -> None:
@@ -123,19 +96,20 @@ class SearchHere(SearchGenerator):
 
 
 def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, callbacks: list, stop: Any) -> Any:
-    """`Tuner.restore` of the experiment at `exp` with ASHA's rungs rebuilt, the concurrency limit
-    (0 = none) holding for restored trials too, and this run's `callbacks` and `stop`."""
+    """`Tuner.restore` of the experiment at `exp` with ASHA's rungs rebuilt, the concurrency limit (0 = none)
+    holding for restored trials too, and this run's `callbacks` and `stop`."""
     tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
-    if ray_adapter.local_tuner(tuner) is None:
+    configs = ray_adapter.configs(tuner)
+    if configs is None:
         print("warning: resuming through Ray Client: ASHA starts with empty rungs and "
               "--max-concurrent may be exceeded by restored trials")
         return tuner
-    rc, tc = ray_adapter.run_config(tuner), ray_adapter.tune_config(tuner)
+    tc, rc = configs
     rc.callbacks, rc.stop = callbacks, stop
     if tc.search_alg is not None:  # Tune would wrap it itself, without SearchHere
         tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, tc.max_concurrent_trials or 0, exp), None
     if isinstance(tc.scheduler, AsyncHyperBandScheduler):
-        rungs = rebuild_asha(tc.scheduler, read_results(exp))
+        rungs = ray_adapter.rebuild_asha(tc.scheduler, read_results(exp))
         print("resume: ASHA's rungs rebuilt from the results on disk: "
               + ", ".join(f"epoch {m:g}: {n} trials" for m, n in sorted(rungs.items())))
     if max_concurrent > 0 and tc.scheduler is not None:

@@ -21,22 +21,20 @@ def _trainable(config):
 
 def test_a_missing_attribute_names_itself():
     with pytest.raises(ray_adapter.RayChanged, match="'_brackets'.*search/ray_adapter.py"):
-        ray_adapter.asha_bracket(SimpleNamespace())
+        ray_adapter.rebuild_asha(SimpleNamespace(), {})
 
 
-def test_asha_bracket_and_rungs():
-    bracket, time_attr, metric, op = ray_adapter.asha_bracket(make_scheduler("asha", 9, 1, 3))
-    assert (time_attr, metric, op) == ("epoch", "val_acc", 1.0)
-    bracket.on_result(SimpleNamespace(trial_id="a"), 1, 0.5)
-    assert ray_adapter.rung_sizes(bracket)[1] == 1
+def test_asha_rungs_rebuilt():
+    asha = make_scheduler("asha", 9, 1, 3)
+    assert ray_adapter.rebuild_asha(asha, {"a": [{"epoch": 1, "val_acc": 0.5}]})[1] == 1
+    assert asha._brackets[0]._rungs[-1][1] == {"a": 0.5}  # recorded as the live ASHA records it
 
 
 def test_a_tuners_configs(tmp_path):
     tuner = tune.Tuner(_trainable, tune_config=tune.TuneConfig(num_samples=3),
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="e"))
-    assert ray_adapter.local_tuner(tuner) is not None
-    assert ray_adapter.tune_config(tuner).num_samples == 3
-    assert ray_adapter.run_config(tuner).name == "e"
+    tune_config, run_config = ray_adapter.configs(tuner)
+    assert tune_config.num_samples == 3 and run_config.name == "e"
 
 
 def test_a_restored_searchers_experiment_moves(tmp_path):

@@ -19,7 +19,8 @@ from ray.tune.schedulers import TrialScheduler
 
 from search import ray_adapter
 from search.progress import SearchLog
-from search.restore import ConcurrencyCap, SearchHere, read_results, rebuild_asha, restore_tuner
+from search.ray_adapter import rebuild_asha
+from search.restore import ConcurrencyCap, SearchHere, read_results, restore_tuner
 from search.searcher import make_scheduler
 from tests.conftest import REPO, run_cli
 from tests.test_faults import fault_env
@@ -149,7 +150,7 @@ def test_a_restored_tuner_gets_this_runs_callbacks_stopper_cap_and_searcher(tmp_
                run_config=tune.RunConfig(storage_path=str(tmp_path), name="e", callbacks=[SearchLog(tmp_path / "old")]))
     now, stop = SearchLog(tmp_path / "e"), object()
     tuner = restore_tuner(str(tmp_path / "e"), _trainable, 1, [now], stop)
-    rc, tc = ray_adapter.run_config(tuner), ray_adapter.tune_config(tuner)
+    tc, rc = ray_adapter.configs(tuner)
     assert rc.callbacks == [now] and rc.stop is stop
     assert isinstance(tc.scheduler, ConcurrencyCap) and tc.scheduler.limit == 1
     assert isinstance(tc.search_alg, SearchHere) and tc.search_alg.here == (str(tmp_path), "e")
