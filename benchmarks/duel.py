@@ -62,6 +62,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial over all stages")
     p.add_argument("--backbones", default="tf_efficientnet_lite0", help="the space's backbones to allow")
     p.add_argument("--cpus-per-trial", type=int, default=1)
+    p.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of what WORK/duel.json holds")
     p.add_argument("--plot", default="", help="PNG of incumbent val_acc against wall time (default WORK/duel.png)")
     a = p.parse_args(argv)
     if a.quick:
@@ -155,12 +156,16 @@ def winner(t) -> str:
             f"{c['stage1_epochs']}/{c['stage2_epochs']}/{c['stage3_epochs']}, {c['optimizer']}")
 
 
+def run_dir(work: Path, seed: int, k: str) -> Path:
+    return work / "runs" / f"s{seed}-{k.replace('@', '_')}"
+
+
 def run_contender(name: str, mult: float, a, seed: int, results: Results, work: Path) -> None:
     k, runs = key(name, mult), results.setdefault(str(seed), {})
     if k in runs:
         return
     budget = None if name == "d" else mult * runs["d"]["wall_s"]
-    exp = work / "runs" / f"s{seed}-{k.replace('@', '_')}"
+    exp = run_dir(work, seed, k)
     shutil.rmtree(exp, ignore_errors=True)  # a run cut off by an earlier stop of this script: run it again whole
     print(f"[duel] seed {seed} {k} " + (f"(budget {budget:.0f} s)" if budget else "") + " ...", flush=True)
     cold_cache(work / "cache" / exp.name)
@@ -196,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     cs = contenders(a.contenders)
     for seed in seeds:
         for name, mult in cs:
-            run_contender(name, mult, a, seed, results, work)
+            if not a.table_only:
+                run_contender(name, mult, a, seed, results, work)
+            elif (exp := run_dir(work, seed, key(name, mult))).is_dir():
+                best = next(iter(rank(load_trials(exp))), None)  # the winner named by today's rule
+                results.get(str(seed), {}).get(key(name, mult), {})["winner"] = winner(best) if best else ""
     plot(results, seeds, cs, Path(a.plot))
     print("\n" + markdown(a, run, results, seeds, cs))
     return 0
