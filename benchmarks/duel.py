@@ -131,7 +131,7 @@ def lineage(ot, by_number: dict) -> str:
     while ot is not None and "warm_start" not in ot.user_attrs:
         m = ot.system_attrs.get(MOVE_ATTR)
         if not m:
-            return f"trial {ot.number} (a model proposal)" + (f" + {', '.join(changed)}" if changed else "")
+            return f"trial {ot.number} (the searcher's own draw)" + (f" + {', '.join(changed)}" if changed else "")
         changed = [", ".join(m["changed"])] + changed
         ot = by_number.get(m["parent"])
     origin = "recipe " + ot.user_attrs["warm_start"] if ot is not None else "?"
