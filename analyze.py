@@ -130,7 +130,7 @@ def _analyze_cloud(args: argparse.Namespace) -> Path:
         exp.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
-    fetched = storage.download(uri, exp, ("driver", "trial"), newer_only=True, what=what)
+    fetched = storage.download(uri, exp, ("driver", "trial"), what=what)
     if not any(exp.iterdir()):
         exp.rmdir()
         raise UserError(f"{storage.redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")

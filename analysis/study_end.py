@@ -62,13 +62,26 @@ def _agrees(optuna_steps: dict[int, float], reported: dict[int, float]) -> bool:
                for k, v in optuna_steps.items())
 
 
-def _match(ot, trials: list[TrialRecord]) -> TrialRecord | None:
+def _match(ot, trials: list[TrialRecord], strict: bool = True) -> TrialRecord | None:
     """The experiment's trial an Optuna trial stands for: every sampled parameter in its config
-    (configs resolve every name) and every value Optuna was told among its results; one Optuna
-    was told nothing stands for a trial that reported nothing."""
+    (configs resolve every name) and every value Optuna was told among its results; `strict`: one
+    Optuna was told nothing stands for a trial that reported nothing (not strict: for one whose
+    results the search's end kept from the searcher, once every strict pair is made)."""
     steps = {int(k): float(v) for k, v in ot.intermediate_values.items()}
     return next((t for t in trials if holds(t.config, ot.params)
-                 and _agrees(steps, _reported(t)) and (steps or not t.results)), None)
+                 and _agrees(steps, _reported(t)) and (steps or not t.results or not strict)), None)
+
+
+def _pairs(running: list, trials: list[TrialRecord]) -> dict[int, TrialRecord]:
+    """{Optuna trial number: its trial} for the RUNNING Optuna trials, the strict matches first."""
+    left, pairs = list(trials), {}
+    for strict in (True, False):
+        for ot in running:
+            t = None if ot.number in pairs or ot.state != TrialState.RUNNING else _match(ot, left, strict)
+            if t is not None:
+                pairs[ot.number] = t
+                left.remove(t)  # one Optuna trial each
+    return pairs
 
 
 def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counter:
@@ -82,17 +95,17 @@ def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counte
     storage = optuna.storages.RDBStorage(study_url(exp))
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     study_id = storage.get_study_id_from_name(STUDY_NAME)
-    trials = load_trials(exp)
+    open_trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    pairs = _pairs(open_trials, load_trials(exp))  # WAITING: never asked for, no trial
     done: Counter = Counter()
-    for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+    for ot in open_trials:
         tid = storage.get_trial_id_from_study_id_trial_number(study_id, ot.number)
         steps = dict(ot.intermediate_values)
-        t = _match(ot, trials) if ot.state == TrialState.RUNNING else None  # WAITING: never asked for
+        t = pairs.get(ot.number)
         name = t.status if t is not None else NOT_STARTED if not steps else OUT_OF_BUDGET if over else INTERRUPTED
         if not over and name in (INTERRUPTED, NOT_STARTED):
             continue  # --resume continues it (a WAITING point: starts it)
         if t is not None:
-            trials.remove(t)  # one Optuna trial each
             for step, value in _reported(t).items():  # the epochs Ray did not pass on as intermediate
                 if step not in steps:
                     storage.set_trial_intermediate_value(tid, step, value)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainable import atomic
+
 SHIFTS = {"invert": lambda x: 255 - x,
           "bgr": lambda x: x.reshape(len(x), 3, 1024)[:, ::-1].reshape(len(x), 3072)}  # channels swapped
 
@@ -34,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(src / split, "rb") as f:
             d = pickle.load(f, encoding="latin1")
         d["data"] = np.ascontiguousarray(SHIFTS[a.shift](np.asarray(d["data"], dtype=np.uint8)), dtype=np.uint8)
-        with open(out / split, "wb") as f:
-            pickle.dump(d, f, protocol=4)
+        atomic.write_bytes(out / split, pickle.dumps(d, protocol=4))
         print(f"{out / split}: {len(d['data'])} images, {a.shift}")
     return 0
 

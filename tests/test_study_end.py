@@ -92,3 +92,19 @@ def test_a_search_that_ran_all_its_samples_is_over(exp):
 
 def test_no_study_no_change(tmp_path):
     assert settle_study(tmp_path, over=True) == {}
+
+
+def test_a_cut_trial_whose_epochs_never_reached_the_searcher_is_pruned_with_them(tmp_path):
+    """The budget stopped the search as a trial's first epoch came in: the epoch is in its folder
+    but Ray never passed it to Optuna. Settled as the epochs on disk say, not as never started; a
+    never-started trial asked for first (no parameters: it holds any config) does not take it."""
+    e = tmp_path / "exp"
+    _trial(e, "late", 0.03, [0.35])
+    (e / "trial_never").mkdir()
+    (e / ENDS_FILE).write_text(json.dumps({"late": OUT_OF_BUDGET}))
+    study = optuna.create_study(storage=study_url(e), study_name=STUDY_NAME, direction="maximize")
+    study.ask()
+    _ask(study, 0.03, [])
+    assert settle_study(e, over=True) == {OUT_OF_BUDGET: 1, "not started": 1}
+    never, late = _states(e)
+    assert never[0] == TrialState.FAIL and late == (TrialState.PRUNED, 0.35, {1: 0.35}, OUT_OF_BUDGET)
