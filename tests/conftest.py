@@ -57,7 +57,7 @@ SHARED_SEARCH = ("test_e2e", "test_report")  # the files that read the one e2e s
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) a test file runs whole on one worker, so
+    """Under pytest-xdist (-n 2 --dist loadgroup) a test file runs whole on one worker, so
     its module fixtures (a search, a Ray) are built once; the files reading the shared search go together."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
