@@ -33,10 +33,10 @@ import optuna
 from scipy import stats
 
 from analysis.experiment import load_trials, rank
-from analysis.study import MOVE_ATTR, STUDY_NAME, WARM_CONFIG, study_url
+from analysis.study import MOVE_ATTR, STUDY_NAME, WARM_CONFIG, holds, study_url
 from benchmarks.common import Invocation, Results, flags, md_table, parser, run_cli
 from report.plots import figure, save
-from spaces import Options, get_space, space_view
+from spaces import Options, get_space
 from spaces.warm_start import recipe_points
 from trainable.cache import ENV, cache_root
 
@@ -150,7 +150,7 @@ def winner(t) -> str:
     by_number = {ot.number: ot for ot in trials}
     for ot in sorted(trials, key=lambda ot: ot.value != last):  # the trial with its value first
         warm = {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"}
-        if warm == c or (ot.params and all(space_view(c).get(k) == v for k, v in ot.params.items())):
+        if warm == c or (ot.params and holds(c, ot.params)):
             return lineage(ot, by_number)
     return (f"{c['backbone'].replace('tf_efficientnet_', '')} {c['input_size']} px, stages "
             f"{c['stage1_epochs']}/{c['stage2_epochs']}/{c['stage3_epochs']}, {c['optimizer']}")
