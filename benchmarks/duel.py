@@ -62,11 +62,13 @@ def parse(argv: list[str] | None):
     p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial over all stages")
     p.add_argument("--backbones", default="tf_efficientnet_lite0", help="the space's backbones to allow")
     p.add_argument("--cpus-per-trial", type=int, default=1)
+    p.add_argument("--input-size", type=int, default=0,
+                   help="every trial (recipes too) at this input size, as `--set input_size=N` (0: each its own)")
     p.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of what WORK/duel.json holds")
     p.add_argument("--plot", default="", help="PNG of incumbent val_acc against wall time (default WORK/duel.png)")
     a = p.parse_args(argv)
     if a.quick:
-        a.subset, a.max_epochs, a.seeds = 3, 2, a.seeds.split(",")[0]
+        a.subset, a.max_epochs, a.seeds, a.input_size = 3, 2, a.seeds.split(",")[0], a.input_size or 64
     a.plot = a.plot or str(Path(a.work_dir) / "duel.png")
     return a
 
@@ -90,7 +92,7 @@ def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list
     common = dict(gpus=0, space="cpu", backbones=a.backbones, max_epochs=a.max_epochs, subset=a.subset,
                   val_fraction=a.val_fraction, seed=seed, cpus_per_trial=a.cpus_per_trial, data_dir=a.data_dir,
                   weights_dir=a.weights_dir, storage_path=exp.parent, name=exp.name)
-    sets = {"input_size": 64} if a.quick else None
+    sets = {"input_size": a.input_size} if a.input_size else None
     if name == "d":  # every recipe point whole: the warm start alone, FIFO, no screen
         return flags(sets, **common, warm_start="recipes", num_samples=recipe_count(a, seed), scheduler="fifo", screen="off")
     return flags(sets, **common, time_budget=f"{budget_s:.0f}s") + FLAGS[name]
@@ -98,7 +100,7 @@ def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list
 
 def recipe_count(a, seed: int) -> int:
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
-    fixed = {"input_size": "64"} if a.quick else {}
+    fixed = {"input_size": str(a.input_size)} if a.input_size else {}
     backbones = tuple(b for b in a.backbones.split(",") if b)
     return len(recipe_points(get_space("cpu"), Options(backbones, a.max_epochs), base, fixed)[0])
 
@@ -248,7 +250,7 @@ def markdown(a, run: Invocation, results: dict, seeds: list[int], cs: list) -> s
         f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val and tested once on the "
         f"whole test file.",
         f"- Every trial: `--space cpu`, backbones {a.backbones}, {a.max_epochs} epochs, {a.cpus_per_trial} CPU per "
-        f"trial; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
+        f"trial{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
 
 
 def plot(results: dict, seeds: list[int], cs: list, path: Path) -> None:
