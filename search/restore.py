@@ -4,7 +4,6 @@ escape `max_concurrent_trials` (ray-project/ray#40652), the restored searcher cr
 was pickled, and the pickled callbacks and stopper name the folder the search began in."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -55,14 +54,12 @@ for _name in ("set_search_properties", "on_trial_error", "on_trial_result", "on_
 
 
 class SearchHere(SearchGenerator):
-    """The restored searcher wrapped as Tune wraps it (a ConcurrencyLimiter for `max_concurrent` > 0, then a
-    SearchGenerator), whose restored state creates new trials at `exp` (a folder or a URI)."""
+    """The restored searcher wrapped as Tune wraps it (in a ConcurrencyLimiter for `max_concurrent` > 0), whose
+    restored state creates new trials at `exp` (a folder or a URI)."""
 
-    def __init__(self, search_alg: Any, max_concurrent: int, exp: str | Path):
-        while isinstance(search_alg, (SearchGenerator, ConcurrencyLimiter)):
-            search_alg = search_alg.searcher
-        super().__init__(ConcurrencyLimiter(search_alg, max_concurrent) if max_concurrent > 0 else search_alg)
-        self.here = parent_and_name(str(exp))
+    def __init__(self, searcher: Any, max_concurrent: int, exp: str):
+        super().__init__(ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent > 0 else searcher)
+        self.here = parent_and_name(exp)
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
@@ -80,13 +77,13 @@ def restore_tuner(place: Place, trainable: Any, max_concurrent: int, callbacks: 
         return tuner
     tc, rc = configs
     rc.callbacks, rc.stop = callbacks, stop
-    if tc.search_alg is not None:  # Tune would wrap it itself, without SearchHere
-        tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, tc.max_concurrent_trials or 0, place.tune_path), None
+    # tuner.pkl holds the searcher as make_searcher made it: Tune would wrap it itself, without SearchHere
+    tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, max_concurrent, place.tune_path), None
     if isinstance(tc.scheduler, AsyncHyperBandScheduler):
         rungs = ray_adapter.rebuild_asha(tc.scheduler, {t.trial_id: t.results for t in load_trials(place.exp)})
         print("resume: ASHA's rungs rebuilt from the results on disk: "
               + ", ".join(f"epoch {m:g}: {n} trials" for m, n in sorted(rungs.items())))
-    if max_concurrent > 0 and tc.scheduler is not None:
+    if max_concurrent > 0:
         tc.scheduler = ConcurrencyCap(tc.scheduler, max_concurrent)
         print(f"resume: at most {max_concurrent} trial(s) at once, restored ones included (--max-concurrent)")
     return tuner
