@@ -13,6 +13,7 @@ import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ TRANSFER_TIMEOUT_S = max(PROBE_TIMEOUT_S, 600.0)
 RAY_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
              "searcher-state-*.pkl", "tuner.pkl", "trainable.pkl", ".validate_storage_marker",
              "*.lock", "*-journal", "*-wal", "*-shm", ".write-test-*", ".tmp*")
-# what a search leaves in its folder once Ray has started it (the settings and estimate come before)
-STARTED = ("tuner.pkl", "experiment_state-*.json", "optuna.db", "trial_*")
 _FIXES = {
     "s3": "check the bucket name and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; "
           "another S3 store: add ?endpoint_override=HOST:PORT&region=...)",
@@ -317,11 +316,8 @@ def open_experiment(storage_path: str, name: str, default: str, resume: bool, lo
         if not can_restore(str(exp)):
             raise UserError(f"--resume: no experiment at {exp}: check --name and --storage-path")
     elif not name:  # the first free one of NAME, NAME-2, NAME-3, ...
-        exp = next((storage / n for n in [default, *(f"{default}-{i}" for i in range(2, 1000))]
-                    if not (storage / n).exists()), None)
-        if exp is None:
-            raise UserError(f"{storage} holds 999 experiments named {default}*: pass --name")
-    elif exp.is_dir() and any(next(exp.glob(p), None) is not None for p in STARTED):
+        exp = next(storage / n for n in chain([default], (f"{default}-{i}" for i in count(2))) if not (storage / n).exists())
+    elif can_restore(str(exp)):  # a search started there (a folder where none did is used again)
         raise UserError(already_there(name, str(exp)))
     try:
         storage.mkdir(parents=True, exist_ok=True)
