@@ -1,7 +1,5 @@
-"""A wall-clock budget for a search that survives --resume (Tune's `time_budget_s` starts afresh on a restore):
-the time spent over all runs is kept in the experiment folder (budget.json), and once it reaches the budget
-every trial stops, as ASHA stops them (each finished epoch and checkpoint counts).
-"""
+"""A wall-clock budget that survives --resume (Tune's `time_budget_s` starts afresh on a restore): the time spent over
+all runs is kept in budget.json; once it reaches the budget every trial stops as ASHA stops one."""
 from __future__ import annotations
 
 import json

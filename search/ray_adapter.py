@@ -1,9 +1,6 @@
-"""Every use of Ray Tune's private attributes, in one place (tests/test_ray_adapter.py checks each on the
-installed Ray, naming the attribute a new version changed). Tune 2.60 has no public way to: rebuild ASHA's
-rungs after `Tuner.restore` (ray-project/ray#30838), give a restored Tuner this run's scheduler, callbacks or
-stopper, move a restored searcher's experiment to where the folder is now, or tell Optuna a trial's state
-other than COMPLETE.
-"""
+"""Every use of Ray Tune's private attributes, in one place (tests/test_ray_adapter.py checks each on the installed
+Ray, naming any a new version changed). Tune 2.60 has no public way to rebuild ASHA's rungs, reach a restored Tuner's
+configs, move a restored searcher's experiment, or tell Optuna a trial state other than COMPLETE."""
 from __future__ import annotations
 
 import math

@@ -1,46 +1,19 @@
-"""Resuming a search: what Ray Tune 2.60's `Tuner.restore` gets wrong, put right.
-
-1. Tune saves the searcher but not ASHA's rungs (ray-project/ray#30838): replaying every trial's result.json
-   rebuilds them (search/ray_adapter.py), exactly, since a rung holds each trial's first result at its epoch.
-2. `max_concurrent_trials` holds only for new trials (ray-project/ray#40652): `ConcurrencyCap` parks
-   restored ones over the limit as PAUSED.
-3. The restored searcher creates new trials where the experiment was pickled, not where it is now.
-4. The callbacks and stopper pickled in tuner.pkl name the folder the search began in: this run's replace them.
-"""
+"""Resuming a search: what Ray Tune 2.60's `Tuner.restore` gets wrong, put right. It saves the searcher but not
+ASHA's rungs (ray-project/ray#30838: every trial's result.json replayed rebuilds them exactly), restored trials
+escape `max_concurrent_trials` (ray-project/ray#40652), the restored searcher creates trials where the experiment
+was pickled, and the pickled callbacks and stopper name the folder the search began in."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
+from analysis.experiment import load_trials
 from search import ray_adapter
-from search.storage import is_uri, local_path, parent_and_name
-
-
-def read_results(exp: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Every trial's results in the order reported, {trial_id: [result, ...]}, from a folder or a URI; a
-    half-written last line (the driver killed mid-write) is skipped."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(str(exp) if is_uri(str(exp)) else str(local_path(exp)))
-    out: dict[str, list[dict[str, Any]]] = {}
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-        path = f"{info.path}/result.json"
-        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-            continue
-        with fs.open_input_stream(path) as f:
-            for line in f.read().decode("utf-8", errors="replace").splitlines():
-                try:
-                    result = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(result, dict) and "trial_id" in result:
-                    out.setdefault(str(result["trial_id"]), []).append(result)
-    return out
+from search.storage import Place, parent_and_name
 
 
 class ConcurrencyCap(TrialScheduler):
@@ -81,24 +54,22 @@ for _name in ("set_search_properties", "on_trial_error", "on_trial_result", "on_
 
 
 class SearchHere(SearchGenerator):
-    """The restored searcher wrapped as Tune wraps it (a ConcurrencyLimiter for `max_concurrent` > 0, then a
-    SearchGenerator), whose restored state creates new trials at `exp` (a folder or a URI)."""
+    """The restored searcher wrapped as Tune wraps it (in a ConcurrencyLimiter for `max_concurrent` > 0), whose
+    restored state creates new trials at `exp` (a folder or a URI)."""
 
-    def __init__(self, search_alg: Any, max_concurrent: int, exp: str | Path):
-        while isinstance(search_alg, (SearchGenerator, ConcurrencyLimiter)):
-            search_alg = search_alg.searcher
-        super().__init__(ConcurrencyLimiter(search_alg, max_concurrent) if max_concurrent > 0 else search_alg)
-        self.here = parent_and_name(str(exp))
+    def __init__(self, searcher: Any, max_concurrent: int, exp: str):
+        super().__init__(ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent > 0 else searcher)
+        self.here = parent_and_name(exp)
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         ray_adapter.move_storage(self, *self.here)
 
 
-def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, callbacks: list, stop: Any) -> Any:
-    """`Tuner.restore` of the experiment at `exp` with ASHA's rungs rebuilt, the concurrency limit (0 = none)
-    holding for restored trials too, and this run's `callbacks` and `stop`."""
-    tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)
+def restore_tuner(place: Place, trainable: Any, max_concurrent: int, callbacks: list, stop: Any) -> Any:
+    """`Tuner.restore` of the experiment at `place` with ASHA's rungs rebuilt from the results in its local folder,
+    the concurrency limit (0 = none) holding for restored trials too, and this run's `callbacks` and `stop`."""
+    tuner = tune.Tuner.restore(place.tune_path, trainable=trainable, resume_errored=True)
     configs = ray_adapter.configs(tuner)
     if configs is None:
         print("warning: resuming through Ray Client: ASHA starts with empty rungs and "
@@ -106,13 +77,13 @@ def restore_tuner(exp: str | Path, trainable: Any, max_concurrent: int, callback
         return tuner
     tc, rc = configs
     rc.callbacks, rc.stop = callbacks, stop
-    if tc.search_alg is not None:  # Tune would wrap it itself, without SearchHere
-        tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, tc.max_concurrent_trials or 0, exp), None
+    # tuner.pkl holds the searcher as make_searcher made it: Tune would wrap it itself, without SearchHere
+    tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, max_concurrent, place.tune_path), None
     if isinstance(tc.scheduler, AsyncHyperBandScheduler):
-        rungs = ray_adapter.rebuild_asha(tc.scheduler, read_results(exp))
+        rungs = ray_adapter.rebuild_asha(tc.scheduler, {t.trial_id: t.results for t in load_trials(place.exp)})
         print("resume: ASHA's rungs rebuilt from the results on disk: "
               + ", ".join(f"epoch {m:g}: {n} trials" for m, n in sorted(rungs.items())))
-    if max_concurrent > 0 and tc.scheduler is not None:
+    if max_concurrent > 0:
         tc.scheduler = ConcurrencyCap(tc.scheduler, max_concurrent)
         print(f"resume: at most {max_concurrent} trial(s) at once, restored ones included (--max-concurrent)")
     return tuner

@@ -206,7 +206,7 @@ def build_tuner(job: Search, data: SearchData, points: list, told: list, est, bu
     callbacks = [EpochTensorBoard(exp=exp), SearchLog(exp, prior_trial_s=prior, budget=stop, sync=job.place.sync)]
     quiet_ray_console()  # Ray's own console says what contradicts ours
     if s.resume:  # with ASHA's rungs rebuilt and --max-concurrent holding for restored trials
-        return restore_tuner(job.place.tune_path, trainable, s.max_concurrent, callbacks, stop)
+        return restore_tuner(job.place, trainable, s.max_concurrent, callbacks, stop)
     storage_path, name = parent_and_name(job.place.tune_path)
     run_config = tune.RunConfig(
         stop=stop, name=name, storage_path=storage_path, callbacks=callbacks, verbose=0, progress_reporter=None,

@@ -9,7 +9,7 @@ import socket
 import sys
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable, get_args, get_type_hints
 
 import yaml
 
@@ -34,12 +34,11 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _opt(default: Any, text: str, kind: Any = None, group: str = "search", *,
-         choices: tuple[str, ...] = (), check: Callable[[Any], str] | None = None) -> Any:
-    """A setting: its flag's help, type (None: a switch) and group; `choices` or `check` (value -> what
+def _opt(default: Any, text: str, group: str = "search", *, choices: tuple[str, ...] = (),
+         check: Callable[[Any], str] | None = None) -> Any:
+    """A setting (its type is its annotation's): its flag's help and group; `choices` or `check` (value -> what
     is wrong with it, '' when nothing) apply to flags and --config alike (`check_settings`)."""
-    return field(default=default, metadata={"help": text, "type": kind, "group": group,
-                                            "choices": choices, "check": check})
+    return field(default=default, metadata={"help": text, "group": group, "choices": choices, "check": check})
 
 
 def _must(ok: Callable[[Any], bool], problem: str) -> Callable[[Any], str]:
@@ -83,69 +82,66 @@ def folder_name_problem(name: str) -> str:
 @dataclass
 class SearchSettings:
     # resources
-    gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", int, "resources",
+    gpus: int | None = _opt(None, "total GPUs for a local Ray (default: all visible; 0 = CPU only)", "resources",
                             check=_at_least(0, ": pass 0 for CPU only"))
-    gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", float,
-                                        "resources", check=_must(lambda v: v > 0, "must be > 0"))
-    cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", int, "resources",
-                                      check=_at_least(1))
-    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", int, "resources", check=_at_least(0))
-    address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", str, "resources")
-    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", str, "resources",
+    gpus_per_trial: float | None = _opt(None, "GPUs per trial, fractions allowed (default 1 when --gpus > 0)", "resources",
+                                        check=_must(lambda v: v > 0, "must be > 0"))
+    cpus_per_trial: int | None = _opt(None, "CPUs per trial (default: 1 on CPU, 2 with GPUs)", "resources", check=_at_least(1))
+    max_concurrent: int = _opt(0, "most trials at once (0 = as many as resources allow)", "resources", check=_at_least(0))
+    address: str = _opt("", "join this Ray cluster instead of starting a local one (e.g. auto)", "resources")
+    dashboard_host: str = _opt("127.0.0.1", "Ray dashboard bind address (anything but localhost is a risk)", "resources",
                                check=_bindable_host)
     dashboard_port: int | None = _opt(None, "Ray dashboard port (default: 8265, or the next free one; 0: any free port; a given "
-                                            "port that is taken: any free one)", int, "resources",
+                                            "port that is taken: any free one)", "resources",
                                       check=_must(lambda v: 0 <= v <= 65535, "must be 0..65535"))
     # the search
-    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)", str,
+    space: str | None = _opt(None, "search space or recipe from spaces/ (default: default; cpu with no GPU)",
                              check=_must(lambda v: v in NAMES, "is an unknown space: see --list-spaces"))
-    backbones: str = _opt("", "comma-separated subset of the space's backbones", str)
-    num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", int,
-                                   check=_at_least(1))
-    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)", str)
+    backbones: str = _opt("", "comma-separated subset of the space's backbones")
+    num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", check=_at_least(1))
+    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)")
     warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', or "
                                       "earlier experiment folders DIR[,DIR...] whose finished trials the searcher is told "
-                                      "first (combine: recipes,DIR)", str)
+                                      "first (combine: recipes,DIR)")
     estimate: bool = _opt(False, "measure and print the search's cost estimate, then exit without training")
-    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", int, check=_at_least(1))
+    max_epochs: int | None = _opt(None, "cap on a trial's epochs over all stages (default: the space's)", check=_at_least(1))
     grace_period: int | None = _opt(None, "ASHA: epochs every trial gets before it can be pruned (default: after the space's "
-                                          "longest head-only stage 1, so every trial is judged with trained blocks)", int,
+                                          "longest head-only stage 1, so every trial is judged with trained blocks)",
                                     check=_at_least(1))
-    reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", int, check=_at_least(2))
-    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", str,
-                          choices=("asha", "fifo"))
+    reduction_factor: int = _opt(3, "ASHA: keep the top 1/N at each rung", check=_at_least(2))
+    scheduler: str = _opt("asha", "asha (prune weak trials at rungs) or fifo (run every trial to the end)", choices=("asha", "fifo"))
     sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the best "
-                                     "config mixed with TPE), tpe (model-based) or random", str,
+                                     "config mixed with TPE), tpe (model-based) or random",
                         choices=("incumbent", "tpe", "random"))
     screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a fraction of "
-                               "the data first and promote the best (the budget plan says so); off: run them whole", str,
+                               "the data first and promote the best (the budget plan says so); off: run them whole",
                        choices=("auto", "off"))
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)")
     precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on "
-                                  "the CPU), fp32, bf16 or fp16", str, choices=get_args(PrecisionName))
-    max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", int, check=_at_least(0))
-    seed: int = _opt(0, "seed of the searcher, the data split and the trials", int,
+                                  "the CPU), fp32, bf16 or fp16", choices=get_args(PrecisionName))
+    max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", check=_at_least(0))
+    seed: int = _opt(0, "seed of the searcher, the data split and the trials",
                      check=_must(lambda v: 0 <= v <= 2**31 - 1, f"must be 0..{2**31 - 1:g}"))
-    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)", str)
+    set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)")
     # data and weights
-    data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", str, "data")
-    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", int, "data", check=_at_least(1))
-    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", float, "data",
+    data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", "data")
+    subset: int | None = _opt(None, "keep N images per class of the training file (quick runs)", "data", check=_at_least(1))
+    val_fraction: float = _opt(0.1, "fraction of the training file held out for validation", "data",
                                check=_must(lambda v: 0 < v < 1, "must be between 0 and 1 (e.g. 0.1)"))
-    weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", str, "data")
-    no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", None, "data")
+    weights_dir: str = _opt("", "offline pretrained weights: <timm model name>.pth state_dicts", "data")
+    no_pretrained: bool = _opt(False, "train from random init instead of ImageNet weights", "data")
     # output
     storage_path: str = _opt("./runs", "where experiments are written: a folder (on a multi-node cluster one every node "
-                                       "shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", str, "output")
+                                       "shares) or a cloud URI such as s3://BUCKET/runs or gs://BUCKET/runs", "output")
     storage_shared: bool = _opt(False, "--storage-path is a folder mounted on every node of the --address cluster (NFS, ...)",
-                                None, "output")
+                                "output")
     local_dir: str = _opt("", "with a cloud --storage-path: the local folder for this driver's copy of the experiment "
                               "(optuna.db, settings, best_config; uploaded to the URI as the search runs and when it ends); "
-                              "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", str, "output")
-    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", str, "output", check=folder_name_problem)
-    resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", None, "output")
-    config: str = _opt("", "YAML file setting any of these options (flags given here win)", str, "output")
-    list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", None, "output")
+                              "it holds DIR/NAME; empty: ~/.cache/cifar-tune/runs/SCHEME/BUCKET/PATH/NAME", "output")
+    name: str = _opt("", "experiment name (default: SPACE-DATE-TIME)", "output", check=folder_name_problem)
+    resume: bool = _opt(False, "continue the experiment --name after a crash or Ctrl-C", "output")
+    config: str = _opt("", "YAML file setting any of these options (flags given here win)", "output")
+    list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", "output")
 
     def fixed(self) -> dict[str, Any]:
         """The --set values typed as TrialConfig's fields (UserError for an unknown key or a bad value)."""
@@ -158,6 +154,11 @@ class SearchSettings:
 
     def budget_s(self) -> float | None:
         return parse_duration(self.time_budget) if self.time_budget else None
+
+
+# each setting's value type, from its annotation: int for `int | None`, str for `list[str]`, bool for a switch
+KINDS = {name: next((a for a in get_args(hint) if a is not type(None)), hint)
+         for name, hint in get_type_hints(SearchSettings).items()}
 
 
 def check_settings(s: SearchSettings) -> None:
@@ -198,11 +199,11 @@ def build_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "set":
             group.add_argument(flag, action="append", metavar="KEY=VALUE", help=meta["help"])
-        elif meta["type"] is None:
+        elif KINDS[f.name] is bool:
             group.add_argument(flag, action="store_true", help=meta["help"])
         else:  # a help text that explains its own default gets no second "(default: None)"
             own = "default" in meta["help"]
-            group.add_argument(flag, type=meta["type"], default=f.default, choices=meta["choices"] or None,
+            group.add_argument(flag, type=KINDS[f.name], default=f.default, choices=meta["choices"] or None,
                                help=meta["help"] + ("%(default).0s" if own else ""))
     return parser
 
@@ -249,7 +250,7 @@ def load_yaml_settings(path: str) -> dict[str, Any]:
 
 def _yaml_value(f: Field, value: Any, where: str) -> Any:
     """A YAML value as its flag would have parsed it (argparse types string defaults only)."""
-    kind = f.metadata["type"]
+    kind = KINDS[f.name]
     if value is None and f.default is None:
         return None
     if f.name == "set":  # a list of KEY=VALUE, one KEY=VALUE, or a mapping of them
@@ -258,7 +259,7 @@ def _yaml_value(f: Field, value: Any, where: str) -> Any:
         if isinstance(items, list) and all(isinstance(i, str) for i in items):
             return items
         raise UserError(f"{where} must be a list of KEY=VALUE strings or a mapping, not {value!r}")
-    if kind is None:  # a switch takes a YAML boolean, not a truthy string
+    if kind is bool:  # a switch takes a YAML boolean, not a truthy string
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, not {value!r}")

@@ -1,8 +1,6 @@
-"""Where an experiment is stored: a local folder, a folder every node mounts, or a cloud URI (s3://, gs://, any
-filesystem pyarrow knows). A multi-node cluster needs storage every node reaches (ray-project/ray#37177). Tune
-writes the trials to a URI itself; the driver's own files (optuna.db, settings, budget, estimate, best_config)
-are written before and after Tune runs, into a local folder that `Place` uploads.
-"""
+"""Where an experiment is stored: a local folder, one every node mounts, or a cloud URI (any filesystem pyarrow
+opens). Tune writes the trials to a URI itself; the driver's own files (optuna.db, settings, budget, estimate,
+best_config) live in a local folder that `Place` uploads: Tune uploads only its own state folder."""
 from __future__ import annotations
 
 import fnmatch
@@ -15,6 +13,7 @@ import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,10 @@ from trainable.errors import UserError
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")  # pyarrow.fs.FileSystem.from_uri's
 PROBE_TIMEOUT_S = float(os.environ.get("CIFAR_TUNE_STORAGE_TIMEOUT_S", "60"))
 TRANSFER_TIMEOUT_S = max(PROBE_TIMEOUT_S, 600.0)
-# Ray Tune's own files at the top of an experiment: never uploaded from the driver's copy (Ray's are newer)
+# Ray Tune's files at the top of an experiment: never uploaded from the driver's copy (Ray's are newer)
 RAY_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
              "searcher-state-*.pkl", "tuner.pkl", "trainable.pkl", ".validate_storage_marker",
              "*.lock", "*-journal", "*-wal", "*-shm", ".write-test-*", ".tmp*")
-# what a search leaves in its folder once Ray has started it (the settings and estimate come before)
-STARTED = ("tuner.pkl", "experiment_state-*.json", "optuna.db", "trial_*")
 _FIXES = {
     "s3": "check the bucket name and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; "
           "another S3 store: add ?endpoint_override=HOST:PORT&region=...)",
@@ -102,8 +99,8 @@ def parent_and_name(path: str) -> tuple[str, str]:
 
 
 def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared: bool) -> str | None:
-    """Can every node of the cluster (`ray.nodes()`) write to `storage_path`? A UserError for a local folder
-    when alive nodes are on several machines, unless `shared`; else a line to print, or None."""
+    """Can every node of the cluster (`ray.nodes()`) write to `storage_path` (ray-project/ray#37177)? A UserError
+    for a local folder when alive nodes are on several machines, unless `shared`; else a line to print, or None."""
     # Ray nodes on one machine (ray.cluster_utils, several raylets a host) share its folders
     alive = len({n.get("NodeManagerAddress") or n.get("NodeID") for n in nodes if n.get("Alive")})
     if alive <= 1 or is_uri(storage_path):
@@ -117,9 +114,8 @@ def check_cluster_storage(storage_path: str, nodes: list[dict[str, Any]], shared
 
 
 def _in_time(fn, uri: str, what: str, timeout_s: float):
-    """fn(), pyarrow's error as one line naming the URI and the fix, given up after `timeout_s`: pyarrow has no
-    overall timeout (its GCS client retries for minutes), and a daemon thread, unlike a ThreadPoolExecutor's,
-    does not hold up the exit while it hangs."""
+    """fn(), its error one line naming the URI and the fix. pyarrow has no overall timeout (its GCS client retries
+    for minutes); a daemon thread, unlike an executor's, does not hold up the exit while it hangs."""
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -196,18 +192,17 @@ def upload(files: list[Path], local_root: Path, uri: str, what: str = "--storage
         fs, root = pyarrow.fs.FileSystem.from_uri(uri)
         with tempfile.TemporaryDirectory() as tmp:
             for f in map(Path, files):
-                src = _sqlite_snapshot(f, Path(tmp)) if f.suffix == ".db" else f
+                src = _sqlite_snapshot(f, Path(tmp) / f.name) if f.suffix == ".db" else f
                 dest = f"{root.rstrip('/')}/{f.relative_to(local_root).as_posix()}"
                 pyarrow.fs.copy_files(str(src), dest, destination_filesystem=fs)
     _in_time(copy, uri, what, TRANSFER_TIMEOUT_S)
 
 
-def _sqlite_snapshot(db: Path, tmp: Path) -> Path:
+def _sqlite_snapshot(db: Path, dest: Path) -> Path:
     try:
-        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as src, \
-                closing(sqlite3.connect(tmp / db.name)) as dst:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as src, closing(sqlite3.connect(dest)) as dst:
             src.backup(dst)
-        return tmp / db.name
+        return dest
     except sqlite3.Error:  # not a database after all: the bytes as they are
         return db
 
@@ -321,11 +316,8 @@ def open_experiment(storage_path: str, name: str, default: str, resume: bool, lo
         if not can_restore(str(exp)):
             raise UserError(f"--resume: no experiment at {exp}: check --name and --storage-path")
     elif not name:  # the first free one of NAME, NAME-2, NAME-3, ...
-        exp = next((storage / n for n in [default, *(f"{default}-{i}" for i in range(2, 1000))]
-                    if not (storage / n).exists()), None)
-        if exp is None:
-            raise UserError(f"{storage} holds 999 experiments named {default}*: pass --name")
-    elif exp.is_dir() and any(next(exp.glob(p), None) is not None for p in STARTED):
+        exp = next(storage / n for n in chain([default], (f"{default}-{i}" for i in count(2))) if not (storage / n).exists())
+    elif can_restore(str(exp)):  # a search started there (a folder where none did is used again)
         raise UserError(already_there(name, str(exp)))
     try:
         storage.mkdir(parents=True, exist_ok=True)
@@ -338,7 +330,7 @@ def open_experiment(storage_path: str, name: str, default: str, resume: bool, lo
 def _open_cloud(storage_path: str, name: str, resume: bool, local_dir: str) -> Place:
     """URI/NAME, reached before Ray starts, and the driver's local folder for it. --resume fetches the driver's
     files (a local copy newer than the URI's is kept) into the folder the experiment began in, read from its
-    settings: Ray's saved searcher opens optuna.db there."""
+    settings."""
     if any(c in name for c in "?#%"):  # they would change the URI's meaning
         raise UserError(f"--name {name!r}: a cloud experiment's name can't hold ?, # or %: pick another --name")
     uri = join(check_uri(storage_path), name)
@@ -362,9 +354,10 @@ def _open_cloud(storage_path: str, name: str, resume: bool, local_dir: str) -> P
         print(f"warning: {exp} (where the experiment began) can't be made here ({e.strerror}); using the cache")
         exp = mirror_dir(uri, "")
         exp.mkdir(parents=True, exist_ok=True)
-    if resume:
-        got = download(uri, exp, ("driver",))
-        print(f"resume: the driver's files of {redact(uri)} are in {exp}" + (f" ({len(got)} fetched)" if got else ""))
+    if resume:  # and the trials' results, from which ASHA's rungs are rebuilt
+        got = download(uri, exp, ("driver", "trial"))
+        print(f"resume: the driver's files and trial results of {redact(uri)} are in {exp}"
+              + (f" ({len(got)} fetched)" if got else ""))
     return Place(exp, uri, storage_path)
 
 

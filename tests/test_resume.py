@@ -17,11 +17,13 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from analysis.experiment import load_trials
 from search import ray_adapter
 from search.progress import SearchLog
 from search.ray_adapter import rebuild_asha
-from search.restore import ConcurrencyCap, SearchHere, read_results, restore_tuner
+from search.restore import ConcurrencyCap, SearchHere, restore_tuner
 from search.searcher import make_scheduler
+from search.storage import Place
 from tests.conftest import REPO, run_cli
 from tests.test_faults import fault_env
 
@@ -55,6 +57,11 @@ def live_search(seed: int, max_t: int = 9, n_trials: int = 8):
             asha.on_trial_complete(None, t, r)
             live.remove(t)
     return asha, seen
+
+
+def read_results(exp: Path) -> dict[str, list[dict]]:
+    """{trial id: its results in the order reported}, as restore_tuner reads them."""
+    return {t.trial_id: t.results for t in load_trials(exp)}
 
 
 def write_results(exp: Path, seen: dict[str, list[dict]]) -> None:
@@ -149,7 +156,7 @@ def test_a_restored_tuner_gets_this_runs_callbacks_stopper_cap_and_searcher(tmp_
     tune.Tuner(_trainable, tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler("asha", 4, 1, 2)),
                run_config=tune.RunConfig(storage_path=str(tmp_path), name="e", callbacks=[SearchLog(tmp_path / "old")]))
     now, stop = SearchLog(tmp_path / "e"), object()
-    tuner = restore_tuner(str(tmp_path / "e"), _trainable, 1, [now], stop)
+    tuner = restore_tuner(Place(tmp_path / "e"), _trainable, 1, [now], stop)
     tc, rc = ray_adapter.configs(tuner)
     assert rc.callbacks == [now] and rc.stop is stop
     assert isinstance(tc.scheduler, ConcurrencyCap) and tc.scheduler.limit == 1

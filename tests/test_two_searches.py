@@ -18,7 +18,6 @@ import analyze
 import run_search
 from analysis.experiment import load_trials, read_settings
 from analysis.study import STUDY_NAME, study_url
-from search.restore import read_results
 from tests.conftest import REPO, run_cli
 
 QUICK = ["--space", "tiny", "--subset", 2, "--num-samples", 2, "--gpus", 0, "--no-pretrained",
@@ -44,7 +43,7 @@ def searches(tmp_path_factory, data_dir):
     killed = procs[KILLED]
     deadline = time.time() + 300
     while time.time() < deadline and killed.poll() is None:
-        if any(r["epoch"] >= 1 for rows in read_results(storage / KILLED).values() for r in rows):
+        if any(r["epoch"] >= 1 for t in load_trials(storage / KILLED) for r in t.results):
             break
         time.sleep(0.2)
     if killed.poll() is None:
