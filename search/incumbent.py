@@ -1,22 +1,10 @@
 """An Optuna sampler that searches around the incumbent: most proposals are small moves of the best
 full-fidelity config, some move the runner-up, the rest come from a model-based sampler (TPE).
-
-Where each rule comes from:
-- incumbent-local sampling mixed with model-based sampling, started once a full-fidelity result
-  exists: PriorBand (Mallik et al., NeurIPS 2023; automl/neps `priorband.py`). PriorBand mutates
-  every hyper-parameter with probability 0.5; with 15+ hyper-parameters and a 10-20-trial budget
-  that move is too large, so a move here changes 1 or 2 of them, as FLAML's CFO does.
-- the step that grows after a success and shrinks after failures: CFO / FLOW2 (Wu et al., AAAI
-  2021; microsoft/FLAML `flow2.py`: step doubled on improvement, halved after 2·dim failures; here
-  after 2, for a budget of a few trials).
-- learning rates in log space by a fraction of a decade, ordinal choices by one step,
-  categoricals resampled: the encodings of PriorBand's and CFO's unit cube.
-- no proposal repeats a running or finished config: the role of TPE's constant liar (Optuna),
-  done by rejection here because a local move knows its candidates before it samples.
-
-Its state (which trials were local moves, their parents, the step) lives in the study's trial
-attributes, so a resumed search, optuna-dashboard and `--warm-start DIR` read the same history.
-"""
+Sources: incumbent-local sampling mixed with a model once a full-fidelity result exists (PriorBand, Mallik
+et al. 2023), but a move changes 1-2 names, not each with p 0.5 (too large for 15+ names and a 10-20 trial
+budget); the step doubled on success, halved after 2 failures (CFO/FLOW2, Wu et al. 2021; FLAML halves after
+2·dim); no repeat of a running or finished config (TPE's constant liar, by rejection here). Its state lives in
+the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read the same history."""
 from __future__ import annotations
 
 import math
@@ -35,10 +23,8 @@ STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.
 STEP_LINEAR = 0.2  # a linear float's move at step 1: +-0.2 of its range, +-25 %
 P_TWO = 0.25  # a move changes one name, else two (never a non-ordinal categorical with another)
 P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is reversed (pattern search)
-# which names a move picks: each kind's share, split evenly among the config's names of that kind. Log
-# floats are the learning rates, the parameters that matter most in fine-tuning (Li et al., ICLR 2020,
-# "Rethinking the hyperparameters for fine-tuning"; Google's Deep Learning Tuning Playbook, 2023);
-# ordinal choices next; a categorical resample is the largest move
+# each kind's share of a move's picks, split among its names: log floats are the learning rates, which matter
+# most in fine-tuning (Li et al., ICLR 2020; Google's Tuning Playbook); a categorical resample is the largest move
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 
 
