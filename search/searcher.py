@@ -22,6 +22,7 @@ from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
 
 TIME_ATTR = "epoch"  # the epoch counter across all stages, reported by every trial
+FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
 
 
 class DefineByRun:
@@ -34,31 +35,27 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         chosen = self.space.sample(Suggest(trial, self.fixed), self.opts)
-        # a planned point's unsampled fields (a recipe's augment list, warm-up...; a local move keeps its
-        # parent's) are in the study anyway, for the report and a resume: read there, not held twice
+        # a planned point's unsampled fields (a recipe's augment list; a local move's parent's) live in the study
         attrs = getattr(trial, "user_attrs", {})
         point = attrs.get(WARM_CONFIG) or attrs.get(EXTRA_ATTR) or {}
         return TrialConfig.from_dict({**self.base, **point, **chosen, **self.fixed}).to_dict()
 
 
-def _quiet_optuna() -> None:
+def quiet_optuna() -> None:
     """No 'study created' log line, and no warning that TPE's `group` option is experimental."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
     """"incumbent", "tpe" (multivariate, grouped for conditional parameters) or "random"."""
-    _quiet_optuna()
+    quiet_optuna()
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant liar: a running trial counts as bad, so two proposals asked for at once differ
     tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                      n_startup_trials=n_startup_trials, warn_independent_sampling=False)
     return IncumbentSampler(tpe, seed=seed) if kind == "incumbent" else tpe
-
-
-FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
 
 
 class FidelitySearch(OptunaSearch):
