@@ -72,7 +72,8 @@ class Progress:
                 p.runs.append((RUNNING, secs))
             elif status == Trial.TERMINATED and name != NOT_STARTED or status == Trial.ERROR and is_failure(name):
                 p.runs.append((name, secs))  # Tune's cleanup marks the trials it never started terminated too
-        p.best = max(((s, str(t.trial_id)) for t in trials if (s := best_score(t)) is not None), default=None)
+        scores = [(score, str(t.trial_id)) for t in trials if (score := best_score(t)) is not None]
+        p.best = max(scores, key=lambda s: s[0], default=None)  # a tie: the first trial
         return p
 
     def count(self, names) -> int:
