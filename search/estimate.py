@@ -4,6 +4,7 @@ drawn from the space and of the warm-start points; that gives a trial's mean cos
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import statistics
@@ -42,7 +43,8 @@ def device_key(device: Any, threads: int, precision: str = "auto") -> str:
 
 
 def _per_image(step: Callable[[], Any], device: Any, batch: int) -> float:
-    """Seconds per image of `step` on `batch` images: the fastest of STEPS timed calls after an untimed one."""
+    """Seconds per image of `step` on `batch` images: the fastest of STEPS timed calls after an untimed one
+    (torch.utils.benchmark's Timer averages after more warm-up: other numbers than the budget plan's)."""
     def synced() -> None:
         step()
         if device.type == "cuda":
@@ -78,12 +80,8 @@ def measure(backbone: str, size: int, device: Any, precision: str = "auto", batc
         train_mode(net)
         out[mode] = _per_image(_sgd_step(net, x, y, prec), device, batch)
     net.eval()
-
-    def forward() -> None:
-        with prec.autocast():
-            net(x)
-    with torch.inference_mode():
-        out["eval"] = _per_image(forward, device, batch)
+    with torch.inference_mode(), prec.autocast():
+        out["eval"] = _per_image(lambda: net(x), device, batch)
     features_in = torch.randn(batch, net.fine_head.in_features, device=device)
     out["head"] = _per_image(_sgd_step(net.fine_head, features_in, y, prec), device, batch)
     return out
@@ -142,11 +140,7 @@ def reach(epoch: int, rungs: list[int], rf: int) -> float:
 
 def asha_rungs(grace: int, rf: int, max_t: int) -> list[int]:
     """ASHA's milestones below max_t: grace, grace*rf, grace*rf^2, ..."""
-    rungs, r = [], grace
-    while r < max_t:
-        rungs.append(r)
-        r *= rf
-    return rungs
+    return list(itertools.takewhile(lambda r: r < max_t, (grace * rf**k for k in itertools.count())))
 
 
 @dataclass

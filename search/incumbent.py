@@ -1,25 +1,14 @@
 """An Optuna sampler that searches around the incumbent: most proposals are small moves of the best
 full-fidelity config, some move the runner-up, the rest come from a model-based sampler (TPE).
-
-Where each rule comes from:
-- incumbent-local sampling mixed with model-based sampling, started once a full-fidelity result
-  exists: PriorBand (Mallik et al., NeurIPS 2023; automl/neps `priorband.py`). PriorBand mutates
-  every hyper-parameter with probability 0.5; with 15+ hyper-parameters and a 10-20-trial budget
-  that move is too large, so a move here changes 1 or 2 of them, as FLAML's CFO does.
-- the step that grows after a success and shrinks after failures: CFO / FLOW2 (Wu et al., AAAI
-  2021; microsoft/FLAML `flow2.py`: step doubled on improvement, halved after 2·dim failures; here
-  after 2, for a budget of a few trials).
-- learning rates in log space by a fraction of a decade, ordinal choices by one step,
-  categoricals resampled: the encodings of PriorBand's and CFO's unit cube.
-- no proposal repeats a running or finished config: the role of TPE's constant liar (Optuna),
-  done by rejection here because a local move knows its candidates before it samples.
-
-Its state (which trials were local moves, their parents, the step) lives in the study's trial
-attributes, so a resumed search, optuna-dashboard and `--warm-start DIR` read the same history.
-"""
+Sources: incumbent-local sampling mixed with a model once a full-fidelity result exists (PriorBand, Mallik
+et al. 2023), but a move changes 1-2 names, not each with p 0.5 (too large for 15+ names and a 10-20 trial
+budget); the step doubled on success, halved after 2 failures (CFO/FLOW2, Wu et al. 2021; FLAML halves after
+2·dim); no repeat of a running or finished config (TPE's constant liar, by rejection here). Its state lives in
+the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read the same history."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -35,10 +24,8 @@ STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.
 STEP_LINEAR = 0.2  # a linear float's move at step 1: +-0.2 of its range, +-25 %
 P_TWO = 0.25  # a move changes one name, else two (never a non-ordinal categorical with another)
 P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is reversed (pattern search)
-# which names a move picks: each kind's share, split evenly among the config's names of that kind. Log
-# floats are the learning rates, the parameters that matter most in fine-tuning (Li et al., ICLR 2020,
-# "Rethinking the hyperparameters for fine-tuning"; Google's Deep Learning Tuning Playbook, 2023);
-# ordinal choices next; a categorical resample is the largest move
+# each kind's share of a move's picks, split among its names: log floats are the learning rates, which matter
+# most in fine-tuning (Li et al., ICLR 2020; Google's Tuning Playbook); a categorical resample is the largest move
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 
 
@@ -69,10 +56,8 @@ def kind(dist: BaseDistribution) -> str:
 
 
 def move(value: Any, dist: BaseDistribution, step: float, rng: np.random.Generator, sign: int = 0) -> Any:
-    """One parameter's local move at step multiplier `step` (1 = the base step), up (`sign` 1),
-    down (-1) or either (0). Floats move a fixed length +-25 % (CFO's fixed-radius step: a move
-    smaller than the val noise teaches nothing). The result is inside `dist` and differs from
-    `value` where the distribution allows; at an edge the move goes inward."""
+    """One parameter's move at step multiplier `step`, up (`sign` 1), down (-1) or either (0), inside `dist`
+    (inward at an edge). Floats move a fixed length +-25 % (CFO: a move below the val noise teaches nothing)."""
     sign = sign or int(rng.choice([-1, 1]))
     if isinstance(dist, FloatDistribution):
         length = step * rng.uniform(0.75, 1.25)
@@ -128,9 +113,8 @@ def step_size(trials: list[FrozenTrial]) -> float:
 
 
 class IncumbentSampler(BaseSampler):
-    """Proposals: with probability `p_local` a move of the incumbent (the best full-fidelity
-    trial, else the best screen trial), `p_runner_up` a move of the second best, else `model`'s
-    (TPE). Before any trial has ended, every proposal is the model's (its start-up draws)."""
+    """With probability `p_local` a move of the incumbent (the best full-fidelity trial, else the best screen
+    trial), `p_runner_up` one of the second best, else `model`'s proposal, as is every one before a trial ends."""
 
     def __init__(self, model: BaseSampler, seed: int = 0, p_local: float = 0.6, p_runner_up: float = 0.15):
         self.model, self.seed, self.p_local, self.p_runner_up = model, seed, p_local, p_runner_up
@@ -177,8 +161,8 @@ class IncumbentSampler(BaseSampler):
                 break
         else:
             return None  # every nearby point has been tried: let the model propose
-        dists = parent.distributions
-        dirs = {n: direction(parent.params[n], params[n], dists[n]) for n in chosen if params[n] != parent.params[n]}
+        dirs = {n: direction(parent.params[n], params[n], parent.distributions[n]) for n in chosen
+                if params[n] != parent.params[n]}
         # the parent's fields the space does not sample (a recipe's augment list, warm-up, patience)
         # go with it; run fields (its train_fraction above all) come from the search, not the parent
         extra = {**parent.user_attrs.get(WARM_CONFIG, {}), **parent.user_attrs.get(EXTRA_ATTR, {})}
@@ -220,9 +204,8 @@ def _beat_parent(t: FrozenTrial) -> bool:
 
 
 def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int] | None:
-    """Pattern search (Hooke & Jeeves 1961; CFO tries -u after u fails): with probability P_FOLLOW,
-    repeat the one-name move that made `parent` beat its own parent, or else reverse a one-name
-    move of `parent` that did not beat it and has not been reversed yet. None: no such move."""
+    """Pattern search (Hooke & Jeeves 1961; CFO tries -u after u fails): with probability P_FOLLOW, repeat the
+    one-name move that made `parent` beat its parent, else reverse a failed one-name move of `parent` not yet reversed."""
     if rng.random() >= P_FOLLOW:
         return None
     own = parent.system_attrs.get(MOVE_ATTR) or {}
@@ -242,16 +225,10 @@ def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Gener
 
 
 def _pick(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int]:
-    """One name (or two with probability P_TWO, never a non-ordinal categorical with another),
-    drawn by its kind's KIND_SHARE split among the names of that kind, times 1 + the number of moves
-    of that name that beat their parent (names that paid before are tried more: adaptive operator
-    selection); directions either way."""
+    """One name (two with probability P_TWO, never a categorical with another), weighted by its kind's KIND_SHARE
+    times 1 + its moves that beat their parent (adaptive operator selection); directions either way."""
     names = sorted(parent.params)
-    wins = {n: 0 for n in names}
-    for t in trials:
-        if _beat_parent(t):
-            for n in t.system_attrs[MOVE_ATTR].get("changed", []):
-                wins[n] = wins.get(n, 0) + 1
+    wins = Counter(n for t in trials if _beat_parent(t) for n in t.system_attrs[MOVE_ATTR].get("changed", []))
     kinds = {n: kind(parent.distributions[n]) for n in names}
     per_kind = {k: sum(1 for n in names if kinds[n] == k) for k in KIND_SHARE}
     w = np.array([KIND_SHARE[kinds[n]] / per_kind[kinds[n]] * (1 + wins[n]) for n in names])

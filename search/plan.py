@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from search.progress import budget_text, duration
+from analysis.experiment import duration
 from trainable import atomic
 
 PLAN_FILE = "budget_plan.json"
@@ -54,6 +54,12 @@ class BudgetPlan:
         return self.screen_s + self.promote_s + 2 * MIN_OWN_TRIALS * self.own_trial_s
 
 
+def budget_text(seconds: float) -> str:
+    """Seconds as a --time-budget value, rounded up to a whole minute: "9m", "1h05m"."""
+    m = max(1, math.ceil(seconds / 60))
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
+
+
 def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: float, parallel: int) -> float:
     """Expected wall seconds of running every point at `fraction` of the training data."""
     return (fraction * sum(train_s) + sum(val_s) + startup_s * len(train_s)) / parallel
@@ -81,10 +87,10 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
     if own_s is not None:
         own_trials = int(own_s / own_wall) if own_wall > 0 else 0
     else:
-        own_trials = max(0, num_samples - n - promote) if num_samples is not None else None
+        own_trials = None if num_samples is None else max(0, num_samples - n - promote)
     return BudgetPlan(n, fraction, promote, first_s, promote_s, own_wall, budget_s, num_samples, own_s, own_trials)
 
 
 def save(exp: Path, plan: BudgetPlan) -> None:
     exp.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(Path(exp) / PLAN_FILE, json.dumps(asdict(plan), indent=1) + "\n")
+    atomic.write_text(exp / PLAN_FILE, json.dumps(asdict(plan), indent=1) + "\n")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import optuna
 import torch
 
-from search.searcher import DefineByRun, _quiet_optuna
+from search.searcher import DefineByRun, quiet_optuna
 from search.settings import SearchSettings
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
@@ -47,7 +47,7 @@ class RepeatSeeds:
 def draw(build: Callable[[optuna.Trial], Any], *, draws: int = DRAWS, seed: int = 0) -> tuple[list[Any], bool]:
     """`build(trial)` for `draws` seeded random trials, and whether any trial sampled a value. Random, not the
     searcher's sampler: it visits every branch of a conditional space."""
-    _quiet_optuna()
+    quiet_optuna()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     out, sampled = [], False
     for _ in range(draws):

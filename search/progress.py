@@ -1,8 +1,6 @@
-"""The search's console and its record of how trials end, kept by one Ray Tune callback (`SearchLog`):
-a progress line when a trial ends (else every 30 s), the trial table every 30 s and at the end, and
-trial_ends.json: the trials the search's end cut short (Ctrl-C, a spent --time-budget), which a trial's
-folder cannot tell from pruned. Tune's CLIReporter shows Tune's status, never pruned, oom or out of time budget.
-"""
+"""The search's console and its record of how trials end, kept by one Ray Tune callback (`SearchLog`): the
+progress line and the trial table, and trial_ends.json (the trials the search's end cut short, which a trial's
+folder cannot tell from pruned). Tune's CLIReporter shows Tune's status, never pruned, oom or out of time budget."""
 from __future__ import annotations
 
 import logging
@@ -51,12 +49,6 @@ def best_score(trial) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and not failure_status(r) else None
 
 
-def budget_text(seconds: float) -> str:
-    """Seconds as a --time-budget value, rounded up to a whole minute: "9m", "1h05m"."""
-    m = max(1, math.ceil(seconds / 60))
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
-
-
 @dataclass
 class Progress:
     """What the progress line counts: (outcome, seconds run) of each trial that ended or runs."""
@@ -68,8 +60,8 @@ class Progress:
     @classmethod
     def of(cls, trials: list, total: int | None, seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,
            cut: dict[str, str] | None = None, ending: tuple | None = None) -> Progress:
-        """`seconds`: wall time per trial id (else Tune's time_total_s); `cut`: the trials the search's end cut
-        short; `ending`: (trial, Tune status) of the trial whose end is being reported, before Tune marks it."""
+        """`seconds`: wall time per trial id (else Tune's time_total_s); `ending`: (trial, Tune status) of the
+        trial whose end is being reported, before Tune marks it."""
         p = cls(total, prior_trial_s=prior_trial_s)
         for t in trials:
             status = ending[1] if ending and t is ending[0] else t.status
@@ -81,7 +73,7 @@ class Progress:
             elif status == Trial.TERMINATED and name != NOT_STARTED or status == Trial.ERROR and is_failure(name):
                 p.runs.append((name, secs))  # Tune's cleanup marks the trials it never started terminated too
         scores = [(score, str(t.trial_id)) for t in trials if (score := best_score(t)) is not None]
-        p.best = max(scores, key=lambda s: s[0], default=None)
+        p.best = max(scores, key=lambda s: s[0], default=None)  # a tie: the first trial
         return p
 
     def count(self, names) -> int:
@@ -133,9 +125,8 @@ def table_rows(trials: list, cut: dict[str, str] | None = None) -> tuple[list[st
 
 
 class SearchLog(tune.Callback):
-    """Records when each trial started and ended (those left at the experiment's end were cut short by it)
-    and prints the progress line and the table from that record. `budget`: the search's BudgetStopper, whose
-    left() bounds the ETA; `sync`: storage.Place.sync, called (staging folder, force) when the study may have changed."""
+    """Records when each trial started and ended (those left at the end were cut short) and prints from that.
+    `budget`: the BudgetStopper bounding the ETA; `sync`: storage.Place.sync(staging folder, force)."""
 
     def __init__(self, exp: Path, every_s: float = EVERY_S, prior_trial_s: float | None = None, budget=None,
                  sync: Callable[[str | None, bool], None] | None = None):
@@ -173,7 +164,6 @@ class SearchLog(tune.Callback):
             self.print_line(trials)
 
     def on_experiment_end(self, trials: list, **info):
-        # the trials that started and never ended: Ctrl-C or the time budget cut them short
         reason, unended = end_reason(self.exp), self.started.keys() - self.ended.keys()
         cut = {str(t.trial_id): reason for t in trials if str(t.trial_id) in unended and t.status != Trial.ERROR}
         write_ends(self.exp, cut, set(self.ended))
@@ -213,8 +203,8 @@ class SearchLog(tune.Callback):
 
 
 def _drop_contradicting(record: logging.LogRecord) -> bool:
-    """False for Ray's `Tuner.restore(...)` line (run.py prints the --resume command) and its `Failed to fetch
-    metrics` warning where every trial named never started (the table says not started)."""
+    """False for Ray's `Tuner.restore(...)` hint (run.py prints --resume) and its `Failed to fetch metrics`
+    warning where every trial named never started."""
     msg = record.getMessage()
     fails = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
     never_started = msg.startswith("Failed to fetch metrics") and bool(fails) and all("FileNotFoundError" in ln for ln in fails)
@@ -222,9 +212,8 @@ def _drop_contradicting(record: logging.LogRecord) -> bool:
 
 
 def quiet_ray_console() -> None:
-    """Keep Ray Tune from printing what contradicts this console: the default engine's start-up table
-    (`Number of trials 9223372036854775807` for an unbounded search; the legacy engine prints only trial
-    errors at verbose=0) and the lines _drop_contradicting drops."""
+    """Keep Ray Tune from printing what contradicts this console: the new engine's start-up table (`Number of
+    trials 9223372036854775807` when unbounded; the legacy one prints only errors at verbose=0) and the above."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(name).addFilter(_drop_contradicting)  # a filter already there is not added again

@@ -1,8 +1,6 @@
-"""Optuna proposes configs (define-by-run: moves around the incumbent mixed with TPE, search/incumbent.py)
-from warm-start points that a low-fidelity screen ranks first; ASHA prunes weak trials at rungs placed
-after every trial's head-only stage. The study is `optuna.db` in the experiment folder (optuna-dashboard
-and the report read it; warm-start points are enqueued in it before Ray's OptunaSearch loads it).
-"""
+"""Optuna proposes configs (define-by-run; moves around the incumbent mixed with TPE, search/incumbent.py), the
+warm-start points first; ASHA prunes weak trials at rungs placed after every trial's head-only stage. The study
+is `optuna.db` in the experiment folder, where the points are enqueued before Ray's OptunaSearch loads it."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +22,7 @@ from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
 
 TIME_ATTR = "epoch"  # the epoch counter across all stages, reported by every trial
+FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
 
 
 class DefineByRun:
@@ -36,24 +35,21 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         chosen = self.space.sample(Suggest(trial, self.fixed), self.opts)
-        # a planned point's unsampled fields (a recipe's augment list, warm-up...; a local move keeps its
-        # parent's) are in the study anyway, for the report and a resume: read there, not held twice
+        # a planned point's unsampled fields (a recipe's augment list; a local move's parent's) live in the study
         attrs = getattr(trial, "user_attrs", {})
         point = attrs.get(WARM_CONFIG) or attrs.get(EXTRA_ATTR) or {}
         return TrialConfig.from_dict({**self.base, **point, **chosen, **self.fixed}).to_dict()
 
 
-def _quiet_optuna() -> None:
+def quiet_optuna() -> None:
     """No 'study created' log line, and no warning that TPE's `group` option is experimental."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.samplers.BaseSampler:
-    """"incumbent" (moves around the best config mixed with TPE), "tpe" (multivariate, grouped for
-    conditional parameters; `n_startup_trials` finished trials, warm-start ones included, before it
-    models) or "random"."""
-    _quiet_optuna()
+def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+    """"incumbent", "tpe" (multivariate, grouped for conditional parameters) or "random"."""
+    quiet_optuna()
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant liar: a running trial counts as bad, so two proposals asked for at once differ
@@ -62,17 +58,10 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int = 10) -> optuna.sam
     return IncumbentSampler(tpe, seed=seed) if kind == "incumbent" else tpe
 
 
-FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
-
-
 class FidelitySearch(OptunaSearch):
-    """Ray's OptunaSearch telling Optuna each trial at its fidelity, and promoting the screen.
-
-    Ray tells a trial ASHA stopped as COMPLETE with its value at the rung, ranking 1-epoch and full
-    values together; here a trial cut before its plan's end, or screened on a fraction of the data,
-    is told PRUNED (TPE ranks those below complete ones). When the screen has ended, its best
-    `promote` are enqueued at full fidelity (successive halving among the recipe points).
-    """
+    """Ray's OptunaSearch, which tells a trial ASHA stopped COMPLETE with its rung value; here a trial cut before
+    its plan's end or screened on a fraction of the data is told PRUNED (TPE ranks those below complete ones).
+    When the screen has ended, its best `promote` are enqueued at full fidelity."""
 
     def __init__(self, *args, promote: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -148,15 +137,11 @@ def promote_screen(study: optuna.Study, k: int) -> list[int]:
 def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any],
                   seed: int, exp: Path, warm: list = (), told: list = (), sampler: str = "incumbent",
                   screen_fraction: float = 1.0, promote: int = 0) -> OptunaSearch:
-    """Ray's OptunaSearch over the experiment's study, which first gets `told` (earlier experiments'
-    trials, as FrozenTrials), then `warm` (WarmPoints enqueued in order: the first trials). Points go
-    through Optuna's enqueue_trial, not Tune's `points_to_evaluate`, which with a define-by-run space
-    honours only names drawn through suggest_* (ray-project/ray#35319).
-    """
-    # with a warm start TPE models once the expert points have reported (a designed start-up set:
-    # PriorBand), else after Optuna's default 10
-    n_startup = min(10, len(warm) + len(told)) if (warm or told) else 10
-    smp = make_sampler(sampler, seed, max(1, n_startup))
+    """Ray's OptunaSearch over the experiment's study, which first gets `told` (earlier experiments' trials),
+    then `warm` (WarmPoints, enqueued: Tune's `points_to_evaluate` keeps only names drawn by suggest_* in a
+    define-by-run space, ray#35319)."""
+    # with a warm start TPE models once the expert points have reported (PriorBand), else after Optuna's 10
+    smp = make_sampler(sampler, seed, min(10, len(warm) + len(told)) or 10)
     Path(exp).mkdir(parents=True, exist_ok=True)
     storage = StudyStorage(exp)  # WAL, a long busy timeout, retried writes, follows a moved folder
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",

@@ -1,8 +1,6 @@
-"""TensorBoard for a search: per trial, the epoch metrics against the global epoch, and one HParams session
-(its hyper-parameters and outcome) when it ends; a trial interrupted by Ctrl-C gets none: --resume writes it.
-`EpochTensorBoard` replaces Tune's TBXLoggerCallback (a subclass, so Tune adds no second one), which logs
-every key against `training_iteration` and puts the last result, not the best, in HParams.
-"""
+"""TensorBoard for a search: per trial, the epoch metrics against the global epoch and one HParams session (its
+hyper-parameters and outcome) when it ends. It replaces Tune's TBXLoggerCallback (a subclass: Tune adds no second
+one), which logs every key against `training_iteration` and has no outcome in HParams."""
 from __future__ import annotations
 
 import math
@@ -39,8 +37,6 @@ def hparams_session(config: dict, status: str, group: str) -> list[Summary]:
 
 
 class EpochTensorBoard(TBXLoggerCallback):
-    """Per-trial TensorBoard scalars against the global epoch, and HParams sessions."""
-
     def __init__(self, exp=None):
         # no super().__init__(): it imports tensorboardX, which this class doesn't use
         self.exp = exp
@@ -58,7 +54,7 @@ class EpochTensorBoard(TBXLoggerCallback):
             self.log_trial_start(trial)
         step = result.get("epoch")
         if not isinstance(step, (int, float)):
-            return  # not an epoch result (e.g. Tune's own bookkeeping rows)
+            return  # Tune's own bookkeeping rows
         for key in SCALARS:
             v = result.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -78,8 +74,7 @@ class EpochTensorBoard(TBXLoggerCallback):
         writer.close()
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        """Trials the search's end cut short: out of time budget ends their session; interrupted
-        ones get none, so that --resume writes their real end."""
+        """A trial the time budget cut ends its session; an interrupted one gets none: --resume writes its end."""
         reason = end_reason(self.exp)
         for trial in list(self.writers):
             if reason == OUT_OF_BUDGET:
@@ -90,11 +85,11 @@ class EpochTensorBoard(TBXLoggerCallback):
 
 
 def upload_events(trial) -> None:
-    """Copy the trial's event files from the driver's staging folder to its storage (Tune's last sync
-    ran before on_experiment_end), through Tune's storage filesystem: `trial.path` has no scheme."""
+    """Copy the trial's event files to its storage (Tune's last sync ran before on_experiment_end) through
+    Tune's storage filesystem: `trial.path` has no scheme."""
     src, fs, dest = Path(trial.local_path), trial.storage.storage_filesystem, str(trial.path)
     if isinstance(fs, pyarrow.fs.LocalFileSystem) and src.resolve() == Path(dest).resolve():
         return
-    fs.create_dir(dest, recursive=True)  # there already when Tune synced the trial; cheap if so
+    fs.create_dir(dest, recursive=True)
     for f in src.glob("events.out.tfevents.*"):
         pyarrow.fs.copy_files(str(f), f"{dest}/{f.name}", destination_filesystem=fs)

@@ -20,10 +20,9 @@ CUDA_CONTEXT_BYTES = 512 << 20  # a process's CUDA context and kernels: outside 
 
 
 def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | None) -> torch.device:
-    """The device a trial trains on, from its GPU request, the ids ray.get_gpu_ids() gave it and
-    CUDA_VISIBLE_DEVICES, never from what CUDA can see: Ray 2.60 leaves the GPUs visible to a trial that
-    asked for none (ray-project/ray#54868). A trial given GPUs trains on the first, at its position in
-    CUDA_VISIBLE_DEVICES (or the id itself where Ray left it unset), as Ray Train's get_devices does."""
+    """The device from the trial's GPU request and ids, never from what CUDA sees: Ray 2.60 leaves GPUs visible
+    to a trial that asked for none (ray#54868). The first GPU, by its position in CUDA_VISIBLE_DEVICES, as Ray's
+    get_devices does (private API: ray.air._internal)."""
     if gpus <= 0 or not gpu_ids or not torch.cuda.is_available():
         return torch.device("cpu")
     first = str(gpu_ids[0])
@@ -37,8 +36,8 @@ def trial_device(gpus: float, gpu_ids: Sequence[int | str], cuda_visible: str | 
 
 
 def retry_first_oom(gpus: float, restarted: bool) -> bool:
-    """Re-raise an out-of-memory error so Tune restarts the trial (not status oom) only on part of a GPU
-    (0.5, 1.5), where it may be another trial's, and once: after a restart the config is to blame."""
+    """Let Tune restart a trial after an out-of-memory error only on part of a GPU, where it may be another
+    trial's, and once: after a restart the config is to blame."""
     return not gpus.is_integer() and not restarted
 
 
