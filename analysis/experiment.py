@@ -1,8 +1,5 @@
-"""Read an experiment's trials back from disk, pick the best, and export its config.
-
-Reads Tune's own per-trial files (params.json, result.json), so analyze.py needs no Ray.
-The best trial is the one whose *best* epoch scored highest, not its last; diverged trials never win.
-"""
+"""An experiment's trials read from Tune's own files (params.json, result.json: no Ray needed), the
+best (by its best epoch, never a failed trial) and its exported config; the tables that show them."""
 from __future__ import annotations
 
 import json
@@ -146,23 +143,19 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
     return out
 
 
-def read_best_file(path: Path) -> dict[str, Any]:
-    """A best_config.yaml/json as a mapping (or a plain mapping of hyper-parameters)."""
+def read_best_config(path: Path) -> tuple[dict[str, Any], int | None]:
+    """(the validated config, its best_epoch) of a best_config.yaml/json; a plain mapping of
+    hyper-parameters is a config without a best_epoch."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot read config {path} ({type(e).__name__}): pass a best_config.yaml") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} is not a mapping: pass a best_config.yaml")
-    return data
-
-
-def read_best_config(path: Path) -> dict[str, Any]:
-    """The `config` of a best_config.yaml/json (or a plain mapping of hyper-parameters), validated."""
-    data = read_best_file(path)
     cfg = data.get("config", data)
     TrialConfig.from_dict(cfg)
-    return cfg
+    epoch = data.get("best_epoch") if "config" in data else None
+    return cfg, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def write_settings(exp_dir: Path, settings: dict[str, Any]) -> None:
