@@ -109,10 +109,8 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
 
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a usable best epoch, best first; a screen trial ranks below every full-fidelity
-    one, whose val_acc it can't be compared with. Equal val_acc (on a small val split one image is
-    a step of 0.4 points) is broken by the lower val_loss at that epoch, the finer measure of the
-    same images."""
+    """Trials with a usable best epoch, best first; screen trials after every full-fidelity one (their
+    val_acc is not comparable); equal val_acc (one image can be 0.4 points) by the lower val_loss."""
     usable = [t for t in trials if t.best is not None]
     return sorted(usable, key=lambda t: (t.full_fidelity, t.best[METRIC], -_loss(t.best)), reverse=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from analysis.experiment import load_trials, rank, read_settings
+from analysis.experiment import PARAM_COLUMNS, PARAM_HEADS, TrialRecord, load_trials, param_cells, rank, read_settings
 from analysis.study import METRIC
 from report import comparison, versus
 from report import html as h
@@ -21,11 +21,12 @@ from report.classes import (
 )
 from report.curves import plot_curves
 from report.importance import compute_importance, plot_importance, plot_top_two
-from report.leaderboard import HEAD, NUMERIC, leaderboard_rows
 from report.schedule import plot_schedule
 from trainable import atomic
 
 REPORT = "report.html"
+HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] + PARAM_HEADS
+NUMERIC = {0, 2, 3} | {6 + i for i, k in enumerate(PARAM_COLUMNS) if k not in ("backbone", "aug_strength")}  # aug: may be a list
 
 
 def dataset_name(settings: dict) -> str:
@@ -89,6 +90,20 @@ def _importance(trials, out: Path) -> str:
                         f"(target: each trial's best val_acc; diverged or out-of-memory trials count as 0)."
                         + (f" Caveat: {imp.note}" if imp.note else "")))
     return h.section(title, *parts)
+
+
+def leaderboard_rows(trials: list[TrialRecord]) -> list[list[str]]:
+    """Every trial, ranked ones first, with the parameters that matter."""
+    ranked = rank(trials)
+    rows = []
+    for t in ranked + [t for t in trials if t not in ranked]:
+        if t in ranked:
+            head = [str(len(rows) + 1), t.trial_id, h.pct(t.best[METRIC]), str(t.best["epoch"])]
+        else:
+            head = ["–", t.trial_id, "–", "–"]
+        status = t.status + (f": {t.reason}" if t.reason else "")
+        rows.append(head + [f"{t.epochs_run}/{t.planned_epochs}", status] + param_cells(t.config))
+    return rows
 
 
 def _leaderboard(trials, data: str) -> str:

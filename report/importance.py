@@ -1,11 +1,6 @@
-"""How much each hyper-parameter mattered: Optuna's importance evaluator over the search's trials.
-
-The search saves its Optuna study in the experiment folder (optuna.db); its trials hold exactly what
-was sampled, so a conditional parameter (plateau_patience, asked only when schedule=constant) is
-absent where it did not exist, and Optuna leaves it out instead of reading its default as a value.
-Each trial's value is what the searcher was told (its best val_acc; 0.0 for a diverged or
-out-of-memory trial).
-"""
+"""How much each hyper-parameter mattered: Optuna's fANOVA over the saved study's trials, which hold
+exactly what was sampled (a conditional parameter is absent where it did not exist) and the value the
+searcher was told (best val_acc; 0.0 for a diverged or out-of-memory trial)."""
 from __future__ import annotations
 
 import math

@@ -32,7 +32,7 @@ from analysis.outcome import (
     write_ends,
 )
 from report.curves import END_MARKER, STYLE
-from report.leaderboard import leaderboard_rows
+from report.build import leaderboard_rows
 from search.progress import Progress, SearchLog, table_rows
 from search.tensorboard import EpochTensorBoard
 from trainable.config import TrialConfig
