@@ -1,10 +1,9 @@
 """python predict.py MODEL.pt IMAGE [IMAGE ...] [--json]: top-5 classes of any image file.
 
-MODEL.pt is the analysis/model.pt analyze.py writes. Each image is read with Pillow as a viewer
-shows it (first frame, EXIF orientation applied, transparency over white, 16-bit and float data
-scaled to 8-bit RGB, ICC profile to sRGB), shrunk to 32x32 like the dataset's images (box filter,
-as the stand-in set was made), then goes through the model's own eval transform (resize to its
-input_size, its mean/std): the same path the test images took. app.py uses these functions too.
+MODEL.pt is the analysis/model.pt analyze.py writes. Each image is read as a viewer shows it (first
+frame, EXIF orientation, transparency over white, 16-bit and float data scaled, ICC profile to sRGB),
+shrunk to 32x32 like the dataset's images (box filter), then takes the test images' path through the
+model's eval transform. app.py uses these functions too.
 """
 from __future__ import annotations
 
@@ -71,11 +70,9 @@ def load_model(path: str | Path) -> Model:
 
 
 def read_image(src: str | Path | IO[bytes], name: str = "") -> Image.Image:
-    """The picture a person sees in an image file (module docstring), from a path or a binary file
-    object; `name` labels it in errors (default: the path). A PNG whose metadata exceeds Pillow's text
-    limits is read without the oversize metadata. UserError naming the file and the reason when it is
-    missing, empty, not an image, in a format Pillow cannot read, damaged, or over Image.MAX_IMAGE_PIXELS.
-    """
+    """The picture a person sees in an image file (module docstring), from a path or a binary file object;
+    `name` labels it in errors. A PNG whose metadata exceeds Pillow's text limits is read without it.
+    UserError naming the file and the reason when it cannot be read or is over Image.MAX_IMAGE_PIXELS."""
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise UserError(f"image {label} not found: check the path")
@@ -131,13 +128,8 @@ _PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
 
 def _png_within_metadata_limits(data: bytes, error: Exception) -> tuple[bytes, bytes | None]:
     """(the PNG without its oversize metadata, its ICC profile inflated up to ICC_LIMIT or None).
-
-    Pillow refuses a whole PNG whose iCCP or text chunk inflates past MAX_TEXT_CHUNK (or whose text
-    passes MAX_TEXT_MEMORY) and has no switch to skip them (LOAD_TRUNCATED_IMAGES would also accept
-    cut-off pixels), so the chunks are filtered here: the iCCP is always taken out (and handed back
-    when within ICC_LIMIT), a text chunk stays while it and the text kept so far fit Pillow's
-    limits. Re-raises `error` when `data` is not a PNG's chunk sequence.
-    """
+    Pillow refuses a whole PNG whose iCCP or text inflates past its limits and has no switch to skip
+    those chunks; re-raises `error` when `data` is not a PNG's chunk sequence."""
     sig = b"\x89PNG\r\n\x1a\n"
     if not data.startswith(sig):
         raise error
@@ -248,13 +240,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
-    """L (LA with a tRNS grey) from 16-bit, 32-bit integer or float data, scaled to 0..255.
-
-    Pillow's own convert clips these to 0..255, which turns a 16-bit photo white. 16-bit data is
-    scaled by its full range; 32-bit integers within 0..65535 are 16-bit data (how Pillow reads
-    16-bit PGM and some TIFFs); floats within 0..1 or 0..255 are taken on that scale; anything
-    else is stretched from its minimum to its maximum.
-    """
+    """L (LA with a tRNS grey) from 16-bit, 32-bit integer or float data, scaled to 0..255 (Pillow's
+    convert clips, which turns a 16-bit photo white): integers within 0..65535 as 16-bit, floats within
+    0..1 or 0..255 on that scale, anything else stretched from its minimum to its maximum."""
     raw = np.asarray(im)
     a = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
@@ -276,7 +264,6 @@ def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
 def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
     """`im` moved from its embedded ICC profile to sRGB (as viewers show it); unchanged when the
     profile is unusable or does not fit the mode, since the pixels are still a fair picture."""
-
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
@@ -296,9 +283,8 @@ def load_image(src: str | Path | IO[bytes], name: str = "") -> torch.Tensor:
 
 
 def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Tensor:
-    """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a
-    time (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory where
-    that is an error (a GPU, a memory limit) rather than the kernel killing the process."""
+    """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a time
+    (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory."""
     x = torch.stack(images)
 
     def step(rows: slice) -> torch.Tensor:

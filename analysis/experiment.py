@@ -67,11 +67,6 @@ class TrialRecord:
         return outcome(TrialView(self.config, last, errored=bool(self.error), ended_by_search=self.ended_by_search))
 
 
-def trial_id_of(folder: Path) -> str:
-    """The Tune trial id a trial folder is named after (search/run.py trial_dirname: trial_ID)."""
-    return Path(folder).name.removeprefix("trial_")
-
-
 def _json_lines(path: Path) -> list[Any]:
     """The JSON values of a file's lines, skipping a line a killed driver cut short."""
     out = []
@@ -89,13 +84,14 @@ def _read_trial(d: Path, ends: dict[str, str]) -> TrialRecord:
     except (OSError, json.JSONDecodeError):  # missing, or written half by a killed driver
         config = {}
     results = _json_lines(d / "result.json")
-    rec = TrialRecord(str(results[-1].get("trial_id", trial_id_of(d))) if results else trial_id_of(d), d,
+    named = d.name.removeprefix("trial_")  # search/run.py names a trial's folder trial_ID
+    rec = TrialRecord(str(results[-1].get("trial_id", named)) if results else named, d,
                       config if isinstance(config, dict) else {}, results)
     err = d / "error.txt"
     if err.exists():
         lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
         rec.error = lines[-1][:200] if lines else "error"
-    rec.ended_by_search = ends.get(rec.trial_id, ends.get(trial_id_of(d), ""))
+    rec.ended_by_search = ends.get(rec.trial_id, ends.get(named, ""))
     return rec
 
 
