@@ -115,7 +115,8 @@ def _decode(src: IO[bytes], label: str, icc: bytes | None = None) -> Image.Image
         warnings.filterwarnings("ignore", module=r"PIL\.")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(src) as im:
-            _check_pixels(im.size, label)  # also when another thread reset the warning filter
+            if Image.MAX_IMAGE_PIXELS is not None and im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:
+                raise _too_big(label, im.size[0] * im.size[1])  # also when another thread reset the filter
             im.load()  # the first frame: what a viewer shows of an animated or multi-page file
             if icc is not None:
                 im.info["icc_profile"] = icc
@@ -215,11 +216,6 @@ def _too_big(label: str, pixels: int | None) -> UserError:
                      f"{Image.MAX_IMAGE_PIXELS:,} pixels, PIL.Image.MAX_IMAGE_PIXELS): pass a smaller image")
 
 
-def _check_pixels(size: tuple[int, int], label: str) -> None:
-    if Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-        raise _too_big(label, size[0] * size[1])
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB of a loaded image in any mode, alpha composited over white."""
     icc = im.info.get("icc_profile")
@@ -277,11 +273,6 @@ def to_model_input(rgb: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image(src: str | Path | IO[bytes], name: str = "") -> torch.Tensor:
-    """uint8 tensor [3, 32, 32] the model gets for an image file path or binary file object."""
-    return to_model_input(read_image(src, name))
-
-
 def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Tensor:
     """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a time
     (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory."""
@@ -296,19 +287,16 @@ def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Ten
     return torch.cat(parts)
 
 
-def top_k(probs, names: list[str], k: int = 5) -> list[tuple[str, float]]:
-    """[(class name, probability)] of the k most likely classes, most likely first."""
-    values, idx = probs.topk(min(k, len(names)))
-    return [(names[int(i)], float(v)) for v, i in zip(values, idx)]
-
-
 def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[dict[str, Any]]:
     """[{"image": path, "top": [{"class", "probability"} x k]}] per image file, in the given order."""
-    images = [load_image(p) for p in paths]  # every image first: a bad one fails before the model loads
+    images = [to_model_input(read_image(p)) for p in paths]  # every image first: a bad one fails before the model loads
     model = load_model(model_path)
-    probs = probabilities(model, images)
-    return [{"image": str(p), "top": [{"class": c, "probability": round(v, 6)} for c, v in top_k(row, model.names, k)]}
-            for p, row in zip(paths, probs)]
+    out = []
+    for p, row in zip(paths, probabilities(model, images)):
+        values, idx = row.topk(min(k, len(model.names)))
+        out.append({"image": str(p), "top": [{"class": model.names[int(i)], "probability": round(float(v), 6)}
+                                             for v, i in zip(values, idx)]})
+    return out
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -88,12 +88,12 @@ def _test_pass(net: torch.nn.Module, data: FinalData, cfg: TrialConfig) -> tuple
     return ev, mean, std
 
 
-def load_trained(path: Path, device: torch.device | str = "cpu"):
-    """(net, checkpoint dict) from a model.pt written above; no pretrained download needed."""
+def load_trained(path: Path):
+    """(net on the CPU, checkpoint dict) from a model.pt written above; no pretrained download needed."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TrialConfig.from_dict(ckpt["config"])
     net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)
     net.load_state_dict(ckpt["state_dict"])
     # the same memory layout as training used: the faster one on this device (loop.Precision)
-    Precision.for_device(torch.device(device), cfg.backbone).model_to(net)
+    Precision.for_device(torch.device("cpu"), cfg.backbone).model_to(net)
     return net.eval(), ckpt
