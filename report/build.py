@@ -44,7 +44,7 @@ def write_report(exp_dir: Path) -> Path:
     data = dataset_name(settings)
     ranked = rank(trials)
     sections = [_summary(trials, ranked, out, data), versus.section(exp, trials, out),
-                _curves(trials, out, data), _importance(trials, out), _leaderboard(trials, data),
+                _curves(trials, out, data), _importance(trials, exp, out), _leaderboard(trials, data),
                 _schedule(ranked, out), _test(out, data), comparison.section(out, data), _best_config(exp)]
     subset = settings.get("subset")
     subtitle = (f"{exp} · space {settings.get('space', '?')} · {len(trials)} trials · data {data}"
@@ -78,8 +78,8 @@ def _curves(trials, out: Path, data: str) -> str:
                             "pruned."))
 
 
-def _importance(trials, out: Path) -> str:
-    imp = compute_importance(trials)
+def _importance(trials, exp: Path, out: Path) -> str:
+    imp = compute_importance(trials, exp)
     title = "Which hyper-parameters mattered"
     if not imp.values:
         return h.section(title, h.note(f"No importance plot: {imp.note}"))
