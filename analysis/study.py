@@ -82,12 +82,6 @@ def resume_study_at(exp: Path) -> None:
     _moved_to[:] = [Path(exp).resolve()]
 
 
-def _is_locked(e: BaseException) -> bool:
-    cause = e.__cause__ or e.__context__
-    text = f"{e} {cause}".lower()
-    return "locked" in text or "busy" in text
-
-
 class StudyStorage(optuna.storages.RDBStorage):
     """Optuna's RDBStorage of optuna.db (WAL, a long busy timeout, writes retried while another
     connection holds a lock) whose path follows the experiment folder when unpickled elsewhere."""
@@ -113,7 +107,8 @@ def _retried(name: str):
             try:
                 return method(self, *args, **kwargs)
             except optuna.exceptions.StorageInternalError as e:
-                if not _is_locked(e):
+                text = f"{e} {e.__cause__ or e.__context__}".lower()
+                if "locked" not in text and "busy" not in text:
                     raise
                 if time.monotonic() >= deadline:
                     raise StudyUnwritable(
