@@ -29,19 +29,14 @@ HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] 
 NUMERIC = {0, 2, 3} | {6 + i for i, k in enumerate(PARAM_COLUMNS) if k not in ("backbone", "aug_strength")}  # aug: may be a list
 
 
-def dataset_name(settings: dict) -> str:
-    """What the accuracies were measured on: the data folder's name (never assumed CIFAR-100)."""
-    data_dir = str(settings.get("data_dir") or "")
-    return Path(data_dir).name or data_dir or "the search's data"
-
-
 def write_report(exp_dir: Path) -> Path:
     exp = Path(exp_dir).resolve()
     out = exp / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     trials = load_trials(exp)
     settings = read_settings(exp)
-    data = dataset_name(settings)
+    data_dir = str(settings.get("data_dir") or "")
+    data = Path(data_dir).name or data_dir or "the search's data"  # what the accuracies were measured on
     ranked = rank(trials)
     sections = [_summary(trials, ranked, out, data), versus.section(exp, trials, out),
                 _curves(trials, out, data), _importance(trials, exp, out), _leaderboard(trials, data),
