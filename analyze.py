@@ -33,6 +33,8 @@ from trainable.errors import UserError
 from trainable.memory import limit_memory, trial_budget
 from trainable.trial import pick_device
 
+EPOCH_TIME = "time_this_iter_s"  # Tune's wall seconds between a trial's reports: one epoch, validation included
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples(
@@ -194,9 +196,6 @@ def _expected_retrain(trials: list[TrialRecord], selected: dict, config: dict, d
     print(f"expected time: about {duration(sum(planned))} for {epochs} epoch(s) and then the test pass "
           f"(trial {trial.trial_id}'s epochs in the search, scaled from {trained} to {train} training images)")
     return planned
-
-
-EPOCH_TIME = "time_this_iter_s"  # Tune's wall seconds between a trial's reports: one epoch, validation included
 
 
 def expected_epochs(trial: TrialRecord, epochs: int, scale: float) -> list[float] | None:
