@@ -22,11 +22,9 @@ from analysis.experiment import (
     leaderboard,
     load_trials,
     read_best_config,
-    read_best_file,
     read_settings,
 )
 from analysis.final import retrain_and_test
-from analysis.retrain_time import Eta, expected_epochs
 from report import write_report
 from report.comparison import comparison_text
 from trainable.config import TrialConfig
@@ -34,6 +32,8 @@ from trainable.data import FinalData, prepare_final_data
 from trainable.errors import UserError
 from trainable.memory import limit_memory, trial_budget
 from trainable.trial import pick_device
+
+EPOCH_TIME = "time_this_iter_s"  # Tune's wall seconds between a trial's reports: one epoch, validation included
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -79,10 +79,7 @@ def analyze(args: argparse.Namespace) -> Path:
     print(leaderboard(trials))
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
-    if args.config:
-        selected, best_epoch = read_best_config(Path(args.config)), _best_epoch_of(Path(args.config))
-    else:
-        selected, best_epoch = best["config"], best["best_epoch"]
+    selected, best_epoch = read_best_config(Path(args.config)) if args.config else (best["config"], best["best_epoch"])
     cut = retrain_cut(best_epoch, selected, full_schedule=args.full_schedule)
     config = selected  # `selected` finds the trial whose epoch times predict the retrain's
     if args.weights_dir is not None:
@@ -96,7 +93,8 @@ def analyze(args: argparse.Namespace) -> Path:
         return _report(exp)
     data = prepare_final_data(args.data_dir or settings.get("data_dir") or "./data", subset=settings.get("subset"),
                               seed=int(settings.get("seed", 0)), val_fraction=float(settings.get("val_fraction", 0.1)))
-    _limit_cpu_memory()
+    if pick_device().type == "cpu":  # a memory budget as trials get: running out is an error saying what to lower
+        limit_memory(trial_budget(os.cpu_count() or 1))
     if not args.no_retrain:
         _retrain(trials, selected, config, data, out, cut)
     if baselines:
@@ -159,21 +157,6 @@ def retrain_cut(best_epoch: int | None, config: dict, *, full_schedule: bool = F
     return int(best_epoch) if best_epoch < TrialConfig.from_dict(config).total_epochs else None
 
 
-def _best_epoch_of(path: Path) -> int | None:
-    """The best_epoch a best_config.yaml/json carries (a plain mapping of hyper-parameters has none),
-    so its retrain_command retrains what analyze.py without --config would."""
-    data = read_best_file(path)
-    epoch = data.get("best_epoch") if "config" in data else None
-    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
-
-
-def _limit_cpu_memory() -> None:
-    """On the CPU, give the retrain a memory budget (80 % of RAM) as a search gives its trials, so
-    running out is an error that says what to lower instead of the kernel killing the process."""
-    if pick_device().type == "cpu":
-        limit_memory(trial_budget(os.cpu_count() or 1))
-
-
 def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data: FinalData, out: Path) -> None:
     results = {}
     for name, cfg in baselines.items():
@@ -215,13 +198,41 @@ def _expected_retrain(trials: list[TrialRecord], selected: dict, config: dict, d
     return planned
 
 
+def expected_epochs(trial: TrialRecord, epochs: int, scale: float) -> list[float] | None:
+    """Seconds of each of the retrain's first `epochs` epochs: the trial's time for the same epoch
+    times `scale` (retrain images / the trial's); an epoch the trial never ran takes its last one's
+    time. None when the trial has no timed epoch."""
+    times: dict[int, float] = {}
+    for r in trial.results:  # a trial restarted from a checkpoint reports an epoch again: the last counts
+        if isinstance(r.get("epoch"), int) and isinstance(r.get(EPOCH_TIME), (int, float)):
+            times[r["epoch"]] = float(r[EPOCH_TIME])
+    if not times:
+        return None
+    out, last = [], times[min(times)]
+    for e in range(1, epochs + 1):
+        last = times.get(e, last)
+        out.append(last * scale)
+    return out
+
+
+def eta(planned: list[float] | None, total: int, done: int, elapsed: float) -> float | None:
+    """Seconds left of a retrain of `total` epochs: the planned epochs left, scaled by how the done
+    ones compared with their plan (this machine may be faster than trials that shared it); without
+    a plan, the mean epoch so far."""
+    if done <= 0:
+        return sum(planned) if planned else None
+    if planned and sum(planned[:done]) > 0:
+        return elapsed / sum(planned[:done]) * sum(planned[done:])
+    return elapsed / done * max(0, total - done)
+
+
 @contextlib.contextmanager
 def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None = None):
     """A progress bar over the retrain's epochs on a terminal; one line per epoch with the time
-    left otherwise. `planned`: expected seconds per epoch (analysis/retrain_time.py)."""
+    left otherwise. `planned`: expected seconds per epoch (`expected_epochs`)."""
     total = cut or TrialConfig.from_dict(config).total_epochs
     bar = tqdm(total=total, unit="epoch", desc="train", disable=not sys.stderr.isatty())
-    eta, t0, done = Eta(planned, total), time.monotonic(), 0
+    t0, done = time.monotonic(), 0
 
     def on_epoch(m: dict) -> None:
         nonlocal done
@@ -234,7 +245,7 @@ def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None
         bar.set_postfix(info)
         if bar.disable:  # a terminal's bar shows its own ETA
             done += 1
-            left = eta.left(done, time.monotonic() - t0)
+            left = eta(planned, total, done, time.monotonic() - t0)
             info["eta"] = duration(left) if left is not None else "?"
             print(f"  epoch {m['epoch']}/{total} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     try:

@@ -1,9 +1,7 @@
 """python app.py [--root runs] [--port 8501]: try a trained model on your own images, in a browser.
 
-Starts Streamlit on 127.0.0.1 only. The page lists every STORAGE/NAME/analysis/model.pt under the
-root (default $CIFAR_TUNE_RUNS, else ./runs), takes an uploaded image and shows the predicted class
-and the probability of every class. The prediction is predict.py's, so page and CLI agree.
-Also runnable as `streamlit run app.py -- --root runs` (then the Streamlit flags are yours to set).
+Streamlit on 127.0.0.1 only: pick a model.pt under the root, upload an image, see predict.py's
+prediction (page and CLI agree) and every class's probability. Also `streamlit run app.py -- --root runs`.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """python predict.py MODEL.pt IMAGE [IMAGE ...] [--json]: top-5 classes of any image file.
 
-MODEL.pt is the analysis/model.pt analyze.py writes. Each image is read with Pillow as a viewer
-shows it (first frame, EXIF orientation applied, transparency over white, 16-bit and float data
-scaled to 8-bit RGB, ICC profile to sRGB), shrunk to 32x32 like the dataset's images (box filter,
-as the stand-in set was made), then goes through the model's own eval transform (resize to its
-input_size, its mean/std): the same path the test images took. app.py uses these functions too.
+MODEL.pt is the analysis/model.pt analyze.py writes. Each image is read as a viewer shows it (first
+frame, EXIF orientation, transparency over white, 16-bit and float data scaled, ICC profile to sRGB),
+shrunk to 32x32 like the dataset's images (box filter), then takes the test images' path through the
+model's eval transform. app.py uses these functions too.
 """
 from __future__ import annotations
 
@@ -71,11 +70,9 @@ def load_model(path: str | Path) -> Model:
 
 
 def read_image(src: str | Path | IO[bytes], name: str = "") -> Image.Image:
-    """The picture a person sees in an image file (module docstring), from a path or a binary file
-    object; `name` labels it in errors (default: the path). A PNG whose metadata exceeds Pillow's text
-    limits is read without the oversize metadata. UserError naming the file and the reason when it is
-    missing, empty, not an image, in a format Pillow cannot read, damaged, or over Image.MAX_IMAGE_PIXELS.
-    """
+    """The picture a person sees in an image file (module docstring), from a path or a binary file object;
+    `name` labels it in errors. A PNG whose metadata exceeds Pillow's text limits is read without it.
+    UserError naming the file and the reason when it cannot be read or is over Image.MAX_IMAGE_PIXELS."""
     label = name or str(src)
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise UserError(f"image {label} not found: check the path")
@@ -118,7 +115,8 @@ def _decode(src: IO[bytes], label: str, icc: bytes | None = None) -> Image.Image
         warnings.filterwarnings("ignore", module=r"PIL\.")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(src) as im:
-            _check_pixels(im.size, label)  # also when another thread reset the warning filter
+            if Image.MAX_IMAGE_PIXELS is not None and im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:
+                raise _too_big(label, im.size[0] * im.size[1])  # also when another thread reset the filter
             im.load()  # the first frame: what a viewer shows of an animated or multi-page file
             if icc is not None:
                 im.info["icc_profile"] = icc
@@ -131,13 +129,8 @@ _PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
 
 def _png_within_metadata_limits(data: bytes, error: Exception) -> tuple[bytes, bytes | None]:
     """(the PNG without its oversize metadata, its ICC profile inflated up to ICC_LIMIT or None).
-
-    Pillow refuses a whole PNG whose iCCP or text chunk inflates past MAX_TEXT_CHUNK (or whose text
-    passes MAX_TEXT_MEMORY) and has no switch to skip them (LOAD_TRUNCATED_IMAGES would also accept
-    cut-off pixels), so the chunks are filtered here: the iCCP is always taken out (and handed back
-    when within ICC_LIMIT), a text chunk stays while it and the text kept so far fit Pillow's
-    limits. Re-raises `error` when `data` is not a PNG's chunk sequence.
-    """
+    Pillow refuses a whole PNG whose iCCP or text inflates past its limits and has no switch to skip
+    those chunks; re-raises `error` when `data` is not a PNG's chunk sequence."""
     sig = b"\x89PNG\r\n\x1a\n"
     if not data.startswith(sig):
         raise error
@@ -223,11 +216,6 @@ def _too_big(label: str, pixels: int | None) -> UserError:
                      f"{Image.MAX_IMAGE_PIXELS:,} pixels, PIL.Image.MAX_IMAGE_PIXELS): pass a smaller image")
 
 
-def _check_pixels(size: tuple[int, int], label: str) -> None:
-    if Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-        raise _too_big(label, size[0] * size[1])
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB of a loaded image in any mode, alpha composited over white."""
     icc = im.info.get("icc_profile")
@@ -248,13 +236,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
-    """L (LA with a tRNS grey) from 16-bit, 32-bit integer or float data, scaled to 0..255.
-
-    Pillow's own convert clips these to 0..255, which turns a 16-bit photo white. 16-bit data is
-    scaled by its full range; 32-bit integers within 0..65535 are 16-bit data (how Pillow reads
-    16-bit PGM and some TIFFs); floats within 0..1 or 0..255 are taken on that scale; anything
-    else is stretched from its minimum to its maximum.
-    """
+    """L (LA with a tRNS grey) from 16-bit, 32-bit integer or float data, scaled to 0..255 (Pillow's
+    convert clips, which turns a 16-bit photo white): integers within 0..65535 as 16-bit, floats within
+    0..1 or 0..255 on that scale, anything else stretched from its minimum to its maximum."""
     raw = np.asarray(im)
     a = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
@@ -276,7 +260,6 @@ def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
 def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
     """`im` moved from its embedded ICC profile to sRGB (as viewers show it); unchanged when the
     profile is unusable or does not fit the mode, since the pixels are still a fair picture."""
-
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
@@ -290,15 +273,9 @@ def to_model_input(rgb: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image(src: str | Path | IO[bytes], name: str = "") -> torch.Tensor:
-    """uint8 tensor [3, 32, 32] the model gets for an image file path or binary file object."""
-    return to_model_input(read_image(src, name))
-
-
 def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Tensor:
-    """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a
-    time (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory where
-    that is an error (a GPU, a memory limit) rather than the kernel killing the process."""
+    """Softmax over the fine classes, [N, classes], for uint8 [3,32,32] images, `batch_size` at a time
+    (64 at 224 px peaks near 1.2 GB on the CPU), halved while a batch runs out of memory."""
     x = torch.stack(images)
 
     def step(rows: slice) -> torch.Tensor:
@@ -310,19 +287,16 @@ def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Ten
     return torch.cat(parts)
 
 
-def top_k(probs, names: list[str], k: int = 5) -> list[tuple[str, float]]:
-    """[(class name, probability)] of the k most likely classes, most likely first."""
-    values, idx = probs.topk(min(k, len(names)))
-    return [(names[int(i)], float(v)) for v, i in zip(values, idx)]
-
-
 def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[dict[str, Any]]:
     """[{"image": path, "top": [{"class", "probability"} x k]}] per image file, in the given order."""
-    images = [load_image(p) for p in paths]  # every image first: a bad one fails before the model loads
+    images = [to_model_input(read_image(p)) for p in paths]  # every image first: a bad one fails before the model loads
     model = load_model(model_path)
-    probs = probabilities(model, images)
-    return [{"image": str(p), "top": [{"class": c, "probability": round(v, 6)} for c, v in top_k(row, model.names, k)]}
-            for p, row in zip(paths, probs)]
+    out = []
+    for p, row in zip(paths, probabilities(model, images)):
+        values, idx = row.topk(min(k, len(model.names)))
+        out.append({"image": str(p), "top": [{"class": model.names[int(i)], "probability": round(float(v), 6)}
+                                             for v, i in zip(values, idx)]})
+    return out
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

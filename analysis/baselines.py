@@ -1,8 +1,5 @@
-"""Hand-made recipes beside the search's best: retrain each on the same data, test each once.
-
-A recipe (spaces/, `recipe=True`) is a fixed TrialConfig, so it runs through the same trial code
-as every search trial; `--epochs-scale` shrinks its schedule for CPU runs.
-"""
+"""Hand-made recipes (spaces/: fixed TrialConfigs) beside the search's best: each retrained on the
+same data by the same trial code and tested once."""
 from __future__ import annotations
 
 import json
@@ -55,8 +52,7 @@ def baseline_configs(names: list[str], overrides: list[str], base: dict[str, Any
 
 def run_baseline(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                  on_epoch: Callable[[dict[str, Any]], None] = lambda m: None) -> dict[str, Any]:
-    """Retrain and test one recipe into out_dir; a failure becomes its metrics' error, so the
-    other recipes can go on."""
+    """Retrain and test one recipe into out_dir; a failure becomes its metrics' error, so the others go on."""
     try:
         metrics = retrain_and_test(config, data, out_dir, on_epoch=on_epoch)
     except UserError as e:

@@ -1,8 +1,5 @@
-"""Read an experiment's trials back from disk, pick the best, and export its config.
-
-Reads Tune's own per-trial files (params.json, result.json), so analyze.py needs no Ray.
-The best trial is the one whose *best* epoch scored highest, not its last; diverged trials never win.
-"""
+"""An experiment's trials read from Tune's own files (params.json, result.json: no Ray needed), the
+best (by its best epoch, never a failed trial) and its exported config; the tables that show them."""
 from __future__ import annotations
 
 import json
@@ -70,11 +67,6 @@ class TrialRecord:
         return outcome(TrialView(self.config, last, errored=bool(self.error), ended_by_search=self.ended_by_search))
 
 
-def trial_id_of(folder: Path) -> str:
-    """The Tune trial id a trial folder is named after (search/run.py trial_dirname: trial_ID)."""
-    return Path(folder).name.removeprefix("trial_")
-
-
 def _json_lines(path: Path) -> list[Any]:
     """The JSON values of a file's lines, skipping a line a killed driver cut short."""
     out = []
@@ -92,13 +84,14 @@ def _read_trial(d: Path, ends: dict[str, str]) -> TrialRecord:
     except (OSError, json.JSONDecodeError):  # missing, or written half by a killed driver
         config = {}
     results = _json_lines(d / "result.json")
-    rec = TrialRecord(str(results[-1].get("trial_id", trial_id_of(d))) if results else trial_id_of(d), d,
+    named = d.name.removeprefix("trial_")  # search/run.py names a trial's folder trial_ID
+    rec = TrialRecord(str(results[-1].get("trial_id", named)) if results else named, d,
                       config if isinstance(config, dict) else {}, results)
     err = d / "error.txt"
     if err.exists():
         lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
         rec.error = lines[-1][:200] if lines else "error"
-    rec.ended_by_search = ends.get(rec.trial_id, ends.get(trial_id_of(d), ""))
+    rec.ended_by_search = ends.get(rec.trial_id, ends.get(named, ""))
     return rec
 
 
@@ -112,10 +105,8 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
 
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a usable best epoch, best first; a screen trial ranks below every full-fidelity
-    one, whose val_acc it can't be compared with. Equal val_acc (on a small val split one image is
-    a step of 0.4 points) is broken by the lower val_loss at that epoch, the finer measure of the
-    same images."""
+    """Trials with a usable best epoch, best first; screen trials after every full-fidelity one (their
+    val_acc is not comparable); equal val_acc (one image can be 0.4 points) by the lower val_loss."""
     usable = [t for t in trials if t.best is not None]
     return sorted(usable, key=lambda t: (t.full_fidelity, t.best[METRIC], -_loss(t.best)), reverse=True)
 
@@ -146,23 +137,19 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
     return out
 
 
-def read_best_file(path: Path) -> dict[str, Any]:
-    """A best_config.yaml/json as a mapping (or a plain mapping of hyper-parameters)."""
+def read_best_config(path: Path) -> tuple[dict[str, Any], int | None]:
+    """(the validated config, its best_epoch) of a best_config.yaml/json; a plain mapping of
+    hyper-parameters is a config without a best_epoch."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot read config {path} ({type(e).__name__}): pass a best_config.yaml") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} is not a mapping: pass a best_config.yaml")
-    return data
-
-
-def read_best_config(path: Path) -> dict[str, Any]:
-    """The `config` of a best_config.yaml/json (or a plain mapping of hyper-parameters), validated."""
-    data = read_best_file(path)
     cfg = data.get("config", data)
     TrialConfig.from_dict(cfg)
-    return cfg
+    epoch = data.get("best_epoch") if "config" in data else None
+    return cfg, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def write_settings(exp_dir: Path, settings: dict[str, Any]) -> None:

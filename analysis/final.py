@@ -1,10 +1,6 @@
-"""The final step: retrain one config for its schedule (or the part of it the search selected),
-then test it once.
-
-It trains on train + val, except a config that trains on val_loss (early stopping,
-reduce-on-plateau): that one trains on the search's train split and watches its val split, as
-it did in the search, since there is nothing else to watch.
-"""
+"""The final step: retrain one config (up to the epoch the search selected) on train + val, then test it
+once. A config that trains on val_loss (early stopping, reduce-on-plateau) trains on the search's
+train split and watches its val split, as in the search: there is nothing else to watch."""
 from __future__ import annotations
 
 import contextlib
@@ -32,12 +28,8 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                      on_epoch: Callable[[dict[str, Any]], None] = lambda m: None,
                      stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics.
-
-    `stop_after_epoch` k retrains the config's own trajectory up to global epoch k (its stage plan
-    and lr schedule, built for every planned epoch, cut there); test_metrics.json records the cut.
-    Running out of memory or diverging, in training or in the test pass, is a UserError saying
-    what to lower.
-    """
+    `stop_after_epoch` k cuts the config's own stage plan and lr schedule after global epoch k.
+    Running out of memory or diverging is a UserError saying what to lower."""
     cfg = TrialConfig.from_dict(config)
     train, val = data.search_split() if cfg.uses_val else (data.train_val, None)
     cut = stop_after_epoch if stop_after_epoch is not None and stop_after_epoch < cfg.total_epochs else None
@@ -96,12 +88,12 @@ def _test_pass(net: torch.nn.Module, data: FinalData, cfg: TrialConfig) -> tuple
     return ev, mean, std
 
 
-def load_trained(path: Path, device: torch.device | str = "cpu"):
-    """(net, checkpoint dict) from a model.pt written above; no pretrained download needed."""
+def load_trained(path: Path):
+    """(net on the CPU, checkpoint dict) from a model.pt written above; no pretrained download needed."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TrialConfig.from_dict(ckpt["config"])
     net = create_model(cfg.backbone, pretrained=False, head=cfg.head, small_input_stem=cfg.small_input_stem)
     net.load_state_dict(ckpt["state_dict"])
     # the same memory layout as training used: the faster one on this device (loop.Precision)
-    Precision.for_device(torch.device(device), cfg.backbone).model_to(net)
+    Precision.for_device(torch.device("cpu"), cfg.backbone).model_to(net)
     return net.eval(), ckpt

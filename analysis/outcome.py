@@ -1,10 +1,5 @@
-"""How a trial ended: the one rule the console, TensorBoard, the leaderboard, the report and the
-plots all use, over one view of a trial that a live Ray Tune trial and a trial folder on disk both give.
-
-The field's terms: the scheduler (ASHA) *prunes* a trial at a rung; the trial's own val_loss
-patience *early-stops* it; a search the user stops with Ctrl-C leaves its running trials
-*interrupted* (``--resume`` continues them); a spent ``--time-budget`` stops them *out of time budget*.
-"""
+"""How a trial ended: the one rule the console, TensorBoard, the leaderboard, the report and the plots
+all use, over a view of a trial that a live Ray Tune trial and a trial folder on disk both give."""
 from __future__ import annotations
 
 import json
@@ -36,13 +31,8 @@ ENDS_FILE = "trial_ends.json"  # {trial_id: INTERRUPTED | OUT_OF_BUDGET}, writte
 
 @dataclass(frozen=True)
 class TrialView:
-    """What the rule needs of a trial, live or on disk.
-
-    `last`: the row that ended it (its failure row when one reported a status other than ok,
-    else its last result; {} when it reported none). `errored`: Tune recorded a crash.
-    `live`: Ray Tune's status while the search runs ("RUNNING", "PENDING", "PAUSED", ...), "" on disk.
-    `ended_by_search`: INTERRUPTED or OUT_OF_BUDGET when the search ended while the trial ran.
-    """
+    """What the rule needs of a trial. `last`: the row that ended it (its failure row, else its last;
+    {} when none). `live`: Ray Tune's status while the search runs, "" on disk."""
     config: dict[str, Any]
     last: dict[str, Any] = field(default_factory=dict)
     errored: bool = False

@@ -1,6 +1,5 @@
-"""Names every layer shares about a search's results: the metric trials report and the Optuna study
-the searcher keeps (search/searcher.py writes it, report/importance.py reads it), and how that
-study's SQLite database is opened so readers never cost the search a result."""
+"""The metric trials report and the Optuna study the searcher keeps (search/searcher.py writes it, the
+report reads it), and its SQLite storage, opened so that readers never cost the search a result."""
 from __future__ import annotations
 
 import math
@@ -45,9 +44,8 @@ def load_study(exp: Path) -> optuna.Study | None:
 
 
 def holds(config: dict[str, Any], params: dict[str, Any]) -> bool:
-    """Whether a trial's config holds every value an Optuna trial sampled (numbers to rounding): how a
-    Tune trial is matched to its Optuna trial, since their ids differ. The config is seen as the
-    space sees it (`space_view`: the structural "stages" choice derived from the stage epochs)."""
+    """Whether a config holds every value an Optuna trial sampled (numbers to rounding), as the space
+    sees it (`space_view`): how a Tune trial is matched to its Optuna trial, since their ids differ."""
     def same(a: Any, b: Any) -> bool:
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
             return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
@@ -57,9 +55,8 @@ def holds(config: dict[str, Any], params: dict[str, Any]) -> bool:
 
 
 def enable_wal(db: Path) -> None:
-    """SQLite's write-ahead log for `db` (kept in the file): readers such as optuna-dashboard no
-    longer block the searcher's writes, nor it theirs. Left as it is when another connection holds
-    the database past the busy timeout (the next open tries again)."""
+    """SQLite's write-ahead log for `db`, so readers (optuna-dashboard) and the searcher never block
+    each other; left as it is while another connection holds the database (the next open retries)."""
     try:
         con = sqlite3.connect(db, timeout=BUSY_TIMEOUT_S)
         try:
@@ -85,16 +82,9 @@ def resume_study_at(exp: Path) -> None:
     _moved_to[:] = [Path(exp).resolve()]
 
 
-def _is_locked(e: BaseException) -> bool:
-    cause = e.__cause__ or e.__context__
-    text = f"{e} {cause}".lower()
-    return "locked" in text or "busy" in text
-
-
 class StudyStorage(optuna.storages.RDBStorage):
-    """Optuna's RDBStorage of an experiment's optuna.db: WAL mode, a long busy timeout, writes that
-    are retried while another connection holds a lock (raising StudyUnwritable when it never lets
-    go), and a path that follows the experiment folder when it is unpickled elsewhere."""
+    """Optuna's RDBStorage of optuna.db (WAL, a long busy timeout, writes retried while another
+    connection holds a lock) whose path follows the experiment folder when unpickled elsewhere."""
 
     def __init__(self, exp: Path):
         self.exp_dir = Path(exp).resolve()
@@ -117,7 +107,8 @@ def _retried(name: str):
             try:
                 return method(self, *args, **kwargs)
             except optuna.exceptions.StorageInternalError as e:
-                if not _is_locked(e):
+                text = f"{e} {e.__cause__ or e.__context__}".lower()
+                if "locked" not in text and "busy" not in text:
                     raise
                 if time.monotonic() >= deadline:
                     raise StudyUnwritable(

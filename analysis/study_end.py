@@ -1,17 +1,8 @@
-"""The Optuna study told how each trial ended, when a search ends.
-
-Ray's OptunaSearch tells Optuna of a trial only when Tune reports its end; trials the search's own
-end cuts short (a spent --time-budget) and trials it had asked for but never started stay RUNNING
-in optuna.db forever, and recipe points enqueued but never run stay WAITING. optuna-dashboard,
-importance and a later reader would then disagree with the search. `settle_study` gives each of
-them the state analysis.outcome's rule says: a trial cut short after reporting epochs is PRUNED
-(Optuna registers its last intermediate value, the best val_acc so far, as its value; a PRUNED
-trial cannot be given one otherwise), one that never reported is FAIL with the reason in its
-user attrs (Optuna cannot delete a trial), and so is a WAITING point that never ran.
-
-A search interrupted by Ctrl-C is not over: `--resume` continues its trials and points through the
-same Optuna trials (an updated, finished trial would refuse their results), so then nothing changes.
-"""
+"""The Optuna study told how each trial ended, when a search ends: Ray's OptunaSearch tells Optuna only
+of trials Tune ended, so those the search's end cut short stay RUNNING and unrun points WAITING. A
+trial cut after reporting epochs becomes PRUNED (Optuna keeps its last intermediate value), one that
+never reported FAIL with the reason (Optuna cannot delete a trial). After Ctrl-C nothing changes:
+`--resume` continues the same Optuna trials."""
 from __future__ import annotations
 
 import math
@@ -85,11 +76,9 @@ def _pairs(running: list, trials: list[TrialRecord]) -> dict[int, TrialRecord]:
 
 
 def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counter:
-    """Give every trial of the experiment's study that is still RUNNING or WAITING the state its
-    end calls for (module docstring), with its outcome name in the user attr `status`. `over`:
-    the search can run nothing more (`search_over`); else only trials that ended by themselves
-    are settled. `why` the search is over, for trials it never started ("not started: WHY").
-    Returns how many trials went to each outcome name. No study file: nothing to do."""
+    """Give every RUNNING or WAITING trial of the study the state its end calls for, its outcome name
+    in the user attr `status`. `over`: the search can run nothing more (`search_over`); else only
+    trials that ended by themselves. `why`: for trials never started. Returns {outcome: count}."""
     if not (Path(exp) / STUDY_FILE).is_file():
         return Counter()
     storage = optuna.storages.RDBStorage(study_url(exp))

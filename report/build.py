@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from analysis.experiment import load_trials, rank, read_settings
+from analysis.experiment import PARAM_COLUMNS, PARAM_HEADS, TrialRecord, load_trials, param_cells, rank, read_settings
 from analysis.study import METRIC
 from report import comparison, versus
 from report import html as h
@@ -21,17 +21,12 @@ from report.classes import (
 )
 from report.curves import plot_curves
 from report.importance import compute_importance, plot_importance, plot_top_two
-from report.leaderboard import HEAD, NUMERIC, leaderboard_rows
 from report.schedule import plot_schedule
 from trainable import atomic
 
 REPORT = "report.html"
-
-
-def dataset_name(settings: dict) -> str:
-    """What the accuracies were measured on: the data folder's name (never assumed CIFAR-100)."""
-    data_dir = str(settings.get("data_dir") or "")
-    return Path(data_dir).name or data_dir or "the search's data"
+HEAD = ["#", "trial", "best val_acc", "@epoch", "epochs run/planned", "status"] + PARAM_HEADS
+NUMERIC = {0, 2, 3} | {6 + i for i, k in enumerate(PARAM_COLUMNS) if k not in ("backbone", "aug_strength")}  # aug: may be a list
 
 
 def write_report(exp_dir: Path) -> Path:
@@ -40,10 +35,11 @@ def write_report(exp_dir: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     trials = load_trials(exp)
     settings = read_settings(exp)
-    data = dataset_name(settings)
+    data_dir = str(settings.get("data_dir") or "")
+    data = Path(data_dir).name or data_dir or "the search's data"  # what the accuracies were measured on
     ranked = rank(trials)
     sections = [_summary(trials, ranked, out, data), versus.section(exp, trials, out),
-                _curves(trials, out, data), _importance(trials, out), _leaderboard(trials, data),
+                _curves(trials, out, data), _importance(trials, exp, out), _leaderboard(trials, data),
                 _schedule(ranked, out), _test(out, data), comparison.section(out, data), _best_config(exp)]
     subset = settings.get("subset")
     subtitle = (f"{exp} · space {settings.get('space', '?')} · {len(trials)} trials · data {data}"
@@ -77,8 +73,8 @@ def _curves(trials, out: Path, data: str) -> str:
                             "pruned."))
 
 
-def _importance(trials, out: Path) -> str:
-    imp = compute_importance(trials)
+def _importance(trials, exp: Path, out: Path) -> str:
+    imp = compute_importance(trials, exp)
     title = "Which hyper-parameters mattered"
     if not imp.values:
         return h.section(title, h.note(f"No importance plot: {imp.note}"))
@@ -89,6 +85,20 @@ def _importance(trials, out: Path) -> str:
                         f"(target: each trial's best val_acc; diverged or out-of-memory trials count as 0)."
                         + (f" Caveat: {imp.note}" if imp.note else "")))
     return h.section(title, *parts)
+
+
+def leaderboard_rows(trials: list[TrialRecord]) -> list[list[str]]:
+    """Every trial, ranked ones first, with the parameters that matter."""
+    ranked = rank(trials)
+    rows = []
+    for t in ranked + [t for t in trials if t not in ranked]:
+        if t in ranked:
+            head = [str(len(rows) + 1), t.trial_id, h.pct(t.best[METRIC]), str(t.best["epoch"])]
+        else:
+            head = ["–", t.trial_id, "–", "–"]
+        status = t.status + (f": {t.reason}" if t.reason else "")
+        rows.append(head + [f"{t.epochs_run}/{t.planned_epochs}", status] + param_cells(t.config))
+    return rows
 
 
 def _leaderboard(trials, data: str) -> str:

@@ -1,8 +1,5 @@
-"""The retrained model on the test set: per-class accuracy and the confusions that cost most.
-
-Reads analysis/test_predictions.pt (top-1 prediction and label per test image) and the class names
-stored in analysis/model.pt, both written by analysis/final.py.
-"""
+"""The retrained model on the test set (analysis/test_predictions.pt and the class names in model.pt,
+written by analysis/final.py): per-class accuracy and the confusions that cost most."""
 from __future__ import annotations
 
 from dataclasses import dataclass

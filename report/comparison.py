@@ -26,17 +26,13 @@ def comparison_text(rows: list[dict[str, Any]]) -> str:
     return text_table(HEAD, [cells(r) for r in rows], numeric=NUMERIC)
 
 
-def load(out_dir: Path) -> dict[str, Any] | None:
-    p = Path(out_dir) / COMPARISON
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def section(out_dir: Path, data: str) -> str:
     title = "Search best vs hand-made recipes"
-    comp = load(out_dir)
-    if comp is None:
+    p = Path(out_dir) / COMPARISON
+    if not p.exists():
         return h.section(title, h.note("No comparison yet: run analyze.py EXP --baselines NAME[,NAME...] "
                                        "(run_search.py --list-spaces lists the recipes)."))
+    comp = json.loads(p.read_text())
     best_first = bool(comp["rows"]) and comp["rows"][0]["recipe"].startswith("search best")
     notes = [f"Every row trained on {data} (same data, same split) and was tested once on its test file."]
     if comp.get("epochs_scale", 1) != 1:

@@ -1,11 +1,6 @@
-"""How much each hyper-parameter mattered: Optuna's importance evaluator over the search's trials.
-
-The search saves its Optuna study in the experiment folder (optuna.db); its trials hold exactly what
-was sampled, so a conditional parameter (plateau_patience, asked only when schedule=constant) is
-absent where it did not exist, and Optuna leaves it out instead of reading its default as a value.
-Each trial's value is what the searcher was told (its best val_acc; 0.0 for a diverged or
-out-of-memory trial).
-"""
+"""How much each hyper-parameter mattered: Optuna's fANOVA over the saved study's trials, which hold
+exactly what was sampled (a conditional parameter is absent where it did not exist) and the value the
+searcher was told (best val_acc; 0.0 for a diverged or out-of-memory trial)."""
 from __future__ import annotations
 
 import math
@@ -36,13 +31,6 @@ class Importance:
     study: Any = None  # an in-memory optuna Study of the trials assessed (None when fewer than 2)
 
 
-def search_trials(saved: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The saved study's completed trials that this search ran: trials of earlier experiments told
-    to the searcher (--warm-start DIR) carry a warm_start attribute without an enqueued point's config."""
-    return [t for t in saved.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "warm_start" not in t.user_attrs or WARM_CONFIG in t.user_attrs]
-
-
 def _tagged_copy(done: list[optuna.trial.FrozenTrial], trials: list[TrialRecord]) -> optuna.Study:
     """An in-memory study of `done`, each tagged with its Tune trial's id and status for the plots."""
     unmatched = list(trials)
@@ -57,12 +45,13 @@ def _tagged_copy(done: list[optuna.trial.FrozenTrial], trials: list[TrialRecord]
     return study
 
 
-def compute_importance(trials: list[TrialRecord], exp: Path | None = None) -> Importance:
-    """Importance of each sampled hyper-parameter, from the saved study of experiment `exp`
-    (default: the folder holding the trials)."""
-    exp = Path(exp) if exp is not None else (trials[0].path.parent if trials else None)
-    saved = load_study(exp) if exp is not None else None
-    done = [t for t in search_trials(saved) if t.value is not None and math.isfinite(t.value)] if saved else []
+def compute_importance(trials: list[TrialRecord], exp: Path) -> Importance:
+    """Importance of each sampled hyper-parameter over the finished trials of `exp`'s saved study that
+    this search ran (trials of --warm-start DIR carry warm_start without an enqueued point's config)."""
+    saved = load_study(exp)
+    done = [t for t in saved.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if ("warm_start" not in t.user_attrs or WARM_CONFIG in t.user_attrs)
+            and t.value is not None and math.isfinite(t.value)] if saved else []
     study = _tagged_copy(done, trials) if len(done) >= 2 else None
     if len(done) < MIN_TRIALS:
         return Importance("", {}, f"{len(done)} finished trial(s): importance needs at least {MIN_TRIALS} to mean "

@@ -31,7 +31,6 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-
 def legend_below(fig: Figure, *axes, fontsize: int = 8) -> None:
     """One legend for the figure, under its axes: inside an axes a legend can cover bar labels."""
     seen: dict[str, object] = {}

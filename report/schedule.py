@@ -1,11 +1,6 @@
-"""The best trial's learning-rate schedule, per optimiser step, across its stages.
-
-Recomputed with the training code itself: the same stage plan (trainable/stages.py) and the same
-optimiser and scheduler (trainable/optim.py) on an untrained copy of the network, stepped through
-every stage without training. The steps per epoch come from the trial's first result row
-(images_per_sec * train_seconds = steps * batch_size); the lr the trial reported at the end of each
-epoch is overlaid as a check.
-"""
+"""The best trial's learning-rate schedule per optimiser step, recomputed by the training code's own
+stage plan, optimiser and scheduler on an untrained copy of the network; the lr the trial reported
+after each epoch is overlaid as a check."""
 from __future__ import annotations
 
 import warnings
@@ -34,6 +29,7 @@ class Schedule:
 
 
 def steps_per_epoch(trial: TrialRecord) -> int:
+    """From the trial's first timed row: images_per_sec * train_seconds = steps * batch_size."""
     cfg = TrialConfig.from_dict(trial.config)
     for r in trial.results:
         ips, secs = r.get("images_per_sec"), r.get("train_seconds")

@@ -152,7 +152,7 @@ def test_best_config_round_trip(exp):
     export_best(exp, load_trials(exp))
     want = _config(backbone="resnet18")
     for name in ("best_config.yaml", "best_config.json"):
-        cfg = read_best_config(exp / name)
+        cfg, _ = read_best_config(exp / name)
         assert cfg == want
         assert TrialConfig.from_dict(cfg) == TrialConfig.from_dict(want)
 
@@ -200,7 +200,7 @@ def test_leaderboard(exp):
 def test_read_best_config_plain_mapping(tmp_path):
     p = tmp_path / "hp.yaml"
     p.write_text("backbone: resnet18\nbatch_size: '64'\n")
-    assert read_best_config(p) == {"backbone": "resnet18", "batch_size": "64"}
+    assert read_best_config(p) == ({"backbone": "resnet18", "batch_size": "64"}, None)
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -52,7 +52,7 @@ def _experiment(root: Path, n_trials: int = N_TRIALS) -> Path:
 
 def test_conditional_parameter_gets_no_share_from_its_default(tmp_path):
     exp = _experiment(tmp_path)
-    imp = compute_importance(load_trials(exp))
+    imp = compute_importance(load_trials(exp), exp)
     assert imp.evaluator == "fANOVA"
     assert imp.values.get("plateau_patience", 0.0) < 0.05, imp.values
     assert max(imp.values, key=imp.values.get) in ("schedule", "stage1_lr")
@@ -95,7 +95,7 @@ def test_no_study_no_importance(tmp_path):
     exp = _experiment(tmp_path)
     (exp / STUDY_FILE).unlink()
     assert load_study(exp) is None
-    imp = compute_importance(load_trials(exp))
+    imp = compute_importance(load_trials(exp), exp)
     assert not imp.values and "0 finished trial(s)" in imp.note
 
 
@@ -103,7 +103,7 @@ def test_too_few_trials_show_a_sentence_not_a_chart(tmp_path):
     """fANOVA over a handful of trials draws noise as bars: the report says why there is none."""
     n = 9  # one short of the threshold
     exp = _experiment(tmp_path, n_trials=n)
-    imp = compute_importance(load_trials(exp))
+    imp = compute_importance(load_trials(exp), exp)
     assert not imp.values and f"{n} finished trial(s)" in imp.note
     page = write_report(exp).read_text()
     assert "importance needs at least 10" in page
@@ -125,6 +125,6 @@ def test_trials_told_from_earlier_experiments_stay_out(tmp_path):
                                                   user_attrs={"warm_start": f"old/trial_{i}", "status": "completed"}))
     saved.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=0.4,
                                               user_attrs={"warm_start": "recipe@x", WARM_CONFIG: {}}))
-    imp = compute_importance(load_trials(exp))
+    imp = compute_importance(load_trials(exp), exp)
     assert len(imp.study.trials) == N_TRIALS + 1
     assert 0.99 not in {t.value for t in imp.study.trials}

@@ -31,8 +31,8 @@ from analysis.outcome import (
     read_ends,
     write_ends,
 )
+from report.build import leaderboard_rows
 from report.curves import END_MARKER, STYLE
-from report.leaderboard import leaderboard_rows
 from search.progress import Progress, SearchLog, table_rows
 from search.tensorboard import EpochTensorBoard
 from trainable.config import TrialConfig

@@ -50,7 +50,7 @@ def test_prediction_matches_the_test_evaluation(tiny):
     model_path, test, images, _, _ = tiny
     expected = torch.load(model_path.parent / "test_predictions.pt", weights_only=True)["predictions"]
     model = predict.load_model(model_path)
-    loaded = [predict.load_image(p) for p in images]
+    loaded = [predict.to_model_input(predict.read_image(p)) for p in images]
     for i, x in enumerate(loaded):
         assert torch.equal(x, torch.from_numpy(np.ascontiguousarray(test.images[i]))), i
     probs = predict.probabilities(model, loaded)
@@ -63,7 +63,7 @@ def test_prediction_matches_the_test_evaluation(tiny):
 def test_a_batch_that_runs_out_of_memory_is_halved_with_the_same_probabilities(tiny):
     model_path, _, images, _, _ = tiny
     model = predict.load_model(model_path)
-    loaded = [predict.load_image(p) for p in images]
+    loaded = [predict.to_model_input(predict.read_image(p)) for p in images]
     whole = predict.probabilities(model, loaded)
     real, sizes = model.net, []
 

@@ -112,7 +112,7 @@ def test_class_results_and_confusions():
 
 
 def test_importance_over_the_real_trials(experiment):
-    imp = compute_importance(load_trials(experiment))
+    imp = compute_importance(load_trials(experiment), experiment)
     if imp.values:
         assert abs(sum(imp.values.values()) - 1) < 1e-6
         assert imp.evaluator == "fANOVA"

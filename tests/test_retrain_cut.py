@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import analyze
-from analysis.experiment import SETTINGS_FILE
+from analysis.experiment import SETTINGS_FILE, read_best_config
 from analysis.final import retrain_and_test
 from report.build import cut_sentence
 from tests.conftest import run_cli
@@ -94,8 +94,8 @@ def test_a_best_config_file_carries_its_cut_and_a_plain_config_none(tmp_path):
     plain.write_text(yaml.safe_dump(CFG))
     as_json = tmp_path / "best_config.json"
     as_json.write_text(json.dumps({"best_epoch": 3, "config": CFG}))
-    assert analyze._best_epoch_of(best) == 2 and analyze._best_epoch_of(as_json) == 3
-    assert analyze._best_epoch_of(plain) is None
+    assert read_best_config(best)[1] == 2 and read_best_config(as_json)[1] == 3
+    assert read_best_config(plain)[1] is None
 
 
 def test_retrain_and_test_records_the_cut(data_root, tmp_path):

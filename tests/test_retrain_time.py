@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from analysis.experiment import TrialRecord
-from analysis.retrain_time import Eta, expected_epochs
+from analyze import eta, expected_epochs
 
 
 def _trial(times: dict[int, float]) -> TrialRecord:
@@ -30,9 +30,9 @@ def test_a_restarted_epoch_counts_once_and_untimed_trials_give_none():
 
 
 def test_eta_corrects_the_plan_by_the_epochs_done():
-    eta = Eta([2.0, 6.0, 6.0], total=3)
-    assert eta.left(0, 0.0) == 14.0  # the plan
-    assert eta.left(1, 4.0) == pytest.approx(24.0)  # this machine runs at half the trial's speed
-    assert eta.left(3, 20.0) == 0.0
-    assert Eta(None, total=4).left(1, 5.0) == 15.0  # no plan: the mean epoch so far
-    assert Eta(None, total=4).left(0, 0.0) is None
+    plan = [2.0, 6.0, 6.0]
+    assert eta(plan, 3, 0, 0.0) == 14.0  # the plan
+    assert eta(plan, 3, 1, 4.0) == pytest.approx(24.0)  # this machine runs at half the trial's speed
+    assert eta(plan, 3, 3, 20.0) == 0.0
+    assert eta(None, 4, 1, 5.0) == 15.0  # no plan: the mean epoch so far
+    assert eta(None, 4, 0, 0.0) is None
