@@ -218,7 +218,8 @@ def build_tuner(job: Search, data: SearchData, points: list, told: list, est, bu
                              promote=budget_plan.promote if budget_plan else 0)
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=make_scheduler(s.scheduler, job.opts.max_epochs, job.grace_period, s.reduction_factor),
-        num_samples=job.num_samples, max_concurrent_trials=s.max_concurrent or None, trial_dirname_creator=trial_dirname)
+        num_samples=job.num_samples, max_concurrent_trials=s.max_concurrent or None, trial_dirname_creator=trial_dirname,
+        reuse_actors=True)  # a finished trial's worker runs the next: no new process, imports or CUDA context
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
