@@ -448,7 +448,7 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
     p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of "
-                   + "; ".join(f"{k} {TITLES[k].lower()}: {v}" for k, v in WHAT.items()))
+                   + "; ".join(f"{k} {TITLES[k]}: {v}" for k, v in WHAT.items()))
     # without the file: random init (''), which runs at the same speed
     p.set_defaults(weights_dir=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "")
     p.add_argument("--threads", type=int, default=1, help="torch threads of sections 2, 3, 6; --cpus-per-trial of 4, 5")
