@@ -1,15 +1,6 @@
 """python benchmarks/bench.py [--quick] [--sections 1,2,...]: is the search spending its compute on the
-model? Prints one markdown table of ratios and notes on how each was measured (for BENCHMARKS.md):
-
-  1. trial overhead      a real trial (run_search.py) vs the ceiling, the model alone (training step and
-                         forward pass), at 32 and 128 px; and a 1-CPU vs a 2-CPU trial
-  2. pipeline headroom   the trial's per-batch data work alone vs the model's training step
-  3. vs the usual way    that data work vs a torchvision DataLoader over PIL images (workers = cores)
-  4. memory              whole-search PSS (psutil) with 1 vs 2 concurrent trials on the full file
-  5. search efficiency   the same seeded random configs under ASHA and FIFO: epochs, wall, best val_acc
-  6. stage cost          step time of stage 1 (head only) vs stage 2 vs all layers
-
-Contenders timed in one process alternate rounds of torch's Timer. --quick shrinks every part (a smoke run).
+model? Prints one markdown table of ratios against targets and notes on how each was measured (for
+BENCHMARKS.md). Contenders timed in one process alternate rounds of torch's Timer.
 """
 from __future__ import annotations
 
@@ -52,6 +43,12 @@ QUICK = {**FULL, **dict(subset=5, overhead_sizes=(32, 64), overhead_batch=32, ov
                         search_sets={"input_size": 32, "batch_size": 32}, stage_batch=16)}
 TITLES = {"1": "Trial overhead", "2": "Pipeline headroom", "3": "Against the usual DataLoader",
           "4": "Memory", "5": "Search efficiency (ASHA vs FIFO)", "6": "Stage cost"}
+WHAT = {"1": "a real trial (run_search.py) vs the model alone, at 32 and 128 px; a 1-CPU vs a 2-CPU trial",
+        "2": "the trial's per-batch data work vs the model's training step",
+        "3": "that data work vs a torchvision DataLoader over PIL images (workers = cores)",
+        "4": "whole-search PSS (psutil) with 1 vs 2 concurrent trials on the full file",
+        "5": "the same seeded random configs under ASHA and FIFO: epochs, wall, best val_acc",
+        "6": "step time of stage 1 (head only) vs stage 2 vs all layers"}
 HEAD = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
 MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
 
@@ -82,7 +79,7 @@ class Context:
         return make_bench(self.data.train, self.a.weights_dir)
 
     def search_opts(self, **opts) -> dict:
-        """run_search.py's options for one of the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
+        """run_search.py's options for the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
         a = self.a
         return dict(gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none", seed=a.seed,
                     weights_dir=a.weights_dir or None, no_pretrained=not a.weights_dir,
@@ -96,10 +93,8 @@ class Context:
 # ----------------------------------------------------------------------------- 1. trial overhead
 
 def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple[float, float]]:
-    """{threads: (seconds of one epoch's training steps, seconds of its evaluation pass)} at the
-    machine's limit: the model alone in channels_last (its faster layout, benchmarks/layout.py),
-    every layer trainable, on one fixed batch, times the trial's steps per epoch (loop.batching);
-    plus the forward pass under inference_mode of a batch of eval_batch_size, times the val images."""
+    """{threads: (seconds of an epoch's training steps, of its evaluation)} for the model alone in
+    channels_last on one fixed batch, times the trial's steps per epoch and its val images."""
     d = ctx.data
     bs, steps = batching(len(d.train), ctx.a.overhead_batch)
     b = make_bench(d.train, ctx.a.weights_dir, channels_last=True)
@@ -115,8 +110,7 @@ def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple
 
 
 def ceiling_rates(runs: list[dict[int, tuple[float, float]]], images: int) -> dict[int, dict]:
-    """Per thread count, over the ceiling runs given: img/s of the training steps and of the whole
-    epoch (training + evaluation), and the evaluation seconds."""
+    """Per thread count, over the runs: img/s of the training steps and of the whole epoch, and the evaluation s."""
     out = {}
     for t in runs[0]:
         train_s, eval_s = (sum(r[t][i] for r in runs) / len(runs) for i in (0, 1))
@@ -125,8 +119,7 @@ def ceiling_rates(runs: list[dict[int, tuple[float, float]]], images: int) -> di
 
 
 def trial_rates(rows: list[dict]) -> dict:
-    """A trial's timed epochs: whole-epoch img/s (Tune's time_this_iter_s: training, evaluation,
-    checkpoint, report) and training-steps img/s (the loop's own clock)."""
+    """Whole-epoch img/s (Tune's time_this_iter_s) and training-steps img/s (the loop's clock) of a trial's epochs."""
     imgs = sum(r["images_per_sec"] * r["train_seconds"] for r in rows)
     wall, train = sum(r["time_this_iter_s"] for r in rows), sum(r["train_seconds"] for r in rows)
     return {"whole": imgs / wall, "train": imgs / train, "images_per_epoch": imgs / len(rows),
@@ -134,8 +127,7 @@ def trial_rates(rows: list[dict]) -> dict:
 
 
 def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, float]:
-    """One Tune trial: 1 head-only epoch, then all-trainable epochs (timed); its rates, the
-    search's wall time and the search's fixed cost (wall minus every epoch's time)."""
+    """One Tune trial, 1 head-only epoch then all-trainable ones: their rates, the search's wall and fixed cost."""
     e2 = ctx.a.overhead_epochs
     sets = {"stage3_epochs": 0, "stage1_epochs": 1, "stage2_epochs": e2, "unfreeze_depth": 99, "input_size": size,
             "batch_size": ctx.a.overhead_batch, "aug_strength": 1.0}
@@ -204,9 +196,7 @@ def thread_scaling(ctx: Context, size: int, tr: dict, after: dict, images: int) 
 # ----------------------------------------------------------------------------- 2 + 3. pipelines
 
 def pipeline_fn(b, size: int, bs: int, batches: int):
-    """The trial's per-batch data work, loop.make_batch as loop.train_epoch calls it: a random index
-    slice of the on-device uint8 images, DeviceAugment at aug_strength 1, mixup/cutmix, the
-    precision's layout; `batches` batches per call."""
+    """The trial's per-batch data work (loop.make_batch as train_epoch calls it) at aug_strength 1 with mixup."""
     aug, mix = DeviceAugment(aug_policy(1.0), size, b.mean, b.std), make_mixup(*MIXUP)
     f2c, g, mg = coarse_matrix(b.fine, b.coarse), torch.Generator(b.dev).manual_seed(1), torch.Generator().manual_seed(1)
     n = b.x.shape[0]
@@ -248,9 +238,8 @@ class PILSet(torch.utils.data.Dataset):
 
 
 def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, std, dev):
-    """The usual way at aug_strength 1's amplitudes, cheapest order for PIL (geometry and colour at
-    32 px, then one resize); a fresh iterator per call (workers start, as at every epoch without
-    persistent_workers); timm Mixup on each batch in the main process."""
+    """The usual way at aug_strength 1's amplitudes, geometry and colour at 32 px then one resize (PIL's cheapest
+    order); workers start at every call, as at every epoch without persistent_workers."""
     tf = T.Compose([T.RandomHorizontalFlip(),
                     T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
                     T.ColorJitter(0.4, 0.4, 0.4), T.Resize(size, antialias=True), T.ToTensor(), T.Normalize(mean, std),
@@ -286,9 +275,8 @@ def section_dataloader(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- 4. memory
 
 class TreeMemory:
-    """run_cli's watcher: each second, psutil's memory_full_info() summed over the search's process
-    tree (driver, Ray's processes, trial workers), keeping the peaks; True (stop the search) once
-    `workers` trial workers have each lived `timebox` s."""
+    """run_cli's watcher: psutil's memory_full_info() over the search's process tree each second, keeping
+    the peaks; True (stop the search) once `workers` trial workers have each lived `timebox` s."""
 
     def __init__(self, timebox: float, workers: int):
         self.timebox, self.workers, self.seen = timebox, workers, {}
@@ -459,7 +447,8 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
-    p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of 1-6")
+    p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of "
+                   + "; ".join(f"{k} {TITLES[k]}: {v}" for k, v in WHAT.items()))
     # without the file: random init (''), which runs at the same speed
     p.set_defaults(weights_dir=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "")
     p.add_argument("--threads", type=int, default=1, help="torch threads of sections 2, 3, 6; --cpus-per-trial of 4, 5")

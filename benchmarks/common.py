@@ -1,7 +1,6 @@
-"""The one harness of the benchmark scripts: paths, the options they share and their parsing, the
-header each prints (command as typed, start, load, machine), the data split, markdown tables,
-torch's Timer in alternating rounds, the model-only ceiling step, the project's CLIs run as a user
-runs them, and the results-json file a re-run resumes from."""
+"""The one harness of the benchmark scripts: the options they share, the header each prints, markdown
+tables, torch's Timer in alternating rounds, the model-only ceiling, the project's CLIs run as a
+user runs them, and the results file a re-run resumes from."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +43,7 @@ MiB = 2 ** 20
 def parser(doc: str, *, data: bool = True, work_dir: str | None = None, work_help: str = "runs/ and logs/",
            quick: str = "") -> argparse.ArgumentParser:
     """The script's options with the shared ones: --data-dir/--weights-dir (`data`), --work-dir (its
-    default, '' a new temp folder; None: no such option), --quick (its help; '': no such option)."""
+    default, '' a new temp folder; None: none), --quick (its help; '': none)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if data:
         p.add_argument("--data-dir", default=str(DATA), help="folder holding cifar-100-python/")
@@ -74,11 +73,6 @@ def split(a, subset: int | None, val_fraction: float = 0.1, seed: int = 0):
     return prepare_search_data(a.data_dir, subset=subset, val_fraction=val_fraction, seed=seed, download=False)
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """The command as it was typed, for a benchmark's "Command:" line (argv None: sys.argv's)."""
-    return command(f"benchmarks/{script}", *(sys.argv[1:] if argv is None else list(argv)))
-
-
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor() or "unknown CPU")
@@ -89,10 +83,11 @@ def machine() -> str:
 
 
 class Invocation:
-    """One run of a script: its command as typed, start time and load, for the header it prints last."""
+    """One run of a script: its command as typed (argv None: sys.argv's), start time and load, for its header."""
 
     def __init__(self, script: str, argv: list[str] | None):
-        self.command, self.t0, self.load0 = command_line(script, argv), time.time(), os.getloadavg()[0]
+        self.command = command(f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv))
+        self.t0, self.load0 = time.time(), os.getloadavg()[0]
 
     def header(self, note: str = "") -> str:
         start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.t0))

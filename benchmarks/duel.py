@@ -1,21 +1,9 @@
-"""The search against what a careful person would do by hand, at the same wall-clock budget, over seeds.
-
-    python benchmarks/duel.py [--seeds 0,1,2] [--contenders d,a@1,a@0.5,c@1] [--subset 10] [--max-epochs 3]
-
-On the stand-in data (../shared/data/tinyimagenet100-32: real photos in CIFAR-100's format, NOT
-CIFAR-100: its accuracies are not CIFAR-100 accuracies), one per-class subset and split per seed,
-every contender runs through the real CLI (run_search.py in a subprocess, its own local Ray):
-  (d) every recipe point (each pretrained recipe's procedure, its epochs fitted into the per-trial
-      budget), all run to the end (FIFO, no time limit): what a careful person tries. Its wall
-      time is the budget unit: `X@1` gets as long as (d) took on that seed, `X@0.5` half of it.
-  (a) the search as a user runs it: budget plan (screen + promote), incumbent sampler, ASHA
-  (a-local) (a) without the local search (--sampler tpe)   (a-screen) (a) without the screen (--screen off)
-  (b) (a) with --warm-start none   (c) random search + ASHA, --warm-start none
-Each contender's winner (best val_acc at its best epoch) is retrained on train+val and tested once
-(`analyze.py`, as a user does). Per contender: the mean test accuracy over seeds, the mean paired
-difference to (d) with its 95 % t-interval, trials, epochs, and when it first beat (d)'s best
-val_acc. Results are kept in WORK/duel.json after every run (a re-run skips what is there); the
-plot of each contender's incumbent val_acc against wall time goes to --plot.
+"""python benchmarks/duel.py [--seeds 0,1,2] [--contenders d,a@1,a@0.5,c@1]: the search against every
+recipe point run to the end ((d), what a careful person tries), at a multiple of (d)'s wall time, over
+seeds, on the stand-in data (NOT CIFAR-100), each contender through run_search.py. Each winner is
+retrained and tested once by analyze.py; the table gives the mean test accuracy, the paired difference
+to (d) with its 95 % t-interval, and when each first beat (d)'s best val_acc. WORK/duel.json keeps
+every run (a re-run skips what is there); --plot gets the incumbent val_acc against wall time.
 """
 from __future__ import annotations
 
@@ -29,11 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import optuna
 from scipy import stats
 
 from analysis.experiment import load_trials, rank
-from analysis.study import MOVE_ATTR, STUDY_NAME, WARM_CONFIG, holds, study_url
+from analysis.study import MOVE_ATTR, WARM_CONFIG, holds, load_study
 from benchmarks.common import Invocation, Results, flags, md_table, parser, run_cli
 from report.plots import figure, save
 from spaces import Options, get_space
@@ -42,6 +29,7 @@ from trainable.cache import ENV, cache_root
 
 USER_CACHE = cache_root()  # before cold_cache points CIFAR_TUNE_CACHE at a run's own folder
 
+# each contender's run_search.py flags besides the budget; (a) is the search as users run it
 FLAGS = {"a": [], "a-local": ["--sampler", "tpe"], "a-screen": ["--screen", "off"],
          "b": ["--warm-start", "none"], "c": ["--warm-start", "none", "--sampler", "random"]}
 LABELS = {"d": "(d) every recipe point, run to the end", "a": "(a) the search as users run it",
@@ -55,8 +43,8 @@ def parse(argv: list[str] | None):
     p = parser(__doc__, work_dir="/tmp/duel", work_help="runs/, logs/ and duel.json (kept: a re-run resumes)",
                quick="smoke run: 3 per class, 2 epochs, 64 px, one seed")
     p.add_argument("--seeds", default="0,1,2", help="one split (and searcher/trial seed) per seed")
-    p.add_argument("--contenders", default="d,a@1,a@0.5,c@1",
-                   help="d first; others as NAME@MULTIPLE of (d)'s wall time (names: " + ", ".join(FLAGS) + ")")
+    p.add_argument("--contenders", default="d,a@1,a@0.5,c@1", help="d first; others as NAME@MULTIPLE of (d)'s wall "
+                   "time: " + "; ".join(f"{k} = {v}" for k, v in LABELS.items() if k != "d"))
     p.add_argument("--subset", type=int, default=10, help="training images per class (train+val)")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial over all stages")
@@ -145,10 +133,8 @@ def winner(t) -> str:
     its config whose value is its last val_acc (two trials of one study may propose one config)."""
     c = {k: v for k, v in t.config.items() if k != "train_fraction"}
     last = t.results[-1].get("val_acc") if t.results else None
-    try:
-        trials = optuna.load_study(study_name=STUDY_NAME, storage=study_url(t.path.parent)).trials
-    except Exception:  # no study: name it by its parameters
-        trials = []
+    study = load_study(t.path.parent)
+    trials = study.trials if study is not None else []  # no study: named by its parameters
     by_number = {ot.number: ot for ot in trials}
     for ot in sorted(trials, key=lambda ot: ot.value != last):  # the trial with its value first
         warm = {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"}

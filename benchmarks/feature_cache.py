@@ -1,17 +1,8 @@
-"""python benchmarks/feature_cache.py [--parts epoch,recipe,search] [--quick]: what the frozen-feature
-cache (trainable/features.py) saves. Prints markdown tables for BENCHMARKS.md:
-
-  epoch   head-only epochs of lite0 through run_trial, uncached (CIFAR_TUNE_FEATURE_CACHE=off)
-          and cached, at 64, 128 and 224 px: an epoch after the first (training + validation),
-          the first cached epoch's extraction, and a second trial's load of the same features
-  recipe  the efficientnetv2_frozen recipe point as the duel runs it (lite0, --subset 20, val
-          fraction 0.25, 224 px, 3 epochs: spaces.warm_start.fit_epochs), run_trial's wall time
-          uncached and cached (from an empty cache)
-  search  run_search.py: 8 trials of one backbone that vary only head hyper-parameters
-          (stage1_lr and the head), uncached and cached, wall time of the whole search
-
-Each run starts from an empty cache folder (CIFAR_TUNE_CACHE in a temporary directory). Trials
-run on 1 thread, as a `--cpus-per-trial 1` trial does.
+"""python benchmarks/feature_cache.py [--parts epoch,recipe,search] [--quick]: what the frozen-feature cache
+saves, uncached (CIFAR_TUNE_FEATURE_CACHE=off) against cached from an empty folder, on 1 thread. Parts:
+epoch (head-only lite0 epochs at 64-224 px: a later epoch, the extraction, a second trial's load),
+recipe (the duel's efficientnetv2_frozen point, run_trial's wall) and search (run_search.py, 8 trials
+varying only head hyper-parameters).
 """
 from __future__ import annotations
 

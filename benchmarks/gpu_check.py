@@ -1,16 +1,9 @@
-"""python benchmarks/gpu_check.py [--weights-dir DIR] [--data-dir DIR] (or `make gpu-check`):
-run this first on new GPU hardware. Nobody who wrote the GPU path had a GPU to run it on.
+"""python benchmarks/gpu_check.py [--weights-dir DIR] [--data-dir DIR] (or `make gpu-check`): run this first on new GPU hardware.
 
-For each visible GPU, with the precision the search would pick for it (loop.choose_precision):
-  train       one pretrained fine-tune epoch at 224 px (everything trainable), through run_trial
-  resume      the next epoch, from the checkpoint the first one wrote
-  throughput  that trial's training rate against the model-only ceiling (benchmarks/common.py's
-              forward + backward + step on a fixed batch), at least --min-ratio of it
-Then, through Ray Tune and the search's own trainable: two trials sharing each GPU at 0.5 GPU each
-(the device from Ray's assignment, each capped at its share of the GPU's memory).
-One PASS/FAIL line per check; exit 1 if any failed. Without a CUDA GPU it says so and exits 0.
-Images: CIFAR-100 from --data-dir when it is there (--subset per class), else random ones (the
-check is that the path runs, not what it learns).
+Per visible GPU, in the precision the search picks for it: a 224 px fine-tune epoch through run_trial,
+the next epoch resumed from its checkpoint, and its rate against the model-only ceiling; then two
+trials sharing each GPU at 0.5 GPU through Ray Tune. One PASS/FAIL line per check, exit 1 if any
+failed. Images: CIFAR-100 from --data-dir when it is there, else random ones (the path must run).
 """
 from __future__ import annotations
 

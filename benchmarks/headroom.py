@@ -1,15 +1,8 @@
-"""Headroom: is there a better fine-tune one change away from the best recipe?
-
-    python benchmarks/headroom.py [--subset 20] [--val-fraction 0.25] [--max-epochs 3] [--seeds 0,1]
-
-Before tuning a searcher, measure whether the space holds a win (../shared/research/search-quality.md):
-on the duel's split, the best recipe point (`--recipe`, fitted into the duel's epoch budget as the
-warm start fits it: spaces/warm_start.fit_epochs) and its one-change neighbours are each trained to
-the end on the search's train split, scored on its val split (what a search sees) and on the test
-file (5,000 images: one standard error near 50 % is ~0.7 points, against ~2.2 on 500 val images).
-
-On the stand-in data (ImageNet photos in CIFAR-100's format, NOT CIFAR-100): its accuracies are
-not CIFAR-100 accuracies. Runs in-process (no Ray): every run is a plain trainable.trial.run_trial.
+"""python benchmarks/headroom.py [--subset 20] [--max-epochs 3] [--seeds 0,1]: is a better fine-tune one
+change away from the best recipe? The recipe point (`--recipe`, fitted into the epochs as the warm start
+fits it) and its one-change neighbours, each trained to the end in-process (run_trial, no Ray) on the
+search's train split, scored on its val split and on the whole test file (5,000 images: one standard
+error ~0.7 points). On the stand-in data: NOT CIFAR-100 accuracies.
 """
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """python benchmarks/layout.py [--quick] [--backbones a,b:small] [--sizes 32,128] [--threads 1,2]:
-which memory layout runs each backbone faster on this CPU, channels_last or contiguous?
-
-For each backbone and input size (batch 64, random init: speed does not depend on the weights):
-the model's training step (forward + label-smoothed CE + backward + SGD-Nesterov step, every layer
-trainable) and its forward pass under inference_mode, each in channels_last and contiguous, at
-every torch thread count given. The contenders of one (backbone, size, mode) alternate for
---rounds rounds, each turn torch's Timer (a warm-up call, then >= --call-seconds of steps). Prints
-a markdown table and the faster layout per backbone: those where contiguous trains faster belong
-in trainable/loop.py's CPU_CONTIGUOUS. `name:small` builds the backbone with small_input_stem.
+which memory layout, channels_last or contiguous, trains each backbone faster on this CPU? The training
+step (every layer trainable, random init) and the forward pass of each layout alternate for --rounds
+rounds at every thread count; the backbones that train faster contiguous belong in trainable/loop.py's
+CPU_CONTIGUOUS.
 """
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
-"""Where should ASHA's first rung be? The rank correlation between a rung's val_acc and the final
-val_acc, over trials that all ran to the end.
-
-    python benchmarks/rungs.py [--num-samples 12] [--max-epochs 4] [--subset 10] [--quick]
-
-One FIFO search (run_search.py --scheduler fifo --sampler random --warm-start none: independent
-random configs of the cpu space, every trial run to its last epoch) on the stand-in data (not
-CIFAR-100). For each candidate rung r (epoch 1, the old default, and the stage-aware rung that
-search/searcher.py derives), the Spearman rank correlation between the trials' val_acc at epoch r
-and at their last epoch: how well a decision at r ranks the trials as their full runs do. Prints a
-markdown table (paste it into BENCHMARKS.md).
+"""python benchmarks/rungs.py [--num-samples 12] [--max-epochs 4] [--subset 10] [--quick]: where should
+ASHA's first rung be? Over one FIFO search of random `cpu`-space configs (or --experiment), the Spearman
+correlation between the trials' val_acc at each candidate rung (epoch 1 and the stage-aware rung of
+search/searcher.py) and at their last epoch.
 """
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""A copy of a cifar-100-python folder whose images are shifted away from ImageNet's photos.
-
-    python benchmarks/shift.py SRC_DATA_DIR OUT_DATA_DIR [--shift invert]
-
-The stand-in's images are ImageNet photos, so frozen ImageNet features are unusually strong on it;
-on real CIFAR-100 (32 px, another camera and crop) users win by fine-tuning the backbone. A
-photographic negative (255 - x, train and test alike) keeps every image's content and labels but
-moves it off the pretraining distribution, so a duel on it asks whether the search still wins when
-fine-tuning is what pays. It is a stress setting, not CIFAR-100: its accuracies are neither.
+"""python benchmarks/shift.py SRC_DATA_DIR OUT_DATA_DIR [--shift invert]: a copy of a cifar-100-python folder
+whose images are shifted off ImageNet's photos (labels kept), where frozen ImageNet features are no longer
+unusually strong: does the search still win when fine-tuning is what pays? A stress setting, not CIFAR-100.
 """
 from __future__ import annotations
 

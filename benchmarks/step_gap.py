@@ -1,10 +1,7 @@
-"""python benchmarks/step_gap.py [--sizes 32,128] [--strengths 0,1] [--rounds 5] [--profile]: the
-trial's training steps (loop.train_epoch as a trial calls it: fresh batches sliced, augmented and
-laid out, the stage's optimiser over its parameter groups, the per-step schedule) against the
-ceiling (common.model_fn: the model alone on one fixed batch, SGD over one group; also with torch's
-fused SGD, which the trial uses), in the same process, alternating rounds, median per contender.
-`--profile` prints torch.profiler's top operators of each (self CPU time) to show where the
-difference goes.
+"""python benchmarks/step_gap.py [--sizes 32,128] [--strengths 0,1] [--rounds 5] [--profile]: the trial's
+training steps (loop.train_epoch with the stage's optimiser and schedule) against the model alone on one
+fixed batch (plain and fused SGD), alternating rounds in one process, median per contender. `--profile`
+prints torch.profiler's top operators of each.
 """
 from __future__ import annotations
 

@@ -145,9 +145,9 @@ def test_rungs_refuses_options_an_experiment_brings_itself(capsys):
 
 def test_benchmarks_print_the_command_as_typed(monkeypatch):
     from analysis.command import PROJECT, python
-    from benchmarks.common import command_line
+    from benchmarks.common import Invocation
     monkeypatch.chdir(PROJECT)
-    assert command_line("duel.py", ["--budget", "965s", "--work-dir", "/tmp/a b"]) == \
+    assert Invocation("duel.py", ["--budget", "965s", "--work-dir", "/tmp/a b"]).command == \
         f"{python()} benchmarks/duel.py --budget 965s --work-dir '/tmp/a b'"
 
 
