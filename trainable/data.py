@@ -155,8 +155,8 @@ def _bad(path: Path, problem: str) -> UserError:
     return UserError(f"{path}: {problem}; replace it with the file from the official archive or {_HINT}")
 
 
-def _unpickle(path: Path) -> dict:
-    """Load one pickled dict, with str keys (Python 2 pickles may have bytes keys)."""
+def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """Load one pickled dict holding `keys`, with str keys (Python 2 pickles may have bytes keys)."""
     try:
         with open(path, "rb") as f:
             obj = _ArrayOnlyUnpickler(f, encoding="latin1").load()  # official files are Python 2 pickles
@@ -171,13 +171,11 @@ def _unpickle(path: Path) -> dict:
         raise _bad(path, f"truncated or corrupt pickle ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise _bad(path, f"expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _require(d: dict, keys: tuple[str, ...], path: Path) -> None:
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     missing = [k for k in keys if k not in d]
     if missing:
         raise _bad(path, f"missing keys {missing}")
+    return d
 
 
 def _py2_bytes(x):
@@ -229,8 +227,7 @@ def _pixels(data, path: Path) -> np.ndarray:
 
 
 def _read_split(path: Path) -> Split:
-    d = _unpickle(path)
-    _require(d, ("data", "fine_labels", "coarse_labels"), path)
+    d = _unpickle(path, ("data", "fine_labels", "coarse_labels"))
     data = _pixels(d["data"], path)
     n = len(data)
     if n == 0:
@@ -243,8 +240,7 @@ def _read_split(path: Path) -> Split:
 
 
 def _read_names(path: Path) -> tuple[list[str], list[str]]:
-    d = _unpickle(path)
-    _require(d, ("fine_label_names", "coarse_label_names"), path)
+    d = _unpickle(path, ("fine_label_names", "coarse_label_names"))
     out = []
     for key, count in (("fine_label_names", NUM_FINE), ("coarse_label_names", NUM_COARSE)):
         names = d[key]
