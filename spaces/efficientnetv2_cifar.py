@@ -2,7 +2,7 @@
 Models and Faster Training", ICML 2021, Sec. 6 / Table 9 transfer-learning setup): everything
 trainable, RMSProp (TensorFlow-style: decay 0.9, momentum 0.9), lr 5e-4 after a 1-epoch linear
 warm-up, then cosine decay; weight decay 1e-5, label smoothing 0.1, at the backbone's 224 px with
-flip and light translation. The numbers are as issue 10 of this project quotes them."""
+flip and light translation."""
 from spaces import recipe
 
 EPOCHS = 20
