@@ -15,7 +15,7 @@ def stage1_cap(max_epochs: int) -> int:
     return max(1, max_epochs // 2)
 
 
-def sample_finetune(s: Suggest, o: Options, input_sizes: list[int] = INPUT_SIZES) -> dict:
+def sample_finetune(s: Suggest, o: Options) -> dict:
     """Sample one fine-tune over `o.max_epochs` epochs (every plan uses exactly all of them)."""
     m, cap = o.max_epochs, stage1_cap(o.max_epochs)
     stages = stage_count(s)
@@ -33,7 +33,7 @@ def sample_finetune(s: Suggest, o: Options, input_sizes: list[int] = INPUT_SIZES
             e1 = m - e2
     v = {"backbone": s.cat("backbone", o.backbones),
          "stage1_epochs": e1, "stage2_epochs": e2, "stage3_epochs": e3,
-         "input_size": s.cat("input_size", input_sizes),
+         "input_size": s.cat("input_size", INPUT_SIZES),
          "batch_size": s.cat("batch_size", [32, 64, 128]),
          "optimizer": s.cat("optimizer", ["sgd", "adamw", "rmsprop"]),
          "schedule": (schedule := s.cat("schedule", ["cosine", "onecycle", "constant", "step"])),
