@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from trainable.config import TrialConfig
@@ -70,6 +71,17 @@ class Space:
     # the longest head-only stage 1 of a plan that unfreezes blocks, for an epoch budget; ASHA's
     # first rung comes after it (search/searcher.py `stage_aware_grace`)
     longest_stage1: Callable[[int], int] = one_epoch  # a module-level function: Tune pickles spaces
+
+
+def _recipe_sample(values: dict[str, Any], s: Suggest, o: Options) -> dict[str, Any]:
+    return {"backbone": s.cat("backbone", o.backbones), **values}
+
+
+def recipe(name: str, description: str, backbone: str, **values: Any) -> Space:
+    """A fixed recipe: TrialConfig `values` on `backbone` (or those --backbones allows); its epochs are its own."""
+    epochs = TrialConfig(**values).total_epochs
+    return Space(name=name, description=description, backbones=(backbone,), max_epochs=epochs, min_epochs=epochs,
+                 sample=partial(_recipe_sample, values), recipe=True)
 
 
 def get_space(name: str) -> Space:

@@ -1,9 +1,6 @@
-"""The CPU space: what wins on a CPU at small scale, with a real choice of backbone.
-
-Three ImageNet-pretrained EfficientNet-Lite backbones (0/1/2: the offline weights in
-../shared/weights), 64-224 px, and every stage plan of spaces/finetune.py: a frozen feature
-extractor is cheap per epoch and strong at high resolution (52.9 % for frozen lite0 at 224 px in
-issue 6's table), fine-tuning more of the network pays at lower resolution.
+"""The CPU space: three pretrained EfficientNet-Lite backbones (the offline weights in ../shared/weights),
+64-224 px, every stage plan of spaces/finetune.py: a frozen extractor is cheap and strong at high
+resolution (52.9 % for lite0 at 224 px), fine-tuning more of the network pays at lower resolution.
 """
 from spaces import Space
 from spaces.finetune import sample_finetune, stage1_cap

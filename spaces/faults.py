@@ -1,9 +1,6 @@
-"""A tiny space in which some trials fail for real: for testing that a search survives them.
-
-A trial samples either a sane stage-1 learning rate or one so large that its loss overflows
-(diverges), and whether BatchNorm statistics stay frozen: with CIFAR_TUNE_FAULT=oom@2:freeze_bn=True
-(tests/fault_hook/sitecustomize.py) those trials make an allocation the machine cannot satisfy (out of memory)
-in epoch 2.
+"""A tiny space in which some trials fail for real, to test that a search survives them: a stage-1 lr so
+large the loss diverges, and freeze_bn, which CIFAR_TUNE_FAULT=oom@2:freeze_bn=True (tests/fault_hook)
+turns into an out-of-memory error in epoch 2.
 """
 from spaces import Options, Space, Suggest
 

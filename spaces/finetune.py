@@ -1,9 +1,7 @@
-"""The fine-tuning search space shared by the GPU (`default`) and CPU (`cpu`) spaces.
-
-Stage plans run from a frozen feature extractor (stage 1 alone) through progressive unfreezing
-to everything trainable from the first epoch (stage 3 alone: BiT, EfficientNetV2), so every
-pretrained hand-made recipe's procedure is a point of the space (spaces/warm_start.py checks it
-and the search starts from them). Conditional parameters are asked only where they take effect.
+"""The fine-tuning search space of the GPU (`default`) and CPU (`cpu`) spaces: stage plans from a frozen
+extractor (stage 1 alone) through progressive unfreezing to all trainable (stage 3 alone), so every
+pretrained recipe is a point of it (spaces/warm_start.py). Conditional parameters are asked only where
+they take effect.
 """
 from spaces import Options, Suggest, stage_count
 
@@ -12,13 +10,12 @@ WEIGHT_DECAYS = [0.0, 1e-5, 1e-4, 5e-4, 1e-3]  # categorical: the recipes' 0 has
 
 
 def stage1_cap(max_epochs: int) -> int:
-    """The longest head-only stage 1 of a plan that goes on to unfreeze blocks: half the budget
-    (the longest of the recipes: mobilenetv2_2phase_96's 10 of 20 epochs). ASHA's first rung
-    comes after it (search/searcher.py), so no trial is judged before its blocks have trained."""
+    """The longest head-only stage 1 of a plan that goes on to unfreeze blocks: half the budget (as
+    mobilenetv2_2phase_96's 10 of 20). ASHA's first rung comes after it (search/searcher.py)."""
     return max(1, max_epochs // 2)
 
 
-def sample_finetune(s: Suggest, o: Options, input_sizes: list[int] = INPUT_SIZES) -> dict:
+def sample_finetune(s: Suggest, o: Options) -> dict:
     """Sample one fine-tune over `o.max_epochs` epochs (every plan uses exactly all of them)."""
     m, cap = o.max_epochs, stage1_cap(o.max_epochs)
     stages = stage_count(s)
@@ -36,7 +33,7 @@ def sample_finetune(s: Suggest, o: Options, input_sizes: list[int] = INPUT_SIZES
             e1 = m - e2
     v = {"backbone": s.cat("backbone", o.backbones),
          "stage1_epochs": e1, "stage2_epochs": e2, "stage3_epochs": e3,
-         "input_size": s.cat("input_size", input_sizes),
+         "input_size": s.cat("input_size", INPUT_SIZES),
          "batch_size": s.cat("batch_size", [32, 64, 128]),
          "optimizer": s.cat("optimizer", ["sgd", "adamw", "rmsprop"]),
          "schedule": (schedule := s.cat("schedule", ["cosine", "onecycle", "constant", "step"])),

@@ -2,19 +2,14 @@
 and a stem that keeps the full resolution (trainable/scratch.py); Adam, reduce-on-plateau and
 early stopping on val_loss. resnet18_scratch, vgg13_scratch and alexnet_scratch are this recipe
 with their backbone."""
-from spaces import Options, Space, Suggest
-
-
-def sample(s: Suggest, o: Options) -> dict:
-    # the whole network from the first epoch: stage 3 alone, one lr for every block
-    return {"backbone": s.cat("backbone", o.backbones), "pretrained": False, "small_input_stem": True,
-            "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": 50,
-            "stage3_lr": 1e-3, "layer_decay": 1.0, "backbone_lr_scale": 1.0,
-            "optimizer": "adamw", "weight_decay": 5e-4, "schedule": "constant", "warmup_frac": 0.0,
-            "plateau_patience": 5, "plateau_factor": 0.2, "early_stop_patience": 10,
-            "batch_size": 128, "label_smoothing": 0.0, "input_size": 32, "augment": "flip,translate=0.125"}
+from spaces import Space, recipe
 
 
 def scratch_space(name: str, backbone: str, label: str) -> Space:
-    return Space(name=name, description=f"recipe: {label} from scratch, 32 px stem, plateau + early stop",
-                 backbones=(backbone,), max_epochs=50, min_epochs=50, sample=sample, recipe=True)
+    # the whole network from the first epoch: stage 3 alone, one lr for every block
+    return recipe(name, f"recipe: {label} from scratch, 32 px stem, plateau + early stop", backbone,
+                  pretrained=False, small_input_stem=True, stage1_epochs=0, stage2_epochs=0, stage3_epochs=50,
+                  stage3_lr=1e-3, layer_decay=1.0, backbone_lr_scale=1.0,
+                  optimizer="adamw", weight_decay=5e-4, schedule="constant", warmup_frac=0.0,
+                  plateau_patience=5, plateau_factor=0.2, early_stop_patience=10,
+                  batch_size=128, label_smoothing=0.0, input_size=32, augment="flip,translate=0.125")

@@ -1,9 +1,6 @@
-"""Warm start from expert knowledge: the hand-made recipes as the first points of a search.
-
-A search for fine-tuning hyper-parameters does far better starting from what experts know than from
-random draws (PriorBand, Mallik et al. 2023; Quick-Tune, Arango et al. 2024). Each pretrained recipe
-becomes one point per backbone it can run on (its own if allowed, else every allowed one), its stage
-epochs and patiences scaled into the trial's budget, replayed through the space's sample function:
+"""Warm start from expert knowledge: the hand-made recipes as the first points of a search (PriorBand,
+Mallik et al. 2023; Quick-Tune, Arango et al. 2024). Each pretrained recipe is one point per backbone it
+can run on, its epochs scaled into the trial's budget and replayed through the space's sample function:
 that yields the parameters Optuna must be told and proves the recipe is a point of the space.
 """
 from __future__ import annotations
@@ -34,9 +31,8 @@ class OutsideSpace(ValueError):
 
 
 def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
-    """`config` with its stage epochs scaled to sum to `budget` (each stage that had epochs keeps >= 1,
-    largest remainders get the rest) and its patiences by the same factor; ValueError when `budget`
-    is fewer than its stages."""
+    """`config` with its stage epochs scaled to sum to `budget` (each stage that had epochs keeps >= 1, largest
+    remainders get the rest), its patiences by the same factor; ValueError when `budget` is below its stages."""
     cfg = TrialConfig.from_dict(config)
     keys = [k for k in _STAGE_EPOCHS if getattr(cfg, k) > 0]
     if budget < len(keys):
@@ -58,8 +54,8 @@ def fit_epochs(config: dict[str, Any], budget: int) -> dict[str, Any]:
 
 
 class _Replay:
-    """A stand-in for an Optuna trial that answers every suggest_* with a given config's value,
-    checking it lies inside the distribution the space asks with."""
+    """An Optuna trial that answers every suggest_* with the config's value, checked to lie inside the
+    distribution (optuna's FixedTrial only warns on a value outside it)."""
 
     def __init__(self, config: dict[str, Any]):
         self.config = space_view(config)
@@ -100,9 +96,8 @@ def as_point(name: str, config: dict[str, Any], space: Space, opts: Options, fix
 
 def recipe_points(space: Space, opts: Options, base: dict[str, Any], fixed: dict[str, Any]
                   ) -> tuple[list[WarmPoint], list[str]]:
-    """The pretrained recipes as points of `space`, backbone-major (every recipe on the first, cheapest
-    allowed backbone first, so a short budget sees each procedure once), and one line per recipe that
-    is not a point of it. `base` (search-wide fields) and `fixed` (--set, typed) win over the recipe."""
+    """The pretrained recipes as points of `space`, backbone-major (every recipe on the first, cheapest allowed
+    backbone first), and one line per recipe that is not one. `base` (search-wide) and `fixed` (--set) win."""
     skipped, seen = [], set()
     found: list[tuple[int, WarmPoint]] = []
     for recipe in RECIPES:

@@ -1,11 +1,7 @@
-"""Every file the product writes goes through here: each one is either the new complete file or the
-old one, never half-written, and no temporary file is left behind when a write fails.
-
-Each file is written to a hidden temporary beside it, flushed to the disk, then renamed over the
-real name (atomic on POSIX and Windows). `together()` writes several files that describe each other
-(a model and its metrics) all to temporaries first and renames them only once every one is
-complete, so a full disk leaves the old set, not a mix. A failed write is a UserError naming the
-path and, when the disk or quota is full, the space it needs.
+"""Every file the product writes goes through here: each is the new complete file or the old one, never
+half-written: written to a hidden temporary beside it, flushed, then renamed over the real name.
+`together()` renames several files that describe each other only once all are complete. A failed write
+is a UserError naming the path (and for a full disk the space it needs), leaving no temporary behind.
 """
 from __future__ import annotations
 
@@ -47,8 +43,8 @@ class Files:
         self.write_bytes(path, text.encode(encoding))
 
     def torch_save(self, obj: Any, path: str | Path) -> None:
-        """`torch.save(obj)` to `path`, serialised in memory first so its size is known and any write
-        error is the operating system's (torch's own file writer reports a full disk as a RuntimeError)."""
+        """`torch.save(obj)` to `path`, serialised in memory first: the size is known and a write error is the
+        system's (torch's own writer reports a full disk as a RuntimeError)."""
         import torch  # lazy: the torch-free read side (report, analysis) writes through this module too
         buf = io.BytesIO()
         torch.save(obj, buf)
@@ -101,8 +97,8 @@ def torch_save(obj: Any, path: str | Path) -> None:
 
 
 def write_error(path: Path, e: OSError, size: int) -> UserError:
-    """The one-line error for a failed write of `size` bytes to `path`: for a full disk or quota,
-    the space needed and free; otherwise the system's reason."""
+    """The one-line error for a failed write of `size` bytes to `path`: for a full disk or quota the space
+    needed and free, else the system's reason."""
     reason = _FULL.get(e.errno)
     if reason is None:
         return UserError(f"cannot write {path} ({e.strerror or e}): check that its folder exists and is writable, "

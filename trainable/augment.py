@@ -1,33 +1,10 @@
-"""Batched on-device augmentation for uint8 image tensors (airbench style: no PIL, no DataLoader).
+"""Batched on-device augmentation of uint8 image tensors (airbench style: no PIL, no DataLoader).
 
-The dataset lives on the device as uint8 [N,3,H,W]; every batch is augmented in a few tensor ops
-with independent random parameters per image (torchvision's v2 transforms draw one set per call),
-and resized to the backbone's input size in the same resampling pass. Order: colour jitter,
-grayscale, blur (at source resolution), then one geometric resampling (flip/rotate/translate/zoom/
-perspective), normalisation, erasing.
-
-`aug_policy(strength)` maps one search knob onto the policy, linearly in between the two ends:
-
-    field            strength 0   strength 1      per image
-    flip             on           on              horizontal flip with p=0.5
-    max_translate    0            0.125           shift U(-t, t) of image size, per axis
-    max_rotate_deg   0            15              angle U(-r, r) degrees
-    zoom             (1.0, 1.0)   (0.8, 1.2)      scale U(lo, hi); >1 magnifies
-    perspective      0            0.1             tilt: homography row 3 = (px, py, 1), U(-d, d)
-    color_jitter     0            0.4             brightness/contrast/saturation U(1-c, 1+c)
-    grayscale_prob   0            0.1             ITU-R 601 grey with this probability
-    blur_prob        0            0.2             Gaussian blur with this probability
-    blur_sigma       (0.1, 1.0)   (0.1, 1.0)      sigma U(lo, hi) in source pixels; fixed
-    erase_prob       0            0.25            erase one rectangle with this probability
-    erase_area       (0.02, 0.2)  (0.02, 0.2)     fraction of the image; fixed, p carries strength
-
-Perspective 0.1 bends opposite edges to a length ratio of at most (1+d)/(1-d) = 1.22, about
-torchvision RandomPerspective's worst case at distortion_scale 0.2 (1.25); d < 0.5 keeps the
-homogeneous w = 1 + px*x + py*y positive over the whole image.
-
-Strength outside [0, 1] raises ValueError. Fixed recipes name their ops instead
-(`parse_augment`, `policy_for`): "flip, rotate=10, blur" -- unnamed ops are off, a bare name
-takes its strength-1 value, "none" alone turns everything off.
+Every image of a batch gets its own random parameters (torchvision's v2 transforms draw one set per
+call): colour jitter, grayscale and blur at source resolution, then one resampling pass that flips,
+rotates, translates, zooms, tilts and resizes to the input size, then normalisation and erasing.
+`aug_policy(strength)` scales each op of _OPS from off (0, flip only) to its strength-1 value (1);
+an explicit list ("flip, rotate=10, blur": unnamed ops off, "none" alone turns all off) overrides it.
 """
 
 import math
@@ -43,20 +20,19 @@ _N_DRAWS = 18  # uniforms per image, see DeviceAugment.forward
 
 @dataclass(frozen=True)
 class AugPolicy:
-    """What to randomise and how much; see the module docstring for the strength mapping."""
+    """What to randomise and how much; each image draws its own value uniformly within these bounds."""
 
-    flip: bool
+    flip: bool  # horizontal, p = 0.5
     max_rotate_deg: float
-    max_translate: float  # fraction of image size
-    zoom: tuple[float, float]  # content scale range
-    color_jitter: float  # amplitude of brightness/contrast/saturation factors
-    erase_prob: float
-    erase_area: tuple[float, float]  # fraction of the output image
-    # off unless a policy names them
-    perspective: float = 0.0  # max |px|, |py| of the homography's third row, normalised coords
+    max_translate: float  # fraction of image size, per axis
+    zoom: tuple[float, float]  # content scale range; > 1 magnifies
+    color_jitter: float  # brightness/contrast/saturation factors in [1 - c, 1 + c]
+    erase_prob: float  # one rectangle ...
+    erase_area: tuple[float, float]  # ... of this fraction of the output image
+    perspective: float = 0.0  # max |px|, |py| of the homography's third row: d bends an edge to (1+d)/(1-d) at most
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 1.0)  # Gaussian sigma range in source pixels
-    grayscale_prob: float = 0.0
+    grayscale_prob: float = 0.0  # ITU-R 601 grey
 
 
 # Explicit-list ops: name -> (value placeholder, strength-1 value, upper bound, inclusive?).
@@ -75,7 +51,7 @@ _VALID = ", ".join(["flip", *(f"{k}={v[0]}" for k, v in _OPS.items()), "none (al
 
 
 def _build(flip: bool, v: dict[str, float]) -> AugPolicy:
-    """Policy from explicit-list values (missing op = off)."""
+    """Policy from op values (a missing op is off)."""
     z = v.get("zoom", 0.0)
     return AugPolicy(flip=flip, max_rotate_deg=v.get("rotate", 0.0),
                      max_translate=v.get("translate", 0.0), zoom=(1.0 - z, 1.0 + z),
@@ -93,10 +69,8 @@ def aug_policy(strength: float) -> AugPolicy:
 
 
 def parse_augment(spec: str) -> AugPolicy:
-    """Policy from an explicit op list, e.g. "flip, rotate=10, blur"; see the module docstring.
-
-    Raises ValueError (one line: the bad item and the valid names) on anything malformed.
-    """
+    """Policy from an explicit op list, e.g. "flip, rotate=10, blur" (a bare name: its strength-1 value);
+    ValueError (one line: the bad item and the valid names) on anything malformed."""
     if not spec.strip():
         raise ValueError(f"augment spec is empty; name ops or 'none'; valid: {_VALID}")
     items = [s.strip() for s in spec.split(",")]
@@ -144,7 +118,7 @@ def policy_for(strength: float, spec: str) -> AugPolicy:
 
 
 def _normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(x - mean) / std per channel, x in 0..1 units; in place (callers pass a fresh tensor)."""
+    """(x - mean) / std per channel, in place (callers pass a fresh tensor)."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
@@ -167,13 +141,9 @@ def eval_transform(x: torch.Tensor, input_size: int, mean: tuple[float, ...],
 
 
 def affine_resize(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """Resample float [B,C,H,W] through per-image 2x3 `theta` (output -> input, normalised
-    coordinates) to [B,C,size,size] in one bilinear pass.
-
-    Reflection padding: with an identity theta it clamps border samples exactly like
-    F.interpolate, so train and eval geometry agree; and shifted/rotated/zoomed-out images get
-    mirrored content instead of black bands that would be a cue seen only in training.
-    """
+    """Resample float [B,C,H,W] through per-image 2x3 `theta` (output -> input, normalised coordinates)
+    to [B,C,size,size] in one bilinear pass. Reflection padding: at identity it matches F.interpolate
+    (train and eval geometry agree), and moved images get mirrored content, not black bands."""
     grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -204,11 +174,8 @@ def _jitter(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor) 
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Gaussian blur of float [B,C,H,W] with per-image sigma [B] (pixels), kernel 2*radius+1.
-
-    Separable, as a depthwise conv over B*C channels so each image gets its own kernel in one
-    call; reflect padding as torchvision's gaussian_blur (no dark rim).
-    """
+    """Gaussian blur of float [B,C,H,W] with per-image sigma [B] (pixels), kernel 2*radius+1: separable
+    depthwise convs over B*C channels (each image its own kernel), reflect padding as torchvision's."""
     n, ch, hh, ww = x.shape
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     g = torch.exp(-0.5 * (k / sigma.clamp(min=1e-6)[:, None]) ** 2)  # tiny sigma -> delta
@@ -238,8 +205,8 @@ def _erase_mask(u: torch.Tensor, policy: AugPolicy, size: int) -> torch.Tensor:
 
 
 def draws(batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """The uniforms DeviceAugment draws for a batch, [batch, _N_DRAWS] on `device`: drawn on the
-    generator's device (a CPU generator can drive CUDA data), all at once."""
+    """The uniforms DeviceAugment draws for a batch, [batch, _N_DRAWS] on `device`, all at once on the
+    generator's device (a CPU generator can drive CUDA data), so the stream does not depend on the ops on."""
     dev = generator.device if generator is not None else device
     return torch.rand(batch, _N_DRAWS, generator=generator, device=dev).to(device)
 
@@ -250,8 +217,7 @@ def flipped(u: torch.Tensor) -> torch.Tensor:
 
 
 def beyond_flip(policy: AugPolicy) -> bool:
-    """Whether the policy does anything besides a horizontal flip (then an image's augmented
-    views are not just the image and its mirror)."""
+    """Whether the policy does anything besides a horizontal flip (an image has more views than two)."""
     off = aug_policy(0.0)
     return replace(policy, flip=off.flip, erase_area=off.erase_area, blur_sigma=off.blur_sigma) != off
 
@@ -269,10 +235,8 @@ class DeviceAugment(torch.nn.Module):
         """Augment uint8 [B,3,H,W] (square) on x's device; `generator` makes it reproducible."""
         p, size = self.policy, self.input_size
         x = _to_unit(x)
-        # One draw for everything, on the generator's device (a CPU generator can drive CUDA
-        # data), so the stream does not depend on which parts are switched on. Columns: 0 flip,
-        # 1 rotate, 2-3 translate, 4 zoom, 5-7 jitter, 8-12 erase, 13-14 perspective,
-        # 15-16 blur (apply, sigma), 17 grayscale.
+        # columns: 0 flip, 1 rotate, 2-3 translate, 4 zoom, 5-7 jitter, 8-12 erase, 13-14 perspective,
+        # 15-16 blur (apply, sigma), 17 grayscale
         u = draws(x.shape[0], generator, x.device)
 
         # Colour and blur at source resolution: up to 49x fewer pixels than after the resize.

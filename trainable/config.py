@@ -5,8 +5,7 @@ field names; nothing else lists them. A field's docstring-style comment is its d
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args, get_type_hints
 
 from trainable.errors import UserError
@@ -17,8 +16,7 @@ Optimizer = Literal["sgd", "adamw", "rmsprop"]
 Schedule = Literal["cosine", "onecycle", "constant", "step"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 HEADS, OPTIMIZERS, SCHEDULES, PRECISIONS = (get_args(t) for t in (Head, Optimizer, Schedule, PrecisionName))
-
-
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 # the fields that say how a trial runs, not what it learns: never tuned, never shown as hyper-parameters
 RUN_FIELDS = frozenset({"weights_dir", "seed", "compile", "eval_batch_size", "precision", "train_fraction"})
 
@@ -85,7 +83,7 @@ class TrialConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     def validate(self) -> None:
         checks = [
@@ -114,8 +112,8 @@ class TrialConfig:
             (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
             (0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]"),
         ]
-        checks += [(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}")
-                   for name, allowed in choices().items()]
+        checks += [(getattr(self, name) in get_args(t), f"{name} must be one of {', '.join(get_args(t))}")
+                   for name, t in get_type_hints(TrialConfig).items() if getattr(t, "__origin__", None) is Literal]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
@@ -124,12 +122,6 @@ class TrialConfig:
             policy_for(self.aug_strength, self.augment)
         except ValueError as e:
             raise UserError(f"bad trial config: {e}") from None
-
-
-def choices() -> dict[str, tuple[str, ...]]:
-    """{field: allowed values} for every TrialConfig field typed as a Literal."""
-    return {name: get_args(t) for name, t in get_type_hints(TrialConfig).items() if get_args(t)
-            and getattr(t, "__origin__", None) is Literal}
 
 
 def split_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, str]:
@@ -141,11 +133,8 @@ def split_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, str]:
 
 
 def coerce(d: dict[str, Any]) -> dict[str, Any]:
-    """`d` with each value converted to its TrialConfig field's type (no range checks).
-
-    "256" -> 256, "true" -> True, 3.0 -> 3; unknown keys, None, 2.5 for an int field and the like
-    are a UserError.
-    """
+    """`d` with each value converted to its TrialConfig field's type by as_type (no range checks); UserError for
+    unknown keys and values that do not convert."""
     types = {f.name: type(f.default) for f in fields(TrialConfig)}
     unknown = sorted(set(d) - set(types))
     if unknown:
@@ -164,18 +153,10 @@ def as_type(typ: type, v: Any) -> Any:
     """`v` as `typ` ("256" -> 256, "true" -> True, 3.0 -> 3); TypeError or ValueError for None, 2.5 for an int..."""
     if v is None:
         raise TypeError("None")
-    if typ is bool:
-        return _to_bool(v)
+    if typ is bool and isinstance(v, str):
+        if v.lower() not in _BOOLS:
+            raise ValueError(v)
+        return _BOOLS[v.lower()]
     if typ is int and isinstance(v, float) and not v.is_integer():
         raise ValueError(v)  # int(2.5) would silently be 2
     return typ(v)
-
-
-def _to_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        if v.lower() in ("1", "true", "yes", "on"):
-            return True
-        if v.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(v)
-    return bool(v)

@@ -1,10 +1,8 @@
-"""CIFAR-100 loading and the train/val/test bundles handed to Ray trials.
+"""CIFAR-100 loading and the train/val/test bundles handed to Ray trials, as plain numpy (cheap to pickle).
 
-Reads the official `cifar-100-python` archive layout (pickled dicts, by Python 2 or 3 at any
-protocol) with an unpickler that can build plain data and NumPy arrays and nothing else,
-validates every field, and keeps images as uint8 [N, 3, 32, 32]. Everything here is plain
-numpy + lists so the bundles pickle cheaply into Ray's object store. (torchvision's CIFAR100
-unpickles whatever the file holds and knows only its own folder layout; it serves the download.)
+The official `cifar-100-python` pickles (by Python 2 or 3, any protocol) are read by an unpickler that
+builds plain data and NumPy arrays only, every field checked; images stay uint8 [N, 3, 32, 32].
+(torchvision's CIFAR100 unpickles whatever the file holds and knows one folder layout: it serves the download.)
 """
 
 from __future__ import annotations
@@ -141,17 +139,10 @@ def _globals() -> dict[tuple[str, str], object]:
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """A pickle can run any code on load; this one may only build plain data and NumPy arrays.
-
-    Every global the pickle names goes through find_class, so anything not in ALLOWED (os.system,
-    eval, getattr, functools.partial, other NumPy functions, ...) is refused before it is called.
-    """
+    """A pickle can run any code on load: every global it names passes find_class, which refuses any
+    not in ALLOWED (os.system, eval, getattr, other NumPy functions, ...) before it is called."""
 
     ALLOWED = _globals()
-
-    def __init__(self, file, path: Path):
-        super().__init__(file, encoding="latin1")  # official files are Python 2 pickles
-        self.path = path
 
     def find_class(self, module: str, name: str):
         try:
@@ -164,11 +155,11 @@ def _bad(path: Path, problem: str) -> UserError:
     return UserError(f"{path}: {problem}; replace it with the file from the official archive or {_HINT}")
 
 
-def _unpickle(path: Path) -> dict:
-    """Load one pickled dict, with str keys (Python 2 pickles may have bytes keys)."""
+def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """Load one pickled dict holding `keys`, with str keys (Python 2 pickles may have bytes keys)."""
     try:
         with open(path, "rb") as f:
-            obj = _ArrayOnlyUnpickler(f, path).load()
+            obj = _ArrayOnlyUnpickler(f, encoding="latin1").load()  # official files are Python 2 pickles
     except FileNotFoundError:
         raise _bad(path, "file is missing") from None
     except _Refused as e:
@@ -180,13 +171,11 @@ def _unpickle(path: Path) -> dict:
         raise _bad(path, f"truncated or corrupt pickle ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise _bad(path, f"expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _require(d: dict, keys: tuple[str, ...], path: Path) -> None:
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     missing = [k for k in keys if k not in d]
     if missing:
         raise _bad(path, f"missing keys {missing}")
+    return d
 
 
 def _py2_bytes(x):
@@ -238,8 +227,7 @@ def _pixels(data, path: Path) -> np.ndarray:
 
 
 def _read_split(path: Path) -> Split:
-    d = _unpickle(path)
-    _require(d, ("data", "fine_labels", "coarse_labels"), path)
+    d = _unpickle(path, ("data", "fine_labels", "coarse_labels"))
     data = _pixels(d["data"], path)
     n = len(data)
     if n == 0:
@@ -252,8 +240,7 @@ def _read_split(path: Path) -> Split:
 
 
 def _read_names(path: Path) -> tuple[list[str], list[str]]:
-    d = _unpickle(path)
-    _require(d, ("fine_label_names", "coarse_label_names"), path)
+    d = _unpickle(path, ("fine_label_names", "coarse_label_names"))
     out = []
     for key, count in (("fine_label_names", NUM_FINE), ("coarse_label_names", NUM_COARSE)):
         names = d[key]
@@ -281,14 +268,9 @@ def _innermost(folder: Path) -> Path:
 
 
 def _ensure_present(data_dir: Path, download: bool) -> Path:
-    """The `cifar-100-python` folder `data_dir` names, in any form a user has it.
-
-    Accepted: the folder holding `cifar-100-python/`, that folder itself (or a file in it), the
-    official `cifar-100-python.tar.gz` (or a folder holding only it), extracted once into the
-    project's cache. Nothing is written into the user's folders: when the data is absent and
-    `download` is on, the archive is fetched into the cache and the folder only made once it holds
-    the data. UserError (one line) for a path that holds none of these.
-    """
+    """The `cifar-100-python` folder `data_dir` names: the folder holding it, the folder itself (or a file
+    in it), or the official archive (or a folder holding it), extracted once into the cache; else
+    downloaded when allowed. Nothing is written into the user's folders but a completed download."""
     data_dir = Path(data_dir).expanduser()
     if data_dir.is_file():
         if data_dir.name in SPLIT_FILES and _is_dataset_folder(data_dir.parent):
@@ -325,8 +307,8 @@ def _cache(kind: str) -> Path:
 
 
 def _key(path: Path) -> str:
-    """A cache key for the file or folder at `path`: its absolute path, and for a file its size and mtime
-    (a replaced archive is extracted again)."""
+    """A cache key for `path`: its absolute path, and for a file its size and mtime (a replaced archive is
+    extracted again)."""
     p = path.resolve()
     st = p.stat() if p.is_file() else None
     tag = f"{p}|{st.st_size}|{st.st_mtime_ns}" if st else str(p)
@@ -342,8 +324,7 @@ def _find_folder(root: Path) -> Path | None:
 
 
 def _extracted(archive: Path) -> Path:
-    """The dataset folder of a `cifar-100-python.tar.gz`, extracted once into the cache (a lock per
-    archive, so concurrent trials extract it once) and never beside the user's archive."""
+    """The dataset folder of a `cifar-100-python.tar.gz`, extracted once (under a lock) into the cache."""
     try:
         is_tar = tarfile.is_tarfile(archive)
     except (OSError, EOFError, zlib.error):
@@ -388,7 +369,7 @@ def _extract_failed(archive: Path, tmp: Path, e: Exception, reason: str) -> User
 
 def _download(data_dir: Path) -> Path:
     """Fetch the official archive into the cache, then move its folder to `data_dir/cifar-100-python`
-    (creating `data_dir` only then): a failed download leaves no folder behind."""
+    (creating `data_dir` only then: a failed download leaves no folder behind)."""
     from torchvision.datasets import CIFAR100  # lazy: torch-free until a download (it pulls in torch)
     from torchvision.datasets.utils import download_url
 
@@ -418,8 +399,7 @@ def _download(data_dir: Path) -> Path:
 
 
 def load_cifar100(data_dir: str | Path, *, splits: tuple[str, ...] = ("train",), download: bool = True) -> Cifar100:
-    """Load the requested splits of the dataset `data_dir` names (see _ensure_present for the forms
-    accepted; downloaded if absent and allowed)."""
+    """Load the requested splits of the dataset `data_dir` names (in any form _ensure_present takes)."""
     unknown = set(splits) - {"train", "test"}
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; use 'train' and/or 'test'")
@@ -445,10 +425,8 @@ def _sorted(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train_idx, val_idx): each class sends round(n_c * val_fraction) images to val.
-
-    A class with >= 2 images sends at least 1 when val_fraction > 0, and always keeps at least 1 for training.
-    """
+    """Sorted (train_idx, val_idx): each class sends round(n_c * val_fraction) images to val, at least 1
+    when val_fraction > 0 and it has 2, and keeps at least 1 for training."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}; pass e.g. --val-fraction 0.1")
     train, val = [], []
@@ -481,11 +459,8 @@ def _train_subset(data_dir: str | Path, splits: tuple[str, ...], subset: int | N
 def prepare_search_data(
     data_dir: str | Path, *, subset: int | None, val_fraction: float, seed: int, download: bool = True
 ) -> SearchData:
-    """Train/val from the training file only (the test file is never read during a search).
-
-    `subset` (images per class) is taken from the training file before the split, with the
-    same seed as `prepare_final_data`, so the final retrain sees exactly this train + val.
-    """
+    """Train/val from the training file only (a search never reads the test file). `subset` (images per
+    class) is taken before the split, with the seed `prepare_final_data` uses, so the retrain sees this train + val."""
     ds, full = _train_subset(data_dir, ("train",), subset, seed, download)
     train_idx, val_idx = stratified_split(full.fine, val_fraction, seed)
     return SearchData(full.take(train_idx), full.take(val_idx), ds.fine_names, ds.coarse_names)
@@ -494,12 +469,8 @@ def prepare_search_data(
 def prepare_final_data(
     data_dir: str | Path, *, subset: int | None, seed: int, val_fraction: float = 0.1, download: bool = True
 ) -> FinalData:
-    """train + val and test for the final retrain and the one test evaluation.
-
-    train + val is the whole training file (or the same per-class subset the search used); with
-    the search's `val_fraction` and `seed`, `search_split()` gives back its exact train/val split.
-    The test split is always complete.
-    """
+    """train + val (the training file, or the search's per-class subset of it) and the whole test split;
+    with the search's `val_fraction` and `seed`, `search_split()` gives back its train/val split."""
     ds, train = _train_subset(data_dir, ("train", "test"), subset, seed, download)
     train_idx, val_idx = stratified_split(train.fine, val_fraction, seed)
     return FinalData(train, train_idx, val_idx, ds.test, ds.fine_names, ds.coarse_names)

@@ -1,20 +1,11 @@
 """The frozen-feature cache: a head-only stage trained on the backbone's pooled features, computed once.
 
-In a stage that trains only the head (stage 1, trainable/stages.py) the frozen backbone is a
-fixed function when nothing random or stateful runs in it (every BatchNorm in eval mode, no
-dropout or drop-path), and its input is too when the images reach it unaugmented up to a
-horizontal flip (no other augmentation, no mixup or cutmix). Every training step's backbone
-output is then one of two vectors per image: the image's or its mirror's. This module computes
-both once, at the trial's input size, precision and memory layout, and trains the head (Net's
-forward after the backbone's pooling, coarse-to-fine heads included) on them, with the uncached
-loop's own random stream: the epoch's permutation, then one `augment.draws` per batch, whose flip
-column picks the view. Validation in that stage reads the validation images' features.
-
-Features are node-local files under `cache_root()`/features, one per (backbone weights, input
-size, precision, layout, device type, images, view), written atomically under a file lock: the
-first trial on a node that needs one builds it, every later one (and any that waited on the
-lock) loads it, memory-mapped, so trials on a node share its pages. CIFAR_TUNE_FEATURE_CACHE=off
-turns the cache off (every stage runs uncached).
+With the backbone frozen and nothing random or stateful in it, and the images unaugmented up to a flip,
+each step's backbone output is one of two vectors per image (the image's or its mirror's): both are
+computed once and the head trains on them with the uncached loop's own random stream (the permutation,
+then one `augment.draws` per batch whose flip column picks the view). The files live under
+`cache_root()`/features, keyed by weights, input size, precision, layout, device type, images and view,
+written atomically under a lock and memory-mapped, so a node's trials share them.
 """
 from __future__ import annotations
 
@@ -47,8 +38,7 @@ DISK_CAP = 8 * 2 ** 30  # bytes of feature files kept on a node; the least recen
 
 
 def enabled() -> bool:
-    """Whether CIFAR_TUNE_FEATURE_CACHE leaves the cache on; raises UserError on a value it does not
-    know (the search's cost estimate asks first, so a search stops before any trial)."""
+    """Whether CIFAR_TUNE_FEATURE_CACHE leaves the cache on; UserError on a value it does not know."""
     value = os.environ.get(SWITCH_ENV, "").strip().lower()
     if value not in ("", "on", "off"):
         raise UserError(f"{SWITCH_ENV}={value!r} is not a switch: use on or off, or unset it")
@@ -56,8 +46,7 @@ def enabled() -> bool:
 
 
 def why_not_cached(cfg: TrialConfig, stage: Stage) -> str | None:
-    """Why the config's `stage` cannot train on cached features (None: it can, as far as the
-    config tells; `for_stage` also checks the model)."""
+    """Why the config's `stage` cannot train on cached features (None: it can, as far as the config tells)."""
     if stage.top_blocks != 0:
         return "it trains backbone blocks"
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
@@ -102,8 +91,7 @@ def _digest(*parts: Any) -> str:
 
 
 def weights_digest(module: nn.Module) -> str:
-    """A digest of every parameter and buffer (names, dtypes, shapes, values): the weights' identity,
-    whether they came from a file, the hub or a seeded random init."""
+    """A digest of every parameter and buffer (names, dtypes, shapes, values): the weights' identity."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -120,9 +108,8 @@ def images_digest(images: np.ndarray) -> str:
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
 def extract(net: Net, x: torch.Tensor, *, input_size: int, mean, std, prec: Precision, batch_size: int,
             mirror: bool) -> torch.Tensor:
-    """The backbone's pooled features [N, D] of uint8 images x [N, 3, H, W] resized to `input_size`
-    (the mirror images with `mirror`), in eval mode, the precision's layout and autocast; batches
-    that run out of memory are halved."""
+    """The backbone's pooled features [N, D] of uint8 images x resized to `input_size` (mirrored with
+    `mirror`), in eval mode and the precision's layout and autocast."""
     net.eval()
 
     def step(rows: slice) -> torch.Tensor:
@@ -135,8 +122,7 @@ def extract(net: Net, x: torch.Tensor, *, input_size: int, mean, std, prec: Prec
 
 
 def _load_or_build(path: Path, build) -> tuple[torch.Tensor, bool]:
-    """(features, built here): the file at `path` memory-mapped, or `build()` saved there atomically
-    under a lock (a trial waiting on it loads what the first one wrote)."""
+    """(features, built here): the file at `path` memory-mapped, or `build()` saved there under a lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.is_file():
@@ -156,9 +142,8 @@ def _load_or_build(path: Path, build) -> tuple[torch.Tensor, bool]:
 
 
 def evict(folder: Path, cap: int) -> list[Path]:
-    """Delete the least recently used feature files in `folder` until the rest take at most `cap`
-    bytes; returns the deleted paths. A trial that has one memory-mapped keeps reading it (the
-    kernel frees the pages when it lets go); one that needs it again rebuilds it."""
+    """Delete the least recently used feature files in `folder` until the rest take at most `cap` bytes;
+    returns them. A trial that has one memory-mapped keeps reading it (the kernel frees it later)."""
     files = []
     for f in folder.glob("*.pt"):
         try:
@@ -191,8 +176,8 @@ class CachedStage:
                     sched: torch.optim.lr_scheduler.LRScheduler, prec: Precision,
                     scaler: torch.amp.GradScaler | None, smoothing: float, coarse_weight: float,
                     generator: torch.Generator) -> dict:
-        """loop.train_epoch's epoch on the features; its metrics plus feature_cache (built or hit
-        in the stage's first epoch here, hit after) and feature_seconds (the time spent getting them)."""
+        """loop.train_epoch's epoch on the features; its metrics plus feature_cache (built or hit in the
+        stage's first epoch, hit after) and feature_seconds (the time spent getting them)."""
         train_mode(self.net, self.freeze_bn)
         dev = self.fine.device
         perm = torch.randperm(self.plain.shape[0], device=dev, generator=generator)
@@ -240,15 +225,10 @@ def for_stage(cfg: TrialConfig, stage: Stage, net: Net, *, epochs: int, train_im
               fine: torch.Tensor, coarse: torch.Tensor, val_images: np.ndarray | None,
               val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, mean, std, prec: Precision,
               batch_size: int, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> CachedStage | None:
-    """The stage on cached features, or None when it runs uncached: not cacheable (why_not_cached,
-    or the model has something random or stateful in its backbone), the cache turned off, the
-    features over CACHE_SHARE of the trial's memory budget (then `log` says so), or `epochs` (the
-    stage's epochs this run will train) below 2 with the features not cached yet: extracting every
-    image and its mirror costs about two uncached epochs, so a one-epoch stage only reads them.
-
-    train_images/val_images are the splits' uint8 arrays (their digests key the cache), x/fine/
-    coarse and val the same splits on the device. Raises what extraction raises (out of memory
-    even one image at a time)."""
+    """The stage on cached features, or None when it runs uncached: not cacheable, the cache off, the
+    features over CACHE_SHARE of the trial's memory (`log` says so), or `epochs` (this run's of the stage)
+    below 2 with the features not cached yet: extracting costs about two uncached epochs.
+    train_images/val_images (uint8 arrays) key the cache; x/fine/coarse and val are the splits on the device."""
     if not enabled() or why_not_cached(cfg, stage) or _why_not_model(net, cfg.freeze_bn):
         return None
     mirror = policy_for(cfg.aug_strength, cfg.augment).flip

@@ -28,10 +28,9 @@ _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
-    """fp32, bf16 or fp16 for training on `device`; `requested` other than "auto" wins. "auto": fp32 on
-    the CPU, bf16 where the GPU has it natively (ROCm, CUDA compute capability 8.0+), else fp16 (V100,
-    T4: with a GradScaler). Not torch.cuda.is_bf16_supported(): it counts emulated bf16 (slow) too and
-    asks the current device, not necessarily this one."""
+    """fp32, bf16 or fp16 on `device`; `requested` other than "auto" wins. "auto": fp32 on the CPU, bf16
+    where the GPU has it natively (ROCm, compute capability 8.0+), else fp16 with a GradScaler (V100, T4).
+    (torch.cuda.is_bf16_supported() counts emulated bf16 too, and asks the current device.)"""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
@@ -54,9 +53,8 @@ class Precision:
 
     @classmethod
     def for_device(cls, device: torch.device, backbone: str = "", precision: str = "auto") -> "Precision":
-        """The precision choose_precision picks (or `precision` forces), in channels_last but for the
-        CPU_CONTIGUOUS backbones: oneDNN's CPU convolutions are NHWC-native (lite0 trains 2-3.8x faster on
-        this project's 2-core CPU, benchmarks/layout.py) and so are cuDNN's tensor-core ones under fp16/bf16."""
+        """choose_precision's pick, in channels_last but for CPU_CONTIGUOUS backbones: oneDNN's CPU convolutions
+        are NHWC-native (lite0 trains 2-3.8x faster here, benchmarks/layout.py), as are cuDNN's fp16/bf16 ones."""
         name = choose_precision(device, precision)
         if name == "bf16" and device.type == "cuda" and not _native_bf16(device):
             warnings.warn(f"precision bf16 on {torch.cuda.get_device_name(device)} (compute capability "
@@ -70,8 +68,7 @@ class Precision:
         return {dtype: name for name, dtype in _AMP_DTYPES.items()}[self.amp_dtype]
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """fp16 needs loss scaling against gradient underflow; bf16 (fp32's exponent range) and
-        fp32 do not: for them the loop steps the optimiser directly."""
+        """fp16 needs loss scaling against gradient underflow; bf16 (fp32's exponent range) and fp32 do not."""
         return torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
     def model_to(self, net: torch.nn.Module) -> torch.nn.Module:
@@ -95,13 +92,10 @@ def make_mixup(mixup_alpha: float, cutmix_alpha: float, smoothing: float) -> Mix
 
 
 def coarse_matrix(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """(NUM_FINE, NUM_COARSE) 0/1 matrix, 1 where the fine class belongs to the superclass, read
-    off the labelled data; a fine class absent from it maps to no superclass."""
+    """(NUM_FINE, NUM_COARSE) 0/1 matrix, 1 where the fine class belongs to the superclass (a fine class
+    absent from the labelled data belongs to none)."""
     table = _fine_to_coarse(fine, coarse)
-    m = torch.zeros(NUM_FINE, NUM_COARSE, device=fine.device)
-    seen = table >= 0
-    m[seen.nonzero().squeeze(1), table[seen]] = 1.0
-    return m
+    return F.one_hot(table.clamp(min=0), NUM_COARSE).float() * (table >= 0)[:, None]
 
 
 def mix_batch(mix: Mixup, x: torch.Tensor, fine: torch.Tensor, fine_to_coarse: torch.Tensor,
@@ -130,9 +124,8 @@ def _loss(out, fine, coarse, smoothing: float, coarse_weight: float):
 
 
 def batching(n: int, batch_size: int) -> tuple[int, int]:
-    """(batch size, optimiser steps) of one epoch over `n` images: an even batch (mixup pairs each
-    image with its mirror) of at most `batch_size`, the ragged last batch dropped (stable batch
-    statistics and step count); a subset smaller than the batch still trains, as one batch."""
+    """(batch size, optimiser steps) of an epoch over `n` images: an even batch (mixup pairs each image with
+    its mirror) of at most `batch_size`, the ragged last one dropped; fewer images than a batch train as one."""
     bs = max(2, min(batch_size, n - n % 2))
     return bs, max(1, n // bs)
 
@@ -141,10 +134,8 @@ def make_batch(x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, idx: t
                aug: DeviceAugment, prec: Precision, generator: torch.Generator, mix: Mixup | None = None,
                fine_to_coarse: torch.Tensor | None = None, mix_generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training batch as a trial feeds it: the `idx` rows of the on-device uint8 images
-    (N, 3, 32, 32) augmented on the device, mixed when `mix` is given (mix_batch), in the
-    precision's memory layout; returns (images (B, 3, S, S) float, fine targets, coarse targets):
-    class indices, or soft rows (B, NUM_FINE) / (B, NUM_COARSE) under mixup."""
+    """The `idx` rows of the on-device uint8 images, augmented, mixed when `mix` is given (mix_batch), in the
+    precision's layout: (images float (B, 3, S, S), fine targets, coarse targets: indices, or soft rows under mixup)."""
     xb, yb, cb = aug(x[idx], generator), fine[idx], coarse[idx]
     if mix is not None:
         xb, yb, cb = mix_batch(mix, xb, yb, fine_to_coarse, mix_generator)
@@ -158,7 +149,7 @@ def train_epoch(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Ten
                 coarse_weight: float, generator: torch.Generator, freeze_bn: bool = False,
                 mix_generator: torch.Generator | None = None) -> dict:
     """One pass over (x, fine, coarse) in random order (train_steps' metrics); `mix_generator`: the CPU
-    generator of mixup/cutmix's draws (mix_batch), given with `mix`."""
+    generator of mixup/cutmix's draws, given with `mix`."""
     train_mode(net, freeze_bn)
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
     batch = partial(make_batch, x, fine, coarse, aug=aug, prec=prec, generator=generator, mix=mix,
@@ -172,9 +163,8 @@ def train_steps(net: torch.nn.Module, perm: torch.Tensor,
                 batch_size: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 prec: Precision, scaler: torch.amp.GradScaler | None, smoothing: float,
                 coarse_weight: float) -> dict:
-    """One epoch of optimiser steps over the rows in `perm`'s order (batches as `batching` cuts
-    them): `batch(rows)` gives (net's input, fine targets, coarse targets) for those rows; returns
-    train_loss, images_per_sec and train_seconds (the steps' own clock)."""
+    """Optimiser steps over the rows in `perm`'s order, cut as `batching` cuts them; `batch(rows)` gives (input,
+    fine targets, coarse targets). Returns train_loss, images_per_sec and train_seconds (the steps' own clock)."""
     bs, steps = batching(perm.shape[0], batch_size)
     total = torch.zeros((), device=perm.device)
     _sync(prec.device)
@@ -204,11 +194,9 @@ T = TypeVar("T")
 
 def halving_batches(n: int, batch_size: int, step: Callable[[slice], T], device: torch.device | None = None
                     ) -> tuple[list[T], int]:
-    """`step(rows)` over rows [0, n) in slices of `batch_size`; a slice that runs out of memory is
-    retried at half its size, and the rest continue at that size. For inference only: results must
-    not depend on how the rows are split (eval-mode BatchNorm uses its running statistics).
-    Returns the per-slice results in row order and the size to start from next time (half the last
-    slice that failed), so failed tries are not repeated; raises when a single row does not fit."""
+    """`step(rows)` over rows [0, n) in slices of `batch_size`, a slice that runs out of memory retried at
+    half its size and the rest at that size (inference only: results must not depend on the split).
+    Returns the results in row order and the size to start at next time; raises when one row does not fit."""
     out: list[T] = []
     i, bs = 0, max(1, batch_size)
     while i < n:
@@ -231,10 +219,9 @@ def halving_batches(n: int, batch_size: int, step: Callable[[slice], T], device:
 def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, *,
              input_size: int, mean, std, batch_size: int, prec: Precision,
              return_predictions: bool = False) -> dict:
-    """Loss, top-1, top-5 and superclass accuracy (the fine prediction's superclass is right: comparable
-    across heads); with a coarse-to-fine head also the coarse head's own loss and accuracy. x: uint8
-    [N, 3, H, W] on the device, fine/coarse: long [N]. Batches that run out of memory are halved
-    (`halving_batches`): "batch_size" in the result is the size that worked, the numbers the same."""
+    """Loss, top-1, top-5 and superclass accuracy (of the fine prediction: comparable across heads), with a
+    coarse-to-fine head also its coarse head's loss and accuracy, of uint8 x [N, 3, H, W] on the device.
+    Batches that run out of memory are halved: "batch_size" in the result is the size that worked."""
     net.eval()
 
     def forward(rows: slice):
@@ -248,8 +235,7 @@ def evaluate(net: Net, x: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor
 def evaluate_outputs(forward: Callable[[slice], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
                      fine: torch.Tensor, coarse: torch.Tensor, *, batch_size: int,
                      return_predictions: bool = False) -> dict:
-    """`evaluate`'s metrics from `forward(rows)`, the model's output (logits, or (fine, coarse)
-    logits) for those rows of fine/coarse (long [N]), in its precision."""
+    """`evaluate`'s metrics from `forward(rows)`: the model's logits (or (fine, coarse) logits) for those rows."""
     fine_to_coarse = _fine_to_coarse(fine, coarse)
 
     def step(rows: slice) -> dict[str, torch.Tensor]:

@@ -1,13 +1,8 @@
 """A CPU trial's memory budget, enforced by the kernel (RLIMIT_AS) in the trial's own process.
 
-Past the budget an allocation fails inside the trial, which ends it with status "oom" and a
-reason while the search goes on. Without it, Ray's memory monitor SIGKILLs the worker at 95 % of
-node memory, and Ray Tune 2.60 does not survive that: its actor manager raises "Caught
-unexpected exception: ... OutOfMemoryError" and the whole search stops (seen here: lite0 at
-224 px, batch 256, every block unfrozen, reached 18 GB). GPU trials are left alone: CUDA's out of
-memory is an exception already, and CUDA reserves far more address space than it uses.
-
-`is_out_of_memory` is the one test of whether an error is an allocation failure (CPU or CUDA).
+Past it an allocation fails inside the trial, which ends with status "oom" while the search goes on;
+else Ray's memory monitor SIGKILLs the worker, and Ray Tune does not survive that (the whole search
+stops). GPU trials are left alone: CUDA's out of memory is an exception already.
 """
 from __future__ import annotations
 

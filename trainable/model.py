@@ -22,9 +22,7 @@ from torch import nn
 from trainable.config import HEADS
 from trainable.data import NUM_COARSE, NUM_FINE
 from trainable.errors import UserError
-from trainable.scratch import (
-    adapt_small_input,  # also registers the 32 px "alexnet" with timm
-)
+from trainable.scratch import adapt_small_input  # also registers the 32 px "alexnet" with timm
 
 
 class Net(nn.Module):
@@ -79,6 +77,7 @@ def create_model(name: str, *, pretrained: bool, weights_dir: str = "", head: st
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".pth.tar")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face model folder's weights
+HUB_CACHE_FILES = (*HUB_FILES, "open_clip_pytorch_model.bin")
 
 
 def weights_file(weights_dir: str | Path, name: str) -> Path | None:
@@ -111,17 +110,22 @@ def check_weights(name: str, pretrained: bool, weights_dir: str = "") -> None:
     if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file):
         raise UserError(f"backbone {name} has no pretrained weights: train it from scratch "
                         f"(run_search.py --no-pretrained; analyze.py --set pretrained=false)")
-    check_hub_reachable(name)
+    # fail in seconds, not after timm's ~50 s of retries, when the weights are not cached and can't be fetched
+    repo = (cfg.hf_hub_id or "").split("@")[0]
+    if repo and any(isinstance(try_to_load_from_cache(repo, f), str) for f in HUB_CACHE_FILES):
+        return
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname or "", 443), timeout=3.0).close()
+    except OSError:
+        raise UserError(f"pretrained weights for {name} are not cached and the model hub is "
+                        f"unreachable: pass --weights-dir DIR holding {name}.pth, or --no-pretrained") from None
 
 
 def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
-    """Load the ImageNet weights in file `path` into `backbone` (a fresh timm `name`), whatever the
-    common wrapper: a state_dict or a checkpoint dict holding one ('state_dict', 'model', 'ema', ...,
-    timm's EMA first as timm does), key prefixes of DataParallel/DDP, torch.compile, Lightning or a
-    wrapping model, safetensors. The classifier is not loaded (the fine-tune replaces it), so one of
-    any size or none at all is fine. UserError, one line, saying what does not fit and how to fix it.
-    (timm's load_checkpoint knows only timm's own keys and prefixes, and fails with a traceback.)
-    """
+    """Load the ImageNet weights in file `path` into `backbone` (a fresh timm `name`) from a state_dict or
+    a checkpoint holding one (_STATE_KEYS), under any wrapper's key prefixes (_PREFIXES), without the
+    classifier (the fine-tune replaces it); UserError, one line, saying what does not fit and the fix.
+    (timm's load_checkpoint knows only timm's own keys and prefixes, and fails with a traceback.)"""
     fix = f"save the state_dict of timm.create_model({name!r}) (torch.save(model.state_dict(), {path.name!r}))"
     state = _unwrap(_read_weights(path, fix))
     if state is None:
@@ -155,8 +159,7 @@ _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "net.", "network.",
 
 
 def _read_weights(path: Path, fix: str) -> dict:
-    """The file's top-level object via timm's loader (safetensors; a state_dict under timm's keys,
-    DDP/compile prefixes cleaned), with only tensors and plain data unpickled."""
+    """The file's top-level object via timm's loader (safetensors too), unpickling tensors and plain data only."""
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             return load_state_dict(str(path), use_ema=True)
@@ -187,8 +190,8 @@ def _harmless_globals() -> list:
 
 
 def _unwrap(obj, depth: int = 0) -> dict[str, torch.Tensor] | None:
-    """The state_dict in a checkpoint: `obj` itself when it maps names to tensors, else the first
-    one found under _STATE_KEYS (a few levels deep); None when there is none."""
+    """The state_dict in a checkpoint: `obj` itself when it maps names to tensors, else the first one
+    under _STATE_KEYS (a few levels deep); None when there is none."""
     if not isinstance(obj, dict) or depth > 3:
         return None
     for key in _STATE_KEYS:  # a dict under one of these is never a tensor of a state_dict
@@ -221,26 +224,6 @@ def _classifier_keys(backbone: nn.Module) -> set[str]:
 
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
-def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not after timm's ~50 s of retries, when the weights can't be fetched."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-    if hub_id and _in_hf_cache(hub_id):
-        return
-    host = urlparse(constants.ENDPOINT).hostname or ""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        raise UserError(f"pretrained weights for {name} are not cached and the model hub is "
-                        f"unreachable: pass --weights-dir DIR holding {name}.pth, or --no-pretrained") from None
-
-
-def _in_hf_cache(hub_id: str) -> bool:
-    repo = hub_id.split("@")[0]
-    return any(isinstance(try_to_load_from_cache(repo, f), str)
-               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
 
 
 def set_trainable(net: Net, top_blocks: int | None) -> None:

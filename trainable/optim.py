@@ -1,4 +1,8 @@
-"""Optimiser and learning-rate schedule for one stage, built from the stage plan."""
+"""Optimiser and learning-rate schedule for one stage, built from the stage plan.
+
+timm's create_optimizer_v2 applies layer decay as an `lr_scale` only timm's schedulers read, and those
+have no OneCycle: the groups here carry their lrs, for torch's schedulers.
+"""
 from __future__ import annotations
 
 import math
@@ -14,10 +18,8 @@ from trainable.stages import STEP_MILESTONES, Stage, block_lr_scales
 
 
 def param_groups(net: Net, stage: Stage, weight_decay: float) -> list[dict]:
-    """One group per (block, decay/no-decay) with its lr; frozen blocks are left out entirely.
-
-    Biases and norm weights (1-D tensors) get no weight decay, as in timm and most recipes.
-    """
+    """One group per (block, decay/no-decay) with its lr, frozen blocks left out; biases and norm weights
+    (1-D tensors) get no weight decay, as in timm and most recipes."""
     set_trainable(net, stage.top_blocks)
     blocks = net.blocks()
     scaled = [(p_list, s * stage.lr) for p_list, s in zip(blocks, block_lr_scales(stage, len(blocks)))]
@@ -51,20 +53,11 @@ def build_optimizer(net: Net, stage: Stage, cfg: TrialConfig, steps: int, device
     return opt, build_schedule(opt, cfg, steps)
 
 
-def warmup_steps(steps: int, warmup_frac: float) -> int:
-    """Optimiser steps of a stage's linear warm-up; 0 or 1 means none."""
-    return int(max(1, steps) * warmup_frac)
-
-
 def build_schedule(opt: torch.optim.Optimizer, cfg: TrialConfig, steps: int
                    ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The stage's per-step lr schedule, from torch's schedulers.
-
-    cosine, step and constant share one warm-up, LinearLR from lr/w to lr over w steps
-    (w = warmup_steps), and then CosineAnnealingLR to 0, MultiStepLR x0.1 at STEP_MILESTONES of the
-    stage, or the lr held (plateau cuts then stay: LinearLR is chainable). onecycle is
-    OneCycleLR, whose rise from max_lr/25 over pct_start = warmup_frac is its own warm-up.
-    """
+    """The stage's per-step lr schedule: a warm-up LinearLR from lr/w to lr over w steps, then CosineAnnealingLR
+    to 0, MultiStepLR x0.1 at STEP_MILESTONES, or the lr held (plateau cuts stay: LinearLR is chainable);
+    or OneCycleLR, whose rise from max_lr/25 over pct_start = warmup_frac is its own warm-up."""
     total = max(1, steps)
     if cfg.schedule == "onecycle":
         pct = max(cfg.warmup_frac, 0.01)
@@ -72,7 +65,7 @@ def build_schedule(opt: torch.optim.Optimizer, cfg: TrialConfig, steps: int
             pct /= 2  # peak "at step -0.5": the same no-warmup start as any pct * total < 1
         return S.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total,
                             pct_start=pct, cycle_momentum=cfg.optimizer == "sgd")
-    w = warmup_steps(total, cfg.warmup_frac)
+    w = int(total * cfg.warmup_frac)
     w = w if w > 1 else 0  # one warm-up step would start at the peak anyway
     main = {"cosine": lambda: S.CosineAnnealingLR(opt, T_max=max(1, total - w)),
             "step": lambda: S.MultiStepLR(opt, [math.ceil(m * total) - w for m in STEP_MILESTONES], 0.1),

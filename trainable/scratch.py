@@ -1,10 +1,8 @@
-"""Backbones for training from scratch on 32 px images: the standard CIFAR forms of ResNet and VGG.
+"""Backbones for training from scratch on 32 px images: the CIFAR forms of ResNet and VGG, and AlexNet.
 
-ResNet's ImageNet stem downsamples 4x before the first block (7x7/2 conv + max-pool), which leaves
-a 32 px CIFAR image at 8x8 before any real work is done; VGG's stem is already 3x3/1, but its
-ImageNet head expects a 7x7 map where 32 px leaves 1x1. `adapt_small_input` swaps in the CIFAR
-stem (ResNet) or head (VGG) in place; importing this module also registers a 32 px `alexnet` in
-timm's registry.
+ResNet's ImageNet stem leaves a 32 px image at 8x8 before the first block, VGG's head expects a 7x7 map
+where 32 px leaves 1x1: `adapt_small_input` swaps in the CIFAR stem or head. Importing this module
+registers a 32 px `alexnet` with timm.
 """
 from __future__ import annotations
 
@@ -49,11 +47,8 @@ def adapt_small_input(backbone: nn.Module, name: str) -> None:
 
 
 class AlexNet(nn.Module):
-    """AlexNet's widths (64-192-384-256-256 convs, dropout FC head) sized for 32 px inputs.
-
-    The 11x11/4 first conv becomes 3x3/1 so a 32 px image survives; the overlapping 3x3/2 max-pools
-    stay (32 -> 15 -> 7 -> 3) and the FC layers shrink to 1024 so the net has ~6M params, not 60M.
-    """
+    """AlexNet's widths (64-192-384-256-256 convs, dropout FC head) for 32 px: a 3x3/1 first conv, the
+    3x3/2 max-pools kept (32 -> 15 -> 7 -> 3), FC layers of 1024 (~6M params, not 60M)."""
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5,
                  hidden: int = 1024):

@@ -1,10 +1,8 @@
-"""The stage plan: a pure function from a TrialConfig to the list of fine-tuning stages.
+"""The stage plan: a pure function from a TrialConfig to its fine-tuning stages.
 
-Stage 1 trains the head only (backbone frozen), stage 2 the top `unfreeze_depth` blocks plus the
-head, optional stage 3 the whole network. A stage with 0 epochs is skipped, so a frozen feature
-extractor is stage 1 alone and training from scratch is stage 3 alone. In stages 2 and 3 the
-learning rates are discriminative: the head gets the stage's lr, the top unfrozen block
-`backbone_lr_scale` times that, and each block below it `layer_decay` times the one above.
+Stage 1 trains the head, stage 2 the top `unfreeze_depth` blocks too, stage 3 everything; a stage with 0
+epochs is skipped. The top trainable block's lr is `backbone_lr_scale` x the head's, each block below
+`layer_decay` x the one above.
 """
 from __future__ import annotations
 

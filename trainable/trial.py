@@ -1,18 +1,15 @@
-"""One trial: a multi-stage fine-tune as a plain function of (config, data, reporter).
+"""One trial: a multi-stage fine-tune as a plain function of (config, data, reporter), which Ray Tune
+(search/tune_trial.py), analyze.py's retrain and the tests (a list as the reporter) all call.
 
-Ray Tune calls it in a search (search/tune_trial.py adapts it), analyze.py calls it to retrain the
-best config on train+val, and tests call it with a list as the reporter. Read top to bottom:
-`run_trial` turns an out-of-memory error anywhere into a result; `_train` restores the `Checkpoint`
-and walks the stage plan; `_run_stage` runs one stage an epoch at a time (`fit_epoch`, `validate`);
-`_save` reports each epoch with the `Checkpoint`. Then the state they pass around: `Checkpoint`,
-`Setup`, `Progress`. Tests inject faults by monkeypatching these functions.
+Top to bottom: `run_trial` turns out-of-memory into a result; `_train` restores the `Checkpoint` and walks
+the stage plan; `_run_stage` runs a stage epoch by epoch; `_save` reports each epoch with its checkpoint.
 """
 from __future__ import annotations
 
 import math
 import tempfile
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +23,6 @@ from trainable import features
 from trainable.augment import DeviceAugment, normalisation_of, policy_for
 from trainable.config import TrialConfig
 from trainable.data import Split, fidelity_subset
-from trainable.early_stop import EarlyStop
 from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoch
 from trainable.memory import is_out_of_memory
 from trainable.model import Net, create_model
@@ -44,12 +40,11 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
               raise_oom: bool = False, device: torch.device | None = None) -> tuple[Net | None, dict[str, Any]]:
     """Fine-tune through every stage, reporting once per epoch; returns the model and the last metrics reported.
 
-    `restore`: a checkpoint directory an earlier call reported; training continues after its epoch.
-    With `val` None (the final retrain) only training metrics are reported, so a config that trains
-    on val_loss (early stopping, reduce-on-plateau) needs `val`. `stop_after_epoch` k ends the trial
-    after global epoch k of the same plan and lr schedule. Running out of memory anywhere ends the
-    trial with status "oom" and its reason (the model None if none existed yet), or re-raises with
-    `raise_oom` (the caller retries). `device`: where to train (default pick_device()).
+    `restore`: a checkpoint directory an earlier call reported, to go on after. With `val` None (the final
+    retrain) only training metrics are reported, so early stopping and reduce-on-plateau need `val`.
+    `stop_after_epoch` k ends after global epoch k of the same plan and schedule. Out of memory anywhere
+    ends the trial with status "oom" and its reason (the model None if none existed yet), or re-raises
+    with `raise_oom` (the caller retries). `device`: where to train (default pick_device()).
     """
     cfg = TrialConfig.from_dict(config)
     if val is None and cfg.uses_val:
@@ -198,7 +193,7 @@ class Checkpoint:
         return replace(self, net=t.net.state_dict(), generator=t.gen.get_state(), mix_generator=t.mix_gen.get_state(),
                        scaler=t.scaler.state_dict() if t.scaler is not None else None, opt=opt.state_dict(),
                        sched=sched.state_dict(), plateau=plateau.state_dict() if plateau is not None else None,
-                       stopper=stopper.state_dict(), config=t.cfg.to_dict())
+                       stopper=asdict(stopper), config=t.cfg.to_dict())
 
     def restore(self, t: Setup) -> None:
         """Put the trial's saved model, random generators and loss scale back (none for a fresh trial)."""
@@ -228,6 +223,24 @@ class Checkpoint:
     @classmethod
     def load(cls, directory: Path, device: torch.device) -> Checkpoint:
         return cls(**torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True))
+
+
+@dataclass
+class EarlyStop:
+    """Ends a stage after `patience` epochs without a new val_loss low (0: never): each stage is a fit of
+    its own, independent of ASHA. (torch has no early stopping; Tune's stoppers end the whole trial.)"""
+    patience: int
+    min_delta: float = 1e-4  # a smaller improvement does not count (Keras's min_delta)
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record one epoch's val_loss; True when the stage should end now."""
+        if val_loss < self.best - self.min_delta:
+            self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
 
 
 @dataclass
