@@ -24,6 +24,12 @@ def test_search_completes_with_every_trial(e2e_search):
     assert "best: trial" in proc.stdout
 
 
+def test_a_worker_runs_more_than_one_trial(e2e_search):
+    """Tune reuses a finished trial's worker process (reuse_actors): fewer processes than trials."""
+    trials = load_trials(e2e_search[0])
+    assert len({r["pid"] for t in trials for r in t.results}) < len(trials)
+
+
 def test_asha_pruned_a_trial(e2e_search):
     trials = load_trials(e2e_search[0])
     assert any(t.status == "pruned" for t in trials)
