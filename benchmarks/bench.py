@@ -360,22 +360,6 @@ def section_memory(ctx: Context) -> None:
 
 # ----------------------------------------------------------------------------- 5. ASHA vs FIFO
 
-def startup_s(trials: list) -> dict[str, list[float]]:
-    """Per-trial start-up in a search whose trials all run to the end: seconds from the last trial end before a
-    trial's first epoch began (the slot it took freeing) to that start, by whether its worker process had run an
-    earlier trial (Tune's reuse_actors) or was new. Ray's result timestamps are whole seconds: each value +-1 s."""
-    runs = sorted((t.results[0]["timestamp"] - t.results[0]["time_this_iter_s"], t.results[-1]["timestamp"],
-                   {r["pid"] for r in t.results}) for t in trials if t.results)
-    seen: set[int] = set()
-    out: dict[str, list[float]] = {"new": [], "reused": []}
-    for start, _, pids in runs:
-        freed = [end for _, end, _ in runs if end <= start]
-        if freed:  # the first trials start with the search, not on a freed slot
-            out["reused" if pids & seen else "new"].append(start - max(freed))
-        seen |= pids
-    return out
-
-
 def section_search(ctx: Context) -> None:
     o, res = ctx.a, {}
     for sched in ("asha", "fifo"):
@@ -394,13 +378,6 @@ def section_search(ctx: Context) -> None:
     ctx.add("5", "  best val_acc found", f"{100 * a['best']:.1f} %", f"{100 * f['best']:.1f} %", f"{diff:+.1f} points",
             "within 1 point", verdict(diff >= -1.0))
     ctx.add("5", "  wall time of the whole search", f"{a['wall']:.0f} s", f"{f['wall']:.0f} s", f"{a['wall'] / f['wall']:.2f}")
-    up = startup_s(f["trials"])  # FIFO: every trial ends by itself, so its worker can run the next
-    if up["new"] and up["reused"]:
-        new, reused = sorted(up["new"])[len(up["new"]) // 2], sorted(up["reused"])[len(up["reused"]) // 2]
-        ctx.add("5", "  trial start-up (median), a reused worker / a new one", f"{reused:.1f} s", f"{new:.1f} s",
-                f"{reused / new:.2f}" if new > 0 else "-", "(info)", "—")
-        ctx.note("5", f"Start-up: from the trial's start on the driver to its first epoch, FIFO search; "
-                      f"{len(up['reused'])} trial(s) on a reused worker, {len(up['new'])} on a new one (±1 s each).")
     grace = stage_aware_grace(get_space("tiny"), o.search_max_epochs or get_space("tiny").max_epochs)
     by_epochs = Counter(t.epochs_run for t in a["trials"])
     ctx.note("5", f"`run_search.py --space tiny --backbones {BACKBONE} --warm-start none --sampler random --num-samples "
