@@ -1,6 +1,7 @@
 """python benchmarks/duel.py [--seeds 0,1,2] [--contenders d,a@1,a@0.5,c@1]: the search against every
 recipe point run to the end ((d), what a careful person tries), at a multiple of (d)'s wall time, over
-seeds, on the stand-in data (NOT CIFAR-100), each contender through run_search.py. Each winner is
+seeds, each contender through run_search.py: on the stand-in data (NOT CIFAR-100) by default, on real
+CIFAR-100 with `--data-dir DIR --weights-dir '' --gpus N --space default --subset 0`. Each winner is
 retrained and tested once by analyze.py; the table gives the mean test accuracy, the paired difference
 to (d) with its 95 % t-interval, and when each first beat (d)'s best val_acc. WORK/duel.json keeps
 every run (a re-run skips what is there); --plot gets the incumbent val_acc against wall time.
@@ -21,7 +22,7 @@ from scipy import stats
 
 from analysis.experiment import load_trials, rank
 from analysis.study import MOVE_ATTR, WARM_CONFIG, holds, load_study
-from benchmarks.common import Invocation, Results, flags, md_table, parser, run_cli
+from benchmarks.common import DATA, Invocation, Results, flags, md_table, parser, run_cli
 from report.plots import figure, save
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
@@ -45,11 +46,13 @@ def parse(argv: list[str] | None):
     p.add_argument("--seeds", default="0,1,2", help="one split (and searcher/trial seed) per seed")
     p.add_argument("--contenders", default="d,a@1,a@0.5,c@1", help="d first; others as NAME@MULTIPLE of (d)'s wall "
                    "time: " + "; ".join(f"{k} = {v}" for k, v in LABELS.items() if k != "d"))
-    p.add_argument("--subset", type=int, default=10, help="training images per class (train+val)")
+    p.add_argument("--subset", type=int, default=10, help="training images per class (train+val); 0: all")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial over all stages")
     p.add_argument("--backbones", default="tf_efficientnet_lite0", help="the space's backbones to allow")
-    p.add_argument("--cpus-per-trial", type=int, default=1)
+    p.add_argument("--space", default="cpu", help="run_search.py's --space: cpu, or default (the GPU space)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for each contender's search (one trial per GPU)")
+    p.add_argument("--cpus-per-trial", type=int, default=None, help="default 1 on the CPU, run_search.py's with GPUs")
     p.add_argument("--input-size", type=int, default=0,
                    help="every trial (recipes too) at this input size, as `--set input_size=N` (0: each its own)")
     p.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of what WORK/duel.json holds")
@@ -58,6 +61,9 @@ def parse(argv: list[str] | None):
     if a.quick:
         a.subset, a.max_epochs, a.seeds, a.input_size = 3, 2, a.seeds.split(",")[0], a.input_size or 64
     a.plot = a.plot or str(Path(a.work_dir) / "duel.png")
+    a.cpus_per_trial = a.cpus_per_trial or (None if a.gpus else 1)
+    stand_in = Path(a.data_dir).resolve() == DATA.resolve()  # any other folder is named, never called CIFAR-100
+    a.data_label = "stand-in data, not CIFAR-100" if stand_in else f"data: {Path(a.data_dir).name}"
     return a
 
 
@@ -77,9 +83,9 @@ def key(name: str, mult: float) -> str:
 
 
 def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list[str]:
-    common = dict(gpus=0, space="cpu", backbones=a.backbones, max_epochs=a.max_epochs, subset=a.subset,
-                  val_fraction=a.val_fraction, seed=seed, cpus_per_trial=a.cpus_per_trial, data_dir=a.data_dir,
-                  weights_dir=a.weights_dir, storage_path=exp.parent, name=exp.name)
+    common = dict(gpus=a.gpus, space=a.space, backbones=a.backbones or None, max_epochs=a.max_epochs,
+                  subset=a.subset or None, val_fraction=a.val_fraction, seed=seed, cpus_per_trial=a.cpus_per_trial,
+                  data_dir=a.data_dir, weights_dir=a.weights_dir or None, storage_path=exp.parent, name=exp.name)
     sets = {"input_size": a.input_size} if a.input_size else None
     if name == "d":  # every recipe point whole: the warm start alone, FIFO, no screen
         return flags(sets, **common, warm_start="recipes", num_samples=recipe_count(a, seed), scheduler="fifo", screen="off")
@@ -90,7 +96,7 @@ def recipe_count(a, seed: int) -> int:
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
     fixed = {"input_size": str(a.input_size)} if a.input_size else {}
     backbones = tuple(b for b in a.backbones.split(",") if b)
-    return len(recipe_points(get_space("cpu"), Options(backbones, a.max_epochs), base, fixed)[0])
+    return len(recipe_points(get_space(a.space), Options(backbones, a.max_epochs), base, fixed)[0])
 
 
 def incumbent_curve(trials: list, start: float) -> list[tuple[float, float]]:
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             elif (exp := run_dir(work, seed, key(name, mult))).is_dir():
                 best = next(iter(rank(load_trials(exp))), None)  # the winner named by today's rule
                 results.get(str(seed), {}).get(key(name, mult), {})["winner"] = winner(best) if best else ""
-    plot(results, seeds, cs, Path(a.plot))
+    plot(results, seeds, cs, Path(a.plot), a.data_label)
     print("\n" + markdown(a, run, results, seeds, cs))
     return 0
 
@@ -231,26 +237,26 @@ def markdown(a, run: Invocation, results: dict, seeds: list[int], cs: list) -> s
         rows += [table_row(name, mult, runs)] if runs else []
     return "\n".join([
         run.header(),
-        f"- Data: the stand-in `{a.data_dir}` (ImageNet photos in CIFAR-100's format; **not CIFAR-100**: these "
-        f"accuracies are not CIFAR-100 accuracies), `--subset {a.subset}` per class, val fraction {a.val_fraction}, "
+        f"- Data: `{a.data_dir}` ({a.data_label}), `--subset {a.subset or 'all'}` per class, val fraction {a.val_fraction}, "
         f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val and tested once on the "
         f"whole test file.",
-        f"- Every trial: `--space cpu`, backbones {a.backbones}, {a.max_epochs} epochs, {a.cpus_per_trial} CPU per "
-        f"trial{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
+        f"- Every trial: `--space {a.space}`, backbones {a.backbones or 'all of the space'}, {a.max_epochs} epochs, "
+        f"{f'{a.gpus} GPUs in all' if a.gpus else f'{a.cpus_per_trial} CPU per trial'}{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
 
 
-def plot(results: dict, seeds: list[int], cs: list, path: Path) -> None:
+def plot(results: dict, seeds: list[int], cs: list, path: Path, data_label: str) -> None:
     fig, axes = figure(5 * len(seeds), 3.6, nrows=1, ncols=len(seeds), squeeze=False)
     for ax, seed in zip(axes[0], seeds):
         runs = results.get(str(seed), {})
-        for name, mult in cs:
+        for i, (name, mult) in enumerate(cs):
             r = runs.get(key(name, mult))
-            if r and r["curve"]:
+            if r and r["curve"]:  # colour by contender, not by line count: a panel may lack one
                 xs, ys = zip(*r["curve"])
-                ax.step([*xs, r["wall_s"]], [100 * y for y in (*ys, ys[-1])], where="post", label=key(name, mult))
+                ax.step([*xs, r["wall_s"]], [100 * y for y in (*ys, ys[-1])], where="post", label=key(name, mult),
+                        color=f"C{i}")
         if "d" in runs and runs["d"]["best_val_acc"] is not None:
             ax.axhline(100 * runs["d"]["best_val_acc"], color="grey", ls=":", lw=1)
-        ax.set_title(f"seed {seed} (stand-in data, not CIFAR-100)", fontsize=9)
+        ax.set_title(f"seed {seed} ({data_label})", fontsize=9)
         ax.set(xlabel="wall time, s", ylabel="incumbent val_acc, %")
         ax.legend(fontsize=7)
     save(fig, path)

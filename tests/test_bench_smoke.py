@@ -174,6 +174,25 @@ def test_duel_and_headroom_resume_from_their_json_and_print_their_tables(tmp_pat
     assert "| 1 | head lr x3 | 52.0 | 50.0 | +2.0 | 50.0 | 5 s |" in table and "| 2 | head lr /3 | - | - | - | - | - |" in table
 
 
+def test_duel_passes_a_gpu_users_data_weights_and_space_to_every_contender(tmp_path):
+    """The proof on real CIFAR-100 with GPUs: `--gpus 4 --space default --subset 0 --weights-dir ''` reach
+    run_search.py as they are (all images, hub weights, run_search.py's CPUs per trial), and a folder that
+    is not the stand-in is named by its folder, never labelled CIFAR-100 or stand-in."""
+    from benchmarks import duel
+    a = duel.parse(["--work-dir", str(tmp_path), "--gpus", "4", "--space", "default", "--subset", "0",
+                    "--weights-dir", "", "--backbones", "", "--data-dir", str(tmp_path / "cifar")])
+    exp = tmp_path / "runs" / "s0-a_1"
+    args = duel.cli_args("a", 600.0, a, 0, exp)
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert pairs["--gpus"] == "4" and pairs["--space"] == "default" and pairs["--time-budget"] == "600s"
+    assert not {"--subset", "--weights-dir", "--backbones", "--cpus-per-trial"} & set(args)
+    assert a.data_label == "data: cifar"
+    cpu = duel.parse(["--work-dir", str(tmp_path)])
+    pairs = dict(zip(*[iter(duel.cli_args("d", None, cpu, 0, exp))] * 2))
+    assert pairs["--gpus"] == "0" and pairs["--space"] == "cpu" and pairs["--cpus-per-trial"] == "1"
+    assert pairs["--scheduler"] == "fifo" and cpu.data_label == "stand-in data, not CIFAR-100"
+
+
 @pytest.mark.parametrize("name", ["invert", "bgr"])
 def test_shift_writes_the_same_images_shifted_and_the_loader_reads_them(tmp_path, name):
     from benchmarks import shift
