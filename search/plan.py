@@ -34,7 +34,8 @@ class BudgetPlan:
     own_s: float | None  # seconds left for the searcher's own proposals (None without a time budget)
     own_trials: int | None  # how many of them (None with neither a time budget nor --num-samples)
 
-    def describe(self) -> str:
+    def describe(self, sampler: str = "incumbent") -> str:
+        """The plan in a few lines for the console; `sampler` names where the search's own proposals come from."""
         if self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
@@ -43,7 +44,8 @@ class BudgetPlan:
                      f"  then promote the best {self.promote} to full fidelity (~{duration(self.promote_s)})"]
         if self.own_trials is not None:
             left = f" (~{duration(self.own_s)})" if self.own_s is not None else ""
-            lines.append(f"  then the search's own proposals around the best config: about {self.own_trials} trial(s){left}")
+            source = "around the best config" if sampler == "incumbent" else f"from the {sampler} sampler"
+            lines.append(f"  then the search's own proposals {source}: about {self.own_trials} trial(s){left}")
             if self.own_trials < MIN_OWN_TRIALS and self.budget_s is not None:
                 lines.append(f"note: that is too few for the search to improve on the recipes; it gets "
                              f"{MIN_OWN_TRIALS * 2} trials of its own from about --time-budget "

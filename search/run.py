@@ -194,7 +194,7 @@ def estimate_and_plan(job: Search, points: list, data: SearchData) -> tuple[esti
     budget_plan = plan.plan_budget(est.warm_train_s, est.warm_val_s, startup_s=est.startup_s, parallel=est.parallel,
                                    own_trial_s=trial_s + est.startup_s, budget_s=s.budget_s(),
                                    num_samples=s.num_samples, screen=s.screen)
-    print(budget_plan.describe(), flush=True)
+    print(budget_plan.describe(s.sampler), flush=True)
     return est, budget_plan
 
 

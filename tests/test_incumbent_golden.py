@@ -75,3 +75,12 @@ def test_the_budget_plans_are_unchanged():
              for t in (60.0, 300.0) for n in (0, 3, 7) for p in (1, 2) for o in (90.0, 400.0)
              for b, ns in ((None, None), (None, 32), (900.0, None), (3600.0, 20)) for sc in ("auto", "off")]
     assert digest([dataclasses.asdict(p) | {"text": p.describe()} for p in plans]) == "c6c1d328dac302ce"
+
+
+def test_the_plan_names_where_the_searchs_own_proposals_come_from():
+    """`--sampler tpe` or `random` makes no local moves: the plan must not promise moves around the best config."""
+    p = plan_budget([60.0] * 7, [6.0] * 7, startup_s=8, parallel=2, own_trial_s=90.0, budget_s=3600.0, num_samples=None,
+                    screen="auto")
+    assert "own proposals around the best config: about" in p.describe()
+    assert "own proposals from the tpe sampler: about" in p.describe("tpe")
+    assert "around the best config" not in p.describe("random")
