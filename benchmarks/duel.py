@@ -95,8 +95,9 @@ def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list
 def recipe_count(a, seed: int) -> int:
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
     fixed = {"input_size": str(a.input_size)} if a.input_size else {}
-    backbones = tuple(b for b in a.backbones.split(",") if b)
-    return len(recipe_points(get_space(a.space), Options(backbones, a.max_epochs), base, fixed)[0])
+    space = get_space(a.space)
+    backbones = tuple(b for b in a.backbones.split(",") if b) or space.backbones  # '' = all, as run_search.py reads it
+    return len(recipe_points(space, Options(backbones, a.max_epochs), base, fixed)[0])
 
 
 def incumbent_curve(trials: list, start: float) -> list[tuple[float, float]]:

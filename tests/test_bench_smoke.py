@@ -191,6 +191,8 @@ def test_duel_passes_a_gpu_users_data_weights_and_space_to_every_contender(tmp_p
     pairs = dict(zip(*[iter(duel.cli_args("d", None, cpu, 0, exp))] * 2))
     assert pairs["--gpus"] == "0" and pairs["--space"] == "cpu" and pairs["--cpus-per-trial"] == "1"
     assert pairs["--scheduler"] == "fifo" and cpu.data_label == "stand-in data, not CIFAR-100"
+    every = duel.parse(["--work-dir", str(tmp_path), "--backbones", ""])  # '' = all the space's, as run_search.py reads it
+    assert duel.recipe_count(every, 0) > duel.recipe_count(cpu, 0) > 0
 
 
 @pytest.mark.parametrize("name", ["invert", "bgr"])
