@@ -2,7 +2,6 @@
 report reads it), and its SQLite storage, opened so that readers never cost the search a result."""
 from __future__ import annotations
 
-import math
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +10,6 @@ from typing import Any
 import optuna
 from sqlalchemy.engine import URL
 
-from spaces import space_view
 
 METRIC, MODE = "val_acc", "max"  # what every trial reports each epoch (trainable/trial.py), and its direction
 STUDY_FILE, STUDY_NAME = "optuna.db", "search"
@@ -19,6 +17,7 @@ WARM_CONFIG = "warm_start_config"  # user attr of an enqueued warm-start trial: 
 MOVE_ATTR = "cifar_tune:move"  # system attr of a local move (search/incumbent.py): parent, changed names, step
 EXTRA_ATTR = "extra_config"  # user attr of a local move: the parent's fields the space does not sample
 FIDELITY_ATTR = "fidelity"  # user attr of a screen trial: its train_fraction (< 1)
+TRIAL_ATTR = "tune_trial_id"  # user attr: the Tune trial the searcher proposed it for (its folder trial_ID)
 
 BUSY_TIMEOUT_S = 60.0  # one write waits this long for another connection's lock (SQLite's default: 5 s)
 WRITE_RETRY_S = 600.0  # a write still locked out is retried for this long, then the search stops
@@ -43,15 +42,10 @@ def load_study(exp: Path) -> optuna.Study | None:
     return optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp))
 
 
-def holds(config: dict[str, Any], params: dict[str, Any]) -> bool:
-    """Whether a config holds every value an Optuna trial sampled (numbers to rounding), as the space
-    sees it (`space_view`): how a Tune trial is matched to its Optuna trial, since their ids differ."""
-    def same(a: Any, b: Any) -> bool:
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-        return a == b
-    view = space_view(config)
-    return all(same(view.get(k), v) for k, v in params.items())
+def by_trial_id(trials: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:
+    """{Tune trial id: its Optuna trial}: the trials this search ran (those told from --warm-start DIR
+    ran in another experiment and have no Tune trial here)."""
+    return {t.user_attrs[TRIAL_ATTR]: t for t in trials if TRIAL_ATTR in t.user_attrs}
 
 
 def enable_wal(db: Path) -> None:

@@ -5,7 +5,6 @@ never reported FAIL with the reason (Optuna cannot delete a trial). After Ctrl-C
 `--resume` continues the same Optuna trials."""
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from analysis.outcome import (
     OUT_OF_BUDGET,
     is_failure,
 )
-from analysis.study import STUDY_FILE, STUDY_NAME, holds, study_url
+from analysis.study import STUDY_FILE, STUDY_NAME, TRIAL_ATTR, study_url
 
 STEP, VALUE = "training_iteration", "best_val_acc"  # what Ray's OptunaSearch reports per result
 REASON = "status"  # the user attr holding how the trial ended (as warm-start told trials carry it)
@@ -46,35 +45,6 @@ def _reported(t: TrialRecord) -> dict[int, float]:
     return out
 
 
-def _agrees(optuna_steps: dict[int, float], reported: dict[int, float]) -> bool:
-    """Every value Optuna holds is one the trial reported (Ray passes a trial's last result to the
-    searcher as its end, not as an intermediate value, so Optuna may lack the last steps)."""
-    return all(k in reported and math.isclose(v, reported[k], rel_tol=1e-9, abs_tol=1e-12)
-               for k, v in optuna_steps.items())
-
-
-def _match(ot, trials: list[TrialRecord], strict: bool = True) -> TrialRecord | None:
-    """The experiment's trial an Optuna trial stands for: every sampled parameter in its config
-    (configs resolve every name) and every value Optuna was told among its results; `strict`: one
-    Optuna was told nothing stands for a trial that reported nothing (not strict: for one whose
-    results the search's end kept from the searcher, once every strict pair is made)."""
-    steps = {int(k): float(v) for k, v in ot.intermediate_values.items()}
-    return next((t for t in trials if holds(t.config, ot.params)
-                 and _agrees(steps, _reported(t)) and (steps or not t.results or not strict)), None)
-
-
-def _pairs(running: list, trials: list[TrialRecord]) -> dict[int, TrialRecord]:
-    """{Optuna trial number: its trial} for the RUNNING Optuna trials, the strict matches first."""
-    left, pairs = list(trials), {}
-    for strict in (True, False):
-        for ot in running:
-            t = None if ot.number in pairs or ot.state != TrialState.RUNNING else _match(ot, left, strict)
-            if t is not None:
-                pairs[ot.number] = t
-                left.remove(t)  # one Optuna trial each
-    return pairs
-
-
 def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counter:
     """Give every RUNNING or WAITING trial of the study the state its end calls for, its outcome name
     in the user attr `status`. `over`: the search can run nothing more (`search_over`); else only
@@ -85,12 +55,12 @@ def settle_study(exp: Path, over: bool, why: str = "the search ended") -> Counte
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     study_id = storage.get_study_id_from_name(STUDY_NAME)
     open_trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-    pairs = _pairs(open_trials, load_trials(exp))  # WAITING: never asked for, no trial
+    trials = {t.trial_id: t for t in load_trials(exp)}
     done: Counter = Counter()
     for ot in open_trials:
         tid = storage.get_trial_id_from_study_id_trial_number(study_id, ot.number)
         steps = dict(ot.intermediate_values)
-        t = pairs.get(ot.number)
+        t = trials.get(ot.user_attrs.get(TRIAL_ATTR))  # None: WAITING, never asked for
         name = t.status if t is not None else NOT_STARTED if not steps else OUT_OF_BUDGET if over else INTERRUPTED
         if not over and name in (INTERRUPTED, NOT_STARTED):
             continue  # --resume continues it (a WAITING point: starts it)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy import stats
 
 from analysis.experiment import load_trials, rank
-from analysis.study import MOVE_ATTR, WARM_CONFIG, holds, load_study
+from analysis.study import MOVE_ATTR, by_trial_id, load_study
 from benchmarks.common import DATA, Invocation, Results, flags, md_table, parser, run_cli
 from report.plots import figure, save
 from spaces import Options, get_space
@@ -136,17 +136,13 @@ def lineage(ot, by_number: dict) -> str:
 
 
 def winner(t) -> str:
-    """How the winner was reached (`lineage`), else key parameters. Its Optuna trial is the one holding
-    its config whose value is its last val_acc (two trials of one study may propose one config)."""
-    c = {k: v for k, v in t.config.items() if k != "train_fraction"}
-    last = t.results[-1].get("val_acc") if t.results else None
+    """How the winner was reached (`lineage`), else (no study) key parameters."""
     study = load_study(t.path.parent)
-    trials = study.trials if study is not None else []  # no study: named by its parameters
-    by_number = {ot.number: ot for ot in trials}
-    for ot in sorted(trials, key=lambda ot: ot.value != last):  # the trial with its value first
-        warm = {k: v for k, v in ot.user_attrs.get(WARM_CONFIG, {}).items() if k != "train_fraction"}
-        if warm == c or (ot.params and holds(c, ot.params)):
-            return lineage(ot, by_number)
+    trials = study.trials if study is not None else []
+    ot = by_trial_id(trials).get(t.trial_id)
+    if ot is not None:
+        return lineage(ot, {o.number: o for o in trials})
+    c = t.config
     return (f"{c['backbone'].replace('tf_efficientnet_', '')} {c['input_size']} px, stages "
             f"{c['stage1_epochs']}/{c['stage2_epochs']}/{c['stage3_epochs']}, {c['optimizer']}")
 

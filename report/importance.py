@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from analysis.experiment import TrialRecord
-from analysis.study import WARM_CONFIG, holds, load_study
+from analysis.study import TRIAL_ATTR, by_trial_id, load_study
 from report.plots import COLOURS, figure, legend_below, save
 
 # fANOVA is only as good as the random forest it fits to the trials, which needs trials that cover
@@ -33,25 +33,22 @@ class Importance:
 
 def _tagged_copy(done: list[optuna.trial.FrozenTrial], trials: list[TrialRecord]) -> optuna.Study:
     """An in-memory study of `done`, each tagged with its Tune trial's id and status for the plots."""
-    unmatched = list(trials)
+    records = {t.trial_id: t for t in trials}
     study = optuna.create_study(direction="maximize", study_name="report")
-    for t in done:
-        rec = next((r for r in unmatched if holds(r.config, t.params)), None)
-        if rec is not None:
-            unmatched.remove(rec)
+    for tid, t in by_trial_id(done).items():
+        rec = records.get(tid)
         study.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=t.distributions, value=t.value,
-            user_attrs={"trial_id": rec.trial_id if rec else "", "status": rec.status if rec else "unknown"}))
+            user_attrs={"trial_id": tid, "status": rec.status if rec else "unknown"}))
     return study
 
 
 def compute_importance(trials: list[TrialRecord], exp: Path) -> Importance:
     """Importance of each sampled hyper-parameter over the finished trials of `exp`'s saved study that
-    this search ran (trials of --warm-start DIR carry warm_start without an enqueued point's config)."""
+    this search ran (not those told from --warm-start DIR)."""
     saved = load_study(exp)
     done = [t for t in saved.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if ("warm_start" not in t.user_attrs or WARM_CONFIG in t.user_attrs)
-            and t.value is not None and math.isfinite(t.value)] if saved else []
+            if TRIAL_ATTR in t.user_attrs and t.value is not None and math.isfinite(t.value)] if saved else []
     study = _tagged_copy(done, trials) if len(done) >= 2 else None
     if len(done) < MIN_TRIALS:
         return Importance("", {}, f"{len(done)} finished trial(s): importance needs at least {MIN_TRIALS} to mean "

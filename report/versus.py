@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.experiment import TrialRecord, rank
-from analysis.study import METRIC, MOVE_ATTR, WARM_CONFIG, holds, load_study
+from analysis.study import METRIC, MOVE_ATTR, TRIAL_ATTR, by_trial_id, load_study
 from report import html as h
 from report.plots import figure, save
 from trainable.config import RUN_FIELDS
@@ -28,24 +28,16 @@ def origins(exp: Path, trials: list[TrialRecord]) -> dict[str, str]:
     by_number = {t.number: t for t in study.trials}
 
     def origin(ot, depth: int = 0) -> str:
-        if "warm_start" in ot.user_attrs and WARM_CONFIG in ot.user_attrs:
-            return f"recipe {ot.user_attrs['warm_start']}"
+        if "warm_start" in ot.user_attrs:  # a recipe point, or a trial told from --warm-start DIR
+            run_here = TRIAL_ATTR in ot.user_attrs
+            return f"{'recipe' if run_here else 'an earlier search trial'} {ot.user_attrs['warm_start']}"
         m = ot.system_attrs.get(MOVE_ATTR)
         if m and depth < 50 and m.get("parent") in by_number:
             return f"{origin(by_number[m['parent']], depth + 1)} + {', '.join(m.get('changed', []))}"
         return "a model proposal"
 
-    out = {}
-    for t in trials:
-        hp = _hp(t.config)
-        for ot in study.trials:
-            warm = ot.user_attrs.get(WARM_CONFIG)
-            if (warm is not None and _hp(warm) == hp) or (
-                    warm is None and ot.params and holds(hp, ot.params)
-                    and ot.system_attrs.get(MOVE_ATTR)):
-                out[t.trial_id] = origin(ot)
-                break
-    return out
+    by_id = by_trial_id(study.trials)
+    return {t.trial_id: origin(by_id[t.trial_id]) for t in trials if t.trial_id in by_id}
 
 
 def best_recipe(trials: list[TrialRecord], where: dict[str, str]) -> TrialRecord | None:

@@ -14,7 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.experiment import load_trials
 from analysis.outcome import planned_epochs
-from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, WARM_CONFIG, StudyStorage
+from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage
 from search import ray_adapter
 from search.incumbent import IncumbentSampler, screened
 from spaces import Options, Space, Suggest
@@ -68,9 +68,13 @@ class FidelitySearch(OptunaSearch):
         self.promote = promote
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        # Ray adds every sampled name to the config; a space's structural choice ("stages") is no field
         config = super().suggest(trial_id)
-        return {k: v for k, v in config.items() if k in FIELDS} if isinstance(config, dict) else config
+        if not isinstance(config, dict):
+            return config
+        # the key by which the report and the search's end find the trial's Optuna trial
+        ray_adapter.optuna_state(self)[1][trial_id].set_user_attr(TRIAL_ATTR, trial_id)
+        # Ray adds every sampled name to the config; a space's structural choice ("stages") is no field
+        return {k: v for k, v in config.items() if k in FIELDS}
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -112,8 +116,8 @@ def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:
             if t.number not in known]
     for t in lost:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        if WARM_CONFIG in t.user_attrs:
-            study.enqueue_trial(t.params, user_attrs=t.user_attrs)
+        if WARM_CONFIG in t.user_attrs:  # to be asked for by a new Tune trial
+            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k != TRIAL_ATTR})
     return [t.number for t in lost]
 
 

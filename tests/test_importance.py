@@ -11,7 +11,7 @@ import pytest
 
 from analysis.experiment import load_trials
 from report.build import write_report
-from analysis.study import STUDY_FILE, STUDY_NAME, WARM_CONFIG, load_study
+from analysis.study import STUDY_FILE, STUDY_NAME, TRIAL_ATTR, load_study
 from report.importance import compute_importance
 from trainable.config import TrialConfig
 
@@ -21,6 +21,7 @@ N_TRIALS = 24
 def _objective(trial: optuna.Trial) -> float:
     """val_acc driven by the lr and the schedule; plateau_patience exists only for a constant
     schedule and changes nothing."""
+    trial.set_user_attr(TRIAL_ATTR, f"trial_{trial.number:05d}")  # as the search tags it (search/searcher.py)
     lr = trial.suggest_float("stage1_lr", 1e-4, 1e-1, log=True)
     schedule = trial.suggest_categorical("schedule", ["cosine", "onecycle", "constant"])
     trial.suggest_float("aug_strength", 0.0, 1.0)
@@ -77,7 +78,7 @@ def test_unfinished_trials_of_the_study_are_ignored(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{exp / STUDY_FILE}", study_name=STUDY_NAME,
                                 direction="maximize")
     study.add_trial(optuna.trial.create_trial(params={"stage1_lr": 0.01}, value=0.5, distributions={
-        "stage1_lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}))
+        "stage1_lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}, user_attrs={TRIAL_ATTR: "a"}))
     study.ask({"stage1_lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})  # running
     failed = study.ask()
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
@@ -124,7 +125,7 @@ def test_trials_told_from_earlier_experiments_stay_out(tmp_path):
         saved.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=0.99,
                                                   user_attrs={"warm_start": f"old/trial_{i}", "status": "completed"}))
     saved.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=0.4,
-                                              user_attrs={"warm_start": "recipe@x", WARM_CONFIG: {}}))
+                                              user_attrs={"warm_start": "recipe@x", TRIAL_ATTR: "x"}))
     imp = compute_importance(load_trials(exp), exp)
     assert len(imp.study.trials) == N_TRIALS + 1
     assert 0.99 not in {t.value for t in imp.study.trials}

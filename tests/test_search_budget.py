@@ -50,20 +50,24 @@ def test_the_first_trials_are_the_recipe_points(budgeted):
     exp, proc, _ = budgeted
     import optuna
 
-    from analysis.study import STUDY_NAME, holds, study_url
+    from analysis.study import STUDY_NAME, TRIAL_ATTR, study_url
     points = _points(exp)
     assert len(points) >= 4 and "warm start: " in proc.stdout
     started = [t for t in load_trials(exp) if t.results]
     assert started, proc.stdout[-2000:]
     n = min(len(started), len(points))
-    # the order they were asked in is Optuna's trial order (one trial at a time: the order they ran; Ray's
-    # whole-second timestamps cannot order trials shorter than a second)
-    asked = sorted(optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp)).trials, key=lambda t: t.number)
-    assert all(holds(p.config, t.params) for p, t in zip(points[:n], asked)), [t.params for t in asked[:n]]
 
     def hp(c: dict) -> dict:  # a screened point trains on a fraction of the data (search/plan.py)
         return {k: v for k, v in c.items() if k != "train_fraction"}
-    assert all(any(hp(t.config) == hp(p.config) for t in started) for p in points[:n])
+    # the order they were asked in is Optuna's trial order (one trial at a time: the order they ran; Ray's
+    # whole-second timestamps cannot order trials shorter than a second)
+    asked = sorted(optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp)).trials, key=lambda t: t.number)
+    assert [t.user_attrs["warm_start"] for t in asked[:n]] == [p.name for p in points[:n]]
+    # each Tune trial that ran is the Optuna trial it was asked for, by id, with the point's config
+    by_id = {t.trial_id: t for t in started}
+    ran = [(p, by_id[t.user_attrs[TRIAL_ATTR]]) for p, t in zip(points[:n], asked) if t.user_attrs.get(TRIAL_ATTR) in by_id]
+    assert ran and all(hp(t.config) == hp(p.config) for p, t in ran)
+
 
 
 def test_the_budget_ends_the_search_and_the_best_is_exported(budgeted):

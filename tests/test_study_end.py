@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from analysis.experiment import load_trials
 from analysis.outcome import ENDS_FILE, INTERRUPTED, OUT_OF_BUDGET
-from analysis.study import STUDY_NAME, study_url
+from analysis.study import STUDY_NAME, TRIAL_ATTR, study_url
 from analysis.study_end import search_over, settle_study
 from trainable.config import TrialConfig
 
@@ -31,10 +31,11 @@ def _trial(exp: Path, tid: str, lr: float, accs: list[float]) -> None:
     (d / "result.json").write_text("".join(r + "\n" for r in rows))
 
 
-def _ask(study, lr: float, reported: list[float]) -> int:
-    """A RUNNING trial as OptunaSearch leaves it: sampled, told each result but the last."""
+def _ask(study, tid: str, lr: float, reported: list[float]) -> int:
+    """A RUNNING trial as OptunaSearch leaves it for the Tune trial `tid`: sampled, told each result but the last."""
     study.enqueue_trial({"stage1_lr": lr})
     t = study.ask()
+    t.set_user_attr(TRIAL_ATTR, tid)
     t.suggest_float("stage1_lr", 1e-4, 1e-1, log=True)
     for step, v in enumerate(reported, start=1):
         t.report(v, step)
@@ -49,10 +50,10 @@ def exp(tmp_path) -> Path:
     (e / "trial_never").mkdir()  # asked for, never started
     (e / ENDS_FILE).write_text(json.dumps({"cut": OUT_OF_BUDGET}))
     study = optuna.create_study(storage=study_url(e), study_name=STUDY_NAME, direction="maximize")
-    done = _ask(study, 0.01, [0.2, 0.4, 0.5])
+    done = _ask(study, "done", 0.01, [0.2, 0.4, 0.5])
     study.tell(done, 0.5)
-    _ask(study, 0.02, [0.3, 0.55])  # Ray passed epoch 3 as its end, which never came
-    study.ask()  # the never-started trial
+    _ask(study, "cut", 0.02, [0.3, 0.55])  # Ray passed epoch 3 as its end, which never came
+    study.ask().set_user_attr(TRIAL_ATTR, "never")  # the never-started trial
     study.enqueue_trial({"stage1_lr": 0.05}, user_attrs={"warm_start": "recipe"})  # never run
     return e
 
@@ -96,15 +97,15 @@ def test_no_study_no_change(tmp_path):
 
 def test_a_cut_trial_whose_epochs_never_reached_the_searcher_is_pruned_with_them(tmp_path):
     """The budget stopped the search as a trial's first epoch came in: the epoch is in its folder
-    but Ray never passed it to Optuna. Settled as the epochs on disk say, not as never started; a
-    never-started trial asked for first (no parameters: it holds any config) does not take it."""
+    but Ray never passed it to Optuna. Settled as the epochs on disk say, not as never started; each
+    Optuna trial is settled by its own Tune trial, not by the first with a matching config."""
     e = tmp_path / "exp"
     _trial(e, "late", 0.03, [0.35])
     (e / "trial_never").mkdir()
     (e / ENDS_FILE).write_text(json.dumps({"late": OUT_OF_BUDGET}))
     study = optuna.create_study(storage=study_url(e), study_name=STUDY_NAME, direction="maximize")
-    study.ask()
-    _ask(study, 0.03, [])
+    study.ask().set_user_attr(TRIAL_ATTR, "never")
+    _ask(study, "late", 0.03, [])
     assert settle_study(e, over=True) == {OUT_OF_BUDGET: 1, "not started": 1}
     never, late = _states(e)
     assert never[0] == TrialState.FAIL and late == (TrialState.PRUNED, 0.35, {1: 0.35}, OUT_OF_BUDGET)
