@@ -24,7 +24,7 @@ from analysis.experiment import load_trials, rank
 from analysis.study import MOVE_ATTR, by_trial_id, load_study
 from benchmarks.common import DATA, Invocation, Results, flags, md_table, parser, run_cli
 from report.plots import figure, save
-from spaces import Options, get_space
+from spaces import get_space, narrow
 from spaces.warm_start import recipe_points
 from trainable.cache import ENV, cache_root
 
@@ -96,8 +96,7 @@ def recipe_count(a, seed: int) -> int:
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
     fixed = {"input_size": str(a.input_size)} if a.input_size else {}
     space = get_space(a.space)
-    backbones = tuple(b for b in a.backbones.split(",") if b) or space.backbones  # '' = all, as run_search.py reads it
-    return len(recipe_points(space, Options(backbones, a.max_epochs), base, fixed)[0])
+    return len(recipe_points(space, narrow(space, a.backbones, a.max_epochs), base, fixed)[0])
 
 
 def incumbent_curve(trials: list, start: float) -> list[tuple[float, float]]:

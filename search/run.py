@@ -29,7 +29,7 @@ from search.settings import SearchSettings
 from search.storage import Place, claim, open_experiment, parent_and_name
 from search.tensorboard import EpochTensorBoard
 from search.tune_trial import tune_trial
-from spaces import LISTED, Options, Space, get_space
+from spaces import LISTED, Options, Space, get_space, narrow
 from spaces.warm_start import recipe_points
 from trainable.data import SearchData, prepare_search_data
 from trainable.errors import UserError
@@ -130,15 +130,7 @@ def resolve_space(s: SearchSettings) -> tuple[Space, Options]:
         print(f"warning: --gpus {s.gpus} but torch sees no CUDA GPU here: Ray gets {s.gpus} logical GPUs "
               f"and every trial trains on the CPU (pass --gpus 0, or run where the GPUs are)")
     space = get_space(name)
-    backbones = tuple(b.strip() for b in s.backbones.split(",") if b.strip()) or space.backbones
-    unknown = [b for b in backbones if b not in space.backbones]
-    if unknown:
-        raise UserError(f"--backbones {','.join(unknown)} not in space {space.name!r}: "
-                        f"choose from {','.join(space.backbones)}")
-    if s.max_epochs is not None and s.max_epochs < space.min_epochs and not space.recipe:  # recipes: precheck
-        raise UserError(f"--max-epochs {s.max_epochs} is fewer than space {space.name!r} needs "
-                        f"({space.min_epochs}: one epoch per stage at least): raise it")
-    return space, Options(backbones, space.max_epochs if s.max_epochs is None or space.recipe else s.max_epochs)
+    return space, narrow(space, s.backbones, s.max_epochs)
 
 
 def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],

@@ -84,6 +84,23 @@ def recipe(name: str, description: str, backbone: str, **values: Any) -> Space:
                  sample=partial(_recipe_sample, values), recipe=True)
 
 
+def narrow(space: Space, backbones: str, max_epochs: int | None) -> Options:
+    """The user's narrowing of `space`: `backbones` comma-separated ('' = all of the space's) and `max_epochs`
+    per trial over all stages (None: the space's; a recipe keeps its own, checked by the precheck).
+    Raises UserError for a backbone outside the space, or fewer epochs than one per stage."""
+    chosen = tuple(b.strip() for b in backbones.split(",") if b.strip()) or space.backbones
+    unknown = [b for b in chosen if b not in space.backbones]
+    if unknown:
+        raise UserError(f"--backbones {','.join(unknown)} not in space {space.name!r}: "
+                        f"choose from {','.join(space.backbones)}")
+    if max_epochs is None or space.recipe:
+        return Options(chosen, space.max_epochs)
+    if max_epochs < space.min_epochs:
+        raise UserError(f"--max-epochs {max_epochs} is fewer than space {space.name!r} needs "
+                        f"({space.min_epochs}: one epoch per stage at least): raise it")
+    return Options(chosen, max_epochs)
+
+
 def get_space(name: str) -> Space:
     if name not in NAMES:
         raise UserError(f"unknown space {name!r}: choose one of {', '.join(LISTED)} (--list-spaces)")

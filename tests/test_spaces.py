@@ -12,7 +12,7 @@ from optuna.samplers import TPESampler
 
 from search.searcher import DefineByRun, make_searcher
 from search.settings import SearchSettings
-from spaces import LISTED, NAMES, Options, Suggest, get_space, split_budget
+from spaces import LISTED, NAMES, Options, Suggest, get_space, narrow, split_budget
 from trainable.config import TrialConfig, coerce
 from trainable.errors import UserError
 
@@ -267,3 +267,17 @@ def test_searcher_builds_with_define_by_run(tmp_path):
         searcher = make_searcher(space, Options(space.backbones, 4), {}, BASE, seed=0, exp=tmp_path)
     assert isinstance(searcher._space, DefineByRun)
     pickle.loads(pickle.dumps(searcher._space))
+
+
+def test_narrow_reads_the_users_backbones_and_epochs_one_way_for_every_caller():
+    """run_search.py and the duel's recipe count read --backbones and --max-epochs through `narrow`."""
+    cpu = get_space("cpu")
+    assert narrow(cpu, "", None).backbones == cpu.backbones  # '' = all of the space's
+    assert narrow(cpu, f" {cpu.backbones[0]} ,", 3) == Options((cpu.backbones[0],), 3)
+    with pytest.raises(UserError, match="--backbones nope not in space 'cpu': choose from"):
+        narrow(cpu, f"{cpu.backbones[0]},nope", None)
+    tiny = get_space("tiny")
+    with pytest.raises(UserError, match="--max-epochs 1 is fewer than space 'tiny' needs"):
+        narrow(tiny, "", 1)
+    recipe = get_space("resnet50_3stage_224")
+    assert narrow(recipe, "", 2).max_epochs == recipe.max_epochs  # a recipe's epochs are its own
