@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from analysis import cloud
 from analysis.baselines import baseline_configs, comparison_rows, run_baseline, save_comparison
 from analysis.command import command, examples
 from analysis.experiment import (
@@ -67,8 +68,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def analyze(args: argparse.Namespace) -> Path:
-    from search import storage  # lazy: importing the read side loads no search/ module (tests/test_layers.py)
-    if storage.is_uri(args.experiment):
+    if cloud.is_uri(args.experiment):
         return _analyze_cloud(args)
     exp = Path(args.experiment).expanduser().resolve()
     trials = load_trials(exp) if exp.is_dir() else []
@@ -119,20 +119,19 @@ def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: Fina
 def _analyze_cloud(args: argparse.Namespace) -> Path:
     """analyze.py s3://BUCKET/runs/NAME: the experiment's files but its checkpoints (the retrain needs
     none) fetched into a local folder, analyzed there, and its analysis/ uploaded back to the URI."""
-    from search import storage  # lazy, as in analyze()
     what = "analyze.py"
-    uri = storage.check_uri(args.experiment, what=what)
-    storage.check_reachable(uri, write=False, what=what)
-    exp = storage.mirror_dir(uri, args.local_dir)
+    uri = cloud.check_uri(args.experiment, what=what)
+    cloud.check_reachable(uri, write=False, what=what)
+    exp = cloud.mirror_dir(uri, args.local_dir)
     try:
         exp.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--local-dir {exp.parent} is not writable ({e.strerror}): pick another folder") from None
-    fetched = storage.download(uri, exp, ("driver", "trial"), what=what)
+    fetched = cloud.download(uri, exp, ("driver", "trial"), what=what)
     if not any(exp.iterdir()):
         exp.rmdir()
-        raise UserError(f"{storage.redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
-    print(f"experiment {storage.redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
+        raise UserError(f"{cloud.redact(uri)} holds no experiment: pass the STORAGE/NAME URI run_search.py printed")
+    print(f"experiment {cloud.redact(uri)}: fetched {len(fetched)} file(s) to {exp}")
     out = None
     try:
         out = analyze(argparse.Namespace(**{**vars(args), "experiment": str(exp)}))
@@ -140,12 +139,12 @@ def _analyze_cloud(args: argparse.Namespace) -> Path:
         files = [f for f in (exp / "analysis").rglob("*") if f.is_file()]
         try:
             if files:
-                storage.upload(files, exp, uri, what=what)
+                cloud.upload(files, exp, uri, what=what)
         except UserError as e:
             if out is not None:
                 raise UserError(f"the analysis is in {exp / 'analysis'} but was not uploaded: {e}") from None
             print(f"warning: {e}", file=sys.stderr)  # the analysis's own error follows
-    print(f"analysis: {out} and {storage.redact(storage.join(uri, 'analysis'))}")
+    print(f"analysis: {out} and {cloud.redact(cloud.join(uri, 'analysis'))}")
     return out
 
 

@@ -11,9 +11,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
+from analysis.cloud import parent_and_name
 from analysis.experiment import load_trials
 from search import ray_adapter
-from search.storage import Place, parent_and_name
+from search.storage import Place
 
 
 class ConcurrencyCap(TrialScheduler):

@@ -13,6 +13,7 @@ import ray
 import torch
 from ray import tune
 
+from analysis.cloud import parent_and_name
 from analysis.command import command
 from analysis.experiment import export_best, leaderboard, load_trials, read_settings, write_settings
 from analysis.outcome import INTERRUPTED, read_ends
@@ -26,7 +27,7 @@ from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.restore import restore_tuner
 from search.searcher import make_scheduler, make_searcher, stage_aware_grace, told_trials
 from search.settings import SearchSettings
-from search.storage import Place, claim, open_experiment, parent_and_name
+from search.storage import Place, claim, open_experiment
 from search.tensorboard import EpochTensorBoard
 from search.tune_trial import tune_trial
 from spaces import LISTED, Options, Space, get_space, narrow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 
-from search.storage import (
+from analysis.cloud import (
     check_reachable,
     check_uri,
     download,
@@ -72,7 +72,7 @@ def test_join_puts_the_name_before_the_options(storage):
         URI,  # how Tuner.restore splits an experiment URI
     )
     assert URI(uri).name == "exp" and str(URI(uri).parent) == f"s3://b/runs{OPTS}"
-    from search.storage import parent_and_name
+    from analysis.cloud import parent_and_name
     assert parent_and_name(uri) == (f"s3://b/runs{OPTS}", "exp")
 
 
@@ -129,7 +129,7 @@ def test_a_storage_that_does_not_answer_is_given_up_on(monkeypatch):
         def from_uri(uri):
             time.sleep(30)
     monkeypatch.setattr(pyarrow.fs, "FileSystem", Hanging)
-    monkeypatch.setattr("search.storage.PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("analysis.cloud.PROBE_TIMEOUT_S", 0.5)
     t = time.monotonic()
     with pytest.raises(UserError) as e:
         check_reachable("gs://b/runs")
