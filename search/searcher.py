@@ -17,7 +17,7 @@ from analysis.outcome import planned_epochs
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage
 from search import ray_adapter
 from search.incumbent import IncumbentSampler, screened
-from spaces import Options, Space, Suggest
+from spaces import Options, Space, Suggest, complete_config
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
 
@@ -26,9 +26,8 @@ FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
 
 
 class DefineByRun:
-    """Optuna's define-by-run function: the trial's complete, validated config (TrialConfig defaults <
-    search-wide fields < a planned point's own fields < sampled values < --set), so its params.json
-    reruns it alone. A class, not a closure: Tune pickles the searcher to resume it."""
+    """Optuna's define-by-run function: the trial's complete, validated config (`spaces.complete_config`),
+    so its params.json reruns it alone. A class, not a closure: Tune pickles the searcher to resume it."""
 
     def __init__(self, space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any]):
         self.space, self.opts, self.fixed, self.base = space, opts, fixed, base
@@ -38,7 +37,7 @@ class DefineByRun:
         # a planned point's unsampled fields (a recipe's augment list; a local move's parent's) live in the study
         attrs = getattr(trial, "user_attrs", {})
         point = attrs.get(WARM_CONFIG) or attrs.get(EXTRA_ATTR) or {}
-        return TrialConfig.from_dict({**self.base, **point, **chosen, **self.fixed}).to_dict()
+        return complete_config(chosen, base=self.base, point=point, fixed=self.fixed)
 
 
 def quiet_optuna() -> None:

@@ -129,7 +129,15 @@ def recipe_config(name: str, fixed: dict[str, Any] | None = None, base: dict[str
     if not space.recipe:
         raise UserError(f"{name} is a search space, not a recipe: choose from {', '.join(RECIPES)}")
     chosen = space.sample(Suggest(None, fixed), Options(space.backbones, space.max_epochs))
-    return TrialConfig.from_dict({**(base or {}), **chosen, **(fixed or {})}).to_dict()
+    return complete_config(chosen, base=base, fixed=fixed)
+
+
+def complete_config(chosen: dict[str, Any], *, base: dict[str, Any] | None = None, point: dict[str, Any] | None = None,
+                    fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's complete, validated config: TrialConfig defaults < `base` (the search-wide run fields) < `point`
+    (a planned point's fields the space does not sample) < `chosen` (the space's sample) < `fixed` (--set).
+    Raises UserError for a config TrialConfig refuses."""
+    return TrialConfig.from_dict({**(base or {}), **(point or {}), **chosen, **(fixed or {})}).to_dict()
 
 
 def space_view(config: dict[str, Any]) -> dict[str, Any]:
