@@ -75,11 +75,12 @@ def analyze(args: argparse.Namespace) -> Path:
     if not exp.is_dir() or not (trials or (exp / SETTINGS_FILE).exists()):
         raise UserError(f"{exp} is not an experiment folder: pass the STORAGE/NAME folder run_search.py wrote")
     settings = read_settings(exp)
+    given = read_best_config(Path(args.config)) if args.config else None  # a bad --config fails before any output
     best = export_best(exp, trials)  # raises a clear error when no trial finished an epoch
     print(leaderboard(trials))
     print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
-    selected, best_epoch = read_best_config(Path(args.config)) if args.config else (best["config"], best["best_epoch"])
+    selected, best_epoch = given or (best["config"], best["best_epoch"])
     cut = retrain_cut(best_epoch, selected, full_schedule=args.full_schedule)
     config = selected  # `selected` finds the trial whose epoch times predict the retrain's
     if args.weights_dir is not None:

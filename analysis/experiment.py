@@ -137,19 +137,38 @@ def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:
     return out
 
 
+def load_yaml(path: Path, what: str, fix: str) -> Any:
+    """The YAML (or JSON) document in the file `path`; a file that can't be read, is not UTF-8 text or is not
+    valid YAML is a one-line UserError naming `what` and `path`, ending with `fix`."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file: {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}; {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text (a binary file, or another encoding): {fix}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{what} {path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}: {fix}") from None
+
+
 def read_best_config(path: Path) -> tuple[dict[str, Any], int | None]:
     """(the validated config, its best_epoch) of a best_config.yaml/json; a plain mapping of
-    hyper-parameters is a config without a best_epoch."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read config {path} ({type(e).__name__}): pass a best_config.yaml") from None
+    hyper-parameters is a config without a best_epoch. UserError (one line) for anything else."""
+    fix = "pass a best_config.yaml (its `config:` mapping, and `best_epoch:` a whole number)"
+    data = load_yaml(path, "config", fix)
     if not isinstance(data, dict):
-        raise UserError(f"config {path} is not a mapping: pass a best_config.yaml")
+        raise UserError(f"config {path} is not a mapping: {fix}")
     cfg = data.get("config", data)
+    if not isinstance(cfg, dict):
+        raise UserError(f"config {path}: `config:` is a {type(cfg).__name__}, not a mapping of hyper-parameters: {fix}")
     TrialConfig.from_dict(cfg)
     epoch = data.get("best_epoch") if "config" in data else None
-    return cfg, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise UserError(f"config {path}: best_epoch {epoch!r} is not an epoch number (1 or more): {fix}, "
+                        f"or drop best_epoch to retrain the whole schedule")
+    return cfg, epoch
 
 
 def write_settings(exp_dir: Path, settings: dict[str, Any]) -> None:
@@ -158,8 +177,15 @@ def write_settings(exp_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def read_settings(exp_dir: Path) -> dict[str, Any]:
+    """The experiment's search_settings.yaml ({} when it has none); UserError for a damaged one."""
     p = Path(exp_dir) / SETTINGS_FILE
-    return yaml.safe_load(p.read_text()) or {} if p.exists() else {}
+    if not p.exists():
+        return {}
+    fix = "restore the file from a backup, or start a new search (run_search.py --name NEW)"
+    data = load_yaml(p, "the experiment's settings", fix) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"the experiment's settings {p} are not a mapping: {fix}")
+    return data
 
 
 # the parameters that matter, as the console, the text leaderboard and the report show them

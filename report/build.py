@@ -8,7 +8,16 @@ from pathlib import Path
 
 import yaml
 
-from analysis.experiment import PARAM_COLUMNS, PARAM_HEADS, TrialRecord, load_trials, param_cells, rank, read_settings
+from analysis.experiment import (
+    PARAM_COLUMNS,
+    PARAM_HEADS,
+    TrialRecord,
+    load_trials,
+    load_yaml,
+    param_cells,
+    rank,
+    read_settings,
+)
 from analysis.study import METRIC
 from report import comparison, versus
 from report import html as h
@@ -171,7 +180,7 @@ def _best_config(exp: Path) -> str:
     p = exp / "best_config.yaml"
     if not p.exists():
         return h.section(title, h.note("no best_config.yaml: run analyze.py on the experiment first."))
-    best = yaml.safe_load(p.read_text())
+    best = load_yaml(p, "the exported best config", "run analyze.py on the experiment again to rewrite it")
     return h.section(title, h.note(f"Trial {best['trial_id']}, best val_acc {h.pct(best['best_val_acc'])} at "
                                    f"epoch {best['best_epoch']}. Retrain and test it with:"),
                      h.pre(best["retrain_command"]), h.note(f"{p}:"),

@@ -11,9 +11,9 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, get_args, get_type_hints
 
-import yaml
 
 from analysis.command import command, examples
+from analysis.experiment import load_yaml
 from spaces import NAMES
 from trainable.config import PrecisionName, as_type, coerce, split_assignment
 from trainable.errors import UserError
@@ -228,14 +228,7 @@ def parse_settings(argv: list[str] | None = None) -> SearchSettings:
 
 
 def load_yaml_settings(path: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"cannot read --config {path}: {e.strerror}; check the path") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        raise UserError(f"--config {path} is not valid YAML{at}: fix the file") from None
+    data = load_yaml(Path(path), "--config", "fix the file, or check the path")
     if not isinstance(data, (dict, type(None))):
         raise UserError(f"--config {path} must be a mapping of option: value, not {type(data).__name__}")
     known = {f.name: f for f in fields(SearchSettings) if f.name != "config"}

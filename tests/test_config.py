@@ -50,6 +50,15 @@ def test_unknown_keys():
         TrialConfig.from_dict({"batch_size": 64, "lr": 0.1, "bogus": 1})
     msg = _one_line(e)
     assert "unknown hyper-parameter(s) bogus, lr" in msg
+    with pytest.raises(UserError, match=r"unknown hyper-parameter\(s\) 1, 2: valid ones"):  # YAML's int keys
+        TrialConfig.from_dict({1: 64, 2: 0.1})
+
+
+@pytest.mark.parametrize("d", [[1, 2], "batch_size", 3, None])
+def test_a_config_that_is_no_mapping_is_one_line(d):
+    with pytest.raises(UserError) as e:
+        TrialConfig.from_dict(d)
+    assert _one_line(e).startswith("a trial config is a mapping of hyper-parameter: value, not a ")
 
 
 @pytest.mark.parametrize("key, value, fragment", [
@@ -78,7 +87,12 @@ def test_uncoercible_values(key, value, fragment):
     ({"plateau_patience": 2, "schedule": "constant", "plateau_factor": 1.0}, "plateau_factor must be in (0, 1)"),
     ({"early_stop_patience": -1}, "patiences must be >= 0 (0 = off)"),
     ({"stage2_lr": 0}, "learning rates must be > 0"),
-    ({"stage2_lr": "nan"}, "learning rates must be > 0"),
+    ({"stage2_lr": "nan"}, "stage2_lr must be a finite number, not nan"),
+    # every float field, whatever its range check: inf (or 1e400) passes "> 0"
+    ({"stage1_lr": "inf"}, "stage1_lr must be a finite number, not inf"),
+    ({"stage3_lr": 1e400}, "stage3_lr must be a finite number, not inf"),
+    ({"weight_decay": "inf"}, "weight_decay must be a finite number, not inf"),
+    ({"mixup_alpha": float("inf")}, "mixup_alpha must be a finite number, not inf"),
     ({"layer_decay": 0}, "layer_decay must be in (0, 1]"),
     ({"layer_decay": 1.5}, "layer_decay must be in (0, 1]"),
     ({"schedule": "linear"}, f"schedule must be one of {', '.join(SCHEDULES)}"),
@@ -92,7 +106,7 @@ def test_uncoercible_values(key, value, fragment):
     ({"batch_size": "129", "mixup_alpha": "0.1", "cutmix_alpha": "0.5"},
      "mixup/cutmix need an even batch_size: use 128 or 130, not 129"),
     ({"weight_decay": -1e-4}, "weight_decay and coarse_loss_weight must be >= 0"),
-    ({"coarse_loss_weight": "nan"}, "weight_decay and coarse_loss_weight must be >= 0"),
+    ({"coarse_loss_weight": "nan"}, "coarse_loss_weight must be a finite number, not nan"),
     ({"mixup_alpha": -0.2}, "mixup_alpha and cutmix_alpha must be >= 0"),
     ({"input_size": 8}, "input_size must be in [16, 512]"),
     ({"input_size": 1024}, "input_size must be in [16, 512]"),

@@ -204,10 +204,17 @@ def test_read_best_config_plain_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("config: [1, 2\n", "cannot read config"),
+    ("config: [1, 2\n", "is not valid YAML at line"),
     ("- a\n- b\n", "is not a mapping"),
     ("config: {stage3_epochs: -1}\n", "bad trial config: stage epochs must be >= 0"),
     ("config: {learning_rate: 0.1}\n", "unknown hyper-parameter(s) learning_rate"),
+    # what a user passes by mistake: search_settings.yaml (its config: is a path), a list, YAML's int keys
+    ("config: runs/x/best.yaml\nspace: cpu\n", "`config:` is a str, not a mapping of hyper-parameters"),
+    ("config: [1, 2]\n", "`config:` is a list, not a mapping"),
+    ("config: {1: 2}\n", "unknown hyper-parameter(s) 1"),
+    ("best_epoch: one\nconfig: {batch_size: 64}\n", "best_epoch 'one' is not an epoch number"),
+    ("best_epoch: 0\nconfig: {batch_size: 64}\n", "best_epoch 0 is not an epoch number"),
+    ("best_epoch: 2.5\nconfig: {batch_size: 64}\n", "best_epoch 2.5 is not an epoch number"),
 ])
 def test_read_best_config_errors(tmp_path, text, fragment):
     p = tmp_path / "best_config.yaml"
@@ -217,6 +224,28 @@ def test_read_best_config_errors(tmp_path, text, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="cannot read config"):
         read_best_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"\xff\xfe\x00\x01binary", "is not UTF-8 text"),
+    ("config: {backbone: r\xe9snet}\n".encode("latin-1"), "is not UTF-8 text"),
+    ("config: {batch_size: 64}\n".encode("utf-16"), "is not UTF-8 text"),
+])
+def test_a_config_file_in_another_encoding_is_one_line(tmp_path, raw, fragment):
+    """Every reader of a YAML file the user hands over (or the experiment holds) goes through load_yaml."""
+    from analysis.experiment import read_settings
+    from search.settings import load_yaml_settings
+    p = tmp_path / "x.yaml"
+    p.write_bytes(raw)
+    for read in (lambda: read_best_config(p), lambda: load_yaml_settings(str(p))):
+        with pytest.raises(UserError) as err:
+            read()
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "search_settings.yaml").write_bytes(raw)
+    with pytest.raises(UserError, match=r"the experiment's settings .* is not UTF-8 text \(.*\): restore the file"):
+        read_settings(tmp_path)
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        read_best_config(tmp_path)
 
 
 def test_equal_val_acc_is_broken_by_the_lower_val_loss(tmp_path):

@@ -5,6 +5,7 @@ field names; nothing else lists them. A field's docstring-style comment is its d
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -114,6 +115,9 @@ class TrialConfig:
         ]
         checks += [(getattr(self, name) in get_args(t), f"{name} must be one of {', '.join(get_args(t))}")
                    for name, t in get_type_hints(TrialConfig).items() if getattr(t, "__origin__", None) is Literal]
+        # inf passes every range check above that has no upper end (a learning rate of 1e400 is inf)
+        checks[:0] = [(math.isfinite(v), f"{k} must be a finite number, not {v}") for k, v in vars(self).items()
+                      if isinstance(v, float)]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad trial config: {msg}")
@@ -135,8 +139,10 @@ def split_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, str]:
 def coerce(d: dict[str, Any]) -> dict[str, Any]:
     """`d` with each value converted to its TrialConfig field's type by as_type (no range checks); UserError for
     unknown keys and values that do not convert."""
+    if not isinstance(d, dict):
+        raise UserError(f"a trial config is a mapping of hyper-parameter: value, not a {type(d).__name__}")
     types = {f.name: type(f.default) for f in fields(TrialConfig)}
-    unknown = sorted(set(d) - set(types))
+    unknown = sorted(str(k) for k in set(d) - set(types))
     if unknown:
         raise UserError(f"unknown hyper-parameter(s) {', '.join(unknown)}: "
                         f"valid ones are the fields of TrialConfig in trainable/config.py")
