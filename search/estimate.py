@@ -65,6 +65,9 @@ def _sgd_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prec: Prec
     return step
 
 
+TIMING_BATCH_MAX = 256
+
+
 def measure(backbone: str, size: int, device: Any, precision: str = "auto", batch: int = 64) -> dict[str, float]:
     """Seconds per image of a head-only training step ("frozen"), an all-trainable one ("train": an upper
     bound for stage 2), an evaluation forward pass ("eval") and a head step on cached features ("head"), at
@@ -181,7 +184,9 @@ def estimate(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str,
                       seed=seed)
     warm_cfgs = [TrialConfig.from_dict(p.config) for p in warm]
     combos = {(c.backbone, c.input_size) for c in configs + warm_cfgs}
-    batch = statistics.median_low(c.batch_size for c in configs + warm_cfgs)  # one timing per combo: the typical batch
+    # one timing per combo, at the typical batch: per-image cost is flat past a few hundred images a step, and
+    # a bigger timing batch would only cost memory (a --set batch_size of 10^6 ran the machine out of it)
+    batch = min(statistics.median_low(c.batch_size for c in configs + warm_cfgs), TIMING_BATCH_MAX)
     speeds = speeds_for(combos, device, threads, precision=base.get("precision", "auto"), batch=batch)
 
     def costs(c: TrialConfig) -> tuple[float, float]:  # a whole trial's seconds: FIFO, and under ASHA

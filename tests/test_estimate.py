@@ -80,3 +80,20 @@ def test_measure_times_every_kind_of_step():
     r = est.measure("resnet18", 32, torch.device("cpu"), batch=8)
     assert set(r) == set(est.RATES) and all(v > 0 for v in r.values())
     assert min(r["train"], r["frozen"]) > r["head"]
+
+
+def test_a_huge_batch_is_timed_at_a_few_hundred_images(tmp_path, monkeypatch):
+    """--set batch_size=1000000 made the estimate allocate a million-image batch: the machine ran out
+    of memory before the first trial (a new user's probe). Per-image cost is timed on at most 256."""
+    monkeypatch.setenv("CIFAR_TUNE_CACHE", str(tmp_path))
+    batches = []
+
+    def measure(backbone, size, device, precision="auto", batch=64):
+        batches.append(batch)
+        return dict.fromkeys(est.RATES, 1e-3)
+    monkeypatch.setattr(est, "measure", measure)
+    opts = Options(("resnet18",), TINY.max_epochs)
+    e = est.estimate(TINY, opts, {"batch_size": 1_000_000, "backbone": "resnet18"}, BASE, [], n_train=100, n_val=20,
+                     device=torch.device("cpu"), threads=1, parallel=1, num_samples=2, budget_s=None,
+                     rungs=[1], rf=3)
+    assert batches and set(batches) == {est.TIMING_BATCH_MAX} and e is not None

@@ -107,6 +107,9 @@ BAD = {
     "a body tensor of another shape": (lambda s: {**s, "conv_stem.weight": torch.zeros(4, 3, 3, 3)},
                                        ["1 of other shapes (conv_stem.weight [4, 3, 3, 3] vs [", "file vs model"]),
     "half the tensors": (lambda s: dict(list(s.items())[: len(s) // 2]), ["tensors missing", "torch.save(model.state_dict()"]),
+    # a bigger sibling's weights (lite1's saved as lite0's): every tensor fits, and more of the same modules
+    "a deeper model of the same family": (lambda s: {**s, "blocks.9.0.conv.weight": torch.zeros(8, 8, 1, 1)},
+                                          ["1 tensors unknown to it (blocks.9.0.conv.weight)", "another model's weights"]),
     "a whole pickled model": (_pickled_model, ["holds Python objects", "weights_only=False).state_dict()"]),
     "no tensors at all": (lambda s: {"epoch": 3, "note": "hello"}, ["holds no state_dict"]),
 }
@@ -141,6 +144,12 @@ def test_a_file_given_as_the_folder_is_one_line(tmp_path, reference):
     torch.save(reference, tmp_path / f"{NAME}.pth")
     with pytest.raises(UserError, match="is a file: pass the folder holding it"):
         create_model(NAME, pretrained=True, weights_dir=str(tmp_path / f"{NAME}.pth"))
+
+
+def test_a_folder_named_as_the_weights_file_is_called_a_folder(tmp_path):
+    (tmp_path / f"{NAME}.pth").mkdir()  # e.g. an archive extracted into a folder of the file's name
+    with pytest.raises(UserError, match=rf"{NAME}.pth is a folder, not a weights file: put the file {NAME}.pth"):
+        create_model(NAME, pretrained=True, weights_dir=str(tmp_path))
 
 
 def test_the_issue_dataparallel_file_through_analyze(tmp_path, reference, capsys, one_thread):

@@ -102,6 +102,9 @@ def check_weights(name: str, pretrained: bool, weights_dir: str = "") -> None:
                             f"named <timm name>.pth ({name}.pth for this backbone)")
         if weights_file(weights_dir, name) is None:
             path = Path(weights_dir) / f"{name}.pth"
+            if path.is_dir():
+                raise UserError(f"{path} is a folder, not a weights file: put the file {name}.pth (or .safetensors) "
+                                f"in --weights-dir {weights_dir} in its place")
             raise UserError(f"no weights file {path} for backbone {name}: put <timm name>.pth (or .safetensors) in "
                             f"--weights-dir, or drop --weights-dir to use the hub, or train from scratch "
                             f"(run_search.py --no-pretrained; analyze.py --set pretrained=false)")
@@ -133,17 +136,24 @@ def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
                         f"'model', 'ema', ...): {fix}")
     expected = backbone.state_dict()
     classifier = _classifier_keys(backbone)
-    state = {k: v for k, v in _match_keys(state, expected).items() if k not in classifier}
+    state = _match_keys(state, expected)
+    state = {k: v for k, v in state.items() if k not in classifier | _classifier_keys(backbone, state)}
     body = [k for k in expected if k not in classifier]
     missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in body
              if k in state and state[k].shape != expected[k].shape]
-    if missing or wrong:
+    # a bigger sibling's file (lite1's for lite0) holds every tensor of the smaller at the same shape, and more
+    # of the same modules; a wrapper's own tensors (AveragedModel's n_averaged, our heads) sit beside them
+    # (when tensors are missing too, every unknown one says what the file holds instead)
+    modules = {k.split(".")[0] for k in expected}
+    extra = [k for k in state if k not in expected and not k.endswith("num_batches_tracked")
+             and (missing or k.split(".")[0] in modules)]
+    if missing or wrong or extra:
         problems = []
         if missing:
-            extra = [k for k in state if k not in expected]
-            problems.append(f"{len(missing)} of the model's {len(body)} tensors missing ({_few(missing)})"
-                            + (f", {len(extra)} unknown to it ({_few(extra)})" if extra else ""))
+            problems.append(f"{len(missing)} of the model's {len(body)} tensors missing ({_few(missing)})")
+        if extra:
+            problems.append(f"{len(extra)} tensors unknown to it ({_few(extra)})")
         if wrong:
             problems.append(f"{len(wrong)} of other shapes ({_few(wrong)}; file vs model)")
         raise UserError(f"weights file {path} does not fit backbone {name}: {'; '.join(problems)}: it holds "
@@ -215,11 +225,12 @@ def _match_keys(state: dict[str, torch.Tensor], expected: dict) -> dict[str, tor
     return out
 
 
-def _classifier_keys(backbone: nn.Module) -> set[str]:
-    """The state_dict keys of the backbone's classifier (timm's pretrained_cfg names its module)."""
+def _classifier_keys(backbone: nn.Module, state: dict | None = None) -> set[str]:
+    """The keys of the backbone's classifier (timm's pretrained_cfg names its module) among `state`'s keys
+    (default: the backbone's own): a file's ImageNet classifier is dropped even where the model has none."""
     names = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
-    return {k for k in backbone.state_dict() if any(k.startswith(f"{n}.") for n in names)}
+    return {k for k in (backbone.state_dict() if state is None else state) if any(k.startswith(f"{n}.") for n in names)}
 
 
 def _few(keys: list[str], n: int = 3) -> str:
