@@ -32,7 +32,7 @@ from search.tensorboard import EpochTensorBoard
 from search.tune_trial import tune_trial
 from spaces import LISTED, Options, Space, get_space, narrow
 from spaces.warm_start import recipe_points
-from trainable.data import SearchData, prepare_search_data
+from trainable.data import SearchData, prepare_search_data, test_split_problem
 from trainable.errors import UserError
 from trainable.model import create_model
 
@@ -60,6 +60,9 @@ def run_search(s: SearchSettings) -> Path:
     data = prepare_search_data(s.data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")
+    problem = test_split_problem(s.data_dir)
+    if problem:  # the search runs without the test file; the winner's test needs it
+        print(f"warning: {problem} (the search runs without it, but analyze.py tests the winner on it)")
     if job.base["pretrained"]:  # weights that can't be had fail before Ray, and the hub cache fills once
         for b in [job.fixed["backbone"]] if "backbone" in job.fixed else job.opts.backbones:
             create_model(b, pretrained=True, weights_dir=job.base["weights_dir"])
@@ -108,7 +111,8 @@ def resolve(s: SearchSettings) -> Search:
     if not s.resume:
         place = open_experiment(s.storage_path, s.name, f"{space.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
                                 False, s.local_dir)
-    s = dataclasses.replace(s, data_dir=str(Path(s.data_dir).expanduser().resolve()),
+    # absolute, links kept: a broken one is named as the user typed it
+    s = dataclasses.replace(s, data_dir=os.path.abspath(Path(s.data_dir).expanduser()),
                             weights_dir=str(Path(s.weights_dir).expanduser().resolve()) if s.weights_dir else "")
     fixed, base = s.fixed(), s.trial_base()
     checked = plan_search(s, space, opts, fixed, base)

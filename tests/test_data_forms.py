@@ -180,3 +180,68 @@ def test_run_search_takes_the_archive_as_downloaded(parent, tmp_path):
                    "resnet18", "--space", "tiny", "--storage-path", tmp_path / "runs", timeout=120, env=env)
     assert proc.returncode == 2 and "the validation split is empty" in proc.stderr, proc.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} <= {ARCHIVE, "cache", "runs"}  # nothing beside the archive
+
+
+def _cifar10(root: Path) -> Path:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in ("data_batch_1", "batches.meta", "test_batch"):
+        (d / name).write_bytes(b"\x80\x04N.")
+    return root
+
+
+def _image_folder(root: Path, under: str = "") -> Path:
+    from PIL import Image
+    for cls in ("apple", "bee"):
+        (root / under / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / under / cls / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda t: _cifar10(t / "data"), "holds CIFAR-10 (cifar-10-batches-py: 10 classes), not CIFAR-100"),
+    (lambda t: _cifar10(t / "data") / "cifar-10-batches-py", "holds CIFAR-10 (cifar-10-batches-py: 10 classes)"),
+    (lambda t: _image_folder(t / "imgs"), "holds folders of image files (an ImageFolder layout), not CIFAR-100"),
+    (lambda t: _image_folder(t / "imgs", "train"), "holds folders of image files (an ImageFolder layout)"),
+])
+@pytest.mark.parametrize("download", [False, True])
+def test_another_datasets_layout_is_named_not_downloaded_over(tmp_path, monkeypatch, own_cache, make, says, download):
+    """A new user's probe: CIFAR-10 and ImageFolder folders were blamed on the network (a failed download)."""
+    _offline(monkeypatch)
+    folder = make(tmp_path)
+    before = _snapshot(folder)
+    with pytest.raises(UserError) as err:
+        load_cifar100(folder, download=download)
+    msg = str(err.value)
+    assert "\n" not in msg and f"--data-dir {folder} {says}" in msg and "download" not in msg, msg
+    assert _snapshot(folder) == before
+
+
+def test_a_broken_link_is_named_as_typed(tmp_path):
+    """Through the CLI, which made the path absolute by resolving the link (naming its missing target)."""
+    link = tmp_path / "data"
+    link.symlink_to(tmp_path / "gone")
+    proc = run_cli("run_search.py", "--data-dir", link, "--no-pretrained", "--space", "tiny", "--backbones", "resnet18",
+                   "--storage-path", tmp_path / "runs", timeout=120, env={**OFFLINE, "CIFAR_TUNE_CACHE": str(tmp_path / "c")})
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
+    assert f"--data-dir {link} is neither a folder nor a file (a broken link?)" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_test_file_is_said_before_the_search(parent, tmp_path, own_cache, damage):
+    """A search never reads the test file, but analyze.py tests on it after the search: a missing or
+    truncated one is named before the search starts (a new user's probe found it only in analyze.py)."""
+    import shutil
+
+    from trainable.data import prepare_search_data, test_split_problem
+    copy = tmp_path / "copy"
+    shutil.copytree(parent, copy)
+    assert test_split_problem(copy) == ""
+    test = copy / FOLDER / "test"
+    if damage == "missing":
+        test.unlink()
+    else:
+        test.write_bytes(test.read_bytes()[:100])
+    problem = test_split_problem(copy)
+    assert str(test) in problem and ("missing" in problem or "truncated" in problem) and "\n" not in problem
+    assert len(prepare_search_data(copy, subset=None, val_fraction=0.5, seed=0, download=False).train)  # still runs

@@ -285,9 +285,39 @@ def _ensure_present(data_dir: Path, download: bool) -> Path:
             return _extracted(data_dir / ARCHIVE)
     elif data_dir.exists() or data_dir.is_symlink():
         raise UserError(f"--data-dir {data_dir} is neither a folder nor a file (a broken link?); {_HINT}")
+    other = _other_dataset(data_dir)
+    if other:  # not a download's job: the folder holds something else
+        raise UserError(f"--data-dir {data_dir} holds {other}, not CIFAR-100: only the official {FOLDER} "
+                        f"format is read; {_HINT}")
     if not download:
         raise UserError(f"CIFAR-100 not found: {_absent(data_dir)} and downloading is off; {_HINT}")
     return _download(data_dir)
+
+
+def _other_dataset(d: Path) -> str:
+    """What other dataset layout folder `d` holds (CIFAR-10's pickles, class folders of images), or ''."""
+    if not d.is_dir():
+        return ""
+    for folder in (d, d / "cifar-10-batches-py"):
+        if (folder / "data_batch_1").is_file() or (folder / "batches.meta").is_file():
+            return f"CIFAR-10 ({folder.name}: 10 classes)"
+    images = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    for root in [d, *_folders(d)]:  # class folders at the top (ImageFolder), or under train/ and val/
+        if any(f.suffix.lower() in images for c in _folders(root)[:5] for f in _entries(c)):
+            return "folders of image files (an ImageFolder layout)"
+    return ""
+
+
+def _entries(d: Path, n: int = 50) -> list[Path]:
+    """Up to `n` entries of folder `d` ([] when it can't be listed), without listing a huge folder whole."""
+    try:
+        return [e for _, e in zip(range(n), d.iterdir())]
+    except OSError:
+        return []
+
+
+def _folders(d: Path) -> list[Path]:
+    return [e for e in _entries(d) if e.is_dir()]
 
 
 def _absent(data_dir: Path) -> str:
@@ -459,11 +489,22 @@ def _train_subset(data_dir: str | Path, splits: tuple[str, ...], subset: int | N
 def prepare_search_data(
     data_dir: str | Path, *, subset: int | None, val_fraction: float, seed: int, download: bool = True
 ) -> SearchData:
-    """Train/val from the training file only (a search never reads the test file). `subset` (images per
-    class) is taken before the split, with the seed `prepare_final_data` uses, so the retrain sees this train + val."""
+    """Train/val from the training file only (a search never reads the test file: `test_split_problem` checks it).
+    `subset` (images per class) is taken before the split, with the seed `prepare_final_data` uses, so the retrain
+    sees this train + val."""
     ds, full = _train_subset(data_dir, ("train",), subset, seed, download)
     train_idx, val_idx = stratified_split(full.fine, val_fraction, seed)
     return SearchData(full.take(train_idx), full.take(val_idx), ds.fine_names, ds.coarse_names)
+
+
+def test_split_problem(data_dir: str | Path) -> str:
+    """Why the test file of the dataset `data_dir` names can't be loaded ('' when it can): a search runs
+    without it, but analyze.py tests the winner on it, so the search says so before it starts."""
+    try:
+        _read_split(_ensure_present(Path(data_dir), download=False) / "test")
+    except UserError as e:
+        return str(e)
+    return ""
 
 
 def prepare_final_data(
