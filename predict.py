@@ -62,9 +62,12 @@ def load_model(path: str | Path) -> Model:
         net, ckpt = load_trained(p)
     except UserError as e:  # a config this code no longer reads
         raise UserError(f"{p} was written by another version of the project: {e}") from None
-    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{p} is not a model.pt written by analyze.py ({type(e).__name__}): "
-                        f"pass EXPERIMENT/analysis/model.pt") from None
+    # a truncated zip makes torch's reader fail with OSError EINVAL, an older format with RuntimeError
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{p} cannot be read as a model.pt written by analyze.py ({type(e).__name__}: {reason}): "
+                        f"it is truncated or damaged, or another file; copy it again, or pass "
+                        f"EXPERIMENT/analysis/model.pt") from None
     return Model(net, list(ckpt["fine_names"]), int(ckpt["config"]["input_size"]),
                  tuple(ckpt["mean"]), tuple(ckpt["std"]), p)
 
@@ -287,8 +290,27 @@ def probabilities(model: Model, images: list, batch_size: int = 64) -> torch.Ten
     return torch.cat(parts)
 
 
+def image_paths(args: list[str]) -> list[Path]:
+    """The image files the arguments name, in order: a file as given, a folder as its files with an image
+    extension Pillow knows (sorted, not recursive). UserError for a folder without one."""
+    known = set(Image.registered_extensions())
+    out = []
+    for a in map(Path, args):
+        if not a.is_dir():
+            out.append(a)  # read_image says what is wrong with it, if anything
+            continue
+        found = sorted(f for f in a.iterdir() if f.is_file() and f.suffix.lower() in known)
+        if not found:
+            raise UserError(f"folder {a} holds no image file (.png, .jpg, ... as Pillow reads): pass image files "
+                            f"or a folder of them")
+        out += found
+    return out
+
+
 def predict_files(model_path: str | Path, paths: list[str], k: int = 5) -> list[dict[str, Any]]:
-    """[{"image": path, "top": [{"class", "probability"} x k]}] per image file, in the given order."""
+    """[{"image": path, "top": [{"class", "probability"} x k]}] per image file (a folder: each image in it), in
+    the given order."""
+    paths = image_paths(paths)
     images = [to_model_input(read_image(p)) for p in paths]  # every image first: a bad one fails before the model loads
     model = load_model(model_path)
     out = []
@@ -304,7 +326,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ("the 3 likeliest classes of two images", command("predict.py", "runs/NAME/analysis/model.pt", "cat.jpg",
                                                           "dog.png", "--top", "3"))))
     p.add_argument("model", help="analysis/model.pt written by analyze.py")
-    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads), or folders of them")
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)

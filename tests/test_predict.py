@@ -101,17 +101,37 @@ def test_cli_json(tiny):
         assert sum(t["probability"] for t in r["top"]) <= 1 + 1e-6
 
 
+def test_a_folder_of_images_is_each_image_in_it(tiny, tmp_path):
+    """A folder argument is its image files, sorted (other files skipped); one without any is one line."""
+    model_path, _, images, _, _ = tiny
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, src in enumerate(images[:2]):
+        (folder / f"{i}{src.suffix}").write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    out = json.loads(run_cli("predict.py", model_path, folder, images[0], "--json", timeout=300, check=True).stdout)
+    assert [r["image"] for r in out] == [str(folder / f"0{images[0].suffix}"), str(folder / f"1{images[1].suffix}"),
+                                         str(images[0])]
+    proc = run_cli("predict.py", model_path, folder / "sub", timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: folder {folder / 'sub'} holds no image file " \
+        "(.png, .jpg, ... as Pillow reads): pass image files or a folder of them"
+
+
 @pytest.mark.parametrize("case", ["missing image", "not an image", "missing model", "not a model",
-                                  "a folder as the model"])
+                                  "a folder as the model", "a truncated model"])
 def test_bad_input_is_one_line_exit_2(tiny, case):
     model_path, _, images, _, root = tiny
     junk = root / "junk.png"
     junk.write_text("not a picture")
+    truncated = root / "truncated.pt"
+    truncated.write_bytes(model_path.read_bytes()[:5000])
     model, image = {"missing image": (model_path, root / "nope.png"),
                     "not an image": (model_path, junk),
                     "missing model": (root / "nope.pt", images[0]),
                     "not a model": (junk, images[0]),
-                    "a folder as the model": (model_path.parent, images[0])}[case]
+                    "a folder as the model": (model_path.parent, images[0]),
+                    "a truncated model": (truncated, images[0])}[case]
     proc = run_cli("predict.py", model, image, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -119,6 +139,8 @@ def test_bad_input_is_one_line_exit_2(tiny, case):
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr
     if case == "a folder as the model":
         assert "is a folder, not a model file" in err[0]
+    if case == "a truncated model":
+        assert "it is truncated or damaged, or another file; copy it again" in err[0]
 
 
 def test_app_lists_search_and_recipe_models(tmp_path):
