@@ -75,10 +75,9 @@ def analyze(args: argparse.Namespace) -> Path:
     if not exp.is_dir() or not (trials or (exp / SETTINGS_FILE).exists()):
         raise UserError(f"{exp} is not an experiment folder: pass the STORAGE/NAME folder run_search.py wrote")
     settings = read_settings(exp)
-    given = read_best_config(Path(args.config)) if args.config else None  # a bad --config fails before any output
+    # every input is checked before any output: a bad --config or --baselines is one line, no leaderboard above it
+    given = read_best_config(Path(args.config)) if args.config else None
     best = export_best(exp, trials)  # raises a clear error when no trial finished an epoch
-    print(leaderboard(trials))
-    print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     out = exp / "analysis"
     selected, best_epoch = given or (best["config"], best["best_epoch"])
     cut = retrain_cut(best_epoch, selected, full_schedule=args.full_schedule)
@@ -90,6 +89,8 @@ def analyze(args: argparse.Namespace) -> Path:
         raise UserError("--set and --epochs-scale apply to --baselines recipes: add --baselines NAME[,NAME...]")
     baselines = baseline_configs(names, args.set, {"weights_dir": config["weights_dir"], "seed": config["seed"]},
                                  args.epochs_scale) if names else {}  # all checked before any training
+    print(leaderboard(trials))
+    print(f"\nbest: trial {best['trial_id']} val_acc {best['best_val_acc']:.4f} at epoch {best['best_epoch']}")
     if args.no_retrain and not baselines:
         return _report(exp)
     data = prepare_final_data(args.data_dir or settings.get("data_dir") or "./data", subset=settings.get("subset"),

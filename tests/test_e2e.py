@@ -128,10 +128,12 @@ def test_analyze_bad_baseline_input_is_one_line_and_keeps_results(e2e_search, ar
     written = {p: p.read_bytes() for p in (exp / "analysis").glob("*.json")}
     if args == ["--baselines", "tiny"]:
         proc = run_cli("analyze.py", exp, "--no-retrain", *args, timeout=120)
-        code, err = proc.returncode, proc.stderr
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
-        code, err = analyze.main([str(exp), "--no-retrain", *args]), capsys.readouterr().err
+        code = analyze.main([str(exp), "--no-retrain", *args])
+        out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert out == ""  # checked before any output: no leaderboard above the error
     assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
     assert {p: p.read_bytes() for p in written} == written
