@@ -53,7 +53,7 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers
         return optuna.samplers.RandomSampler(seed=seed)
     # constant liar: a running trial counts as bad, so two proposals asked for at once differ
     tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                     n_startup_trials=n_startup_trials, warn_independent_sampling=False)
+                                     n_startup_trials=n_startup_trials)
     return IncumbentSampler(tpe, seed=seed) if kind == "incumbent" else tpe
 
 
