@@ -135,9 +135,10 @@ def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
         raise UserError(f"weights file {path} holds no state_dict (no dict of tensors, nor one under 'state_dict', "
                         f"'model', 'ema', ...): {fix}")
     expected = backbone.state_dict()
-    classifier = _classifier_keys(backbone)
+    # the classifier's keys in the file are dropped even where the model has none (reset_classifier(0))
     state = _match_keys(state, expected)
-    state = {k: v for k, v in state.items() if k not in classifier | _classifier_keys(backbone, state)}
+    dropped, classifier = _classifier_keys(backbone, state), _classifier_keys(backbone, expected)
+    state = {k: v for k, v in state.items() if k not in dropped}
     body = [k for k in expected if k not in classifier]
     missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in body
@@ -225,12 +226,11 @@ def _match_keys(state: dict[str, torch.Tensor], expected: dict) -> dict[str, tor
     return out
 
 
-def _classifier_keys(backbone: nn.Module, state: dict | None = None) -> set[str]:
-    """The keys of the backbone's classifier (timm's pretrained_cfg names its module) among `state`'s keys
-    (default: the backbone's own): a file's ImageNet classifier is dropped even where the model has none."""
+def _classifier_keys(backbone: nn.Module, keys) -> set[str]:
+    """Those of `keys` (a state_dict's) under the backbone's classifier module, as timm's pretrained_cfg names it."""
     names = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
-    return {k for k in (backbone.state_dict() if state is None else state) if any(k.startswith(f"{n}.") for n in names)}
+    return {k for k in keys if any(k.startswith(f"{n}.") for n in names)}
 
 
 def _few(keys: list[str], n: int = 3) -> str:
