@@ -60,13 +60,16 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers
 class FidelitySearch(OptunaSearch):
     """Ray's OptunaSearch, which tells a trial ASHA stopped COMPLETE with its rung value; here a trial cut before
     its plan's end or screened on a fraction of the data is told PRUNED (TPE ranks those below complete ones).
-    When the screen has ended, its best `promote` are enqueued at full fidelity."""
+    When the screen has ended, its best `promote` are enqueued at full fidelity; until then no proposal of its own
+    starts (`screen_running`)."""
 
     def __init__(self, *args, promote: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.promote = promote
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.promote and screen_running(ray_adapter.optuna_state(self)[0]):
+            return None  # Tune asks again later: the free worker waits for the promotions
         config = super().suggest(trial_id)
         if not isinstance(config, dict):
             return config
@@ -106,6 +109,17 @@ def low_fidelity(result: dict[str, Any]) -> bool:
     planned = planned_epochs(config) if config and "epoch" in result else None  # None: nothing to compare
     cut = planned is not None and int(result["epoch"]) < planned and not result.get("early_stopped")
     return cut or float(config.get("train_fraction", 1.0)) < 1.0
+
+
+def screen_running(study: optuna.Study) -> bool:
+    """Every planned point has started and a screen trial still runs. A proposal made now has only screen
+    values to go on (moves of a noisy screen best); started now, it delays the promoted recipes, whose
+    moves the budget then cut (the seventh session's seed 1). Waiting costs the screen's last trial's tail."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+        return False
+    return any(t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get(FIDELITY_ATTR, 1.0) < 1.0
+               for t in trials)
 
 
 def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:

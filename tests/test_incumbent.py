@@ -189,6 +189,29 @@ def test_the_screen_runs_every_recipe_point_on_a_fraction_then_promotes_the_best
         assert cfg["augment"] == parent.user_attrs[WARM_CONFIG]["augment"]
 
 
+def test_while_the_screens_last_trials_run_no_own_proposal_starts_and_the_promotions_come_first(tmp_path: Path):
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, points[:3], [], "incumbent",
+                             screen_fraction=0.2, promote=1)
+    screen = [searcher.suggest(f"t{i}") for i in range(3)]  # two workers and a third trial: all running
+    assert all(c["train_fraction"] == 0.2 for c in screen)
+    assert searcher.suggest("t3") is None  # a free worker waits: only screen values exist yet
+    for i, c in enumerate(screen[:2]):
+        res = {"best_val_acc": 0.1 * (i + 1), "epoch": 3, "training_iteration": 3, "status": "ok",
+               **{f"config/{k}": v for k, v in c.items()}}
+        searcher.on_trial_complete(f"t{i}", res)
+        assert searcher.suggest("t3") is None, "a screen trial still runs"
+    c = screen[2]
+    searcher.on_trial_complete("t2", {"best_val_acc": 0.05, "epoch": 3, "training_iteration": 3, "status": "ok",
+                                      **{f"config/{k}": v for k, v in c.items()}})
+    promoted = searcher.suggest("t3")
+    assert promoted["train_fraction"] == 1.0
+    assert {k: v for k, v in promoted.items() if k != "train_fraction"} == \
+           {k: v for k, v in screen[1].items() if k != "train_fraction"}  # the screen's best (0.2)
+    assert searcher.suggest("t4") is not None  # the screen has ended: the searcher proposes again
+
+
 def test_an_asha_stopped_trial_is_told_pruned_with_its_rung_values(tmp_path: Path):
     searcher = make_searcher(CPU, Options(LITE0, 3), {}, BASE, 0, tmp_path, [], [], "tpe")
     c = searcher.suggest("t0")
