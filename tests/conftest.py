@@ -70,7 +70,7 @@ def e2e_search(tmp_path_factory, data_dir, weights_args) -> tuple[Path, subproce
     what it wrote (test_e2e, test_report): (experiment folder, the finished process)."""
     storage = tmp_path_factory.mktemp("runs")
     proc = run_cli("run_search.py", "--space", "tiny", "--gpus", "2", "--cpus-per-trial", "1",
-                   "--num-samples", E2E_SAMPLES, "--subset", 30, "--data-dir", data_dir,
+                   "--num-samples", E2E_SAMPLES, "--subset", 10, "--data-dir", data_dir,
                    "--storage-path", storage, "--name", "e2e", "--seed", 0, *weights_args, check=True)
     return storage / "e2e", proc
 

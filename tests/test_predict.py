@@ -118,29 +118,48 @@ def test_a_folder_of_images_is_each_image_in_it(tiny, tmp_path):
         "(.png, .jpg, ... as Pillow reads): pass image files or a folder of them"
 
 
-@pytest.mark.parametrize("case", ["missing image", "not an image", "missing model", "not a model",
-                                  "a folder as the model", "a truncated model"])
-def test_bad_input_is_one_line_exit_2(tiny, case):
+BAD = ["missing image", "not an image", "missing model", "not a model", "a folder as the model", "a truncated model"]
+
+
+def _bad_case(tiny, case: str) -> tuple[Path, Path]:
     model_path, _, images, _, root = tiny
     junk = root / "junk.png"
     junk.write_text("not a picture")
     truncated = root / "truncated.pt"
     truncated.write_bytes(model_path.read_bytes()[:5000])
-    model, image = {"missing image": (model_path, root / "nope.png"),
-                    "not an image": (model_path, junk),
-                    "missing model": (root / "nope.pt", images[0]),
-                    "not a model": (junk, images[0]),
-                    "a folder as the model": (model_path.parent, images[0]),
-                    "a truncated model": (truncated, images[0])}[case]
-    proc = run_cli("predict.py", model, image, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == ""
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr
+    return {"missing image": (model_path, root / "nope.png"),
+            "not an image": (model_path, junk),
+            "missing model": (root / "nope.pt", images[0]),
+            "not a model": (junk, images[0]),
+            "a folder as the model": (model_path.parent, images[0]),
+            "a truncated model": (truncated, images[0])}[case]
+
+
+def _check_bad(case: str, code: int, out: str, err: str) -> None:
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
     if case == "a folder as the model":
-        assert "is a folder, not a model file" in err[0]
+        assert "is a folder, not a model file" in lines[0]
     if case == "a truncated model":
-        assert "it is truncated or damaged, or another file; copy it again" in err[0]
+        assert "it is truncated or damaged, or another file; copy it again" in lines[0]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2(tiny, case, capsys):
+    """In this process (a traceback would fail the test as it would show the user one); the case
+    below runs the CLI as a process, for its exit code and a stderr holding only the message."""
+    model, image = _bad_case(tiny, case)
+    code = predict.main([str(model), str(image)])
+    captured = capsys.readouterr()
+    _check_bad(case, code, captured.out, captured.err)
+
+
+def test_bad_input_as_a_process_is_one_line_exit_2(tiny):
+    model, image = _bad_case(tiny, "a truncated model")
+    proc = run_cli("predict.py", model, image, timeout=300)
+    _check_bad("a truncated model", proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_app_lists_search_and_recipe_models(tmp_path):

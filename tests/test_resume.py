@@ -165,9 +165,9 @@ def test_a_restored_tuner_gets_this_runs_callbacks_stopper_cap_and_searcher(tmp_
 
 def test_max_concurrent_holds_for_trials_restored_as_errored(tmp_path, data_dir):
     args = ["--num-samples", 2, "--max-concurrent", 1, "--max-failures", 0, "--scheduler", "fifo",
-            "--max-epochs", 3,
+            "--max-epochs", 2,
             "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "errored", *QUICK,
-            "--set", "input_size=96"]  # after QUICK's 32 px: runs of several seconds, so an overlap would show
+            "--set", "input_size=64"]  # after QUICK's 32 px: runs of seconds, so an overlap would show
     run_cli("run_search.py", *args, check=True, env=fault_env("crash@2"))
     exp = tmp_path / "errored"
     assert all([r["epoch"] for r in rows] == [1] for rows in read_results(exp).values())  # all crashed
