@@ -29,8 +29,13 @@ P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is r
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 
 
+def screen_trial(t: FrozenTrial) -> bool:
+    """A trial of the screen: planned on a fraction of the training data."""
+    return t.user_attrs.get(FIDELITY_ATTR, 1.0) < 1.0
+
+
 def full_fidelity(t: FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and t.user_attrs.get(FIDELITY_ATTR, 1.0) >= 1.0
+    return t.state == TrialState.COMPLETE and not screen_trial(t)
 
 
 def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -41,7 +46,7 @@ def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 def screened(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Screen trials (low fidelity) that ended, best last value first: a stand-in incumbent until a
     full-fidelity one exists."""
-    done = [t for t in trials if t.user_attrs.get(FIDELITY_ATTR, 1.0) < 1.0
+    done = [t for t in trials if screen_trial(t)
             and t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
     return sorted(done, key=lambda t: (-t.last_step, -t.intermediate_values[t.last_step]))
 

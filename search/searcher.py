@@ -16,7 +16,7 @@ from analysis.experiment import load_trials
 from analysis.outcome import planned_epochs
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage
 from search import ray_adapter
-from search.incumbent import IncumbentSampler, screened
+from search.incumbent import IncumbentSampler, screen_trial, screened
 from spaces import Options, Space, Suggest, complete_config
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
@@ -118,8 +118,7 @@ def screen_running(study: optuna.Study) -> bool:
     trials = study.get_trials(deepcopy=False)
     if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
         return False
-    return any(t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get(FIDELITY_ATTR, 1.0) < 1.0
-               for t in trials)
+    return any(t.state == optuna.trial.TrialState.RUNNING and screen_trial(t) for t in trials)
 
 
 def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:
@@ -138,7 +137,7 @@ def promote_screen(study: optuna.Study, k: int) -> list[int]:
     """Once no screen trial waits or runs, enqueue the best `k` screen trials at full fidelity
     (once per study); returns their numbers."""
     trials = study.get_trials(deepcopy=False)
-    screen = [t for t in trials if t.user_attrs.get(FIDELITY_ATTR, 1.0) < 1.0]
+    screen = [t for t in trials if screen_trial(t)]
     if not screen or any(t.user_attrs.get("promoted_from") is not None for t in trials):
         return []
     if any(t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING) for t in screen):
