@@ -45,7 +45,7 @@ def test_dashboard_lists_job_and_trials_with_token(tmp_path, data_dir):
         token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"],
                                capture_output=True, text=True, check=True).stdout.strip()
         assert token
-        status, listening_by = 0, time.time() + 60  # the CLI prints the URL as Ray starts its dashboard
+        status, listening_by = 0, time.time() + 180  # the CLI prints the URL as Ray starts its dashboard (slow under load)
         while status == 0 and time.time() < listening_by:
             status, _ = _get(f"{base}/api/v0/actors", None)
             time.sleep(0 if status else 1)
