@@ -22,11 +22,12 @@ from scipy import stats
 
 from analysis.experiment import load_trials, rank
 from analysis.study import MOVE_ATTR, by_trial_id, load_study
-from benchmarks.common import DATA, Invocation, Results, flags, md_table, parser, run_cli
+from benchmarks.common import DATA, Invocation, Results, flags, md_table, parser, run_cli, split
 from report.plots import figure, save
 from spaces import get_space, narrow
 from spaces.warm_start import recipe_points
 from trainable.cache import ENV, cache_root
+from trainable.errors import UserError
 
 USER_CACHE = cache_root()  # before cold_cache points CIFAR_TUNE_CACHE at a run's own folder
 
@@ -233,11 +234,21 @@ def markdown(a, run: Invocation, results: dict, seeds: list[int], cs: list) -> s
         rows += [table_row(name, mult, runs)] if runs else []
     return "\n".join([
         run.header(),
-        f"- Data: `{a.data_dir}` ({a.data_label}), `--subset {a.subset or 'all'}` per class, val fraction {a.val_fraction}, "
+        f"- Data: `{a.data_dir}` ({a.data_label}), `--subset {a.subset or 'all'}` per class, val fraction {a.val_fraction}"
+        f"{split_sizes(a, seeds[0])}, "
         f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val and tested once on the "
         f"whole test file.",
         f"- Every trial: `--space {a.space}`, backbones {a.backbones or 'all of the space'}, {a.max_epochs} epochs, "
         f"{f'{a.gpus} GPUs in all' if a.gpus else f'{a.cpus_per_trial} CPU per trial'}{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
+
+
+def split_sizes(a, seed: int) -> str:
+    """" (N train / M val images)" of the first seed's split (the search's own rounding), or "" without the data."""
+    try:
+        d = split(a, a.subset or None, a.val_fraction, seed)
+    except (UserError, OSError):
+        return ""
+    return f" ({len(d.train)} train / {len(d.val)} val images)"
 
 
 def plot(results: dict, seeds: list[int], cs: list, path: Path, data_label: str) -> None:
