@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import yaml
 
 from analysis.command import command
-from analysis.outcome import TrialView, failure_status, outcome, planned_epochs, read_ends
+from analysis.outcome import COMPLETED, EARLY_STOPPED, TrialView, failure_status, outcome, planned_epochs, read_ends
 from analysis.study import METRIC
 from trainable import atomic
 from trainable.config import TrialConfig
@@ -39,8 +39,10 @@ class TrialRecord:
 
     @property
     def full_fidelity(self) -> bool:
-        """Trained on all of the training split (a screen trial, search/plan.py, trains on a fraction)."""
-        return float(self.config.get("train_fraction", 1.0)) >= 1.0
+        """Trained on all of the training split (a screen trial, search/plan.py, trains on a fraction) and ran its
+        whole plan or early-stopped itself: not pruned at a rung nor cut short by the search's end, as the
+        searcher's incumbent (search/incumbent.py) is chosen."""
+        return float(self.config.get("train_fraction", 1.0)) >= 1.0 and self.status in (COMPLETED, EARLY_STOPPED)
 
     @property
     def failure(self) -> dict[str, Any] | None:
@@ -105,8 +107,9 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
 
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a usable best epoch, best first; screen trials after every full-fidelity one (their
-    val_acc is not comparable); equal val_acc (one image can be 0.4 points) by the lower val_loss."""
+    """Trials with a usable best epoch, best first; those below full fidelity (screened on a fraction of the data,
+    pruned at a rung, cut short by the budget or Ctrl-C) after every full-fidelity one, as their val_acc is another
+    fidelity's; equal val_acc (one image can be 0.5 points) by the lower val_loss."""
     usable = [t for t in trials if t.best is not None]
     return sorted(usable, key=lambda t: (t.full_fidelity, t.best[METRIC], -_loss(t.best)), reverse=True)
 

@@ -258,3 +258,19 @@ def test_equal_val_acc_is_broken_by_the_lower_val_loss(tmp_path):
     better = TrialRecord("c", tmp_path / "c", cfg, [{**row, "val_acc": 0.37, "val_loss": 4.0}])
     no_loss = TrialRecord("d", tmp_path / "d", cfg, [{**row, "val_acc": 0.36}])
     assert [t.trial_id for t in rank([no_loss, first, second, better])] == ["c", "b", "a", "d"]
+
+
+def test_a_trial_cut_short_or_pruned_is_exported_only_when_no_trial_ran_its_whole_plan(tmp_path):
+    """A duel's (a) on seed 3 (ninth session) exported a trial the time budget cut after epoch 2 of 3 (val
+    0.361) over the recipe that ran all 3 (0.346), though the searcher's incumbent is full-fidelity only."""
+    from analysis.outcome import OUT_OF_BUDGET
+    cfg = {"stage1_epochs": 3, "stage2_epochs": 0, "stage3_epochs": 0}
+    rows = [{"epoch": e, "training_iteration": e, "status": "ok", "val_loss": 3.0} for e in (1, 2, 3)]
+    whole = TrialRecord("whole", tmp_path / "w", cfg, [{**r, "val_acc": v} for r, v in zip(rows, (0.16, 0.30, 0.346))])
+    cut = TrialRecord("cut", tmp_path / "c", cfg, [{**r, "val_acc": v} for r, v in zip(rows[:2], (0.23, 0.361))],
+                      ended_by_search=OUT_OF_BUDGET)
+    pruned = TrialRecord("pruned", tmp_path / "p", cfg, [{**r, "val_acc": v} for r, v in zip(rows[:2], (0.3, 0.37))])
+    assert (whole.status, cut.status, pruned.status) == ("completed", OUT_OF_BUDGET, "pruned")
+    assert [t.trial_id for t in rank([cut, pruned, whole])] == ["whole", "pruned", "cut"]
+    assert export_best(tmp_path, [cut, pruned, whole])["trial_id"] == "whole"
+    assert export_best(tmp_path, [cut, pruned])["trial_id"] == "pruned"  # none whole: the best of the rest
