@@ -110,7 +110,11 @@ def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: Fina
     if cut is not None:
         print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
               f"(--full-schedule retrains all {planned})")
-    print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
+    if TrialConfig.from_dict(config).uses_val:  # its reduce-on-plateau / early stopping reads val: it trains without it
+        print(f"retraining on the {len(data.train_index)} train images (its early stopping / reduce-on-plateau reads "
+              f"the {len(data.train_val) - len(data.train_index)} val images), then testing on {len(data.test)} ...")
+    else:
+        print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
     per_epoch = _expected_retrain(trials, selected, config, data, cut or planned)
     with _epoch_bar(config, cut, per_epoch) as on_epoch:
         metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)

@@ -72,6 +72,9 @@ def test_analyze_retrains_and_tests_above_chance(e2e_analyzed):
     assert metrics["test_acc"] > 3 * 0.01  # chance is 1 %
     ckpt = torch.load(exp / "analysis" / "model.pt", weights_only=True)
     assert ckpt["config"]["backbone"] and len(ckpt["fine_names"]) == 100
+    # the console names the images the retrain trained on: train alone when its patience reads val
+    trained = "retraining on the " if TrialConfig.from_dict(ckpt["config"]).uses_val else "train+val images"
+    assert trained in e2e_analyzed[1].stdout, e2e_analyzed[1].stdout[-2000:]
 
 
 def test_each_trial_keeps_its_last_and_best_checkpoint(e2e_search):
