@@ -29,7 +29,7 @@ search: $(RUNTIME)
 	$(PY) run_search.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check . && $(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests
+	$(PY) -m ruff check . && $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 RUNS ?= runs
 PORT ?= 8501

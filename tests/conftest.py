@@ -53,26 +53,20 @@ def run_cli(script: str, *args: str, timeout: float = 900, check: bool = False,
 
 
 E2E_SAMPLES = 6
-SHARED_SEARCH = ("test_e2e", "test_report")  # the files that read the one e2e search
 
 
-# the files that take longest, longest first (seconds in one process, 2026-12-07): under xdist each worker
-# takes the next file when it is free, so these start first and the short ones fill in at the end
+# the files that take longest, longest first (seconds in one process, 2026-12-07): under `make test`'s
+# `-n 2 --dist loadfile --no-loadscope-reorder` each worker takes the next whole file (its module fixtures,
+# a search or a Ray, built once) when it is free, so these start first and the short ones fill in at the end
 LONGEST = ("test_faults", "test_e2e", "test_report", "test_resume", "test_trial", "test_cloud_storage",
            "test_search_budget", "test_incumbent", "test_two_searches", "test_oom", "test_precision",
            "test_retrain_cut", "test_features", "test_dashboard", "test_precheck", "test_pretrained")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (-n 2 --dist loadgroup) a test file runs whole on one worker, so its module
-    fixtures (a search, a Ray) are built once; the files reading the shared search go together, and
-    the longest files come first."""
-    def module(item) -> str:
-        return item.module.__name__.rsplit(".", 1)[-1]
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("e2e" if module(item) in SHARED_SEARCH else module(item)))
+    """The longest test files first, each file's own order kept."""
     rank = {name: i for i, name in enumerate(LONGEST)}
-    items.sort(key=lambda item: rank.get(module(item), len(LONGEST)))  # stable: a file's own order kept
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(LONGEST)))
 
 
 @pytest.fixture(scope="session")
