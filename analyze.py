@@ -25,7 +25,7 @@ from analysis.experiment import (
     read_best_config,
     read_settings,
 )
-from analysis.final import retrain_and_test
+from analysis.final import retrain_and_test, retrain_split
 from report import write_report
 from report.comparison import comparison_text
 from trainable.config import TrialConfig
@@ -110,11 +110,12 @@ def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: Fina
     if cut is not None:
         print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
               f"(--full-schedule retrains all {planned})")
-    if TrialConfig.from_dict(config).uses_val:  # its reduce-on-plateau / early stopping reads val: it trains without it
-        print(f"retraining on the {len(data.train_index)} train images (its early stopping / reduce-on-plateau reads "
-              f"the {len(data.train_val) - len(data.train_index)} val images), then testing on {len(data.test)} ...")
+    train, val = retrain_split(TrialConfig.from_dict(config), data)
+    if val is not None:
+        print(f"retraining on the {len(train)} train images (its early stopping / reduce-on-plateau reads "
+              f"the {len(val)} val images), then testing on {len(data.test)} ...")
     else:
-        print(f"retraining on {len(data.train_val)} train+val images, then testing on {len(data.test)} ...")
+        print(f"retraining on {len(train)} train+val images, then testing on {len(data.test)} ...")
     per_epoch = _expected_retrain(trials, selected, config, data, cut or planned)
     with _epoch_bar(config, cut, per_epoch) as on_epoch:
         metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
@@ -193,7 +194,7 @@ def _expected_retrain(trials: list[TrialRecord], selected: dict, config: dict, d
     trial = max(same, key=lambda t: float(t.config.get("train_fraction", 1.0)), default=None)
     search_train = len(data.train_index)
     trained = round(search_train * float(trial.config.get("train_fraction", 1.0))) if trial is not None else 0
-    train = search_train if TrialConfig.from_dict(config).uses_val else len(data.train_val)
+    train = len(retrain_split(TrialConfig.from_dict(config), data)[0])
     planned = expected_epochs(trial, epochs, train / max(1, trained)) if trial is not None else None
     if planned is None:
         print("expected time: unknown (no trial of this search ran this config); an ETA follows each epoch")

@@ -24,6 +24,12 @@ from trainable.trial import run_trial, to_device
 FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
 
 
+def retrain_split(cfg: TrialConfig, data: FinalData):
+    """(train, val) of the retrain: train + val and no val for most configs; the search's train and val splits for a
+    config whose early stopping or reduce-on-plateau reads val_loss, since there is nothing else to watch."""
+    return data.search_split() if cfg.uses_val else (data.train_val, None)
+
+
 def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                      on_epoch: Callable[[dict[str, Any]], None] = lambda m: None,
                      stop_after_epoch: int | None = None) -> dict[str, Any]:
@@ -31,7 +37,7 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
     `stop_after_epoch` k cuts the config's own stage plan and lr schedule after global epoch k.
     Running out of memory or diverging is a UserError saying what to lower."""
     cfg = TrialConfig.from_dict(config)
-    train, val = data.search_split() if cfg.uses_val else (data.train_val, None)
+    train, val = retrain_split(cfg, data)
     cut = stop_after_epoch if stop_after_epoch is not None and stop_after_epoch < cfg.total_epochs else None
     t0 = time.perf_counter()
     net, last = run_trial(cfg.to_dict(), train, val, lambda m, _ckpt: on_epoch(m), checkpoint=False,
