@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from analysis.study import StudyUnwritable
-from search.settings import parse_settings
+from planning.settings import parse_settings
 from trainable.errors import UserError
 
 

@@ -39,9 +39,9 @@ class TrialRecord:
 
     @property
     def full_fidelity(self) -> bool:
-        """Trained on all of the training split (a screen trial, search/plan.py, trains on a fraction) and ran its
+        """Trained on all of the training split (a screen trial, planning/plan.py, trains on a fraction) and ran its
         whole plan or early-stopped itself: not pruned at a rung nor cut short by the search's end, as the
-        searcher's incumbent (search/incumbent.py) is chosen."""
+        searcher's incumbent (planning/incumbent.py) is chosen."""
         return float(self.config.get("train_fraction", 1.0)) >= 1.0 and self.status in (COMPLETED, EARLY_STOPPED)
 
     @property

@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 METRIC, MODE = "val_acc", "max"  # what every trial reports each epoch (trainable/trial.py), and its direction
 STUDY_FILE, STUDY_NAME = "optuna.db", "search"
 WARM_CONFIG = "warm_start_config"  # user attr of an enqueued warm-start trial: its complete config
-MOVE_ATTR = "cifar_tune:move"  # system attr of a local move (search/incumbent.py): parent, changed names, step
+MOVE_ATTR = "cifar_tune:move"  # system attr of a local move (planning/incumbent.py): parent, changed names, step
 EXTRA_ATTR = "extra_config"  # user attr of a local move: the parent's fields the space does not sample
 FIDELITY_ATTR = "fidelity"  # user attr of a screen trial: its train_fraction (< 1)
 TRIAL_ATTR = "tune_trial_id"  # user attr: the Tune trial the searcher proposed it for (its folder trial_ID)

@@ -55,7 +55,7 @@ class Progress:
     total: int | None  # trials the search will run (None: unbounded)
     runs: list[tuple[str, float | None]] = field(default_factory=list)  # a running trial's outcome is RUNNING
     best: tuple[float, str] | None = None  # the best score and its trial
-    prior_trial_s: float | None = None  # the pre-launch cost estimate of a trial (search/estimate.py)
+    prior_trial_s: float | None = None  # the pre-launch cost estimate of a trial (planning/estimate.py)
 
     @classmethod
     def of(cls, trials: list, total: int | None, seconds: dict[str, float] | None = None, prior_trial_s: float | None = None,

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from analysis.command import command
-from search.settings import SearchSettings
+from planning.settings import SearchSettings
 from search.storage import check_cluster_storage
 from trainable.errors import UserError
 

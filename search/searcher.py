@@ -1,4 +1,4 @@
-"""Optuna proposes configs (define-by-run; moves around the incumbent mixed with TPE, search/incumbent.py), the
+"""Optuna proposes configs (define-by-run; moves around the incumbent mixed with TPE, planning/incumbent.py), the
 warm-start points first; ASHA prunes weak trials at rungs placed after every trial's head-only stage. The study
 is `optuna.db` in the experiment folder, where the points are enqueued before Ray's OptunaSearch loads it."""
 from __future__ import annotations
@@ -14,36 +14,16 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.experiment import load_trials
 from analysis.outcome import planned_epochs
-from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage
+from analysis.study import FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage
+from planning.define import DefineByRun, quiet_optuna
+from planning.incumbent import IncumbentSampler, screen_trial, screened
 from search import ray_adapter
-from search.incumbent import IncumbentSampler, screen_trial, screened
-from spaces import Options, Space, Suggest, complete_config
+from spaces import Options, Space
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
 
 TIME_ATTR = "epoch"  # the epoch counter across all stages, reported by every trial
 FIELDS = frozenset(f.name for f in dataclasses.fields(TrialConfig))
-
-
-class DefineByRun:
-    """Optuna's define-by-run function: the trial's complete, validated config (`spaces.complete_config`),
-    so its params.json reruns it alone. A class, not a closure: Tune pickles the searcher to resume it."""
-
-    def __init__(self, space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any]):
-        self.space, self.opts, self.fixed, self.base = space, opts, fixed, base
-
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        chosen = self.space.sample(Suggest(trial, self.fixed), self.opts)
-        # a planned point's unsampled fields (a recipe's augment list; a local move's parent's) live in the study
-        attrs = getattr(trial, "user_attrs", {})
-        point = attrs.get(WARM_CONFIG) or attrs.get(EXTRA_ATTR) or {}
-        return complete_config(chosen, base=self.base, point=point, fixed=self.fixed)
-
-
-def quiet_optuna() -> None:
-    """No 'study created' log line, and no warning that TPE's `group` option is experimental."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:

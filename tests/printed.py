@@ -12,7 +12,7 @@ from tests.conftest import REPO
 def parser_of(script: str):
     """The argument parser of one of the project's CLIs, as a function of argv."""
     if script == "run_search.py":
-        from search.settings import parse_settings
+        from planning.settings import parse_settings
         return parse_settings
     if script == "analyze.py":
         from analyze import parse

@@ -72,7 +72,7 @@ def test_trial_rates_split_training_from_the_rest():
 
 def test_search_flags_are_run_search_flags(ctx):
     from benchmarks.common import flags
-    from search.settings import parse_settings
+    from planning.settings import parse_settings
     s = parse_settings(flags({"input_size": 16}, **ctx.search_opts(num_samples=2, cpus_per_trial=1, subset=5, max_epochs=2,
                                                                    max_concurrent=2, scheduler="asha", sampler="random")))
     assert (s.num_samples, s.max_concurrent, s.scheduler, s.subset, s.no_pretrained) == (2, 2, "asha", 5, True)

@@ -1,11 +1,11 @@
-"""Tests for trainable/config.py (TrialConfig) and search/settings.py (flags and --config YAML)."""
+"""Tests for trainable/config.py (TrialConfig) and planning/settings.py (flags and --config YAML)."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
-from search.settings import (
+from planning.settings import (
     SearchSettings,
     build_parser,
     load_yaml_settings,

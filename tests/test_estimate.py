@@ -1,5 +1,5 @@
-"""The cost estimate's measuring side (search/estimate.py) and the sampling helper it shares with the
-precheck (search/precheck.py `draw`). Its arithmetic is in tests/test_warm_start.py, the CLI path
+"""The cost estimate's measuring side (planning/estimate.py) and the sampling helper it shares with the
+precheck (planning/precheck.py `draw`). Its arithmetic is in tests/test_warm_start.py, the CLI path
 in tests/test_search_budget.py."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from search import estimate as est
-from search.precheck import draw
-from search.searcher import DefineByRun
+from planning import estimate as est
+from planning.define import DefineByRun
+from planning.precheck import draw
 from spaces import Options, get_space
 
 BASE = {"pretrained": False, "weights_dir": "", "seed": 0, "compile": False}

@@ -234,7 +234,7 @@ def test_read_best_config_errors(tmp_path, text, fragment):
 def test_a_config_file_in_another_encoding_is_one_line(tmp_path, raw, fragment):
     """Every reader of a YAML file the user hands over (or the experiment holds) goes through load_yaml."""
     from analysis.experiment import read_settings
-    from search.settings import load_yaml_settings
+    from planning.settings import load_yaml_settings
     p = tmp_path / "x.yaml"
     p.write_bytes(raw)
     for read in (lambda: read_best_config(p), lambda: load_yaml_settings(str(p))):

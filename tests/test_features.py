@@ -179,7 +179,7 @@ def test_final_retrain_and_baselines_use_the_cache(tmp_path, cache, capsys):
 
 
 def test_the_estimate_costs_a_cached_head_only_epoch_as_the_head_alone(monkeypatch):
-    from search.estimate import epoch_seconds
+    from planning.estimate import epoch_seconds
     speeds = {"tf_efficientnet_lite0@224": {"frozen": 0.05, "train": 0.2, "eval": 0.04, "head": 1e-5}}
     cfg = TrialConfig.from_dict({"input_size": 224, "stage1_epochs": 3, "stage2_epochs": 1,
                                  "aug_strength": 0.0})

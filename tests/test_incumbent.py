@@ -12,8 +12,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from analysis.study import FIDELITY_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
-from search.incumbent import IncumbentSampler, move, step_size
-from search.plan import plan_budget
+from planning.incumbent import IncumbentSampler, move, step_size
+from planning.plan import plan_budget
 from search.searcher import low_fidelity, make_searcher
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points

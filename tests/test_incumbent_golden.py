@@ -11,10 +11,11 @@ import json
 
 import pytest
 
-from search.plan import plan_budget
-from search.precheck import draw, plan_search
-from search.searcher import DefineByRun, make_searcher
-from search.settings import SearchSettings
+from planning.define import DefineByRun
+from planning.plan import plan_budget
+from planning.precheck import draw, plan_search
+from planning.settings import SearchSettings
+from search.searcher import make_searcher
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
 

@@ -1,6 +1,6 @@
-"""The layers follow the data flow (../shared/ARCHITECTURE.md): trainable/ -> spaces/ -> search/ (Ray)
-beside analysis/ (no Ray) -> report/ and the CLIs. An import only ever points down, and the read
-side imports without Ray."""
+"""The layers follow the data flow (../shared/ARCHITECTURE.md): trainable/ -> spaces/ -> planning/ (no Ray)
+-> search/ (Ray) beside analysis/ (no Ray) -> report/ and the CLIs. An import only ever points down, and the
+read side and planning/ import without Ray."""
 from __future__ import annotations
 
 import ast
@@ -14,7 +14,8 @@ ALLOWED = {
     "trainable": {"trainable"},
     "spaces": {"trainable", "spaces"},
     "analysis": {"trainable", "spaces", "analysis"},
-    "search": {"trainable", "spaces", "analysis", "search"},
+    "planning": {"trainable", "spaces", "analysis", "planning"},
+    "search": {"trainable", "spaces", "analysis", "planning", "search"},
     "report": {"trainable", "spaces", "analysis", "report"},
 }
 OURS = set(ALLOWED) | {"benchmarks", "tests"}
@@ -43,9 +44,10 @@ def test_imports_point_down_the_layers():
 
 
 def test_the_read_side_imports_without_ray():
-    """analyze.py, predict.py, app.py, the report and the analysis layer: no Ray on import."""
+    """analyze.py, predict.py, app.py, the report, the analysis layer and planning/: no Ray on import."""
     code = ("import sys; import analyze, predict, app, report.build, analysis.experiment, analysis.final, "
-            "analysis.baselines, analysis.outcome; "
+            "analysis.baselines, analysis.outcome, planning.settings, planning.precheck, planning.estimate, "
+            "planning.plan, planning.incumbent, planning.define; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'search'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

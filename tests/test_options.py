@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import run_search
-from search.settings import build_parser
+from planning.settings import build_parser
 from tests.fake_cifar import write_fake_cifar
 
 # option -> a bad value (a callable gets the test's tmp_path); every option of the parser must be here
@@ -127,13 +127,13 @@ def test_a_name_that_is_not_one_folder_is_refused(name, cli, tmp_path):
 
 @pytest.mark.parametrize("name", ["a b", "100%", "a%20b", "q?x", "#1", "{n}", "ünï", "日本", "x" * 255])
 def test_any_plain_folder_name_is_taken(name):
-    from search.settings import folder_name_problem
+    from planning.settings import folder_name_problem
     assert folder_name_problem(name) == ""
 
 
 def test_a_warm_start_folder_whose_name_holds_a_comma_is_one_folder(tmp_path):
     from search.run import warm_start
-    from search.settings import SearchSettings
+    from planning.settings import SearchSettings
     from spaces import Options, get_space
     from trainable.errors import UserError
     folder = tmp_path / "runs, old"

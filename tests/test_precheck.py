@@ -1,4 +1,4 @@
-"""search/precheck.py: every config a search can hand a trial is checked before Ray starts, a
+"""planning/precheck.py: every config a search can hand a trial is checked before Ray starts, a
 space with nothing left to sample runs once (or as seeded repeats), and every trial's epochs equal
 ASHA's max_t."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from search.precheck import RepeatSeeds, budget_problem, plan_search
-from search.settings import SearchSettings
+from planning.precheck import RepeatSeeds, budget_problem, plan_search
+from planning.settings import SearchSettings
 from spaces import Options, Space, Suggest, get_space
 from tests.conftest import run_cli
 from trainable.config import TrialConfig

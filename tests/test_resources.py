@@ -6,7 +6,7 @@ import types
 import pytest
 
 from search.resources import plan_resources, start_ray
-from search.settings import SearchSettings, parse_settings
+from planning.settings import SearchSettings, parse_settings
 from trainable.errors import UserError
 
 

@@ -13,7 +13,7 @@ import yaml
 import run_search
 from analysis.experiment import load_trials
 from search.budget import BUDGET_FILE
-from search.settings import parse_duration
+from planning.settings import parse_duration
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
 from tests.conftest import REPO, WEIGHTS, run_cli
@@ -57,7 +57,7 @@ def test_the_first_trials_are_the_recipe_points(budgeted):
     assert started, proc.stdout[-2000:]
     n = min(len(started), len(points))
 
-    def hp(c: dict) -> dict:  # a screened point trains on a fraction of the data (search/plan.py)
+    def hp(c: dict) -> dict:  # a screened point trains on a fraction of the data (planning/plan.py)
         return {k: v for k, v in c.items() if k != "train_fraction"}
     # the order they were asked in is Optuna's trial order (one trial at a time: the order they ran; Ray's
     # whole-second timestamps cannot order trials shorter than a second)

@@ -1,4 +1,4 @@
-"""Tests for spaces/ and search/searcher.py's DefineByRun, with real Optuna trials (no Ray run)."""
+"""Tests for spaces/ and planning/define.py's DefineByRun, with real Optuna trials (no Ray run)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,9 @@ import optuna
 import pytest
 from optuna.samplers import TPESampler
 
-from search.searcher import DefineByRun, make_searcher
-from search.settings import SearchSettings
+from planning.define import DefineByRun
+from planning.settings import SearchSettings
+from search.searcher import make_searcher
 from spaces import LISTED, NAMES, Options, Suggest, get_space, narrow, split_budget
 from trainable.config import TrialConfig, coerce
 from trainable.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from analysis.cloud import check_uri, is_uri
-from search.settings import SearchSettings, parse_settings
+from planning.settings import SearchSettings, parse_settings
 from search.storage import check_cluster_storage, open_experiment
 from trainable.errors import UserError
 

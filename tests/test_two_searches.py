@@ -89,7 +89,7 @@ def test_a_moved_experiment_resumes_analyzes_and_warm_starts_from_its_new_place(
     assert (exp / "best_config.yaml").is_file()
     capsys.readouterr()
     from search.run import warm_start
-    from search.settings import SearchSettings
+    from planning.settings import SearchSettings
     from spaces import Options, get_space
     space = get_space("tiny")
     settings = read_settings(exp)

@@ -11,9 +11,9 @@ import optuna
 import pytest
 
 from analysis.study import WARM_CONFIG, study_url
+from planning.estimate import asha_rungs, epoch_seconds, reach
+from planning.settings import parse_duration
 from search.budget import BudgetStopper, spent
-from search.settings import parse_duration
-from search.estimate import asha_rungs, epoch_seconds, reach
 from search.searcher import make_searcher, stage_aware_grace, told_trials
 from spaces import RECIPES, Options, Suggest, get_space, recipe_config
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs, recipe_points
@@ -252,7 +252,7 @@ def test_asha_reach():
 def test_estimate_without_training(monkeypatch):
     import torch
 
-    from search import estimate as est
+    from planning import estimate as est
     calls, precisions, batches = [], [], []
 
     def fake_speeds(combos, device, threads, log=print, precision="auto", batch=64):

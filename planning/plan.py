@@ -2,7 +2,7 @@
 (the warm start) run first: whole when they fit in a third of the budget, else screened on a stratified
 fraction of the training data with their whole stage plans (a data subset keeps stage 2, which fewer epochs
 would cut off: FABOLAS, Klein et al. 2017), the best third then promoted to full fidelity (successive halving
-among the priors, Jamieson & Talwalkar 2016). What is left is the searcher's (search/incumbent.py)."""
+among the priors, Jamieson & Talwalkar 2016). What is left is the searcher's (planning/incumbent.py)."""
 from __future__ import annotations
 
 import json

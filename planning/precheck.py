@@ -11,8 +11,8 @@ from typing import Any, Callable
 import optuna
 import torch
 
-from search.searcher import DefineByRun, quiet_optuna
-from search.settings import SearchSettings
+from planning.define import DefineByRun, quiet_optuna
+from planning.settings import SearchSettings
 from spaces import Options, Space, Suggest
 from trainable.config import TrialConfig
 from trainable.errors import UserError

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from analysis.experiment import duration
-from search.precheck import draw
-from search.searcher import DefineByRun
+from planning.define import DefineByRun
+from planning.precheck import draw
 from spaces import Options, Space
 from trainable import atomic, features
 from trainable.augment import policy_for
