@@ -21,8 +21,8 @@ from torchvision import transforms as T
 
 from analysis.experiment import load_trials
 from analysis.study import METRIC
-from benchmarks.common import (BACKBONE, WEIGHTS, MiB, alternate, forward_fn, make_bench, md_table, model_fn, parse,
-                               parser, per_call, rate, search, split, step, verdict)
+from benchmarks.common import (BACKBONE, WEIGHTS, MiB, alternate, fixed_batch, forward_fn, listed, make_bench, md_table,
+                               model_fn, parse, parser, per_call, rate, search, split, step, verdict)
 from search.searcher import stage_aware_grace
 from spaces import get_space
 from trainable.augment import DeviceAugment, aug_policy
@@ -404,9 +404,7 @@ def section_stages(ctx: Context) -> None:
     cfg = TrialConfig(stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
     stages = plan_stages(cfg)
     names = ["stage 1 (head only)", f"stage 2 (top {cfg.unfreeze_depth} blocks)", "all trainable"]
-    g = torch.Generator().manual_seed(3)
-    x = b.prec.prepare(torch.randn(a.stage_batch, 3, a.stage_input, a.stage_input, generator=g).to(b.dev))
-    y = torch.randint(0, 100, (a.stage_batch,), generator=g).to(b.dev)
+    x, y = fixed_batch(b, a.stage_batch, a.stage_input, seed=3)
     state = {}
 
     def setup(stage):  # untimed: the trial's own optimiser, param groups and train_mode for this stage
@@ -447,7 +445,7 @@ RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
-    p.add_argument("--sections", default=",".join(RUNNERS), help="comma-separated subset of "
+    p.add_argument("--sections", type=listed(), default=",".join(RUNNERS), help="comma-separated subset of "
                    + "; ".join(f"{k} {TITLES[k]}: {v}" for k, v in WHAT.items()))
     # without the file: random init (''), which runs at the same speed
     p.set_defaults(weights_dir=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "")
@@ -458,12 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     a, run = parse(p, "bench.py", argv, FULL, QUICK)
     a.data_dir = str(Path(a.data_dir).resolve())
     a.weights_dir = str(Path(a.weights_dir).resolve()) if a.weights_dir else ""
-    sections = [s.strip() for s in a.sections.split(",") if s.strip()]
-    if set(sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
+    if set(a.sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
         print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
         return 2
     ctx = Context(a)
-    for s in sections:
+    for s in a.sections:
         print(f"[bench] {s}. {TITLES[s]} ...", flush=True)
         ts = time.time()
         RUNNERS[s](ctx)
@@ -471,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + run.header(" (--quick: a smoke run, not a record)" if a.quick else "")
           + f"\n- Data: `{a.data_dir}`; weights: `{a.weights_dir or 'random init'}`; searches and logs in {a.work_dir}\n\n"
           + md_table(HEAD, ctx.rows))
-    for s in sections:
+    for s in a.sections:
         print(f"\n### {s}. {TITLES[s]}\n\n" + "\n".join(f"- {n}" for n in ctx.notes.get(s, [])))
     return 0
 

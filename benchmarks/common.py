@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from trainable.augment import normalisation_of
 from trainable.data import prepare_search_data
 from trainable.loop import Precision
 from trainable.model import create_model, set_trainable, train_mode
-from trainable.trial import pick_device, to_device
+from trainable.trial import pick_device, run_trial, to_device
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyimagenet100-32"  # the real-image stand-in (not CIFAR-100)
@@ -66,6 +66,13 @@ def parse(p: argparse.ArgumentParser, script: str, argv: list[str] | None, full:
     if getattr(a, "work_dir", None) == "":
         a.work_dir = tempfile.mkdtemp(prefix=f"{Path(script).stem}-")
     return a, Invocation(script, argv)
+
+
+def listed(cast: Callable = str) -> Callable[[str], list]:
+    """An option's type for a comma-separated list: '32,128' -> [32, 128] (blanks left out)."""
+    def comma_separated(text: str) -> list:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    return comma_separated
 
 
 def split(a, subset: int | None, val_fraction: float = 0.1, seed: int = 0):
@@ -179,23 +186,50 @@ def make_bench(train, weights_dir: str, channels_last: bool | None = None, backb
     return Bench(net, *to_device(train, dev), *normalisation_of(net.backbone), dev, prec)
 
 
+def sgd(net: torch.nn.Module, fused: bool = False) -> torch.optim.SGD:
+    """The ceiling's optimiser over every parameter. `fused`: torch's fused SGD kernel instead of its
+    default (on the CPU, a Python loop over the tensors)."""
+    return torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                           fused=True if fused else None)
+
+
+def fixed_batch(b: Bench, bs: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random batch of images (in the bench's layout, on its device) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bs, 3, size, size, generator=g)
+    return b.prec.prepare(x.to(b.dev)), torch.randint(0, 100, (bs,), generator=g).to(b.dev)
+
+
 def model_fn(b: Bench, size: int, bs: int, steps: int = 1, fused: bool = False) -> Callable[[], int]:
     """The ceiling: `steps` forward+backward+SGD steps of the whole network (every layer trainable)
-    on one fixed batch, nothing else; returns the images it trained on. `fused`: torch's fused
-    SGD kernel instead of its default (on the CPU, a Python loop over the tensors)."""
+    on one fixed batch, nothing else; returns the images it trained on."""
     set_trainable(b.net, None)
     train_mode(b.net)
-    opt = torch.optim.SGD(b.net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                          **({"fused": True} if fused else {}))
-    g = torch.Generator().manual_seed(0)
-    x = b.prec.prepare(torch.randn(bs, 3, size, size, generator=g).to(b.dev))
-    y = torch.randint(0, 100, (bs,), generator=g).to(b.dev)
+    opt = sgd(b.net, fused)
+    x, y = fixed_batch(b, bs, size)
 
     def run() -> int:
         for _ in range(steps):
             step(b.net, opt, x, y, b.prec)
         return steps * bs
     return run
+
+
+class TrialRun(NamedTuple):
+    net: torch.nn.Module | None
+    last: dict  # run_trial's last result
+    rows: list[dict]  # every epoch's result
+    epoch_s: list[float]  # each epoch's wall seconds, report to report (the first from the call)
+    wall_s: float  # the whole call's
+
+
+def timed_trial(config: dict, train, val, **kw) -> TrialRun:
+    """run_trial without checkpoints, timed."""
+    rows, stamps = [], []
+    t0 = time.perf_counter()
+    net, last = run_trial(config, train, val, lambda m, _c: (rows.append(m), stamps.append(time.perf_counter())),
+                          checkpoint=False, **kw)
+    return TrialRun(net, last, rows, [b - a for a, b in zip([t0, *stamps], stamps)], time.perf_counter() - t0)
 
 
 def forward_fn(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:

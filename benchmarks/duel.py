@@ -22,7 +22,7 @@ from scipy import stats
 
 from analysis.experiment import load_trials, rank
 from analysis.study import MOVE_ATTR, by_trial_id, load_study
-from benchmarks.common import DATA, Invocation, Results, flags, md_table, parser, run_cli, split
+from benchmarks.common import DATA, Invocation, Results, flags, listed, md_table, parser, run_cli, split
 from report.plots import figure, save
 from spaces import get_space, narrow
 from spaces.warm_start import recipe_points
@@ -44,7 +44,7 @@ HEAD = ["contender", "seeds", "test_acc % (mean)", "per seed", "vs (d), pts [95 
 def parse(argv: list[str] | None):
     p = parser(__doc__, work_dir="/tmp/duel", work_help="runs/, logs/ and duel.json (kept: a re-run resumes)",
                quick="smoke run: 3 per class, 2 epochs, 64 px, one seed")
-    p.add_argument("--seeds", default="0,1,2", help="one split (and searcher/trial seed) per seed")
+    p.add_argument("--seeds", type=listed(int), default="0,1,2", help="one split (and searcher/trial seed) per seed")
     p.add_argument("--contenders", default="d,a@1,a@0.5,c@1", help="d first; others as NAME@MULTIPLE of (d)'s wall "
                    "time: " + "; ".join(f"{k} = {v}" for k, v in LABELS.items() if k != "d"))
     p.add_argument("--subset", type=int, default=10, help="training images per class (train+val); 0: all")
@@ -60,7 +60,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--plot", default="", help="PNG of incumbent val_acc against wall time (default WORK/duel.png)")
     a = p.parse_args(argv)
     if a.quick:
-        a.subset, a.max_epochs, a.seeds, a.input_size = 3, 2, a.seeds.split(",")[0], a.input_size or 64
+        a.subset, a.max_epochs, a.seeds, a.input_size = 3, 2, a.seeds[:1], a.input_size or 64
     a.plot = a.plot or str(Path(a.work_dir) / "duel.png")
     a.cpus_per_trial = a.cpus_per_trial or (None if a.gpus else 1)
     stand_in = Path(a.data_dir).resolve() == DATA.resolve()  # any other folder is named, never called CIFAR-100
@@ -188,17 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results = Results(work / "duel.json")
-    seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
     cs = contenders(a.contenders)
-    for seed in seeds:
+    for seed in a.seeds:
         for name, mult in cs:
             if not a.table_only:
                 run_contender(name, mult, a, seed, results, work)
             elif (exp := run_dir(work, seed, key(name, mult))).is_dir():
                 best = next(iter(rank(load_trials(exp))), None)  # the winner named by today's rule
                 results.get(str(seed), {}).get(key(name, mult), {})["winner"] = winner(best) if best else ""
-    plot(results, seeds, cs, Path(a.plot), a.data_label)
-    print("\n" + markdown(a, run, results, seeds, cs))
+    plot(results, a.seeds, cs, Path(a.plot), a.data_label)
+    print("\n" + markdown(a, run, results, a.seeds, cs))
     return 0
 
 
@@ -206,9 +205,8 @@ def paired(diffs: list[float]) -> str:
     """Mean paired difference in points with its 95 % t-interval (n >= 2)."""
     if len(diffs) < 2:
         return f"{100 * diffs[0]:+.1f}" if diffs else "-"
-    m, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
-    h = stats.t.ppf(0.975, len(diffs) - 1) * se
-    return f"{100 * m:+.1f} [{100 * (m - h):+.1f}, {100 * (m + h):+.1f}]"
+    ci = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    return f"{100 * statistics.fmean(diffs):+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}]"
 
 
 def table_row(name: str, mult: float, runs: list[tuple[dict, dict]]) -> list:

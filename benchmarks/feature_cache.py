@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -18,12 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from analysis.experiment import load_trials
-from benchmarks.common import BACKBONE, md_table, parse, parser, search, split, verdict
+from benchmarks.common import BACKBONE, listed, md_table, parse, parser, search, split, timed_trial, verdict
 from spaces import recipe_config
 from spaces.warm_start import fit_epochs
 from trainable.cache import ENV
 from trainable.features import SWITCH_ENV
-from trainable.trial import run_trial
 
 EPOCH_HEAD = ["input", "uncached epoch 2", "cached epoch 2", "cached / uncached", "≤ 5 %",
               "extraction (first trial, epoch 1)", "load (second trial)", "|Δ val_loss| epoch 2"]
@@ -40,17 +38,8 @@ def cache(switch: str, folder: str):
     return mock.patch.dict(os.environ, {SWITCH_ENV: switch, ENV: folder})
 
 
-def timed_trial(config: dict, data) -> tuple[list[dict], list[float], float]:
-    """run_trial's rows, the wall time of each epoch (report to report; the first from the call), the whole call's."""
-    rows, stamps = [], []
-    t0 = time.perf_counter()
-    run_trial(config, data.train, data.val, lambda m, _c: (rows.append(m), stamps.append(time.perf_counter())),
-              checkpoint=False)
-    return rows, [b - a for a, b in zip([t0] + stamps, stamps)], time.perf_counter() - t0
-
-
-def ratio_line(rows: list) -> str:
-    return f"\n\nwall time cached / uncached: {float(rows[1][1][:-2]) / float(rows[0][1][:-2]):.2f}"
+def ratio_line(walls: list[float]) -> str:
+    return f"\n\nwall time cached / uncached: {walls[1] / walls[0]:.2f}"
 
 
 def part_epoch(a) -> str:
@@ -63,14 +52,14 @@ def part_epoch(a) -> str:
             runs = {}
             for label, switch in (("off", "off"), ("built", "on"), ("hit", "on")):
                 with cache(switch, folder):
-                    runs[label] = timed_trial(cfg, data)
-        (off, off_t, _), (built, built_t, _), (hit, _, _) = runs.values()
-        assert [r["feature_cache"] for r in built] == ["built", "hit"] and hit[0]["feature_cache"] == "hit"
-        ratio = built_t[1] / off_t[1]
-        rows.append([f"{size} px", f"{off_t[1]:.1f} s", f"{built_t[1]:.3f} s", f"{ratio:.1%}",
-                     verdict(ratio <= 0.05),
-                     f"{built[0]['feature_seconds']:.1f} s", f"{hit[0]['feature_seconds']:.2f} s",
-                     f"{abs(built[1]['val_loss'] - off[1]['val_loss']):.1e}"])
+                    runs[label] = timed_trial(cfg, data.train, data.val)
+        off, built, hit = runs.values()
+        assert [r["feature_cache"] for r in built.rows] == ["built", "hit"] and hit.rows[0]["feature_cache"] == "hit"
+        ratio = built.epoch_s[1] / off.epoch_s[1]
+        rows.append([f"{size} px", f"{off.epoch_s[1]:.1f} s", f"{built.epoch_s[1]:.3f} s", f"{ratio:.1%}",
+                     verdict(ratio <= 0.05), f"{built.rows[0]['feature_seconds']:.1f} s",
+                     f"{hit.rows[0]['feature_seconds']:.2f} s",
+                     f"{abs(built.rows[1]['val_loss'] - off.rows[1]['val_loss']):.1e}"])
         print(md_table(EPOCH_HEAD, rows[-1:]), flush=True)
     return (f"Head-only epochs, {BACKBONE}, `--subset {a.epoch_subset}` ({len(data.train)} training, {len(data.val)} "
             f"validation images), batch 64, flip only, AdamW:\n\n" + md_table(EPOCH_HEAD, rows))
@@ -81,23 +70,24 @@ def part_recipe(a) -> str:
     cfg = fit_epochs(recipe_config("efficientnetv2_frozen", {"backbone": BACKBONE}, {"weights_dir": a.weights_dir}),
                      a.recipe_epochs)
     cfg["input_size"] = a.recipe_size
-    rows = []
+    rows, walls = [], []
     with tempfile.TemporaryDirectory() as folder:
         for switch in ("off", "on"):
             with cache(switch, folder):
-                res, _, wall = timed_trial(cfg, data)
-            rows.append([switch, f"{wall:.0f} s", len(res), f"{res[-1]['val_acc']:.1%}",
-                         ", ".join(r["feature_cache"] for r in res)])
+                run = timed_trial(cfg, data.train, data.val)
+            walls.append(run.wall_s)
+            rows.append([switch, f"{run.wall_s:.0f} s", len(run.rows), f"{run.rows[-1]['val_acc']:.1%}",
+                         ", ".join(r["feature_cache"] for r in run.rows)])
             print(md_table(RECIPE_HEAD, rows[-1:]), flush=True)
     return (f"The efficientnetv2_frozen recipe point in the duel setting ({BACKBONE}, `--subset {a.recipe_subset}`, val "
             f"fraction 0.25, {a.recipe_size} px, {a.recipe_epochs} epochs):\n\n" + md_table(RECIPE_HEAD, rows)
-            + ratio_line(rows) + f"; config: stage1_epochs {cfg['stage1_epochs']}, input_size {cfg['input_size']}, "
+            + ratio_line(walls) + f"; config: stage1_epochs {cfg['stage1_epochs']}, input_size {cfg['input_size']}, "
             f"batch {cfg['batch_size']}, {len(data.train)} training and {len(data.val)} validation images")
 
 
 def part_search(a) -> str:
-    rows, sets = [], {"stage3_epochs": 0, "stage1_epochs": 3, "stage2_epochs": 0, "input_size": a.search_size,
-                      "batch_size": 64, "aug_strength": 0, "unfreeze_depth": 1, "stage2_lr": 0.001}
+    rows, walls, sets = [], [], {"stage3_epochs": 0, "stage1_epochs": 3, "stage2_epochs": 0, "input_size": a.search_size,
+                                 "batch_size": 64, "aug_strength": 0, "unfreeze_depth": 1, "stage2_lr": 0.001}
     for switch in ("off", "on"):
         with tempfile.TemporaryDirectory() as folder, cache(switch, folder):
             exp, wall = search(a, f"heads-{switch}", sets, space="tiny", backbones=BACKBONE, weights_dir=a.weights_dir,
@@ -105,13 +95,14 @@ def part_search(a) -> str:
                                subset=a.search_subset, seed=0, max_epochs=3)
         trials = load_trials(exp)
         epochs_s = sum(r["time_this_iter_s"] for t in trials for r in t.results)
+        walls.append(wall)
         rows.append([switch, f"{wall:.0f} s", len(trials), f"{epochs_s:.0f} s",
                      f"{max(t.best['val_acc'] for t in trials if t.best):.1%}",
                      ", ".join(sorted({r["feature_cache"] for t in trials for r in t.results}))])
         print(md_table(SEARCH_HEAD, rows[-1:]), flush=True)
     return (f"A search of 8 trials on {BACKBONE} varying only stage1_lr and the head (flat or coarse_to_fine), 3 "
             f"head-only epochs at {a.search_size} px, `--subset {a.search_subset}`, FIFO, one trial at a time, 1 CPU "
-            f"each; logs in {Path(a.work_dir) / 'logs'}:\n\n" + md_table(SEARCH_HEAD, rows) + ratio_line(rows))
+            f"each; logs in {Path(a.work_dir) / 'logs'}:\n\n" + md_table(SEARCH_HEAD, rows) + ratio_line(walls))
 
 
 PARTS = {"epoch": part_epoch, "recipe": part_recipe, "search": part_search}
@@ -119,14 +110,14 @@ PARTS = {"epoch": part_epoch, "recipe": part_recipe, "search": part_search}
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, work_dir="", quick="a smoke run: tiny sizes and subsets, not a record")
-    p.add_argument("--parts", default="epoch,recipe,search")
+    p.add_argument("--parts", type=listed(), default="epoch,recipe,search")
     p.add_argument("--epoch-subset", type=int, help="images per class for the epoch part (default 10)")
     p.add_argument("--recipe-subset", type=int, help="images per class for the recipe part (default 20, the duel's)")
     p.add_argument("--search-subset", type=int, help="images per class for the search part (default 10)")
     p.add_argument("--search-size", type=int, help="input size of the search part (default 96)")
     a, run = parse(p, "feature_cache.py", argv, FULL, QUICK)
     torch.set_num_threads(1)
-    out = [part(a) for name, part in PARTS.items() if name in a.parts.split(",")]
+    out = [part(a) for name, part in PARTS.items() if name in a.parts]
     print("\n" + run.header("; 1 torch thread") + "\n\n" + "\n\n".join(out))
 
 

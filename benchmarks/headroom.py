@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import Invocation, Results, md_table, parser
+from benchmarks.common import Invocation, Results, listed, md_table, parser, split, timed_trial
 from spaces import recipe_config
 from spaces.warm_start import fit_epochs
 from trainable.augment import normalisation_of
 from trainable.config import TrialConfig
-from trainable.data import load_cifar100, prepare_search_data
+from trainable.data import load_cifar100
 from trainable.loop import Precision, evaluate
-from trainable.trial import run_trial, to_device
+from trainable.trial import to_device
 
 HEAD = ["#", "change", "val_acc %", "test_acc %", "test vs base (pts)", "test per seed", "train time"]
 SHOWN = ("backbone", "stage1_epochs", "stage1_lr", "optimizer", "schedule", "plateau_patience", "early_stop_patience",
@@ -59,41 +58,37 @@ def parse(argv: list[str] | None):
     p.add_argument("--max-epochs", type=int, default=3, help="the recipe's epochs are fitted into this budget")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--recipe", default="efficientnetv2_frozen")
-    p.add_argument("--seeds", default="0", help="comma-separated: one split and one training seed each")
-    p.add_argument("--only", default="", help="comma-separated row numbers to run, in that order (default all)")
+    p.add_argument("--seeds", type=listed(int), default="0", help="comma-separated: one split and one training seed each")
+    p.add_argument("--only", type=listed(int), default="", help="comma-separated row numbers to run, in that order (default all)")
     p.add_argument("--out", default="/tmp/headroom.json", help="results so far, rewritten after every run")
     return p.parse_args(argv)
 
 
 def run_one(cfg: dict, data, test) -> dict:
     """Train `cfg` to the end: its best val_acc and its last epoch's test_acc."""
-    rows: list[dict] = []
-    t0 = time.time()
-    net, last = run_trial(cfg, data.train, data.val, lambda m, _c: rows.append(m), checkpoint=False)
-    train_s = time.time() - t0
-    ok = [r for r in rows if r.get("status", "ok") == "ok" and "val_acc" in r]
-    if net is None or not ok:
-        return {"status": last.get("status", "failed"), "train_s": train_s}
-    mean, std = normalisation_of(net.backbone)
-    dev = next(net.parameters()).device
+    run = timed_trial(cfg, data.train, data.val)
+    ok = [r for r in run.rows if r.get("status", "ok") == "ok" and "val_acc" in r]
+    if run.net is None or not ok:
+        return {"status": run.last.get("status", "failed"), "train_s": run.wall_s}
+    mean, std = normalisation_of(run.net.backbone)
+    dev = next(run.net.parameters()).device
     with torch.no_grad():
-        ev = evaluate(net, *to_device(test, dev), input_size=cfg["input_size"], mean=mean, std=std,
+        ev = evaluate(run.net, *to_device(test, dev), input_size=cfg["input_size"], mean=mean, std=std,
                       batch_size=256, prec=Precision.for_device(dev, cfg["backbone"], cfg["precision"]))
     return {"status": "ok", "val_acc": max(r["val_acc"] for r in ok), "last_val_acc": ok[-1]["val_acc"],
-            "test_acc": ev["acc"], "epochs": len(ok), "train_s": train_s}
+            "test_acc": ev["acc"], "epochs": len(ok), "train_s": run.wall_s}
 
 
 def main(argv: list[str] | None = None) -> int:
     a, run = parse(argv), Invocation("headroom.py", argv)
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     base = recipe_config(a.recipe, base={"pretrained": True, "weights_dir": a.weights_dir, "compile": False})
     base = fit_epochs({**base, "backbone": a.backbone}, a.max_epochs)
     cands = neighbours(base)
     test = load_cifar100(a.data_dir, splits=("test",), download=False).test
     results = Results(a.out)
-    for seed in seeds:
-        data = prepare_search_data(a.data_dir, subset=a.subset, val_fraction=a.val_fraction, seed=seed, download=False)
-        for i in [int(i) for i in a.only.split(",") if i.strip()] or range(len(cands)):  # --only: in that order
+    for seed in a.seeds:
+        data = split(a, a.subset, a.val_fraction, seed)
+        for i in a.only or range(len(cands)):  # --only: in that order
             label, change = cands[i]
             key = f"{seed}:{label}"
             if key not in results:
@@ -102,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[key] = {**run_one(cfg, data, test), "row": i, "label": label, "seed": seed}
                 print(f"[headroom]   {results[key]}", flush=True)
                 results.save()
-    print("\n" + markdown(a, run, base, cands, results, seeds))
+    print("\n" + markdown(a, run, base, cands, results, a.seeds))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import alternate, forward_fn, md_table, parse, parser, rate, step
+from benchmarks.common import alternate, forward_fn, listed, md_table, parse, parser, rate, sgd, step
 from trainable.model import create_model, set_trainable, train_mode
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
@@ -38,7 +39,7 @@ def contender(net, x, y, mode: str):
     """(the timed call, its untimed setup) of one layout in one mode."""
     if mode == "forward":
         return forward_fn(net, x), net.eval
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = sgd(net)
     return (lambda: step(net, opt, x, y)), (lambda: train_mode(net))
 
 
@@ -79,7 +80,7 @@ def verdicts(rows: list[dict]) -> dict[str, dict]:
     it is where a trial spends its time."""
     rs, out = ratios(rows), {}
     for spec in dict.fromkeys(r["backbone"] for r in rows):
-        gm = {m: math.exp(sum(math.log(v) for v in xs) / len(xs)) if xs else float("nan")
+        gm = {m: statistics.geometric_mean(xs) if xs else float("nan")
               for m in MODES for xs in [[v for k, v in rs.items() if k[0] == spec and k[2] == m]]}
         decide = gm["train"] if not math.isnan(gm["train"]) else gm["forward"]
         out[spec] = {**gm, "winner": "contiguous" if decide < 1 else "channels_last",
@@ -115,21 +116,20 @@ def summary(v: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, data=False, quick="smoke run: lite0 at 32 px, batch 8, 1 round of short calls")
-    p.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES), help="timm names; name:small = small_input_stem")
-    p.add_argument("--sizes", default="32,128")
+    p.add_argument("--backbones", type=listed(), default=",".join(DEFAULT_BACKBONES),
+                   help="timm names; name:small = small_input_stem")
+    p.add_argument("--sizes", type=listed(int), default="32,128")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", default=",".join(str(t) for t in sorted({1, min(2, os.cpu_count() or 1)})))
+    p.add_argument("--threads", type=listed(int), default=",".join(map(str, sorted({1, min(2, os.cpu_count() or 1)}))))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--call-seconds", type=float, default=2.0, help="least timed seconds per contender and turn")
     a, run = parse(p, "layout.py", argv)
     if a.quick:
-        a.backbones, a.sizes, a.batch, a.rounds, a.call_seconds = "tf_efficientnet_lite0", "32", 8, 1, 0.2
-    specs = [s for s in a.backbones.split(",") if s.strip()]
-    for s in specs:
+        a.backbones, a.sizes, a.batch, a.rounds, a.call_seconds = ["tf_efficientnet_lite0"], [32], 8, 1, 0.2
+    for s in a.backbones:
         parse_spec(s)  # a typo fails now, not after an hour of measuring
-    counts = tuple(int(t) for t in a.threads.split(","))
-    rows = [r for s in specs for size in map(int, a.sizes.split(","))
-            for r in measure(s, size, batch=a.batch, thread_counts=counts, rounds=a.rounds, call_seconds=a.call_seconds)]
+    rows = [r for s in a.backbones for size in a.sizes
+            for r in measure(s, size, batch=a.batch, thread_counts=a.threads, rounds=a.rounds, call_seconds=a.call_seconds)]
     print("\n" + run.header(f"; batch {a.batch}, {a.rounds} alternating round(s) of >= {a.call_seconds:g} s per contender")
           + f"\n\n{table(rows)}\n\n{summary(verdicts(rows))}")
     return 0

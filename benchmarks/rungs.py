@@ -25,14 +25,11 @@ OWN = {"num_samples": 12, "max_epochs": 4, "subset": 10, "backbones": "tf_effici
 
 def correlations(trials: list, rungs: list[int], last: int) -> dict[int, tuple[float, int]]:
     """{rung: (Spearman rho, trials)} between val_acc at the rung and at epoch `last`."""
+    accs = [{int(row["epoch"]): row["val_acc"] for row in t.results if row.get("status", "ok") == "ok"} for t in trials]
     out = {}
     for r in rungs:
-        pairs = []
-        for t in trials:
-            acc = {int(row["epoch"]): row["val_acc"] for row in t.results if row.get("status", "ok") == "ok"}
-            if r in acc and last in acc:
-                pairs.append((acc[r], acc[last]))
-        rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic if len(pairs) > 2 else float("nan")
+        pairs = [(acc[r], acc[last]) for acc in accs if r in acc and last in acc]
+        rho = spearmanr(*zip(*pairs)).statistic if len(pairs) > 2 else float("nan")
         out[r] = (float(rho), len(pairs))
     return out
 

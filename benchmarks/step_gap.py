@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import BACKBONE, alternate, make_bench, md_table, model_fn, parse, parser, rate, split
+from benchmarks.common import BACKBONE, alternate, listed, make_bench, md_table, model_fn, parse, parser, rate, split
 from trainable.augment import DeviceAugment, policy_for
 from trainable.config import TrialConfig
 from trainable.loop import train_epoch
@@ -67,8 +67,8 @@ def measure(a, train, size: int, strength: float) -> list:
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--sizes", default="32,128")
-    p.add_argument("--strengths", default="0,1")
+    p.add_argument("--sizes", type=listed(int), default="32,128")
+    p.add_argument("--strengths", type=listed(float), default="0,1")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="training steps per timed call")
     p.add_argument("--rounds", type=int, default=5)
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     train = split(a, 5).train
     torch.set_num_threads(a.threads)
     rows = []
-    for size in map(int, a.sizes.split(",")):
-        for strength in map(float, a.strengths.split(",")):
+    for size in a.sizes:
+        for strength in a.strengths:
             rows.append(measure(a, train, size, strength))
             print(md_table(HEAD, rows[-1:]), flush=True)
     print("\n" + run.header() + f"\n- {a.rounds} alternating round(s) of torch's Timer (a warm-up call, then >= "
