@@ -1,6 +1,7 @@
 """Every use of Ray Tune's private attributes, in one place (tests/test_ray_adapter.py checks each on the installed
 Ray, naming any a new version changed). Tune 2.60 has no public way to rebuild ASHA's rungs, reach a restored Tuner's
-configs, move a restored searcher's experiment, or tell Optuna a trial state other than COMPLETE."""
+configs, move a restored searcher's experiment, read the trials a resume restores, or tell Optuna a trial state
+other than COMPLETE."""
 from __future__ import annotations
 
 import math
@@ -66,3 +67,23 @@ def optuna_state(search: Any) -> tuple[Any, dict[str, Any], set[str]]:
 def driver_staging_path(trial: Any) -> str | None:
     """The driver's staging folder Tune uploads its experiment state from (None before it exists)."""
     return getattr(getattr(trial, "storage", None), "experiment_driver_staging_path", None)
+
+
+def restored_trials(dirpath: str) -> list[Any]:
+    """The trials Tune's resume restores from the experiment folder `dirpath` (its newest experiment state, as
+    `TuneController.resume` picks it), as stub Trials with `trial_id`, `status` and `last_result`."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.experiment import Trial
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    newest = _find_newest_experiment_checkpoint(dirpath)
+    if newest is None:
+        return []
+    with open(newest, "rb") as f:
+        state = _loads_with_cloudpickle(f.read())
+    trials = []
+    for json_state, metadata in state["trial_data"]:
+        trial = Trial.from_json_state(json_state, stub=True)
+        trial.restore_run_metadata(metadata)
+        trials.append(trial)
+    return trials

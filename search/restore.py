@@ -1,7 +1,9 @@
 """Resuming a search: what Ray Tune 2.60's `Tuner.restore` gets wrong, put right. It saves the searcher but not
 ASHA's rungs (ray-project/ray#30838: every trial's result.json replayed rebuilds them exactly), restored trials
 escape `max_concurrent_trials` (ray-project/ray#40652), the restored searcher creates trials where the experiment
-was pickled, and the pickled callbacks and stopper name the folder the search began in."""
+was pickled, the pickled callbacks and stopper name the folder the search began in, and a kill while Tune writes its
+trials, its searcher and its trial count (one file after another, uploaded file by file) restores them out of step
+with each other and with the study: the searcher is made to follow Tune's trials (FidelitySearch.follow)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +12,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+from ray.tune.utils import flatten_dict
 
 from analysis.cloud import parent_and_name
 from analysis.experiment import load_trials
@@ -65,6 +68,21 @@ class SearchHere(SearchGenerator):
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         ray_adapter.move_storage(self, *self.here)
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        """Restored, then made to agree with the trials Tune restored from the same folder (a kill between
+        Tune's writes leaves the searcher's state a trial ahead of them or behind): the restored unfinished
+        trials are the concurrency limit's live ones, the searcher follows each, and the trials it counts
+        as started are those Tune and the study have."""
+        super().restore_from_dir(dirpath)
+        trials = ray_adapter.restored_trials(dirpath)
+        live = {t.trial_id for t in trials if t.status != Trial.TERMINATED}  # errored ones run again
+        ended = {t.trial_id: flatten_dict(t.last_result) for t in trials if t.status == Trial.TERMINATED}
+        searcher = self.searcher
+        if isinstance(searcher, ConcurrencyLimiter):
+            searcher.live_trials = set(live)
+            searcher = searcher.searcher
+        self.set_state({**self.get_state(), "counter": searcher.follow(live, ended)})
 
 
 def restore_tuner(place: Place, trainable: Any, max_concurrent: int, callbacks: list, stop: Any) -> Any:

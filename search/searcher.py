@@ -14,7 +14,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.experiment import load_trials
 from analysis.outcome import planned_epochs
-from analysis.study import FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage
+from analysis.study import (FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage,
+                            by_trial_id)
 from planning.define import DefineByRun, quiet_optuna
 from planning.incumbent import IncumbentSampler, screen_trial, screened
 from search import ray_adapter
@@ -58,10 +59,30 @@ class FidelitySearch(OptunaSearch):
         # Ray adds every sampled name to the config; a space's structural choice ("stages") is no field
         return {k: v for k, v in config.items() if k in FIELDS}
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        study, ot_trials, _ = ray_adapter.optuna_state(self)
+    def follow(self, live: set[str], ended: dict[str, dict[str, Any]]) -> int:
+        """After a restore, make the searcher's trials the Tune trials the resume restored: `live` (ids to run
+        or run again) and `ended` ({id: last flattened result}). Tune writes its trials, then the searcher, and
+        uploads them file by file while the study is written as trials go, so a kill can leave any of the three
+        ahead: a Tune trial is followed (told when it ends, or now if it has; its rerun ignored if the study
+        has its value), an unfinished Optuna trial Tune lost is lost (`requeue_lost`). Returns how many trials
+        the search has started: Tune's and any whose value the study has but Tune lost."""
+        study, ot_trials, told = ray_adapter.optuna_state(self)
+        restored = live | ended.keys()
+        by_tune = by_trial_id(study.get_trials(deepcopy=False))
+        for trial_id in ot_trials.keys() - restored:
+            del ot_trials[trial_id]
+        for trial_id in restored & by_tune.keys():
+            t = by_tune[trial_id]
+            # Optuna has no public way to reopen a trial by number; its own samplers use _trial_id
+            ot_trials.setdefault(trial_id, optuna.trial.Trial(study, t._trial_id))
+            if t.state.is_finished():
+                told.add(trial_id)
         requeue_lost(study, {t.number for t in ot_trials.values()})
+        for trial_id, result in ended.items():
+            if trial_id in ot_trials and trial_id not in told:
+                self.on_trial_complete(trial_id, result)
+        valued = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(restored) + sum(1 for k, t in by_tune.items() if k not in restored and t.state in valued)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         study, ot_trials, told = ray_adapter.optuna_state(self)

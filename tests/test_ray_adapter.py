@@ -54,3 +54,21 @@ def test_optuna_search_state():
 def test_the_driver_staging_folder():
     assert isinstance(StorageContext.experiment_driver_staging_path, property)  # needs Ray to be read
     assert ray_adapter.driver_staging_path(SimpleNamespace()) is None
+
+
+def test_the_trials_a_resume_restores(tmp_path):
+    import json
+
+    from ray.tune import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+    trial = Trial("t", stub=True, trial_id="abc", config={"lr": 0.1})
+    trial.placement_group_factory = PlacementGroupFactory([{"CPU": 1}])  # a stub has none; Tune's trials do
+    trial.set_status(Trial.TERMINATED)
+    trial.run_metadata.last_result = {"val_acc": 0.5}
+    state = {"trial_data": [trial.get_json_state()], "runner_data": {}, "stats": {}}
+    for stamp, data in (("2026-01-01_00-00-00", {**state, "trial_data": []}), ("2026-01-02_00-00-00", state)):
+        (tmp_path / f"experiment_state-{stamp}.json").write_text(json.dumps(data, cls=TuneFunctionEncoder))
+    [restored] = ray_adapter.restored_trials(str(tmp_path))  # the newest state, as Tune's resume picks it
+    assert (restored.trial_id, restored.status, restored.last_result["val_acc"]) == ("abc", Trial.TERMINATED, 0.5)
+    assert ray_adapter.restored_trials(str(tmp_path / "none")) == []
