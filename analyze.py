@@ -106,18 +106,19 @@ def analyze(args: argparse.Namespace) -> Path:
 
 def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: FinalData, out: Path,
              cut: int | None) -> None:
-    planned = TrialConfig.from_dict(config).total_epochs
+    cfg = TrialConfig.from_dict(config)
     if cut is not None:
-        print(f"retraining up to epoch {cut} of {planned}, where the best trial scored its best val_acc "
-              f"(--full-schedule retrains all {planned})")
-    train, val = retrain_split(TrialConfig.from_dict(config), data)
+        print(f"retraining up to epoch {cut} of {cfg.total_epochs}, where the best trial scored its best val_acc "
+              f"(--full-schedule retrains all {cfg.total_epochs})")
+    train, val = retrain_split(cfg, data)
     if val is not None:
         print(f"retraining on the {len(train)} train images (its early stopping / reduce-on-plateau reads "
               f"the {len(val)} val images), then testing on {len(data.test)} ...")
     else:
         print(f"retraining on {len(train)} train+val images, then testing on {len(data.test)} ...")
-    per_epoch = _expected_retrain(trials, selected, config, data, cut or planned)
-    with _epoch_bar(config, cut, per_epoch) as on_epoch:
+    epochs = cut or cfg.total_epochs
+    per_epoch = _expected_retrain(trials, selected, len(data.train_index), len(train), epochs)
+    with _epoch_bar(epochs, per_epoch) as on_epoch:
         metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
     print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
           f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
@@ -166,9 +167,9 @@ def retrain_cut(best_epoch: int | None, config: dict, *, full_schedule: bool = F
 def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict, data: FinalData, out: Path) -> None:
     results = {}
     for name, cfg in baselines.items():
-        print(f"\nbaseline {name}: {cfg['backbone']}, {cfg['input_size']} px, "
-              f"{TrialConfig.from_dict(cfg).total_epochs} epochs planned", flush=True)
-        with _epoch_bar(cfg) as on_epoch:
+        epochs = TrialConfig.from_dict(cfg).total_epochs
+        print(f"\nbaseline {name}: {cfg['backbone']}, {cfg['input_size']} px, {epochs} epochs planned", flush=True)
+        with _epoch_bar(epochs) as on_epoch:
             results[name] = run_baseline(cfg, data, out / "baselines" / name, on_epoch=on_epoch)
         m = results[name]["metrics"]
         print(f"  error: {m['error']}" if "error" in m else f"  test_acc {m['test_acc']:.4f}", flush=True)
@@ -183,18 +184,16 @@ def _compare(args: argparse.Namespace, best: dict, config: dict, baselines: dict
     print("\n" + comparison_text(rows))
 
 
-def _expected_retrain(trials: list[TrialRecord], selected: dict, config: dict, data: FinalData,
+def _expected_retrain(trials: list[TrialRecord], selected: dict, search_train: int, train: int,
                       epochs: int) -> list[float] | None:
-    """Print the retrain's expected time, from the search trial with the `selected` config (its
-    epoch times, scaled to the retrain's training images); returns the planned seconds per epoch
-    (None, and a line saying so, when no trial of the experiment has that config)."""
+    """Print the retrain's expected time, from the search trial with the `selected` config (its epoch times,
+    scaled from its share of the `search_train` images to the retrain's `train`); returns the planned seconds
+    per epoch (None, and a line saying so, when no trial of the experiment has that config)."""
     def hp(c: dict) -> dict:  # the same config at another fidelity (a screen trial) times it too
         return {k: v for k, v in c.items() if k != "train_fraction"}
     same = [t for t in trials if hp(t.config) == hp(selected)]
     trial = max(same, key=lambda t: float(t.config.get("train_fraction", 1.0)), default=None)
-    search_train = len(data.train_index)
     trained = round(search_train * float(trial.config.get("train_fraction", 1.0))) if trial is not None else 0
-    train = len(retrain_split(TrialConfig.from_dict(config), data)[0])
     planned = expected_epochs(trial, epochs, train / max(1, trained)) if trial is not None else None
     if planned is None:
         print("expected time: unknown (no trial of this search ran this config); an ETA follows each epoch")
@@ -233,10 +232,9 @@ def eta(planned: list[float] | None, total: int, done: int, elapsed: float) -> f
 
 
 @contextlib.contextmanager
-def _epoch_bar(config: dict, cut: int | None = None, planned: list[float] | None = None):
-    """A progress bar over the retrain's epochs on a terminal; one line per epoch with the time
+def _epoch_bar(total: int, planned: list[float] | None = None):
+    """A progress bar over the retrain's `total` epochs on a terminal; one line per epoch with the time
     left otherwise. `planned`: expected seconds per epoch (`expected_epochs`)."""
-    total = cut or TrialConfig.from_dict(config).total_epochs
     bar = tqdm(total=total, unit="epoch", desc="train", disable=not sys.stderr.isatty())
     t0, done = time.monotonic(), 0
 

@@ -29,10 +29,11 @@ class BudgetPlan:
     screen_s: float  # expected wall seconds of the points' first runs (the screen, or the whole runs)
     promote_s: float  # expected wall seconds of the promoted runs
     own_trial_s: float  # expected wall seconds per trial of the searcher's own (parallel trials counted)
-    budget_s: float | None  # --time-budget, if any
+    budget_s: float | None  # what is left of --time-budget when the plan is made (the checks and the estimate used the rest)
     num_samples: int | None  # --num-samples, if given
     own_s: float | None  # seconds left for the searcher's own proposals (None without a time budget)
     own_trials: int | None  # how many of them (None with neither a time budget nor --num-samples)
+    setup_s: float = 0.0  # what the checks and the estimate took of --time-budget before the plan
 
     def describe(self, sampler: str = "incumbent") -> str:
         """The plan in a few lines for the console; `sampler` names where the search's own proposals come from."""
@@ -53,7 +54,7 @@ class BudgetPlan:
         return "\n".join(lines)
 
     def budget_needed(self) -> float:
-        return self.screen_s + self.promote_s + 2 * MIN_OWN_TRIALS * self.own_trial_s
+        return self.setup_s + self.screen_s + self.promote_s + 2 * MIN_OWN_TRIALS * self.own_trial_s
 
 
 def budget_text(seconds: float) -> str:
@@ -69,9 +70,10 @@ def wall(train_s: list[float], val_s: list[float], fraction: float, startup_s: f
 
 def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, parallel: int,
                 own_trial_s: float, budget_s: float | None, num_samples: int | None,
-                screen: str = "auto") -> BudgetPlan:
-    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity. Without a time budget
-    the points fit when they are at most a third of `num_samples` (16 when not given)."""
+                screen: str = "auto", setup_s: float = 0.0) -> BudgetPlan:
+    """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity, in `budget_s` (what is
+    left of a time budget after `setup_s`). Without a time budget the points fit when they are at most a third of
+    `num_samples` (16 when not given)."""
     n, parallel = len(train_s), max(1, parallel)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
     fits = full <= FIT_SHARE * budget_s if budget_s is not None else n <= FIT_SHARE * (num_samples or 16)
@@ -90,7 +92,8 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
         own_trials = int(own_s / own_wall) if own_wall > 0 else 0
     else:
         own_trials = None if num_samples is None else max(0, num_samples - n - promote)
-    return BudgetPlan(n, fraction, promote, first_s, promote_s, own_wall, budget_s, num_samples, own_s, own_trials)
+    return BudgetPlan(n, fraction, promote, first_s, promote_s, own_wall, budget_s, num_samples, own_s, own_trials,
+                      setup_s)
 
 
 def save(exp: Path, plan: BudgetPlan) -> None:

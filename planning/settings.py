@@ -99,7 +99,7 @@ class SearchSettings:
                              check=_must(lambda v: v in NAMES, "is an unknown space: see --list-spaces"))
     backbones: str = _opt("", "comma-separated subset of the space's backbones")
     num_samples: int | None = _opt(None, "trials to run (default 16; with --time-budget: until the budget is spent)", check=_at_least(1))
-    time_budget: str = _opt("", "stop the search after this much wall time, e.g. 90m, 2h, 600s (--resume gets what is left)")
+    time_budget: str = _opt("", "stop the search after this much wall time from the command's start, e.g. 90m, 2h, 600s (--resume gets what is left)")
     warm_start: str = _opt("recipes", "first trials: 'recipes' (the hand-made recipes as points of the space), 'none', or "
                                       "earlier experiment folders DIR[,DIR...] whose finished trials the searcher is told "
                                       "first (combine: recipes,DIR)")

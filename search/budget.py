@@ -33,12 +33,15 @@ def exhausted(exp: Path) -> bool:
 
 
 class BudgetStopper(tune.Stopper):
-    """Stops the whole search once `budget_s` of wall time (over all runs of it) is spent."""
+    """Stops the whole search once `budget_s` of wall time (over all runs of it) is spent, counted from `started`
+    (time.monotonic() when the command began; default now): the checks, the cost estimate and Ray's start-up
+    before the first trial are part of what the user waits for, so they are part of the budget."""
 
-    def __init__(self, exp: Path, budget_s: float, save_every_s: float = 5.0):
+    def __init__(self, exp: Path, budget_s: float, save_every_s: float = 5.0, started: float | None = None):
         self.exp, self.budget_s, self.save_every_s = Path(exp), float(budget_s), save_every_s
         self.before = spent(self.exp)  # the earlier runs' share (a resumed search)
-        self.t0 = self.last_save = time.monotonic()
+        self.t0 = time.monotonic() if started is None else started
+        self.last_save = time.monotonic()
 
     def used(self) -> float:
         return self.before + time.monotonic() - self.t0

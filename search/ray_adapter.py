@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import ray
-from ray.train._internal.storage import StorageContext
+from ray.train._internal.storage import StorageContext, get_fs_and_path
 
 
 class RayChanged(RuntimeError):
@@ -69,18 +69,20 @@ def driver_staging_path(trial: Any) -> str | None:
     return getattr(getattr(trial, "storage", None), "experiment_driver_staging_path", None)
 
 
-def restored_trials(dirpath: str) -> list[Any]:
-    """The trials Tune's resume restores from the experiment folder `dirpath` (its newest experiment state, as
-    `TuneController.resume` picks it), as stub Trials with `trial_id`, `status` and `last_result`."""
+def restored_trials(experiment_path: str) -> list[Any]:
+    """The trials Tune's resume restores from the experiment at `experiment_path` (a folder or a URI): its newest
+    experiment state, found and read as `TuneController.resume` does, as stub Trials with `trial_id`, `status`
+    and `last_result`."""
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
     from ray.tune.experiment import Trial
     from ray.tune.utils.serialization import _loads_with_cloudpickle
 
-    newest = _find_newest_experiment_checkpoint(dirpath)
+    fs, fs_path = get_fs_and_path(experiment_path)
+    newest = _find_newest_experiment_checkpoint(fs_path, fs=fs)
     if newest is None:
         return []
-    with open(newest, "rb") as f:
-        state = _loads_with_cloudpickle(f.read())
+    with fs.open_input_stream(newest) as f:
+        state = _loads_with_cloudpickle(f.readall())
     trials = []
     for json_state, metadata in state["trial_data"]:
         trial = Trial.from_json_state(json_state, stub=True)

@@ -63,19 +63,19 @@ class SearchHere(SearchGenerator):
 
     def __init__(self, searcher: Any, max_concurrent: int, exp: str):
         super().__init__(ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent > 0 else searcher)
-        self.here = parent_and_name(exp)
+        self.exp, self.here = str(exp), parent_and_name(exp)
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         ray_adapter.move_storage(self, *self.here)
 
     def restore_from_dir(self, dirpath: str) -> None:
-        """Restored, then made to agree with the trials Tune restored from the same folder (a kill between
+        """Restored, then made to agree with the trials Tune restored from the experiment (a kill between
         Tune's writes leaves the searcher's state a trial ahead of them or behind): the restored unfinished
         trials are the concurrency limit's live ones, the searcher follows each, and the trials it counts
         as started are those Tune and the study have."""
         super().restore_from_dir(dirpath)
-        trials = ray_adapter.restored_trials(dirpath)
+        trials = ray_adapter.restored_trials(self.exp)
         live = {t.trial_id for t in trials if t.status != Trial.TERMINATED}  # errored ones run again
         ended = {t.trial_id: flatten_dict(t.last_result) for t in trials if t.status == Trial.TERMINATED}
         searcher = self.searcher

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ class Search:
 
 
 def run_search(s: SearchSettings) -> Path:
-    """Run (or resume) a search; returns the experiment folder."""
+    """Run (or resume) a search; returns the experiment folder. A --time-budget counts from here."""
+    started = time.monotonic()
     job = resolve(s)
     s, exp = job.s, job.place.exp
     data = prepare_search_data(s.data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
@@ -67,9 +69,13 @@ def run_search(s: SearchSettings) -> Path:
         for b in [job.fixed["backbone"]] if "backbone" in job.fixed else job.opts.backbones:
             create_model(b, pretrained=True, weights_dir=job.base["weights_dir"])
     points, told = ([], []) if s.resume else warm_start(s, job.space, job.opts, job.fixed, job.base)
-    est, budget_plan = (None, None) if s.resume else estimate_and_plan(job, points, data)
+    est, budget_plan = (None, None) if s.resume else estimate_and_plan(job, points, data, started)
     if s.estimate:
         return exp
+    setup_s = time.monotonic() - started
+    if s.time_budget and not s.resume and setup_s >= s.budget_s():
+        raise UserError(f"--time-budget {s.time_budget} was used up by the checks and the cost estimate ({setup_s:.0f} s) "
+                        f"before the first trial: give a bigger --time-budget (see the budget plan above)")
     lock = claim(exp)  # noqa: F841 - held until this search returns
     if not s.resume:
         write_settings(exp, {**dataclasses.asdict(s), "space": job.space.name, "name": exp.name, **job.place.settings()})
@@ -81,7 +87,7 @@ def run_search(s: SearchSettings) -> Path:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray(s, job.res)
     try:
-        tuner = build_tuner(job, data, points, told, est, budget_plan)
+        tuner = build_tuner(job, data, points, told, est, budget_plan, started)
         del data  # the object store holds it now; the driver's heap copy would only cost memory
         print(job.place.describe(), flush=True)
         tuner.fit()
@@ -169,9 +175,10 @@ def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, 
     return points, told
 
 
-def estimate_and_plan(job: Search, points: list, data: SearchData) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:
+def estimate_and_plan(job: Search, points: list, data: SearchData,
+                      started: float) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:
     """Print what the search will cost (measured, or from the cache), then the budget plan made from it
-    (None when every trial is the searcher's own)."""
+    (None when every trial is the searcher's own) for what is left of a --time-budget since `started`."""
     s, res = job.s, job.res
     parallel = int(res.cpus // res.trial["cpu"])  # trials at once: Ray schedules on CPUs and GPUs alike
     if res.trial["gpu"] > 0:
@@ -188,17 +195,20 @@ def estimate_and_plan(job: Search, points: list, data: SearchData) -> tuple[esti
     if not est.n_warm:
         return est, None
     trial_s = est.trial_asha_s if s.scheduler == "asha" else est.trial_fifo_s
+    setup_s = time.monotonic() - started
+    left = None if s.budget_s() is None else max(0.0, s.budget_s() - setup_s)
     budget_plan = plan.plan_budget(est.warm_train_s, est.warm_val_s, startup_s=est.startup_s, parallel=est.parallel,
-                                   own_trial_s=trial_s + est.startup_s, budget_s=s.budget_s(),
-                                   num_samples=s.num_samples, screen=s.screen)
+                                   own_trial_s=trial_s + est.startup_s, budget_s=left,
+                                   num_samples=s.num_samples, screen=s.screen, setup_s=setup_s)
     print(budget_plan.describe(s.sampler), flush=True)
     return est, budget_plan
 
 
-def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan) -> tune.Tuner:
+def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan,
+                started: float) -> tune.Tuner:
     s, exp = job.s, job.place.exp
     trainable = tune.with_resources(tune.with_parameters(tune_trial, train=data.train, val=data.val), job.res.trial)
-    stop = BudgetStopper(exp, s.budget_s()) if s.time_budget else None
+    stop = BudgetStopper(exp, s.budget_s(), started=started) if s.time_budget else None
     prior = est.trial_asha_s + est.startup_s if est is not None else None
     callbacks = [EpochTensorBoard(exp=exp), SearchLog(exp, prior_trial_s=prior, budget=stop, sync=job.place.sync)]
     quiet_ray_console()  # Ray's own console says what contradicts ours

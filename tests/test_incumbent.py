@@ -308,6 +308,10 @@ def test_a_budget_too_short_to_learn_anything_says_so_with_the_budget_that_would
     text = p.describe()
     assert p.own_trials < 3 and "too few" in text and "from about --time-budget" in text
     assert p.budget_needed() > 900
+    # the budget counts from the command's start: the set-up it took is in the budget a user is told to give
+    later = plan_budget([300.0] * 7, [30.0] * 7, startup_s=5, parallel=1, own_trial_s=300, budget_s=800,
+                        num_samples=None, setup_s=100)
+    assert later.budget_needed() == pytest.approx(p.budget_needed() + 100)
 
 
 @pytest.mark.parametrize("n, samples, screened", [(3, 16, False), (7, 16, True), (7, 32, False)])

@@ -236,6 +236,16 @@ def test_budget_stopper_counts_across_resume(tmp_path, monkeypatch):
     assert not restored("any-trial", {})
 
 
+def test_the_budget_counts_from_the_commands_start(tmp_path, monkeypatch):
+    """The checks, the estimate and Ray's start-up before the first trial are inside --time-budget."""
+    now = [1000.0]
+    monkeypatch.setattr("search.budget.time.monotonic", lambda: now[0])
+    stop = BudgetStopper(tmp_path, budget_s=100, started=now[0] - 40)  # 40 s of set-up before the Tuner
+    assert stop.left() == pytest.approx(60)
+    now[0] += 60
+    assert stop.stop_all() and spent(tmp_path) == pytest.approx(100)
+
+
 # ------------------------------------------------------------------ cost estimate
 
 def test_epoch_costs_follow_the_stage_plan():
