@@ -73,10 +73,10 @@ class FidelitySearch(OptunaSearch):
             del ot_trials[trial_id]
         for trial_id in restored & by_tune.keys():
             t = by_tune[trial_id]
-            # Optuna has no public way to reopen a trial by number; its own samplers use _trial_id
-            ot_trials.setdefault(trial_id, optuna.trial.Trial(study, t._trial_id))
             if t.state.is_finished():
-                told.add(trial_id)
+                told.add(trial_id)  # its value stands; Tune's rerun of it is ignored
+            elif trial_id not in ot_trials:
+                ot_trials[trial_id] = reopen(study, t)
         requeue_lost(study, {t.number for t in ot_trials.values()})
         for trial_id, result in ended.items():
             if trial_id in ot_trials and trial_id not in told:
@@ -120,6 +120,18 @@ def screen_running(study: optuna.Study) -> bool:
     if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
         return False
     return any(t.state == optuna.trial.TrialState.RUNNING and screen_trial(t) for t in trials)
+
+
+def reopen(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.trial.Trial:
+    """Optuna's Trial for a running trial, built as `optuna.trial.Trial.__init__` builds it but without the
+    sampler's `before_trial`, which would plan a new local move onto a trial that already ran with its own.
+    (Optuna has no public way to reopen a trial.)"""
+    trial = optuna.trial.Trial.__new__(optuna.trial.Trial)
+    trial.study, trial._trial_id, trial.storage = study, frozen._trial_id, study._storage
+    trial._cached_frozen_trial = frozen
+    trial.relative_search_space, trial._relative_params = None, None
+    trial._fixed_params = frozen.system_attrs.get("fixed_params", {})
+    return trial
 
 
 def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:
