@@ -136,13 +136,16 @@ def reopen(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.tria
 
 def requeue_lost(study: optuna.Study, known: set[int]) -> list[int]:
     """After a restore: RUNNING trials the restored searcher never knew (the driver killed between
-    asking and saving) are told FAIL, a planned point among them enqueued again; returns their numbers."""
+    asking and saving) are told FAIL, a planned point among them enqueued again; returns their numbers.
+    A point is enqueued with the params it was planned with: a kill between Optuna's ask and the
+    define-by-run leaves the trial RUNNING with none written yet."""
     lost = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             if t.number not in known]
     for t in lost:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         if WARM_CONFIG in t.user_attrs:  # to be asked for by a new Tune trial
-            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k != TRIAL_ATTR})
+            study.enqueue_trial(t.system_attrs.get("fixed_params", t.params),
+                                user_attrs={k: v for k, v in t.user_attrs.items() if k != TRIAL_ATTR})
     return [t.number for t in lost]
 
 

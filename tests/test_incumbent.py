@@ -238,6 +238,26 @@ def test_a_planned_point_lost_in_a_driver_crash_is_enqueued_again_on_restore(tmp
     assert requeue_lost(study, {0}) == []  # t0 is known: it is running again under Tune
 
 
+def test_a_planned_point_lost_before_its_params_were_written_is_enqueued_whole(tmp_path: Path):
+    """CI's second clean-clone run of the eleventh session: the kill fell between Optuna's ask (which
+    pops the enqueued point, RUNNING with no params yet) and the define-by-run; requeued with those
+    empty params, the point's other fields were drawn by the sampler and the resume exited 2 on
+    'bad trial config: plateau_patience needs schedule=constant'."""
+    from search.searcher import requeue_lost
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    frozen = next(p for p in points if p.config["plateau_patience"] > 0)  # only a constant schedule has one
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, [frozen], [], "incumbent")
+    study = searcher._ot_study
+    study.ask()  # popped; the driver died before the define-by-run wrote a param
+    assert study.get_trials()[0].params == {}
+    assert requeue_lost(study, set()) == [0]
+    for i in range(5):  # the requeued point is asked again, whole; its neighbours are valid configs too
+        config = searcher.suggest(f"t{i}")
+        if i == 0:
+            assert config == frozen.config
+
+
 def test_a_restored_searcher_follows_the_trials_tune_restored(tmp_path: Path):
     """A kill during Tune's save leaves its trials, the searcher's file and the study each a trial ahead of
     another (CI saw the search's count one ahead: 8 trials of 9); the restored searcher follows Tune's."""
@@ -323,6 +343,22 @@ def test_without_a_time_budget_the_points_fit_a_third_of_the_trials(n, samples, 
 
 # ------------------------------------------------------------------ through the CLI
 
+def desync(exp: Path) -> None:
+    """Leave Tune's files as a kill during their upload may (CI's run on record did): the search's count of
+    trials one ahead of its trials, and the searcher's file missing the newest trial it asked for."""
+    import pickle
+
+    import ray.cloudpickle
+    [gen] = exp.glob("search_gen_state-*.json")  # a pickle, whatever its name says
+    state = ray.cloudpickle.loads(gen.read_bytes())
+    gen.write_bytes(ray.cloudpickle.dumps({**state, "counter": state["counter"] + 1}))
+    [path] = exp.glob("searcher-state-*.pkl")
+    searcher = pickle.loads(path.read_bytes())
+    asked = searcher["_ot_trials"]
+    del asked[max(asked, key=lambda k: asked[k].number)]
+    path.write_bytes(pickle.dumps(searcher))
+
+
 def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resumes_the_plan(
         tmp_path, data_dir, weights_args):
     """Killed (driver and Ray, like a lost machine) during the screen, then resumed: the plan goes on."""
@@ -355,6 +391,7 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     plan = json.loads((exp / "budget_plan.json").read_text())
     n = plan["points"]
     assert n >= 3 and 0 < plan["screen_fraction"] < 1 and plan["promote"] == math.ceil(n / 3)
+    desync(exp)
     run_cli("run_search.py", "--resume", "--name", "plan", "--storage-path", tmp_path,
             "--dashboard-port", free_port(), check=True)
     trials = sorted(optuna.load_study(study_name=STUDY_NAME, storage=study_url(exp)).trials, key=lambda t: t.number)
