@@ -32,7 +32,7 @@ from trainable.config import TrialConfig
 from trainable.data import FinalData, prepare_final_data
 from trainable.errors import UserError
 from trainable.memory import limit_memory, trial_budget
-from trainable.trial import pick_device
+from trainable.trial import Replay, pick_device
 
 EPOCH_TIME = "time_this_iter_s"  # Tune's wall seconds between a trial's reports: one epoch, validation included
 
@@ -110,18 +110,37 @@ def _retrain(trials: list[TrialRecord], selected: dict, config: dict, data: Fina
     if cut is not None:
         print(f"retraining up to epoch {cut} of {cfg.total_epochs}, where the best trial scored its best val_acc "
               f"(--full-schedule retrains all {cfg.total_epochs})")
-    train, val = retrain_split(cfg, data)
+    source = replay_source(trials, selected) if cfg.uses_val else None
+    replay = Replay.of(source.results) if source is not None else None
+    train, val = retrain_split(cfg, data, replay)
     if val is not None:
         print(f"retraining on the {len(train)} train images (its early stopping / reduce-on-plateau reads "
-              f"the {len(val)} val images), then testing on {len(data.test)} ...")
+              f"the {len(val)} val images; no trial of this search ran the config to replay), then testing on "
+              f"{len(data.test)} ...")
     else:
         print(f"retraining on {len(train)} train+val images, then testing on {len(data.test)} ...")
+    if source is not None:
+        print(f"  its early stopping / reduce-on-plateau read val in the search: trial {source.trial_id}'s decisions "
+              f"replayed (lr cut after epoch(s) {_epochs(replay.lr_cuts)}, a stage ended early after "
+              f"{_epochs(replay.early_stops)})")
     epochs = cut or cfg.total_epochs
     per_epoch = _expected_retrain(trials, selected, len(data.train_index), len(train), epochs)
     with _epoch_bar(epochs, per_epoch) as on_epoch:
-        metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut)
+        metrics = retrain_and_test(config, data, out, on_epoch=on_epoch, stop_after_epoch=cut, replay=replay)
     print(f"test_acc {metrics['test_acc']:.4f}  top5 {metrics['test_top5']:.4f}  "
           f"coarse {metrics['test_coarse_acc']:.4f}  -> {out}")
+
+
+def _epochs(epochs: frozenset[int]) -> str:
+    return ", ".join(map(str, sorted(epochs))) or "none"
+
+
+def replay_source(trials: list[TrialRecord], selected: dict) -> TrialRecord | None:
+    """The trial that ran the `selected` config, the one that ran most epochs (its plateau cuts and early stops
+    are the retrain's; the retrain stops at the best epoch, which it ran); None when none did (a config given
+    by hand; a screen trial ran it on a fraction of the data, so its decisions are not the retrain's)."""
+    same = [t for t in trials if t.config == selected]
+    return max(same, key=lambda t: t.epochs_run, default=None)
 
 
 def _analyze_cloud(args: argparse.Namespace) -> Path:

@@ -1,6 +1,7 @@
 """The final step: retrain one config (up to the epoch the search selected) on train + val, then test it
-once. A config that trains on val_loss (early stopping, reduce-on-plateau) trains on the search's
-train split and watches its val split, as in the search: there is nothing else to watch."""
+once. A config that trains on val_loss (early stopping, reduce-on-plateau) makes the decisions its search
+trial made, at the same epochs (trainable.trial.Replay); without such a trial (a recipe baseline) it trains
+on the search's train split and watches its val split, as in the search."""
 from __future__ import annotations
 
 import contextlib
@@ -19,29 +20,31 @@ from trainable.errors import UserError
 from trainable.loop import Precision, evaluate
 from trainable.memory import is_out_of_memory
 from trainable.model import create_model
-from trainable.trial import run_trial, to_device
+from trainable.trial import Replay, run_trial, to_device
 
 FIX = "in the config (edit a copy of best_config.yaml and pass it with --config)"
 
 
-def retrain_split(cfg: TrialConfig, data: FinalData):
-    """(train, val) of the retrain: train + val and no val for most configs; the search's train and val splits for a
-    config whose early stopping or reduce-on-plateau reads val_loss, since there is nothing else to watch."""
-    return data.search_split() if cfg.uses_val else (data.train_val, None)
+def retrain_split(cfg: TrialConfig, data: FinalData, replay: Replay | None = None):
+    """(train, val) of the retrain: train + val and no val, unless the config's early stopping or
+    reduce-on-plateau reads val_loss and no `replay` makes its decisions: then the search's splits."""
+    return data.search_split() if cfg.uses_val and replay is None else (data.train_val, None)
 
 
 def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                      on_epoch: Callable[[dict[str, Any]], None] = lambda m: None,
-                     stop_after_epoch: int | None = None) -> dict[str, Any]:
+                     stop_after_epoch: int | None = None, replay: Replay | None = None) -> dict[str, Any]:
     """Writes out_dir/{test_metrics.json, model.pt, test_predictions.pt}; returns the metrics.
-    `stop_after_epoch` k cuts the config's own stage plan and lr schedule after global epoch k.
+    `stop_after_epoch` k cuts the config's own stage plan and lr schedule after global epoch k; `replay`: a
+    search trial's plateau cuts and early stops, made again on train + val (used only by a config that has them).
     Running out of memory or diverging is a UserError saying what to lower."""
     cfg = TrialConfig.from_dict(config)
-    train, val = retrain_split(cfg, data)
+    replay = replay if cfg.uses_val else None
+    train, val = retrain_split(cfg, data, replay)
     cut = stop_after_epoch if stop_after_epoch is not None and stop_after_epoch < cfg.total_epochs else None
     t0 = time.perf_counter()
     net, last = run_trial(cfg.to_dict(), train, val, lambda m, _ckpt: on_epoch(m), checkpoint=False,
-                          stop_after_epoch=cut)
+                          stop_after_epoch=cut, replay=replay)
     if last.get("status", "ok") == "oom":
         raise UserError(f"the retrain ran {last['error']} {FIX}")
     if last.get("status", "ok") != "ok":
@@ -53,7 +56,9 @@ def retrain_and_test(config: dict[str, Any], data: FinalData, out_dir: Path, *,
                "test_loss": ev["loss"], "epochs": int(last["epoch"]), "planned_epochs": cfg.total_epochs,
                "cut_at_epoch": cut,
                "train_seconds": train_seconds, "train_images": len(train), "test_images": len(data.test),
-               "watched_val": val is not None}
+               "watched_val": val is not None,
+               "replayed": {"lr_cuts": sorted(replay.lr_cuts), "early_stops": sorted(replay.early_stops)}
+               if replay is not None else None}
     if "coarse_head_acc" in ev:
         metrics.update(test_coarse_head_acc=ev["coarse_head_acc"], test_coarse_head_loss=ev["coarse_head_loss"])
     out_dir.mkdir(parents=True, exist_ok=True)

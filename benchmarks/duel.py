@@ -234,8 +234,8 @@ def markdown(a, run: Invocation, results: dict, seeds: list[int], cs: list) -> s
         run.header(),
         f"- Data: `{a.data_dir}` ({a.data_label}), `--subset {a.subset or 'all'}` per class, val fraction {a.val_fraction}"
         f"{split_sizes(a, seeds[0])}, "
-        f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val (on train alone when their "
-        f"early stopping or reduce-on-plateau reads val) and tested once on the whole test file.",
+        f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val (a winner whose "
+        f"early stopping or reduce-on-plateau reads val replays its search trial's decisions) and tested once on the whole test file.",
         f"- Every trial: `--space {a.space}`, backbones {a.backbones or 'all of the space'}, {a.max_epochs} epochs, "
         f"{f'{a.gpus} GPUs in all' if a.gpus else f'{a.cpus_per_trial} CPU per trial'}{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
 

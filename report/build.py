@@ -147,7 +147,7 @@ def _test(out: Path, data: str) -> str:
                       ("test loss", f"{metrics['test_loss']:.3f}")]),
              h.note(f"{metrics.get('test_images', '?')} test images; retrained for {metrics.get('epochs', '?')} "
                     f"epochs on {metrics.get('train_images', '?')} "
-                    f"{'train images (val watched for early stopping / plateau)' if metrics.get('watched_val') else 'train+val images'} in "
+                    f"{_trained_on(metrics)} in "
                     f"{metrics.get('train_seconds', 0):.0f} s. Coarse accuracy: a fine prediction "
                     "counts when it falls in the right superclass.")]
     if metrics.get("cut_at_epoch"):
@@ -185,3 +185,15 @@ def _best_config(exp: Path) -> str:
                                    f"epoch {best['best_epoch']}. Retrain and test it with:"),
                      h.pre(best["retrain_command"]), h.note(f"{p}:"),
                      h.pre(yaml.safe_dump({"config": best["config"]}, sort_keys=True)))
+
+
+def _trained_on(metrics: dict) -> str:
+    """The retrain's images, and how its val-reading early stopping / plateau was handled."""
+    if metrics.get("watched_val"):
+        return "train images (val watched for early stopping / plateau)"
+    r = metrics.get("replayed")
+    if r:
+        return (f"train+val images (the search trial's early stopping / plateau decisions replayed: lr cut after "
+                f"epoch(s) {', '.join(map(str, r['lr_cuts'])) or 'none'}, a stage ended early after "
+                f"{', '.join(map(str, r['early_stops'])) or 'none'})")
+    return "train+val images"

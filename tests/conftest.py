@@ -1,12 +1,15 @@
 """Shared fixtures: the dataset the tests train on, and the offline weights when present."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.fake_cifar import stand_in_dir, write_fake_cifar
 
@@ -69,22 +72,44 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(LONGEST)))
 
 
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str,
+                 make: Callable[[Path], subprocess.CompletedProcess]) -> tuple[Path, subprocess.CompletedProcess]:
+    """`make(folder)` run once per test run, not once per xdist worker: the first worker to ask runs it under
+    a file lock in the folder the workers share and records the process; the others read the record
+    (pytest-xdist's documented recipe for a session fixture that must run once). (folder, process)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        return folder, make(folder)
+    root = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    record, folder = root / f"{name}.json", root / name
+    with FileLock(str(record) + ".lock"):
+        if not record.is_file():
+            folder.mkdir(exist_ok=True)
+            proc = make(folder)
+            record.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                          "stdout": proc.stdout, "stderr": proc.stderr}))
+    return folder, subprocess.CompletedProcess(**json.loads(record.read_text()))
+
+
 @pytest.fixture(scope="session")
 def e2e_search(tmp_path_factory, data_dir, weights_args) -> tuple[Path, subprocess.CompletedProcess]:
     """One search through the CLI (tiny space, 2 logical GPUs), shared by the tests that only read
-    what it wrote (test_e2e, test_report): (experiment folder, the finished process)."""
-    storage = tmp_path_factory.mktemp("runs")
-    proc = run_cli("run_search.py", "--space", "tiny", "--gpus", "2", "--cpus-per-trial", "1",
-                   "--num-samples", E2E_SAMPLES, "--subset", 10, "--data-dir", data_dir,
-                   "--storage-path", storage, "--name", "e2e", "--seed", 0, *weights_args, check=True)
+    what it wrote (test_e2e, test_report; one search for both workers): (experiment folder, the process)."""
+    def search(storage: Path) -> subprocess.CompletedProcess:
+        return run_cli("run_search.py", "--space", "tiny", "--gpus", "2", "--cpus-per-trial", "1",
+                       "--num-samples", E2E_SAMPLES, "--subset", 10, "--data-dir", data_dir,
+                       "--storage-path", storage, "--name", "e2e", "--seed", 0, *weights_args, check=True)
+    storage, proc = once_per_run(tmp_path_factory, "e2e_runs", search)
     return storage / "e2e", proc
 
 
 @pytest.fixture(scope="session")
-def e2e_analyzed(e2e_search) -> tuple[Path, subprocess.CompletedProcess]:
-    """The shared search's best config retrained, tested and reported by analyze.py."""
+def e2e_analyzed(tmp_path_factory, e2e_search) -> tuple[Path, subprocess.CompletedProcess]:
+    """The shared search's best config retrained, tested and reported by analyze.py (once for both workers).
+    A test that writes more into the experiment works on a copy of it."""
     exp = e2e_search[0]
-    return exp, run_cli("analyze.py", exp, check=True)
+    _, proc = once_per_run(tmp_path_factory, "e2e_analyzed", lambda _: run_cli("analyze.py", exp, check=True))
+    return exp, proc
 
 
 @pytest.fixture(autouse=True)

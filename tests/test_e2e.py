@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import fields
 
 import pytest
@@ -72,9 +73,11 @@ def test_analyze_retrains_and_tests_above_chance(e2e_analyzed):
     assert metrics["test_acc"] > 3 * 0.01  # chance is 1 %
     ckpt = torch.load(exp / "analysis" / "model.pt", weights_only=True)
     assert ckpt["config"]["backbone"] and len(ckpt["fine_names"]) == 100
-    # the console names the images the retrain trained on: train alone when its patience reads val
-    trained = "retraining on the " if TrialConfig.from_dict(ckpt["config"]).uses_val else "train+val images"
-    assert trained in e2e_analyzed[1].stdout, e2e_analyzed[1].stdout[-2000:]
+    # the console names the images the retrain trained on: train+val, a patience that read val replayed
+    out = e2e_analyzed[1].stdout
+    assert f"retraining on {metrics['train_images']} train+val images" in out, out[-2000:]
+    assert ("decisions replayed" in out) == TrialConfig.from_dict(ckpt["config"]).uses_val, out[-2000:]
+    assert (metrics["replayed"] is not None) == TrialConfig.from_dict(ckpt["config"]).uses_val
 
 
 def test_each_trial_keeps_its_last_and_best_checkpoint(e2e_search):
@@ -89,8 +92,8 @@ def test_each_trial_keeps_its_last_and_best_checkpoint(e2e_search):
 BASELINES = ("alexnet_scratch", "efficientnetv2s_coarse_fine")
 
 
-def test_analyze_compares_the_search_best_with_recipes(e2e_analyzed, weights_args):
-    exp = e2e_analyzed[0]
+def test_analyze_compares_the_search_best_with_recipes(e2e_analyzed, weights_args, tmp_path):
+    exp = shutil.copytree(e2e_analyzed[0], tmp_path / "e2e")  # its baselines would change the report others read
     out = exp / "analysis"
     best = json.loads((out / "test_metrics.json").read_text())
     pretrained = "--weights-dir" in weights_args  # the search's weights folder serves the recipes too

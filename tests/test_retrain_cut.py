@@ -14,6 +14,7 @@ from analysis.final import retrain_and_test
 from report.build import cut_sentence
 from tests.conftest import run_cli
 from tests.fake_cifar import write_fake_cifar
+from trainable.config import TrialConfig
 from trainable.data import prepare_final_data, prepare_search_data
 from trainable.trial import run_trial
 
@@ -110,16 +111,18 @@ def test_retrain_and_test_records_the_cut(data_root, tmp_path):
 
 # --- through the CLI: analyze.py passes the best epoch, the report says why --------------------------
 
-def _experiment(root: Path, data_root: Path) -> Path:
-    """A finished search of one 4-epoch trial whose val_acc peaked at epoch 2 (written as Tune does)."""
+def _experiment(root: Path, data_root: Path, config: dict = CFG, accs=(0.05, 0.30, 0.20, 0.10),
+                **per_epoch: list) -> Path:
+    """A finished search of one trial whose val_acc peaked at epoch 2 (written as Tune does); `per_epoch`:
+    more columns of its results, one value per epoch."""
     exp = root / "exp"
     trial_dir = exp / "trial_0"
     trial_dir.mkdir(parents=True)
-    (trial_dir / "params.json").write_text(json.dumps(CFG))
-    accs = [0.05, 0.30, 0.20, 0.10]
+    (trial_dir / "params.json").write_text(json.dumps(TrialConfig.from_dict(config).to_dict()))  # complete, as Tune's
     rows = [{"trial_id": "t0", "epoch": e, "stage": 1 if e == 1 else 2, "val_acc": a, "val_loss": 4.0,
              "best_val_acc": max(accs[:e]), "best_epoch": 2 if e >= 2 else 1, "lr": 0.01, "train_loss": 4.0,
-             "images_per_sec": 100.0, "train_seconds": 1.0, "status": "ok", "training_iteration": e}
+             "images_per_sec": 100.0, "train_seconds": 1.0, "status": "ok", "training_iteration": e,
+             **{k: v[e - 1] for k, v in per_epoch.items()}}
             for e, a in enumerate(accs, 1)]
     (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (exp / SETTINGS_FILE).write_text(yaml.safe_dump({"data_dir": str(data_root), "subset": None, "seed": 0,
@@ -150,3 +153,24 @@ def test_the_report_sentence_names_the_cut_and_the_plan():
     s = cut_sentence({"cut_at_epoch": 7, "planned_epochs": 12})
     assert s.startswith("The retrain was cut at epoch 7 of 12 because") and "--full-schedule" in s
     assert s.count(".") <= 2 and s.endswith(".")  # one sentence
+
+
+def test_a_config_whose_patience_read_val_retrains_on_train_and_val_replaying_its_decisions(tmp_path, data_root):
+    """Its search trial cut the lr after epoch 2 and ended stage 2 early after epoch 3 (of 4)."""
+    cfg = {**CFG, "schedule": "constant", "plateau_patience": 1, "plateau_factor": 0.5, "early_stop_patience": 1}
+    exp = _experiment(tmp_path, data_root, cfg, accs=(0.05, 0.20, 0.30), lr_cut=[False, True, False],
+                      early_stopped=[False, False, True])
+    proc = run_cli("analyze.py", exp, "--full-schedule", check=True)
+    final = prepare_final_data(data_root, subset=None, seed=0, val_fraction=0.25, download=False)
+    assert f"retraining on {len(final.train_val)} train+val images" in proc.stdout, proc.stdout
+    assert "trial t0's decisions replayed (lr cut after epoch(s) 2, a stage ended early after 3)" in proc.stdout
+    m = json.loads((exp / "analysis" / "test_metrics.json").read_text())
+    assert (m["epochs"], m["train_images"], m["watched_val"]) == (3, len(final.train_val), False)
+    assert m["replayed"] == {"lr_cuts": [2], "early_stops": [3]}
+    assert "decisions replayed: lr cut after epoch(s) 2" in (exp / "analysis" / "report.html").read_text()
+    # a config no trial ran has no decisions to replay: it watches the search's val split, as before
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**cfg, "stage1_lr": 0.02}))
+    proc = run_cli("analyze.py", exp, "--config", tmp_path / "other.yaml", check=True)
+    assert f"retraining on the {len(final.search_split()[0])} train images" in proc.stdout, proc.stdout
+    assert json.loads((exp / "analysis" / "test_metrics.json").read_text())["watched_val"]
+

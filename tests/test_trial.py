@@ -126,9 +126,27 @@ def test_a_non_finite_loss_ends_the_trial_at_once_with_status_diverged(monkeypat
     assert last["error"] == "non-finite training loss in epoch 2" and "diverged" not in last
 
 
-def test_a_config_that_trains_on_val_loss_needs_val(data):
-    with pytest.raises(ValueError, match="validation split"):
+def test_a_config_that_trains_on_val_loss_needs_val_or_a_replay(data):
+    with pytest.raises(ValueError, match="validation split or a replay"):
         run_trial({**BASE, "early_stop_patience": 2}, data.train, None, lambda m, c: None)
+
+
+def test_a_retrain_without_val_replays_the_search_trials_plateau_cuts_and_early_stops(monkeypatch, data):
+    """The retrain on train + val has no val to watch: it cuts the lr and ends stages where the search trial did."""
+    cfg = {"stage1_epochs": 5, "stage2_epochs": 3, "stage1_lr": 1e-2, "stage2_lr": 1e-3, "schedule": "constant",
+           "warmup_frac": 0.0, "plateau_patience": 1, "plateau_factor": 0.5, "early_stop_patience": 2}
+    # stage 1: cut after epoch 2, again after 3, ends early after 3; stage 2 (epochs 4-6): a cut after 5, runs out
+    _script_val_loss(monkeypatch, [1.0, 1.1, 1.2, 0.9, 1.0, 0.8])
+    searched = _run(cfg, data)
+    assert [r["lr_cut"] for r in searched] == [False, True, True, False, True, False]
+    assert [r["early_stopped"] for r in searched] == [False, False, True, False, False, False]
+    replay = trial.Replay.of(searched)
+    assert (replay.lr_cuts, replay.early_stops) == ({2, 3, 5}, {3})
+    retrained: list[dict] = []
+    run_trial({**BASE, **cfg}, data.train, None, lambda m, _c: retrained.append(m), checkpoint=False, replay=replay)
+    key = lambda rs: [(r["epoch"], r["stage"], r["early_stopped"], r["lr"]) for r in rs]  # noqa: E731
+    assert key(retrained) == key(searched)
+    assert [r["lr"] for r in retrained] == pytest.approx([1e-2, 1e-2, 5e-3, 1e-3, 1e-3, 5e-4])
 
 
 # --- heads and from-scratch training --------------------------------------------------------------

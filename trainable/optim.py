@@ -86,6 +86,14 @@ def build_plateau(opt: torch.optim.Optimizer, cfg: TrialConfig
         opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience - 1)
 
 
+def cut_lr(opt: torch.optim.Optimizer, factor: float, eps: float = 1e-8) -> None:
+    """Every group's lr times `factor`, as ReduceLROnPlateau cuts it (a change of at most its eps is skipped):
+    a retrain replays the cuts its search trial's plateau made (trainable.trial.Replay)."""
+    for g in opt.param_groups:
+        if g["lr"] - g["lr"] * factor > eps:
+            g["lr"] = g["lr"] * factor
+
+
 def head_lr(opt: torch.optim.Optimizer) -> float:
     """The current lr of the head (the last group added), for reporting."""
     return float(opt.param_groups[-1]["lr"])

@@ -26,7 +26,7 @@ from trainable.data import Split, fidelity_subset
 from trainable.loop import Precision, batching, evaluate, make_mixup, train_epoch
 from trainable.memory import is_out_of_memory
 from trainable.model import Net, create_model
-from trainable.optim import build_optimizer, build_plateau, count_trainable, head_lr
+from trainable.optim import build_optimizer, build_plateau, count_trainable, cut_lr, head_lr
 from trainable.stages import Stage, plan_stages
 
 # reporter(metrics, checkpoint_dir or None); the directory is only valid during the call
@@ -37,24 +37,26 @@ Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, fine 
 
 def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
               restore: Path | None = None, checkpoint: bool = True, stop_after_epoch: int | None = None,
-              raise_oom: bool = False, device: torch.device | None = None) -> tuple[Net | None, dict[str, Any]]:
+              raise_oom: bool = False, device: torch.device | None = None,
+              replay: Replay | None = None) -> tuple[Net | None, dict[str, Any]]:
     """Fine-tune through every stage, reporting once per epoch; returns the model and the last metrics reported.
 
     `restore`: a checkpoint directory an earlier call reported, to go on after. With `val` None (the final
-    retrain) only training metrics are reported, so early stopping and reduce-on-plateau need `val`.
+    retrain) only training metrics are reported, so early stopping and reduce-on-plateau need `val` or `replay`,
+    the decisions they made at each epoch of a search trial of the same config, made again at the same epochs.
     `stop_after_epoch` k ends after global epoch k of the same plan and schedule. Out of memory anywhere
     ends the trial with status "oom" and its reason (the model None if none existed yet), or re-raises
     with `raise_oom` (the caller retries). `device`: where to train (default pick_device()).
     """
     cfg = TrialConfig.from_dict(config)
-    if val is None and cfg.uses_val:
-        raise ValueError("early_stop_patience/plateau_patience need a validation split")
+    if val is None and cfg.uses_val and replay is None:
+        raise ValueError("early_stop_patience/plateau_patience need a validation split or a replay")
     if stop_after_epoch is not None and stop_after_epoch < 1:
         raise ValueError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
     at = Progress()
     try:
         return _train(cfg, train, val, report, at, restore=restore, save=checkpoint,
-                      last=stop_after_epoch or cfg.total_epochs, device=device)
+                      last=stop_after_epoch or cfg.total_epochs, device=device, replay=replay)
     except (MemoryError, RuntimeError) as e:
         if raise_oom or not is_out_of_memory(e):
             raise
@@ -68,7 +70,8 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
 
 
 def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, at: Progress, *,
-           restore: Path | None, save: bool, last: int, device: torch.device | None) -> tuple[Net, dict[str, Any]]:
+           restore: Path | None, save: bool, last: int, device: torch.device | None,
+           replay: Replay | None) -> tuple[Net, dict[str, Any]]:
     """Restore the checkpoint, then run the stages it has not finished up to global epoch `last`."""
     device = at.device = device if device is not None else pick_device()
     if device.type == "cuda":  # "cuda" alone, generators and library workspaces mean this GPU
@@ -77,6 +80,7 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
     plan = plan_stages(cfg)
     at.epoch, at.stage = ckpt.epoch + 1, ckpt.stage or plan[0].number
     t = _setup(cfg, train, val, device, at)
+    t.replay = replay if val is None else None
     ckpt.restore(t)
     metrics: dict[str, Any] = {}
     for s in plan:
@@ -122,8 +126,14 @@ def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter
             metrics.update({f"val_{k}": v for k, v in ev.items()}, best_val_acc=ckpt.best["val_acc"],
                            best_epoch=ckpt.best["epoch"])
             if plateau is not None:
+                before = head_lr(opt)
                 plateau.step(ev["loss"])
+                metrics["lr_cut"] = head_lr(opt) < before  # what a retrain without val replays
             stopped = stopper.update(ev["loss"]) and ckpt.stage_epoch < s.epochs
+        elif t.replay is not None:  # the retrain on train + val: the search trial's decisions, epoch for epoch
+            if ckpt.epoch in t.replay.lr_cuts:
+                cut_lr(opt, cfg.plateau_factor)
+            stopped = ckpt.epoch in t.replay.early_stops and ckpt.stage_epoch < s.epochs
         # early_stopped: this epoch ended its stage early (the trial too, in the last stage)
         metrics.update(status="ok", early_stopped=stopped)
         ckpt.stage_done = stopped or ckpt.stage_epoch == s.epochs
@@ -225,6 +235,22 @@ class Checkpoint:
         return cls(**torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True))
 
 
+@dataclass(frozen=True)
+class Replay:
+    """What a trial's val_loss decided in the search, by global epoch: reduce-on-plateau cut the lr after
+    `lr_cuts`, early stopping ended a stage after `early_stops`. The retrain on train + val, which has no
+    val to watch, makes the same decisions at the same epochs (Keras-style: refit on all the data for the
+    epochs early stopping chose), so every config retrains on the same images."""
+    lr_cuts: frozenset[int] = frozenset()
+    early_stops: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, results: list[dict[str, Any]]) -> Replay:
+        """From a trial's reported epochs (run_trial's metrics)."""
+        return cls(frozenset(int(r["epoch"]) for r in results if r.get("lr_cut")),
+                   frozenset(int(r["epoch"]) for r in results if r.get("early_stopped")))
+
+
 @dataclass
 class EarlyStop:
     """Ends a stage after `patience` epochs without a new val_loss low (0: never): each stage is a fit of
@@ -261,6 +287,7 @@ class Setup:
     gen: torch.Generator  # shuffling and augmentation, on the device
     mix_gen: torch.Generator  # mixup/cutmix draws (loop.mix_batch): on the CPU, no sync
     eval_bs: int  # halved for good when validation runs out of memory (loop.evaluate)
+    replay: Replay | None = None  # without val: the search trial's plateau cuts and early stops
 
 
 def _setup(cfg: TrialConfig, train: Split, val: Split | None, device: torch.device, at: Progress) -> Setup:
