@@ -31,7 +31,7 @@ from report.comparison import comparison_text
 from trainable.config import TrialConfig
 from trainable.data import FinalData, prepare_final_data
 from trainable.errors import UserError
-from trainable.memory import limit_memory, trial_budget
+from trainable.memory import limit_memory, node_in_use, trial_budget
 from trainable.trial import Replay, pick_device
 
 EPOCH_TIME = "time_this_iter_s"  # Tune's wall seconds between a trial's reports: one epoch, validation included
@@ -96,7 +96,7 @@ def analyze(args: argparse.Namespace) -> Path:
     data = prepare_final_data(args.data_dir or settings.get("data_dir") or "./data", subset=settings.get("subset"),
                               seed=int(settings.get("seed", 0)), val_fraction=float(settings.get("val_fraction", 0.1)))
     if pick_device().type == "cpu":  # a memory budget as trials get: running out is an error saying what to lower
-        limit_memory(trial_budget(os.cpu_count() or 1))
+        limit_memory(trial_budget(os.cpu_count() or 1, in_use=node_in_use()))
     if not args.no_retrain:
         _retrain(trials, selected, config, data, out, cut)
     if baselines:

@@ -35,6 +35,7 @@ from spaces import LISTED, Options, Space, get_space, narrow
 from spaces.warm_start import recipe_points
 from trainable.data import SearchData, prepare_search_data, test_split_problem
 from trainable.errors import UserError
+from trainable.memory import node_in_use
 from trainable.model import create_model
 
 DEFAULT_SAMPLES = 16
@@ -207,7 +208,9 @@ def estimate_and_plan(job: Search, points: list, data: SearchData,
 def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan,
                 started: float) -> tune.Tuner:
     s, exp = job.s, job.place.exp
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, train=data.train, val=data.val), job.res.trial)
+    # what the driver, Ray and the OS hold now is off every trial's memory budget (trainable/memory.py)
+    trial = tune.with_parameters(tune_trial, train=data.train, val=data.val, in_use=node_in_use())
+    trainable = tune.with_resources(trial, job.res.trial)
     stop = BudgetStopper(exp, s.budget_s(), started=started) if s.time_budget else None
     prior = est.trial_asha_s + est.startup_s if est is not None else None
     callbacks = [EpochTensorBoard(exp=exp), SearchLog(exp, prior_trial_s=prior, budget=stop, sync=job.place.sync)]

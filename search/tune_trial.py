@@ -49,8 +49,9 @@ def memory_fraction(gpus: float, total_bytes: int) -> float | None:
     return max(gpus / 2, gpus - CUDA_CONTEXT_BYTES / total_bytes)
 
 
-def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
-    """Tune's function trainable; `train`/`val` arrive through the object store (one copy a node)."""
+def tune_trial(config: dict[str, Any], train: Split, val: Split, in_use: int = 0) -> None:
+    """Tune's function trainable; `train`/`val` arrive through the object store (one copy a node); `in_use`:
+    bytes of the driver's node in use before the trials started (memory.trial_budget)."""
     # Ray sets OMP_NUM_THREADS from the trial's CPUs: torch uses as many, or trials sharing a node oversubscribe it
     cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(cpus)
@@ -59,7 +60,7 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split) -> None:
     gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []  # [] outside a Ray worker (tests)
     device = trial_device(gpus, gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if device.type == "cpu":  # past its share an allocation fails: status oom, search goes on
-        limit_memory(trial_budget(cpus))
+        limit_memory(trial_budget(cpus, in_use=in_use))
     elif (share := memory_fraction(gpus, torch.cuda.get_device_properties(device).total_memory)) is not None:
         torch.cuda.set_per_process_memory_fraction(share, device)  # past its share it fails here, not in another trial
 

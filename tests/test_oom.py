@@ -41,7 +41,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 from trainable.data import FinalData, Split
 from trainable.errors import UserError
-from trainable.memory import limit_memory, trial_budget
+from trainable.memory import RAY_THRESHOLD, SHARE, limit_memory, trial_budget
 from trainable.trial import run_trial
 
 def split(n, seed):
@@ -54,7 +54,7 @@ cfg = {"backbone": "tf_efficientnet_lite0", "pretrained": False, "input_size": 5
        **overrides}
 train, val = split(int(overrides.pop("n_train", 4)), 0), split(64, 1)
 cfg.pop("n_train", None)
-limit_memory(trial_budget(1, node_cpus=1, node_ram=int(1.25 * (1 << 30))))
+limit_memory(trial_budget(1, node_cpus=1, node_ram=int((1 << 30) / (RAY_THRESHOLD * SHARE))))  # a 1 GiB budget
 if what == "trial":
     rows = []
     net, last = run_trial(cfg, train, val, lambda m, c: rows.append(m), checkpoint=False)
