@@ -167,7 +167,7 @@ def test_max_concurrent_holds_for_trials_restored_as_errored(tmp_path, data_dir)
     args = ["--num-samples", 2, "--max-concurrent", 1, "--max-failures", 0, "--scheduler", "fifo",
             "--max-epochs", 2,
             "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "errored", *QUICK,
-            "--set", "input_size=64"]  # after QUICK's 32 px: runs of seconds, so an overlap would show
+            "--set", "input_size=128"]  # after QUICK's 32 px: epochs of seconds (64 px took 1.1 s), so an overlap shows
     run_cli("run_search.py", *args, check=True, env=fault_env("crash@2"))
     exp = tmp_path / "errored"
     assert all([r["epoch"] for r in rows] == [1] for rows in read_results(exp).values())  # all crashed
