@@ -3,7 +3,10 @@ full-fidelity config, some move the runner-up, the rest come from a model-based 
 Sources: incumbent-local sampling mixed with a model once a full-fidelity result exists (PriorBand, Mallik
 et al. 2023), but a move changes 1-2 names, not each with p 0.5 (too large for 15+ names and a 10-20 trial
 budget); the step doubled on success, halved after 2 failures (CFO/FLOW2, Wu et al. 2021; FLAML halves after
-2·dim); no repeat of a running or finished config (TPE's constant liar, by rejection here). Its state lives in
+2·dim), a flat move (its parent's val_acc and val_loss both) counted neither way and its name not moved from that
+parent again (ours: a head-only fit's weight decay, say, changes nothing, and counted as a failure it halved the
+step of the moves that matter); no repeat of a running or finished config (TPE's constant liar, by rejection
+here). Its state lives in
 the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read the same history."""
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, MOVE_ATTR, WARM_CONFIG
+from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, WARM_CONFIG
 from trainable.config import RUN_FIELDS
 
 STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.5), +-25 %
@@ -27,6 +30,7 @@ P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is r
 # each kind's share of a move's picks, split among its names: log floats are the learning rates, which matter
 # most in fine-tuning (Li et al., ICLR 2020; Google's Tuning Playbook); a categorical resample is the largest move
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
+FLAT_LOSS = 1e-3  # a move is flat when its val_loss is within this fraction of its parent's (and val_acc equal)
 
 
 def screen_trial(t: FrozenTrial) -> bool:
@@ -102,11 +106,11 @@ def _ordinal(choices: list[Any]) -> bool:
 
 def step_size(trials: list[FrozenTrial]) -> float:
     """The current step multiplier from the history of local moves (CFO): doubled after a move
-    that beat its parent, halved after two moves in a row that did not; within [1/8, 4]."""
+    that beat its parent, halved after two moves in a row that did not (a flat move is neither); within [1/8, 4]."""
     step, fails = 1.0, 0
     for t in sorted(trials, key=lambda t: t.number):
         m = t.system_attrs.get(MOVE_ATTR)
-        if not m or m.get("kind") != "local" or t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        if not m or m.get("kind") != "local" or t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or _flat(t):
             continue
         if _beat_parent(t):
             step, fails = min(4.0, step * 2), 0
@@ -173,6 +177,7 @@ class IncumbentSampler(BaseSampler):
         extra = {**parent.user_attrs.get(WARM_CONFIG, {}), **parent.user_attrs.get(EXTRA_ATTR, {})}
         extra = {k: v for k, v in extra.items() if k not in parent.params and k not in RUN_FIELDS}
         return {"kind": "local", "parent": parent.number, "parent_value": _value(parent),
+                "parent_loss": parent.user_attrs.get(LOSS_ATTR),
                 "parent_full": full_fidelity(parent), "changed": sorted(dirs),
                 "dirs": dirs, "step": step, "params": params, "extra": extra}
 
@@ -208,6 +213,16 @@ def _beat_parent(t: FrozenTrial) -> bool:
             and t.value > m.get("parent_value", math.inf))
 
 
+def _flat(t: FrozenTrial) -> bool:
+    """A full-fidelity local move of a full-fidelity parent that changed neither val_acc nor (within FLAT_LOSS)
+    val_loss: the names it moved do nothing the val split can see, at the parent's plan."""
+    m = t.system_attrs.get(MOVE_ATTR) or {}
+    loss, parent_loss = t.user_attrs.get(LOSS_ATTR), m.get("parent_loss")
+    return (m.get("kind") == "local" and m.get("parent_full", False) and full_fidelity(t)
+            and t.value == m.get("parent_value") and loss is not None and parent_loss is not None
+            and abs(loss - parent_loss) <= FLAT_LOSS * abs(parent_loss))
+
+
 def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int] | None:
     """Pattern search (Hooke & Jeeves 1961; CFO tries -u after u fails): with probability P_FOLLOW, repeat the
     one-name move that made `parent` beat its parent, else reverse a failed one-name move of `parent` not yet reversed."""
@@ -222,7 +237,7 @@ def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Gener
     tried = {(n, s) for t in children for n, s in t.system_attrs[MOVE_ATTR].get("dirs", {}).items()}
     for t in children:
         dirs = t.system_attrs[MOVE_ATTR].get("dirs", {})
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not _beat_parent(t) and len(dirs) == 1:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not _beat_parent(t) and not _flat(t) and len(dirs) == 1:
             (name, sign), = dirs.items()
             if sign and (name, -sign) not in tried and name in parent.params:
                 return {name: -sign}
@@ -231,8 +246,11 @@ def _follow(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Gener
 
 def _pick(parent: FrozenTrial, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, int]:
     """One name (two with probability P_TWO, never a categorical with another), weighted by its kind's KIND_SHARE
-    times 1 + its moves that beat their parent (adaptive operator selection); directions either way."""
-    names = sorted(parent.params)
+    times 1 + its moves that beat their parent (adaptive operator selection); directions either way. A name whose
+    one-name move of `parent` was flat is left out while another is left."""
+    moves = [t.system_attrs[MOVE_ATTR] for t in trials if _flat(t)]
+    flat = {m["changed"][0] for m in moves if m.get("parent") == parent.number and len(m.get("changed", [])) == 1}
+    names = [n for n in sorted(parent.params) if n not in flat] or sorted(parent.params)
     wins = Counter(n for t in trials if _beat_parent(t) for n in t.system_attrs[MOVE_ATTR].get("changed", []))
     kinds = {n: kind(parent.distributions[n]) for n in names}
     per_kind = {k: sum(1 for n in names if kinds[n] == k) for k in KIND_SHARE}

@@ -14,7 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.experiment import load_trials
 from analysis.outcome import planned_epochs
-from analysis.study import (FIDELITY_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage,
+from analysis.study import (FIDELITY_ATTR, LOSS_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage,
                             by_trial_id)
 from planning.define import DefineByRun, quiet_optuna
 from planning.incumbent import IncumbentSampler, screen_trial, screened
@@ -86,6 +86,8 @@ class FidelitySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         study, ot_trials, told = ray_adapter.optuna_state(self)
+        if result and not error and trial_id in ot_trials and trial_id not in told and "val_loss" in result:
+            ot_trials[trial_id].set_user_attr(LOSS_ATTR, float(result["val_loss"]))
         if result and not error and trial_id in ot_trials and trial_id not in told and low_fidelity(result):
             ot_trial = ot_trials[trial_id]
             # Tune passes a trial's last result here only; PRUNED keeps the last reported value

@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from analysis.study import FIDELITY_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
+from analysis.study import FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
 from planning.incumbent import IncumbentSampler, move, step_size
 from planning.plan import plan_budget
 from search.searcher import low_fidelity, make_searcher
@@ -117,6 +117,28 @@ def test_a_failed_move_is_reversed_and_a_successful_one_repeated():
     assert all(m["step"] == 2.0 for m in moves)  # and the step doubled after the success
 
 
+def test_a_flat_move_counts_neither_way_and_its_name_is_not_moved_from_that_parent_again():
+    """Seen in a duel: weight-decay moves of a head-only 3-epoch fit tied their parent's val_acc four times,
+    each counted as a failure, and the step of the learning-rate moves was halved twice."""
+    parent = _trial(0, 0.5, {"lr": 1e-3, "size": 128, "opt": "adamw"}, user={LOSS_ATTR: 2.0})
+
+    def child(n: int, name: str, value: float, loss: float):
+        m = {"kind": "local", "parent": 0, "parent_value": 0.5, "parent_loss": 2.0, "parent_full": True,
+             "changed": [name], "dirs": {name: 1}}
+        params = {**parent.params, name: {"size": 224, "lr": 2.5e-3, "opt": "sgd"}[name]}
+        return _trial(n, value, params, system={MOVE_ATTR: m}, user={LOSS_ATTR: loss})
+    flat = [child(1, "size", 0.5, 2.0005), child(2, "size", 0.5, 1.9999)]
+    assert step_size([parent, *flat]) == 1.0  # two ties that changed nothing: no halving
+    assert step_size([parent, child(1, "size", 0.5, 1.9), child(2, "size", 0.5, 2.1)]) == 0.5  # ties, not flat
+    sampler = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0)
+    moves = [sampler.plan([parent, flat[0]], n) for n in range(3, 200)]
+    assert not any("size" in m["changed"] for m in moves)
+    assert {"lr", "opt"} <= {n for m in moves for n in m["changed"]}
+    assert all(m["parent_loss"] == 2.0 for m in moves)
+    lossy = [sampler.plan([parent, child(1, "size", 0.5, 1.9)], n) for n in range(3, 200)]
+    assert any("size" in m["changed"] for m in lossy)  # the same val_acc with another loss: not flat
+
+
 def test_before_any_full_fidelity_result_the_best_screen_trial_is_moved():
     trials = [_trial(0, 0.2, {"lr": 1e-3, "size": 64, "opt": "sgd"}, state=TrialState.PRUNED,
                      user={FIDELITY_ATTR: 0.2}, steps={3: 0.2}),
@@ -217,9 +239,10 @@ def test_an_asha_stopped_trial_is_told_pruned_with_its_rung_values(tmp_path: Pat
     c = searcher.suggest("t0")
     res = {"best_val_acc": 0.3, "epoch": 1, "status": "ok", **{f"config/{k}": v for k, v in c.items()}}
     searcher.on_trial_result("t0", {**res, "training_iteration": 1})
-    searcher.on_trial_complete("t0", res)  # stopped at epoch 1 of 3
+    searcher.on_trial_complete("t0", {**res, "val_loss": 3.5})  # stopped at epoch 1 of 3
     t = optuna.load_study(study_name=STUDY_NAME, storage=study_url(tmp_path)).trials[0]
     assert t.state == TrialState.PRUNED and t.intermediate_values == {1: 0.3}
+    assert t.user_attrs[LOSS_ATTR] == 3.5  # beside its value, for the local search's flat moves
 
 
 def test_a_planned_point_lost_in_a_driver_crash_is_enqueued_again_on_restore(tmp_path: Path):
@@ -399,8 +422,8 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     # a point asked for just before the kill, which the restored search never knew, failed and ran again
     lost = [t for t in trials if t.state == TrialState.FAIL]
     trials = [t for t in trials if t.state != TrialState.FAIL]
-    def attrs(t):  # the Tune trial it was asked for differs
-        return {k: v for k, v in t.user_attrs.items() if k != TRIAL_ATTR}
+    def attrs(t):  # the Tune trial it was asked for differs, and what it reported
+        return {k: v for k, v in t.user_attrs.items() if k not in (TRIAL_ATTR, LOSS_ATTR)}
     assert len(trials) == 9 and all(any(attrs(t) == attrs(x) for t in trials) for x in lost)
     screen = [t for t in trials if t.user_attrs.get(FIDELITY_ATTR)]
     assert len(screen) == n and all(t.state == TrialState.PRUNED for t in screen)
