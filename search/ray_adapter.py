@@ -10,6 +10,9 @@ from typing import Any
 
 import ray
 from ray.train._internal.storage import StorageContext, get_fs_and_path
+from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+from ray.tune.experiment import Trial
+from ray.tune.utils.serialization import _loads_with_cloudpickle
 
 
 class RayChanged(RuntimeError):
@@ -73,10 +76,6 @@ def restored_trials(experiment_path: str) -> list[Any]:
     """The trials Tune's resume restores from the experiment at `experiment_path` (a folder or a URI): its newest
     experiment state, found and read as `TuneController.resume` does, as stub Trials with `trial_id`, `status`
     and `last_result`."""
-    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
-    from ray.tune.experiment import Trial
-    from ray.tune.utils.serialization import _loads_with_cloudpickle
-
     fs, fs_path = get_fs_and_path(experiment_path)
     newest = _find_newest_experiment_checkpoint(fs_path, fs=fs)
     if newest is None:

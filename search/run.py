@@ -63,8 +63,7 @@ def run_search(s: SearchSettings) -> Path:
     data = prepare_search_data(s.data_dir, subset=s.subset, val_fraction=s.val_fraction, seed=s.seed)
     if len(data.val) == 0:
         raise UserError("the validation split is empty: raise --val-fraction or --subset")
-    problem = test_split_problem(s.data_dir)
-    if problem:  # the search runs without the test file; the winner's test needs it
+    if problem := test_split_problem(s.data_dir):  # the search runs without the test file; the winner's test needs it
         print(f"warning: {problem} (the search runs without it, but analyze.py tests the winner on it)")
     if job.base["pretrained"]:  # weights that can't be had fail before Ray, and the hub cache fills once
         for b in [job.fixed["backbone"]] if "backbone" in job.fixed else job.opts.backbones:
@@ -145,8 +144,7 @@ def resolve_space(s: SearchSettings) -> tuple[Space, Options]:
     return space, narrow(space, s.backbones, s.max_epochs)
 
 
-def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any],
-               base: dict[str, Any]) -> tuple[list, list]:
+def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any]) -> tuple[list, list]:
     """(recipe points to enqueue, earlier experiments' trials to tell the searcher) from
     --warm-start recipes|none|DIR[,DIR...] (items may be combined: recipes,runs/old)."""
     whole = Path(s.warm_start).expanduser()  # one folder whose name holds a comma
@@ -176,8 +174,7 @@ def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, 
     return points, told
 
 
-def estimate_and_plan(job: Search, points: list, data: SearchData,
-                      started: float) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:
+def estimate_and_plan(job: Search, points: list, data: SearchData, started: float) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:
     """Print what the search will cost (measured, or from the cache), then the budget plan made from it
     (None when every trial is the searcher's own) for what is left of a --time-budget since `started`."""
     s, res = job.s, job.res
@@ -205,8 +202,7 @@ def estimate_and_plan(job: Search, points: list, data: SearchData,
     return est, budget_plan
 
 
-def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan,
-                started: float) -> tune.Tuner:
+def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan, started: float) -> tune.Tuner:
     s, exp = job.s, job.place.exp
     # what the driver, Ray and the OS hold now is off every trial's memory budget (trainable/memory.py)
     trial = tune.with_parameters(tune_trial, train=data.train, val=data.val, in_use=node_in_use())

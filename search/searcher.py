@@ -168,9 +168,9 @@ def promote_screen(study: optuna.Study, k: int) -> list[int]:
     return [t.number for t in best]
 
 
-def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any],
-                  seed: int, exp: Path, warm: list = (), told: list = (), sampler: str = "incumbent",
-                  screen_fraction: float = 1.0, promote: int = 0) -> OptunaSearch:
+def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], seed: int, exp: Path,
+                  warm: list = (), told: list = (), sampler: str = "incumbent", screen_fraction: float = 1.0,
+                  promote: int = 0) -> OptunaSearch:
     """Ray's OptunaSearch over the experiment's study, which first gets `told` (earlier experiments' trials),
     then `warm` (WarmPoints, enqueued: Tune's `points_to_evaluate` keeps only names drawn by suggest_* in a
     define-by-run space, ray#35319)."""
@@ -198,8 +198,7 @@ def stage_aware_grace(space: Space, max_epochs: int) -> int:
     return min(space.longest_stage1(max_epochs) + 1, max_epochs)
 
 
-def make_scheduler(kind: str, max_t: int, grace_period: int, reduction_factor: int
-                   ) -> ASHAScheduler | FIFOScheduler:
+def make_scheduler(kind: str, max_t: int, grace_period: int, reduction_factor: int) -> ASHAScheduler | FIFOScheduler:
     if kind == "fifo":  # every trial runs its whole schedule: the baseline ASHA is measured against
         return FIFOScheduler()
     return ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_t,

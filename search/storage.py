@@ -15,19 +15,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 from ray import tune
 
-from analysis.cloud import (
-    check_reachable,
-    check_uri,
-    download,
-    driver_files,
-    in_time,
-    is_uri,
-    join,
-    local_path,
-    mirror_dir,
-    redact,
-    upload,
-)
+from analysis.cloud import (check_reachable, check_uri, download, driver_files, in_time, is_uri, join, local_path,
+                            mirror_dir, redact, upload)
 from analysis.command import command, shown
 from analysis.experiment import SETTINGS_FILE, read_settings
 from trainable import atomic
