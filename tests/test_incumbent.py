@@ -211,6 +211,24 @@ def test_the_screen_runs_every_recipe_point_on_a_fraction_then_promotes_the_best
         assert cfg["augment"] == parent.user_attrs[WARM_CONFIG]["augment"]
 
 
+def test_the_screen_promotes_by_val_loss_where_val_acc_counts_a_few_right_answers(tmp_path: Path):
+    """The thirteenth session's seed 10: the frozen recipe had the lowest val_loss of the screen but the
+    fifth val_acc (0.01 of 200 images), was not promoted, and the search lost by 9 points."""
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, points[:4], [], "incumbent",
+                             screen_fraction=0.2, promote=2)
+    screen = [searcher.suggest(f"t{i}") for i in range(4)]
+    for i, (acc, loss) in enumerate([(0.03, 4.58), (0.025, 4.75), (0.01, 4.57), (0.01, 4.60)]):
+        res = {"best_val_acc": acc, "val_loss": loss, "epoch": 3, "training_iteration": 3, "status": "ok",
+               **{f"config/{k}": v for k, v in screen[i].items()}}
+        searcher.on_trial_complete(f"t{i}", res)
+    promoted = [searcher.suggest(f"t{i}") for i in (4, 5)]
+    strip = lambda c: {k: v for k, v in c.items() if k != "train_fraction"}  # noqa: E731
+    assert [strip(c) for c in promoted] == [strip(screen[2]), strip(screen[0])]
+    assert all(c["train_fraction"] == 1.0 for c in promoted)
+
+
 def test_while_the_screens_last_trials_run_no_own_proposal_starts_and_the_promotions_come_first(tmp_path: Path):
     opts = Options(LITE0, 3)
     points, _ = recipe_points(CPU, opts, BASE, {})
@@ -429,7 +447,7 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     assert len(screen) == n and all(t.state == TrialState.PRUNED for t in screen)
     promoted = [t for t in trials if t.user_attrs.get("promoted_from") is not None]
     assert len(promoted) == plan["promote"] and all(t.state == TrialState.COMPLETE for t in promoted)
-    best = sorted(screen, key=lambda t: -t.intermediate_values[t.last_step])[:plan["promote"]]
+    best = sorted(screen, key=lambda t: t.user_attrs[LOSS_ATTR])[:plan["promote"]]  # by val_loss at low fidelity
     assert {t.user_attrs["promoted_from"] for t in promoted} == {t.number for t in best}
     # the trials' own configs: screen trials on the fraction, every other at full fidelity
     # (a trial folder the kill left before its first epoch, never run, has no config)
