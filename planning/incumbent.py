@@ -6,8 +6,8 @@ budget); the step doubled on success, halved after 2 failures (CFO/FLOW2, Wu et 
 2·dim), a flat move (its parent's val_acc and val_loss both) counted neither way and its name not moved from that
 parent again (ours: a head-only fit's weight decay, say, changes nothing, and counted as a failure it halved the
 step of the moves that matter); no repeat of a running or finished config (TPE's constant liar, by rejection
-here). Its state lives in
-the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read the same history."""
+here). Its state lives in the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read
+the same history."""
 from __future__ import annotations
 
 import math
