@@ -101,7 +101,11 @@ def test_resume_after_driver_killed_finishes_without_rerunning(tmp_path, data_di
 
     proc = run_cli("run_search.py", "--resume", "--name", "killed", "--storage-path", tmp_path, check=True)
     trials = load_trials(exp)
-    assert len(trials) == 2  # the restored searcher did not propose extra trials (the second: not started at the kill)
+    # a folder Tune made for the second trial just before the kill, which its saved state never held, stays empty
+    # (no config, no result): the resume runs that trial under a new id (seen once in CI)
+    orphans = [t for t in trials if not t.config and not t.results]
+    trials = [t for t in trials if t not in orphans]
+    assert len(trials) == 2 and len(orphans) <= 1  # the restored searcher did not propose extra trials
     assert all(t.status == "completed" for t in trials), [t.status for t in trials]
     after = _results(exp)
     for name, text in before.items():  # earlier results kept as they were
