@@ -86,9 +86,10 @@ class FidelitySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         study, ot_trials, told = ray_adapter.optuna_state(self)
-        if result and not error and trial_id in ot_trials and trial_id not in told and "val_loss" in result:
+        to_tell = bool(result) and not error and trial_id in ot_trials and trial_id not in told
+        if to_tell and "val_loss" in result:
             ot_trials[trial_id].set_user_attr(LOSS_ATTR, float(result["val_loss"]))
-        if result and not error and trial_id in ot_trials and trial_id not in told and low_fidelity(result):
+        if to_tell and low_fidelity(result):
             ot_trial = ot_trials[trial_id]
             # Tune passes a trial's last result here only; PRUNED keeps the last reported value
             if self.metric in result and "training_iteration" in result:

@@ -56,3 +56,19 @@ def test_budget_is_the_trials_cpu_share_of_what_rays_memory_monitor_leaves(monke
 
 def test_node_in_use_reads_the_kernels_count():
     assert 0 < node_in_use() < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_node_in_use_is_0_where_proc_meminfo_is_not_there(monkeypatch):
+    """macOS has no /proc/meminfo: the search must start there, with the budget counting the whole RAM."""
+    import builtins
+
+    from trainable import memory
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+    assert memory.node_in_use() > 0  # this Linux machine
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert memory.node_in_use() == 0

@@ -26,10 +26,14 @@ def vm_size() -> int:
 
 
 def node_in_use() -> int:
-    """Bytes of the node's RAM in use now (MemTotal - MemAvailable): the driver, Ray, the OS, other searches."""
-    with open("/proc/meminfo") as f:
-        kb = {line.split(":")[0]: int(line.split()[1]) for line in f}
-    return (kb["MemTotal"] - kb["MemAvailable"]) * 1024
+    """Bytes of the node's RAM in use now (MemTotal - MemAvailable): the driver, Ray, the OS, other searches;
+    0 where /proc/meminfo is not there to say (macOS): the budget then counts the whole RAM, as it did before."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        return (kb["MemTotal"] - kb["MemAvailable"]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return 0
 
 
 def trial_budget(trial_cpus: int, node_cpus: int | None = None, node_ram: int | None = None, in_use: int = 0) -> int:
