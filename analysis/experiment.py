@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import yaml
 
 from analysis.command import command
-from analysis.outcome import COMPLETED, EARLY_STOPPED, TrialView, failure_status, outcome, planned_epochs, read_ends
+from analysis.outcome import (COMPLETED, EARLY_STOPPED, TrialView, failure_status, on_a_fraction, outcome, planned_epochs,
+                              read_ends)
 from analysis.study import METRIC
 from trainable import atomic
 from trainable.config import TrialConfig
@@ -42,7 +43,7 @@ class TrialRecord:
         """Trained on all of the training split (a screen trial, planning/plan.py, trains on a fraction) and ran its
         whole plan or early-stopped itself: not pruned at a rung nor cut short by the search's end, as the
         searcher's incumbent (planning/incumbent.py) is chosen."""
-        return float(self.config.get("train_fraction", 1.0)) >= 1.0 and self.status in (COMPLETED, EARLY_STOPPED)
+        return not on_a_fraction(self.config) and self.status in (COMPLETED, EARLY_STOPPED)
 
     @property
     def failure(self) -> dict[str, Any] | None:

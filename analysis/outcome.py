@@ -54,6 +54,11 @@ def planned_epochs(config: dict[str, Any]) -> int | None:
         return None
 
 
+def on_a_fraction(config: dict[str, Any]) -> bool:
+    """A screen trial: its plan runs on a fraction (train_fraction < 1) of the training data."""
+    return float(config.get("train_fraction", 1.0)) < 1.0
+
+
 def early_stopped(config: dict[str, Any], last: dict[str, Any]) -> bool:
     """The trial's own patience ended its last stage (and so the trial)."""
     try:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy import stats
 
 from analysis.experiment import load_trials, rank
+from analysis.outcome import on_a_fraction
 from analysis.study import MOVE_ATTR, by_trial_id, load_study
 from benchmarks.common import DATA, Invocation, Results, flags, listed, md_table, parser, run_cli, split
 from report.plots import figure, save
@@ -104,7 +105,7 @@ def incumbent_curve(trials: list, start: float) -> list[tuple[float, float]]:
     """(seconds after `start`, best full-fidelity val_acc so far) at each improvement."""
     rows = sorted((r["timestamp"] - start, r["val_acc"]) for t in trials for r in t.results
                   if isinstance(r.get("val_acc"), float) and r.get("status", "ok") == "ok"
-                  and float(t.config.get("train_fraction", 1.0)) >= 1.0)
+                  and not on_a_fraction(t.config))
     curve, best = [], -1.0
     for ts, v in rows:
         if v > best:

@@ -16,6 +16,7 @@ from ray.tune.utils import flatten_dict
 
 from analysis.cloud import parent_and_name
 from analysis.experiment import load_trials
+from analysis.outcome import on_a_fraction
 from search import ray_adapter
 from search.storage import Place
 
@@ -85,6 +86,12 @@ class SearchHere(SearchGenerator):
         self.set_state({**self.get_state(), "counter": searcher.follow(live, ended)})
 
 
+def asha_results(exp: Any) -> dict[str, list[dict[str, Any]]]:
+    """{trial id: its results} of the experiment's full-fidelity trials (screen trials are no record in the live
+    FullFidelityASHA's rungs either)."""
+    return {t.trial_id: t.results for t in load_trials(exp) if not on_a_fraction(t.config)}
+
+
 def restore_tuner(place: Place, trainable: Any, max_concurrent: int, callbacks: list, stop: Any) -> Any:
     """`Tuner.restore` of the experiment at `place` with ASHA's rungs rebuilt from the results in its local folder,
     the concurrency limit (0 = none) holding for restored trials too, and this run's `callbacks` and `stop`."""
@@ -99,7 +106,7 @@ def restore_tuner(place: Place, trainable: Any, max_concurrent: int, callbacks: 
     # tuner.pkl holds the searcher as make_searcher made it: Tune would wrap it itself, without SearchHere
     tc.search_alg, tc.max_concurrent_trials = SearchHere(tc.search_alg, max_concurrent, place.tune_path), None
     if isinstance(tc.scheduler, AsyncHyperBandScheduler):
-        rungs = ray_adapter.rebuild_asha(tc.scheduler, {t.trial_id: t.results for t in load_trials(place.exp)})
+        rungs = ray_adapter.rebuild_asha(tc.scheduler, asha_results(place.exp))
         print("resume: ASHA's rungs rebuilt from the results on disk: "
               + ", ".join(f"epoch {m:g}: {n} trials" for m, n in sorted(rungs.items())))
     if max_concurrent > 0:

@@ -15,13 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from analysis.experiment import load_trials
 from search import ray_adapter
 from search.progress import SearchLog
 from search.ray_adapter import rebuild_asha
-from search.restore import ConcurrencyCap, SearchHere, restore_tuner
+from search.restore import ConcurrencyCap, SearchHere, asha_results, restore_tuner
 from search.searcher import make_scheduler
 from search.storage import Place
 from tests.conftest import REPO, run_cli
@@ -103,6 +103,41 @@ def test_results_without_time_or_metric_are_no_decision(tmp_path):
                              "b": [{"trial_id": "b", "epoch": 1, "val_acc": 0.3}]})
     asha = make_scheduler("asha", 3, 1, 3)
     assert rebuild_asha(asha, read_results(tmp_path)) == {3: 0, 1: 1}  # only b counts
+
+
+def test_asha_neither_prunes_nor_records_a_screen_trial():
+    """A screen trial (a fraction of the data) runs its whole plan and stays out of the rungs full-fidelity
+    trials are judged by; Ray's ASHA put it there and cut it by val_acc at its first rung."""
+    asha = make_scheduler("asha", 9, 1, 3)
+    screen = [SimpleNamespace(trial_id=f"s{i}", config={"train_fraction": 0.2}) for i in range(4)]
+    full = [SimpleNamespace(trial_id=f"f{i}", config={"train_fraction": 1.0}) for i in range(2)]
+    for t in screen + full:
+        asha.on_trial_add(None, t)
+    for i, t in enumerate(screen):  # 0.9 first, then weaker ones that a plain ASHA stops at its first rung
+        for epoch in (1, 3, 9):
+            assert asha.on_trial_result(None, t, {"epoch": epoch, "val_acc": 0.9 - 0.2 * i}) == "CONTINUE"
+        asha.on_trial_complete(None, t, {"epoch": 9, "val_acc": 0.9 - 0.2 * i})
+    assert all(not recorded for _, recorded in asha._brackets[0]._rungs)
+    # a full-fidelity trial is judged by full-fidelity trials alone: the first is in an empty rung
+    assert asha.on_trial_result(None, full[0], {"epoch": 1, "val_acc": 0.3}) == "CONTINUE"
+    assert asha._brackets[0]._rungs[-1][1] == {"f0": 0.3}
+    plain = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=9, grace_period=1,
+                          reduction_factor=3)
+    for t in screen[:2] + full[:1]:
+        plain.on_trial_add(None, t)
+    for t, v in ((screen[0], 0.9), (screen[1], 0.7)):
+        plain.on_trial_result(None, t, {"epoch": 1, "val_acc": v})
+    assert plain.on_trial_result(None, full[0], {"epoch": 1, "val_acc": 0.3}) == "STOP"  # what this guards
+
+
+def test_a_resume_rebuilds_the_rungs_from_full_fidelity_trials_alone(tmp_path):
+    write_results(tmp_path, {"s": [{"trial_id": "s", "epoch": 1, "val_acc": 0.9}],
+                             "f": [{"trial_id": "f", "epoch": 1, "val_acc": 0.3}]})
+    (tmp_path / "trial_s" / "params.json").write_text(json.dumps({"train_fraction": 0.2}))
+    (tmp_path / "trial_f" / "params.json").write_text(json.dumps({"train_fraction": 1.0}))
+    assert set(asha_results(tmp_path)) == {"f"}
+    asha = make_scheduler("asha", 9, 1, 3)
+    assert rebuild_asha(asha, asha_results(tmp_path))[1] == 1
 
 
 class FakeController:
