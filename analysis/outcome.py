@@ -59,6 +59,17 @@ def on_a_fraction(config: dict[str, Any]) -> bool:
     return float(config.get("train_fraction", 1.0)) < 1.0
 
 
+def low_fidelity(result: dict[str, Any]) -> bool:
+    """A trial's last (flattened) result came below full fidelity: on a fraction of the data, or
+    before its plan's last epoch without early-stopping itself."""
+    config = {k.removeprefix("config/"): v for k, v in result.items() if k.startswith("config/")}
+    if result.get("status", "ok") != "ok":
+        return False  # a failure is told as a 0, everywhere, so the searcher avoids its region
+    planned = planned_epochs(config) if config and "epoch" in result else None  # None: nothing to compare
+    cut = planned is not None and int(result["epoch"]) < planned and not result.get("early_stopped")
+    return cut or on_a_fraction(config)
+
+
 def early_stopped(config: dict[str, Any], last: dict[str, Any]) -> bool:
     """The trial's own patience ended its last stage (and so the trial)."""
     try:

@@ -21,13 +21,14 @@ from analysis.outcome import INTERRUPTED, read_ends
 from analysis.study import METRIC, MODE, resume_study_at
 from analysis.study_end import search_over, settle_study
 from planning import estimate, plan
+from planning.define import told_trials
 from planning.precheck import plan_search
 from planning.settings import SearchSettings
 from search.budget import BudgetStopper, exhausted
 from search.progress import SearchLog, quiet_ray_console
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.restore import restore_tuner
-from search.searcher import make_scheduler, make_searcher, stage_aware_grace, told_trials
+from search.searcher import make_scheduler, make_searcher, stage_aware_grace
 from search.storage import Place, claim, open_experiment
 from search.tensorboard import EpochTensorBoard
 from search.tune_trial import tune_trial

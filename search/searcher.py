@@ -12,15 +12,13 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis.experiment import load_trials
-from analysis.outcome import on_a_fraction, planned_epochs
+from analysis.outcome import low_fidelity, on_a_fraction
 from analysis.study import (FIDELITY_ATTR, LOSS_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage,
                             by_trial_id)
 from planning.define import DefineByRun, quiet_optuna
 from planning.incumbent import IncumbentSampler, screen_trial, screened
 from search import ray_adapter
 from spaces import Options, Space
-from spaces.warm_start import OutsideSpace, as_point, fit_epochs
 from trainable.config import TrialConfig
 
 TIME_ATTR = "epoch"  # the epoch counter across all stages, reported by every trial
@@ -102,17 +100,6 @@ class FidelitySearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
         if self.promote:  # also after a screen trial that failed: the screen may have ended with it
             promote_screen(study, self.promote)
-
-
-def low_fidelity(result: dict[str, Any]) -> bool:
-    """A trial's last (flattened) result came below full fidelity: on a fraction of the data, or
-    before its plan's last epoch without early-stopping itself."""
-    config = {k.removeprefix("config/"): v for k, v in result.items() if k.startswith("config/")}
-    if result.get("status", "ok") != "ok":
-        return False  # a failure is told as a 0, everywhere, so the searcher avoids its region
-    planned = planned_epochs(config) if config and "epoch" in result else None  # None: nothing to compare
-    cut = planned is not None and int(result["epoch"]) < planned and not result.get("early_stopped")
-    return cut or on_a_fraction(config)
 
 
 def screen_running(study: optuna.Study) -> bool:
@@ -222,23 +209,3 @@ def make_scheduler(kind: str, max_t: int, grace_period: int, reduction_factor: i
         return FIFOScheduler()
     return FullFidelityASHA(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_t,
                          grace_period=min(grace_period, max_t), reduction_factor=reduction_factor)
-
-
-def told_trials(dirs: list[Path], space: Space, opts: Options, fixed: dict[str, Any]) -> tuple[list, list[str]]:
-    """Earlier experiments' finished trials as FrozenTrials of this space (value: best val_acc, 0 for a
-    failure as in a search), their plans scaled to this budget; one line per trial outside the space."""
-    frozen, skipped = [], []
-    for d in dirs:
-        for t in load_trials(d):
-            if not t.results:
-                continue
-            value = float(t.best[METRIC]) if t.best is not None else 0.0
-            try:
-                p = as_point(f"{d.name}/{t.trial_id}", fit_epochs(t.config, opts.max_epochs), space, opts, fixed)
-            except (OutsideSpace, ValueError) as e:
-                skipped.append(f"{d.name}/{t.trial_id}: {e}")
-                continue
-            frozen.append(optuna.trial.create_trial(
-                params=p.params, distributions=p.distributions, value=value,
-                user_attrs={"warm_start": p.name, "status": t.status}))
-    return frozen, skipped

@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 from analysis.study import FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
 from planning.incumbent import IncumbentSampler, move, step_size
 from planning.plan import plan_budget
-from search.searcher import low_fidelity, make_searcher
+from analysis.outcome import low_fidelity
+from search.searcher import make_searcher
 from spaces import Options, get_space
 from spaces.warm_start import recipe_points
 

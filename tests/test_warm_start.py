@@ -14,7 +14,8 @@ from analysis.study import WARM_CONFIG, study_url
 from planning.estimate import asha_rungs, epoch_seconds, reach
 from planning.settings import parse_duration
 from search.budget import BudgetStopper, spent
-from search.searcher import make_searcher, stage_aware_grace, told_trials
+from planning.define import told_trials
+from search.searcher import make_searcher, stage_aware_grace
 from spaces import RECIPES, Options, Suggest, get_space, recipe_config
 from spaces.warm_start import OutsideSpace, as_point, fit_epochs, recipe_points
 from trainable.config import TrialConfig
