@@ -6,11 +6,17 @@ budget); the step doubled on success, halved after 2 failures (CFO/FLOW2, Wu et 
 2·dim), a flat move (its parent's val_acc and val_loss both) counted neither way and its name not moved from that
 parent again (ours: a head-only fit's weight decay, say, changes nothing, and counted as a failure it halved the
 step of the moves that matter); no repeat of a running or finished config (TPE's constant liar, by rejection
-here). Its state lives in the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read
+here); a name a move opens (a stage its parent did not run) starts from a prior, not the model's draw: the
+new stage's lr a tenth of the stage before it (LP-FT, Kumar et al., ICLR 2022: fine-tune a probed head's network
+at a smaller lr; the mobilenetv2_2stage_128 recipe: 1e-3 then 1e-4), the rest the parent's own values (ours: TPE
+drew stage-2 lrs of 0.05-0.08 for the frozen recipe's moves, which diverged in 3 of the thirteenth session's
+runs). Its state lives in the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read
 the same history."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections import Counter
 from typing import Any
 
@@ -21,7 +27,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, WARM_CONFIG
-from trainable.config import RUN_FIELDS
+from trainable.config import RUN_FIELDS, TrialConfig
 
 STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.5), +-25 %
 STEP_LINEAR = 0.2  # a linear float's move at step 1: +-0.2 of its range, +-25 %
@@ -31,6 +37,8 @@ P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is r
 # most in fine-tuning (Li et al., ICLR 2020; Google's Tuning Playbook); a categorical resample is the largest move
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 FLAT_LOSS = 1e-3  # a move is flat when its val_loss is within this fraction of its parent's (and val_acc equal)
+NEW_STAGE_LR = 0.1  # a stage a move opens starts at this times the lr of the stage before it
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
 
 
 def screen_trial(t: FrozenTrial) -> bool:
@@ -202,12 +210,30 @@ class IncumbentSampler(BaseSampler):
             v = m["params"][param_name]
             if _inside(v, param_distribution):
                 return v
-        # a name the parent did not have (its move opened a conditional stage): the model's draw
+        if m is not None:  # a name the parent did not have: its move opened a conditional stage
+            v = opened(param_name, m, param_distribution)
+            if v is not None:
+                return v
         return self.model.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
         self._moves.pop(trial.number, None)
         self.model.after_trial(study, trial, state, values)
+
+
+def opened(name: str, m: dict[str, Any], dist: BaseDistribution) -> Any | None:
+    """The value of `name`, which move `m` opened (its parent did not sample it): a stage's lr NEW_STAGE_LR times
+    the nearest earlier stage's lr among the parent's params, clipped into `dist`; another name the parent's
+    unsampled value (its recipe's, else TrialConfig's default); None where there is none inside `dist`."""
+    lr = re.fullmatch(r"stage(\d)_lr", name)
+    if lr:
+        before = [m["params"][f"stage{k}_lr"] for k in range(int(lr[1]) - 1, 0, -1) if f"stage{k}_lr" in m["params"]]
+        v = before[0] * NEW_STAGE_LR if before else None
+        if v is not None and isinstance(dist, FloatDistribution):
+            return min(max(v, dist.low), dist.high)
+    else:
+        v = m.get("extra", {}).get(name, DEFAULTS.get(name))
+    return v if v is not None and _inside(v, dist) else None
 
 
 def _beat_parent(t: FrozenTrial) -> bool:

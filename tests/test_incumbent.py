@@ -12,6 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from analysis.study import FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
+from planning import incumbent
 from planning.incumbent import IncumbentSampler, move, step_size
 from planning.plan import plan_budget
 from analysis.outcome import low_fidelity
@@ -148,6 +149,37 @@ def test_before_any_full_fidelity_result_the_best_screen_trial_is_moved():
     m = IncumbentSampler(optuna.samplers.RandomSampler(seed=0), seed=0, p_local=1.0).plan(trials, 2)
     assert m["parent"] == 1
     assert IncumbentSampler(optuna.samplers.RandomSampler(), p_local=1.0).plan([], 0) is None
+
+
+def test_a_move_that_opens_a_stage_starts_it_from_a_fine_tuning_prior(tmp_path: Path, monkeypatch):
+    """The thirteenth session's seeds 6 and 8: moves that unfroze the frozen recipe's top blocks got stage-2
+    lrs of 0.05-0.08 (AdamW) from TPE's draw and diverged. The new stage starts at a tenth of stage 1's lr."""
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    frozen = next(p for p in points if p.name.startswith("efficientnetv2_frozen"))
+    assert frozen.config["stage2_epochs"] == 0
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, [frozen], [], "incumbent")
+    monkeypatch.setattr(incumbent, "_pick", lambda parent, trials, rng: {"stage2_epochs": 1})
+    monkeypatch.setattr(incumbent, "_follow", lambda *a: None)
+    configs = _drive(searcher, 6, lambda c: 0.5)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_url(tmp_path))
+    opened = [configs[t.number] for t in study.trials
+              if (t.system_attrs.get(MOVE_ATTR) or {}).get("changed") == ["stage2_epochs"]]
+    assert opened, "no move opened stage 2"
+    for c in opened:
+        assert c["stage2_epochs"] > 0
+        assert c["stage2_lr"] == pytest.approx(frozen.config["stage1_lr"] * incumbent.NEW_STAGE_LR)
+        assert all(c[k] == frozen.config[k] for k in ("unfreeze_depth", "backbone_lr_scale", "layer_decay"))
+
+
+def test_an_opened_name_is_clipped_or_left_to_the_model():
+    lr = FloatDistribution(1e-5, 1e-1, log=True)
+    m = {"params": {"stage1_lr": 5e-5, "stage2_lr": 1e-2}, "extra": {"unfreeze_depth": 9}}
+    assert incumbent.opened("stage3_lr", m, lr) == pytest.approx(1e-3)  # the nearest earlier stage's
+    assert incumbent.opened("stage2_lr", {"params": {"stage1_lr": 5e-5}}, lr) == 1e-5  # a tenth, clipped
+    assert incumbent.opened("stage2_lr", {"params": {}}, lr) is None  # no earlier stage: the model draws it
+    assert incumbent.opened("unfreeze_depth", m, IntDistribution(1, 7)) is None  # the parent's is outside
+    assert incumbent.opened("layer_decay", m, FloatDistribution(0.5, 1.0)) == 0.75  # TrialConfig's default
 
 
 # ------------------------------------------------------------------ fidelity, screen, promotion
