@@ -1,8 +1,5 @@
-"""python benchmarks/aug_cost.py: what perspective, grayscale and blur add to the strength-1 augmentation:
-ms per batch of 256 32-px images on one thread (torch's Timer), without them ("before") and with them.
-"""
-from __future__ import annotations
-
+"""python benchmarks/aug_cost.py: what perspective, grayscale and blur add to the strength-1 augmentation: ms per batch
+of 256 32-px images on one thread (torch's Timer), without them ("before") and with them."""
 import dataclasses
 import functools
 import sys

@@ -1,9 +1,5 @@
-"""python benchmarks/bench.py [--quick] [--sections 1,2,...]: is the search spending its compute on the
-model? Prints one markdown table of ratios against targets and notes on how each was measured (for
-BENCHMARKS.md). Contenders timed in one process alternate rounds of torch's Timer.
-"""
-from __future__ import annotations
-
+"""python benchmarks/bench.py [--quick] [--sections 1,2,...]: is the search spending its compute on the model? One
+markdown table of ratios against targets, with notes on how each was measured (for BENCHMARKS.md)."""
 import json
 import os
 import sys
@@ -11,6 +7,7 @@ import time
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,8 +18,8 @@ from torchvision import transforms as T
 
 from analysis.experiment import load_trials
 from analysis.study import METRIC
-from benchmarks.common import (BACKBONE, WEIGHTS, MiB, alternate, fixed_batch, forward_fn, listed, make_bench, md_table,
-                               model_fn, parse, parser, per_call, rate, search, split, step, verdict)
+from benchmarks.common import (BACKBONE, WEIGHTS, MiB, alternate, fixed_batch, forward_fn, listed, make_bench,
+                               md_table, model_fn, parse, parser, per_call, rate, search, split, step, verdict)
 from search.searcher import stage_aware_grace
 from spaces import get_space
 from trainable.augment import DeviceAugment, aug_policy
@@ -41,14 +38,6 @@ QUICK = {**FULL, **dict(subset=5, overhead_sizes=(32, 64), overhead_batch=32, ov
                         mem_timebox=8.0, mem_control_subset=None, search_samples=4, search_subset=2,
                         search_val_fraction=0.5, search_max_epochs=2,
                         search_sets={"input_size": 32, "batch_size": 32}, stage_batch=16)}
-TITLES = {"1": "Trial overhead", "2": "Pipeline headroom", "3": "Against the usual DataLoader",
-          "4": "Memory", "5": "Search efficiency (ASHA vs FIFO)", "6": "Stage cost"}
-WHAT = {"1": "a real trial (run_search.py) vs the model alone, at 32 and 128 px; a 1-CPU vs a 2-CPU trial",
-        "2": "the trial's per-batch data work vs the model's training step",
-        "3": "that data work vs a torchvision DataLoader over PIL images (workers = cores)",
-        "4": "whole-search PSS (psutil) with 1 vs 2 concurrent trials on the full file",
-        "5": "the same seeded random configs under ASHA and FIFO: epochs, wall, best val_acc",
-        "6": "step time of stage 1 (head only) vs stage 2 vs all layers"}
 HEAD = ["#", "measurement", "ours", "baseline", "ratio", "target", "met"]
 MIXUP = (0.8, 1.0, 0.1)  # timm's mixup/cutmix alphas and label smoothing
 
@@ -62,8 +51,7 @@ class Context:
     def add(self, *row) -> None:
         self.rows.append(list(row) + ["—"] * (len(HEAD) - len(row)))
 
-    def add_rates(self, section: str, what: str, ours: float, base: float, target: str = "—", ok: bool | None = None,
-                  digits: int = 3) -> None:
+    def add_rates(self, section: str, what: str, ours: float, base: float, target="—", ok: bool | None = None, digits=3):
         self.add(section, what, rate(ours) + " img/s", rate(base) + " img/s", f"{ours / base:.{digits}f}", target,
                  "—" if ok is None else verdict(ok))
 
@@ -80,9 +68,8 @@ class Context:
 
     def search_opts(self, **opts) -> dict:
         """run_search.py's options for the benchmark's searches (space tiny, lite0, no warm start, FIFO)."""
-        a = self.a
-        return dict(gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none", seed=a.seed,
-                    weights_dir=a.weights_dir or None, no_pretrained=not a.weights_dir,
+        return dict(gpus=torch.cuda.device_count(), space="tiny", backbones=BACKBONE, warm_start="none", seed=self.a.seed,
+                    weights_dir=self.a.weights_dir or None, no_pretrained=not self.a.weights_dir,
                     **{"max_concurrent": 1, "scheduler": "fifo", **opts})
 
     def search(self, name: str, watch=None, sets: dict | None = None, **opts) -> tuple[Path, float]:
@@ -90,40 +77,32 @@ class Context:
         return search(self.a, name, sets, watch=watch, timeout=1800, **self.search_opts(**opts))
 
 
-# ----------------------------------------------------------------------------- 1. trial overhead
-
 def ceiling(ctx: Context, size: int, counts: tuple[int, ...]) -> dict[int, tuple[float, float]]:
-    """{threads: (seconds of an epoch's training steps, of its evaluation)} for the model alone in
-    channels_last on one fixed batch, times the trial's steps per epoch and its val images."""
-    d = ctx.data
-    bs, steps = batching(len(d.train), ctx.a.overhead_batch)
-    b = make_bench(d.train, ctx.a.weights_dir, channels_last=True)
-    train = model_fn(b, size, bs)
-    eb = min(TrialConfig().eval_batch_size, len(d.val))
+    """{threads: (s of an epoch's training steps, of its evaluation)}: the model alone in channels_last on one batch."""
+    d, a = ctx.data, ctx.a
+    bs, steps = batching(len(d.train), a.overhead_batch)
+    b = make_bench(d.train, a.weights_dir, channels_last=True)
+    train, eb = model_fn(b, size, bs), min(TrialConfig().eval_batch_size, len(d.val))
     forward, out = forward_fn(b.net, b.prec.prepare(torch.randn(eb, 3, size, size, device=b.dev))), {}
     for t in counts:
         b.net.train()
-        t_step = per_call(train, t, ctx.a.ceiling_s)
+        t_step = per_call(train, t, a.ceiling_s)
         b.net.eval()
-        out[t] = (steps * t_step, per_call(forward, t, ctx.a.ceiling_s / 4) * len(d.val) / eb)
+        out[t] = (steps * t_step, per_call(forward, t, a.ceiling_s / 4) * len(d.val) / eb)
     return out
 
 
-def ceiling_rates(runs: list[dict[int, tuple[float, float]]], images: int) -> dict[int, dict]:
-    """Per thread count, over the runs: img/s of the training steps and of the whole epoch, and the evaluation s."""
-    out = {}
-    for t in runs[0]:
-        train_s, eval_s = (sum(r[t][i] for r in runs) / len(runs) for i in (0, 1))
-        out[t] = {"train": images / train_s, "whole": images / (train_s + eval_s), "eval_s": eval_s}
-    return out
+def ceiling_rates(runs: list[dict], images: int) -> dict[int, dict]:
+    """Per thread count, averaged over the runs: img/s of the training steps and of the whole epoch, the evaluation s."""
+    means = {t: [fmean(r[t][i] for r in runs) for i in (0, 1)] for t in runs[0]}
+    return {t: {"train": images / tr, "whole": images / (tr + ev), "eval_s": ev} for t, (tr, ev) in means.items()}
 
 
 def trial_rates(rows: list[dict]) -> dict:
-    """Whole-epoch img/s (Tune's time_this_iter_s) and training-steps img/s (the loop's clock) of a trial's epochs."""
+    """Whole-epoch img/s (Tune's time_this_iter_s), training-steps img/s (the loop's clock), other seconds per epoch."""
     imgs = sum(r["images_per_sec"] * r["train_seconds"] for r in rows)
     wall, train = sum(r["time_this_iter_s"] for r in rows), sum(r["train_seconds"] for r in rows)
-    return {"whole": imgs / wall, "train": imgs / train, "images_per_epoch": imgs / len(rows),
-            "other_s": (wall - train) / len(rows)}
+    return {"whole": imgs / wall, "train": imgs / train, "other_s": (wall - train) / len(rows)}
 
 
 def overhead_trial(ctx: Context, size: int, cpus: int) -> tuple[dict, float, float]:
@@ -148,7 +127,7 @@ def section_overhead(ctx: Context) -> None:
         before = ceiling(ctx, size, counts)  # the two ceiling runs bracket the trial: their spread is the drift
         tr, wall, fixed = overhead_trial(ctx, size, cpus)
         after = ceiling(ctx, size, counts)
-        per = ceiling_rates([before, after], bs * steps)
+        per, b_, a_ = (ceiling_rates(runs, bs * steps) for runs in ([before, after], [before], [after]))
         t_best = max(per, key=lambda t: per[t]["whole"])
         ce = per[t_best]
         ctx.add_rates("1", f"Trial overhead at {size} px: whole all-trainable epoch, Tune trial ({cpus} CPU(s)) / ceiling "
@@ -156,13 +135,11 @@ def section_overhead(ctx: Context) -> None:
                       tr["whole"] >= 0.9 * ce["whole"])
         ctx.add_rates("1", "  of which the training steps alone (in-loop clock / ceiling's training steps)",
                       tr["train"], ce["train"])
-        b_, a_ = ceiling_rates([before], bs * steps), ceiling_rates([after], bs * steps)
         ctx.note("1", f"{size} px: ceiling whole-epoch rates by thread count: " + "; ".join(
             f"{t} thread(s) {rate(v['whole'])} img/s (before {rate(b_[t]['whole'])}, after {rate(a_[t]['whole'])})"
             for t, v in per.items()) + f". Per epoch besides the training steps: Tune trial {tr['other_s']:.2f} s "
-            f"(evaluation + checkpoint + report), ceiling {ce['eval_s']:.2f} s (forward passes only). The "
-            f"search's fixed cost (Ray start, the worker's start, reading the data, building the model, "
-            f"shutdown): {fixed:.0f} s of the {wall:.0f} s it took.")
+            f"(evaluation + checkpoint + report), ceiling {ce['eval_s']:.2f} s (forward passes only). The search's fixed "
+            f"cost (Ray, the worker, the data, the model, shutdown): {fixed:.0f} s of the {wall:.0f} s it took.")
         if i == 0:
             thread_scaling(ctx, size, tr, after, bs * steps)
     ctx.note("1", f"Data: `--subset {a.subset}`: {len(ctx.data.train)} training images ({steps} batches of {bs} an "
@@ -193,8 +170,6 @@ def thread_scaling(ctx: Context, size: int, tr: dict, after: dict, images: int) 
                   f"CPU(s) {rate(many['train'])} img/s, {lo} CPU(s) {rate(few['train'])} img/s.")
 
 
-# ----------------------------------------------------------------------------- 2 + 3. pipelines
-
 def pipeline_fn(b, size: int, bs: int, batches: int):
     """The trial's per-batch data work (loop.make_batch as train_epoch calls it) at aug_strength 1 with mixup."""
     aug, mix = DeviceAugment(aug_policy(1.0), size, b.mean, b.std), make_mixup(*MIXUP)
@@ -204,9 +179,8 @@ def pipeline_fn(b, size: int, bs: int, batches: int):
     def run() -> int:
         perm = torch.randperm(n, device=b.dev, generator=g)
         for i in range(batches):
-            idx = perm[(i * bs) % (n - bs + 1):][:bs]
-            make_batch(b.x, b.fine, b.coarse, idx, aug=aug, prec=b.prec, generator=g, mix=mix,
-                       fine_to_coarse=f2c, mix_generator=mg)
+            make_batch(b.x, b.fine, b.coarse, perm[(i * bs) % (n - bs + 1):][:bs], aug=aug, prec=b.prec, generator=g,
+                       mix=mix, fine_to_coarse=f2c, mix_generator=mg)
         return batches * bs
     return run
 
@@ -238,8 +212,7 @@ class PILSet(torch.utils.data.Dataset):
 
 
 def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, std, dev):
-    """The usual way at aug_strength 1's amplitudes, geometry and colour at 32 px then one resize (PIL's cheapest
-    order); workers start at every call, as at every epoch without persistent_workers."""
+    """The usual way at strength 1's amplitudes, resized last (PIL's cheapest order); workers start at every call."""
     tf = T.Compose([T.RandomHorizontalFlip(),
                     T.RandomAffine(15, (0.125, 0.125), (0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
                     T.ColorJitter(0.4, 0.4, 0.4), T.Resize(size, antialias=True), T.ToTensor(), T.Normalize(mean, std),
@@ -251,8 +224,7 @@ def dataloader_fn(split, size: int, bs: int, batches: int, workers: int, mean, s
     def run() -> int:
         it = iter(loader)
         for _ in range(batches):
-            xb, yb = next(it)
-            mix(xb.to(dev), yb.to(dev))
+            mix(*(v.to(dev) for v in next(it)))
         del it  # shuts the workers down: nothing runs in the background of the next timing
         return batches * bs
     return run
@@ -262,8 +234,8 @@ def section_dataloader(ctx: Context) -> None:
     a, b, t, workers = ctx.a, ctx.bench, ctx.a.threads, os.cpu_count() or 1
     for size in a.sizes:
         s = alternate({"ours": pipeline_fn(b, size, a.batch, a.dl_batches),
-                       "dl": dataloader_fn(ctx.data.train, size, a.batch, a.dl_batches, workers, b.mean, b.std,
-                                           b.dev)}, a.dl_rounds, t, 0.0)
+                       "dl": dataloader_fn(ctx.data.train, size, a.batch, a.dl_batches, workers, b.mean, b.std, b.dev)},
+                      a.dl_rounds, t, 0.0)
         ratio, last = s["dl"] / s["ours"], size == max(a.sizes)
         ctx.add("3", f"Against the usual way at {size} px: our pipeline / DataLoader+PIL ({workers} workers)",
                 rate(a.dl_batches * a.batch / s["ours"]) + " img/s", rate(a.dl_batches * a.batch / s["dl"]) + " img/s",
@@ -272,11 +244,8 @@ def section_dataloader(ctx: Context) -> None:
                   f"torch thread(s); batch {a.batch}, {a.dl_batches} batches a call, {a.dl_rounds} alternating round(s).")
 
 
-# ----------------------------------------------------------------------------- 4. memory
-
 class TreeMemory:
-    """run_cli's watcher: psutil's memory_full_info() over the search's process tree each second, keeping
-    the peaks; True (stop the search) once `workers` trial workers have each lived `timebox` s."""
+    """run_cli's watcher: the search tree's peak memory (psutil); stops it once `workers` workers have lived `timebox` s."""
 
     def __init__(self, timebox: float, workers: int):
         self.timebox, self.workers, self.seen = timebox, workers, {}
@@ -304,8 +273,7 @@ class TreeMemory:
                 self.seen.setdefault(p.pid, time.monotonic())
                 self.plasma_rss = max(self.plasma_rss, sum(x.rss for x in plasma))
                 self.plasma_pss = max(self.plasma_pss, sum(x.pss for x in plasma))
-        self.samples += 1
-        self.max_workers = max(self.max_workers, workers)
+        self.samples, self.max_workers = self.samples + 1, max(self.max_workers, workers)
         self.rss, self.uss = max(self.rss, tot["rss"]), max(self.uss, tot["uss"])
         if tot["pss"] > self.pss:
             self.pss, self.parts, self.at_peak = tot["pss"], parts, workers
@@ -314,8 +282,7 @@ class TreeMemory:
 
 
 def section_memory(ctx: Context) -> None:
-    a, cpus = ctx.a, ctx.a.threads
-    d = split(a, None, seed=a.seed)
+    a, cpus, d = ctx.a, ctx.a.threads, split(ctx.a, None, seed=ctx.a.seed)
     data_mib = sum(x.nbytes for s in (d.train, d.val) for x in (s.images, s.fine, s.coarse)) / MiB
     n_images = len(d.train) + len(d.val)
     del d
@@ -358,8 +325,6 @@ def section_memory(ctx: Context) -> None:
                       f"peak USS sum {mm.uss / MiB:,.0f} MiB, {mm.samples} samples.")
 
 
-# ----------------------------------------------------------------------------- 5. ASHA vs FIFO
-
 def section_search(ctx: Context) -> None:
     o, res = ctx.a, {}
     for sched in ("asha", "fifo"):
@@ -379,7 +344,6 @@ def section_search(ctx: Context) -> None:
             "within 1 point", verdict(diff >= -1.0))
     ctx.add("5", "  wall time of the whole search", f"{a['wall']:.0f} s", f"{f['wall']:.0f} s", f"{a['wall'] / f['wall']:.2f}")
     grace = stage_aware_grace(get_space("tiny"), o.search_max_epochs or get_space("tiny").max_epochs)
-    by_epochs = Counter(t.epochs_run for t in a["trials"])
     ctx.note("5", f"`run_search.py --space tiny --backbones {BACKBONE} --warm-start none --sampler random --num-samples "
                   f"{o.search_samples} --max-concurrent 2 --cpus-per-trial {o.threads} --subset "
                   f"{o.search_subset} --val-fraction {o.search_val_fraction} --seed {o.seed}"
@@ -392,20 +356,17 @@ def section_search(ctx: Context) -> None:
     ctx.note("5", f"Identical configs: {'yes' if a['configs'] == f['configs'] else 'NO'} "
                   f"({len(set(a['configs']) & set(f['configs']))} of {len(f['configs'])} params.json in both searches): "
                   f"Optuna's own RandomSampler with the seed draws them independently of the results.")
-    ctx.note("5", "ASHA trials by epochs run: " + ", ".join(f"{n} trial(s) {e} epoch(s)" for e, n in sorted(by_epochs.items()))
-                  + f"; FIFO ran every trial to the end ({f['epochs']} epochs). Wall times include each search's "
-                  f"fixed cost (Ray start and shutdown, a worker start and model build per trial).")
+    ctx.note("5", "ASHA trials by epochs run: " + ", ".join(
+        f"{n} trial(s) {e} epoch(s)" for e, n in sorted(Counter(t.epochs_run for t in a["trials"]).items()))
+        + f"; FIFO ran every trial to the end ({f['epochs']} epochs). Wall times include each search's fixed cost (Ray "
+        f"start and shutdown, a worker start and model build per trial).")
 
-
-# ----------------------------------------------------------------------------- 6. stage cost
 
 def section_stages(ctx: Context) -> None:
     a, b, t = ctx.a, ctx.bench, ctx.a.threads
     cfg = TrialConfig(stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
-    stages = plan_stages(cfg)
     names = ["stage 1 (head only)", f"stage 2 (top {cfg.unfreeze_depth} blocks)", "all trainable"]
-    x, y = fixed_batch(b, a.stage_batch, a.stage_input, seed=3)
-    state = {}
+    stages, (x, y), state = dict(zip(names, plan_stages(cfg))), fixed_batch(b, a.stage_batch, a.stage_input, seed=3), {}
 
     def setup(stage):  # untimed: the trial's own optimiser, param groups and train_mode for this stage
         state["opt"], state["sched"] = build_optimizer(b.net, stage, cfg, 10_000, b.dev)
@@ -416,7 +377,7 @@ def section_stages(ctx: Context) -> None:
 
     # the functional check first, on a clean slate: stage 1 must stop at the head
     b.net.zero_grad(set_to_none=True)
-    setup(stages[0])
+    setup(stages[names[0]])
     bn = [m for m in b.net.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     before = torch.cat([m.running_mean.flatten() for m in bn]).clone()
     one_step()
@@ -424,7 +385,7 @@ def section_stages(ctx: Context) -> None:
     n_params = sum(1 for _ in b.net.backbone.parameters())
     moved = not torch.equal(before, torch.cat([m.running_mean.flatten() for m in bn]))
     ms = alternate(dict.fromkeys(names, one_step), a.rounds, t, a.call_s,
-                   setups={n: (lambda s=s: setup(s)) for n, s in zip(names, stages)})
+                   setups={n: (lambda s=s: setup(s)) for n, s in stages.items()})
     (n1, m1), (n2, m2), (n3, m3) = ((n, 1000 * ms[n]) for n in names)
     ctx.add("6", f"Stage cost at {a.stage_input} px: step time, {n1} / {n2}", f"{m1:,.0f} ms", f"{m2:,.0f} ms", f"{m1 / m2:.2f}")
     ctx.add("6", f"  {n1} / {n3}", f"{m1:,.0f} ms", f"{m3:,.0f} ms", f"{m1 / m3:.2f}")
@@ -437,16 +398,22 @@ def section_stages(ctx: Context) -> None:
                   f"one stage-1 step from a clean slate, backbone gradients and BatchNorm running means after it.")
 
 
-# ----------------------------------------------------------------------------- main
-
-RUNNERS = {"1": section_overhead, "2": section_headroom, "3": section_dataloader, "4": section_memory,
-           "5": section_search, "6": section_stages}
+SECTIONS = {  # number: (title, what it measures, the section)
+    "1": ("Trial overhead", "a real trial (run_search.py) vs the model alone, at 32 and 128 px; a 1-CPU vs a 2-CPU trial",
+          section_overhead),
+    "2": ("Pipeline headroom", "the trial's per-batch data work vs the model's training step", section_headroom),
+    "3": ("Against the usual DataLoader", "that data work vs a torchvision DataLoader over PIL images (workers = cores)",
+          section_dataloader),
+    "4": ("Memory", "whole-search PSS (psutil) with 1 vs 2 concurrent trials on the full file", section_memory),
+    "5": ("Search efficiency (ASHA vs FIFO)", "the same seeded random configs under ASHA and FIFO: epochs, wall, best "
+          "val_acc", section_search),
+    "6": ("Stage cost", "step time of stage 1 (head only) vs stage 2 vs all layers", section_stages)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, work_dir="", quick="shrink every part (a smoke run)")
-    p.add_argument("--sections", type=listed(), default=",".join(RUNNERS), help="comma-separated subset of "
-                   + "; ".join(f"{k} {TITLES[k]}: {v}" for k, v in WHAT.items()))
+    p.add_argument("--sections", type=listed(), default=",".join(SECTIONS), help="comma-separated subset of "
+                   + "; ".join(f"{k} {title}: {what}" for k, (title, what, _) in SECTIONS.items()))
     # without the file: random init (''), which runs at the same speed
     p.set_defaults(weights_dir=str(WEIGHTS) if (WEIGHTS / f"{BACKBONE}.pth").is_file() else "")
     p.add_argument("--threads", type=int, default=1, help="torch threads of sections 2, 3, 6; --cpus-per-trial of 4, 5")
@@ -454,22 +421,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="section 1: the trial's --cpus-per-trial (its ceiling takes the faster of 1 thread and this)")
     p.add_argument("--seed", type=int, default=0)
     a, run = parse(p, "bench.py", argv, FULL, QUICK)
-    a.data_dir = str(Path(a.data_dir).resolve())
-    a.weights_dir = str(Path(a.weights_dir).resolve()) if a.weights_dir else ""
-    if set(a.sections) - set(RUNNERS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
+    a.data_dir, a.weights_dir = str(Path(a.data_dir).resolve()), str(Path(a.weights_dir).resolve()) if a.weights_dir else ""
+    if set(a.sections) - set(SECTIONS) or not (Path(a.data_dir) / "cifar-100-python").is_dir():
         print("error: sections must be among 1-6 and --data-dir must hold cifar-100-python/", file=sys.stderr)
         return 2
     ctx = Context(a)
     for s in a.sections:
-        print(f"[bench] {s}. {TITLES[s]} ...", flush=True)
+        print(f"[bench] {s}. {SECTIONS[s][0]} ...", flush=True)
         ts = time.time()
-        RUNNERS[s](ctx)
+        SECTIONS[s][2](ctx)
         ctx.note(s, f"Section time: {time.time() - ts:.0f} s.")
     print("\n" + run.header(" (--quick: a smoke run, not a record)" if a.quick else "")
           + f"\n- Data: `{a.data_dir}`; weights: `{a.weights_dir or 'random init'}`; searches and logs in {a.work_dir}\n\n"
           + md_table(HEAD, ctx.rows))
     for s in a.sections:
-        print(f"\n### {s}. {TITLES[s]}\n\n" + "\n".join(f"- {n}" for n in ctx.notes.get(s, [])))
+        print(f"\n### {s}. {SECTIONS[s][0]}\n\n" + "\n".join(f"- {n}" for n in ctx.notes.get(s, [])))
     return 0
 
 

@@ -1,8 +1,4 @@
-"""The one harness of the benchmark scripts: the options they share, the header each prints, markdown
-tables, torch's Timer in alternating rounds, the model-only ceiling, the project's CLIs run as a
-user runs them, and the results file a re-run resumes from."""
-from __future__ import annotations
-
+"""The benchmarks' one harness: options, header, tables, timing, the model-only ceiling, the CLIs run as a user runs them."""
 import argparse
 import contextlib
 import json
@@ -10,15 +6,15 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, NamedTuple
+from statistics import fmean
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +34,10 @@ BACKBONE = "tf_efficientnet_lite0"
 MiB = 2 ** 20
 
 
-# ----------------------------------------------------------------------------- the command line and the header
 
-def parser(doc: str, *, data: bool = True, work_dir: str | None = None, work_help: str = "runs/ and logs/",
-           quick: str = "") -> argparse.ArgumentParser:
-    """The script's options with the shared ones: --data-dir/--weights-dir (`data`), --work-dir (its
-    default, '' a new temp folder; None: none), --quick (its help; '': none)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, *, data=True, work_dir: str | None = None, work_help="runs/ and logs/", quick="") -> argparse.ArgumentParser:
+    """The script's options with the shared ones: --data-dir/--weights-dir, --work-dir ('' a new temp folder), --quick."""
+    p = argparse.ArgumentParser(description=doc)
     if data:
         p.add_argument("--data-dir", default=str(DATA), help="folder holding cifar-100-python/")
         p.add_argument("--weights-dir", default=str(WEIGHTS), help="folder of offline weights (<timm name>.pth)")
@@ -55,10 +48,8 @@ def parser(doc: str, *, data: bool = True, work_dir: str | None = None, work_hel
     return p
 
 
-def parse(p: argparse.ArgumentParser, script: str, argv: list[str] | None, full: dict | None = None,
-          quick: dict | None = None):
-    """(the options, the run's Invocation). An option or knob still None takes its value from `quick`
-    under --quick (where it has it), else from `full`; a --work-dir of '' becomes a new temp folder."""
+def parse(p: argparse.ArgumentParser, script: str, argv: list[str] | None, full: dict | None = None, quick: dict | None = None):
+    """(the options, the run's Invocation); an option still None takes its value from `quick` under --quick, else `full`."""
     a = p.parse_args(argv)
     for k, v in {**(full or {}), **((quick or {}) if getattr(a, "quick", False) else {})}.items():
         if getattr(a, k, None) is None:
@@ -127,20 +118,16 @@ class Results(dict):
         atomic.write_text(self.path, json.dumps(self, indent=1) + "\n")
 
 
-# ----------------------------------------------------------------------------- timing in one process
 
 def per_call(fn: Callable[[], object], threads: int, min_seconds: float) -> float:
-    """Mean seconds per call of `fn` at `threads` torch threads: torch's Timer (one warm-up call,
-    then calls until `min_seconds` have passed; it synchronises CUDA)."""
+    """Mean seconds per call at `threads` torch threads: torch's Timer (a warm-up call, then calls for `min_seconds`)."""
     from torch.utils.benchmark import Timer  # at import it warns about CUDA_HOME on a CPU machine: only when timing
     return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_seconds).mean
 
 
 def alternate(fns: dict, rounds: int, threads: int | dict, min_seconds: float, setups: dict | None = None,
-              reduce: Callable = statistics.fmean) -> dict:
-    """Seconds per call of each contender, timed in turn for `rounds` rounds (load from other
-    processes hits them alike) and `reduce`d over the rounds; `threads` for all or per contender;
-    `setups[name]` runs untimed before each of its turns."""
+              reduce: Callable = fmean) -> dict:
+    """Seconds per call of each contender, timed in turn `rounds` times (outside load hits all alike), `reduce`d."""
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -149,8 +136,7 @@ def alternate(fns: dict, rounds: int, threads: int | dict, min_seconds: float, s
     return {k: reduce(v) for k, v in times.items()}
 
 
-def step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-         prec=None, sched=None) -> None:
+def step(net: torch.nn.Module, opt: torch.optim.Optimizer, x, y, prec: Precision | None = None, sched=None) -> None:
     """The model's own work on a ready batch: forward, label-smoothed CE, backward, optimiser step."""
     with prec.autocast() if prec is not None else contextlib.nullcontext():
         out = net(x)
@@ -162,74 +148,43 @@ def step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
         sched.step()
 
 
-@dataclass
-class Bench:
-    """A model and the training images on the device, in the layout a trial picks."""
-    net: torch.nn.Module
-    x: torch.Tensor  # uint8 [N,3,32,32]
-    fine: torch.Tensor
-    coarse: torch.Tensor
-    mean: tuple
-    std: tuple
-    dev: torch.device
-    prec: Precision
-
-
-def make_bench(train, weights_dir: str, channels_last: bool | None = None, backbone: str = BACKBONE) -> Bench:
-    """`channels_last` None: the layout a trial picks (loop.Precision.for_device); True/False forces one."""
+def make_bench(train, weights_dir: str, channels_last: bool | None = None) -> SimpleNamespace:
+    """A model and the training images (uint8) on the device, in the layout a trial picks (`channels_last` forces one)."""
     dev = pick_device()
-    net = create_model(backbone, pretrained=bool(weights_dir), weights_dir=weights_dir)
-    prec = Precision.for_device(dev, backbone)
+    net = create_model(BACKBONE, pretrained=bool(weights_dir), weights_dir=weights_dir)
+    prec = Precision.for_device(dev, BACKBONE)
     if channels_last is not None:
         prec = Precision(dev, prec.amp_dtype, channels_last)
     prec.model_to(net)
-    return Bench(net, *to_device(train, dev), *normalisation_of(net.backbone), dev, prec)
+    x, fine, coarse = to_device(train, dev)
+    mean, std = normalisation_of(net.backbone)
+    return SimpleNamespace(net=net, x=x, fine=fine, coarse=coarse, mean=mean, std=std, dev=dev, prec=prec)
 
 
 def sgd(net: torch.nn.Module, fused: bool = False) -> torch.optim.SGD:
-    """The ceiling's optimiser over every parameter. `fused`: torch's fused SGD kernel instead of its
-    default (on the CPU, a Python loop over the tensors)."""
+    """The ceiling's optimiser over every parameter; `fused`: torch's fused kernel (default on the CPU: a Python loop)."""
     return torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4,
                            fused=True if fused else None)
 
 
-def fixed_batch(b: Bench, bs: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(b, bs: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random batch of images (in the bench's layout, on its device) and labels."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(bs, 3, size, size, generator=g)
     return b.prec.prepare(x.to(b.dev)), torch.randint(0, 100, (bs,), generator=g).to(b.dev)
 
 
-def model_fn(b: Bench, size: int, bs: int, steps: int = 1, fused: bool = False) -> Callable[[], int]:
-    """The ceiling: `steps` forward+backward+SGD steps of the whole network (every layer trainable)
-    on one fixed batch, nothing else; returns the images it trained on."""
+def model_fn(b, size: int, bs: int, steps: int = 1, fused: bool = False) -> Callable[[], int]:
+    """The ceiling: `steps` SGD steps of the whole network (every layer trainable) on one fixed batch; returns images."""
     set_trainable(b.net, None)
     train_mode(b.net)
-    opt = sgd(b.net, fused)
-    x, y = fixed_batch(b, bs, size)
+    opt, (x, y) = sgd(b.net, fused), fixed_batch(b, bs, size)
 
     def run() -> int:
         for _ in range(steps):
             step(b.net, opt, x, y, b.prec)
         return steps * bs
     return run
-
-
-class TrialRun(NamedTuple):
-    net: torch.nn.Module | None
-    last: dict  # run_trial's last result
-    rows: list[dict]  # every epoch's result
-    epoch_s: list[float]  # each epoch's wall seconds, report to report (the first from the call)
-    wall_s: float  # the whole call's
-
-
-def timed_trial(config: dict, train, val, **kw) -> TrialRun:
-    """run_trial without checkpoints, timed."""
-    rows, stamps = [], []
-    t0 = time.perf_counter()
-    net, last = run_trial(config, train, val, lambda m, _c: (rows.append(m), stamps.append(time.perf_counter())),
-                          checkpoint=False, **kw)
-    return TrialRun(net, last, rows, [b - a for a, b in zip([t0, *stamps], stamps)], time.perf_counter() - t0)
 
 
 def forward_fn(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -240,22 +195,25 @@ def forward_fn(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return forward
 
 
-# ----------------------------------------------------------------------------- the project's CLIs
+def timed_trial(config: dict, train, val, **kw) -> SimpleNamespace:
+    """run_trial without checkpoints: net, last, rows (every epoch's result), epoch_s (report to report), wall_s."""
+    rows, stamps, t0 = [], [], time.perf_counter()
+    net, last = run_trial(config, train, val, lambda m, _c: (rows.append(m), stamps.append(time.perf_counter())),
+                          checkpoint=False, **kw)
+    return SimpleNamespace(net=net, last=last, rows=rows, epoch_s=[b - a for a, b in zip([t0, *stamps], stamps)],
+                           wall_s=time.perf_counter() - t0)
+
+
 
 def flags(sets: dict | None = None, **opts) -> list[str]:
-    """Command-line flags: num_samples=4 -> --num-samples 4 (None and False left out, True the bare
-    flag); `sets` {k: v} -> --set k=v (run_search.py's fixed values)."""
+    """num_samples=4 -> --num-samples 4 (None and False left out, True the bare flag); `sets` {k: v} -> --set k=v."""
     out = [x for k, v in opts.items() if v is not None and v is not False
            for x in [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])]
     return out + [x for k, v in (sets or {}).items() for x in ("--set", f"{k}={v}")]
 
 
-def run_cli(script: str, args: list, log: Path, *, watch: Callable[[subprocess.Popen], bool] | None = None,
-            timeout: float = 4 * 3600) -> float:
-    """Run one of the project's CLIs (`run_search.py`, on a free dashboard port, or `analyze.py`) in
-    a session of its own; returns its wall seconds. `watch(proc)` is called every second and may
-    return True to stop it like a user's Ctrl-C (SIGINT: Tune saves its state, Ray shuts down).
-    Raises on any other failure."""
+def run_cli(script: str, args: list, log: Path, *, watch: Callable | None = None, timeout: float = 4 * 3600) -> float:
+    """Run a CLI in a session of its own: its wall s; `watch(proc)` True stops it as Ctrl-C does (Tune saves its state)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if script == "run_search.py":  # not 8265: other people's searches and tests on this machine race for it
         with socket.socket() as sock:

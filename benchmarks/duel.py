@@ -1,13 +1,7 @@
-"""python benchmarks/duel.py [--seeds 0,1,2] [--contenders d,a@1,a@0.5,c@1]: the search against every
-recipe point run to the end ((d), what a careful person tries), at a multiple of (d)'s wall time, over
-seeds, each contender through run_search.py: on the stand-in data (NOT CIFAR-100) by default, on real
-CIFAR-100 with `--data-dir DIR --weights-dir '' --gpus N --space default --subset 0`. Each winner is
-retrained and tested once by analyze.py; the table gives the mean test accuracy, the paired difference
-to (d) with its 95 % t-interval, and when each first beat (d)'s best val_acc. WORK/duel.json keeps
-every run (a re-run skips what is there); --plot gets the incumbent val_acc against wall time.
-"""
-from __future__ import annotations
-
+"""python benchmarks/duel.py [--seeds 0,1,2] [--contenders d,a@1,a@0.5,c@1]: the search against every recipe point run
+to the end (d) at multiples of (d)'s wall time, over seeds, through run_search.py; winners tested once by analyze.py;
+mean test accuracy, paired difference to (d) with its 95 % t-interval. Stand-in data (NOT CIFAR-100) by default; real
+CIFAR-100: `--data-dir DIR --weights-dir '' --gpus N --space default --subset 0`. WORK/duel.json: a re-run resumes."""
 import json
 import os
 import shutil
@@ -31,7 +25,6 @@ from trainable.cache import ENV, cache_root
 from trainable.errors import UserError
 
 USER_CACHE = cache_root()  # before cold_cache points CIFAR_TUNE_CACHE at a run's own folder
-
 # each contender's run_search.py flags besides the budget; (a) is the search as users run it
 FLAGS = {"a": [], "a-local": ["--sampler", "tpe"], "a-screen": ["--screen", "off"],
          "b": ["--warm-start", "none"], "c": ["--warm-start", "none", "--sampler", "random"]}
@@ -96,35 +89,25 @@ def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list
 
 def recipe_count(a, seed: int) -> int:
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
-    fixed = {"input_size": str(a.input_size)} if a.input_size else {}
     space = get_space(a.space)
+    fixed = {"input_size": str(a.input_size)} if a.input_size else {}
     return len(recipe_points(space, narrow(space, a.backbones, a.max_epochs), base, fixed)[0])
 
 
 def incumbent_curve(trials: list, start: float) -> list[tuple[float, float]]:
     """(seconds after `start`, best full-fidelity val_acc so far) at each improvement."""
-    rows = sorted((r["timestamp"] - start, r["val_acc"]) for t in trials for r in t.results
-                  if isinstance(r.get("val_acc"), float) and r.get("status", "ok") == "ok"
-                  and not on_a_fraction(t.config))
     curve, best = [], -1.0
-    for ts, v in rows:
+    for ts, v in sorted((r["timestamp"] - start, r["val_acc"]) for t in trials for r in t.results
+                        if isinstance(r.get("val_acc"), float) and r.get("status", "ok") == "ok"
+                        and not on_a_fraction(t.config)):
         if v > best:
             best = v
             curve.append((ts, v))
     return curve
 
 
-def summarise(exp: Path, wall: float, start: float) -> dict:
-    trials = load_trials(exp)
-    best = next(iter(rank(trials)), None)
-    return {"wall_s": wall, "trials": len(trials), "epochs": sum(t.epochs_run for t in trials),
-            "best_val_acc": float(best.best["val_acc"]) if best else None, "winner": winner(best) if best else "",
-            "curve": incumbent_curve(trials, start)}
-
-
 def lineage(ot, by_number: dict) -> str:
-    """'recipe NAME' for a warm-start trial, else its chain of local moves back to the recipe (or the
-    searcher's own proposal) it started from: 'efficientnetv2_frozen + stage1_lr, stage1_lr, weight_decay'."""
+    """A trial's chain of local moves back to its recipe or draw: 'recipe efficientnetv2_frozen + stage1_lr, weight_decay'."""
     changed = []
     while ot is not None and "warm_start" not in ot.user_attrs:
         m = ot.system_attrs.get(MOVE_ATTR)
@@ -136,12 +119,14 @@ def lineage(ot, by_number: dict) -> str:
     return origin + (f" + {', '.join(changed)}" if changed else "")
 
 
-def winner(t) -> str:
-    """How the winner was reached (`lineage`), else (no study) key parameters."""
+def winner(exp: Path) -> str:
+    """How the experiment's best trial was reached (`lineage`), else (no study) its key parameters; '' without one."""
+    t = next(iter(rank(load_trials(exp))), None)
+    if t is None:
+        return ""
     study = load_study(t.path.parent)
     trials = study.trials if study is not None else []
-    ot = by_trial_id(trials).get(t.trial_id)
-    if ot is not None:
+    if (ot := by_trial_id(trials).get(t.trial_id)) is not None:
         return lineage(ot, {o.number: o for o in trials})
     c = t.config
     return (f"{c['backbone'].replace('tf_efficientnet_', '')} {c['input_size']} px, stages "
@@ -156,27 +141,27 @@ def run_contender(name: str, mult: float, a, seed: int, results: Results, work: 
     k, runs = key(name, mult), results.setdefault(str(seed), {})
     if k in runs:
         return
-    budget = None if name == "d" else mult * runs["d"]["wall_s"]
-    exp = run_dir(work, seed, k)
+    budget, exp = None if name == "d" else mult * runs["d"]["wall_s"], run_dir(work, seed, k)
     shutil.rmtree(exp, ignore_errors=True)  # a run cut off by an earlier stop of this script: run it again whole
     print(f"[duel] seed {seed} {k} " + (f"(budget {budget:.0f} s)" if budget else "") + " ...", flush=True)
     cold_cache(work / "cache" / exp.name)
     start = time.time()
     wall = run_cli("run_search.py", cli_args(name, budget, a, seed, exp), work / "logs" / f"{exp.name}.log")
-    r = summarise(exp, wall, start)
+    trials = load_trials(exp)
+    best = next(iter(rank(trials)), None)
+    r = {"wall_s": wall, "trials": len(trials), "epochs": sum(t.epochs_run for t in trials),
+         "best_val_acc": float(best.best["val_acc"]) if best else None, "winner": winner(exp),
+         "curve": incumbent_curve(trials, start)}
     r_wall = run_cli("analyze.py", [exp], work / "logs" / f"{exp.name}-analyze.log")
     m = json.loads((exp / "analysis" / "test_metrics.json").read_text())
-    r.update(test_acc=m["test_acc"], retrain_s=r_wall, budget_s=budget)
+    runs[k] = {**r, "test_acc": m["test_acc"], "retrain_s": r_wall, "budget_s": budget}
     print(f"[duel]   {wall:.0f} s, {r['trials']} trials, best val_acc {r['best_val_acc']}, test_acc "
           f"{m['test_acc']:.4f} ({r['winner']})", flush=True)
-    runs[k] = r
     results.save()
 
 
 def cold_cache(folder: Path) -> None:
-    """Each run gets a cache of its own (the CLIs it starts inherit CIFAR_TUNE_CACHE): no contender
-    reuses the frozen features another extracted. The measured step speeds are copied in, so no
-    contender pays for timing them either."""
+    """A feature cache of the run's own (no contender reuses another's features), with the measured step speeds in it."""
     speeds = USER_CACHE / "speed.json"
     folder.mkdir(parents=True, exist_ok=True)
     if speeds.exists() and not (folder / "speed.json").exists():
@@ -188,15 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     a, run = parse(argv), Invocation("duel.py", argv)
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    results = Results(work / "duel.json")
-    cs = contenders(a.contenders)
+    results, cs = Results(work / "duel.json"), contenders(a.contenders)
     for seed in a.seeds:
         for name, mult in cs:
             if not a.table_only:
                 run_contender(name, mult, a, seed, results, work)
-            elif (exp := run_dir(work, seed, key(name, mult))).is_dir():
-                best = next(iter(rank(load_trials(exp))), None)  # the winner named by today's rule
-                results.get(str(seed), {}).get(key(name, mult), {})["winner"] = winner(best) if best else ""
+            elif (exp := run_dir(work, seed, key(name, mult))).is_dir():  # the winner named by today's rule
+                results.get(str(seed), {}).get(key(name, mult), {})["winner"] = winner(exp)
     plot(results, a.seeds, cs, Path(a.plot), a.data_label)
     print("\n" + markdown(a, run, results, a.seeds, cs))
     return 0
@@ -234,11 +217,13 @@ def markdown(a, run: Invocation, results: dict, seeds: list[int], cs: list) -> s
     return "\n".join([
         run.header(),
         f"- Data: `{a.data_dir}` ({a.data_label}), `--subset {a.subset or 'all'}` per class, val fraction {a.val_fraction}"
-        f"{split_sizes(a, seeds[0])}, "
-        f"seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val (a winner whose "
-        f"early stopping or reduce-on-plateau reads val replays its search trial's decisions) and tested once on the whole test file.",
+        f"{split_sizes(a, seeds[0])}, seeds {','.join(map(str, seeds))} (one split each); winners retrained on train+val "
+        f"(a winner whose early stopping or reduce-on-plateau reads val replays its search trial's decisions) and tested "
+        f"once on the whole test file.",
         f"- Every trial: `--space {a.space}`, backbones {a.backbones or 'all of the space'}, {a.max_epochs} epochs, "
-        f"{f'{a.gpus} GPUs in all' if a.gpus else f'{a.cpus_per_trial} CPU per trial'}{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall time on the same seed.", "", md_table(HEAD, rows)])
+        f"{f'{a.gpus} GPUs in all' if a.gpus else f'{a.cpus_per_trial} CPU per trial'}"
+        f"{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall "
+        f"time on the same seed.", "", md_table(HEAD, rows)])
 
 
 def split_sizes(a, seed: int) -> str:
@@ -255,8 +240,7 @@ def plot(results: dict, seeds: list[int], cs: list, path: Path, data_label: str)
     for ax, seed in zip(axes[0], seeds):
         runs = results.get(str(seed), {})
         for i, (name, mult) in enumerate(cs):
-            r = runs.get(key(name, mult))
-            if r and r["curve"]:  # colour by contender, not by line count: a panel may lack one
+            if (r := runs.get(key(name, mult))) and r["curve"]:  # colour by contender: a panel may lack one
                 xs, ys = zip(*r["curve"])
                 ax.step([*xs, r["wall_s"]], [100 * y for y in (*ys, ys[-1])], where="post", label=key(name, mult),
                         color=f"C{i}")

@@ -1,11 +1,5 @@
-"""python benchmarks/feature_cache.py [--parts epoch,recipe,search] [--quick]: what the frozen-feature cache
-saves, uncached (CIFAR_TUNE_FEATURE_CACHE=off) against cached from an empty folder, on 1 thread. Parts:
-epoch (head-only lite0 epochs at 64-224 px: a later epoch, the extraction, a second trial's load),
-recipe (the duel's efficientnetv2_frozen point, run_trial's wall) and search (run_search.py, 8 trials
-varying only head hyper-parameters).
-"""
-from __future__ import annotations
-
+"""python benchmarks/feature_cache.py [--parts epoch,recipe,search] [--quick]: what the frozen-feature cache saves, off
+(CIFAR_TUNE_FEATURE_CACHE=off) against on from an empty folder, on 1 thread: head-only epochs, the frozen recipe, a search."""
 import os
 import sys
 import tempfile
@@ -38,22 +32,17 @@ def cache(switch: str, folder: str):
     return mock.patch.dict(os.environ, {SWITCH_ENV: switch, ENV: folder})
 
 
-def ratio_line(walls: list[float]) -> str:
-    return f"\n\nwall time cached / uncached: {walls[1] / walls[0]:.2f}"
-
-
 def part_epoch(a) -> str:
-    data = split(a, a.epoch_subset)
-    rows = []
+    data, rows = split(a, a.epoch_subset), []
     for size in a.sizes:
         cfg = {"backbone": BACKBONE, "weights_dir": a.weights_dir, "stage3_epochs": 0, "stage1_epochs": 2, "stage2_epochs": 0,
                "input_size": size, "batch_size": 64, "aug_strength": 0.0, "optimizer": "adamw", "stage1_lr": 1e-3}
-        with tempfile.TemporaryDirectory() as folder:
-            runs = {}
-            for label, switch in (("off", "off"), ("built", "on"), ("hit", "on")):
+        runs = []
+        with tempfile.TemporaryDirectory() as folder:  # uncached, then a first trial builds the features, a second loads
+            for switch in ("off", "on", "on"):
                 with cache(switch, folder):
-                    runs[label] = timed_trial(cfg, data.train, data.val)
-        off, built, hit = runs.values()
+                    runs.append(timed_trial(cfg, data.train, data.val))
+        off, built, hit = runs
         assert [r["feature_cache"] for r in built.rows] == ["built", "hit"] and hit.rows[0]["feature_cache"] == "hit"
         ratio = built.epoch_s[1] / off.epoch_s[1]
         rows.append([f"{size} px", f"{off.epoch_s[1]:.1f} s", f"{built.epoch_s[1]:.3f} s", f"{ratio:.1%}",
@@ -65,44 +54,47 @@ def part_epoch(a) -> str:
             f"validation images), batch 64, flip only, AdamW:\n\n" + md_table(EPOCH_HEAD, rows))
 
 
+def off_and_on(head: list[str], one) -> str:
+    """`one()` -> (wall seconds, the row's other cells) uncached, then cached from an empty folder: the table and ratio."""
+    rows, walls = [], []
+    for switch in ("off", "on"):
+        with tempfile.TemporaryDirectory() as folder, cache(switch, folder):
+            wall, cells = one(switch)
+        walls.append(wall)
+        rows.append([switch, f"{wall:.0f} s", *cells])
+        print(md_table(head, rows[-1:]), flush=True)
+    return md_table(head, rows) + f"\n\nwall time cached / uncached: {walls[1] / walls[0]:.2f}"
+
+
 def part_recipe(a) -> str:
     data = split(a, a.recipe_subset, 0.25)
-    cfg = fit_epochs(recipe_config("efficientnetv2_frozen", {"backbone": BACKBONE}, {"weights_dir": a.weights_dir}),
-                     a.recipe_epochs)
-    cfg["input_size"] = a.recipe_size
-    rows, walls = [], []
-    with tempfile.TemporaryDirectory() as folder:
-        for switch in ("off", "on"):
-            with cache(switch, folder):
-                run = timed_trial(cfg, data.train, data.val)
-            walls.append(run.wall_s)
-            rows.append([switch, f"{run.wall_s:.0f} s", len(run.rows), f"{run.rows[-1]['val_acc']:.1%}",
-                         ", ".join(r["feature_cache"] for r in run.rows)])
-            print(md_table(RECIPE_HEAD, rows[-1:]), flush=True)
+    cfg = {**fit_epochs(recipe_config("efficientnetv2_frozen", {"backbone": BACKBONE}, {"weights_dir": a.weights_dir}),
+                        a.recipe_epochs), "input_size": a.recipe_size}
+
+    def one(_switch):
+        run = timed_trial(cfg, data.train, data.val)
+        return run.wall_s, [len(run.rows), f"{run.rows[-1]['val_acc']:.1%}", ", ".join(r["feature_cache"] for r in run.rows)]
     return (f"The efficientnetv2_frozen recipe point in the duel setting ({BACKBONE}, `--subset {a.recipe_subset}`, val "
-            f"fraction 0.25, {a.recipe_size} px, {a.recipe_epochs} epochs):\n\n" + md_table(RECIPE_HEAD, rows)
-            + ratio_line(walls) + f"; config: stage1_epochs {cfg['stage1_epochs']}, input_size {cfg['input_size']}, "
-            f"batch {cfg['batch_size']}, {len(data.train)} training and {len(data.val)} validation images")
+            f"fraction 0.25, {a.recipe_size} px, {a.recipe_epochs} epochs):\n\n" + off_and_on(RECIPE_HEAD, one)
+            + f"; config: stage1_epochs {cfg['stage1_epochs']}, input_size {cfg['input_size']}, batch {cfg['batch_size']}, "
+            f"{len(data.train)} training and {len(data.val)} validation images")
 
 
 def part_search(a) -> str:
-    rows, walls, sets = [], [], {"stage3_epochs": 0, "stage1_epochs": 3, "stage2_epochs": 0, "input_size": a.search_size,
-                                 "batch_size": 64, "aug_strength": 0, "unfreeze_depth": 1, "stage2_lr": 0.001}
-    for switch in ("off", "on"):
-        with tempfile.TemporaryDirectory() as folder, cache(switch, folder):
-            exp, wall = search(a, f"heads-{switch}", sets, space="tiny", backbones=BACKBONE, weights_dir=a.weights_dir,
-                               warm_start="none", num_samples=8, max_concurrent=1, cpus_per_trial=1, scheduler="fifo",
-                               subset=a.search_subset, seed=0, max_epochs=3)
+    sets = {"stage3_epochs": 0, "stage1_epochs": 3, "stage2_epochs": 0, "input_size": a.search_size, "batch_size": 64,
+            "aug_strength": 0, "unfreeze_depth": 1, "stage2_lr": 0.001}
+
+    def one(switch):
+        exp, wall = search(a, f"heads-{switch}", sets, space="tiny", backbones=BACKBONE, weights_dir=a.weights_dir,
+                           warm_start="none", num_samples=8, max_concurrent=1, cpus_per_trial=1, scheduler="fifo",
+                           subset=a.search_subset, seed=0, max_epochs=3)
         trials = load_trials(exp)
-        epochs_s = sum(r["time_this_iter_s"] for t in trials for r in t.results)
-        walls.append(wall)
-        rows.append([switch, f"{wall:.0f} s", len(trials), f"{epochs_s:.0f} s",
-                     f"{max(t.best['val_acc'] for t in trials if t.best):.1%}",
-                     ", ".join(sorted({r["feature_cache"] for t in trials for r in t.results}))])
-        print(md_table(SEARCH_HEAD, rows[-1:]), flush=True)
+        return wall, [len(trials), f"{sum(r['time_this_iter_s'] for t in trials for r in t.results):.0f} s",
+                      f"{max(t.best['val_acc'] for t in trials if t.best):.1%}",
+                      ", ".join(sorted({r["feature_cache"] for t in trials for r in t.results}))]
     return (f"A search of 8 trials on {BACKBONE} varying only stage1_lr and the head (flat or coarse_to_fine), 3 "
             f"head-only epochs at {a.search_size} px, `--subset {a.search_subset}`, FIFO, one trial at a time, 1 CPU "
-            f"each; logs in {Path(a.work_dir) / 'logs'}:\n\n" + md_table(SEARCH_HEAD, rows) + ratio_line(walls))
+            f"each; logs in {Path(a.work_dir) / 'logs'}:\n\n" + off_and_on(SEARCH_HEAD, one))
 
 
 PARTS = {"epoch": part_epoch, "recipe": part_recipe, "search": part_search}

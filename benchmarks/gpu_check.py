@@ -1,12 +1,5 @@
-"""python benchmarks/gpu_check.py [--weights-dir DIR] [--data-dir DIR] (or `make gpu-check`): run this first on new GPU hardware.
-
-Per visible GPU, in the precision the search picks for it: a 224 px fine-tune epoch through run_trial,
-the next epoch resumed from its checkpoint, and its rate against the model-only ceiling; then two
-trials sharing each GPU at 0.5 GPU through Ray Tune. One PASS/FAIL line per check, exit 1 if any
-failed. Images: CIFAR-100 from --data-dir when it is there, else random ones (the path must run).
-"""
-from __future__ import annotations
-
+"""python benchmarks/gpu_check.py [--weights-dir DIR] [--data-dir DIR] (or `make gpu-check`): run first on new GPU hardware.
+Per GPU, in the search's precision: a 224 px epoch, its resume, its rate vs the ceiling; two trials per GPU via Ray Tune."""
 import argparse
 import logging
 import math
@@ -31,7 +24,7 @@ NO_GPU = "gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False): n
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights-dir", default="", help="offline weights (<timm name>.pth); '' = the hub")
     p.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
     p.add_argument("--data-dir", default="./data", help="folder holding cifar-100-python/ (random images without it)")
@@ -49,16 +42,14 @@ def data(args) -> tuple[Split, Split]:
         d = split(args, args.subset, 0.2)
         return d.train, d.val
     r = np.random.default_rng(0)
-    n, n_val = args.images, max(args.images // 4, 2)
     return tuple(Split(r.integers(0, 256, (k, 3, 32, 32), dtype=np.uint8), r.integers(0, 100, k), r.integers(0, 20, k))
-                 for k in (n, n_val))
+                 for k in (args.images, max(args.images // 4, 2)))
 
 
 def trial_config(args, epochs: int) -> dict:
     return {"backbone": BACKBONE, "pretrained": not args.no_pretrained, "weights_dir": args.weights_dir,
-            "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256,
-            "stage1_epochs": 0, "stage2_epochs": 0, "stage3_epochs": epochs, "stage3_lr": 1e-3, "aug_strength": 0.5,
-            "precision": "auto"}
+            "input_size": args.input_size, "batch_size": args.batch_size, "eval_batch_size": 256, "stage1_epochs": 0,
+            "stage2_epochs": 0, "stage3_epochs": epochs, "stage3_lr": 1e-3, "aug_strength": 0.5, "precision": "auto"}
 
 
 class Checks:
@@ -77,7 +68,7 @@ class Checks:
 
 
 def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
-    """train, resume and throughput on `dev` (a GPU; the CPU in the tests, at a small size)."""
+    """Train, resume and throughput on `dev` (a GPU; the CPU in the tests, at a small size)."""
     tag = f"gpu{dev.index}" if dev.type == "cuda" else "cpu"
     prec, about = Precision.for_device(dev, BACKBONE), "the CPU"
     if dev.type == "cuda":
@@ -110,8 +101,8 @@ def check_device(dev: torch.device, args, train, val, checks: Checks) -> None:
         rate = max(r["images_per_sec"] for r in rows if r.get("status") == "ok")
         steps = model_fn(make_bench(train, args.weights_dir), args.input_size, args.batch_size, steps=10)
         ceiling = 10 * args.batch_size / per_call(steps, torch.get_num_threads(), 0.0)  # a warm-up call, then one timed
-        return rate >= args.min_ratio * ceiling, (f"trial {rate:.0f} img/s = {rate / ceiling:.0%} of the "
-                                                 f"model-only ceiling {ceiling:.0f} img/s (pass: >= {args.min_ratio:.0%})")
+        return rate >= args.min_ratio * ceiling, (f"trial {rate:.0f} img/s = {rate / ceiling:.0%} of the model-only "
+                                                 f"ceiling {ceiling:.0f} img/s (pass: >= {args.min_ratio:.0%})")
 
     for name, fn in (("train", train_epoch), ("resume", resume), ("throughput", throughput)):
         checks.run(f"{tag} {name}", fn)

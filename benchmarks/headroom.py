@@ -1,14 +1,8 @@
-"""python benchmarks/headroom.py [--subset 20] [--max-epochs 3] [--seeds 0,1]: is a better fine-tune one
-change away from the best recipe? The recipe point (`--recipe`, fitted into the epochs as the warm start
-fits it) and its one-change neighbours, each trained to the end in-process (run_trial, no Ray) on the
-search's train split, scored on its val split and on the whole test file (5,000 images: one standard
-error ~0.7 points). On the stand-in data: NOT CIFAR-100 accuracies.
-"""
-from __future__ import annotations
-
-import statistics
+"""python benchmarks/headroom.py [--subset 20] [--max-epochs 3] [--seeds 0,1]: is a better fine-tune one change away from
+the best recipe? It and its one-change neighbours trained in-process, scored on val and the whole test file (stand-in)."""
 import sys
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,15 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     a, run = parse(argv), Invocation("headroom.py", argv)
     base = recipe_config(a.recipe, base={"pretrained": True, "weights_dir": a.weights_dir, "compile": False})
     base = fit_epochs({**base, "backbone": a.backbone}, a.max_epochs)
-    cands = neighbours(base)
+    cands, results = neighbours(base), Results(a.out)
     test = load_cifar100(a.data_dir, splits=("test",), download=False).test
-    results = Results(a.out)
     for seed in a.seeds:
         data = split(a, a.subset, a.val_fraction, seed)
         for i in a.only or range(len(cands)):  # --only: in that order
             label, change = cands[i]
-            key = f"{seed}:{label}"
-            if key not in results:
+            if (key := f"{seed}:{label}") not in results:
                 print(f"[headroom] seed {seed} #{i} {label} ...", flush=True)
                 cfg = TrialConfig.from_dict({**base, **change, "seed": seed}).to_dict()
                 results[key] = {**run_one(cfg, data, test), "row": i, "label": label, "seed": seed}
@@ -102,13 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(a, run: Invocation, base: dict, cands: list, results: dict, seeds: list[int]) -> str:
-    def cell(seed: int, label: str, k: str) -> float | None:
+    def cell(seed: int, label: str, k: str) -> float | None:  # a finished run's value
         r = results.get(f"{seed}:{label}", {})
         return r.get(k) if r.get("status") == "ok" else None
 
     def mean(vs: list) -> float | None:
-        vs = [v for v in vs if v is not None]
-        return statistics.fmean(vs) if vs else None
+        return fmean(vs) if (vs := [v for v in vs if v is not None]) else None
 
     def pct(v: float | None) -> str:
         return f"{100 * v:.1f}" if v is not None else "-"
@@ -119,7 +110,7 @@ def markdown(a, run: Invocation, base: dict, cands: list, results: dict, seeds: 
         diffs = [t - b for t, b in zip(tests, (cell(s, cands[0][0], "test_acc") for s in seeds)) if None not in (t, b)]
         secs = mean([results.get(f"{s}:{label}", {}).get("train_s") for s in seeds])
         rows.append([i, label, pct(mean([cell(s, label, "val_acc") for s in seeds])), pct(mean(tests)),
-                     f"{100 * mean(diffs):+.1f}" if diffs else "-", " ".join(pct(t) for t in tests),
+                     f"{100 * fmean(diffs):+.1f}" if diffs else "-", " ".join(pct(t) for t in tests),
                      f"{secs:.0f} s" if secs else "-"])
     return "\n".join([
         run.header(),

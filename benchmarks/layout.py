@@ -1,11 +1,5 @@
-"""python benchmarks/layout.py [--quick] [--backbones a,b:small] [--sizes 32,128] [--threads 1,2]:
-which memory layout, channels_last or contiguous, trains each backbone faster on this CPU? The training
-step (every layer trainable, random init) and the forward pass of each layout alternate for --rounds
-rounds at every thread count; the backbones that train faster contiguous belong in trainable/loop.py's
-CPU_CONTIGUOUS.
-"""
-from __future__ import annotations
-
+"""python benchmarks/layout.py [--quick] [--backbones a,b:small] [--sizes 32,128] [--threads 1,2]: which layout trains each
+backbone faster on this CPU, channels_last or contiguous (trainable/loop.py's CPU_CONTIGUOUS)? Alternating rounds."""
 import copy
 import math
 import os
@@ -22,8 +16,7 @@ from trainable.model import create_model, set_trainable, train_mode
 
 DEFAULT_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
                      "mobilenetv2_100", "resnet18", "resnet50", "vgg13_bn:small")
-LAYOUTS = ("channels_last", "contiguous")
-MODES = ("train", "forward")
+LAYOUTS, MODES = ("channels_last", "contiguous"), ("train", "forward")
 NOISE = 0.05  # a ratio within 5 % of 1 is inside the run-to-run spread on a shared machine
 
 
@@ -45,8 +38,7 @@ def contender(net, x, y, mode: str):
 
 def measure(spec: str, size: int, *, batch: int, thread_counts: tuple[int, ...], rounds: int,
             call_seconds: float) -> list[dict]:
-    """Rows {backbone, size, mode, threads, layout, rate (img/s)}: both layouts start from the same
-    weights and see the same batch."""
+    """Rows {backbone, size, mode, threads, layout, rate (img/s)}: both layouts from the same weights, on the same batch."""
     name, small = parse_spec(spec)
     torch.manual_seed(0)
     base = create_model(name, pretrained=False, small_input_stem=small)
@@ -75,9 +67,7 @@ def ratios(rows: list[dict]) -> dict[tuple, float]:
 
 
 def verdicts(rows: list[dict]) -> dict[str, dict]:
-    """Per backbone: the geometric mean over sizes and thread counts of the channels_last /
-    contiguous ratio, for training and for the forward pass, and the winner. Training decides:
-    it is where a trial spends its time."""
+    """Per backbone: geometric-mean ratios for training and forward, and the faster layout (training decides)."""
     rs, out = ratios(rows), {}
     for spec in dict.fromkeys(r["backbone"] for r in rows):
         gm = {m: statistics.geometric_mean(xs) if xs else float("nan")

@@ -1,10 +1,5 @@
-"""python benchmarks/rungs.py [--num-samples 12] [--max-epochs 4] [--subset 10] [--quick]: where should
-ASHA's first rung be? Over one FIFO search of random `cpu`-space configs (or --experiment), the Spearman
-correlation between the trials' val_acc at each candidate rung (epoch 1 and the stage-aware rung of
-search/searcher.py) and at their last epoch.
-"""
-from __future__ import annotations
-
+"""python benchmarks/rungs.py [--num-samples 12] [--max-epochs 4] [--subset 10] [--quick]: where should ASHA's first rung
+be? Spearman of FIFO trials' val_acc at epoch 1 and at the stage-aware rung against their last epoch's."""
 import shutil
 import sys
 from pathlib import Path
@@ -41,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="", help="measure an existing FIFO experiment (e.g. the duel's "
                                                      "contender d, /tmp/duel/runs/d) instead of running one")
     a, run = parse(p, "rungs.py", argv)
-    given = [k for k in OWN if getattr(a, k) is not None]
-    if a.experiment and given:
+    if a.experiment and (given := [k for k in OWN if getattr(a, k) is not None]):
         print(f"error: {', '.join('--' + k.replace('_', '-') for k in given)}: --experiment measures that experiment's "
               f"own trials, epochs and data; leave them out", file=sys.stderr)
         return 2

@@ -1,9 +1,5 @@
-"""python benchmarks/shift.py SRC_DATA_DIR OUT_DATA_DIR [--shift invert]: a copy of a cifar-100-python folder
-whose images are shifted off ImageNet's photos (labels kept), where frozen ImageNet features are no longer
-unusually strong: does the search still win when fine-tuning is what pays? A stress setting, not CIFAR-100.
-"""
-from __future__ import annotations
-
+"""python benchmarks/shift.py SRC_DATA_DIR OUT_DATA_DIR [--shift invert]: a cifar-100-python copy shifted off ImageNet's
+photos (labels kept), where frozen features are no longer unusually strong: a stress setting for the duel."""
 import argparse
 import pickle
 import shutil

@@ -1,10 +1,5 @@
-"""python benchmarks/step_gap.py [--sizes 32,128] [--strengths 0,1] [--rounds 5] [--profile]: the trial's
-training steps (loop.train_epoch with the stage's optimiser and schedule) against the model alone on one
-fixed batch (plain and fused SGD), alternating rounds in one process, median per contender. `--profile`
-prints torch.profiler's top operators of each.
-"""
-from __future__ import annotations
-
+"""python benchmarks/step_gap.py [--sizes 32,128] [--strengths 0,1] [--rounds 5] [--profile]: the trial's training steps
+(loop.train_epoch) against the model alone (plain and fused SGD), alternating rounds, medians; --profile: top operators."""
 import os
 import statistics
 import sys
@@ -27,8 +22,7 @@ HEAD = ["size", "aug_strength", "trial img/s", "ceiling img/s", "trial/ceiling (
 
 
 def trial_fn(b, size: int, bs: int, steps: int, strength: float):
-    """`steps` of the trial's own all-trainable training steps: loop.train_epoch over steps * bs
-    images, with build_optimizer's parameter groups and schedule (SGD, as the ceiling)."""
+    """`steps` all-trainable steps of loop.train_epoch with build_optimizer's param groups and schedule (SGD, as the ceiling)."""
     cfg = TrialConfig(backbone=BACKBONE, stage1_epochs=1, stage2_epochs=1000, unfreeze_depth=99,
                       input_size=size, batch_size=bs, aug_strength=strength, optimizer="sgd")
     opt, sched = build_optimizer(b.net, plan_stages(cfg)[1], cfg, 1000 * steps, b.dev)
