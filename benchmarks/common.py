@@ -34,7 +34,6 @@ BACKBONE = "tf_efficientnet_lite0"
 MiB = 2 ** 20
 
 
-
 def parser(doc: str, *, data=True, work_dir: str | None = None, work_help="runs/ and logs/", quick="") -> argparse.ArgumentParser:
     """The script's options with the shared ones: --data-dir/--weights-dir, --work-dir ('' a new temp folder), --quick."""
     p = argparse.ArgumentParser(description=doc)
@@ -116,7 +115,6 @@ class Results(dict):
 
     def save(self) -> None:
         atomic.write_text(self.path, json.dumps(self, indent=1) + "\n")
-
 
 
 def per_call(fn: Callable[[], object], threads: int, min_seconds: float) -> float:
@@ -202,7 +200,6 @@ def timed_trial(config: dict, train, val, **kw) -> SimpleNamespace:
                           checkpoint=False, **kw)
     return SimpleNamespace(net=net, last=last, rows=rows, epoch_s=[b - a for a, b in zip([t0, *stamps], stamps)],
                            wall_s=time.perf_counter() - t0)
-
 
 
 def flags(sets: dict | None = None, **opts) -> list[str]:
