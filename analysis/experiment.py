@@ -12,7 +12,7 @@ import yaml
 
 from analysis.command import command
 from analysis.outcome import (COMPLETED, EARLY_STOPPED, TrialView, failure_status, on_a_fraction, outcome, planned_epochs,
-                              read_ends)
+                              read_ends, screen_order)
 from analysis.study import METRIC
 from trainable import atomic
 from trainable.config import TrialConfig
@@ -108,11 +108,18 @@ def load_trials(exp_dir: Path) -> list[TrialRecord]:
 
 
 def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a usable best epoch, best first; those below full fidelity (screened on a fraction of the data,
-    pruned at a rung, cut short by the budget or Ctrl-C) after every full-fidelity one, as their val_acc is another
-    fidelity's; equal val_acc (one image can be 0.5 points) by the lower val_loss."""
-    usable = [t for t in trials if t.best is not None]
-    return sorted(usable, key=lambda t: (t.full_fidelity, t.best[METRIC], -_loss(t.best)), reverse=True)
+    """Trials with a usable best epoch, best first: full-fidelity ones by val_acc, equal val_acc (one image can be
+    0.5 points) by the lower val_loss; then those pruned at a rung or cut short by the budget or Ctrl-C, the same
+    way (their val_acc is another fidelity's); then screen trials (a fraction of the data) in the screen's own order
+    (analysis.outcome.screen_order), so a search that ended in its screen exports the trial it would have promoted."""
+    return sorted((t for t in trials if t.best is not None), key=_rank_key)
+
+
+def _rank_key(t: TrialRecord) -> tuple:
+    if on_a_fraction(t.config):
+        last_loss = next((r["val_loss"] for r in reversed(t.results) if "val_loss" in r), None)
+        return (2, *screen_order(t.epochs_run, last_loss, t.best[METRIC]))
+    return 0 if t.full_fidelity else 1, -t.best[METRIC], _loss(t.best)
 
 
 def _loss(row: dict[str, Any]) -> float:

@@ -26,6 +26,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from analysis.outcome import screen_order
 from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, WARM_CONFIG
 from trainable.config import RUN_FIELDS, TrialConfig
 
@@ -56,16 +57,12 @@ def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def screened(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Screen trials (low fidelity) that ended, best first by their last val_loss (by their last value where a
-    trial has none): the ones promoted, and a stand-in incumbent until a full-fidelity one exists. At a screen's
-    fidelity (1-3 images a class) val_acc counts a handful of right answers among the val images, ties and all;
-    the mean cross-entropy on the same images is continuous (the thirteenth session's duel, 5 seeds: the recipe
-    best at full fidelity ranked 3rd, 1st (tied), 2nd, 1st, 5th by val_acc and 1st, 1st, 2nd, 1st, 1st by
-    val_loss; where it was 5th it was not promoted, and the search lost to the recipes by 9 points)."""
+    """Screen trials (low fidelity) that ended, best first (analysis.outcome.screen_order: by their last val_loss):
+    the ones promoted, and a stand-in incumbent until a full-fidelity one exists."""
     done = [t for t in trials if screen_trial(t)
             and t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
-    return sorted(done, key=lambda t: (-t.last_step, t.user_attrs.get(LOSS_ATTR, math.inf),
-                                       -t.intermediate_values[t.last_step]))
+    return sorted(done, key=lambda t: screen_order(t.last_step, t.user_attrs.get(LOSS_ATTR),
+                                                   t.intermediate_values[t.last_step]))
 
 
 def kind(dist: BaseDistribution) -> str:

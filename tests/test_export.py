@@ -274,3 +274,18 @@ def test_a_trial_cut_short_or_pruned_is_exported_only_when_no_trial_ran_its_whol
     assert [t.trial_id for t in rank([cut, pruned, whole])] == ["whole", "pruned", "cut"]
     assert export_best(tmp_path, [cut, pruned, whole])["trial_id"] == "whole"
     assert export_best(tmp_path, [cut, pruned])["trial_id"] == "pruned"  # none whole: the best of the rest
+
+
+def test_a_search_that_ended_in_its_screen_exports_what_the_screen_would_promote(tmp_path):
+    """The fourteenth session's seed 8 at 0.5x: the budget ended with the screen; the export took the screen trial
+    with the best val_acc (0.03, val_loss 4.86: 23.2 % test) over the one the screen ranks first (0.025, 4.58)."""
+    cfg = {"stage1_epochs": 3, "stage2_epochs": 0, "stage3_epochs": 0, "train_fraction": 0.111}
+    rows = lambda acc, loss: [{"epoch": e, "training_iteration": e, "status": "ok", "val_acc": acc,  # noqa: E731
+                               "val_loss": loss + 0.1 * (3 - e)} for e in (1, 2, 3)]
+    noisy = TrialRecord("noisy", tmp_path / "n", cfg, rows(0.03, 4.858))
+    frozen = TrialRecord("frozen", tmp_path / "f", cfg, rows(0.025, 4.582))
+    cut = TrialRecord("cut", tmp_path / "c", cfg, rows(0.04, 4.0)[:1])  # a rung's value: ranks after whole plans
+    assert [t.trial_id for t in rank([noisy, cut, frozen])] == ["frozen", "noisy", "cut"]
+    # a full-data trial the budget cut at epoch 1 still ranks above the screen
+    partial = TrialRecord("partial", tmp_path / "p", {**cfg, "train_fraction": 1.0}, rows(0.02, 4.7)[:1])
+    assert rank([noisy, frozen, partial])[0].trial_id == "partial"
