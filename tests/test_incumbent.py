@@ -70,6 +70,7 @@ def test_the_step_doubles_after_a_success_and_halves_after_two_failures():
     assert step_size([local(0, 0.6, 0.5)]) == 2.0
     assert step_size([local(0, 0.4, 0.5), local(1, 0.4, 0.5)]) == 0.5
     assert step_size([local(0, 0.6, 0.5), local(1, 0.4, 0.6), local(2, 0.4, 0.6)]) == 1.0
+    assert step_size([local(0, 0.6, 0.5), local(1, 0.7, 0.6), local(2, 0.8, 0.7)]) == 2.0  # capped: x40 lr moves lost
     # a move of a screen trial is compared with a value measured on a fraction of the data: no success
     of_screen = _trial(0, 0.6, {"lr": 1e-3}, system={MOVE_ATTR: {"kind": "local", "parent_value": 0.2,
                                                                  "parent_full": False}})
