@@ -2,7 +2,8 @@
 (the warm start) run first: whole when they fit in a third of the budget, else screened on a stratified
 fraction of the training data with their whole stage plans (a data subset keeps stage 2, which fewer epochs
 would cut off: FABOLAS, Klein et al. 2017), the best third then promoted to full fidelity (successive halving
-among the priors, Jamieson & Talwalkar 2016). What is left is the searcher's (planning/incumbent.py)."""
+among the priors, Jamieson & Talwalkar 2016). A budget too short for the screen and one promotion runs the points
+whole, cheapest first, so the most of them finish. What is left is the searcher's (planning/incumbent.py)."""
 from __future__ import annotations
 
 import json
@@ -34,10 +35,15 @@ class BudgetPlan:
     own_s: float | None  # seconds left for the searcher's own proposals (None without a time budget)
     own_trials: int | None  # how many of them (None with neither a time budget nor --num-samples)
     setup_s: float = 0.0  # what the checks and the estimate took of --time-budget before the plan
+    order: tuple[int, ...] = ()  # the points' run order (indices); (): as given. Cheapest first when the budget is tight
 
     def describe(self, sampler: str = "incumbent") -> str:
         """The plan in a few lines for the console; `sampler` names where the search's own proposals come from."""
-        if self.screen_fraction >= 1:
+        if self.order:
+            lines = [f"budget plan: a screen and one promotion do not fit in {duration(self.budget_s or 0)}: the "
+                     f"{self.points} recipe point(s) run whole, cheapest first, as many as the budget allows "
+                     f"(~{duration(self.screen_s)} for all)"]
+        elif self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
             lines = [f"budget plan: screen the {self.points} recipe point(s) on {self.screen_fraction:.0%} of the "
@@ -85,6 +91,11 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
             fraction = min(MAX_FRACTION, max(MIN_FRACTION, room / sum(train_s)))
         fraction, promote = round(fraction, 3), max(1, math.ceil(n / ETA))
         first_s = wall(train_s, val_s, fraction, startup_s, parallel)
+        one_s = (sum(train_s) + sum(val_s)) / n + startup_s  # a promoted point, run whole
+        if budget_s is not None and first_s + one_s > budget_s:  # the screen would end the search unfinished
+            order = tuple(sorted(range(n), key=lambda i: train_s[i] + val_s[i]))
+            return BudgetPlan(n, 1.0, 0, full, 0.0, own_trial_s / parallel, budget_s, num_samples, 0.0, 0, setup_s,
+                              order)
     promote_s = promote * full / n if promote else 0.0  # a promoted point runs whole
     own_wall = own_trial_s / parallel
     own_s = None if budget_s is None else max(0.0, budget_s - first_s - promote_s)

@@ -220,6 +220,8 @@ def build_tuner(job: Search, data: SearchData, points: list, told: list, est, bu
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1,  # the best; Tune also keeps the latest
                                                 checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
+    if budget_plan is not None and budget_plan.order:
+        points = [points[i] for i in budget_plan.order]
     searcher = make_searcher(job.space, job.opts, job.fixed, job.base, s.seed, exp, points, told, s.sampler,
                              screen_fraction=budget_plan.screen_fraction if budget_plan else 1.0,
                              promote=budget_plan.promote if budget_plan else 0)

@@ -404,9 +404,20 @@ def test_a_budget_too_short_to_learn_anything_says_so_with_the_budget_that_would
     assert p.own_trials < 3 and "too few" in text and "from about --time-budget" in text
     assert p.budget_needed() > 900
     # the budget counts from the command's start: the set-up it took is in the budget a user is told to give
-    later = plan_budget([300.0] * 7, [30.0] * 7, startup_s=5, parallel=1, own_trial_s=300, budget_s=800,
-                        num_samples=None, setup_s=100)
-    assert later.budget_needed() == pytest.approx(p.budget_needed() + 100)
+    later = plan_budget([300.0] * 7, [30.0] * 7, startup_s=5, parallel=1, own_trial_s=300, budget_s=850,
+                        num_samples=None, setup_s=50)
+    assert later.budget_needed() == pytest.approx(p.budget_needed() + 50)
+
+
+def test_a_budget_too_short_for_the_screen_and_one_promotion_runs_the_points_whole_cheapest_first():
+    """The fourteenth session's 0.5x duel runs: the screen took what was left of 168-170 s and no promotion
+    finished, so the search ended on screen values (1-3 images a class)."""
+    train, val = [60.0, 20.0, 5.0, 90.0], [10.0, 5.0, 3.0, 12.0]
+    p = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=50, budget_s=90, num_samples=None)
+    assert (p.screen_fraction, p.promote, p.order, p.own_trials) == (1.0, 0, (2, 1, 0, 3), 0)
+    assert "cheapest first" in p.describe()
+    roomy = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=50, budget_s=300, num_samples=None)
+    assert roomy.screen_fraction < 1 and roomy.order == ()  # the screen and a promotion fit: screened as before
 
 
 @pytest.mark.parametrize("n, samples, screened", [(3, 16, False), (7, 16, True), (7, 32, False)])
