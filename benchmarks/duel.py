@@ -120,8 +120,14 @@ def lineage(ot, by_number: dict) -> str:
 
 
 def winner(exp: Path) -> str:
-    """How the experiment's best trial was reached (`lineage`), else (no study) its key parameters; '' without one."""
-    t = next(iter(rank(load_trials(exp))), None)
+    """How the trial the search exported (best_config.json: the one analyze.py tested) was reached (`lineage`), else
+    (no study) its key parameters; '' without one. Not today's rank: a later rule can prefer a trial never tested."""
+    trials = load_trials(exp)
+    try:
+        exported = json.loads((exp / "best_config.json").read_text())["trial_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        exported = None
+    t = next((x for x in trials if x.trial_id == exported), None) or next(iter(rank(trials)), None)
     if t is None:
         return ""
     study = load_study(t.path.parent)
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, mult in cs:
             if not a.table_only:
                 run_contender(name, mult, a, seed, results, work)
-            elif (exp := run_dir(work, seed, key(name, mult))).is_dir():  # the winner named by today's rule
+            elif (exp := run_dir(work, seed, key(name, mult))).is_dir():  # named by today's lineage rule
                 results.get(str(seed), {}).get(key(name, mult), {})["winner"] = winner(exp)
     plot(results, a.seeds, cs, Path(a.plot), a.data_label)
     print("\n" + markdown(a, run, results, a.seeds, cs))

@@ -207,3 +207,21 @@ def test_shift_writes_the_same_images_shifted_and_the_loader_reads_them(tmp_path
         assert (after.fine == before.fine).all() and (after.coarse == before.coarse).all()
         want = 255 - before.images if name == "invert" else before.images[:, ::-1]
         assert (after.images == want).all() and not (after.images == before.images).all()
+
+
+def test_the_duel_names_the_winner_analyze_tested_not_todays_rank(tmp_path):
+    """The fourteenth session: a later export rule preferred another trial, and --table-only named it beside the
+    test accuracy of the one analyze.py had tested."""
+    import json
+
+    from benchmarks import duel
+    base = {"backbone": "tf_efficientnet_lite0", "stage1_epochs": 3, "stage2_epochs": 0, "stage3_epochs": 0,
+            "optimizer": "adamw"}
+    for tid, size, acc in (("a", 96, 0.5), ("b", 224, 0.4)):
+        d = tmp_path / f"trial_{tid}"
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps({**base, "input_size": size}))
+        (d / "result.json").write_text(json.dumps({"trial_id": tid, "epoch": 3, "val_acc": acc, "status": "ok"}) + "\n")
+    assert duel.winner(tmp_path).startswith("lite0 96 px")  # no export: the best by rank
+    (tmp_path / "best_config.json").write_text(json.dumps({"trial_id": "b"}))
+    assert duel.winner(tmp_path).startswith("lite0 224 px")
