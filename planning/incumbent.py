@@ -39,7 +39,7 @@ P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is r
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 FLAT_LOSS = 1e-3  # a move is flat when its val_loss is within this fraction of its parent's (and val_acc equal)
 # at most 0.8 decade (x6) for a learning rate: over the thirteenth and fourteenth sessions' 1x duel runs, moves at
-# step 4 (1.6 decades, x40) beat their parent 0 times in 7, at 2 4 in 21, at 1 15 in 43, at 0.5 3 in 8
+# step 4 (1.6 decades, x40) beat their parent 0 times in 9, at 2 4 in 25, at 1 21 in 64, at 0.5 5 in 15
 MAX_STEP = 2.0
 NEW_STAGE_LR = 0.1  # a stage a move opens starts at this times the lr of the stage before it
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
