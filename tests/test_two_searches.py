@@ -30,6 +30,19 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
+def _wait_until_still(root: Path, still: float = 5.0, timeout: float = 120.0) -> None:
+    """Return once nothing under root has changed for `still` seconds: a trial worker of a killed
+    driver can outlive it for a while and finish copying its checkpoint (seen: state.pt 0 -> 4 MB
+    a minute after the kill), which would pass for a write by the command under test."""
+    last, since, deadline = _snapshot(root), time.time(), time.time() + timeout
+    while time.time() - since < still:
+        assert time.time() < deadline, f"{root} still changing {timeout:.0f} s after the kill"
+        time.sleep(0.5)
+        now = _snapshot(root)
+        if now != last:
+            last, since = now, time.time()
+
+
 @pytest.fixture(scope="module")
 def searches(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("two")
@@ -49,6 +62,7 @@ def searches(tmp_path_factory, data_dir):
     if killed.poll() is None:
         os.killpg(killed.pid, signal.SIGKILL)  # the driver and its local Ray, like a crash
     out = {name: (p.wait(timeout=600), p.communicate()[0]) for name, p in procs.items()}
+    _wait_until_still(storage / KILLED)
     return root, storage, args, out
 
 
