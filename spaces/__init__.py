@@ -146,11 +146,14 @@ def space_view(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "stages": 3 if config.get("stage3_epochs", 0) > 0 else 2}
 
 
-def stage_count(s: Suggest, sample: bool = True) -> int:
+def stage_count(s: Suggest, sample: bool = True, max_epochs: int | None = None) -> int:
     """2 or 3 stages: a structural choice Optuna samples as "stages" (when `sample`), unless --set
-    stage3_epochs decides it (a config's stage plan is its stage epochs alone)."""
+    stage3_epochs decides it, or --set stage1_epochs and stage2_epochs leave stage 3 what remains of
+    `max_epochs` (a config's stage plan is its stage epochs alone)."""
     if "stage3_epochs" in s.fixed:
         return 3 if s.fixed["stage3_epochs"] > 0 else 2
+    if max_epochs is not None and {"stage1_epochs", "stage2_epochs"} <= s.fixed.keys():
+        return 3 if max_epochs > s.fixed["stage1_epochs"] + s.fixed["stage2_epochs"] else 2
     return s.cat("stages", [2, 3]) if sample else 2
 
 

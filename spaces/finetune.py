@@ -18,11 +18,16 @@ def stage1_cap(max_epochs: int) -> int:
 def sample_finetune(s: Suggest, o: Options) -> dict:
     """Sample one fine-tune over `o.max_epochs` epochs (every plan uses exactly all of them)."""
     m, cap = o.max_epochs, stage1_cap(o.max_epochs)
-    stages = stage_count(s)
-    if stages == 3:  # stage 3 (everything) gets >= 1 epoch; stages 1 and 2 may be skipped
-        e3 = s.int("stage3_epochs", 1, m)
-        e1 = s.int("stage1_epochs", 0, min(cap, m - e3))
-        e2 = m - e1 - e3
+    stages = stage_count(s, max_epochs=m)
+    if stages == 3:  # stage 3 (everything) gets >= 1 epoch; stages 1 and 2 may be skipped.
+        # A stage --set fixes keeps its epochs: stage 3 draws only from what they leave
+        f1, f2 = (s.fixed.get(f"stage{k}_epochs") for k in (1, 2))
+        e3 = s.int("stage3_epochs", 1, m - int(f1 or 0) - int(f2 or 0))
+        if f2 is None:
+            e1 = s.int("stage1_epochs", 0, min(cap, m - e3))
+            e2 = m - e1 - e3
+        else:
+            e2, e1 = int(f2), int(f1) if f1 is not None else m - e3 - int(f2)
     else:  # stage 1 up to the cap then stage 2 (0 epochs: stage 1 alone, a frozen extractor).
         # Stage 2's epochs are the sampled name here: one name keeps one distribution in Optuna
         if "stage1_epochs" in s.fixed:  # --set stage1_epochs: stage 2 gets the rest

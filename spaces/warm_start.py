@@ -86,6 +86,9 @@ def as_point(name: str, config: dict[str, Any], space: Space, opts: Options, fix
              ) -> WarmPoint:
     """`config` as a point of `space`: the parameters the space samples, each inside its
     distribution, and the complete config. Raises OutsideSpace when it is not one."""
+    total = sum(int(config.get(k, 0)) for k in _STAGE_EPOCHS)
+    if total != opts.max_epochs:  # --set stage epochs can break the fitted split; ASHA's max_t is the budget
+        raise OutsideSpace(f"its stages add up to {total} epochs, not the {opts.max_epochs} every trial gets")
     replay = _Replay(config)
     chosen = space.sample(Suggest(replay, fixed), opts)
     for k, v in chosen.items():  # values the space derives (e.g. stage 2's epochs) must agree too

@@ -192,6 +192,19 @@ def test_fixed_epochs_in_the_budget_split():
         assert "stage3_epochs" not in params
 
 
+@pytest.mark.parametrize("space_name", ["cpu", "default"])
+@pytest.mark.parametrize("fixed", [{"stage1_epochs": "1"}, {"stage2_epochs": "2"}, {"stage1_epochs": "1", "stage2_epochs": "1"}])
+def test_a_set_stage_keeps_its_epochs_and_every_plan_fills_the_budget(space_name, fixed):
+    # `--set stage1_epochs=1`: one head epoch, then a fine-tune; 3-stage plans drew stage 3 from the
+    # whole budget and left stage 2 -1 epochs (one draw in six failed)
+    results = _run(space_name, Options(get_space(space_name).backbones[:1], 3), fixed, n=40)
+    assert {_stages(cfg) for cfg, _ in results} == ({3} if len(fixed) == 2 else {2, 3})
+    for cfg, _ in results:
+        epochs = [cfg[f"stage{k}_epochs"] for k in (1, 2, 3)]
+        assert min(epochs) >= 0 and sum(epochs) == 3, epochs
+        assert all(cfg[k] == int(v) for k, v in fixed.items()), (epochs, fixed)
+
+
 def test_fixed_overrides_a_recipe():
     for cfg, params in _run("mobilenetv2_2stage_128", fixed={"batch_size": "64", "stage2_epochs": "3"}, n=3):
         assert cfg["batch_size"] == 64 and cfg["stage2_epochs"] == 3 and cfg["input_size"] == 128

@@ -288,3 +288,13 @@ def test_estimate_without_training(monkeypatch):
     assert 0 < e.trials_in(600, True)
     text = est.describe(e)
     assert "with ASHA" in text and "time budget" in text and "tf_efficientnet_lite0@224" in text
+
+
+@pytest.mark.parametrize("fixed", [{"stage2_epochs": 2}, {"stage1_epochs": 1}, {"stage3_epochs": 1}])
+def test_set_stage_epochs_never_make_a_recipe_point_over_budget(fixed):
+    points, skipped = recipe_points(CPU, Options(LITES, 3), BASE, fixed)
+    assert points  # the fine-tuning recipes still fit
+    for p in points:
+        c = p.config
+        assert c["stage1_epochs"] + c["stage2_epochs"] + c["stage3_epochs"] == 3, (p.name, c)
+        assert all(c[k] == v for k, v in fixed.items())
