@@ -17,6 +17,7 @@ from scipy import stats
 from analysis.experiment import load_trials, rank
 from analysis.outcome import on_a_fraction
 from analysis.study import MOVE_ATTR, by_trial_id, load_study
+from planning.settings import SearchSettings
 from benchmarks.common import DATA, Invocation, Results, flags, listed, md_table, parser, run_cli, split
 from report.plots import figure, save
 from spaces import get_space, narrow
@@ -50,6 +51,9 @@ def parse(argv: list[str] | None):
     p.add_argument("--cpus-per-trial", type=int, default=None, help="default 1 on the CPU, run_search.py's with GPUs")
     p.add_argument("--input-size", type=int, default=0,
                    help="every trial (recipes too) at this input size, as `--set input_size=N` (0: each its own)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a value for every trial, recipes too (run_search.py's --set; repeatable): "
+                        "stage1_epochs=1 makes every trial a fine-tune")
     p.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of what WORK/duel.json holds")
     p.add_argument("--plot", default="", help="PNG of incumbent val_acc against wall time (default WORK/duel.png)")
     a = p.parse_args(argv)
@@ -57,6 +61,7 @@ def parse(argv: list[str] | None):
         a.subset, a.max_epochs, a.seeds, a.input_size = 3, 2, a.seeds[:1], a.input_size or 64
     a.plot = a.plot or str(Path(a.work_dir) / "duel.png")
     a.cpus_per_trial = a.cpus_per_trial or (None if a.gpus else 1)
+    a.sets = dict(kv.partition("=")[::2] for kv in a.set) | ({"input_size": str(a.input_size)} if a.input_size else {})
     stand_in = Path(a.data_dir).resolve() == DATA.resolve()  # any other folder is named, never called CIFAR-100
     a.data_label = "stand-in data, not CIFAR-100" if stand_in else f"data: {Path(a.data_dir).name}"
     return a
@@ -81,7 +86,7 @@ def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list
     common = dict(gpus=a.gpus, space=a.space, backbones=a.backbones or None, max_epochs=a.max_epochs,
                   subset=a.subset or None, val_fraction=a.val_fraction, seed=seed, cpus_per_trial=a.cpus_per_trial,
                   data_dir=a.data_dir, weights_dir=a.weights_dir or None, storage_path=exp.parent, name=exp.name)
-    sets = {"input_size": a.input_size} if a.input_size else None
+    sets = a.sets
     if name == "d":  # every recipe point whole: the warm start alone, FIFO, no screen
         return flags(sets, **common, warm_start="recipes", num_samples=recipe_count(a, seed), scheduler="fifo", screen="off")
     return flags(sets, **common, time_budget=f"{budget_s:.0f}s") + FLAGS[name]
@@ -90,7 +95,7 @@ def cli_args(name: str, budget_s: float | None, a, seed: int, exp: Path) -> list
 def recipe_count(a, seed: int) -> int:
     base = {"pretrained": True, "weights_dir": a.weights_dir, "seed": seed, "compile": False}
     space = get_space(a.space)
-    fixed = {"input_size": str(a.input_size)} if a.input_size else {}
+    fixed = SearchSettings(set=[f"{k}={v}" for k, v in a.sets.items()]).fixed()
     return len(recipe_points(space, narrow(space, a.backbones, a.max_epochs), base, fixed)[0])
 
 
@@ -228,7 +233,7 @@ def markdown(a, run: Invocation, results: dict, seeds: list[int], cs: list) -> s
         f"once on the whole test file.",
         f"- Every trial: `--space {a.space}`, backbones {a.backbones or 'all of the space'}, {a.max_epochs} epochs, "
         f"{f'{a.gpus} GPUs in all' if a.gpus else f'{a.cpus_per_trial} CPU per trial'}"
-        f"{f', every input {a.input_size} px' if a.input_size else ''}; a contender's budget is a multiple of (d)'s wall "
+        f"{''.join(f', {k}={v}' for k, v in a.sets.items())}; a contender's budget is a multiple of (d)'s wall "
         f"time on the same seed.", "", md_table(HEAD, rows)])
 
 
