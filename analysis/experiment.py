@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import yaml
 
 from analysis.command import command
-from analysis.outcome import (COMPLETED, EARLY_STOPPED, TrialView, failure_status, on_a_fraction, outcome, planned_epochs,
+from analysis.outcome import (COMPLETED, EARLY_STOPPED, TrialView, failure_status, finite_loss, on_a_fraction, outcome, planned_epochs,
                               read_ends, screen_order)
 from analysis.study import METRIC
 from trainable import atomic
@@ -119,12 +119,7 @@ def _rank_key(t: TrialRecord) -> tuple:
     if on_a_fraction(t.config):
         last_loss = next((r["val_loss"] for r in reversed(t.results) if "val_loss" in r), None)
         return (2, *screen_order(t.epochs_run, last_loss, t.best[METRIC]))
-    return 0 if t.full_fidelity else 1, -t.best[METRIC], _loss(t.best)
-
-
-def _loss(row: dict[str, Any]) -> float:
-    v = row.get("val_loss")
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+    return 0 if t.full_fidelity else 1, -t.best[METRIC], finite_loss(t.best.get("val_loss"))
 
 
 def export_best(exp_dir: Path, trials: list[TrialRecord]) -> dict[str, Any]:

@@ -66,8 +66,13 @@ def screen_order(epochs: int, last_loss: Any, value: float) -> tuple[float, floa
     answers among the val images, ties and all; the mean cross-entropy on the same images is continuous (the
     thirteenth session's duel, 5 seeds: the recipe best at full fidelity ranked 3rd, 1st (tied), 2nd, 1st, 5th by
     val_acc, 1st, 1st, 2nd, 1st, 1st by val_loss). The screen's promotions and the export both rank by it."""
-    finite = isinstance(last_loss, (int, float)) and not isinstance(last_loss, bool) and math.isfinite(last_loss)
-    return -epochs, float(last_loss) if finite else math.inf, -value
+    return -epochs, finite_loss(last_loss), -value
+
+
+def finite_loss(v: Any) -> float:
+    """A val_loss as a sort key: the number, or inf for a missing, non-numeric or non-finite one (a diverged trial)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else math.inf
 
 
 def low_fidelity(result: dict[str, Any]) -> bool:
