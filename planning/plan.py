@@ -81,6 +81,8 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
     left of a time budget after `setup_s`). Without a time budget the points fit when they are at most a third of
     `num_samples` (16 when not given)."""
     n, parallel = len(train_s), max(1, parallel)
+    given = dict(points=n, own_trial_s=own_trial_s / parallel, budget_s=budget_s, num_samples=num_samples,
+                 setup_s=setup_s)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
     fits = full <= FIT_SHARE * budget_s if budget_s is not None else n <= FIT_SHARE * (num_samples or 16)
     fraction, promote, first_s = 1.0, 0, full
@@ -94,17 +96,17 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
         one_s = (sum(train_s) + sum(val_s)) / n + startup_s  # a promoted point, run whole
         if budget_s is not None and first_s + one_s > budget_s:  # the screen would end the search unfinished
             order = tuple(sorted(range(n), key=lambda i: train_s[i] + val_s[i]))
-            return BudgetPlan(n, 1.0, 0, full, 0.0, own_trial_s / parallel, budget_s, num_samples, 0.0, 0, setup_s,
-                              order)
+            return BudgetPlan(**given, screen_fraction=1.0, promote=0, screen_s=full, promote_s=0.0, own_s=0.0,
+                              own_trials=0, order=order)
     promote_s = promote * full / n if promote else 0.0  # a promoted point runs whole
-    own_wall = own_trial_s / parallel
+    own_wall = given["own_trial_s"]
     own_s = None if budget_s is None else max(0.0, budget_s - first_s - promote_s)
     if own_s is not None:
         own_trials = int(own_s / own_wall) if own_wall > 0 else 0
     else:
         own_trials = None if num_samples is None else max(0, num_samples - n - promote)
-    return BudgetPlan(n, fraction, promote, first_s, promote_s, own_wall, budget_s, num_samples, own_s, own_trials,
-                      setup_s)
+    return BudgetPlan(**given, screen_fraction=fraction, promote=promote, screen_s=first_s, promote_s=promote_s,
+                      own_s=own_s, own_trials=own_trials)
 
 
 def save(exp: Path, plan: BudgetPlan) -> None:
