@@ -121,7 +121,7 @@ class SearchSettings:
                                   "the CPU), fp32, bf16 or fp16", choices=get_args(PrecisionName))
     max_failures: int = _opt(2, "restarts of a crashed trial from its last checkpoint", check=_at_least(0))
     seed: int = _opt(0, "seed of the searcher, the data split and the trials",
-                     check=_must(lambda v: 0 <= v <= 2**31 - 1, f"must be 0..{2**31 - 1:g}"))
+                     check=_must(lambda v: 0 <= v <= 2**31 - 1, f"must be 0..{2**31 - 1}"))
     set: list[str] = _opt(None, "fix a hyper-parameter for every trial: KEY=VALUE (repeatable)")
     # data and weights
     data_dir: str = _opt("./data", "folder holding cifar-100-python/ (downloaded there when absent)", "data")

@@ -102,6 +102,8 @@ CASES = [
     ("stage1-squeezes-stage2", lambda t, d: ["--set", "stage1_epochs=3", "--max-epochs", "4"],
      ["leaves stage 2 0 epochs", "--set stage3_epochs=0"]),
     ("stage-epochs-over-budget", lambda t, d: ["--set", "stage2_epochs=5"], ["makes a trial", "ASHA's max_t"]),
+    # --seed checks its range; --set seed skipped that check and failed in the trial (numpy's generator)
+    ("set-negative-seed", lambda t, d: ["--set", "seed=-1"], ["seed must be >= 0"]),
     ("recipe-max-epochs", lambda t, d: ["--space", "mobilenetv2_2stage_128", "--max-epochs", "30"],
      ["--max-epochs 30 does not fit recipe", "20 epochs"]),
     ("weights-wrong-file", lambda t, d: ["--weights-dir", _wrong_weights(t), "--backbones", "tf_efficientnet_lite0"],

@@ -141,3 +141,8 @@ def test_a_warm_start_folder_whose_name_holds_a_comma_is_one_folder(tmp_path):
     space = get_space("tiny")
     with pytest.raises(UserError, match="runs, old: not an experiment folder"):
         warm_start(SearchSettings(warm_start=str(folder)), space, Options(space.backbones, 2), {}, {})
+
+
+def test_the_seed_range_is_printed_as_an_integer(cli):
+    code, err = cli("--seed=-1")
+    assert code == 2 and err[0].endswith("must be 0..2147483647"), err  # was "0..2.14748e+09"

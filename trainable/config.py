@@ -112,6 +112,7 @@ class TrialConfig:
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
             (0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]"),
+            (self.seed >= 0, "seed must be >= 0 (numpy's generators refuse a negative one)"),
         ]
         checks += [(getattr(self, name) in get_args(t), f"{name} must be one of {', '.join(get_args(t))}")
                    for name, t in get_type_hints(TrialConfig).items() if getattr(t, "__origin__", None) is Literal]
