@@ -144,8 +144,12 @@ class SearchSettings:
     list_spaces: bool = _opt(False, "list the search spaces and recipes, then exit", "output")
 
     def fixed(self) -> dict[str, Any]:
-        """The --set values typed as TrialConfig's fields (UserError for an unknown key or a bad value)."""
-        return coerce(dict(split_assignment(item) for item in self.set or []))
+        """The --set values typed as TrialConfig's fields (UserError for an unknown key, a bad value, or a
+        run field that has its own option: --set would skip that option's checks)."""
+        given = dict(split_assignment(item) for item in self.set or [])
+        for key in given.keys() & OWN_OPTION.keys():
+            raise UserError(f"--set {key}={given[key]}: {key} is set by {OWN_OPTION[key]}, not --set")
+        return coerce(given)
 
     def trial_base(self) -> dict[str, Any]:
         """The search-wide fields of every trial's config (below a space's and --set's values)."""
@@ -155,6 +159,11 @@ class SearchSettings:
     def budget_s(self) -> float | None:
         return parse_duration(self.time_budget) if self.time_budget else None
 
+
+# trial fields that are search-wide options of their own (checked there; the screen sets train_fraction itself)
+OWN_OPTION = {"weights_dir": "--weights-dir DIR", "pretrained": "--no-pretrained", "compile": "--compile",
+              "precision": "--precision", "train_fraction": "the budget plan's screen (use --subset N to search on "
+              "fewer images per class)"}
 
 # each setting's value type, from its annotation: int for `int | None`, str for `list[str]`, bool for a switch
 KINDS = {name: next((a for a in get_args(hint) if a is not type(None)), hint)

@@ -104,6 +104,10 @@ CASES = [
     ("stage-epochs-over-budget", lambda t, d: ["--set", "stage2_epochs=5"], ["makes a trial", "ASHA's max_t"]),
     # --seed checks its range; --set seed skipped that check and failed in the trial (numpy's generator)
     ("set-negative-seed", lambda t, d: ["--set", "seed=-1"], ["seed must be >= 0"]),
+    # run fields with an option of their own: --set skipped its checks (train_fraction made every trial a screen trial)
+    ("set-train-fraction", lambda t, d: ["--set", "train_fraction=0.5"], ["train_fraction is set by", "--subset"]),
+    ("set-weights-dir", lambda t, d: ["--set", f"weights_dir={t / 'nowhere'}"], ["weights_dir is set by --weights-dir"]),
+    ("set-precision", lambda t, d: ["--set", "precision=fp16"], ["precision is set by --precision"]),
     ("recipe-max-epochs", lambda t, d: ["--space", "mobilenetv2_2stage_128", "--max-epochs", "30"],
      ["--max-epochs 30 does not fit recipe", "20 epochs"]),
     ("weights-wrong-file", lambda t, d: ["--weights-dir", _wrong_weights(t), "--backbones", "tf_efficientnet_lite0"],
