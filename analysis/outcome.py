@@ -63,8 +63,8 @@ def on_a_fraction(config: dict[str, Any]) -> bool:
 def screen_order(epochs: int, last_loss: Any, value: float) -> tuple[float, float, float]:
     """Sort key of screen trials, best first: more epochs run (a rung's value is no final one), then the lower last
     val_loss, then the higher value. At a screen's fidelity (1-3 images a class) val_acc counts a handful of right
-    answers among the val images, ties and all; the mean cross-entropy on the same images is continuous (the
-    thirteenth session's duel, 5 seeds: the recipe best at full fidelity ranked 3rd, 1st (tied), 2nd, 1st, 5th by
+    answers among the val images, ties and all; the mean cross-entropy on the same images is continuous (setting 2
+    of BENCHMARKS.md's duel, 5 seeds: the recipe best at full fidelity ranked 3rd, 1st (tied), 2nd, 1st, 5th by
     val_acc, 1st, 1st, 2nd, 1st, 1st by val_loss). The screen's promotions and the export both rank by it."""
     return -epochs, finite_loss(last_loss), -value
 

@@ -9,8 +9,8 @@ step of the moves that matter); no repeat of a running or finished config (TPE's
 here); a name a move opens (a stage its parent did not run) starts from a prior, not the model's draw: the
 new stage's lr a tenth of the stage before it (LP-FT, Kumar et al., ICLR 2022: fine-tune a probed head's network
 at a smaller lr; the mobilenetv2_2stage_128 recipe: 1e-3 then 1e-4), the rest the parent's own values (ours: TPE
-drew stage-2 lrs of 0.05-0.08 for the frozen recipe's moves, which diverged in 3 of the thirteenth session's
-runs). Its state lives in the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read
+drew stage-2 lrs of 0.05-0.08 for the frozen recipe's moves, which diverged in 3 of the ten setting-2
+duel runs of BENCHMARKS.md, 2026-12-07). Its state lives in the study's trial attributes, so a resume, optuna-dashboard and `--warm-start DIR` read
 the same history."""
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ P_FOLLOW = 0.5  # a move that beat its parent is repeated, one that did not is r
 # most in fine-tuning (Li et al., ICLR 2020; Google's Tuning Playbook); a categorical resample is the largest move
 KIND_SHARE = {"log": 0.5, "ordinal": 0.25, "linear": 0.15, "categorical": 0.1}
 FLAT_LOSS = 1e-3  # a move is flat when its val_loss is within this fraction of its parent's (and val_acc equal)
-# at most 0.8 decade (x6) for a learning rate: over the thirteenth and fourteenth sessions' 1x duel runs, moves at
+# at most 0.8 decade (x6) for a learning rate: over every 1x setting-2 duel run (BENCHMARKS.md), moves at
 # step 4 (1.6 decades, x40) beat their parent 0 times in 9, at 2 4 in 25, at 1 21 in 64, at 0.5 5 in 15
 MAX_STEP = 2.0
 NEW_STAGE_LR = 0.1  # a stage a move opens starts at this times the lr of the stage before it

@@ -105,7 +105,7 @@ class FidelitySearch(OptunaSearch):
 def screen_running(study: optuna.Study) -> bool:
     """Every planned point has started and a screen trial still runs. A proposal made now has only screen
     values to go on (moves of a noisy screen best); started now, it delays the promoted recipes, whose
-    moves the budget then cut (the seventh session's seed 1). Waiting costs the screen's last trial's tail."""
+    moves the budget then cut (a duel run of BENCHMARKS.md, 2026-12-06). Waiting costs the screen's last trial's tail."""
     trials = study.get_trials(deepcopy=False)
     if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
         return False
@@ -190,7 +190,7 @@ class FullFidelityASHA(ASHAScheduler):
     """Ray's ASHA, blind to screen trials (a fraction of the data): it neither prunes them nor records their values
     in the rungs full-fidelity trials are judged by. A screen trial runs its whole plan and the screen ranks it by
     val_loss at its end (planning/incumbent.screened); Ray 2.60's ASHA (async_hyperband.py, one bracket) judged them
-    by val_acc at its first rung: over the thirteenth session's 10 duel runs it cut 3-5 of the 7 screen trials, the
+    by val_acc at its first rung: over ten setting-2 duel runs (BENCHMARKS.md, 2026-12-07) it cut 3-5 of the 7 screen trials, the
     recipe best at full fidelity in 7 of the 10."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
