@@ -5,7 +5,7 @@ import sys
 
 from analysis.study import StudyUnwritable
 from planning.settings import parse_settings
-from trainable.errors import UserError
+from trainable.errors import SearchStopped, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except StudyUnwritable as e:  # results so far are kept; the trial whose value was not written reruns
+    except (StudyUnwritable, SearchStopped) as e:  # results so far are kept; --resume continues
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

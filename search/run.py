@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from search.tune_trial import tune_trial
 from spaces import LISTED, Options, Space, get_space, narrow
 from spaces.warm_start import recipe_points
 from trainable.data import SearchData, prepare_search_data, test_split_problem
-from trainable.errors import UserError
+from trainable.errors import SearchStopped, UserError
 from trainable.memory import node_in_use
 from trainable.model import create_model
 
@@ -92,13 +93,22 @@ def run_search(s: SearchSettings) -> Path:
         del data  # the object store holds it now; the driver's heap copy would only cost memory
         print(job.place.describe(), flush=True)
         tuner.fit()
-    except BaseException:
+    except BaseException as e:
         job.place.upload(best_effort=True)  # Ctrl-C, a crash: what the driver has is kept for --resume
+        if MEMORY_KILL in str(e):  # Tune 2.60 stops when the monitor kills a worker it is starting a trial in
+            used = re.search(r"was ([\d.]+GB used / [\d.]+GB)", str(e))
+            raise SearchStopped(f"Ray's memory monitor killed a trial's worker, the node's RAM full"
+                                  f"{f' ({used.group(1)})' if used else ''}: the search stopped, its results are kept; "
+                                  f"free memory (another program, another search), then continue it with "
+                                  f"{job.place.resume_command()}") from None
         raise
     finally:
         ray.shutdown()
     finish(job)
     return exp
+
+
+MEMORY_KILL = "killed due to the node running low on memory"  # Ray's OutOfMemoryError, as Tune re-raises it
 
 
 def resolve(s: SearchSettings) -> Search:

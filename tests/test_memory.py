@@ -72,3 +72,49 @@ def test_the_node_in_use_is_0_where_proc_meminfo_is_not_there(monkeypatch):
     assert memory.node_in_use() > 0  # this Linux machine
     monkeypatch.setattr(builtins, "open", no_proc)
     assert memory.node_in_use() == 0
+
+
+def test_a_reused_worker_keeps_the_budget_of_its_first_trial():
+    """Tune runs trial after trial in one worker (reuse_actors): the next trial's cap is not raised by what the last
+    one left mapped (was: its size at the call + the budget, so the cap grew trial by trial)."""
+    probe = """
+import torch
+from trainable.memory import is_out_of_memory, limit_memory
+limit_memory(512 << 20)
+held = torch.empty(384 << 20, dtype=torch.uint8).fill_(1)  # what the first trial leaves mapped
+limit_memory(512 << 20)  # the next trial in the same worker
+try:
+    torch.empty(256 << 20, dtype=torch.uint8).fill_(1)  # 384 + 256 MB: past the 512 MB budget
+except (RuntimeError, MemoryError) as e:
+    print("oom" if is_out_of_memory(e) else f"other: {e}")
+else:
+    print("allocated")
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "oom", out.stdout + out.stderr[-2000:]
+
+
+RAY_MEMORY_KILL = ("Caught unexpected exception: 1 worker(s) were killed due to the node running low on memory. Memory on "
+                   "the node (IP: 192.0.2.2, ID: 87f9) was 22.59GB used / 23.54GB limit (0.959657)\nOOM kill reason: ...")
+
+
+def test_a_worker_rays_memory_monitor_kills_stops_the_search_with_one_line(monkeypatch, capsys, tmp_path):
+    """Tune 2.60 re-raises Ray's OutOfMemoryError when the monitor kills a worker it is starting a trial in (a duel's
+    search printed a traceback and exit 1): one line saying so and how to continue, results kept."""
+    import run_search
+    import search.run
+    from analysis.experiment import SETTINGS_FILE
+    from tests.fake_cifar import write_fake_cifar
+
+    class Tuner:
+        def fit(self):
+            raise RuntimeError(RAY_MEMORY_KILL)
+    monkeypatch.setattr(search.run, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(search.run, "build_tuner", lambda *a, **k: Tuner())
+    data = write_fake_cifar(tmp_path / "data", train_per_class=3, test_per_class=1)
+    code = run_search.main(["--space", "tiny", "--no-pretrained", "--gpus", "0", "--num-samples", "2", "--warm-start",
+                            "none", "--data-dir", str(data), "--storage-path", str(tmp_path / "runs"), "--name", "e"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "memory monitor killed" in err[0] and "22.59GB used / 23.54GB" in err[0] and "--resume --name e" in err[0]
+    assert (tmp_path / "runs" / "e" / SETTINGS_FILE).is_file()  # what was written is kept for --resume

@@ -45,10 +45,16 @@ def trial_budget(trial_cpus: int, node_cpus: int | None = None, node_ram: int | 
     return int(max(0, node_ram * threshold - in_use) * SHARE * min(1.0, trial_cpus / node_cpus))
 
 
+_START: list[int] = []  # this process's size when it was first limited
+
+
 def limit_memory(budget: int) -> int:
-    """Let this process grow by at most `budget` bytes from now; returns the limit set."""
+    """Let this process grow by at most `budget` bytes from its size at the first call; returns the limit set. A Tune
+    worker runs trial after trial (reuse_actors): measured from each trial's start, the cap rose by whatever the last
+    trial left mapped (a duel's worker reached 12.5 GB under a 7 GB budget and Ray's monitor killed the search)."""
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = vm_size() + budget
+    _START[:] = _START or [vm_size()]
+    limit = _START[0] + budget
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
