@@ -117,8 +117,9 @@ def rank(trials: list[TrialRecord]) -> list[TrialRecord]:
 
 def _rank_key(t: TrialRecord) -> tuple:
     if on_a_fraction(t.config):
-        last_loss = next((r["val_loss"] for r in reversed(t.results) if "val_loss" in r), None)
-        return (2, *screen_order(t.epochs_run, last_loss, t.best[METRIC]))
+        def last(key: str) -> Any:
+            return next((r[key] for r in reversed(t.results) if key in r), None)
+        return (2, *screen_order(t.epochs_run, last("val_cal_loss"), last("val_loss"), t.best[METRIC]))
     return 0 if t.full_fidelity else 1, -t.best[METRIC], finite_loss(t.best.get("val_loss"))
 
 

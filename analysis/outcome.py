@@ -60,13 +60,17 @@ def on_a_fraction(config: dict[str, Any]) -> bool:
     return float(config.get("train_fraction", 1.0)) < 1.0
 
 
-def screen_order(epochs: int, last_loss: Any, value: float) -> tuple[float, float, float]:
+def screen_order(epochs: int, last_cal_loss: Any, last_loss: Any, value: float) -> tuple[float, float, float, float]:
     """Sort key of screen trials, best first: more epochs run (a rung's value is no final one), then the lower last
-    val_loss, then the higher value. At a screen's fidelity (1-3 images a class) val_acc counts a handful of right
-    answers among the val images, ties and all; the mean cross-entropy on the same images is continuous (setting 2
-    of BENCHMARKS.md's duel, 5 seeds: the recipe best at full fidelity ranked 3rd, 1st (tied), 2nd, 1st, 5th by
-    val_acc, 1st, 1st, 2nd, 1st, 1st by val_loss). The screen's promotions and the export both rank by it."""
-    return -epochs, finite_loss(last_loss), -value
+    calibrated val loss (trainable.loop.evaluate), then the lower last val_loss, then the higher value. At a screen's
+    fidelity (1-3 images a class) val_acc counts a handful of right answers among the val images, ties and all; the
+    mean cross-entropy is continuous (setting 2 of BENCHMARKS.md's duel, 5 seeds: the recipe best at full fidelity
+    ranked 3rd, 1st (tied), 2nd, 1st, 5th by val_acc, 1st, 1st, 2nd, 1st, 1st by val_loss), but it also counts
+    confidence: recipes with label smoothing and mixup give near-uniform outputs early, near ln(100) when wrong,
+    below a recipe that learned more (the fine-tuning duel, 2026-12-07: its best recipe came last of 3 by val_loss,
+    first by val_top5). Calibrated, the loss compares what the models predict apart from their confidence
+    (Ashukha et al., ICLR 2020). The screen's promotions and the export both rank by it."""
+    return -epochs, finite_loss(last_cal_loss), finite_loss(last_loss), -value
 
 
 def finite_loss(v: Any) -> float:

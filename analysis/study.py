@@ -18,6 +18,7 @@ MOVE_ATTR = "cifar_tune:move"  # system attr of a local move (planning/incumbent
 EXTRA_ATTR = "extra_config"  # user attr of a local move: the parent's fields the space does not sample
 FIDELITY_ATTR = "fidelity"  # user attr of a screen trial: its train_fraction (< 1)
 LOSS_ATTR = "val_loss"  # user attr: a trial's last val_loss, beside its value (the local search's flat moves)
+CAL_LOSS_ATTR = "val_cal_loss"  # user attr: a trial's last calibrated val loss (trainable.loop.evaluate): the screen's rank
 TRIAL_ATTR = "tune_trial_id"  # user attr: the Tune trial the searcher proposed it for (its folder trial_ID)
 
 BUSY_TIMEOUT_S = 60.0  # one write waits this long for another connection's lock (SQLite's default: 5 s)

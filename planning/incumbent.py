@@ -27,7 +27,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from analysis.outcome import screen_order
-from analysis.study import EXTRA_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, WARM_CONFIG
+from analysis.study import CAL_LOSS_ATTR, EXTRA_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, WARM_CONFIG
 from trainable.config import RUN_FIELDS, TrialConfig
 
 STEP_LOG_DECADES = 0.4  # a log-scaled float's move at step 1: +-0.4 decade (x2.5), +-25 %
@@ -60,11 +60,11 @@ def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def screened(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Screen trials (low fidelity) that ended, best first (analysis.outcome.screen_order: by their last val_loss):
+    """Screen trials (low fidelity) that ended, best first (analysis.outcome.screen_order: by their calibrated loss):
     the ones promoted, and a stand-in incumbent until a full-fidelity one exists."""
     done = [t for t in trials if screen_trial(t)
             and t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
-    return sorted(done, key=lambda t: screen_order(t.last_step, t.user_attrs.get(LOSS_ATTR),
+    return sorted(done, key=lambda t: screen_order(t.last_step, t.user_attrs.get(CAL_LOSS_ATTR), t.user_attrs.get(LOSS_ATTR),
                                                    t.intermediate_values[t.last_step]))
 
 

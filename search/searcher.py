@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.outcome import low_fidelity, on_a_fraction
-from analysis.study import (FIDELITY_ATTR, LOSS_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage,
+from analysis.study import (CAL_LOSS_ATTR, FIDELITY_ATTR, LOSS_ATTR, METRIC, MODE, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, StudyStorage,
                             by_trial_id)
 from planning.define import DefineByRun, quiet_optuna
 from planning.incumbent import IncumbentSampler, screen_trial, screened
@@ -85,8 +85,9 @@ class FidelitySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         study, ot_trials, told = ray_adapter.optuna_state(self)
         to_tell = bool(result) and not error and trial_id in ot_trials and trial_id not in told
-        if to_tell and "val_loss" in result:
-            ot_trials[trial_id].set_user_attr(LOSS_ATTR, float(result["val_loss"]))
+        for key, attr in (("val_loss", LOSS_ATTR), ("val_cal_loss", CAL_LOSS_ATTR)):
+            if to_tell and key in result:
+                ot_trials[trial_id].set_user_attr(attr, float(result[key]))
         if to_tell and low_fidelity(result):
             ot_trial = ot_trials[trial_id]
             # Tune passes a trial's last result here only; PRUNED keeps the last reported value

@@ -286,6 +286,10 @@ def test_a_search_that_ended_in_its_screen_exports_what_the_screen_would_promote
     frozen = TrialRecord("frozen", tmp_path / "f", cfg, rows(0.025, 4.582))
     cut = TrialRecord("cut", tmp_path / "c", cfg, rows(0.04, 4.0)[:1])  # a rung's value: ranks after whole plans
     assert [t.trial_id for t in rank([noisy, cut, frozen])] == ["frozen", "noisy", "cut"]
+    # the calibrated loss first where the trials report it (trainable.loop.evaluate): it outranks the plain loss
+    smoothed = TrialRecord("smoothed", tmp_path / "s", cfg, [{**r, "val_cal_loss": 4.60} for r in rows(0.005, 4.55)])
+    sharp = TrialRecord("sharp", tmp_path / "h", cfg, [{**r, "val_cal_loss": 4.57} for r in rows(0.02, 4.79)])
+    assert [t.trial_id for t in rank([smoothed, sharp])] == ["sharp", "smoothed"]
     # a full-data trial the budget cut at epoch 1 still ranks above the screen
     partial = TrialRecord("partial", tmp_path / "p", {**cfg, "train_fraction": 1.0}, rows(0.02, 4.7)[:1])
     assert rank([noisy, frozen, partial])[0].trial_id == "partial"

@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from analysis.study import FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
+from analysis.study import CAL_LOSS_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
 from planning import incumbent
 from planning.incumbent import IncumbentSampler, move, step_size
 from planning.plan import plan_budget
@@ -263,6 +263,24 @@ def test_the_screen_promotes_by_val_loss_where_val_acc_counts_a_few_right_answer
     assert all(c["train_fraction"] == 1.0 for c in promoted)
 
 
+def test_the_screen_promotes_by_the_calibrated_loss(tmp_path: Path):
+    """The fine-tuning duel's seed 6 (BENCHMARKS.md, 2026-12-07; the checkpoints re-evaluated): by val_loss the
+    screen promoted the label-smoothed, mixup resnet50_3stage_224 point (4.614; 0.5-3 % val at full fidelity), by
+    the calibrated loss it ranks last (4.601) behind mobilenetv2_2stage_128 (4.569; 6.5 %) and 2phase_96 (4.577; 18.5 %)."""
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, points[:3], [], "incumbent",
+                             screen_fraction=0.25, promote=2)
+    screen = [searcher.suggest(f"t{i}") for i in range(3)]
+    for i, (acc, loss, cal) in enumerate([(0.02, 4.790, 4.5769), (0.005, 4.6165, 4.5687), (0.005, 4.6136, 4.6007)]):
+        res = {"best_val_acc": acc, "val_loss": loss, "val_cal_loss": cal, "epoch": 3, "training_iteration": 3,
+               "status": "ok", **{f"config/{k}": v for k, v in screen[i].items()}}
+        searcher.on_trial_complete(f"t{i}", res)
+    promoted = [searcher.suggest(f"t{i}") for i in (3, 4)]
+    strip = lambda c: {k: v for k, v in c.items() if k != "train_fraction"}  # noqa: E731
+    assert [strip(c) for c in promoted] == [strip(screen[1]), strip(screen[0])]
+
+
 def test_while_the_screens_last_trials_run_no_own_proposal_starts_and_the_promotions_come_first(tmp_path: Path):
     opts = Options(LITE0, 3)
     points, _ = recipe_points(CPU, opts, BASE, {})
@@ -486,13 +504,13 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     lost = [t for t in trials if t.state == TrialState.FAIL]
     trials = [t for t in trials if t.state != TrialState.FAIL]
     def attrs(t):  # the Tune trial it was asked for differs, and what it reported
-        return {k: v for k, v in t.user_attrs.items() if k not in (TRIAL_ATTR, LOSS_ATTR)}
+        return {k: v for k, v in t.user_attrs.items() if k not in (TRIAL_ATTR, LOSS_ATTR, CAL_LOSS_ATTR)}
     assert len(trials) == 9 and all(any(attrs(t) == attrs(x) for t in trials) for x in lost)
     screen = [t for t in trials if t.user_attrs.get(FIDELITY_ATTR)]
     assert len(screen) == n and all(t.state == TrialState.PRUNED for t in screen)
     promoted = [t for t in trials if t.user_attrs.get("promoted_from") is not None]
     assert len(promoted) == plan["promote"] and all(t.state == TrialState.COMPLETE for t in promoted)
-    best = sorted(screen, key=lambda t: t.user_attrs[LOSS_ATTR])[:plan["promote"]]  # by val_loss at low fidelity
+    best = sorted(screen, key=lambda t: (t.user_attrs[CAL_LOSS_ATTR], t.user_attrs[LOSS_ATTR]))[:plan["promote"]]
     assert {t.user_attrs["promoted_from"] for t in promoted} == {t.number for t in best}
     # the trials' own configs: screen trials on the fraction, every other at full fidelity
     # (a trial folder the kill left before its first epoch, never run, has no config)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from analysis.outcome import early_stopped
 from spaces import recipe_config, scale_epochs
 from tests.fake_cifar import write_fake_cifar
 from trainable import trial
 from trainable.data import prepare_search_data
+from trainable.loop import evaluate_outputs
 from trainable.trial import run_trial
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,3 +180,26 @@ def test_resnet18_from_scratch_learns(data):
     cfg = {**scale_epochs(recipe_config("resnet18_scratch"), 0.06), "early_stop_patience": 0, "batch_size": 50}
     _, last = run_trial(cfg, data.train, data.val, lambda m, c: None, checkpoint=False)
     assert last["best_val_acc"] > 3 * 0.01  # chance is 1 %
+
+
+def test_the_calibrated_loss_ranks_what_a_model_predicts_apart_from_its_confidence():
+    """The fine-tuning duel's screen (BENCHMARKS.md, 2026-12-07): a recipe with label smoothing and mixup, near-uniform
+    outputs, had the lowest val_loss (about ln 100) and was promoted over one whose confident scores held more."""
+
+    gen = torch.Generator().manual_seed(0)
+    n, c = 400, 100
+    fine = torch.arange(n) % c
+    coarse = fine // 5
+    signal = torch.randn(n, c, generator=gen)
+    signal[torch.arange(n), fine] += 1.0  # the true class scores higher, as a trained head's would: 6.5 % top-1
+    sharp = 3.0 * signal  # confident: informative, but overconfident where wrong
+    flat = 0.02 * torch.randn(n, c, generator=gen)  # near-uniform: learned next to nothing
+    flat[torch.arange(n), fine] += 0.005
+
+    def metrics(logits):
+        return evaluate_outputs(lambda rows: logits[rows], fine, coarse, batch_size=64)
+    s, f = metrics(sharp), metrics(flat)
+    assert s["loss"] > f["loss"] > 4.5  # the plain loss prefers the model that learned nothing ...
+    assert s["cal_loss"] < f["cal_loss"]  # ... the calibrated one does not
+    for m in (s, f):
+        assert m["cal_loss"] <= m["loss"] + 1e-6  # temperature 1 is on the grid
