@@ -97,10 +97,9 @@ def run_search(s: SearchSettings) -> Path:
         job.place.upload(best_effort=True)  # Ctrl-C, a crash: what the driver has is kept for --resume
         if MEMORY_KILL in str(e):  # Tune 2.60 stops when the monitor kills a worker it is starting a trial in
             used = re.search(r"was ([\d.]+GB used / [\d.]+GB)", str(e))
-            raise SearchStopped(f"Ray's memory monitor killed a trial's worker, the node's RAM full"
-                                  f"{f' ({used.group(1)})' if used else ''}: the search stopped, its results are kept; "
-                                  f"free memory (another program, another search), then continue it with "
-                                  f"{job.place.resume_command()}") from None
+            raise SearchStopped(f"Ray's memory monitor killed a trial's worker ({used.group(1) if used else 'RAM full'}): "
+                                f"the search stopped, its results kept; free memory (another program, another search), "
+                                f"then continue it with {job.place.resume_command()}") from None
         raise
     finally:
         ray.shutdown()
