@@ -95,7 +95,7 @@ def run_search(s: SearchSettings) -> Path:
         tuner.fit()
     except BaseException as e:
         job.place.upload(best_effort=True)  # Ctrl-C, a crash: what the driver has is kept for --resume
-        if MEMORY_KILL in str(e):  # Tune 2.60 stops when the monitor kills a worker it is starting a trial in
+        if "killed due to the node running low on memory" in str(e):  # Ray's OutOfMemoryError, which stops Tune 2.60
             used = re.search(r"was ([\d.]+GB used / [\d.]+GB)", str(e))
             raise SearchStopped(f"Ray's memory monitor killed a trial's worker ({used.group(1) if used else 'RAM full'}): "
                                 f"the search stopped, its results kept; free memory (another program, another search), "
@@ -105,9 +105,6 @@ def run_search(s: SearchSettings) -> Path:
         ray.shutdown()
     finish(job)
     return exp
-
-
-MEMORY_KILL = "killed due to the node running low on memory"  # Ray's OutOfMemoryError, as Tune re-raises it
 
 
 def resolve(s: SearchSettings) -> Search:
