@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def _no_moved_study_between_tests():
     yield
     import analysis.study  # here, not at the top: conftest stays import-light for the pure tests
     analysis.study._moved_to.clear()
+
+
+def wait_until_still(root: Path, still: float = 5.0, timeout: float = 120.0) -> None:
+    """Return once nothing under `root` has changed for `still` seconds. A trial worker of a SIGKILLed search can
+    outlive its driver for a while and finish writing a result or checkpoint (seen: state.pt 0 -> 4 MB a minute
+    after the kill), which a test would take for a write of what it runs next."""
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(root).rglob("*") if p.exists()}
+    last, since, deadline = snapshot(), time.time(), time.time() + timeout
+    while time.time() - since < still:
+        assert time.time() < deadline, f"{root} still changing {timeout:.0f} s after the kill"
+        time.sleep(0.5)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.time()

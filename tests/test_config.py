@@ -211,8 +211,9 @@ def test_bad_flag_value_is_a_usage_error(capsys):
 
 
 def test_set_splits_at_the_first_equals_sign_and_types_the_value():
-    s = SearchSettings(set=["batch_size=256", "stage1_lr = 1e-3", "augment=flip,rotate=15", "weights_dir="])
-    assert s.fixed() == {"batch_size": 256, "stage1_lr": 1e-3, "augment": "flip,rotate=15", "weights_dir": ""}
+    s = SearchSettings(set=["batch_size=256", "stage1_lr = 1e-3", "augment=flip,rotate=15"])
+    assert s.fixed() == {"batch_size": 256, "stage1_lr": 1e-3, "augment": "flip,rotate=15"}
+    assert SearchSettings(set=["augment="]).fixed() == {"augment": ""}  # an empty value is a value
     for bad in ("novalue", "=5"):
         with pytest.raises(UserError) as e:
             SearchSettings(set=[bad]).fixed()

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from analysis.experiment import load_trials
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, wait_until_still
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained"]
 HOOK = REPO / "tests" / "fault_hook"
@@ -95,6 +95,7 @@ def test_resume_after_driver_killed_finishes_without_rerunning(tmp_path, data_di
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, like a lost machine
     driver.wait()
+    wait_until_still(exp)  # a worker of the killed search may still be writing
     before = _results(exp)
     assert before, "no result was written before the kill"
     assert not (exp / "best_config.yaml").exists()

@@ -474,7 +474,7 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     import time
 
     from analysis.experiment import load_trials
-    from tests.conftest import REPO, run_cli
+    from tests.conftest import REPO, run_cli, wait_until_still
     from tests.test_faults import free_port  # other searches on this machine may hold Ray's 8265
     args = ["--gpus", 0, "--space", "cpu", "--max-epochs", 2, "--subset", 3, "--set", "input_size=32",
             "--scheduler", "fifo", "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "plan",
@@ -491,6 +491,7 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    wait_until_still(exp)  # a worker of the killed search may still be writing
     assert "budget plan: screen the" in log.read_text()
     plan = json.loads((exp / "budget_plan.json").read_text())
     n = plan["points"]

@@ -24,7 +24,7 @@ from search.ray_adapter import rebuild_asha
 from search.restore import ConcurrencyCap, SearchHere, asha_results, restore_tuner
 from search.searcher import make_scheduler
 from search.storage import Place
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, wait_until_still
 from tests.test_faults import fault_env
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained",
@@ -228,6 +228,7 @@ def test_asha_after_kill_and_resume_sees_the_earlier_results(tmp_path, data_dir)
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, like a lost machine
     driver.wait()
+    wait_until_still(exp)  # a worker of the killed search may still be writing
     at_1 = {t for t, rows in read_results(exp).items() if any(r["epoch"] == 1 for r in rows)}
     assert len(at_1) >= 2
     proc = run_cli("run_search.py", "--resume", "--name", "killed", "--storage-path", tmp_path,

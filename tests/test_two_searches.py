@@ -18,7 +18,7 @@ import analyze
 import run_search
 from analysis.experiment import load_trials, read_settings
 from analysis.study import STUDY_NAME, study_url
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, wait_until_still
 
 QUICK = ["--space", "tiny", "--subset", 2, "--num-samples", 2, "--gpus", 0, "--no-pretrained",
          "--backbones", "tf_efficientnet_lite0", "--set", "input_size=32", "--scheduler", "fifo",
@@ -28,19 +28,6 @@ KILLED, EPOCHS = "e 1%", 4  # killed after its first epoch, resumed from elsewhe
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
-
-
-def _wait_until_still(root: Path, still: float = 5.0, timeout: float = 120.0) -> None:
-    """Return once nothing under root has changed for `still` seconds: a trial worker of a killed
-    driver can outlive it for a while and finish copying its checkpoint (seen: state.pt 0 -> 4 MB
-    a minute after the kill), which would pass for a write by the command under test."""
-    last, since, deadline = _snapshot(root), time.time(), time.time() + timeout
-    while time.time() - since < still:
-        assert time.time() < deadline, f"{root} still changing {timeout:.0f} s after the kill"
-        time.sleep(0.5)
-        now = _snapshot(root)
-        if now != last:
-            last, since = now, time.time()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +49,7 @@ def searches(tmp_path_factory, data_dir):
     if killed.poll() is None:
         os.killpg(killed.pid, signal.SIGKILL)  # the driver and its local Ray, like a crash
     out = {name: (p.wait(timeout=600), p.communicate()[0]) for name, p in procs.items()}
-    _wait_until_still(storage / KILLED)
+    wait_until_still(storage / KILLED)
     return root, storage, args, out
 
 
