@@ -23,6 +23,7 @@ from report.plots import figure, save
 from spaces import get_space, narrow
 from spaces.warm_start import recipe_points
 from trainable.cache import ENV, cache_root
+from trainable.config import split_assignment
 from trainable.errors import UserError
 
 USER_CACHE = cache_root()  # before cold_cache points CIFAR_TUNE_CACHE at a run's own folder
@@ -61,7 +62,10 @@ def parse(argv: list[str] | None):
         a.subset, a.max_epochs, a.seeds, a.input_size = 3, 2, a.seeds[:1], a.input_size or 64
     a.plot = a.plot or str(Path(a.work_dir) / "duel.png")
     a.cpus_per_trial = a.cpus_per_trial or (None if a.gpus else 1)
-    a.sets = dict(kv.partition("=")[::2] for kv in a.set) | ({"input_size": str(a.input_size)} if a.input_size else {})
+    try:
+        a.sets = dict(split_assignment(kv) for kv in a.set) | ({"input_size": str(a.input_size)} if a.input_size else {})
+    except UserError as e:
+        p.error(str(e))
     stand_in = Path(a.data_dir).resolve() == DATA.resolve()  # any other folder is named, never called CIFAR-100
     a.data_label = "stand-in data, not CIFAR-100" if stand_in else f"data: {Path(a.data_dir).name}"
     return a

@@ -190,7 +190,7 @@ def stage_aware_grace(space: Space, max_epochs: int) -> int:
 class FullFidelityASHA(ASHAScheduler):
     """Ray's ASHA, blind to screen trials (a fraction of the data): it neither prunes them nor records their values
     in the rungs full-fidelity trials are judged by. A screen trial runs its whole plan and the screen ranks it by
-    val_loss at its end (planning/incumbent.screened); Ray 2.60's ASHA (async_hyperband.py, one bracket) judged them
+    its calibrated loss at its end (planning/incumbent.screened); Ray 2.60's ASHA (async_hyperband.py, one bracket) judged them
     by val_acc at its first rung: over ten setting-2 duel runs (BENCHMARKS.md, 2026-12-07) it cut 3-5 of the 7 screen trials, the
     recipe best at full fidelity in 7 of the 10."""
 
