@@ -212,7 +212,7 @@ def estimate_and_plan(job: Search, points: list, data: SearchData, started: floa
 def build_tuner(job: Search, data: SearchData, points: list, told: list, est, budget_plan, started: float) -> tune.Tuner:
     s, exp = job.s, job.place.exp
     # what the driver, Ray and the OS hold now is off every trial's memory budget (trainable/memory.py)
-    trial = tune.with_parameters(tune_trial, train=data.train, val=data.val, in_use=node_in_use())
+    trial = tune.with_parameters(tune_trial, train=data.train, val=data.val, in_use=node_in_use(), scratch=str(exp))
     trainable = tune.with_resources(trial, job.res.trial)
     stop = BudgetStopper(exp, s.budget_s(), started=started) if s.time_budget else None
     prior = est.trial_asha_s + est.startup_s if est is not None else None

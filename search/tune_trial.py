@@ -49,9 +49,11 @@ def memory_fraction(gpus: float, total_bytes: int) -> float | None:
     return max(gpus / 2, gpus - CUDA_CONTEXT_BYTES / total_bytes)
 
 
-def tune_trial(config: dict[str, Any], train: Split, val: Split, in_use: int = 0) -> None:
+def tune_trial(config: dict[str, Any], train: Split, val: Split, in_use: int = 0, scratch: str = "") -> None:
     """Tune's function trainable; `train`/`val` arrive through the object store (one copy a node); `in_use`:
-    bytes of the driver's node in use before the trials started (memory.trial_budget)."""
+    bytes of the driver's node in use before the trials started (memory.trial_budget); `scratch`: the
+    experiment's folder on the driver, where each checkpoint is written until Tune has copied it (on a node
+    without it, the system's temp folder): a killed search leaves its last ones there, not in /tmp."""
     # Ray sets OMP_NUM_THREADS from the trial's CPUs: torch uses as many, or trials sharing a node oversubscribe it
     cpus = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(cpus)
@@ -73,7 +75,8 @@ def tune_trial(config: dict[str, Any], train: Split, val: Split, in_use: int = 0
     retry = retry_first_oom(gpus, restarted=checkpoint is not None or marker.exists())
     try:  # a restarted trial continues where its checkpoint stopped
         with (checkpoint.as_directory() if checkpoint is not None else nullcontext()) as restore:
-            run_trial(config, train, val, report, restore=Path(restore) if restore else None, raise_oom=retry, device=device)
+            run_trial(config, train, val, report, restore=Path(restore) if restore else None, raise_oom=retry,
+                      device=device, scratch=Path(scratch) if scratch and Path(scratch).is_dir() else None)
     except (MemoryError, RuntimeError) as e:
         if retry and is_out_of_memory(e):
             marker.parent.mkdir(parents=True, exist_ok=True)

@@ -318,6 +318,7 @@ class _FakeTune:
     def __init__(self, trial_dir: Path, gpus: float, checkpoint=None):
         from ray.tune.execution.placement_groups import PlacementGroupFactory
         self.reports: list[dict] = []
+        self.checkpoints: list = []
         self._checkpoint = checkpoint
         resources = PlacementGroupFactory([{"CPU": 1, "GPU": gpus}])
         self._ctx = SimpleNamespace(get_trial_dir=lambda: str(trial_dir), get_trial_resources=lambda: resources)
@@ -331,6 +332,7 @@ class _FakeTune:
 
     def report(self, metrics, checkpoint=None):
         self.reports.append(metrics)
+        self.checkpoints.append(checkpoint)
 
 
 @pytest.fixture
@@ -350,6 +352,20 @@ def test_on_a_shared_gpu_the_first_oom_restarts_the_trial_and_the_second_ends_it
     _failing_at(monkeypatch, "evaluate", 1, CUDA_OOM)  # the restart (no checkpoint yet) runs out again
     search_trainable.tune_trial(BASE, *splits)
     assert [r["status"] for r in fake.reports] == ["oom"]
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_trial_writes_its_checkpoints_in_the_experiment_folder_when_its_node_has_it(
+        monkeypatch, splits, tmp_path, no_budget, exists):
+    exp = tmp_path / "exp"
+    if exists:
+        exp.mkdir()
+    fake = _FakeTune(tmp_path, gpus=0)
+    monkeypatch.setattr(search_trainable, "tune", fake)
+    search_trainable.tune_trial({**BASE, "stage2_epochs": 0}, *splits, scratch=str(exp))
+    parents = {Path(c).parent for c in fake.checkpoints}
+    assert parents == ({exp} if exists else {Path(trial.tempfile.gettempdir())})
+    assert not exists or list(exp.iterdir()) == []
 
 
 @pytest.mark.parametrize("gpus", [1, 0])

@@ -203,3 +203,13 @@ def test_the_calibrated_loss_ranks_what_a_model_predicts_apart_from_its_confiden
     assert s["cal_loss"] < f["cal_loss"]  # ... the calibrated one does not
     for m in (s, f):
         assert m["cal_loss"] <= m["loss"] + 1e-6  # temperature 1 is on the grid
+
+
+def test_each_checkpoint_is_written_under_scratch_and_gone_after_its_report(data, tmp_path):
+    # a search passes its experiment folder: a killed search's last checkpoints stay there, not in /tmp
+    # (56 folders of 39 MB each had piled up in /tmp from killed test searches)
+    seen: list = []
+    run_trial({**BASE, "stage1_epochs": 1, "stage2_epochs": 1}, data.train, data.val,
+              lambda m, c: seen.append((c.parent, sorted(p.name for p in c.iterdir()))), scratch=tmp_path)
+    assert seen == [(tmp_path, [trial.CHECKPOINT_FILE])] * 2
+    assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,7 @@ Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, fine 
 def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: Reporter, *,
               restore: Path | None = None, checkpoint: bool = True, stop_after_epoch: int | None = None,
               raise_oom: bool = False, device: torch.device | None = None,
-              replay: Replay | None = None) -> tuple[Net | None, dict[str, Any]]:
+              replay: Replay | None = None, scratch: Path | None = None) -> tuple[Net | None, dict[str, Any]]:
     """Fine-tune through every stage, reporting once per epoch; returns the model and the last metrics reported.
 
     `restore`: a checkpoint directory an earlier call reported, to go on after. With `val` None (the final
@@ -46,7 +46,9 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
     the decisions they made at each epoch of a search trial of the same config, made again at the same epochs.
     `stop_after_epoch` k ends after global epoch k of the same plan and schedule. Out of memory anywhere
     ends the trial with status "oom" and its reason (the model None if none existed yet), or re-raises
-    with `raise_oom` (the caller retries). `device`: where to train (default pick_device()).
+    with `raise_oom` (the caller retries). `device`: where to train (default pick_device()). `scratch`: the folder
+    each epoch's checkpoint is written in until `report` returns (default the system's temp folder); a process
+    killed during the call leaves it there, so a search passes the trial's own folder, not /tmp.
     """
     cfg = TrialConfig.from_dict(config)
     if val is None and cfg.uses_val and replay is None:
@@ -55,7 +57,8 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
         raise ValueError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
     at = Progress()
     try:
-        return _train(cfg, train, val, report, at, restore=restore, save=checkpoint,
+        save = (scratch or Path(tempfile.gettempdir())) if checkpoint else None
+        return _train(cfg, train, val, report, at, restore=restore, save=save,
                       last=stop_after_epoch or cfg.total_epochs, device=device, replay=replay)
     except (MemoryError, RuntimeError) as e:
         if raise_oom or not is_out_of_memory(e):
@@ -70,7 +73,7 @@ def run_trial(config: dict[str, Any], train: Split, val: Split | None, report: R
 
 
 def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, at: Progress, *,
-           restore: Path | None, save: bool, last: int, device: torch.device | None,
+           restore: Path | None, save: Path | None, last: int, device: torch.device | None,
            replay: Replay | None) -> tuple[Net, dict[str, Any]]:
     """Restore the checkpoint, then run the stages it has not finished up to global epoch `last`."""
     device = at.device = device if device is not None else pick_device()
@@ -94,9 +97,11 @@ def _train(cfg: TrialConfig, train: Split, val: Split | None, report: Reporter, 
     return t.net, metrics
 
 
-def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter, save: bool) -> dict[str, Any]:
+def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter,
+               save: Path | None) -> dict[str, Any]:
     """Train stage `s` from where `ckpt` left it to its end, its early stop or global epoch `last`,
-    reporting (and saving `ckpt`) after every epoch; returns the last metrics reported."""
+    reporting (and saving `ckpt` in a folder under `save`, if given) after every epoch; returns the last
+    metrics reported."""
     cfg, at = t.cfg, t.at
     _, steps = batching(len(t.train), cfg.batch_size)
     opt, sched = build_optimizer(t.net, s, cfg, s.epochs * steps, t.prec.device)
@@ -138,7 +143,7 @@ def _run_stage(t: Setup, s: Stage, ckpt: Checkpoint, last: int, report: Reporter
         metrics.update(status="ok", early_stopped=stopped)
         ckpt.stage_done = stopped or ckpt.stage_epoch == s.epochs
         at.phase = "checkpoint"
-        _save(report, metrics, ckpt.capture(t, opt, sched, plateau, stopper) if save else None)
+        _save(report, metrics, ckpt.capture(t, opt, sched, plateau, stopper) if save else None, save)
     return metrics
 
 
@@ -167,12 +172,13 @@ def validate(t: Setup, cached: features.CachedStage | None) -> dict[str, Any]:
     return ev
 
 
-def _save(report: Reporter, metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
-    """Report the epoch, with its checkpoint written to a private folder (Tune copies it during the call)."""
-    if ckpt is None:
+def _save(report: Reporter, metrics: dict[str, Any], ckpt: Checkpoint | None, scratch: Path | None) -> None:
+    """Report the epoch, with its checkpoint written to a private folder under `scratch` (Tune copies it during
+    the call)."""
+    if ckpt is None or scratch is None:
         report(metrics, None)
         return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".checkpoint-", dir=scratch) as tmp:
         ckpt.save(Path(tmp))
         report(metrics, Path(tmp))
 
