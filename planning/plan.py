@@ -2,8 +2,10 @@
 (the warm start) run first: whole when they fit in a third of the budget, else screened on a stratified
 fraction of the training data with their whole stage plans (a data subset keeps stage 2, which fewer epochs
 would cut off: FABOLAS, Klein et al. 2017), the best third then promoted to full fidelity (successive halving
-among the priors, Jamieson & Talwalkar 2016). A budget too short for the screen and one promotion runs the points
-whole, cheapest first, so the most of them finish. What is left is the searcher's (planning/incumbent.py)."""
+among the priors, Jamieson & Talwalkar 2016). A point the screen would save less than half of (its start-up and
+validation are most of its cost) runs whole instead: its value is then exact for what the screen saves. A budget
+too short for the screen and one promotion runs the points whole, cheapest first, so the most of them finish.
+What is left is the searcher's (planning/incumbent.py)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +22,10 @@ FIT_SHARE = 1 / 3  # recipe points run whole when they take at most this share o
 SCREEN_SHARE = 1 / 4  # else the screen is sized to about this share
 MIN_FRACTION, MAX_FRACTION = 1 / 9, 1 / 3  # below 1/9 a per-class subset is 1-2 images on small splits
 MIN_OWN_TRIALS = 3  # fewer trials of its own than this and the searcher learns nothing
+# a point is screened only when its screen run costs at most this share of its whole run. The fine-tuning duel
+# (BENCHMARKS.md, 2026-12-07): the best recipe's screen run (96 px) cost ~60 % of its whole run and ranked it 3rd
+# to 4th of 6 on one seed of five, at 0.7-1 image a class; it was never run whole
+SCREEN_COST = 1 / 2
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,11 @@ class BudgetPlan:
     own_trials: int | None  # how many of them (None with neither a time budget nor --num-samples)
     setup_s: float = 0.0  # what the checks and the estimate took of --time-budget before the plan
     order: tuple[int, ...] = ()  # the points' run order (indices); (): as given. Cheapest first when the budget is tight
+    whole: tuple[int, ...] = ()  # with a screen: the points (indices) that run whole instead (SCREEN_COST)
+
+    def fractions(self) -> list[float]:
+        """Each point's train_fraction, in the order given to plan_budget."""
+        return [1.0 if i in self.whole else self.screen_fraction for i in range(self.points)]
 
     def describe(self, sampler: str = "incumbent") -> str:
         """The plan in a few lines for the console; `sampler` names where the search's own proposals come from."""
@@ -46,9 +57,12 @@ class BudgetPlan:
         elif self.screen_fraction >= 1:
             lines = [f"budget plan: the {self.points} recipe point(s) run whole first (~{duration(self.screen_s)})"]
         else:
-            lines = [f"budget plan: screen the {self.points} recipe point(s) on {self.screen_fraction:.0%} of the "
-                     f"training data, whole stage plans (~{duration(self.screen_s)}),",
+            lines = [f"budget plan: screen {'the' if not self.whole else f'{self.points - len(self.whole)} of the'} "
+                     f"{self.points} recipe point(s) on {self.screen_fraction:.0%} of the training data, whole stage "
+                     f"plans (~{duration(self.screen_s)}),",
                      f"  then promote the best {self.promote} to full fidelity (~{duration(self.promote_s)})"]
+            if self.whole:
+                lines.insert(1, f"  the other {len(self.whole)} run whole: a screen would save less than half of each")
         if self.own_trials is not None:
             left = f" (~{duration(self.own_s)})" if self.own_s is not None else ""
             source = "around the best config" if sampler == "incumbent" else f"from the {sampler} sampler"
@@ -79,26 +93,37 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
                 screen: str = "auto", setup_s: float = 0.0) -> BudgetPlan:
     """The plan for recipe points costing `train_s`/`val_s` seconds each at full fidelity, in `budget_s` (what is
     left of a time budget after `setup_s`). Without a time budget the points fit when they are at most a third of
-    `num_samples` (16 when not given)."""
+    `num_samples` (16 when not given). `screen`: "auto", "on" (every point screened, even when they fit) or "off"."""
     n, parallel = len(train_s), max(1, parallel)
     given = dict(points=n, own_trial_s=own_trial_s / parallel, budget_s=budget_s, num_samples=num_samples,
                  setup_s=setup_s)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
     fits = full <= FIT_SHARE * budget_s if budget_s is not None else n <= FIT_SHARE * (num_samples or 16)
-    fraction, promote, first_s = 1.0, 0, full
-    if not (n == 0 or fits or screen == "off"):
+    fraction, promote, first_s, whole, screened = 1.0, 0, full, (), list(range(n))
+    if n > 0 and (screen == "on" or (screen == "auto" and not fits)):
         fraction = MAX_FRACTION
         if budget_s is not None and sum(train_s) > 0:
             room = SCREEN_SHARE * budget_s * parallel - sum(val_s) - startup_s * n
             fraction = min(MAX_FRACTION, max(MIN_FRACTION, room / sum(train_s)))
-        fraction, promote = round(fraction, 3), max(1, math.ceil(n / ETA))
-        first_s = wall(train_s, val_s, fraction, startup_s, parallel)
-        one_s = (sum(train_s) + sum(val_s)) / n + startup_s  # a promoted point, run whole
+        fraction = round(fraction, 3)
+        whole = tuple(i for i in range(n) if screen == "auto" and fraction * train_s[i] + val_s[i] + startup_s
+                      > SCREEN_COST * (train_s[i] + val_s[i] + startup_s))
+        screened = [i for i in range(n) if i not in whole]
+        if len(screened) < 2:  # one point has nothing to be ranked against: it runs whole too
+            whole, screened = tuple(range(n)), []
+        promote = math.ceil(len(screened) / ETA)
+        first_s = (sum(train_s[i] for i in whole) + fraction * sum(train_s[i] for i in screened) + sum(val_s)
+                   + startup_s * n) / parallel
+        one_s = (sum(train_s[i] + val_s[i] for i in screened) / len(screened) + startup_s) if screened else 0.0
         if budget_s is not None and first_s + one_s > budget_s:  # the screen would end the search unfinished
             order = tuple(sorted(range(n), key=lambda i: train_s[i] + val_s[i]))
             return BudgetPlan(**given, screen_fraction=1.0, promote=0, screen_s=full, promote_s=0.0, own_s=0.0,
                               own_trials=0, order=order)
-    promote_s = promote * full / n if promote else 0.0  # a promoted point runs whole
+    if promote:  # a promoted point runs whole
+        promote_s = promote * wall([train_s[i] for i in screened], [val_s[i] for i in screened], 1.0, startup_s,
+                                   parallel) / len(screened)
+    else:
+        promote_s, fraction, whole = 0.0, 1.0, ()  # nothing screened: every point runs whole
     own_wall = given["own_trial_s"]
     own_s = None if budget_s is None else max(0.0, budget_s - first_s - promote_s)
     if own_s is not None:
@@ -106,7 +131,7 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
     else:
         own_trials = None if num_samples is None else max(0, num_samples - n - promote)
     return BudgetPlan(**given, screen_fraction=fraction, promote=promote, screen_s=first_s, promote_s=promote_s,
-                      own_s=own_s, own_trials=own_trials)
+                      own_s=own_s, own_trials=own_trials, whole=whole)
 
 
 def save(exp: Path, plan: BudgetPlan) -> None:

@@ -229,7 +229,7 @@ def build_tuner(job: Search, data: SearchData, points: list, told: list, est, bu
     if budget_plan is not None and budget_plan.order:
         points = [points[i] for i in budget_plan.order]
     searcher = make_searcher(job.space, job.opts, job.fixed, job.base, s.seed, exp, points, told, s.sampler,
-                             screen_fraction=budget_plan.screen_fraction if budget_plan else 1.0,
+                             screen_fraction=budget_plan.fractions() if budget_plan else 1.0,
                              promote=budget_plan.promote if budget_plan else 0)
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=make_scheduler(s.scheduler, job.opts.max_epochs, job.grace_period, s.reduction_factor),

@@ -158,11 +158,13 @@ def promote_screen(study: optuna.Study, k: int) -> list[int]:
 
 
 def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any], seed: int, exp: Path,
-                  warm: list = (), told: list = (), sampler: str = "incumbent", screen_fraction: float = 1.0,
-                  promote: int = 0) -> OptunaSearch:
+                  warm: list = (), told: list = (), sampler: str = "incumbent",
+                  screen_fraction: float | list[float] = 1.0, promote: int = 0) -> OptunaSearch:
     """Ray's OptunaSearch over the experiment's study, which first gets `told` (earlier experiments' trials),
     then `warm` (WarmPoints, enqueued: Tune's `points_to_evaluate` keeps only names drawn by suggest_* in a
-    define-by-run space, ray#35319)."""
+    define-by-run space, ray#35319), each at `screen_fraction` of the training data (one for all, or one each:
+    planning.plan.BudgetPlan.fractions); the best `promote` of those below 1 then run whole."""
+    fractions = [screen_fraction] * len(warm) if isinstance(screen_fraction, (int, float)) else list(screen_fraction)
     # with a warm start TPE models once the expert points have reported (PriorBand), else after Optuna's 10
     smp = make_sampler(sampler, seed, min(10, len(warm) + len(told)) or 10)
     Path(exp).mkdir(parents=True, exist_ok=True)
@@ -171,14 +173,14 @@ def make_searcher(space: Space, opts: Options, fixed: dict[str, Any], base: dict
                                 sampler=smp, load_if_exists=True)
     if not study.trials:  # a new experiment (a resumed one restores its searcher instead)
         study.add_trials(list(told))
-        for p in warm:  # screened at `screen_fraction` of the data (< 1), or run at full fidelity
-            screen = {FIDELITY_ATTR: screen_fraction} if screen_fraction < 1 else {}
+        for p, fraction in zip(warm, fractions, strict=True):  # screened (< 1), or run at full fidelity
+            screen = {FIDELITY_ATTR: fraction} if fraction < 1 else {}
             study.enqueue_trial(p.params, user_attrs={"warm_start": p.name, **screen,
-                                                      WARM_CONFIG: {**p.config, "train_fraction": screen_fraction}})
+                                                      WARM_CONFIG: {**p.config, "train_fraction": fraction}})
     # Optuna is told each trial's best epoch, not its last, so a trial ASHA pruned keeps its score
     return FidelitySearch(space=DefineByRun(space, opts, fixed, base), metric="best_val_acc", mode=MODE,
                           sampler=smp, storage=storage, study_name=STUDY_NAME,
-                          promote=promote if screen_fraction < 1 else 0)
+                          promote=promote if any(f < 1 for f in fractions) else 0)
 
 
 def stage_aware_grace(space: Space, max_epochs: int) -> int:

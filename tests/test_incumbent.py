@@ -245,6 +245,21 @@ def test_the_screen_runs_every_recipe_point_on_a_fraction_then_promotes_the_best
         assert cfg["augment"] == parent.user_attrs[WARM_CONFIG]["augment"]
 
 
+def test_points_the_plan_runs_whole_are_full_fidelity_trials_and_the_screen_promotes_among_the_others(tmp_path: Path):
+    opts = Options(LITE0, 3)
+    points, _ = recipe_points(CPU, opts, BASE, {})
+    fractions = [1.0, 0.2, 1.0, 0.2, 0.2][:len(points)]
+    searcher = make_searcher(CPU, opts, {}, BASE, 0, tmp_path, points[:len(fractions)], [], "incumbent",
+                             screen_fraction=fractions, promote=1)
+    configs = _drive(searcher, len(fractions) + 3, _score)
+    assert [c["train_fraction"] for c in configs[:len(fractions)]] == fractions
+    trials = optuna.load_study(study_name=STUDY_NAME, storage=study_url(tmp_path)).trials
+    states = [t.state for t in trials[:len(fractions)]]
+    assert states == [TrialState.COMPLETE if f == 1 else TrialState.PRUNED for f in fractions]
+    promoted = [t for t in trials if t.user_attrs.get("promoted_from") is not None]
+    assert len(promoted) == 1 and fractions[promoted[0].user_attrs["promoted_from"]] < 1
+
+
 def test_the_screen_promotes_by_val_loss_where_val_acc_counts_a_few_right_answers(tmp_path: Path):
     """The thirteenth session's seed 10: the frozen recipe had the lowest val_loss of the screen but the
     fifth val_acc (0.01 of 200 images), was not promoted, and the search lost by 9 points."""
@@ -438,6 +453,28 @@ def test_a_budget_too_short_for_the_screen_and_one_promotion_runs_the_points_who
     assert roomy.screen_fraction < 1 and roomy.order == ()  # the screen and a promotion fit: screened as before
 
 
+def test_a_point_the_screen_saves_less_than_half_of_runs_whole_and_the_others_are_screened():
+    """The fine-tuning duel (BENCHMARKS.md, 2026-12-07): the best recipe, at 96 px, cost ~20 s whole and ~11 s
+    screened; ranked at 1 image a class it was 4th of 6 on one seed and never ran whole."""
+    train, val = [10.0, 10.0, 28.0, 28.0, 104.0, 124.0], [2.0] * 6
+    p = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=40, budget_s=300, num_samples=None)
+    assert p.whole == (0, 1) and p.promote == 2 and 0 < p.screen_fraction < 1
+    assert p.fractions() == [1.0, 1.0] + [p.screen_fraction] * 4
+    assert math.isclose(p.screen_s, (20 + p.screen_fraction * 284 + 12 + 48) / 2)
+    assert math.isclose(p.promote_s, 2 * (284 + 8 + 32) / 4 / 2)
+    assert "screen 4 of the 6 recipe point(s)" in p.describe() and "the other 2 run whole" in p.describe()
+    forced = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=40, budget_s=300, num_samples=None,
+                         screen="on")
+    assert forced.whole == () and forced.promote == 2 and forced.fractions() == [forced.screen_fraction] * 6
+
+
+def test_when_a_screen_would_save_too_little_of_all_but_one_point_every_point_runs_whole():
+    p = plan_budget([10.0, 10.0, 120.0], [2.0] * 3, startup_s=8, parallel=1, own_trial_s=40, budget_s=480,
+                    num_samples=None)
+    assert (p.screen_fraction, p.promote, p.whole, p.fractions()) == (1.0, 0, (), [1.0] * 3)
+    assert "run whole first" in p.describe()
+
+
 @pytest.mark.parametrize("n, samples, screened", [(3, 16, False), (7, 16, True), (7, 32, False)])
 def test_without_a_time_budget_the_points_fit_a_third_of_the_trials(n, samples, screened):
     p = plan_budget([100.0] * n, [10.0] * n, startup_s=5, parallel=1, own_trial_s=100, budget_s=None,
@@ -478,8 +515,8 @@ def test_a_search_prints_its_plan_screens_the_recipes_promotes_the_best_and_resu
     from tests.test_faults import free_port  # other searches on this machine may hold Ray's 8265
     args = ["--gpus", 0, "--space", "cpu", "--max-epochs", 2, "--subset", 3, "--set", "input_size=32",
             "--scheduler", "fifo", "--data-dir", data_dir, "--storage-path", tmp_path, "--name", "plan",
-            "--num-samples", 9, "--max-concurrent", 1, *weights_args]
-    exp = tmp_path / "plan"
+            "--num-samples", 9, "--max-concurrent", 1, "--screen", "on", *weights_args]  # on: 32 px trials are
+    exp = tmp_path / "plan"  # mostly start-up, which `auto` runs whole rather than screen
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         driver = subprocess.Popen([sys.executable, "run_search.py", *map(str, args), "--dashboard-port", str(free_port())],
