@@ -5,6 +5,7 @@ other than COMPLETE."""
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +14,15 @@ from ray.train._internal.storage import StorageContext, get_fs_and_path
 from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+
+def memory_killed(e: BaseException) -> str | None:
+    """"X GB used / Y GB" when `e` is Ray's memory monitor killing a worker (an OutOfMemoryError that stops Tune
+    2.60; its text is all that tells it apart), "RAM full" if the numbers are missing; else None."""
+    if "killed due to the node running low on memory" not in str(e):
+        return None
+    used = re.search(r"was ([\d.]+GB used / [\d.]+GB)", str(e))
+    return used.group(1) if used else "RAM full"
 
 
 class RayChanged(RuntimeError):

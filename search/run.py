@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,12 @@ from analysis.outcome import INTERRUPTED, read_ends
 from analysis.study import METRIC, MODE, resume_study_at
 from analysis.study_end import search_over, settle_study
 from planning import estimate, plan
-from planning.define import told_trials
+from planning.define import warm_start
 from planning.precheck import plan_search
 from planning.settings import SearchSettings
 from search.budget import BudgetStopper, exhausted
 from search.progress import SearchLog, quiet_ray_console
+from search.ray_adapter import memory_killed
 from search.resources import Resources, plan_resources, start_ray, visible_gpus
 from search.restore import restore_tuner
 from search.searcher import make_scheduler, make_searcher, stage_aware_grace
@@ -34,7 +34,6 @@ from search.storage import Place, claim, open_experiment
 from search.tensorboard import EpochTensorBoard
 from search.tune_trial import tune_trial
 from spaces import LISTED, Options, Space, get_space, narrow
-from spaces.warm_start import recipe_points
 from trainable.data import SearchData, prepare_search_data, test_split_problem
 from trainable.errors import SearchStopped, UserError
 from trainable.memory import node_in_use
@@ -95,9 +94,8 @@ def run_search(s: SearchSettings) -> Path:
         tuner.fit()
     except BaseException as e:
         job.place.upload(best_effort=True)  # Ctrl-C, a crash: what the driver has is kept for --resume
-        if "killed due to the node running low on memory" in str(e):  # Ray's OutOfMemoryError, which stops Tune 2.60
-            used = re.search(r"was ([\d.]+GB used / [\d.]+GB)", str(e))
-            raise SearchStopped(f"Ray's memory monitor killed a trial's worker ({used.group(1) if used else 'RAM full'}): "
+        if used := memory_killed(e):
+            raise SearchStopped(f"Ray's memory monitor killed a trial's worker ({used}): "
                                 f"the search stopped, its results kept; free memory (another program, another search), "
                                 f"then continue it with {job.place.resume_command()}") from None
         raise
@@ -149,36 +147,6 @@ def resolve_space(s: SearchSettings) -> tuple[Space, Options]:
               f"and every trial trains on the CPU (pass --gpus 0, or run where the GPUs are)")
     space = get_space(name)
     return space, narrow(space, s.backbones, s.max_epochs)
-
-
-def warm_start(s: SearchSettings, space: Space, opts: Options, fixed: dict[str, Any], base: dict[str, Any]) -> tuple[list, list]:
-    """(recipe points to enqueue, earlier experiments' trials to tell the searcher) from
-    --warm-start recipes|none|DIR[,DIR...] (items may be combined: recipes,runs/old)."""
-    whole = Path(s.warm_start).expanduser()  # one folder whose name holds a comma
-    items = [s.warm_start] if "," in s.warm_start and whole.is_dir() else \
-        [i.strip() for i in s.warm_start.split(",") if i.strip()] or ["none"]
-    if "none" in items and len(items) > 1:
-        raise UserError(f"--warm-start {s.warm_start!r}: 'none' cannot be combined with other items")
-    points, dirs = [], []
-    for item in items:
-        if item == "recipes" and not space.recipe:  # a recipe run is its own warm start
-            points, skipped = recipe_points(space, opts, base, fixed)
-            print(f"warm start: {len(points)} recipe point(s) run first"
-                  + (f"; {len(skipped)} recipe(s) are not points of this space" if skipped else ""))
-            for line in skipped:
-                print(f"  not a point of the space: {line}")
-        elif item not in ("recipes", "none"):
-            d = Path(item).expanduser().resolve()
-            if not (d.is_dir() and any(d.glob("*/params.json"))):
-                raise UserError(f"--warm-start {item}: not an experiment folder with trials "
-                                f"(pass runs/NAME, 'recipes' or 'none')")
-            dirs.append(d)
-    told = []
-    if dirs:
-        told, skipped = told_trials(dirs, space, opts, fixed)
-        print(f"warm start: the searcher is told {len(told)} finished trial(s) of "
-              f"{', '.join(d.name for d in dirs)}" + (f" ({len(skipped)} not points of this space)" if skipped else ""))
-    return points, told
 
 
 def estimate_and_plan(job: Search, points: list, data: SearchData, started: float) -> tuple[estimate.Estimate, plan.BudgetPlan | None]:

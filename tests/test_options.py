@@ -132,7 +132,7 @@ def test_any_plain_folder_name_is_taken(name):
 
 
 def test_a_warm_start_folder_whose_name_holds_a_comma_is_one_folder(tmp_path):
-    from search.run import warm_start
+    from planning.define import warm_start
     from planning.settings import SearchSettings
     from spaces import Options, get_space
     from trainable.errors import UserError

@@ -89,7 +89,7 @@ def test_a_moved_experiment_resumes_analyzes_and_warm_starts_from_its_new_place(
     assert analyze.main([str(exp), "--no-retrain"]) == 0  # in this process (test_e2e runs analyze.py as one)
     assert (exp / "best_config.yaml").is_file()
     capsys.readouterr()
-    from search.run import warm_start
+    from planning.define import warm_start
     from planning.settings import SearchSettings
     from spaces import Options, get_space
     space = get_space("tiny")
