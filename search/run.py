@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from trainable.data import SearchData, prepare_search_data, test_split_problem
 from trainable.errors import SearchStopped, UserError
 from trainable.memory import node_in_use
 from trainable.model import create_model
+from trainable.trial import SCRATCH_PREFIX
 
 DEFAULT_SAMPLES = 16
 
@@ -78,6 +80,8 @@ def run_search(s: SearchSettings) -> Path:
         raise UserError(f"--time-budget {s.time_budget} was used up by the checks and the cost estimate ({setup_s:.0f} s) "
                         f"before the first trial: give a bigger --time-budget (see the budget plan above)")
     lock = claim(exp)  # noqa: F841 - held until this search returns
+    for stale in exp.glob(f"{SCRATCH_PREFIX}*"):  # checkpoints a killed run of it left before Tune copied them
+        shutil.rmtree(stale, ignore_errors=True)
     if not s.resume:
         write_settings(exp, {**dataclasses.asdict(s), "space": job.space.name, "name": exp.name, **job.place.settings()})
         estimate.save(exp, est)

@@ -26,6 +26,7 @@ from search.searcher import make_scheduler
 from search.storage import Place
 from tests.conftest import REPO, run_cli, wait_until_still
 from tests.test_faults import fault_env
+from trainable.trial import SCRATCH_PREFIX
 
 QUICK = ["--subset", 5, "--backbones", "tf_efficientnet_lite0", "--gpus", 0, "--no-pretrained",
          "--space", "tiny", "--set", "input_size=32", "--grace-period", 1]
@@ -231,8 +232,10 @@ def test_asha_after_kill_and_resume_sees_the_earlier_results(tmp_path, data_dir)
     wait_until_still(exp)  # a worker of the killed search may still be writing
     at_1 = {t for t, rows in read_results(exp).items() if any(r["epoch"] == 1 for r in rows)}
     assert len(at_1) >= 2
+    (exp / f"{SCRATCH_PREFIX}left-by-a-kill").mkdir(exist_ok=True)  # a checkpoint the kill caught before Tune copied it
     proc = run_cli("run_search.py", "--resume", "--name", "killed", "--storage-path", tmp_path,
                    "--num-samples", 4, "--grace-period", 1, check=True)
+    assert not list(exp.glob(f"{SCRATCH_PREFIX}*"))  # the resume removed it
     assert f"ASHA's rungs rebuilt from the results on disk: epoch 1: {len(at_1)} trials" in proc.stdout
     # the rebuilt scheduler is capped (test_max_concurrent_holds_for_trials_restored_as_errored shows it holds)
     assert "resume: at most 1 trial(s) at once, restored ones included" in proc.stdout

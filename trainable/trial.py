@@ -32,6 +32,7 @@ from trainable.stages import Stage, plan_stages
 # reporter(metrics, checkpoint_dir or None); the directory is only valid during the call
 Reporter = Callable[[dict[str, Any], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
+SCRATCH_PREFIX = ".checkpoint-"  # a checkpoint being reported (run_trial's `scratch`); left there only by a kill
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, fine labels, coarse labels
 
 
@@ -178,7 +179,7 @@ def _save(report: Reporter, metrics: dict[str, Any], ckpt: Checkpoint | None, sc
     if ckpt is None or scratch is None:
         report(metrics, None)
         return
-    with tempfile.TemporaryDirectory(prefix=".checkpoint-", dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch) as tmp:
         ckpt.save(Path(tmp))
         report(metrics, Path(tmp))
 
