@@ -2,8 +2,8 @@
 (the warm start) run first: whole when they fit in a third of the budget, else screened on a stratified
 fraction of the training data with their whole stage plans (a data subset keeps stage 2, which fewer epochs
 would cut off: FABOLAS, Klein et al. 2017), the best third then promoted to full fidelity (successive halving
-among the priors, Jamieson & Talwalkar 2016). A point the screen would save less than half of (its start-up and
-validation are most of its cost) runs whole instead: its value is then exact for what the screen saves. A budget
+among the priors, Jamieson & Talwalkar 2016). A point whose start-up and validation would be most of its screen run
+runs whole instead: the screen saves little of it, and its whole run is a number the search can trust. A budget
 too short for the screen and one promotion runs the points whole, cheapest first, so the most of them finish.
 What is left is the searcher's (planning/incumbent.py)."""
 from __future__ import annotations
@@ -22,10 +22,11 @@ FIT_SHARE = 1 / 3  # recipe points run whole when they take at most this share o
 SCREEN_SHARE = 1 / 4  # else the screen is sized to about this share
 MIN_FRACTION, MAX_FRACTION = 1 / 9, 1 / 3  # below 1/9 a per-class subset is 1-2 images on small splits
 MIN_OWN_TRIALS = 3  # fewer trials of its own than this and the searcher learns nothing
-# a point is screened only when its screen run costs at most this share of its whole run. The fine-tuning duel
-# (BENCHMARKS.md, 2026-12-07): the best recipe's screen run (96 px) cost ~60 % of its whole run and ranked it 3rd
-# to 4th of 6 on one seed of five, at 0.7-1 image a class; it was never run whole
-SCREEN_COST = 1 / 2
+# the screen's fraction f is sized as if a point's screen run cost f of its whole run; a point whose start-up and
+# validation make its screen run cost more than this many times that runs whole (the screen would save little of
+# it and rank it at ~1 image a class). The fine-tuning duel (BENCHMARKS.md, 2026-12-08): the best recipe (96 px)
+# screened at 13 % cost 3.6x its share (47 % of its whole run), ranked 3rd-4th of 6 and never ran whole
+SCREEN_OVERHEAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class BudgetPlan:
                      f"plans (~{duration(self.screen_s)}),",
                      f"  then promote the best {self.promote} to full fidelity (~{duration(self.promote_s)})"]
             if self.whole:
-                lines.insert(1, f"  the other {len(self.whole)} run whole: a screen would save less than half of each")
+                lines.insert(1, f"  the other {len(self.whole)} run whole: start-up and validation would be most of "
+                                f"their screen runs")
         if self.own_trials is not None:
             left = f" (~{duration(self.own_s)})" if self.own_s is not None else ""
             source = "around the best config" if sampler == "incumbent" else f"from the {sampler} sampler"
@@ -107,7 +109,7 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
             fraction = min(MAX_FRACTION, max(MIN_FRACTION, room / sum(train_s)))
         fraction = round(fraction, 3)
         whole = tuple(i for i in range(n) if screen == "auto" and fraction * train_s[i] + val_s[i] + startup_s
-                      > SCREEN_COST * (train_s[i] + val_s[i] + startup_s))
+                      > SCREEN_OVERHEAD * fraction * (train_s[i] + val_s[i] + startup_s))
         screened = [i for i in range(n) if i not in whole]
         if len(screened) < 2:  # one point has nothing to be ranked against: it runs whole too
             whole, screened = tuple(range(n)), []

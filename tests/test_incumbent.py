@@ -468,6 +468,20 @@ def test_a_point_the_screen_saves_less_than_half_of_runs_whole_and_the_others_ar
     assert forced.whole == () and forced.promote == 2 and forced.fractions() == [forced.screen_fraction] * 6
 
 
+def test_the_fine_tuning_duels_seed_16_runs_its_cheap_points_whole():
+    """The estimate of the fine-tuning duel's seed 16 (BENCHMARKS.md, 2026-12-08): 2phase_96 and 2stage_128 on
+    lite0/lite1 cost 22-42 s whole; screened at 13 % they were mostly start-up, and the screen ranked (d)'s best
+    point 3rd of 6. They now run whole; the two 224 px points are screened, but they and one promotion do not fit
+    what is left of the 233 s, so every point runs whole, cheapest first (ASHA prunes the slow ones at its rung)."""
+    train = [30.59, 13.86, 106.75, 31.63, 13.40, 132.36]
+    val = [2.90, 1.00, 8.62, 2.19, 1.30, 9.97]
+    p = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=40.15, budget_s=233.48, num_samples=None)
+    assert (p.screen_fraction, p.order) == (1.0, (4, 1, 0, 3, 2, 5))
+    # with a roomier budget the screen takes more of the data (23 %) and only the 96 px points are mostly start-up
+    roomier = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=40.15, budget_s=300, num_samples=None)
+    assert roomier.screen_fraction == 0.231 and roomier.whole == (1, 4) and roomier.promote == 2
+
+
 def test_when_a_screen_would_save_too_little_of_all_but_one_point_every_point_runs_whole():
     p = plan_budget([10.0, 10.0, 120.0], [2.0] * 3, startup_s=8, parallel=1, own_trial_s=40, budget_s=480,
                     num_samples=None)
