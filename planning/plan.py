@@ -43,7 +43,8 @@ class BudgetPlan:
     own_trials: int | None  # how many of them (None with neither a time budget nor --num-samples)
     setup_s: float = 0.0  # what the checks and the estimate took of --time-budget before the plan
     order: tuple[int, ...] = ()  # the points' run order (indices); (): as given. Cheapest first when the budget is tight
-    whole: tuple[int, ...] = ()  # with a screen: the points (indices) that run whole instead (SCREEN_COST)
+    whole: tuple[int, ...] = ()  # with a screen: the points (indices) that run whole instead (SCREEN_OVERHEAD)
+    unfit_s: float = 0.0  # with `order`: what the screen and then one promoted point would have taken, in a row
 
     def fractions(self) -> list[float]:
         """Each point's train_fraction, in the order given to plan_budget."""
@@ -52,7 +53,8 @@ class BudgetPlan:
     def describe(self, sampler: str = "incumbent") -> str:
         """The plan in a few lines for the console; `sampler` names where the search's own proposals come from."""
         if self.order:
-            lines = [f"budget plan: a screen and one promotion do not fit in {duration(self.budget_s or 0)}: the "
+            lines = [f"budget plan: a screen and one promotion (~{duration(self.unfit_s)}, the promoted point after the "
+                     f"screen) do not fit in {duration(self.budget_s or 0)}: the "
                      f"{self.points} recipe point(s) run whole, cheapest first, as many as the budget allows "
                      f"(~{duration(self.screen_s)} for all)"]
         elif self.screen_fraction >= 1:
@@ -120,7 +122,7 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
         if budget_s is not None and first_s + one_s > budget_s:  # the screen would end the search unfinished
             order = tuple(sorted(range(n), key=lambda i: train_s[i] + val_s[i]))
             return BudgetPlan(**given, screen_fraction=1.0, promote=0, screen_s=full, promote_s=0.0, own_s=0.0,
-                              own_trials=0, order=order)
+                              own_trials=0, order=order, unfit_s=first_s + one_s)
     if promote:  # a promoted point runs whole
         promote_s = promote * wall([train_s[i] for i in screened], [val_s[i] for i in screened], 1.0, startup_s,
                                    parallel) / len(screened)

@@ -113,9 +113,10 @@ class SearchSettings:
     sampler: str = _opt("incumbent", "how Optuna proposes configs after the warm start: incumbent (small moves of the best "
                                      "config mixed with TPE), tpe (model-based) or random",
                         choices=("incumbent", "tpe", "random"))
-    screen: str = _opt("auto", "auto: when the recipe points don't fit the budget at full fidelity, run them on a fraction of "
+    screen: str = _opt("auto", "auto: when the recipe points don't fit a third of the budget whole, run them on a fraction of "
                                "the data first and promote the best (the budget plan says so), except those whose screen run "
-                               "would be mostly start-up; on: screen every point; off: run them whole",
+                               "would be mostly start-up and validation; a budget too short for the screen and one promotion "
+                               "runs them whole, cheapest first. on: screen every point; off: run them whole",
                        choices=("auto", "on", "off"))
     compile: bool = _opt(False, "torch.compile each trial's model (pays off for long GPU trials)")
     precision: str = _opt("auto", "auto (bf16 on GPUs with compute capability 8.0+, fp16 + GradScaler on older ones, fp32 on "

@@ -11,6 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from analysis.experiment import duration
 from analysis.study import CAL_LOSS_ATTR, FIDELITY_ATTR, LOSS_ATTR, MOVE_ATTR, STUDY_NAME, TRIAL_ATTR, WARM_CONFIG, study_url
 from planning import incumbent
 from planning.incumbent import IncumbentSampler, move, step_size
@@ -449,6 +450,7 @@ def test_a_budget_too_short_for_the_screen_and_one_promotion_runs_the_points_who
     p = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=50, budget_s=90, num_samples=None)
     assert (p.screen_fraction, p.promote, p.order, p.own_trials) == (1.0, 0, (2, 1, 0, 3), 0)
     assert "cheapest first" in p.describe()
+    assert p.unfit_s > 90 and f"(~{duration(p.unfit_s)}, the promoted point after the screen) do not fit" in p.describe()
     roomy = plan_budget(train, val, startup_s=8, parallel=2, own_trial_s=50, budget_s=300, num_samples=None)
     assert roomy.screen_fraction < 1 and roomy.order == ()  # the screen and a promotion fit: screened as before
 
