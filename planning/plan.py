@@ -103,7 +103,7 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
                  setup_s=setup_s)
     full = wall(train_s, val_s, 1.0, startup_s, parallel)
     fits = full <= FIT_SHARE * budget_s if budget_s is not None else n <= FIT_SHARE * (num_samples or 16)
-    fraction, promote, first_s, whole, screened = 1.0, 0, full, (), list(range(n))
+    fraction, promote, first_s, one_s, whole, screened = 1.0, 0, full, 0.0, (), []
     if n > 0 and (screen == "on" or (screen == "auto" and not fits)):
         fraction = MAX_FRACTION
         if budget_s is not None and sum(train_s) > 0:
@@ -116,18 +116,18 @@ def plan_budget(train_s: list[float], val_s: list[float], *, startup_s: float, p
         if len(screened) < 2:  # one point has nothing to be ranked against: it runs whole too
             whole, screened = tuple(range(n)), []
         promote = math.ceil(len(screened) / ETA)
-        first_s = (sum(train_s[i] for i in whole) + fraction * sum(train_s[i] for i in screened) + sum(val_s)
-                   + startup_s * n) / parallel
-        one_s = (sum(train_s[i] + val_s[i] for i in screened) / len(screened) + startup_s) if screened else 0.0
+
+        def run(points: list[int] | tuple[int, ...], at: float, at_once: int) -> float:
+            return wall([train_s[i] for i in points], [val_s[i] for i in points], at, startup_s, at_once)
+        first_s = run(whole, 1.0, parallel) + run(screened, fraction, parallel)
+        one_s = run(screened, 1.0, 1) / len(screened) if screened else 0.0  # a promoted point, run whole
         if budget_s is not None and first_s + one_s > budget_s:  # the screen would end the search unfinished
             order = tuple(sorted(range(n), key=lambda i: train_s[i] + val_s[i]))
             return BudgetPlan(**given, screen_fraction=1.0, promote=0, screen_s=full, promote_s=0.0, own_s=0.0,
                               own_trials=0, order=order, unfit_s=first_s + one_s)
-    if promote:  # a promoted point runs whole
-        promote_s = promote * wall([train_s[i] for i in screened], [val_s[i] for i in screened], 1.0, startup_s,
-                                   parallel) / len(screened)
-    else:
-        promote_s, fraction, whole = 0.0, 1.0, ()  # nothing screened: every point runs whole
+    promote_s = promote * one_s / parallel
+    if not screened:  # every point runs whole
+        fraction, whole = 1.0, ()
     own_wall = given["own_trial_s"]
     own_s = None if budget_s is None else max(0.0, budget_s - first_s - promote_s)
     if own_s is not None:
